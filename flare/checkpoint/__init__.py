@@ -1,0 +1,68 @@
+"""Load and save FlareModel as a Hugging Face checkpoint directory (config.json + safetensors)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from flare.checkpoint.io import read_tensors, write_tensors
+from flare.checkpoint.keymaps import flare_to_hf, hf_to_flare
+from flare.config import ModelConfig
+from flare.model import FlareModel
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                   "chat_template.jinja")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint whose tensors do not match its config exactly."""
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> FlareModel:
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model directory {path} does not exist")
+    config = ModelConfig.from_file(path)
+    state, unknown = hf_to_flare(read_tensors(path), config)
+    if unknown:
+        raise CheckpointError(f"{path}: tensor {unknown[0]!r} belongs to no layer of this {config.family} config"
+                              + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
+    with torch.device("meta"):
+        model = FlareModel(config)
+    expected = {k: v for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+    for key, ref in expected.items():
+        if key not in state:
+            raise CheckpointError(f"{path}: missing tensor {key!r}")
+        if tuple(state[key].shape) != tuple(ref.shape):
+            raise CheckpointError(
+                f"{path}: tensor {key!r} has shape {tuple(state[key].shape)}, the config needs {tuple(ref.shape)}"
+            )
+    extra = sorted(set(state) - set(expected))
+    if extra:
+        raise CheckpointError(f"{path}: unexpected tensor {extra[0]!r}")
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.to(device).eval()
+
+
+def save_model(model: FlareModel, path: str | Path, *, tokenizer_from: str | Path | None = None) -> None:
+    """Write config.json and safetensors (HF layout of the model's family); copy tokenizer files if asked."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    write_tensors(flare_to_hf(model.state_dict(), model.config), path)
+    model.config.save(path)
+    if tokenizer_from is not None:
+        for name in TOKENIZER_FILES:
+            src = Path(tokenizer_from) / name
+            if src.exists() and src.resolve() != (path / name).resolve():
+                shutil.copy2(src, path / name)
+
+
+__all__ = ["CheckpointError", "load_model", "save_model", "read_tensors", "write_tensors"]

@@ -1,0 +1,64 @@
+"""Reading and writing safetensors checkpoints (single file or sharded with an index). Never pickle."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+def read_tensors(directory: str | Path) -> dict[str, torch.Tensor]:
+    directory = Path(directory)
+    if (directory / INDEX).exists():
+        index = json.loads((directory / INDEX).read_text())
+        files = sorted(set(index["weight_map"].values()))
+    elif (directory / SINGLE).exists():
+        files = [SINGLE]
+    else:
+        found = sorted(p.name for p in directory.glob("*"))
+        if any(name.endswith((".bin", ".pt", ".pth")) for name in found):
+            raise FileNotFoundError(
+                f"{directory} holds only pickled weights; flare loads safetensors only (convert them first)"
+            )
+        raise FileNotFoundError(f"no {SINGLE} or {INDEX} in {directory}")
+    tensors: dict[str, torch.Tensor] = {}
+    for name in files:
+        with safe_open(str(directory / name), framework="pt") as f:
+            for key in f.keys():
+                tensors[key] = f.get_tensor(key)
+    return tensors
+
+
+def write_tensors(tensors: dict[str, torch.Tensor], directory: str | Path, max_shard_bytes: int = 4 << 30) -> None:
+    """Write shards through temporary names and rename them into place, so a crash leaves no half file."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key in sorted(tensors):
+        t = tensors[key].detach().contiguous().cpu()
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = t
+        size += nbytes
+    names = [SINGLE] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
+    ]
+    for name, shard in zip(names, shards):
+        tmp = directory / f".{name}.tmp"
+        save_file(shard, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, directory / name)
+    if len(shards) > 1:
+        weight_map = {key: name for name, shard in zip(names, shards) for key in shard}
+        (directory / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
+    else:
+        (directory / INDEX).unlink(missing_ok=True)

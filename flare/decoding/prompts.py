@@ -1,0 +1,45 @@
+"""Turning a list of prompts (token ids) into a right-padded batch, with the checks every mode needs."""
+
+from __future__ import annotations
+
+import torch
+
+
+def check_prompts(prompts: list[list[int]], vocab_size: int) -> None:
+    if not prompts:
+        raise ValueError("no prompts given")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty: at least one token is needed")
+        for t in p:
+            if not isinstance(t, int) or not 0 <= t < vocab_size:
+                raise ValueError(f"prompt {i}: token id {t!r} is outside the vocabulary [0, {vocab_size})")
+
+
+def pad_prompts(prompts: list[list[int]], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids [B, Tmax] right-padded with 0, valid [B, Tmax] bool)."""
+    longest = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), longest, dtype=torch.long)
+    valid = torch.zeros(len(prompts), longest, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        ids[i, : len(p)] = torch.tensor(p, dtype=torch.long)
+        valid[i, : len(p)] = True
+    return ids.to(device), valid.to(device)
+
+
+def stop_ids(params_stop: list[int], eos: list[int], ignore_eos: bool) -> list[int]:
+    return sorted(set(params_stop) | (set() if ignore_eos else set(eos)))
+
+
+def trim_at_stop(rows: torch.Tensor, stops: list[int], max_new: int) -> tuple[list[list[int]], list[str]]:
+    """Cut each row after its first stop token (kept, like an EOS in a completion's token ids)."""
+    out, reasons = [], []
+    for row in rows.tolist():
+        cut = next((i for i, t in enumerate(row) if t in stops), None)
+        if cut is None:
+            out.append(row[:max_new])
+            reasons.append("length")
+        else:
+            out.append(row[: cut + 1])
+            reasons.append("stop")
+    return out, reasons

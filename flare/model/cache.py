@@ -1,0 +1,113 @@
+"""Per-sequence decoding state: a KV cache for attention layers, conv + recurrent state for Gated DeltaNet layers.
+
+Row b of every tensor belongs to sequence b. ``lengths[b]`` counts the tokens committed for that sequence; the
+KV slots past it hold nothing meaningful and are masked out. The recurrent and conv states are always exactly
+the state after ``lengths[b]`` tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from flare.config import FULL_ATTENTION, ModelConfig
+
+
+@dataclass
+class AttentionState:
+    k: torch.Tensor  # [B, capacity, Hkv, D]
+    v: torch.Tensor  # [B, capacity, Hkv, D]
+
+
+@dataclass
+class RecurrentState:
+    conv: torch.Tensor  # [B, C, K-1]: the last K-1 conv inputs
+    ssm: torch.Tensor  # [B, H, Dk, Dv], fp32
+
+
+class ModelCache:
+    def __init__(self, lengths: torch.Tensor, layers: list[AttentionState | RecurrentState], bound: int) -> None:
+        self.lengths = lengths  # [B] int64
+        self.layers = layers
+        # Host-side upper bound of lengths.max(), so that growing and slicing never sync with the device.
+        self.bound = bound
+
+    @classmethod
+    def empty(
+        cls,
+        config: ModelConfig,
+        batch_size: int,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        capacity: int = 128,
+    ) -> "ModelCache":
+        layers: list[AttentionState | RecurrentState] = []
+        for kind in config.layer_types:
+            if kind == FULL_ATTENTION:
+                shape = (batch_size, capacity, config.num_key_value_heads, config.head_dim)
+                layers.append(AttentionState(torch.zeros(shape, device=device, dtype=dtype),
+                                             torch.zeros(shape, device=device, dtype=dtype)))
+            else:
+                channels = 2 * config.linear_num_key_heads * config.linear_key_head_dim + (
+                    config.linear_num_value_heads * config.linear_value_head_dim
+                )
+                conv = torch.zeros(batch_size, channels, config.linear_conv_kernel_dim - 1, device=device, dtype=dtype)
+                ssm = torch.zeros(
+                    batch_size, config.linear_num_value_heads, config.linear_key_head_dim,
+                    config.linear_value_head_dim, device=device, dtype=torch.float32,
+                )
+                layers.append(RecurrentState(conv, ssm))
+        lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        return cls(lengths, layers, 0)
+
+    @property
+    def batch_size(self) -> int:
+        return self.lengths.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        for layer in self.layers:
+            if isinstance(layer, AttentionState):
+                return layer.k.shape[1]
+        return 1 << 62
+
+    def reserve(self, new_tokens: int) -> None:
+        """Grow the KV slots (doubling) so that ``new_tokens`` more fit after the longest sequence."""
+        need = self.bound + new_tokens
+        cap = self.capacity
+        if need <= cap:
+            return
+        while cap < need:
+            cap *= 2
+        for layer in self.layers:
+            if isinstance(layer, AttentionState):
+                pad = cap - layer.k.shape[1]
+                layer.k = torch.cat([layer.k, layer.k.new_zeros(layer.k.shape[0], pad, *layer.k.shape[2:])], 1)
+                layer.v = torch.cat([layer.v, layer.v.new_zeros(layer.v.shape[0], pad, *layer.v.shape[2:])], 1)
+
+    def write_kv(
+        self, layer_idx: int, k_BTHD: torch.Tensor, v_BTHD: torch.Tensor, write_pos_BT: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store new keys/values at their positions; return all keys/values up to the bound [B, S, Hkv, D]."""
+        layer = self.layers[layer_idx]
+        assert isinstance(layer, AttentionState)
+        rows = torch.arange(k_BTHD.shape[0], device=k_BTHD.device)[:, None].expand_as(write_pos_BT)
+        layer.k[rows, write_pos_BT] = k_BTHD.to(layer.k.dtype)
+        layer.v[rows, write_pos_BT] = v_BTHD.to(layer.v.dtype)
+        span = self.bound + k_BTHD.shape[1]
+        return layer.k[:, :span], layer.v[:, :span]
+
+    def advance(self, n_new_B: torch.Tensor, max_new: int) -> None:
+        self.lengths = self.lengths + n_new_B
+        self.bound += max_new
+
+    def clone(self) -> "ModelCache":
+        layers: list[AttentionState | RecurrentState] = []
+        for layer in self.layers:
+            if isinstance(layer, AttentionState):
+                layers.append(AttentionState(layer.k.clone(), layer.v.clone()))
+            else:
+                layers.append(RecurrentState(layer.conv.clone(), layer.ssm.clone()))
+        return ModelCache(self.lengths.clone(), layers, self.bound)

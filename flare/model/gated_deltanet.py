@@ -1,0 +1,85 @@
+"""Gated DeltaNet layer: fused q/k/v projection, short causal conv + SiLU, gated delta recurrence, gated norm.
+
+Parameter names follow the Qwen3.5 checkpoint layout (split ``in_proj_qkv / in_proj_z / in_proj_b /
+in_proj_a``); Qwen3-Next's fused projections are re-split by the checkpoint key map.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flare.config import ModelConfig
+from flare.model.cache import RecurrentState
+from flare.model.context import ForwardContext
+from flare.model.layers import GatedRMSNorm
+from flare.ops.conv import causal_conv1d
+from flare.ops.gated_delta import gated_delta
+
+log = logging.getLogger(__name__)
+
+
+def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    x = x.float()
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
+
+
+class GatedDeltaNet(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_k_heads = config.linear_num_key_heads
+        self.num_v_heads = config.linear_num_value_heads
+        self.dk = config.linear_key_head_dim
+        self.dv = config.linear_value_head_dim
+        self.key_dim = self.num_k_heads * self.dk
+        self.value_dim = self.num_v_heads * self.dv
+        hidden, kernel = config.hidden_size, config.linear_conv_kernel_dim
+        conv_dim = 2 * self.key_dim + self.value_dim
+        self.in_proj_qkv = nn.Linear(hidden, conv_dim, bias=False)
+        self.in_proj_z = nn.Linear(hidden, self.value_dim, bias=False)
+        self.in_proj_b = nn.Linear(hidden, self.num_v_heads, bias=False)
+        self.in_proj_a = nn.Linear(hidden, self.num_v_heads, bias=False)
+        self.conv1d = nn.Conv1d(conv_dim, conv_dim, kernel, groups=conv_dim, bias=False, padding=kernel - 1)
+        self.A_log = nn.Parameter(torch.zeros(self.num_v_heads))
+        self.dt_bias = nn.Parameter(torch.ones(self.num_v_heads))
+        self.norm = GatedRMSNorm(self.dv, config.rms_norm_eps)
+        self.out_proj = nn.Linear(self.value_dim, hidden, bias=False)
+        # Which recurrence form ran last ("naive" or "chunk"): reported, never silent.
+        self.last_path = ""
+
+    def forward(self, x_BTE: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        B, T, _ = x_BTE.shape
+        state = ctx.cache.layers[self.layer_idx] if ctx.cache is not None else None
+        assert state is None or isinstance(state, RecurrentState)
+
+        mixed, conv_state = causal_conv1d(
+            self.in_proj_qkv(x_BTE), self.conv1d.weight[:, 0, :], state.conv if state else None, ctx.n_new
+        )
+        mixed = F.silu(mixed)
+        q, k, v = mixed.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        q = l2_normalize(q.reshape(B, T, self.num_k_heads, self.dk))
+        k = l2_normalize(k.reshape(B, T, self.num_k_heads, self.dk))
+        v = v.reshape(B, T, self.num_v_heads, self.dv)
+        # Each q/k head serves num_v_heads / num_k_heads consecutive value heads.
+        rep = self.num_v_heads // self.num_k_heads
+        if rep > 1:
+            q, k = q.repeat_interleave(rep, dim=2), k.repeat_interleave(rep, dim=2)
+        beta = torch.sigmoid(self.in_proj_b(x_BTE)).float()
+        g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x_BTE).float() + self.dt_bias)
+        if ctx.valid is not None:
+            # Padding rows leave the state untouched: decay exp(0) = 1 and write strength 0.
+            g = g * ctx.valid[..., None]
+            beta = beta * ctx.valid[..., None]
+
+        o, final, path = gated_delta(q, k, v, g, beta, initial_state=state.ssm if state else None)
+        self.last_path = path
+        if state is not None:
+            state.conv, state.ssm = conv_state, final
+
+        z = self.in_proj_z(x_BTE).reshape(B, T, self.num_v_heads, self.dv)
+        o = self.norm(o.to(x_BTE.dtype), z).reshape(B, T, self.value_dim)
+        return self.out_proj(o)

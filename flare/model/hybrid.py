@@ -1,0 +1,113 @@
+"""FlareModel: the decoder stack (hybrid GDN + attention, or dense attention) and the LM head.
+
+Module names mirror the Hugging Face layout (``model.layers.{i}.self_attn`` / ``linear_attn``, ``lm_head``) so
+that the checkpoint key map is the identity for Qwen3.5 and Llama-style checkpoints.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from flare.config import FULL_ATTENTION, ModelConfig
+from flare.model.attention import Attention
+from flare.model.cache import ModelCache
+from flare.model.context import ForwardContext
+from flare.model.gated_deltanet import GatedDeltaNet
+from flare.model.layers import RMSNorm, SwiGLU
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.kind = config.layer_types[layer_idx]
+        if self.kind == FULL_ATTENTION:
+            self.self_attn = Attention(config, layer_idx)
+        else:
+            self.linear_attn = GatedDeltaNet(config, layer_idx)
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+        eps, zc = config.rms_norm_eps, config.norm_zero_centered
+        self.input_layernorm = RMSNorm(config.hidden_size, eps, zc)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, zc)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        mixer = self.self_attn if self.kind == FULL_ATTENTION else self.linear_attn
+        x = x + mixer(self.input_layernorm(x), ctx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderStack(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_zero_centered)
+
+
+class FlareModel(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = DecoderStack(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    def new_cache(self, batch_size: int, capacity: int = 128) -> ModelCache:
+        return ModelCache.empty(self.config, batch_size, device=self.device, dtype=self.dtype, capacity=capacity)
+
+    def check_ids(self, input_ids: torch.Tensor) -> None:
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
+        if input_ids.shape[1] == 0:
+            raise ValueError("input_ids is empty: at least one token is needed")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"input_ids must be integer token ids, got {input_ids.dtype}")
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            bad = hi if hi >= self.config.vocab_size else lo
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
+
+    def hidden_states(
+        self, input_ids: torch.Tensor, *, cache: ModelCache | None = None, valid: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Final-norm hidden states [B, T, E]. With a cache, the rows continue each sequence and are committed.
+
+        ``valid`` [B, T] marks right padding (False) in a ragged batch; padded rows are computed but ignored.
+        """
+        ctx = ForwardContext.build(
+            input_ids, rotary_dim=self.config.rotary_dim, rope_theta=self.config.rope_theta,
+            dtype=self.dtype, cache=cache, valid_BT=valid,
+        )
+        x = self.model.embed_tokens(input_ids)
+        for layer in self.model.layers:
+            x = layer(x, ctx)
+        if cache is not None:
+            n_new = ctx.n_new if ctx.n_new is not None else torch.full_like(cache.lengths, input_ids.shape[1])
+            cache.advance(n_new, input_ids.shape[1])
+        return self.model.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def forward(
+        self, input_ids: torch.Tensor, *, cache: ModelCache | None = None, valid: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits [B, T, V] for every row."""
+        return self.logits(self.hidden_states(input_ids, cache=cache, valid=valid))
+
+    def kernel_paths(self) -> dict[str, str]:
+        """Which op form each Gated DeltaNet layer ran last, and the attention backend."""
+        paths = {"attention": "sdpa"}
+        for i, layer in enumerate(self.model.layers):
+            if layer.kind != FULL_ATTENTION and layer.linear_attn.last_path:
+                paths[f"gdn.{i}"] = layer.linear_attn.last_path
+        return paths

@@ -1,0 +1,115 @@
+"""Chunked (WY / UT-transform) implementation of the gated delta rule.
+
+Same recurrence and tensor contract as :func:`flare.ops.gated_delta.naive.gated_delta_naive`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .naive import validate_inputs
+
+__all__ = ["gated_delta_chunk"]
+
+# Derivation. Inside one chunk (local positions i = 0..C-1, state S0 at the chunk
+# start) write the update as S_i = e^{g_i} S_{i-1} + k_i u_i^T with the "delta"
+#     u_i = beta_i (v_i - e^{g_i} S_{i-1}^T k_i).
+# Let G_i = sum_{j<=i} g_j (cumulative log decay). Unrolling the recurrence,
+#     S_i = e^{G_i} S0 + sum_{j<=i} e^{G_i - G_j} k_j u_j^T,
+# hence e^{g_i} S_{i-1} = e^{G_i} S0 + sum_{j<i} e^{G_i - G_j} k_j u_j^T and
+#     u_i + sum_{j<i} beta_i e^{G_i - G_j} (k_i . k_j) u_j = beta_i v_i - beta_i e^{G_i} S0^T k_i.
+# Every delta depends on the earlier deltas of the chunk only through the strictly
+# lower-triangular matrix A_ij = beta_i e^{G_i - G_j} (k_i . k_j) (j < i), i.e.
+#     (I + A) U = diag(beta) V - diag(beta e^G) K S0.
+# (I + A) is unit lower triangular, so one forward substitution (solve_triangular,
+# unitriangular) applies all the sequential delta-rule corrections at once. By
+# linearity U = Ut - W S0 with Ut = (I+A)^{-1} diag(beta) V and
+# W = (I+A)^{-1} diag(beta e^G) K, both independent of S0 and so computed for all
+# chunks in parallel. The scan over chunks then needs only matmuls:
+#     o_i   = scale * (e^{G_i} q_i^T S0 + sum_{j<=i} e^{G_i - G_j} (q_i . k_j) u_j)
+#     S_end = e^{G_{C-1}} S0 + sum_j e^{G_{C-1} - G_j} k_j u_j^T.
+# All decay factors are exponentials of non-positive differences (no division by
+# e^{G}), so nothing overflows. Zero padding (g = 0, beta = 0) gives u = 0 and no
+# decay, so padded positions leave the state unchanged.
+
+
+def _to_chunks(x: torch.Tensor, pad: int, n_chunks: int, chunk: int) -> torch.Tensor:
+    """``[B, T, H, D]`` -> fp32 ``[B, H, N, C, D]``, zero-padding T by ``pad``."""
+    x = F.pad(x.to(torch.float32), (0, 0, 0, 0, 0, pad))
+    B, _, H, D = x.shape
+    return x.reshape(B, n_chunks, chunk, H, D).permute(0, 3, 1, 2, 4)
+
+
+def gated_delta_chunk(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    scale: float | None = None,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunked gated delta rule (all math in fp32, differentiable via autograd).
+
+    Args:
+        q, k: ``[B, T, H, Dk]`` (already L2-normalised; no normalisation here).
+        v: ``[B, T, H, Dv]``.
+        g: ``[B, T, H]`` log decay (``<= 0``).
+        beta: ``[B, T, H]`` write strength in ``(0, 1)``.
+        initial_state: ``[B, H, Dk, Dv]`` or ``None`` (zeros).
+        scale: output scale, defaults to ``Dk ** -0.5``.
+        chunk_size: positions per chunk ``C`` (T is zero-padded to a multiple of C).
+
+    Returns:
+        ``o`` ``[B, T, H, Dv]`` in ``v.dtype`` and ``final_state`` ``[B, H, Dk, Dv]`` fp32.
+    """
+    B, T, H, Dk, Dv = validate_inputs(q, k, v, g, beta, initial_state)
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if scale is None:
+        scale = Dk**-0.5
+    f32, dev = torch.float32, v.device
+    if initial_state is None:
+        state = torch.zeros(B, H, Dk, Dv, dtype=f32, device=dev)
+    else:
+        state = initial_state.to(dtype=f32, device=dev, copy=True)
+    if T == 0:
+        return torch.zeros(B, 0, H, Dv, dtype=v.dtype, device=dev), state
+
+    C = chunk_size
+    pad = (-T) % C
+    N = (T + pad) // C
+    qc, kc, vc = (_to_chunks(x, pad, N, C) for x in (q, k, v))  # [B, H, N, C, D]
+    gc = _to_chunks(g[..., None], pad, N, C)[..., 0]  # [B, H, N, C]
+    bc = _to_chunks(beta[..., None], pad, N, C)[..., 0]
+    qc = qc * scale
+
+    cum = gc.cumsum(dim=-1)  # G_i
+    incl = torch.ones(C, C, dtype=torch.bool, device=dev).tril()  # j <= i
+    strict = incl.tril(-1)  # j < i
+    # e^{G_i - G_j} on j <= i, 0 elsewhere (masked before exp: no overflow).
+    diff = (cum[..., :, None] - cum[..., None, :]).masked_fill(~incl, 0.0)
+    decay = diff.exp().masked_fill(~incl, 0.0)  # [B, H, N, C, C]
+
+    kk = kc @ kc.transpose(-1, -2)
+    A = (bc[..., :, None] * decay * kk).masked_fill(~strict, 0.0)
+    rhs = torch.cat([bc[..., None] * vc, (bc * cum.exp())[..., None] * kc], dim=-1)
+    sol = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)
+    u_base, w = sol.split([Dv, Dk], dim=-1)  # Ut [.., C, Dv], W [.., C, Dk]
+
+    attn = (qc @ kc.transpose(-1, -2)) * decay  # intra-chunk, scaled q
+    q_in = qc * cum.exp()[..., None]  # reads S0
+    k_out = kc * (cum[..., -1:] - cum).exp()[..., None]  # writes to chunk end
+    chunk_decay = cum[..., -1].exp()[..., None, None]  # [B, H, N, 1, 1]
+
+    outs: list[torch.Tensor] = []
+    for n in range(N):
+        u = u_base[:, :, n] - w[:, :, n] @ state  # deltas u_i, [B, H, C, Dv]
+        outs.append(q_in[:, :, n] @ state + attn[:, :, n] @ u)
+        state = chunk_decay[:, :, n] * state + k_out[:, :, n].transpose(-1, -2) @ u
+
+    o = torch.stack(outs, dim=2)  # [B, H, N, C, Dv]
+    o = o.permute(0, 2, 3, 1, 4).reshape(B, N * C, H, Dv)[:, :T]
+    return o.to(v.dtype), state

@@ -1,0 +1,53 @@
+"""Token sampling: temperature, top-k and top-p filtering, and draws from the filtered distribution.
+
+Every function is batched over rows with per-row settings, so one call serves a batch of requests with different
+parameters and nothing syncs with the host.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def filtered_probs(
+    logits_BV: torch.Tensor, temperature_B: torch.Tensor, top_k_B: torch.Tensor, top_p_B: torch.Tensor
+) -> torch.Tensor:
+    """The distribution a sampler draws from: softmax(logits / T) restricted to top-k and top-p, renormalised.
+
+    ``top_k`` 0 and ``top_p`` 1.0 disable each filter. Rows with temperature 0 get a one-hot on the argmax.
+    """
+    logits = logits_BV.float()
+    greedy = temperature_B <= 0
+    t = torch.where(greedy, torch.ones_like(temperature_B), temperature_B).float()
+    probs = torch.softmax(logits / t[:, None], dim=-1)
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    rank = torch.arange(probs.shape[-1], device=probs.device)
+    k = torch.where(top_k_B > 0, top_k_B, torch.full_like(top_k_B, probs.shape[-1]))
+    keep = rank[None, :] < k[:, None]
+    # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it is below top_p.
+    before = sorted_p.cumsum(-1) - sorted_p
+    keep &= before < top_p_B[:, None].float()
+    keep[:, 0] = True
+    sorted_p = torch.where(keep, sorted_p, torch.zeros_like(sorted_p))
+    probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    probs = probs / probs.sum(-1, keepdim=True)
+    onehot = torch.zeros_like(probs).scatter(-1, logits.argmax(-1, keepdim=True), 1.0)
+    return torch.where(greedy[:, None], onehot, probs)
+
+
+def draw(probs_BV: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row from ``probs`` (rows sum to 1). Exponential race: argmax p / E with E ~ Exp(1)."""
+    noise = torch.empty_like(probs_BV).exponential_(1.0, generator=generator)
+    return (probs_BV / noise).argmax(-1)
+
+
+def sample(
+    logits_BV: torch.Tensor,
+    temperature_B: torch.Tensor,
+    top_k_B: torch.Tensor,
+    top_p_B: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Token ids [B]: greedy where temperature is 0, else a draw from the filtered distribution."""
+    drawn = draw(filtered_probs(logits_BV, temperature_B, top_k_B, top_p_B), generator)
+    return torch.where(temperature_B <= 0, logits_BV.argmax(-1), drawn)

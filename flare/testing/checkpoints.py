@@ -1,0 +1,110 @@
+"""Seeded tiny random checkpoints of every supported family, built with transformers (the reference
+implementation) and saved as real HF directories. Tests, benchmarks and examples use these; nothing is
+downloaded and no weights are committed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FAMILIES = ("qwen3_5", "qwen3_next", "llama", "qwen3")
+
+_BASE: dict[str, Any] = dict(
+    vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
+    # 1e-5 (as in Llama) keeps the random models well conditioned: with 1e-6 the gated norm of a near-zero GDN
+    # output amplifies fp32 round-off enough to blur implementation parity checks.
+    rms_norm_eps=1e-5,
+)
+_HYBRID: dict[str, Any] = dict(
+    linear_key_head_dim=8, linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+    linear_conv_kernel_dim=4,
+)
+
+
+def hf_config(family: str, **overrides: Any):
+    """A transformers config object for a tiny model of ``family``."""
+    import transformers as tf
+
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
+    kw = dict(_BASE)
+    if family in ("qwen3_5", "qwen3_next"):
+        kw.update(_HYBRID)
+    if family == "qwen3_next":
+        kw.update(num_experts=0)
+    kw.update(overrides)
+    cls = {"qwen3_5": tf.Qwen3_5TextConfig, "qwen3_next": tf.Qwen3NextConfig,
+           "llama": tf.LlamaConfig, "qwen3": tf.Qwen3Config}[family]
+    return cls(**kw)
+
+
+def hf_model(family: str, seed: int = 0, **overrides: Any):
+    """A tiny transformers model of ``family`` with every parameter drawn from a seeded generator.
+
+    Scales are chosen so that logits are well separated (greedy decoding has no near-ties) and every norm,
+    decay and conv weight differs from its default, so a wrongly mapped tensor cannot go unnoticed.
+    """
+    import transformers as tf
+
+    config = hf_config(family, **overrides)
+    cls = {"qwen3_5": tf.Qwen3_5ForCausalLM, "qwen3_next": tf.Qwen3NextForCausalLM,
+           "llama": tf.LlamaForCausalLM, "qwen3": tf.Qwen3ForCausalLM}[family]
+    torch.manual_seed(seed)
+    model = cls(config).eval()
+    gen = torch.Generator().manual_seed(seed)
+    zero_centered = family in ("qwen3_5", "qwen3_next")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            r = torch.randn(p.shape, generator=gen)
+            if name.endswith("A_log"):
+                p.copy_(torch.log(torch.rand(p.shape, generator=gen) * 7 + 1))
+            elif name.endswith("dt_bias"):
+                p.copy_(0.5 * r)
+            elif "norm" in name:
+                base = 0.0 if zero_centered and not name.endswith("linear_attn.norm.weight") else 1.0
+                p.copy_(base + 0.1 * r)
+            elif "embed_tokens" in name:
+                p.copy_(r)
+            elif "conv1d" in name:
+                p.copy_(0.5 * r)
+            elif p.ndim >= 2:
+                p.copy_(r / math.sqrt(p.shape[-1]))
+            else:
+                p.copy_(0.1 * r)
+    return model
+
+
+def save_tiny_checkpoint(path: str | Path, family: str = "qwen3_5", seed: int = 0, *, tokenizer: bool = True,
+                         **overrides: Any) -> Path:
+    """Build, save and return the directory of a tiny checkpoint (plus a character tokenizer by default)."""
+    path = Path(path)
+    model = hf_model(family, seed, **overrides)
+    model.save_pretrained(path)
+    if tokenizer:
+        write_char_tokenizer(path, model.config.vocab_size)
+    return path
+
+
+ALPHABET = "\n 0123456789+-*/=()<>.,:;!?abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def write_char_tokenizer(path: str | Path, vocab_size: int) -> None:
+    """A character-level tokenizer.json: ids 0..3 special, then one id per character, up to ``vocab_size``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    specials = ["<pad>", "<bos>", "<eos>", "<unk>"]
+    chars = list(ALPHABET[: max(0, vocab_size - len(specials))])
+    vocab = {tok: i for i, tok in enumerate(specials + chars)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(specials)
+    tok.save(str(Path(path) / "tokenizer.json"))
+    cfg = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>"}
+    Path(path, "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
