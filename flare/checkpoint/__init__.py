@@ -25,7 +25,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     if not path.is_dir():
         raise FileNotFoundError(f"model directory {path} does not exist")
     config = ModelConfig.from_file(path)
-    state, unknown = hf_to_flare(read_tensors(path), config)
+    try:
+        state, unknown = hf_to_flare(read_tensors(path), config)
+    except ValueError as e:  # a fused Qwen3-Next projection whose shape does not fit the config
+        raise CheckpointError(f"{path}: {e}") from None
     if unknown:
         raise CheckpointError(f"{path}: tensor {unknown[0]!r} belongs to no layer of this {config.family} config"
                               + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""))

@@ -65,16 +65,15 @@ def _group_sizes(config: ModelConfig) -> tuple[int, int, int, int]:
 def _split_qwen3_next(name: str, w: torch.Tensor, config: ModelConfig) -> dict[str, torch.Tensor]:
     nk, r, dk, dv = _group_sizes(config)
     base = name.rsplit(".", 2)[0]  # model.layers.i.linear_attn
-    hidden = w.shape[1]
+    hidden = config.hidden_size
+    rows = nk * (2 * dk + 2 * r * dv) if name.endswith("in_proj_qkvz.weight") else nk * 2 * r
+    if tuple(w.shape) != (rows, hidden):
+        raise ValueError(f"tensor {name!r} has shape {tuple(w.shape)}, the config needs {(rows, hidden)}")
     if name.endswith("in_proj_qkvz.weight"):
         per_head = 2 * dk + 2 * r * dv
-        if w.shape[0] != nk * per_head:
-            raise ValueError(f"{name}: expected {nk * per_head} rows, found {w.shape[0]}")
         q, k, v, z = w.view(nk, per_head, hidden).split([dk, dk, r * dv, r * dv], dim=1)
         qkv = torch.cat([q.reshape(-1, hidden), k.reshape(-1, hidden), v.reshape(-1, hidden)])
         return {f"{base}.in_proj_qkv.weight": qkv, f"{base}.in_proj_z.weight": z.reshape(-1, hidden)}
-    if w.shape[0] != nk * 2 * r:
-        raise ValueError(f"{name}: expected {nk * 2 * r} rows, found {w.shape[0]}")
     b, a = w.view(nk, 2 * r, hidden).split([r, r], dim=1)
     return {f"{base}.in_proj_b.weight": b.reshape(-1, hidden), f"{base}.in_proj_a.weight": a.reshape(-1, hidden)}
 

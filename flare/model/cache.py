@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from flare.config import FULL_ATTENTION, ModelConfig
+from flare.ops.precision import accum_dtype
 
 
 @dataclass
@@ -56,7 +57,7 @@ class ModelCache:
                 conv = torch.zeros(batch_size, channels, config.linear_conv_kernel_dim - 1, device=device, dtype=dtype)
                 ssm = torch.zeros(
                     batch_size, config.linear_num_value_heads, config.linear_key_head_dim,
-                    config.linear_value_head_dim, device=device, dtype=torch.float32,
+                    config.linear_value_head_dim, device=device, dtype=accum_dtype(dtype),
                 )
                 layers.append(RecurrentState(conv, ssm))
         lengths = torch.zeros(batch_size, dtype=torch.long, device=device)

@@ -18,12 +18,13 @@ from flare.model.context import ForwardContext
 from flare.model.layers import GatedRMSNorm
 from flare.ops.conv import causal_conv1d
 from flare.ops.gated_delta import gated_delta
+from flare.ops.precision import accum_dtype
 
 log = logging.getLogger(__name__)
 
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    x = x.float()
+    x = x.to(accum_dtype(x.dtype))
     return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
 
 
@@ -68,8 +69,9 @@ class GatedDeltaNet(nn.Module):
         rep = self.num_v_heads // self.num_k_heads
         if rep > 1:
             q, k = q.repeat_interleave(rep, dim=2), k.repeat_interleave(rep, dim=2)
-        beta = torch.sigmoid(self.in_proj_b(x_BTE)).float()
-        g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x_BTE).float() + self.dt_bias)
+        acc = accum_dtype(x_BTE.dtype)
+        beta = torch.sigmoid(self.in_proj_b(x_BTE)).to(acc)
+        g = -self.A_log.to(acc).exp() * F.softplus(self.in_proj_a(x_BTE).to(acc) + self.dt_bias)
         if ctx.valid is not None:
             # Padding rows leave the state untouched: decay exp(0) = 1 and write strength 0.
             g = g * ctx.valid[..., None]

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flare.ops.precision import accum_dtype
+
 
 class RMSNorm(nn.Module):
     """RMSNorm in fp32. Zero-centred (Qwen3.5 / Qwen3-Next): x_hat * (1 + w); plain (Llama, Qwen3): w * x_hat."""
@@ -17,10 +19,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim) if zero_centered else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
+        h = x.to(accum_dtype(x.dtype))
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.zero_centered:
-            return (h * (1.0 + self.weight.float())).type_as(x)
+            return (h * (1.0 + self.weight.to(h.dtype))).type_as(x)
         return self.weight * h.to(x.dtype)
 
 
@@ -33,10 +35,11 @@ class GatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        h = x.float()
+        acc = accum_dtype(x.dtype)
+        h = x.to(acc)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         h = self.weight * h.to(x.dtype)
-        return (h * F.silu(gate.float())).to(x.dtype)
+        return (h * F.silu(gate.to(acc))).to(x.dtype)
 
 
 class SwiGLU(nn.Module):
@@ -54,8 +57,10 @@ def rotary_cos_sin(
     positions_BT: torch.Tensor, rotary_dim: int, theta: float, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape [B, T, rotary_dim] for integer positions, in the rotate-half layout."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, device=positions_BT.device).float() / rotary_dim))
-    freqs = positions_BT.float()[..., None] * inv_freq
+    acc = accum_dtype(dtype)
+    steps = torch.arange(0, rotary_dim, 2, device=positions_BT.device).to(acc)
+    inv_freq = 1.0 / (theta ** (steps / rotary_dim))
+    freqs = positions_BT.to(acc)[..., None] * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 

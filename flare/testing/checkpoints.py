@@ -70,11 +70,18 @@ def hf_model(family: str, seed: int = 0, **overrides: Any):
                 base = 0.0 if zero_centered and not name.endswith("linear_attn.norm.weight") else 1.0
                 p.copy_(base + 0.1 * r)
             elif "embed_tokens" in name:
-                p.copy_(r)
+                # Small enough that a tied head also gives logits of order 1 (see lm_head below).
+                p.copy_(0.15 * r)
+            elif name == "lm_head.weight":
+                # Logits of order 1: absolute parity bounds then mean a few fp32 ulps, while the top two logits
+                # of a 96-way softmax stay far apart compared with round-off (no greedy near-ties).
+                p.copy_(r * (0.3 / math.sqrt(p.shape[-1])))
             elif "conv1d" in name:
                 p.copy_(0.5 * r)
             elif p.ndim >= 2:
-                p.copy_(r / math.sqrt(p.shape[-1]))
+                # A gain of 0.5 keeps the random stack well conditioned: larger gains make GDN outputs nearly
+                # cancel for some tokens, and their gated norm then magnifies fp32 round-off past 1e-4.
+                p.copy_(r * (0.5 / math.sqrt(p.shape[-1])))
             else:
                 p.copy_(0.1 * r)
     return model

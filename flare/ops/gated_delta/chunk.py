@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .naive import validate_inputs
+from flare.ops.gated_delta.naive import validate_inputs
+from flare.ops.precision import accum_dtype
 
 __all__ = ["gated_delta_chunk"]
 
@@ -36,7 +37,7 @@ __all__ = ["gated_delta_chunk"]
 
 def _to_chunks(x: torch.Tensor, pad: int, n_chunks: int, chunk: int) -> torch.Tensor:
     """``[B, T, H, D]`` -> fp32 ``[B, H, N, C, D]``, zero-padding T by ``pad``."""
-    x = F.pad(x.to(torch.float32), (0, 0, 0, 0, 0, pad))
+    x = F.pad(x.to(accum_dtype(x.dtype)), (0, 0, 0, 0, 0, pad))
     B, _, H, D = x.shape
     return x.reshape(B, n_chunks, chunk, H, D).permute(0, 3, 1, 2, 4)
 
@@ -70,7 +71,7 @@ def gated_delta_chunk(
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     if scale is None:
         scale = Dk**-0.5
-    f32, dev = torch.float32, v.device
+    f32, dev = accum_dtype(v.dtype), v.device
     if initial_state is None:
         state = torch.zeros(B, H, Dk, Dv, dtype=f32, device=dev)
     else:

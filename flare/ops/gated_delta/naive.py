@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from flare.ops.precision import accum_dtype
+
 __all__ = ["gated_delta_naive"]
 
 
@@ -75,7 +77,7 @@ def gated_delta_naive(
     B, T, H, Dk, Dv = validate_inputs(q, k, v, g, beta, initial_state)
     if scale is None:
         scale = Dk**-0.5
-    f32 = torch.float32
+    f32 = accum_dtype(v.dtype)
     qf, kf, vf, gf, bf = (x.to(f32) for x in (q, k, v, g, beta))
     if initial_state is None:
         state = torch.zeros(B, H, Dk, Dv, dtype=f32, device=v.device)

@@ -1,0 +1,194 @@
+"""Decode and prefill speed of flare vs transformers on the same tiny Qwen3.5 hybrid weights (CPU, fp32).
+
+What it measures, all in one run on one seeded checkpoint (built with flare.testing.checkpoints):
+
+* ms per greedy decode step, batch 1 and batch ``--batch`` (``--steps`` new tokens after a 64-token prompt).
+  Like-for-like measure: a manual loop on each side, one forward of the new token against the model's cache
+  plus an argmax (flare: ``model.hidden_states(tok, cache=cache)`` + ``model.logits``; transformers:
+  ``model(tok, cache=cache)`` reading ``out.cache``). Prefill is excluded; only the decode steps are timed.
+  ``generate()`` is not the primary measure because its per-step logits processors / stopping criteria are
+  overhead flare's loop does not have; the end-to-end ``flare.decoding.decode`` vs ``model.generate`` time
+  (prefill included, per new token) is printed as an extra row.
+* prefill tokens/s, batch 1, a 512-token prompt (one forward filling a fresh cache, logits of the last row only).
+
+Each ratio is flare / transformers *time* (so < 1 means flare is faster); the goal printed next to the decode
+rows is flare <= 0.5x transformers' time per step. Every number is the median of ``--repeats`` timed runs after
+a warm-up run. A correctness line checks that both produce the same greedy tokens.
+
+Run:  python benchmarks/bench_decode.py [--size tiny|small] [--steps 128] [--batch 8] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+
+import flare
+from flare.decoding import SamplingParams, decode
+from flare.testing.checkpoints import save_tiny_checkpoint
+
+# Valid Qwen3_5TextConfig fields; "tiny" is the library default of save_tiny_checkpoint.
+SIZES = {
+    "tiny": {},
+    "small": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=8, vocab_size=1024,
+                  num_attention_heads=8, num_key_value_heads=2, head_dim=32, linear_num_key_heads=4,
+                  linear_num_value_heads=8, linear_key_head_dim=32, linear_value_head_dim=32),
+}
+PROMPT_LEN, PREFILL_LEN, DECODE_GOAL = 64, 512, 0.5
+
+
+def wall(fn):
+    """Wrap ``fn`` so that it returns (its wall time in s, its result)."""
+    def run():
+        t0 = time.perf_counter()
+        result = fn()
+        return time.perf_counter() - t0, result
+    return run
+
+
+def paired(fn_a, fn_b, repeats: int):
+    """Warm each up once, then alternate timed calls (a, b, a, b, ...) so background load hits both alike.
+
+    Each fn returns (seconds, result). Returns the median seconds of each and the last result of each.
+    """
+    fn_a(), fn_b()
+    runs_a, runs_b = [], []
+    for _ in range(repeats):
+        runs_a.append(fn_a())
+        runs_b.append(fn_b())
+    return (statistics.median(t for t, _ in runs_a), statistics.median(t for t, _ in runs_b),
+            runs_a[-1][1], runs_b[-1][1])
+
+
+# -- flare ------------------------------------------------------------------------------------------------------
+def flare_prefill(model, ids, steps):
+    cache = model.new_cache(ids.shape[0], capacity=ids.shape[1] + steps)
+    last = model.hidden_states(ids, cache=cache)[:, -1]
+    return model.logits(last).argmax(-1), cache
+
+
+def flare_steps(model, tok, cache, steps):
+    """``steps - 1`` decode forwards (the first token comes from prefill). Returns the time and all tokens."""
+    out = [tok]
+    t0 = time.perf_counter()
+    for _ in range(steps - 1):
+        tok = model.logits(model.hidden_states(tok[:, None], cache=cache)[:, 0]).argmax(-1)
+        out.append(tok)
+    return time.perf_counter() - t0, torch.stack(out, 1)
+
+
+# -- transformers ------------------------------------------------------------------------------------------------
+def hf_prefill(model, ids, steps):
+    out = model(ids, use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1].argmax(-1), out.cache
+
+
+def hf_steps(model, tok, cache, steps):
+    out = [tok]
+    t0 = time.perf_counter()
+    for _ in range(steps - 1):
+        res = model(tok[:, None], cache=cache, use_cache=True)
+        cache = res.cache
+        tok = res.logits[:, -1].argmax(-1)
+        out.append(tok)
+    return time.perf_counter() - t0, torch.stack(out, 1)
+
+
+def decode_run(prefill, steps_fn, model, ids, steps):
+    """One untimed prefill, then the timed decode steps: (seconds, tokens [B, steps])."""
+    return lambda: steps_fn(model, *prefill(model, ids, steps), steps)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--size", choices=sorted(SIZES), default="tiny", help="checkpoint size (tiny: 64 hidden, "
+                    "4 layers, vocab 96; small: 256 hidden, 8 layers, vocab 1024)")
+    ap.add_argument("--steps", type=int, default=128, help="new tokens per decode run (after a 64-token prompt)")
+    ap.add_argument("--batch", type=int, default=8, help="the larger decode batch (batch 1 is always measured)")
+    ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads; 1 by default because at "
+                    "these sizes every op is tiny and intra-op threads add only sync cost and noise")
+    ap.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (median taken)")
+    ap.add_argument("--prefill-len", type=int, default=PREFILL_LEN, help="prompt tokens for the prefill test")
+    args = ap.parse_args()
+    if args.steps < 2:
+        ap.error("--steps must be >= 2")
+    torch.set_num_threads(args.threads)
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # its "falling back to the PyTorch reference kernel" notes
+    transformers.utils.logging.disable_progress_bar()
+    with tempfile.TemporaryDirectory() as tmp:
+        save_tiny_checkpoint(tmp, "qwen3_5", seed=0, **SIZES[args.size])
+        fm = flare.load_model(tmp).eval()
+        hf = transformers.Qwen3_5ForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+    cfg = fm.config
+    n_params = sum(p.numel() for p in hf.parameters())
+    print(f"flare vs transformers {transformers.__version__} | torch {torch.__version__} | threads "
+          f"{torch.get_num_threads()} | size {args.size}: {n_params / 1e6:.2f}M params, hidden {cfg.hidden_size}, "
+          f"{cfg.num_hidden_layers} layers ({sum(t != 'full_attention' for t in cfg.layer_types)} GDN), "
+          f"vocab {cfg.vocab_size}, fp32 CPU")
+    print("both run pure-PyTorch kernels (transformers: its torch fallbacks for the GDN conv and recurrence)")
+    print("decode measure: manual greedy loop, one cached forward + argmax per step on both sides, "
+          "prefill excluded (the like-for-like measure; generate()/decode() end-to-end shown separately)\n")
+
+    gen = torch.Generator().manual_seed(0)
+    rows, checks, decode_ratios = [], [], []
+    with torch.no_grad():
+        for B in sorted({1, args.batch}):
+            ids = torch.randint(4, cfg.vocab_size, (B, PROMPT_LEN), generator=gen)
+            f_s, h_s, f_tok, h_tok = paired(decode_run(flare_prefill, flare_steps, fm, ids, args.steps),
+                                            decode_run(hf_prefill, hf_steps, hf, ids, args.steps), args.repeats)
+            f_ms, h_ms = 1e3 * f_s / (args.steps - 1), 1e3 * h_s / (args.steps - 1)
+            rows.append((f"decode ms/step  B={B}", f_ms, h_ms, "ms", f_ms / h_ms))
+            decode_ratios.append(f_ms / h_ms)
+            checks.append((f"loop B={B}", f_tok, h_tok))
+
+        # End-to-end library APIs, batch --batch, prefill included, per new token.
+        B = args.batch
+        ids = torch.randint(4, cfg.vocab_size, (B, PROMPT_LEN), generator=gen)
+        params = SamplingParams(temperature=0, max_new_tokens=args.steps, ignore_eos=True)
+        f_s, h_s, f_res, h_out = paired(
+            wall(lambda: decode(fm, ids.tolist(), params)),
+            wall(lambda: hf.generate(ids, max_new_tokens=args.steps, min_new_tokens=args.steps, do_sample=False,
+                                     pad_token_id=0)), args.repeats)
+        rows.append((f"e2e ms/token    B={B}", 1e3 * f_s / args.steps, 1e3 * h_s / args.steps, "ms", f_s / h_s))
+        checks.append((f"decode()/generate() B={B}", torch.tensor(f_res.token_ids), h_out[:, PROMPT_LEN:]))
+
+        # Prefill throughput, batch 1.
+        ids = torch.randint(4, cfg.vocab_size, (1, args.prefill_len), generator=gen)
+        f_s, h_s, f_first, h_first = paired(wall(lambda: flare_prefill(fm, ids, 1)[0]),
+                                            wall(lambda: hf_prefill(hf, ids, 1)[0]), args.repeats)
+        T = args.prefill_len
+        rows.append((f"prefill tok/s   T={T}", T / f_s, T / h_s, "tok/s", f_s / h_s))
+        checks.append((f"prefill argmax T={T}", f_first[:, None], h_first[:, None]))
+
+    print(f"{'measure':<22}{'flare':>12}{'transformers':>14}  {'unit':<6}{'flare/hf time':>14}  goal")
+    for name, f, h, unit, ratio in rows:
+        goal = ""
+        if name.startswith("decode"):
+            goal = f"<= {DECODE_GOAL}x  {'MET' if ratio <= DECODE_GOAL else 'NOT MET'}"
+        print(f"{name:<22}{f:>12.2f}{h:>14.2f}  {unit:<6}{ratio:>13.2f}x  {goal}")
+
+    print()
+    all_ok = True
+    for name, a, b in checks:
+        same = a.shape == b.shape and bool((a == b).all())
+        all_ok &= same
+        detail = f"{tuple(a.shape)} tokens identical" if same else (
+            f"MISMATCH: {int((a != b).sum())} of {a.numel()} differ" if a.shape == b.shape
+            else f"MISMATCH: shapes {tuple(a.shape)} vs {tuple(b.shape)}")
+        print(f"correctness {name:<26} {detail}")
+
+    worst = max(decode_ratios)
+    print(f"\nSUMMARY: decode flare/hf time per step {', '.join(f'{r:.2f}x' for r in decode_ratios)} "
+          f"(goal <= {DECODE_GOAL}x: {'MET' if worst <= DECODE_GOAL else 'NOT MET'}), prefill {rows[-1][4]:.2f}x, "
+          f"greedy tokens {'match' if all_ok else 'DIFFER'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+"""Shared fixtures: seeded tiny checkpoints of every family, built once per test session."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import flare
+from flare.testing.checkpoints import FAMILIES, hf_model, save_tiny_checkpoint
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory):
+    """family -> directory of a seeded tiny checkpoint (with a character tokenizer)."""
+    root = tmp_path_factory.mktemp("tiny")
+    return {fam: save_tiny_checkpoint(root / fam, fam, seed=1) for fam in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_dirs):
+    """family -> (flare model, transformers reference with the same weights)."""
+    return {fam: (flare.load_model(d), hf_model(fam, seed=1)) for fam, d in tiny_dirs.items()}
