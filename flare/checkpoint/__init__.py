@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from flare.checkpoint.io import read_tensors, write_tensors
-from flare.checkpoint.keymaps import flare_to_hf, hf_to_flare
+from flare.checkpoint.keymaps import expected_hf_shapes, flare_to_hf, hf_to_flare, ignored
 from flare.config import ModelConfig
 from flare.model import FlareModel
 
@@ -25,28 +25,27 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     if not path.is_dir():
         raise FileNotFoundError(f"model directory {path} does not exist")
     config = ModelConfig.from_file(path)
-    try:
-        state, unknown = hf_to_flare(read_tensors(path), config)
-    except ValueError as e:  # a fused Qwen3-Next projection whose shape does not fit the config
-        raise CheckpointError(f"{path}: {e}") from None
-    if unknown:
-        raise CheckpointError(f"{path}: tensor {unknown[0]!r} belongs to no layer of this {config.family} config"
-                              + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
+    tensors = {k: v for k, v in read_tensors(path).items() if not ignored(k)}
     with torch.device("meta"):
         model = FlareModel(config)
-    expected = {k: v for k, v in model.state_dict().items()}
+    # Everything is checked under the names the file uses, so errors point at what the user can see.
+    expected = expected_hf_shapes(model.state_dict(), config)
     if config.tie_word_embeddings:
-        expected.pop("lm_head.weight")
-    for key, ref in expected.items():
-        if key not in state:
+        tensors.pop("lm_head.weight", None)
+    for key, shape in expected.items():
+        if key not in tensors:
             raise CheckpointError(f"{path}: missing tensor {key!r}")
-        if tuple(state[key].shape) != tuple(ref.shape):
+        if tuple(tensors[key].shape) != shape:
             raise CheckpointError(
-                f"{path}: tensor {key!r} has shape {tuple(state[key].shape)}, the config needs {tuple(ref.shape)}"
+                f"{path}: tensor {key!r} has shape {tuple(tensors[key].shape)}, the config needs {shape}"
             )
-    extra = sorted(set(state) - set(expected))
+    extra = sorted(set(tensors) - set(expected))
     if extra:
-        raise CheckpointError(f"{path}: unexpected tensor {extra[0]!r}")
+        raise CheckpointError(
+            f"{path}: tensor {extra[0]!r} belongs to no layer of this {config.family} config"
+            + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+        )
+    state = hf_to_flare(tensors, config)
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     model.load_state_dict(state, strict=False, assign=True)

@@ -31,7 +31,9 @@ def generate_causal(model: FlareModel, prompts: list[list[int]], params: Samplin
     forwards = 1
     for step in range(n_new):
         active += (~finished).long()
-        tok = sample(model.logits(last), temp, top_k, top_p, gen)
+        logits = model.logits(last)
+        # Greedy is decided on the host once per request, so the full filtered distribution is never built.
+        tok = logits.argmax(-1) if params.greedy else sample(logits, temp, top_k, top_p, gen)
         out[:, step] = tok
         finished |= torch.isin(tok, stop_t)
         # One host check per step (not per row) decides whether the batch is done.

@@ -7,7 +7,7 @@ from torch import nn
 
 from flare.config import ModelConfig
 from flare.model.context import ForwardContext
-from flare.model.layers import RMSNorm, apply_rotary
+from flare.model.layers import RMSNorm, apply_rotary, rms_norm
 from flare.ops.attention import attention
 
 
@@ -21,9 +21,10 @@ class Attention(nn.Module):
         self.gated = config.attn_output_gate
         hidden, q_out = config.hidden_size, self.num_heads * self.head_dim
         bias = config.attention_bias
-        self.q_proj = nn.Linear(hidden, q_out * (2 if self.gated else 1), bias=bias)
-        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+        self.q_rows = q_out * (2 if self.gated else 1)
+        self.kv_rows = self.num_kv_heads * self.head_dim
+        # One GEMM for q (with its gate), k and v: rows q | k | v, as the checkpoint key map fuses them.
+        self.qkv_proj = nn.Linear(hidden, self.q_rows + 2 * self.kv_rows, bias=bias)
         self.o_proj = nn.Linear(q_out, hidden, bias=bias)
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, config.norm_zero_centered)
@@ -34,17 +35,19 @@ class Attention(nn.Module):
     def forward(self, x_BTE: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         B, T, _ = x_BTE.shape
         D = self.head_dim
-        q = self.q_proj(x_BTE)
+        q, k, v = self.qkv_proj(x_BTE).split([self.q_rows, self.kv_rows, self.kv_rows], dim=-1)
         gate = None
         if self.gated:
             q, gate = q.view(B, T, self.num_heads, 2 * D).chunk(2, dim=-1)
             gate = gate.reshape(B, T, self.num_heads * D)
-        q = q.reshape(B, T, self.num_heads, D)
-        k = self.k_proj(x_BTE).view(B, T, self.num_kv_heads, D)
-        v = self.v_proj(x_BTE).view(B, T, self.num_kv_heads, D)
+        # q and k heads side by side: one norm and one rotation for both.
+        qk = torch.cat([q.reshape(B, T, self.num_heads, D), k.reshape(B, T, self.num_kv_heads, D)], dim=2)
+        v = v.reshape(B, T, self.num_kv_heads, D)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
+            weight = torch.cat([self.q_norm.weight.expand(self.num_heads, D),
+                                self.k_norm.weight.expand(self.num_kv_heads, D)])
+            qk = rms_norm(qk, weight, self.q_norm.eps, self.q_norm.zero_centered)
+        q, k = apply_rotary(qk, ctx.cos, ctx.sin).split([self.num_heads, self.num_kv_heads], dim=2)
         if ctx.cache is not None:
             k, v = ctx.cache.write_kv(self.layer_idx, k, v, ctx.write_pos)
         out = attention(q, k, v, ctx.attn_mask, D**-0.5).reshape(B, T, self.num_heads * D)

@@ -23,7 +23,7 @@ class AttentionState:
 
 @dataclass
 class RecurrentState:
-    conv: torch.Tensor  # [B, C, K-1]: the last K-1 conv inputs
+    conv: torch.Tensor  # [B, K-1, C]: the last K-1 conv inputs
     ssm: torch.Tensor  # [B, H, Dk, Dv], fp32
 
 
@@ -54,7 +54,7 @@ class ModelCache:
                 channels = 2 * config.linear_num_key_heads * config.linear_key_head_dim + (
                     config.linear_num_value_heads * config.linear_value_head_dim
                 )
-                conv = torch.zeros(batch_size, channels, config.linear_conv_kernel_dim - 1, device=device, dtype=dtype)
+                conv = torch.zeros(batch_size, config.linear_conv_kernel_dim - 1, channels, device=device, dtype=dtype)
                 ssm = torch.zeros(
                     batch_size, config.linear_num_value_heads, config.linear_key_head_dim,
                     config.linear_value_head_dim, device=device, dtype=accum_dtype(dtype),

@@ -14,8 +14,8 @@ from flare.model.layers import rotary_cos_sin
 @dataclass
 class ForwardContext:
     positions: torch.Tensor  # [B, T] RoPE index of each row
-    cos: torch.Tensor  # [B, T, R]
-    sin: torch.Tensor  # [B, T, R]
+    cos: torch.Tensor  # [B, T, 1, R]
+    sin: torch.Tensor  # [B, T, 1, R]
     attn_mask: torch.Tensor | None  # [B, 1, T, S] bool, or None for plain causal over the T rows
     cache: ModelCache | None
     write_pos: torch.Tensor | None  # [B, T] cache slot of each row

@@ -1,7 +1,7 @@
 """Gated DeltaNet layer: fused q/k/v projection, short causal conv + SiLU, gated delta recurrence, gated norm.
 
-Parameter names follow the Qwen3.5 checkpoint layout (split ``in_proj_qkv / in_proj_z / in_proj_b /
-in_proj_a``); Qwen3-Next's fused projections are re-split by the checkpoint key map.
+The four input projections of the Qwen3.5 layout (``in_proj_qkv | in_proj_z | in_proj_b | in_proj_a``) are one
+fused GEMM here (``in_proj``); the checkpoint key map splits and joins them.
 """
 
 from __future__ import annotations
@@ -40,10 +40,8 @@ class GatedDeltaNet(nn.Module):
         self.value_dim = self.num_v_heads * self.dv
         hidden, kernel = config.hidden_size, config.linear_conv_kernel_dim
         conv_dim = 2 * self.key_dim + self.value_dim
-        self.in_proj_qkv = nn.Linear(hidden, conv_dim, bias=False)
-        self.in_proj_z = nn.Linear(hidden, self.value_dim, bias=False)
-        self.in_proj_b = nn.Linear(hidden, self.num_v_heads, bias=False)
-        self.in_proj_a = nn.Linear(hidden, self.num_v_heads, bias=False)
+        self.split = [conv_dim, self.value_dim, self.num_v_heads, self.num_v_heads]
+        self.in_proj = nn.Linear(hidden, sum(self.split), bias=False)
         self.conv1d = nn.Conv1d(conv_dim, conv_dim, kernel, groups=conv_dim, bias=False, padding=kernel - 1)
         self.A_log = nn.Parameter(torch.zeros(self.num_v_heads))
         self.dt_bias = nn.Parameter(torch.ones(self.num_v_heads))
@@ -57,21 +55,15 @@ class GatedDeltaNet(nn.Module):
         state = ctx.cache.layers[self.layer_idx] if ctx.cache is not None else None
         assert state is None or isinstance(state, RecurrentState)
 
-        mixed, conv_state = causal_conv1d(
-            self.in_proj_qkv(x_BTE), self.conv1d.weight[:, 0, :], state.conv if state else None, ctx.n_new
-        )
+        qkv, z, b, a = self.in_proj(x_BTE).split(self.split, dim=-1)
+        mixed, conv_state = causal_conv1d(qkv, self.conv1d.weight[:, 0, :], state.conv if state else None, ctx.n_new)
         mixed = F.silu(mixed)
-        q, k, v = mixed.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
-        q = l2_normalize(q.reshape(B, T, self.num_k_heads, self.dk))
-        k = l2_normalize(k.reshape(B, T, self.num_k_heads, self.dk))
+        qk, v = mixed.split([2 * self.key_dim, self.value_dim], dim=-1)
+        q, k = l2_normalize(qk.reshape(B, T, 2 * self.num_k_heads, self.dk)).chunk(2, dim=2)
         v = v.reshape(B, T, self.num_v_heads, self.dv)
-        # Each q/k head serves num_v_heads / num_k_heads consecutive value heads.
-        rep = self.num_v_heads // self.num_k_heads
-        if rep > 1:
-            q, k = q.repeat_interleave(rep, dim=2), k.repeat_interleave(rep, dim=2)
         acc = accum_dtype(x_BTE.dtype)
-        beta = torch.sigmoid(self.in_proj_b(x_BTE)).to(acc)
-        g = -self.A_log.to(acc).exp() * F.softplus(self.in_proj_a(x_BTE).to(acc) + self.dt_bias)
+        beta = torch.sigmoid(b).to(acc)
+        g = -self.A_log.to(acc).exp() * F.softplus(a.to(acc) + self.dt_bias)
         if ctx.valid is not None:
             # Padding rows leave the state untouched: decay exp(0) = 1 and write strength 0.
             g = g * ctx.valid[..., None]
@@ -82,6 +74,6 @@ class GatedDeltaNet(nn.Module):
         if state is not None:
             state.conv, state.ssm = conv_state, final
 
-        z = self.in_proj_z(x_BTE).reshape(B, T, self.num_v_heads, self.dv)
+        z = z.reshape(B, T, self.num_v_heads, self.dv)
         o = self.norm(o.to(x_BTE.dtype), z).reshape(B, T, self.value_dim)
         return self.out_proj(o)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -9,9 +11,21 @@ from torch import nn
 from flare.ops.precision import accum_dtype
 
 
-class RMSNorm(nn.Module):
-    """RMSNorm in fp32. Zero-centred (Qwen3.5 / Qwen3-Next): x_hat * (1 + w); plain (Llama, Qwen3): w * x_hat."""
+def _normalize(h: torch.Tensor, eps: float) -> torch.Tensor:
+    # Spelled out rather than F.rms_norm: on CPU the fused op costs several times more per small call.
+    return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
 
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, zero_centered: bool) -> torch.Tensor:
+    """RMSNorm over the last dim in fp32. Zero-centred (Qwen3.5 / Qwen3-Next): x_hat * (1 + w), cast last;
+    plain (Llama, Qwen3): w * x_hat cast first. ``weight`` broadcasts against x (per-head weights allowed)."""
+    h = _normalize(x.to(accum_dtype(x.dtype)), eps)
+    if zero_centered:
+        return (h * (1.0 + weight.to(h.dtype))).type_as(x)
+    return weight * h.to(x.dtype)
+
+
+class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, zero_centered: bool) -> None:
         super().__init__()
         self.eps = eps
@@ -19,11 +33,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim) if zero_centered else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.to(accum_dtype(x.dtype))
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.zero_centered:
-            return (h * (1.0 + self.weight.to(h.dtype))).type_as(x)
-        return self.weight * h.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps, self.zero_centered)
 
 
 class GatedRMSNorm(nn.Module):
@@ -36,40 +46,46 @@ class GatedRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         acc = accum_dtype(x.dtype)
-        h = x.to(acc)
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        h = _normalize(x.to(acc), self.eps)
         h = self.weight * h.to(x.dtype)
         return (h * F.silu(gate.to(acc))).to(x.dtype)
 
 
 class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)); gate and up are one fused projection (rows gate | up)."""
+
     def __init__(self, hidden: int, intermediate: int) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 def rotary_cos_sin(
     positions_BT: torch.Tensor, rotary_dim: int, theta: float, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape [B, T, rotary_dim] for integer positions, in the rotate-half layout."""
+    """cos, sin of shape [B, T, 1, rotary_dim] (broadcast over heads) for integer positions, rotate-half layout."""
     acc = accum_dtype(dtype)
-    steps = torch.arange(0, rotary_dim, 2, device=positions_BT.device).to(acc)
-    inv_freq = 1.0 / (theta ** (steps / rotary_dim))
+    inv_freq = _inverse_frequencies(rotary_dim, theta, positions_BT.device, acc)
     freqs = positions_BT.to(acc)[..., None] * inv_freq
-    emb = torch.cat((freqs, freqs), dim=-1)
+    emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def apply_rotary(x_BTHD: torch.Tensor, cos_BTR: torch.Tensor, sin_BTR: torch.Tensor) -> torch.Tensor:
+@functools.lru_cache(maxsize=16)
+def _inverse_frequencies(rotary_dim: int, theta: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    steps = torch.arange(0, rotary_dim, 2, device=device).to(dtype)
+    return 1.0 / (theta ** (steps / rotary_dim))
+
+
+def apply_rotary(x_BTHD: torch.Tensor, cos_BT1R: torch.Tensor, sin_BT1R: torch.Tensor) -> torch.Tensor:
     """Rotate the first R dims of each head (partial RoPE); the rest pass through."""
-    r = cos_BTR.shape[-1]
-    cos, sin = cos_BTR[:, :, None, :], sin_BTR[:, :, None, :]
-    x_rot, x_pass = x_BTHD[..., :r], x_BTHD[..., r:]
+    r = cos_BT1R.shape[-1]
+    x_rot = x_BTHD[..., :r]
     x1, x2 = x_rot[..., : r // 2], x_rot[..., r // 2 :]
     rotated = torch.cat((-x2, x1), dim=-1)
-    return torch.cat((x_rot * cos + rotated * sin, x_pass), dim=-1)
+    out = x_rot * cos_BT1R + rotated * sin_BT1R
+    return out if r == x_BTHD.shape[-1] else torch.cat((out, x_BTHD[..., r:]), dim=-1)

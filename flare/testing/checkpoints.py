@@ -70,7 +70,7 @@ def hf_model(family: str, seed: int = 0, **overrides: Any):
                 base = 0.0 if zero_centered and not name.endswith("linear_attn.norm.weight") else 1.0
                 p.copy_(base + 0.1 * r)
             elif "embed_tokens" in name:
-                # Small enough that a tied head also gives logits of order 1 (see lm_head below).
+                # Small enough that a tied head gives logits of a few units (an untied one, see below, of ~1).
                 p.copy_(0.15 * r)
             elif name == "lm_head.weight":
                 # Logits of order 1: absolute parity bounds then mean a few fp32 ulps, while the top two logits

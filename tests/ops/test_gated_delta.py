@@ -129,7 +129,7 @@ def test_output_dtype_follows_v():
         assert o.dtype == torch.bfloat16 and s.dtype == torch.float32
 
 
-@pytest.mark.parametrize("T,expected", [(0, "naive"), (1, "naive"), (16, "naive"), (17, "chunk")])
+@pytest.mark.parametrize("T,expected", [(0, "naive"), (1, "step"), (2, "naive"), (16, "naive"), (17, "chunk")])
 def test_selector_picks_form(T, expected):
     xs = make_inputs(T, with_state=True)
     o, s, name = gated_delta(*xs)
@@ -147,6 +147,39 @@ def test_selector_override_and_bad_prefer():
     for bad in ("fast", "Naive", ""):
         with pytest.raises(ValueError, match="prefer"):
             gated_delta(*xs, prefer=bad)
+    with pytest.raises(ValueError, match="step"):
+        gated_delta(*xs, prefer="step")
+
+
+@pytest.mark.parametrize("form", ["step", "naive", "chunk"])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_grouped_heads_equal_repeated_heads(form, with_state):
+    """q/k with fewer heads than v (GDN's grouped layout) == the same heads repeated, in every form."""
+    T = 1 if form == "step" else 37
+    q, k, v, g, beta, s0 = make_inputs(T, with_state=with_state)
+    q6, k6, v6 = q.repeat(1, 1, 2, 1), k.repeat(1, 1, 2, 1), torch.cat([v, v.flip(2)], 2)
+    g6, b6 = torch.cat([g, g.flip(2)], 2), torch.cat([beta, beta.flip(2)], 2)
+    s6 = torch.cat([s0, s0.flip(1)], 1) if with_state else None
+    # Grouped: 3 q/k heads serve 6 value heads, head h -> q/k head h // 2.
+    qg, kg = q6[:, :, ::2], k6[:, :, ::2]
+    qe, ke = qg.repeat_interleave(2, dim=2), kg.repeat_interleave(2, dim=2)
+    o, s, name = gated_delta(qg, kg, v6, g6, b6, s6, prefer=form)
+    ref_o, ref_s = gated_delta_naive(qe, ke, v6, g6, b6, s6)
+    assert name == form
+    assert_close(o, ref_o, what="o")
+    assert_close(s, ref_s, what="state")
+
+
+def test_step_gradients_match_naive():
+    xs = make_inputs(1, with_state=True, requires_grad=True)
+    o, s, _ = gated_delta(*xs, prefer="step")
+    xr = [x.detach().clone().requires_grad_(True) for x in xs]
+    ro, rs = gated_delta_naive(*xr)
+    up_o, up_s = torch.randn_like(o), torch.randn_like(s)
+    (o * up_o).sum().add((s * up_s).sum()).backward()
+    (ro * up_o).sum().add((rs * up_s).sum()).backward()
+    for a, b in zip(xs, xr):
+        assert_close(a.grad, b.grad, what="grad")
 
 
 def _bad_shape_cases():
@@ -156,6 +189,7 @@ def _bad_shape_cases():
         ("k", (q, k[:, :4], v, g, beta, s0)),
         ("k", (q, k[..., :4], v, g, beta, s0)),
         ("v", (q, k, v[:1], g, beta, s0)),
+        ("v", (q, k, v[:, :, :2], g, beta, s0)),  # 2 value heads cannot share 3 q/k heads
         ("v", (q, k, v[..., None], g, beta, s0)),
         ("g", (q, k, v, g[:, :, :2], beta, s0)),
         ("g", (q, k, v, g[..., None], beta, s0)),

@@ -1,6 +1,7 @@
 """Gated delta rule (pure PyTorch): sequential reference and chunked forms.
 
-Tensor contract shared by all entry points: q, k ``[B, T, H, Dk]``; v ``[B, T, H, Dv]``;
+Tensor contract shared by all entry points: q, k ``[B, T, Hk, Dk]`` with ``H % Hk == 0`` (value head h reads
+q/k head ``h // (H / Hk)``); v ``[B, T, H, Dv]``;
 g, beta ``[B, T, H]``; initial_state ``[B, H, Dk, Dv]`` or ``None``. Outputs: o
 ``[B, T, H, Dv]`` (v's dtype) and the final state ``[B, H, Dk, Dv]`` (fp32).
 """
@@ -9,10 +10,13 @@ from __future__ import annotations
 
 import torch
 
-from .chunk import gated_delta_chunk
-from .naive import gated_delta_naive, validate_inputs
+from flare.ops.gated_delta.chunk import gated_delta_chunk
+from flare.ops.gated_delta.naive import gated_delta_naive, validate_inputs
+from flare.ops.gated_delta.step import gated_delta_step
 
-__all__ = ["gated_delta", "gated_delta_chunk", "gated_delta_naive", "NAIVE_MAX_T"]
+__all__ = ["gated_delta", "gated_delta_chunk", "gated_delta_naive", "gated_delta_step", "NAIVE_MAX_T", "FORMS"]
+
+FORMS = ("step", "naive", "chunk")
 
 # Sequences up to this length (a decode step or a short verify block) use the
 # sequential form; longer ones use the chunked form.
@@ -32,19 +36,25 @@ def gated_delta(
 ) -> tuple[torch.Tensor, torch.Tensor, str]:
     """Run the gated delta rule with the form suited to the sequence length.
 
-    Picks ``gated_delta_naive`` when ``T <= 16`` and ``gated_delta_chunk`` otherwise;
-    ``prefer="naive"`` or ``prefer="chunk"`` forces a form (anything else raises
-    ``ValueError``). Shapes as in the module docstring.
+    Picks ``gated_delta_step`` when ``T == 1``, ``gated_delta_naive`` when ``T <= 16`` and
+    ``gated_delta_chunk`` otherwise; ``prefer`` forces a form (one of ``FORMS``; ``"step"`` needs T == 1,
+    anything else raises ``ValueError``). Shapes as in the module docstring.
 
     Returns:
-        ``(o [B, T, H, Dv], final_state [B, H, Dk, Dv] fp32, name)`` where ``name`` is
-        ``"naive"`` or ``"chunk"``, the form that ran.
+        ``(o [B, T, H, Dv], final_state [B, H, Dk, Dv] fp32, name)`` where ``name`` is the form that ran.
     """
-    if prefer not in (None, "naive", "chunk"):
-        raise ValueError(f"prefer must be None, 'naive' or 'chunk', got {prefer!r}")
-    _, T, _, _, _ = validate_inputs(q, k, v, g, beta, initial_state)
-    name = prefer if prefer is not None else ("naive" if T <= NAIVE_MAX_T else "chunk")
-    if name == "naive":
+    if prefer not in (None, *FORMS):
+        raise ValueError(f"prefer must be None or one of {FORMS}, got {prefer!r}")
+    _, T, _, Dk, _ = validate_inputs(q, k, v, g, beta, initial_state)
+    if prefer == "step" and T != 1:
+        raise ValueError(f"prefer='step' needs exactly one position, got T={T}")
+    name = prefer or ("step" if T == 1 else "naive" if T <= NAIVE_MAX_T else "chunk")
+    if name == "step":
+        o, state = gated_delta_step(
+            q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], initial_state, Dk**-0.5 if scale is None else scale
+        )
+        o = o[:, None]
+    elif name == "naive":
         o, state = gated_delta_naive(q, k, v, g, beta, initial_state, scale)
     else:
         o, state = gated_delta_chunk(q, k, v, g, beta, initial_state, scale)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from flare.ops.gated_delta.naive import validate_inputs
+from flare.ops.gated_delta.naive import expand_heads, validate_inputs
 from flare.ops.precision import accum_dtype
 
 __all__ = ["gated_delta_chunk"]
@@ -55,7 +55,7 @@ def gated_delta_chunk(
     """Chunked gated delta rule (all math in fp32, differentiable via autograd).
 
     Args:
-        q, k: ``[B, T, H, Dk]`` (already L2-normalised; no normalisation here).
+        q, k: ``[B, T, Hk, Dk]``, ``H % Hk == 0`` (already L2-normalised; no normalisation here).
         v: ``[B, T, H, Dv]``.
         g: ``[B, T, H]`` log decay (``<= 0``).
         beta: ``[B, T, H]`` write strength in ``(0, 1)``.
@@ -79,6 +79,7 @@ def gated_delta_chunk(
     if T == 0:
         return torch.zeros(B, 0, H, Dv, dtype=v.dtype, device=dev), state
 
+    q, k = expand_heads(q, H), expand_heads(k, H)
     C = chunk_size
     pad = (-T) % C
     N = (T + pad) // C

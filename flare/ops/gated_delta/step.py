@@ -1,0 +1,40 @@
+"""One decode step of the gated delta rule, for the T == 1 case that dominates decoding.
+
+Same recurrence as :func:`flare.ops.gated_delta.naive.gated_delta_naive` (its ground truth), written with as few
+tensor ops as possible: per-op overhead, not arithmetic, is what a decode step costs. Grouped heads are broadcast
+rather than repeated.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from flare.ops.precision import accum_dtype
+
+
+def gated_delta_step(
+    q_BHkK: torch.Tensor,
+    k_BHkK: torch.Tensor,
+    v_BHV: torch.Tensor,
+    g_BH: torch.Tensor,
+    beta_BH: torch.Tensor,
+    state_BHKV: torch.Tensor | None,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (o [B, H, Dv] in v's dtype, new state [B, H, Dk, Dv] in the accumulation dtype).
+
+    q, k have Hk heads, H % Hk == 0; value head h reads q/k head h // (H / Hk).
+    """
+    B, Hk, Dk = q_BHkK.shape
+    H, Dv = v_BHV.shape[1:]
+    r = H // Hk
+    acc = accum_dtype(v_BHV.dtype)
+    if state_BHKV is None:
+        state_BHKV = torch.zeros(B, H, Dk, Dv, dtype=acc, device=v_BHV.device)
+    # [B, Hk, r, Dk, Dv]: value heads grouped under the q/k head they share.
+    S = state_BHKV.to(acc).view(B, Hk, r, Dk, Dv) * g_BH.to(acc).exp().view(B, Hk, r, 1, 1)
+    k = k_BHkK.to(acc).view(B, Hk, 1, 1, Dk)
+    delta = beta_BH.to(acc).view(B, Hk, r, 1, 1) * (v_BHV.to(acc).view(B, Hk, r, 1, Dv) - k @ S)
+    S = S + k.transpose(-1, -2) * delta
+    o = (q_BHkK.to(acc).view(B, Hk, 1, 1, Dk) * scale) @ S  # [B, Hk, r, 1, Dv]
+    return o.view(B, H, Dv).to(v_BHV.dtype), S.view(B, H, Dk, Dv)
