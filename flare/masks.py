@@ -1,7 +1,13 @@
-"""Every visibility rule as a predicate ``(q, kv) -> bool``; the only place masks are built.
+"""Every attention visibility rule, as a predicate; the only place masks are built.
 
-A predicate takes broadcastable index tensors of the query and key sides and says whether the query may see the
-key. ``materialize`` turns one into the dense boolean mask [B, 1, Tq, Tk] that SDPA takes on CPU.
+A rule is a ``mask_mod(b, h, q_idx, kv_idx) -> bool`` (flex attention's signature): it takes broadcastable index
+tensors for the batch row, head, query row and key column and says whether the query may see the key.
+``materialize`` evaluates one into the dense boolean mask [B, 1, Tq, Tk] that SDPA takes on CPU;
+``block_mask`` compiles the same function to a flex-attention BlockMask where flex attention runs (GPU).
+
+The training rules (method §2.1) and the inference rules (§3) are written side by side so that their
+correspondence can be read off here and is tested: a run of noisy rows after clean context sees exactly what a
+training noisy block sees.
 """
 
 from __future__ import annotations
@@ -10,20 +16,92 @@ from typing import Callable
 
 import torch
 
-Predicate = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+CLEAN_READOUTS = ("token", "block")
 
 
-def causal(q_pos: torch.Tensor, kv_pos: torch.Tensor) -> torch.Tensor:
-    """A token sees itself and every earlier position of its sequence."""
-    return kv_pos <= q_pos
+def materialize(mask_mod: MaskMod, batch: int, q_len: int, kv_len: int, device: torch.device | str) -> torch.Tensor:
+    """Dense boolean mask [B, 1, Tq, Tk] (True = visible)."""
+    b = torch.arange(batch, device=device)[:, None, None, None]
+    h = torch.zeros(1, dtype=torch.long, device=device)[:, None, None, None]
+    q = torch.arange(q_len, device=device)[None, None, :, None]
+    kv = torch.arange(kv_len, device=device)[None, None, None, :]
+    return mask_mod(b, h, q, kv).expand(batch, 1, q_len, kv_len)
 
 
-def materialize(predicate: Predicate, q_BT: torch.Tensor, kv_BS: torch.Tensor) -> torch.Tensor:
-    """Dense boolean mask [B, 1, Tq, Tk] of ``predicate`` over per-row query and key indices."""
-    return predicate(q_BT[:, None, :, None], kv_BS[:, None, None, :])
+def block_mask(mask_mod: MaskMod, batch: int, q_len: int, kv_len: int, device: torch.device | str):
+    """The same rule as a flex-attention BlockMask (GPU path)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return create_block_mask(mask_mod, batch, None, q_len, kv_len, device=device)
 
 
-def causal_over_cache(q_pos_BT: torch.Tensor, span: int) -> torch.Tensor:
-    """New tokens at positions ``q_pos`` attending to cache slots 0..span-1 (slot index == position)."""
-    kv = torch.arange(span, device=q_pos_BT.device).expand(q_pos_BT.shape[0], span)
-    return materialize(causal, q_pos_BT, kv)
+# ----------------------------------------------------------------------------------------------------- decoding
+def causal_from(offsets_B: torch.Tensor) -> MaskMod:
+    """Query row q of sequence b sits at position offsets[b] + q; key column kv is cache slot kv (== position).
+
+    Plain causal decoding over a KV cache whose new rows were just written (offsets = committed lengths).
+    """
+
+    def mask_mod(b, h, q, kv):
+        return kv <= offsets_B[b] + q
+
+    return mask_mod
+
+
+def inference_rows(lengths_B: torch.Tensor, span: int, num_clean: int) -> MaskMod:
+    """Rows [clean x num_clean ; noisy ...] read a cache they do not write (method §3).
+
+    Key columns 0..span-1 are cache slots (visible when committed, slot < lengths[b]); columns span + r are the
+    forward's own rows. Clean rows are causal among themselves; noisy rows see every clean row and the whole
+    noisy block: exactly what a training noisy block sees of its clean prefix and of itself.
+    """
+
+    def mask_mod(b, h, q, kv):
+        r = kv - span
+        in_cache = (kv < span) & (kv < lengths_B[b])
+        own = (r >= 0) & ((r <= q) | (q >= num_clean))
+        return in_cache | own
+
+    return mask_mod
+
+
+# ----------------------------------------------------------------------------------------------------- training
+def packed_causal(doc_ids_BL: torch.Tensor) -> MaskMod:
+    """Causal within each document of a packed row (documents are contiguous runs of one id)."""
+
+    def mask_mod(b, h, q, kv):
+        return (kv <= q) & (doc_ids_BL[b, q] == doc_ids_BL[b, kv])
+
+    return mask_mod
+
+
+def two_stream(doc_ids_BL: torch.Tensor, block_size: int, clean_readout: str = "token") -> MaskMod:
+    """The training mask over ``[x0 ; xt_1 ; ... ; xt_V]`` (length (1+V)L): stream = idx // L, pos = idx % L.
+
+    clean q, clean k: pos_k <= pos_q (``clean_readout="block"``: blk_k <= blk_q, the block-causal clean stream of
+    plain block diffusion); clean q, noisy k: never; noisy q, clean k: blk_k < blk_q; noisy q, noisy k: same
+    view and blk_k == blk_q. Everything ANDed with "same document". Document starts must be block-aligned so
+    that pos // block_size numbers each document's own blocks.
+    """
+    if clean_readout not in CLEAN_READOUTS:
+        raise ValueError(f"clean_readout must be one of {CLEAN_READOUTS}, got {clean_readout!r}")
+    L = doc_ids_BL.shape[1]
+
+    def mask_mod(b, h, q, kv):
+        sq, sk = q // L, kv // L
+        pq, pk = q % L, kv % L
+        bq, bk = pq // block_size, pk // block_size
+        if clean_readout == "token":
+            clean_clean = pk <= pq
+        else:
+            clean_clean = bk <= bq
+        visible = torch.where(
+            sq == 0,
+            (sk == 0) & clean_clean,
+            torch.where(sk == 0, bk < bq, (sk == sq) & (bk == bq)),
+        )
+        return visible & (doc_ids_BL[b, pq] == doc_ids_BL[b, pk])
+
+    return mask_mod

@@ -17,6 +17,8 @@ ALLOWED = {
     "model": {"ops", "config", "masks"},
     "checkpoint": {"model", "ops", "config"},
     "decoding": {"model", "ops", "config", "masks"},
+    "data": {"config", "tokenizer"},
+    "objective": {"model", "ops", "config", "masks", "data"},
     "testing": {"config"},
 }
 

@@ -100,6 +100,12 @@ class ModelCache:
         span = self.bound + k_BTHD.shape[1]
         return layer.k[:, :span], layer.v[:, :span]
 
+    def read_kv(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Committed keys/values up to the bound [B, S, Hkv, D], for rows that read the cache without writing."""
+        layer = self.layers[layer_idx]
+        assert isinstance(layer, AttentionState)
+        return layer.k[:, : self.bound], layer.v[:, : self.bound]
+
     def advance(self, n_new_B: torch.Tensor, max_new: int) -> None:
         self.lengths = self.lengths + n_new_B
         self.bound += max_new

@@ -1,12 +1,15 @@
-"""Gated DeltaNet layer: fused q/k/v projection, short causal conv + SiLU, gated delta recurrence, gated norm.
+"""Gated DeltaNet layer: fused input projection, short causal conv + SiLU, gated delta recurrence, gated norm.
 
 The four input projections of the Qwen3.5 layout (``in_proj_qkv | in_proj_z | in_proj_b | in_proj_a``) are one
 fused GEMM here (``in_proj``); the checkpoint key map splits and joins them.
+
+A recurrence cannot be masked, so the layouts of ``ForwardContext`` are served by scheduling states (method
+§2.2): packed documents run as separate segments from zero state; in the two-stream layout each noisy block
+starts from the clean state before it and every row reads the block-end state; inference rows do the same
+against the cache's state without writing it.
 """
 
 from __future__ import annotations
-
-import logging
 
 import torch
 import torch.nn.functional as F
@@ -17,10 +20,8 @@ from flare.model.cache import RecurrentState
 from flare.model.context import ForwardContext
 from flare.model.layers import GatedRMSNorm
 from flare.ops.conv import causal_conv1d
-from flare.ops.gated_delta import gated_delta
+from flare.ops.gated_delta import gated_delta, gated_delta_two_stream, read_state
 from flare.ops.precision import accum_dtype
-
-log = logging.getLogger(__name__)
 
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -47,33 +48,109 @@ class GatedDeltaNet(nn.Module):
         self.dt_bias = nn.Parameter(torch.ones(self.num_v_heads))
         self.norm = GatedRMSNorm(self.dv, config.rms_norm_eps)
         self.out_proj = nn.Linear(self.value_dim, hidden, bias=False)
-        # Which recurrence form ran last ("naive" or "chunk"): reported, never silent.
+        # Which recurrence form ran last ("step", "naive", "chunk", "two_stream"): reported, never silent.
         self.last_path = ""
 
-    def forward(self, x_BTE: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        B, T, _ = x_BTE.shape
-        state = ctx.cache.layers[self.layer_idx] if ctx.cache is not None else None
-        assert state is None or isinstance(state, RecurrentState)
+    # ------------------------------------------------------------------------------------------------ pieces
+    def _conv(self, qkv: torch.Tensor, state: torch.Tensor | None, lengths: torch.Tensor | None = None):
+        y, new_state = causal_conv1d(qkv, self.conv1d.weight[:, 0, :], state, lengths)
+        return F.silu(y), new_state
 
-        qkv, z, b, a = self.in_proj(x_BTE).split(self.split, dim=-1)
-        mixed, conv_state = causal_conv1d(qkv, self.conv1d.weight[:, 0, :], state.conv if state else None, ctx.n_new)
-        mixed = F.silu(mixed)
+    def _qkv(self, mixed: torch.Tensor):
+        """Post-conv channels [..., T, C] -> q, k [..., T, Hk, Dk] (L2-normalised) and v [..., T, H, Dv]."""
+        lead = mixed.shape[:-1]
         qk, v = mixed.split([2 * self.key_dim, self.value_dim], dim=-1)
-        q, k = l2_normalize(qk.reshape(B, T, 2 * self.num_k_heads, self.dk)).chunk(2, dim=2)
-        v = v.reshape(B, T, self.num_v_heads, self.dv)
-        acc = accum_dtype(x_BTE.dtype)
+        q, k = l2_normalize(qk.reshape(*lead, 2 * self.num_k_heads, self.dk)).chunk(2, dim=-2)
+        return q, k, v.reshape(*lead, self.num_v_heads, self.dv)
+
+    def _gates(self, b: torch.Tensor, a: torch.Tensor, valid: torch.Tensor | None):
+        acc = accum_dtype(b.dtype)
         beta = torch.sigmoid(b).to(acc)
         g = -self.A_log.to(acc).exp() * F.softplus(a.to(acc) + self.dt_bias)
-        if ctx.valid is not None:
+        if valid is not None:
             # Padding rows leave the state untouched: decay exp(0) = 1 and write strength 0.
-            g = g * ctx.valid[..., None]
-            beta = beta * ctx.valid[..., None]
+            g, beta = g * valid[..., None], beta * valid[..., None]
+        return g, beta
 
-        o, final, path = gated_delta(q, k, v, g, beta, initial_state=state.ssm if state else None)
-        self.last_path = path
+    def _out(self, o: torch.Tensor, z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        lead = z.shape[:-1]
+        z = z.reshape(*lead, self.num_v_heads, self.dv)
+        return self.out_proj(self.norm(o.to(dtype), z).reshape(*lead, self.value_dim))
+
+    # ----------------------------------------------------------------------------------------------- forward
+    def forward(self, x_BTE: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        if ctx.mode == "two_stream":
+            return self._two_stream(x_BTE, ctx)
+        if ctx.mode == "rows":
+            return self._rows(x_BTE, ctx)
+        if ctx.mode == "packed":
+            seg = ctx.segments
+            return seg.pack(self._causal(seg.unpack(x_BTE), None, seg.valid, None))
+        return self._causal(x_BTE, ctx.cache.layers[self.layer_idx] if ctx.cache else None, ctx.valid, ctx.n_new)
+
+    def _causal(self, x, state: RecurrentState | None, valid, n_new) -> torch.Tensor:
+        qkv, z, b, a = self.in_proj(x).split(self.split, dim=-1)
+        mixed, conv_state = self._conv(qkv, state.conv if state else None, n_new)
+        q, k, v = self._qkv(mixed)
+        g, beta = self._gates(b, a, valid)
+        o, final, self.last_path = gated_delta(q, k, v, g, beta, initial_state=state.ssm if state else None)
         if state is not None:
             state.conv, state.ssm = conv_state, final
+        return self._out(o, z, x.dtype)
 
-        z = z.reshape(B, T, self.num_v_heads, self.dv)
-        o = self.norm(o.to(x_BTE.dtype), z).reshape(B, T, self.value_dim)
-        return self.out_proj(o)
+    def _rows(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """[clean x c ; noisy x m] after the cache: clean rows continue the cached recurrence token by token;
+        the noisy block starts from the state after the clean rows and all its rows read its end state."""
+        state = ctx.cache.layers[self.layer_idx]
+        c = ctx.layout.num_clean
+        qkv, z, b, a = self.in_proj(x).split(self.split, dim=-1)
+        g, beta = self._gates(b, a, None)
+        outs = []
+        conv, ssm = state.conv, state.ssm
+        if c > 0:
+            mixed, conv = self._conv(qkv[:, :c], conv)
+            q, k, v = self._qkv(mixed)
+            o, ssm, self.last_path = gated_delta(q, k, v, g[:, :c], beta[:, :c], initial_state=ssm)
+            outs.append(o)
+        if c < x.shape[1]:
+            mixed, _ = self._conv(qkv[:, c:], conv)
+            q, k, v = self._qkv(mixed)
+            _, end, self.last_path = gated_delta(q, k, v, g[:, c:], beta[:, c:], initial_state=ssm)
+            outs.append(read_state(q, end, self.dk**-0.5))
+        return self._out(torch.cat(outs, 1), z, x.dtype)
+
+    def _two_stream(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """[x0 ; xt_1 .. xt_V] rows: clean recurrence per document; each noisy block seeded by the clean state
+        before it (method §2.2). The short conv of a noisy block starts from the K-1 clean inputs before it."""
+        layout, seg = ctx.layout, ctx.segments
+        B, L, V, bs = x.shape[0], seg.length, layout.views, layout.block_size
+        proj = self.in_proj(x)  # [B, (1+V)L, P]
+        clean = seg.unpack(proj[:, :L])  # [S, Ls, P]
+        noisy = seg.unpack(proj[:, L:].reshape(B, V, L, -1).transpose(1, 2))  # [S, Ls, V, P]
+        noisy = noisy.transpose(1, 2)  # [S, V, Ls, P]
+        S, Ls = clean.shape[:2]
+        nb = Ls // bs
+        qkv_c, z_c, b_c, a_c = clean.split(self.split, dim=-1)
+        qkv_n, z_n, b_n, a_n = noisy.split(self.split, dim=-1)
+
+        mixed_c, _ = self._conv(qkv_c, None)
+        K1 = self.conv1d.weight.shape[-1] - 1
+        # Conv state of block b: the K-1 clean inputs before it (zeros before the document start).
+        padded = F.pad(qkv_c, (0, 0, K1, 0))  # [S, K-1+Ls, C]
+        starts = padded.unfold(1, K1, bs)[:, :nb].transpose(-1, -2)  # [S, nb, K-1, C]
+        init = starts[:, None].expand(S, V, nb, K1, -1).reshape(S * V * nb, K1, -1)
+        mixed_n, _ = self._conv(qkv_n.reshape(S * V * nb, bs, -1), init)
+        mixed_n = mixed_n.reshape(S, V, Ls, -1)
+
+        q_c, k_c, v_c = self._qkv(mixed_c)
+        q_n, k_n, v_n = self._qkv(mixed_n)
+        valid_n = seg.valid[:, None].expand(S, V, Ls)
+        g_c, beta_c = self._gates(b_c, a_c, seg.valid)
+        g_n, beta_n = self._gates(b_n, a_n, valid_n)
+        o_c, o_n = gated_delta_two_stream(
+            q_c, k_c, v_c, g_c, beta_c, q_n, k_n, v_n, g_n, beta_n, bs, clean_readout=layout.clean_readout
+        )
+        self.last_path = "two_stream"
+        out_c = seg.pack(self._out(o_c, z_c, x.dtype))  # [B, L, E]
+        out_n = seg.pack(self._out(o_n, z_n, x.dtype).transpose(1, 2))  # [B, L, V, E]
+        return torch.cat([out_c, out_n.transpose(1, 2).reshape(B, V * L, -1)], dim=1)

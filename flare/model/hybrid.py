@@ -12,7 +12,7 @@ from torch import nn
 from flare.config import FULL_ATTENTION, ModelConfig
 from flare.model.attention import Attention
 from flare.model.cache import ModelCache
-from flare.model.context import ForwardContext
+from flare.model.context import ForwardContext, Layout, TwoStream
 from flare.model.gated_deltanet import GatedDeltaNet
 from flare.model.layers import RMSNorm, SwiGLU
 
@@ -77,32 +77,60 @@ class FlareModel(nn.Module):
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
 
     def hidden_states(
-        self, input_ids: torch.Tensor, *, cache: ModelCache | None = None, valid: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        *,
+        cache: ModelCache | None = None,
+        valid: torch.Tensor | None = None,
+        layout: Layout = None,
     ) -> torch.Tensor:
-        """Final-norm hidden states [B, T, E]. With a cache, the rows continue each sequence and are committed.
+        """Final-norm hidden states [B, T, E].
 
-        ``valid`` [B, T] marks right padding (False) in a ragged batch; padded rows are computed but ignored.
+        Plain rows: with a cache they continue each sequence and are committed; ``valid`` [B, T] marks right
+        padding (False) in a ragged batch, computed but ignored. ``layout`` selects the packed-training,
+        two-stream or read-only inference-rows forward (see ``flare.model.context``).
         """
         ctx = ForwardContext.build(
             input_ids, rotary_dim=self.config.rotary_dim, rope_theta=self.config.rope_theta,
-            dtype=self.dtype, cache=cache, valid_BT=valid,
+            dtype=self.dtype, cache=cache, valid_BT=valid, layout=layout,
         )
         x = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:
             x = layer(x, ctx)
-        if cache is not None:
+        if ctx.mode == "causal" and cache is not None:
             n_new = ctx.n_new if ctx.n_new is not None else torch.full_like(cache.lengths, input_ids.shape[1])
             cache.advance(n_new, input_ids.shape[1])
         return self.model.norm(x)
+
+    def two_stream_hidden(
+        self, x0: torch.Tensor, xt: torch.Tensor, doc_ids: torch.Tensor, block_size: int,
+        clean_readout: str = "token",
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The FLARE training forward: clean rows x0 [B, L] and V noisy views xt [B, V, L] in one pass.
+
+        Returns (clean hidden [B, L, E], noisy hidden [B, V, L, E]).
+        """
+        if xt.ndim != 3 or xt.shape[0] != x0.shape[0] or xt.shape[2] != x0.shape[1]:
+            raise ValueError(f"xt must be [batch, views, L] matching x0 {tuple(x0.shape)}, got {tuple(xt.shape)}")
+        B, V, L = xt.shape
+        layout = TwoStream(doc_ids, block_size, V, clean_readout)
+        h = self.hidden_states(torch.cat([x0, xt.reshape(B, V * L)], dim=1), layout=layout)
+        return h[:, :L], h[:, L:].reshape(B, V, L, -1)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
 
     def forward(
-        self, input_ids: torch.Tensor, *, cache: ModelCache | None = None, valid: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        *,
+        cache: ModelCache | None = None,
+        valid: torch.Tensor | None = None,
+        layout: Layout = None,
     ) -> torch.Tensor:
-        """Logits [B, T, V] for every row."""
-        return self.logits(self.hidden_states(input_ids, cache=cache, valid=valid))
+        """Logits [B, T, V] for every row. Checks the ids (a host sync): decoders call ``hidden_states``."""
+        self.check_ids(input_ids)
+        return self.logits(self.hidden_states(input_ids, cache=cache, valid=valid, layout=layout))
 
     def kernel_paths(self) -> dict[str, str]:
         """Which op form each Gated DeltaNet layer ran last, and the attention backend."""

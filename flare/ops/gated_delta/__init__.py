@@ -12,9 +12,11 @@ import torch
 
 from flare.ops.gated_delta.chunk import gated_delta_chunk
 from flare.ops.gated_delta.naive import gated_delta_naive, validate_inputs
-from flare.ops.gated_delta.step import gated_delta_step
+from flare.ops.gated_delta.step import gated_delta_step, read_state
+from flare.ops.gated_delta.two_stream import gated_delta_two_stream, gated_delta_two_stream_reference
 
-__all__ = ["gated_delta", "gated_delta_chunk", "gated_delta_naive", "gated_delta_step", "NAIVE_MAX_T", "FORMS"]
+__all__ = ["gated_delta", "gated_delta_chunk", "gated_delta_naive", "gated_delta_step", "read_state",
+           "gated_delta_two_stream", "gated_delta_two_stream_reference", "NAIVE_MAX_T", "FORMS"]
 
 FORMS = ("step", "naive", "chunk")
 

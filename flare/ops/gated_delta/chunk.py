@@ -51,7 +51,9 @@ def gated_delta_chunk(
     initial_state: torch.Tensor | None = None,
     scale: float | None = None,
     chunk_size: int = 64,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    *,
+    block_states: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Chunked gated delta rule (all math in fp32, differentiable via autograd).
 
     Args:
@@ -61,14 +63,25 @@ def gated_delta_chunk(
         beta: ``[B, T, H]`` write strength in ``(0, 1)``.
         initial_state: ``[B, H, Dk, Dv]`` or ``None`` (zeros).
         scale: output scale, defaults to ``Dk ** -0.5``.
-        chunk_size: positions per chunk ``C`` (T is zero-padded to a multiple of C).
+        chunk_size: positions per chunk ``C`` (T is zero-padded to a multiple of C). With ``block_states`` it is
+            rounded down to a multiple of the block size (at least one block), so block ends fall at fixed local
+            positions of every chunk.
+        block_states: block size ``bs``; when given, also return the state after the end of every block of
+            ``bs`` positions (the last block may be partial: its entry is the final state). Costs
+            ``O(T / bs * Dk * Dv)`` memory, never a per-position state.
 
     Returns:
-        ``o`` ``[B, T, H, Dv]`` in ``v.dtype`` and ``final_state`` ``[B, H, Dk, Dv]`` fp32.
+        ``o`` ``[B, T, H, Dv]`` in ``v.dtype`` and ``final_state`` ``[B, H, Dk, Dv]`` fp32; with
+        ``block_states`` also ``block_states`` ``[B, ceil(T / bs), H, Dk, Dv]`` fp32 (``block_states[:, b]`` is
+        the state after position ``min((b + 1) * bs, T) - 1``).
     """
     B, T, H, Dk, Dv = validate_inputs(q, k, v, g, beta, initial_state)
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if block_states is not None:
+        if isinstance(block_states, bool) or not isinstance(block_states, int) or block_states < 1:
+            raise ValueError(f"block_states must be None or a positive int, got {block_states!r}")
+        chunk_size = block_states * max(1, chunk_size // block_states)
     if scale is None:
         scale = Dk**-0.5
     f32, dev = accum_dtype(v.dtype), v.device
@@ -77,7 +90,10 @@ def gated_delta_chunk(
     else:
         state = initial_state.to(dtype=f32, device=dev, copy=True)
     if T == 0:
-        return torch.zeros(B, 0, H, Dv, dtype=v.dtype, device=dev), state
+        o = torch.zeros(B, 0, H, Dv, dtype=v.dtype, device=dev)
+        if block_states is not None:
+            return o, state, torch.zeros(B, 0, H, Dk, Dv, dtype=f32, device=dev)
+        return o, state
 
     q, k = expand_heads(q, H), expand_heads(k, H)
     C = chunk_size
@@ -106,12 +122,39 @@ def gated_delta_chunk(
     k_out = kc * (cum[..., -1:] - cum).exp()[..., None]  # writes to chunk end
     chunk_decay = cum[..., -1].exp()[..., None, None]  # [B, H, N, 1, 1]
 
+    if block_states is not None:
+        # Block ends at local positions e_m = (m + 1) * bs - 1, m < M = C / bs. With D_m = sum over block m of
+        # e^{G_{e_m} - G_j} k_j u_j^T (the block's own writes, decayed to its end),
+        #     S_{e_m} = e^{G_{e_m}} S0 + sum_{m' <= m} e^{G_{e_m} - G_{e_m'}} D_m'.
+        # The per-block weights and the [M, M] block decay matrix are independent of S0 (computed for all chunks
+        # at once); inside the scan only D (one [Dk, bs] @ [bs, Dv] per block) and one [M, M] matmul remain.
+        bs = block_states
+        M = C // bs
+        cum_b = cum.reshape(B, H, N, M, bs)
+        g_end = cum_b[..., -1]  # G_{e_m}, [B, H, N, M]
+        k_blk = kc.reshape(B, H, N, M, bs, Dk) * (g_end[..., None] - cum_b).exp()[..., None]
+        blk_incl = torch.ones(M, M, dtype=torch.bool, device=dev).tril()
+        blk_decay = (g_end[..., :, None] - g_end[..., None, :]).masked_fill(~blk_incl, 0.0)
+        blk_decay = blk_decay.exp().masked_fill(~blk_incl, 0.0)  # [B, H, N, M, M]
+        s0_decay = g_end.exp()[..., None, None]  # [B, H, N, M, 1, 1]
+        blocks: list[torch.Tensor] = []
+
     outs: list[torch.Tensor] = []
     for n in range(N):
         u = u_base[:, :, n] - w[:, :, n] @ state  # deltas u_i, [B, H, C, Dv]
         outs.append(q_in[:, :, n] @ state + attn[:, :, n] @ u)
+        if block_states is not None:
+            d = k_blk[:, :, n].transpose(-1, -2) @ u.reshape(B, H, M, bs, Dv)  # D_m, [B, H, M, Dk, Dv]
+            s_blk = s0_decay[:, :, n] * state[:, :, None] + (blk_decay[:, :, n] @ d.flatten(-2)).view(d.shape)
+            blocks.append(s_blk.transpose(1, 2))  # [B, M, H, Dk, Dv]
         state = chunk_decay[:, :, n] * state + k_out[:, :, n].transpose(-1, -2) @ u
 
     o = torch.stack(outs, dim=2)  # [B, H, N, C, Dv]
     o = o.permute(0, 2, 3, 1, 4).reshape(B, N * C, H, Dv)[:, :T]
-    return o.to(v.dtype), state
+    if block_states is None:
+        return o.to(v.dtype), state
+    # Padded positions (g = 0, beta = 0) leave the state unchanged, so the last (possibly partial) block ends in
+    # the final state: use it verbatim.
+    n_blocks = -(-T // bs)
+    blk = torch.cat(blocks, dim=1)[:, : n_blocks - 1]
+    return o.to(v.dtype), state, torch.cat([blk, state[:, None]], dim=1)

@@ -38,3 +38,14 @@ def gated_delta_step(
     S = S + k.transpose(-1, -2) * delta
     o = (q_BHkK.to(acc).view(B, Hk, 1, 1, Dk) * scale) @ S  # [B, Hk, r, 1, Dv]
     return o.view(B, H, Dv).to(v_BHV.dtype), S.view(B, H, Dk, Dv)
+
+
+def read_state(q_BTHkK: torch.Tensor, state_BHKV: torch.Tensor, scale: float) -> torch.Tensor:
+    """o_t = scale * S^T q_t for every row t against ONE state per sequence: how a noisy block reads its
+    block-end state. Returns [B, T, H, Dv] in the state's dtype; q has Hk heads, H % Hk == 0."""
+    B, T, Hk, Dk = q_BTHkK.shape
+    H, Dv = state_BHKV.shape[1], state_BHKV.shape[-1]
+    S = state_BHKV.view(B, Hk, H // Hk, Dk, Dv)
+    q = q_BTHkK.to(state_BHKV.dtype).permute(0, 2, 1, 3)[:, :, None]  # [B, Hk, 1, T, Dk]
+    o = (q * scale) @ S  # [B, Hk, r, T, Dv]
+    return o.reshape(B, H, T, Dv).transpose(1, 2)

@@ -1,0 +1,254 @@
+"""Two-stream gated delta rule: a clean causal stream and block-diffusion noisy views seeded from it.
+
+Recurrent-state scheduling (docs/method.md §2.2). Inputs are "segments": each row is ONE document starting at
+position 0, split into blocks ``b`` covering ``[b * bs, min((b + 1) * bs, T))`` (the last block may be partial).
+
+* Clean stream: the ordinary gated delta recurrence from a zero state. ``clean_readout="token"`` reads
+  ``o_c[t] = scale * S_t^T q_c[t]``; ``clean_readout="block"`` reads the end state of t's block,
+  ``o_c[t] = scale * S_{e(t)}^T q_c[t]`` (pure block-diffusion ablation: a block-causal clean stream).
+* Noisy view ``v``, block ``b``: starts from the CLEAN state after position ``b * bs - 1`` (zero for ``b = 0``),
+  runs the recurrence over the block's own noisy inputs only, and every position reads the block-end state,
+  ``o_n[v, t] = scale * S_end(v, b)^T q_n[v, t]``. No noisy state leaks between blocks or views; gradients reach
+  the clean stream through the seeded states.
+
+Tensor contract (``H % Hk == 0``, value head h reads q/k head ``h // (H / Hk)``)::
+
+    clean:  q_c, k_c [S, T, Hk, Dk]; v_c [S, T, H, Dv]; g_c, beta_c [S, T, H]
+    noisy:  q_n, k_n [S, V, T, Hk, Dk]; v_n [S, V, T, H, Dv]; g_n, beta_n [S, V, T, H]   (V >= 1 views)
+    ->      o_c [S, T, H, Dv] (v_c's dtype), o_n [S, V, T, H, Dv] (v_n's dtype)
+
+Padding positions (g = 0, beta = 0) leave every state unchanged. All math in ``accum_dtype``.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+
+from flare.ops.gated_delta.chunk import gated_delta_chunk
+from flare.ops.gated_delta.naive import expand_heads, gated_delta_naive, validate_inputs
+from flare.ops.precision import accum_dtype
+
+__all__ = ["gated_delta_two_stream", "gated_delta_two_stream_reference", "validate_two_stream_inputs"]
+
+CLEAN_READOUTS = ("token", "block")
+
+# Efficient noisy form. For one noisy block (local positions i < L, initial state S0 = the clean state before
+# the block) the chunk derivation in chunk.py gives, with G_i = sum_{j<=i} g_j, G_e = G_{L-1},
+#     U = Ut - W S0,   Ut = (I + A)^{-1} diag(beta) V,   W = (I + A)^{-1} diag(beta e^G) K,
+#     A_ij = beta_i e^{G_i - G_j} (k_i . k_j) for j < i,
+#     S_end = e^{G_e} S0 + Kw^T U,   Kw_j = e^{G_e - G_j} k_j.
+# Every position reads S_end, so with M = Q Kw^T ([L, L], all pairs: in-block bidirectional)
+#     o = scale * Q S_end = scale * (P S0 + M Ut),   P = e^{G_e} Q - M W   ([L, Dk]).
+# S_end is never formed: per block the only state-sized work is P @ S0 (as cheap as one readout), and autograd
+# keeps no per-position or per-view state, only the clean block states (O(T / bs * Dk * Dv) per segment).
+# The V views of a block share S0, so they are stacked as rows of P rather than copying S0 V times.
+
+
+def validate_two_stream_inputs(
+    q_c: torch.Tensor,
+    k_c: torch.Tensor,
+    v_c: torch.Tensor,
+    g_c: torch.Tensor,
+    beta_c: torch.Tensor,
+    q_n: torch.Tensor,
+    k_n: torch.Tensor,
+    v_n: torch.Tensor,
+    g_n: torch.Tensor,
+    beta_n: torch.Tensor,
+    block_size: int,
+    clean_readout: str,
+) -> tuple[int, int, int, int, int, int]:
+    """Check the two-stream contract and return ``(S, V, T, H, Dk, Dv)``.
+
+    Raises ``ValueError`` naming the offending tensor (``q_c`` ... ``beta_n``) or argument.
+    """
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    if clean_readout not in CLEAN_READOUTS:
+        raise ValueError(f"clean_readout must be one of {CLEAN_READOUTS}, got {clean_readout!r}")
+    try:
+        S, T, H, Dk, Dv = validate_inputs(q_c, k_c, v_c, g_c, beta_c, None)
+    except ValueError as err:  # name the clean tensors q_c ... beta_c
+        raise ValueError(re.sub(r"\b(q|k|v|g|beta)\b", r"\1_c", str(err))) from None
+    Hk = q_c.shape[2]
+    for name, x, ndim in (("q_n", q_n, 5), ("k_n", k_n, 5), ("v_n", v_n, 5), ("g_n", g_n, 4), ("beta_n", beta_n, 4)):
+        if x.ndim != ndim:
+            raise ValueError(f"{name} must have {ndim} dims [S, V, T, ...], got shape {tuple(x.shape)}")
+    V = q_n.shape[1]
+    if V < 1:
+        raise ValueError(f"q_n must hold at least one noisy view (dim 1), got shape {tuple(q_n.shape)}")
+    expected = {
+        "q_n": (S, V, T, Hk, Dk),
+        "k_n": (S, V, T, Hk, Dk),
+        "v_n": (S, V, T, H, Dv),
+        "g_n": (S, V, T, H),
+        "beta_n": (S, V, T, H),
+    }
+    for name, x in (("q_n", q_n), ("k_n", k_n), ("v_n", v_n), ("g_n", g_n), ("beta_n", beta_n)):
+        if tuple(x.shape) != expected[name]:
+            raise ValueError(
+                f"{name} must have shape {expected[name]} (S, V, T from the clean inputs and q_n), "
+                f"got {tuple(x.shape)}"
+            )
+    return S, V, T, H, Dk, Dv
+
+
+def gated_delta_two_stream_reference(
+    q_c: torch.Tensor,
+    k_c: torch.Tensor,
+    v_c: torch.Tensor,
+    g_c: torch.Tensor,
+    beta_c: torch.Tensor,
+    q_n: torch.Tensor,
+    k_n: torch.Tensor,
+    v_n: torch.Tensor,
+    g_n: torch.Tensor,
+    beta_n: torch.Tensor,
+    block_size: int,
+    *,
+    scale: float | None = None,
+    clean_readout: str = "token",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ground truth: literal loops over segments, blocks and views, built on ``gated_delta_naive``. Slow.
+
+    Same contract and semantics as :func:`gated_delta_two_stream` (see the module docstring).
+    """
+    S, V, T, H, Dk, Dv = validate_two_stream_inputs(
+        q_c, k_c, v_c, g_c, beta_c, q_n, k_n, v_n, g_n, beta_n, block_size, clean_readout
+    )
+    if scale is None:
+        scale = Dk**-0.5
+    acc = accum_dtype(v_c.dtype)
+    bs = block_size
+    n_blocks = -(-T // bs)
+    o_c_rows: list[torch.Tensor] = []
+    o_n_rows: list[torch.Tensor] = []
+    for s in range(S):
+        clean = (x[s : s + 1] for x in (q_c, k_c, v_c, g_c, beta_c))
+        o_tok, _, states = gated_delta_naive(*clean, scale=scale, return_all_states=True)  # states [1, T, H, Dk, Dv]
+        q_cs = expand_heads(q_c[s : s + 1], H)[0].to(acc)  # [T, H, Dk]
+        o_blk: list[torch.Tensor] = []
+        views: list[list[torch.Tensor]] = [[] for _ in range(V)]
+        for b in range(n_blocks):
+            lo, hi = b * bs, min((b + 1) * bs, T)
+            end_state = states[0, hi - 1]  # [H, Dk, Dv]
+            for t in range(lo, hi):
+                o_blk.append(scale * torch.einsum("hk,hkv->hv", q_cs[t], end_state))
+            init = states[:, lo - 1] if b > 0 else None
+            for vi in range(V):
+                noisy = (x[s : s + 1, vi, lo:hi] for x in (q_n, k_n, v_n, g_n, beta_n))
+                _, s_end = gated_delta_naive(*noisy, initial_state=init, scale=scale)  # [1, H, Dk, Dv]
+                q_blk = expand_heads(q_n[s : s + 1, vi, lo:hi], H)[0].to(acc)  # [L, H, Dk]
+                views[vi].append(scale * torch.einsum("lhk,hkv->lhv", q_blk, s_end[0]))
+        if clean_readout == "token":
+            o_c_rows.append(o_tok[0].to(acc))
+        else:
+            o_c_rows.append(torch.stack(o_blk) if T else torch.zeros(0, H, Dv, dtype=acc, device=v_c.device))
+        if T:
+            o_n_rows.append(torch.stack([torch.cat(blocks) for blocks in views]))
+        else:
+            o_n_rows.append(torch.zeros(V, 0, H, Dv, dtype=acc, device=v_n.device))
+    if S == 0:
+        return (torch.zeros(0, T, H, Dv, dtype=v_c.dtype, device=v_c.device),
+                torch.zeros(0, V, T, H, Dv, dtype=v_n.dtype, device=v_n.device))
+    return torch.stack(o_c_rows).to(v_c.dtype), torch.stack(o_n_rows).to(v_n.dtype)
+
+
+def _blocks(x: torch.Tensor, n_blocks: int, bs: int) -> torch.Tensor:
+    """``[S, V, T, H, *D]`` -> ``[S, n_blocks, H, V, bs, *D]``, zero-padding T (g = beta = 0: no-op positions)."""
+    S, V, T, H = x.shape[:4]
+    extra = x.shape[4:]
+    pad = n_blocks * bs - T
+    if pad:
+        x = F.pad(x, (0, 0) * len(extra) + (0, 0, 0, pad))
+    x = x.reshape(S, V, n_blocks, bs, H, *extra)
+    return x.permute(0, 2, 4, 1, 3, *range(5, 5 + len(extra)))
+
+
+def _expand_heads_views(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """``[S, V, T, Hk, D]`` -> ``[S, V, T, heads, D]`` (grouped q/k heads, as ``expand_heads``)."""
+    return x if x.shape[3] == heads else x.repeat_interleave(heads // x.shape[3], dim=3)
+
+
+def gated_delta_two_stream(
+    q_c: torch.Tensor,
+    k_c: torch.Tensor,
+    v_c: torch.Tensor,
+    g_c: torch.Tensor,
+    beta_c: torch.Tensor,
+    q_n: torch.Tensor,
+    k_n: torch.Tensor,
+    v_n: torch.Tensor,
+    g_n: torch.Tensor,
+    beta_n: torch.Tensor,
+    block_size: int,
+    *,
+    scale: float | None = None,
+    clean_readout: str = "token",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two-stream gated delta rule, efficient form (differentiable via autograd).
+
+    Clean block-end states come from the chunked algorithm (``gated_delta_chunk(block_states=block_size)``);
+    then all noisy blocks of all segments and views run at once in closed (WY) form, seeded by the clean state
+    before their block. See the module docstring for shapes and semantics.
+
+    Args:
+        q_c, k_c, v_c, g_c, beta_c: clean stream, ``[S, T, Hk, Dk]`` / ``[S, T, H, Dv]`` / ``[S, T, H]``.
+        q_n, k_n, v_n, g_n, beta_n: noisy views, ``[S, V, T, Hk, Dk]`` / ``[S, V, T, H, Dv]`` / ``[S, V, T, H]``.
+        block_size: positions per diffusion block (``>= 1``; T need not be a multiple).
+        scale: output scale, defaults to ``Dk ** -0.5``.
+        clean_readout: ``"token"`` (causal) or ``"block"`` (every clean position reads its block-end state).
+
+    Returns:
+        ``(o_c [S, T, H, Dv] in v_c.dtype, o_n [S, V, T, H, Dv] in v_n.dtype)``.
+
+    Raises:
+        ValueError: bad ``block_size`` / ``clean_readout`` or any shape mismatch (naming the tensor).
+    """
+    S, V, T, H, Dk, Dv = validate_two_stream_inputs(
+        q_c, k_c, v_c, g_c, beta_c, q_n, k_n, v_n, g_n, beta_n, block_size, clean_readout
+    )
+    if scale is None:
+        scale = Dk**-0.5
+    acc, dev = accum_dtype(v_c.dtype), v_c.device
+    if S == 0 or T == 0:
+        return (torch.zeros(S, T, H, Dv, dtype=v_c.dtype, device=dev),
+                torch.zeros(S, V, T, H, Dv, dtype=v_n.dtype, device=dev))
+    bs = block_size
+    nb = -(-T // bs)
+
+    # Clean stream and its block-end states [S, nb, H, Dk, Dv].
+    o_c, _, blk_states = gated_delta_chunk(q_c, k_c, v_c, g_c, beta_c, None, scale, block_states=bs)
+    if clean_readout == "block":
+        qb = _blocks(expand_heads(q_c, H).to(acc)[:, None], nb, bs)[:, :, :, 0]  # [S, nb, H, bs, Dk]
+        o_c = (scale * qb) @ blk_states  # [S, nb, H, bs, Dv]
+        o_c = o_c.permute(0, 1, 3, 2, 4).reshape(S, nb * bs, H, Dv)[:, :T]
+    # Initial state of noisy block b: the clean state after block b - 1 (zeros for b = 0).
+    s0 = blk_states  # [S, nb, H, Dk, Dv]
+
+    # Noisy blocks in closed form, layout [S, nb, H, V, L, ...] (L = bs).
+    q, k = (_blocks(_expand_heads_views(x, H).to(acc), nb, bs) for x in (q_n, k_n))
+    v = _blocks(v_n.to(acc), nb, bs)
+    g = _blocks(g_n.to(acc)[..., None], nb, bs)[..., 0]
+    beta = _blocks(beta_n.to(acc)[..., None], nb, bs)[..., 0]
+    q = q * scale
+
+    cum = g.cumsum(dim=-1)  # G_i
+    g_end = cum[..., -1:]  # G_e, [.., 1]
+    incl = torch.ones(bs, bs, dtype=torch.bool, device=dev).tril()
+    strict = incl.tril(-1)
+    diff = (cum[..., :, None] - cum[..., None, :]).masked_fill(~incl, 0.0)  # masked before exp: no overflow
+    decay = diff.exp().masked_fill(~incl, 0.0)
+    A = (beta[..., :, None] * decay * (k @ k.transpose(-1, -2))).masked_fill(~strict, 0.0)
+    rhs = torch.cat([beta[..., None] * v, (beta * cum.exp())[..., None] * k], dim=-1)
+    u_base, w = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True).split([Dv, Dk], dim=-1)
+    k_w = k * (g_end - cum).exp()[..., None]  # Kw
+    m = q @ k_w.transpose(-1, -2)  # M = Q Kw^T, [.., L, L]
+    p = g_end.exp()[..., None] * q - m @ w  # P, [S, nb, H, V, L, Dk]
+    o_n = (p.reshape(S, nb, H, V * bs, Dk) @ s0).view(S, nb, H, V, bs, Dv) + m @ u_base
+    o_n = o_n.permute(0, 3, 1, 4, 2, 5).reshape(S, V, nb * bs, H, Dv)[:, :, :T]
+    return o_c.to(v_c.dtype), o_n.to(v_n.dtype)
+
