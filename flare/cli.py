@@ -9,6 +9,9 @@ import sys
 from flare.cliargs import add_dataclass_flags, dataclass_from_args
 from flare.decoding.params import SamplingParams
 
+# Mode options given on the command line; unset ones keep the mode's own default (flare.decoding.options).
+MODE_OPTIONS = ("gen_block", "draft_policy", "block_size", "threshold", "steps")
+
 SAMPLING_HELP = {
     "temperature": "sampling temperature; 0 is greedy",
     "top_k": "keep the k most likely tokens; 0 disables",
@@ -24,11 +27,11 @@ def _generate(args: argparse.Namespace) -> int:
     import torch
 
     import flare
-    from flare.decoding import MODES, decode
+    from flare.decoding import decode, mode_options
     from flare.tokenizer import TextTokenizer
 
-    if args.mode not in MODES:
-        raise ValueError(f"unknown mode {args.mode!r}; available: {', '.join(MODES)}")
+    options = {k: getattr(args, k) for k in MODE_OPTIONS if getattr(args, k) is not None}
+    mode_options(args.mode, **options)  # bad modes and options fail before the model loads
     params = dataclass_from_args(SamplingParams, args)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     model = flare.load_model(args.model, device=args.device, dtype=dtype)
@@ -39,7 +42,7 @@ def _generate(args: argparse.Namespace) -> int:
         prompt = tokenizer.encode(args.prompt)
     else:
         prompt = args.prompt_ids
-    result = decode(model, [prompt], params, mode=args.mode)
+    result = decode(model, [prompt], params, args.mode, **options)
     ids = result.token_ids[0]
     text = tokenizer.decode(ids) if tokenizer is not None else None
     if args.json:
@@ -84,7 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
     src = gen.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text (needs tokenizer.json in the model directory)")
     src.add_argument("--prompt-ids", type=_prompt_ids, help="prompt as comma-separated token ids")
-    gen.add_argument("--mode", default="causal", help="decoding mode (default: causal)")
+    gen.add_argument("--mode", default="causal",
+                     help="decoding mode: causal, ar_trust, diffusion_trust, low_confidence, llada (default: causal)")
+    gen.add_argument("--gen-block", type=int, help="ar_trust: tokens per round N (default 4)")
+    gen.add_argument("--draft-policy", help="ar_trust: exact_truncated (default), argmax_full_verify, argmax_truncated")
+    gen.add_argument("--block-size", type=int, help="block modes: block length (diffusion_trust 3, low_confidence 4, "
+                     "llada 32)")
+    gen.add_argument("--threshold", type=float, help="block modes: confidence threshold in (0, 1]")
+    gen.add_argument("--steps", type=int, help="llada: denoising steps per block (default 16)")
     add_dataclass_flags(gen, SamplingParams, SAMPLING_HELP)
     gen.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     gen.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],

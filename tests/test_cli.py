@@ -44,7 +44,9 @@ def test_generate_text_prompt_is_seeded(tiny_dirs, capsys):
     [
         (["--prompt-ids", "1,2,9999"], "outside the vocabulary"),
         (["--prompt-ids", ""], "empty"),
-        (["--prompt-ids", "1", "--mode", "beam"], "unknown mode"),
+        (["--prompt-ids", "1", "--mode", "beam"], "unknown decoding mode"),
+        (["--prompt-ids", "1", "--mode", "ar_trust"], "mask token"),
+        (["--prompt-ids", "1", "--mode", "ar_trust", "--block-size", "3"], "takes options"),
         (["--prompt-ids", "1", "--top-p", "0"], "top_p"),
     ],
 )

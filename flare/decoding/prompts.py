@@ -31,10 +31,26 @@ def stop_ids(params_stop: list[int], eos: list[int], ignore_eos: bool) -> list[i
     return sorted(set(params_stop) | (set() if ignore_eos else set(eos)))
 
 
-def trim_at_stop(rows: torch.Tensor, stops: list[int], max_new: int) -> tuple[list[list[int]], list[str]]:
-    """Cut each row after its first stop token (kept, like an EOS in a completion's token ids)."""
+def require_mask(model, mode: str) -> int:
+    """The model's [MASK] id, or a clear error for an AR checkpoint asked for a parallel mode."""
+    mask_id = model.config.mask_token_id
+    if mask_id is None:
+        raise ValueError(
+            f"mode {mode!r} needs a FLARE checkpoint with a mask token (config.json 'flare.mask_token_id'); "
+            "this is a plain AR checkpoint: decode it with mode 'causal', or convert it with `flare convert`"
+        )
+    return mask_id
+
+
+def trim_at_stop(
+    rows: torch.Tensor, stops: list[int], max_new: int, lengths: list[int] | None = None
+) -> tuple[list[list[int]], list[str]]:
+    """Cut each row after its first stop token (kept, like an EOS in a completion's token ids), and at
+    ``max_new``; ``lengths`` says how much of each row is real (all of it when None)."""
     out, reasons = [], []
-    for row in rows.tolist():
+    for i, row in enumerate(rows.tolist()):
+        if lengths is not None:
+            row = row[: lengths[i]]
         cut = next((i for i, t in enumerate(row) if t in stops), None)
         if cut is None:
             out.append(row[:max_new])

@@ -1,4 +1,4 @@
-from flare.model.cache import ModelCache
+from flare.model.cache import CommitRecord, ModelCache
 from flare.model.hybrid import FlareModel
 
-__all__ = ["FlareModel", "ModelCache"]
+__all__ = ["CommitRecord", "FlareModel", "ModelCache"]

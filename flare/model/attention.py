@@ -50,6 +50,8 @@ class Attention(nn.Module):
         q, k = apply_rotary(qk, ctx.cos, ctx.sin).split([self.num_heads, self.num_kv_heads], dim=2)
         if ctx.mode == "rows":
             # Inference rows read the committed keys and never write them.
+            if ctx.record is not None:
+                ctx.record.kv[self.layer_idx] = (k, v)
             k_old, v_old = ctx.cache.read_kv(self.layer_idx)
             k, v = torch.cat([k_old, k.to(k_old.dtype)], 1), torch.cat([v_old, v.to(v_old.dtype)], 1)
         elif ctx.cache is not None:

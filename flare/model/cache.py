@@ -27,6 +27,20 @@ class RecurrentState:
     ssm: torch.Tensor  # [B, H, Dk, Dv], fp32
 
 
+@dataclass
+class CommitRecord:
+    """What the clean rows of a read-only rows forward would write, kept so that an accepted prefix of them can
+    be committed without another forward (keeping per-position states beats replaying the accepted tokens)."""
+
+    rows: int
+    kv: dict[int, tuple[torch.Tensor, torch.Tensor]]  # attention layer -> k, v [B, T, Hkv, D]
+    gdn: dict[int, tuple[torch.Tensor, torch.Tensor]]  # GDN layer -> states [B, T, H, Dk, Dv], conv inputs [B, T, C]
+
+    @classmethod
+    def empty(cls) -> "CommitRecord":
+        return cls(0, {}, {})
+
+
 class ModelCache:
     def __init__(self, lengths: torch.Tensor, layers: list[AttentionState | RecurrentState], bound: int) -> None:
         self.lengths = lengths  # [B] int64
@@ -109,6 +123,34 @@ class ModelCache:
     def advance(self, n_new_B: torch.Tensor, max_new: int) -> None:
         self.lengths = self.lengths + n_new_B
         self.bound += max_new
+
+    def tighten(self, longest: int) -> None:
+        """Lower the host-side bound to the true longest length (read off the device by the caller)."""
+        self.bound = longest
+
+    def commit(self, record: "CommitRecord", n_accept_B: torch.Tensor) -> None:
+        """Advance every sequence by its first ``n_accept[b]`` recorded clean rows, exactly as a causal pass
+        over those tokens would: their keys/values, the recurrent state after the last of them, and the conv
+        inputs that end there. Nothing of the rejected rows survives (their KV slots lie past the length)."""
+        T = record.rows
+        self.reserve(T)
+        B = self.batch_size
+        write_pos = self.lengths[:, None] + torch.arange(T, device=self.lengths.device)
+        rows = torch.arange(B, device=self.lengths.device)
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer, AttentionState):
+                k, v = record.kv[i]
+                self.write_kv(i, k, v, write_pos)
+            else:
+                states, inputs = record.gdn[i]  # [B, T, H, Dk, Dv], [B, T, C]
+                keep = n_accept_B - 1
+                taken = states[rows, keep.clamp(min=0)]
+                layer.ssm = torch.where((n_accept_B > 0)[:, None, None, None], taken, layer.ssm)
+                full = torch.cat([layer.conv, inputs.to(layer.conv.dtype)], dim=1)  # [B, K-1+T, C]
+                K1 = layer.conv.shape[1]
+                idx = n_accept_B[:, None] + torch.arange(K1, device=full.device)
+                layer.conv = full.gather(1, idx[:, :, None].expand(B, K1, full.shape[-1]))
+        self.advance(n_accept_B, T)
 
     def clone(self) -> "ModelCache":
         layers: list[AttentionState | RecurrentState] = []

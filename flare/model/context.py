@@ -10,14 +10,22 @@ Four layouts, one per way the model is run:
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 import torch
 
 from flare import masks
-from flare.model.cache import ModelCache
+from flare.model.cache import CommitRecord, ModelCache
 from flare.model.layers import rotary_cos_sin
 from flare.model.segments import Segments
+
+
+def use_flex(device: torch.device | str) -> bool:
+    """Flex attention runs where it is compiled for: CUDA devices with a torch that ships it."""
+    if torch.device(device).type != "cuda":
+        return False
+    return importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
 
 
 @dataclass(frozen=True)
@@ -35,7 +43,20 @@ class TwoStream:
 
 @dataclass(frozen=True)
 class Rows:
-    num_clean: int
+    """Rows [clean x num_clean ; noisy x num_noisy ; padding] after a cache. ``num_clean`` may differ per
+    sequence (a [B] tensor); ``num_noisy`` defaults to all rows after the clean ones."""
+
+    num_clean: int | torch.Tensor
+    num_noisy: int | None = None
+
+    def counts(self, batch: int, rows: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(num_clean [B], num_noisy [B]) as tensors, checked against the number of rows."""
+        clean = torch.as_tensor(self.num_clean, device=device).expand(batch)
+        noisy = rows - clean if self.num_noisy is None else torch.full_like(clean, self.num_noisy)
+        if bool(((clean < 0) | (noisy < 0) | (clean + noisy > rows)).any()):
+            raise ValueError(f"rows layout needs 0 <= num_clean, num_noisy and num_clean + num_noisy <= {rows}; "
+                             f"got num_clean={self.num_clean}, num_noisy={self.num_noisy}")
+        return clean, noisy
 
 
 Layout = Packed | TwoStream | Rows | None
@@ -54,6 +75,7 @@ class ForwardContext:
     valid: torch.Tensor | None = None  # [B, T] bool
     segments: Segments | None = None  # packed / two_stream: documents as segments
     layout: Layout = None
+    record: CommitRecord | None = None  # rows mode: keep what the clean rows would commit
 
     @classmethod
     def build(
@@ -66,6 +88,7 @@ class ForwardContext:
         cache: ModelCache | None = None,
         valid_BT: torch.Tensor | None = None,
         layout: Layout = None,
+        record: CommitRecord | None = None,
     ) -> "ForwardContext":
         B, T = input_ids_BT.shape
         device = input_ids_BT.device
@@ -93,24 +116,29 @@ class ForwardContext:
                 rule = masks.two_stream(layout.doc_ids, layout.block_size, layout.clean_readout)
                 positions = segments.positions.repeat(1, 1 + layout.views)
                 mode = "two_stream"
-            mask = masks.materialize(rule, B, T, T, device)
+            # Training forwards on GPU take the flex path: the same predicate, compiled to a sparse BlockMask.
+            build = masks.block_mask if use_flex(device) else masks.materialize
+            mask = build(rule, B, T, T, device)
             cos, sin = rope(positions)
             return cls(mode, positions, cos, sin, mask, segments=segments, layout=layout)
 
         if isinstance(layout, Rows):
             if cache is None:
                 raise ValueError("inference rows read a cache: pass one")
-            if not 0 <= layout.num_clean <= T:
-                raise ValueError(f"num_clean must be in [0, {T}], got {layout.num_clean}")
+            clean, noisy = layout.counts(B, T, device)
             positions = cache.lengths[:, None] + steps
             span = cache.bound
-            mask = masks.materialize(masks.inference_rows(cache.lengths, span, layout.num_clean), B, T, span + T,
-                                     device)
+            rule = masks.inference_rows(cache.lengths, span, clean, clean + noisy)
+            mask = masks.materialize(rule, B, T, span + T, device)
             cos, sin = rope(positions)
-            return cls("rows", positions, cos, sin, mask, cache=cache, layout=layout)
+            if record is not None:
+                record.rows = T
+            return cls("rows", positions, cos, sin, mask, cache=cache, layout=layout, record=record)
 
         if layout is not None:
             raise TypeError(f"unknown layout {layout!r}")
+        if record is not None:
+            raise ValueError("only a rows forward records a commit")
         n_new = valid_BT.sum(1) if valid_BT is not None else None
         if cache is None:
             positions = steps.expand(B, T)

@@ -20,7 +20,7 @@ from flare.model.cache import RecurrentState
 from flare.model.context import ForwardContext
 from flare.model.layers import GatedRMSNorm
 from flare.ops.conv import causal_conv1d
-from flare.ops.gated_delta import gated_delta, gated_delta_two_stream, read_state
+from flare.ops.gated_delta import gated_delta, gated_delta_naive, gated_delta_two_stream, read_state
 from flare.ops.precision import accum_dtype
 
 
@@ -99,25 +99,32 @@ class GatedDeltaNet(nn.Module):
         return self._out(o, z, x.dtype)
 
     def _rows(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        """[clean x c ; noisy x m] after the cache: clean rows continue the cached recurrence token by token;
-        the noisy block starts from the state after the clean rows and all its rows read its end state."""
+        """[clean x c ; noisy x m ; padding] after the cache: clean rows continue the cached recurrence token by
+        token; the noisy block starts from the state after the clean rows and all its rows read its end state.
+        One causal conv serves both (a noisy row's window holds the clean inputs before the block)."""
         state = ctx.cache.layers[self.layer_idx]
-        c = ctx.layout.num_clean
+        B, T, _ = x.shape
+        clean_n, noisy_n = ctx.layout.counts(B, T, x.device)
+        idx = torch.arange(T, device=x.device)
+        is_clean = idx < clean_n[:, None]
+        is_noisy = ~is_clean & (idx < (clean_n + noisy_n)[:, None])
         qkv, z, b, a = self.in_proj(x).split(self.split, dim=-1)
+        mixed, _ = self._conv(qkv, state.conv)
+        q, k, v = self._qkv(mixed)
         g, beta = self._gates(b, a, None)
-        outs = []
-        conv, ssm = state.conv, state.ssm
-        if c > 0:
-            mixed, conv = self._conv(qkv[:, :c], conv)
-            q, k, v = self._qkv(mixed)
-            o, ssm, self.last_path = gated_delta(q, k, v, g[:, :c], beta[:, :c], initial_state=ssm)
-            outs.append(o)
-        if c < x.shape[1]:
-            mixed, _ = self._conv(qkv[:, c:], conv)
-            q, k, v = self._qkv(mixed)
-            _, end, self.last_path = gated_delta(q, k, v, g[:, c:], beta[:, c:], initial_state=ssm)
-            outs.append(read_state(q, end, self.dk**-0.5))
-        return self._out(torch.cat(outs, 1), z, x.dtype)
+        # Rows outside a pass get decay 1 and write 0, so each pass sees only its own rows, per sequence.
+        gc, bc = g * is_clean[..., None], beta * is_clean[..., None]
+        if ctx.record is not None:
+            # The state after every clean row, so that any accepted prefix can be committed exactly.
+            o_c, ssm, states = gated_delta_naive(q, k, v, gc, bc, state.ssm, return_all_states=True)
+            ctx.record.gdn[self.layer_idx] = (states, qkv)
+            self.last_path = "naive"
+        else:
+            o_c, ssm, self.last_path = gated_delta(q, k, v, gc, bc, initial_state=state.ssm)
+        gn, bn = g * is_noisy[..., None], beta * is_noisy[..., None]
+        _, end, _ = gated_delta(q, k, v, gn, bn, initial_state=ssm)
+        o = torch.where(is_clean[..., None, None], o_c, read_state(q, end, self.dk**-0.5).to(o_c.dtype))
+        return self._out(o, z, x.dtype)
 
     def _two_stream(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """[x0 ; xt_1 .. xt_V] rows: clean recurrence per document; each noisy block seeded by the clean state

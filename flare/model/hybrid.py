@@ -11,7 +11,7 @@ from torch import nn
 
 from flare.config import FULL_ATTENTION, ModelConfig
 from flare.model.attention import Attention
-from flare.model.cache import ModelCache
+from flare.model.cache import CommitRecord, ModelCache
 from flare.model.context import ForwardContext, Layout, TwoStream
 from flare.model.gated_deltanet import GatedDeltaNet
 from flare.model.layers import RMSNorm, SwiGLU
@@ -83,6 +83,7 @@ class FlareModel(nn.Module):
         cache: ModelCache | None = None,
         valid: torch.Tensor | None = None,
         layout: Layout = None,
+        record: CommitRecord | None = None,
     ) -> torch.Tensor:
         """Final-norm hidden states [B, T, E].
 
@@ -92,7 +93,7 @@ class FlareModel(nn.Module):
         """
         ctx = ForwardContext.build(
             input_ids, rotary_dim=self.config.rotary_dim, rope_theta=self.config.rope_theta,
-            dtype=self.dtype, cache=cache, valid_BT=valid, layout=layout,
+            dtype=self.dtype, cache=cache, valid_BT=valid, layout=layout, record=record,
         )
         x = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:

@@ -1,6 +1,9 @@
-"""Softmax attention with an explicit mask (SDPA path; the flex path joins it on GPU)."""
+"""Softmax attention with an explicit mask: the SDPA path (dense boolean mask, CPU and GPU) and the flex path
+(a BlockMask compiled from the same predicate, GPU), behind one signature."""
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -10,15 +13,23 @@ def attention(
     q_BTHD: torch.Tensor,
     k_BSGD: torch.Tensor,
     v_BSGD: torch.Tensor,
-    mask_B1TS: torch.Tensor | None,
+    mask,
     scale: float,
 ) -> torch.Tensor:
-    """Grouped-query attention. ``mask`` is boolean (True = visible); None means plain causal with S == T.
-
-    Returns [B, T, H, D]. H must be a multiple of the G key/value heads.
-    """
+    """Grouped-query attention. ``mask``: a boolean [B, 1, T, S] tensor (True = visible), a flex-attention
+    BlockMask, or None for plain causal with S == T. Returns [B, T, H, D]; H must be a multiple of G."""
     q, k, v = (x.transpose(1, 2) for x in (q_BTHD, k_BSGD, v_BSGD))
-    out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask_B1TS, is_causal=mask_B1TS is None, scale=scale, enable_gqa=True
-    )
+    if mask is not None and not isinstance(mask, torch.Tensor):
+        out = _flex()(q, k, v, block_mask=mask, scale=scale, enable_gqa=True)
+    else:
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True
+        )
     return out.transpose(1, 2)
+
+
+@functools.lru_cache(maxsize=1)
+def _flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)

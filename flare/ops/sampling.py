@@ -51,3 +51,43 @@ def sample(
     """Token ids [B]: greedy where temperature is 0, else a draw from the filtered distribution."""
     drawn = draw(filtered_probs(logits_BV, temperature_B, top_k_B, top_p_B), generator)
     return torch.where(temperature_B <= 0, logits_BV.argmax(-1), drawn)
+
+
+def speculative_verify(
+    p_BNV: torch.Tensor,
+    q_BMV: torch.Tensor,
+    drafts_BM: torch.Tensor,
+    generator: torch.Generator | None = None,
+    exact: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Speculative sampling over M = N-1 drafts with target rows p (N rows: one per draft, then the bonus row).
+
+    Exact (``exact=True``): draft i is accepted with probability min(1, p_i(d_i) / q_i(d_i)); at the first
+    rejection the next token is drawn from normalize(max(0, p_i - q_i)) and the rest is discarded; if every
+    draft passes, the bonus token is drawn from p_N. The output then follows p exactly, whatever q was, as long
+    as each d_i was drawn from q_i. With ``exact=False`` a draft passes whenever it lies in p's support (the
+    approximate "truncated verification"), and a rejection draws from p_i.
+
+    Returns (accepted drafts per row [B] in 0..M, next token [B]).
+    """
+    B, M = drafts_BM.shape
+    p_d = p_BNV[:, :M].gather(-1, drafts_BM[..., None])[..., 0]
+    if exact:
+        q_d = q_BMV.gather(-1, drafts_BM[..., None])[..., 0]
+        u = torch.rand(B, M, generator=generator).to(p_BNV.device)
+        passed = u * q_d < p_d  # u < p/q without dividing by q
+    else:
+        passed = p_d > 0
+    accepted = passed.long().cumprod(-1).sum(-1)  # [B]
+    at = accepted.clamp(max=M - 1) if M > 0 else accepted
+    rows = torch.arange(B, device=p_BNV.device)
+    if M > 0:
+        p_at = p_BNV[rows, at]
+        residual = (p_at - q_BMV[rows, at]).clamp(min=0) if exact else p_at
+        mass = residual.sum(-1, keepdim=True)
+        # p == q at that row leaves no residual mass; then p itself is the right law (it never rejects there).
+        residual = torch.where(mass > 0, residual / mass.clamp(min=1e-30), p_at)
+        law = torch.where((accepted == M)[:, None], p_BNV[:, M], residual)
+    else:
+        law = p_BNV[:, 0]
+    return accepted, draw(law, generator)

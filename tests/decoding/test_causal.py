@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from flare.decoding import SamplingParams, decode
-from flare.decoding.reference import reference_causal
 from flare.testing.checkpoints import FAMILIES
 
 
@@ -36,7 +35,7 @@ def test_cached_equals_reference_and_batch_equals_alone(tiny_models, family):
     prompts = _prompts(model.config.vocab_size, [5, 19, 2, 11], seed=3)
     params = SamplingParams(temperature=0, max_new_tokens=16)
     batched = decode(model, prompts, params)
-    assert batched.token_ids == reference_causal(model, prompts, params).token_ids
+    assert batched.token_ids == decode(model, prompts, params, reference=True).token_ids
     for prompt, tokens in zip(prompts, batched.token_ids):
         assert decode(model, [prompt], params).token_ids[0] == tokens
 
@@ -49,9 +48,8 @@ def test_stop_tokens_end_each_row(tiny_models):
     out = decode(model, prompts, SamplingParams(temperature=0, max_new_tokens=12, stop_token_ids=[stop]))
     assert out.token_ids[0] == free.token_ids[0][: free.token_ids[0].index(stop) + 1]
     assert out.finish_reasons[0] == "stop"
-    assert out.token_ids == reference_causal(
-        model, prompts, SamplingParams(temperature=0, max_new_tokens=12, stop_token_ids=[stop])
-    ).token_ids
+    stopping = SamplingParams(temperature=0, max_new_tokens=12, stop_token_ids=[stop])
+    assert out.token_ids == decode(model, prompts, stopping, reference=True).token_ids
 
 
 def test_sampling_is_seeded_and_matches_reference(tiny_models):
@@ -60,7 +58,7 @@ def test_sampling_is_seeded_and_matches_reference(tiny_models):
     params = SamplingParams(temperature=0.9, top_k=20, top_p=0.9, max_new_tokens=20, seed=7)
     a, b = decode(model, prompts, params), decode(model, prompts, params)
     assert a.token_ids == b.token_ids
-    assert a.token_ids == reference_causal(model, prompts, params).token_ids
+    assert a.token_ids == decode(model, prompts, params, reference=True).token_ids
     other = decode(model, prompts, SamplingParams(temperature=0.9, max_new_tokens=20, seed=8))
     assert other.token_ids != a.token_ids
 

@@ -5,13 +5,15 @@ Same recurrence and tensor contract as :func:`flare.ops.gated_delta.naive.gated_
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
 from flare.ops.gated_delta.naive import expand_heads, validate_inputs
 from flare.ops.precision import accum_dtype
 
-__all__ = ["gated_delta_chunk"]
+__all__ = ["ChunkScan", "chunk_scan", "gated_delta_chunk"]
 
 # Derivation. Inside one chunk (local positions i = 0..C-1, state S0 at the chunk
 # start) write the update as S_i = e^{g_i} S_{i-1} + k_i u_i^T with the "delta"
@@ -40,6 +42,24 @@ def _to_chunks(x: torch.Tensor, pad: int, n_chunks: int, chunk: int) -> torch.Te
     x = F.pad(x.to(accum_dtype(x.dtype)), (0, 0, 0, 0, 0, pad))
     B, _, H, D = x.shape
     return x.reshape(B, n_chunks, chunk, H, D).permute(0, 3, 1, 2, 4)
+
+
+class ChunkScan(NamedTuple):
+    """Outputs of the chunk scan and, when kept, its per-chunk quantities (for two_stream's clean-state reads).
+
+    Kept tensors are in the accumulation dtype, heads expanded to H, layout ``[B, H, N, C, ...]`` (N chunks of C
+    positions, T zero-padded to N * C). The clean state after local position i of chunk n is
+    ``e^{cum[n, i]} starts[n] + sum_{j <= i} decay[n, i, j] k[n, j] u[n, j]^T``.
+    """
+
+    o: torch.Tensor  # [B, T, H, Dv] in v.dtype
+    final_state: torch.Tensor  # [B, H, Dk, Dv]
+    block_states: torch.Tensor | None = None  # [B, ceil(T / bs), H, Dk, Dv] when asked for
+    cum: torch.Tensor | None = None  # [B, H, N, C] cumulative log decay G_i
+    decay: torch.Tensor | None = None  # [B, H, N, C, C] e^{G_i - G_j} on j <= i, else 0
+    k: torch.Tensor | None = None  # [B, H, N, C, Dk]
+    u: torch.Tensor | None = None  # [B, H, N, C, Dv] deltas u_i
+    starts: torch.Tensor | None = None  # [B, H, N, Dk, Dv] state before each chunk
 
 
 def gated_delta_chunk(
@@ -82,6 +102,40 @@ def gated_delta_chunk(
         if isinstance(block_states, bool) or not isinstance(block_states, int) or block_states < 1:
             raise ValueError(f"block_states must be None or a positive int, got {block_states!r}")
         chunk_size = block_states * max(1, chunk_size // block_states)
+    if T == 0:
+        f32, dev = accum_dtype(v.dtype), v.device
+        if initial_state is None:
+            state = torch.zeros(B, H, Dk, Dv, dtype=f32, device=dev)
+        else:
+            state = initial_state.to(dtype=f32, device=dev, copy=True)
+        o = torch.zeros(B, 0, H, Dv, dtype=v.dtype, device=dev)
+        if block_states is not None:
+            return o, state, torch.zeros(B, 0, H, Dk, Dv, dtype=f32, device=dev)
+        return o, state
+    scan = chunk_scan(q, k, v, g, beta, initial_state, scale, chunk_size, block_states=block_states)
+    if block_states is None:
+        return scan.o, scan.final_state
+    return scan.o, scan.final_state, scan.block_states
+
+
+def chunk_scan(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    initial_state: torch.Tensor | None,
+    scale: float | None,
+    chunk_size: int,
+    *,
+    block_states: int | None = None,
+    keep: bool = False,
+) -> ChunkScan:
+    """The algorithm behind :func:`gated_delta_chunk` on validated inputs with ``T >= 1``.
+
+    ``block_states`` (if given) must divide ``chunk_size``; ``keep`` also returns the per-chunk quantities.
+    """
+    B, T, H, Dk, Dv = validate_inputs(q, k, v, g, beta, initial_state)
     if scale is None:
         scale = Dk**-0.5
     f32, dev = accum_dtype(v.dtype), v.device
@@ -89,11 +143,6 @@ def gated_delta_chunk(
         state = torch.zeros(B, H, Dk, Dv, dtype=f32, device=dev)
     else:
         state = initial_state.to(dtype=f32, device=dev, copy=True)
-    if T == 0:
-        o = torch.zeros(B, 0, H, Dv, dtype=v.dtype, device=dev)
-        if block_states is not None:
-            return o, state, torch.zeros(B, 0, H, Dk, Dv, dtype=f32, device=dev)
-        return o, state
 
     q, k = expand_heads(q, H), expand_heads(k, H)
     C = chunk_size
@@ -123,38 +172,43 @@ def gated_delta_chunk(
     chunk_decay = cum[..., -1].exp()[..., None, None]  # [B, H, N, 1, 1]
 
     if block_states is not None:
-        # Block ends at local positions e_m = (m + 1) * bs - 1, m < M = C / bs. With D_m = sum over block m of
-        # e^{G_{e_m} - G_j} k_j u_j^T (the block's own writes, decayed to its end),
-        #     S_{e_m} = e^{G_{e_m}} S0 + sum_{m' <= m} e^{G_{e_m} - G_{e_m'}} D_m'.
-        # The per-block weights and the [M, M] block decay matrix are independent of S0 (computed for all chunks
-        # at once); inside the scan only D (one [Dk, bs] @ [bs, Dv] per block) and one [M, M] matmul remain.
+        # Block ends at local positions e_m = (m + 1) * bs - 1, m < M = C / bs. Unrolled as above,
+        #     S_{e_m} = e^{G_{e_m}} S0 + sum_{j <= e_m} e^{G_{e_m} - G_j} k_j u_j^T = e^{G_{e_m}} S0 + X_m U,
+        # X_m = [e^{G_{e_m} - G_j} k_j]_j^T ([Dk, C], zero for j > e_m; rows e_m of the decay matrix). X is
+        # independent of S0, so it is built for all chunks at once; in the scan all block ends of a chunk are one
+        # [M * Dk, C] @ [C, Dv] GEMM on top of the decayed S0.
         bs = block_states
         M = C // bs
-        cum_b = cum.reshape(B, H, N, M, bs)
-        g_end = cum_b[..., -1]  # G_{e_m}, [B, H, N, M]
-        k_blk = kc.reshape(B, H, N, M, bs, Dk) * (g_end[..., None] - cum_b).exp()[..., None]
-        blk_incl = torch.ones(M, M, dtype=torch.bool, device=dev).tril()
-        blk_decay = (g_end[..., :, None] - g_end[..., None, :]).masked_fill(~blk_incl, 0.0)
-        blk_decay = blk_decay.exp().masked_fill(~blk_incl, 0.0)  # [B, H, N, M, M]
-        s0_decay = g_end.exp()[..., None, None]  # [B, H, N, M, 1, 1]
+        n_blocks = -(-T // bs)
+        ends = torch.arange(bs - 1, C, bs, device=dev)
+        x_end = kc.transpose(-1, -2)[..., None, :, :] * decay[..., ends, None, :]  # [B, H, N, M, Dk, C]
+        x_end = x_end.reshape(B, H, N, M * Dk, C)
+        s0_decay = cum[..., ends].exp()[..., None, None]  # [B, H, N, M, 1, 1]
         blocks: list[torch.Tensor] = []
 
     outs: list[torch.Tensor] = []
+    us: list[torch.Tensor] = []
+    starts: list[torch.Tensor] = []
     for n in range(N):
+        starts.append(state)
         u = u_base[:, :, n] - w[:, :, n] @ state  # deltas u_i, [B, H, C, Dv]
+        us.append(u)
         outs.append(q_in[:, :, n] @ state + attn[:, :, n] @ u)
         if block_states is not None:
-            d = k_blk[:, :, n].transpose(-1, -2) @ u.reshape(B, H, M, bs, Dv)  # D_m, [B, H, M, Dk, Dv]
-            s_blk = s0_decay[:, :, n] * state[:, :, None] + (blk_decay[:, :, n] @ d.flatten(-2)).view(d.shape)
-            blocks.append(s_blk.transpose(1, 2))  # [B, M, H, Dk, Dv]
+            m = min(M, n_blocks - n * M)  # block ends that exist (T may end inside this chunk)
+            s_blk = (x_end[:, :, n, : m * Dk] @ u).view(B, H, m, Dk, Dv) + s0_decay[:, :, n, :m] * state[:, :, None]
+            blocks.append(s_blk)  # [B, H, m, Dk, Dv]
         state = chunk_decay[:, :, n] * state + k_out[:, :, n].transpose(-1, -2) @ u
 
     o = torch.stack(outs, dim=2)  # [B, H, N, C, Dv]
     o = o.permute(0, 2, 3, 1, 4).reshape(B, N * C, H, Dv)[:, :T]
-    if block_states is None:
-        return o.to(v.dtype), state
-    # Padded positions (g = 0, beta = 0) leave the state unchanged, so the last (possibly partial) block ends in
-    # the final state: use it verbatim.
-    n_blocks = -(-T // bs)
-    blk = torch.cat(blocks, dim=1)[:, : n_blocks - 1]
-    return o.to(v.dtype), state, torch.cat([blk, state[:, None]], dim=1)
+    blk = None
+    if block_states is not None:
+        # Padded positions (g = 0, beta = 0) leave the state unchanged, so the last (possibly partial) block
+        # ends in the final state: use it verbatim.
+        blocks[-1] = torch.cat([blocks[-1][:, :, :-1], state[:, :, None]], dim=2)
+        blk = torch.cat(blocks, dim=2).transpose(1, 2)  # [B, n_blocks, H, Dk, Dv], a view of [B, H, n_blocks, ..]
+    if not keep:
+        return ChunkScan(o.to(v.dtype), state, blk)
+    return ChunkScan(o.to(v.dtype), state, blk, cum, decay, kc, torch.stack(us, dim=2), torch.stack(starts, dim=2))
+

@@ -27,7 +27,7 @@ import re
 import torch
 import torch.nn.functional as F
 
-from flare.ops.gated_delta.chunk import gated_delta_chunk
+from flare.ops.gated_delta.chunk import ChunkScan, chunk_scan
 from flare.ops.gated_delta.naive import expand_heads, gated_delta_naive, validate_inputs
 from flare.ops.precision import accum_dtype
 
@@ -35,16 +35,28 @@ __all__ = ["gated_delta_two_stream", "gated_delta_two_stream_reference", "valida
 
 CLEAN_READOUTS = ("token", "block")
 
-# Efficient noisy form. For one noisy block (local positions i < L, initial state S0 = the clean state before
-# the block) the chunk derivation in chunk.py gives, with G_i = sum_{j<=i} g_j, G_e = G_{L-1},
-#     U = Ut - W S0,   Ut = (I + A)^{-1} diag(beta) V,   W = (I + A)^{-1} diag(beta e^G) K,
+# Efficient form.
+#
+# Noisy block, closed form. For one block (local positions i < L = bs, initial state S0 = the clean state before
+# the block) the chunk derivation in chunk.py gives, with G_i = sum_{j<=i} g_j and G_e = G_{L-1},
+#     U = Ut - W S0,  Ut = T diag(beta) V,  W = T diag(beta e^G) K,  T = (I + A)^{-1},
 #     A_ij = beta_i e^{G_i - G_j} (k_i . k_j) for j < i,
-#     S_end = e^{G_e} S0 + Kw^T U,   Kw_j = e^{G_e - G_j} k_j.
+#     S_end = e^{G_e} S0 + Kw^T U,  Kw_j = e^{G_e - G_j} k_j.
 # Every position reads S_end, so with M = Q Kw^T ([L, L], all pairs: in-block bidirectional)
-#     o = scale * Q S_end = scale * (P S0 + M Ut),   P = e^{G_e} Q - M W   ([L, Dk]).
-# S_end is never formed: per block the only state-sized work is P @ S0 (as cheap as one readout), and autograd
-# keeps no per-position or per-view state, only the clean block states (O(T / bs * Dk * Dv) per segment).
-# The V views of a block share S0, so they are stacked as rows of P rather than copying S0 V times.
+#     o = scale * Q S_end = P S0 + (M T) diag(beta) V,   P = e^{G_e} Q - (M T) diag(beta e^G) K   (Q scaled).
+# A is strictly lower triangular (nilpotent), so for small L, T = (I - A)(I + A^2)(I + A^4)... exactly: a few
+# tiny batched matmuls, much cheaper than a batched triangular solve of thousands of L x L systems.
+#
+# Seeding without block states. S0 of block b is the clean state after block b - 1, which ends at local position
+# e of chunk n (chunks of C = a multiple of bs positions, so a block never straddles chunks). From the chunk scan,
+#     S_e = e^{G_e} S_start(n) + sum_{j <= e} e^{G_e - G_j} k_j u_j^T,
+# hence   P S_e = e^{G_e} (P S_start(n)) + ((P K_n^T) . w_e) U_n   (w_e = row e of the chunk's decay matrix):
+# an attention-like read of the clean chunk's keys and deltas plus one read of the chunk-start state. No block
+# state is ever formed: per segment the op keeps O(T / C * Dk * Dv) state memory (autograd included), not
+# O(T / bs * Dk * Dv), and no per-view or per-position state at all. The clean "block" readout is the same read
+# with P = the clean queries.
+
+NEUMANN_MAX_BLOCK = 8  # above this, invert (I + A) with a triangular solve (the series' cancellations grow)
 
 
 def validate_two_stream_inputs(
@@ -158,20 +170,52 @@ def gated_delta_two_stream_reference(
 
 
 def _blocks(x: torch.Tensor, n_blocks: int, bs: int) -> torch.Tensor:
-    """``[S, V, T, H, *D]`` -> ``[S, n_blocks, H, V, bs, *D]``, zero-padding T (g = beta = 0: no-op positions)."""
+    """``[S, V, T, H, *D]`` -> ``[S, H, n_blocks, V, bs, *D]``, zero-padding T (g = beta = 0: no-op positions)."""
     S, V, T, H = x.shape[:4]
     extra = x.shape[4:]
     pad = n_blocks * bs - T
     if pad:
         x = F.pad(x, (0, 0) * len(extra) + (0, 0, 0, pad))
     x = x.reshape(S, V, n_blocks, bs, H, *extra)
-    return x.permute(0, 2, 4, 1, 3, *range(5, 5 + len(extra)))
+    return x.permute(0, 4, 2, 1, 3, *range(5, 5 + len(extra)))
 
 
-def _expand_heads_views(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """``[S, V, T, Hk, D]`` -> ``[S, V, T, heads, D]`` (grouped q/k heads, as ``expand_heads``)."""
-    return x if x.shape[3] == heads else x.repeat_interleave(heads // x.shape[3], dim=3)
+def _expand_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """``[..., T, Hk, D]`` -> ``[..., T, heads, D]`` (grouped q/k heads, as ``naive.expand_heads``)."""
+    return x if x.shape[-2] == heads else x.repeat_interleave(heads // x.shape[-2], dim=-2)
 
+
+def _inverse_unit_lower(A: torch.Tensor) -> torch.Tensor:
+    """``(I + A)^{-1}`` for strictly lower triangular ``A`` ``[..., L, L]``."""
+    L = A.shape[-1]
+    eye = torch.eye(L, dtype=A.dtype, device=A.device)
+    if L > NEUMANN_MAX_BLOCK:
+        return torch.linalg.solve_triangular(A, eye.expand_as(A), upper=False, unitriangular=True)
+    # (I + A)^{-1} = sum_{p < L} (-A)^p = (I - A)(I + A^2)(I + A^4)...  since A^L = 0.
+    power = -A
+    inv = eye + power
+    terms = 2
+    while terms < L:
+        power = power @ power
+        inv = inv + inv @ power
+        terms *= 2
+    return inv
+
+
+def _read_clean_states(
+    rows: torch.Tensor, scan: ChunkScan, end_cum: torch.Tensor, end_decay: torch.Tensor
+) -> torch.Tensor:
+    """``rows`` ``[S, H, N, M, R, Dk]`` (R rows per clean block) times the clean state after that block's end.
+
+    ``rows[n, m] @ S_e = e^{G_e} rows @ S_start(n) + ((rows @ K_n^T) * w_e) @ U_n`` with ``e`` the end of block
+    ``m`` of chunk ``n`` (module comment). Returns ``[S, H, N, M, R, Dv]``.
+    """
+    S, H, N, M, R, Dk = rows.shape
+    C, Dv = scan.k.shape[-2], scan.u.shape[-1]
+    flat = rows.reshape(S, H, N, M * R, Dk)
+    from_start = (flat @ scan.starts).view(S, H, N, M, R, Dv) * end_cum.exp()[..., None, None]
+    scores = (flat @ scan.k.transpose(-1, -2)).view(S, H, N, M, R, C) * end_decay[..., None, :]
+    return from_start + (scores.view(S, H, N, M * R, C) @ scan.u).view(S, H, N, M, R, Dv)
 
 def gated_delta_two_stream(
     q_c: torch.Tensor,
@@ -191,9 +235,10 @@ def gated_delta_two_stream(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Two-stream gated delta rule, efficient form (differentiable via autograd).
 
-    Clean block-end states come from the chunked algorithm (``gated_delta_chunk(block_states=block_size)``);
-    then all noisy blocks of all segments and views run at once in closed (WY) form, seeded by the clean state
-    before their block. See the module docstring for shapes and semantics.
+    The clean stream runs the chunked algorithm (chunks of a multiple of ``block_size`` positions); all noisy
+    blocks of all segments and views then run at once in closed (WY) form, seeded by the clean state before their
+    block, which is read from the chunk-start states and the chunk's deltas without ever forming per-block states
+    (see the comment above ``NEUMANN_MAX_BLOCK``). See the module docstring for shapes and semantics.
 
     Args:
         q_c, k_c, v_c, g_c, beta_c: clean stream, ``[S, T, Hk, Dk]`` / ``[S, T, H, Dv]`` / ``[S, T, H]``.
@@ -218,37 +263,42 @@ def gated_delta_two_stream(
         return (torch.zeros(S, T, H, Dv, dtype=v_c.dtype, device=dev),
                 torch.zeros(S, V, T, H, Dv, dtype=v_n.dtype, device=dev))
     bs = block_size
-    nb = -(-T // bs)
+    C = bs * max(1, 64 // bs)  # chunk: a multiple of the block size
+    M = C // bs  # blocks per chunk
 
-    # Clean stream and its block-end states [S, nb, H, Dk, Dv].
-    o_c, _, blk_states = gated_delta_chunk(q_c, k_c, v_c, g_c, beta_c, None, scale, block_states=bs)
+    scan = chunk_scan(q_c, k_c, v_c, g_c, beta_c, None, scale, C, keep=True)
+    o_c = scan.o
+    N = scan.cum.shape[2]
+    nbp = N * M  # blocks, T zero-padded to N * C (padded positions change no state)
+    ends = torch.arange(bs - 1, C, bs, device=dev)
+    end_cum = scan.cum[..., ends]  # G_e of every block end, [S, H, N, M]
+    end_decay = scan.decay[..., ends, :]  # w_e, [S, H, N, M, C]
     if clean_readout == "block":
-        qb = _blocks(expand_heads(q_c, H).to(acc)[:, None], nb, bs)[:, :, :, 0]  # [S, nb, H, bs, Dk]
-        o_c = (scale * qb) @ blk_states  # [S, nb, H, bs, Dv]
-        o_c = o_c.permute(0, 1, 3, 2, 4).reshape(S, nb * bs, H, Dv)[:, :T]
-    # Initial state of noisy block b: the clean state after block b - 1 (zeros for b = 0).
-    s0 = blk_states  # [S, nb, H, Dk, Dv]
+        q = _blocks(_expand_heads(q_c, H).to(acc)[:, None], nbp, bs)[:, :, :, 0] * scale  # [S, H, nbp, bs, Dk]
+        o_c = _read_clean_states(q.reshape(S, H, N, M, bs, Dk), scan, end_cum, end_decay)
+        o_c = o_c.permute(0, 2, 3, 4, 1, 5).reshape(S, nbp * bs, H, Dv)[:, :T]
 
-    # Noisy blocks in closed form, layout [S, nb, H, V, L, ...] (L = bs).
-    q, k = (_blocks(_expand_heads_views(x, H).to(acc), nb, bs) for x in (q_n, k_n))
-    v = _blocks(v_n.to(acc), nb, bs)
-    g = _blocks(g_n.to(acc)[..., None], nb, bs)[..., 0]
-    beta = _blocks(beta_n.to(acc)[..., None], nb, bs)[..., 0]
+    # Noisy blocks, layout [S, H, nbp, V, L, ...] (L = bs).
+    q, k = (_blocks(_expand_heads(x, H).to(acc), nbp, bs) for x in (q_n, k_n))
+    v = _blocks(v_n.to(acc), nbp, bs)
+    g = _blocks(g_n.to(acc)[..., None], nbp, bs)[..., 0]
+    beta = _blocks(beta_n.to(acc)[..., None], nbp, bs)[..., 0]
     q = q * scale
 
     cum = g.cumsum(dim=-1)  # G_i
     g_end = cum[..., -1:]  # G_e, [.., 1]
     incl = torch.ones(bs, bs, dtype=torch.bool, device=dev).tril()
-    strict = incl.tril(-1)
     diff = (cum[..., :, None] - cum[..., None, :]).masked_fill(~incl, 0.0)  # masked before exp: no overflow
     decay = diff.exp().masked_fill(~incl, 0.0)
-    A = (beta[..., :, None] * decay * (k @ k.transpose(-1, -2))).masked_fill(~strict, 0.0)
-    rhs = torch.cat([beta[..., None] * v, (beta * cum.exp())[..., None] * k], dim=-1)
-    u_base, w = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True).split([Dv, Dk], dim=-1)
-    k_w = k * (g_end - cum).exp()[..., None]  # Kw
-    m = q @ k_w.transpose(-1, -2)  # M = Q Kw^T, [.., L, L]
-    p = g_end.exp()[..., None] * q - m @ w  # P, [S, nb, H, V, L, Dk]
-    o_n = (p.reshape(S, nb, H, V * bs, Dk) @ s0).view(S, nb, H, V, bs, Dv) + m @ u_base
-    o_n = o_n.permute(0, 3, 1, 4, 2, 5).reshape(S, V, nb * bs, H, Dv)[:, :, :T]
+    A = (beta[..., :, None] * decay * (k @ k.transpose(-1, -2))).masked_fill(~incl.tril(-1), 0.0)
+    mt = (q @ (k * (g_end - cum).exp()[..., None]).transpose(-1, -2)) @ _inverse_unit_lower(A)  # M T, [.., L, L]
+    local = mt @ (beta[..., None] * v)  # (M T) diag(beta) V
+    p = g_end.exp()[..., None] * q - mt @ ((beta * cum.exp())[..., None] * k)  # P, [S, H, nbp, V, L, Dk]
+    # Block b + 1 reads the state after clean block b: read with P of the next block, then shift the results.
+    p_next = torch.cat([p[:, :, 1:], torch.zeros_like(p[:, :, :1])], dim=2)
+    seeded = _read_clean_states(p_next.reshape(S, H, N, M, V * bs, Dk), scan, end_cum, end_decay)
+    seeded = seeded.reshape(S, H, nbp, V, bs, Dv)
+    seeded = torch.cat([torch.zeros_like(seeded[:, :, :1]), seeded[:, :, :-1]], dim=2)
+    o_n = (seeded + local).permute(0, 3, 2, 4, 1, 5).reshape(S, V, nbp * bs, H, Dv)[:, :, :T]
     return o_c.to(v_c.dtype), o_n.to(v_n.dtype)
 

@@ -1,0 +1,79 @@
+"""Diffusion-Trust and the low-confidence peers: cached == no-cache reference, caches untouched by denoising."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flare.decoding import SamplingParams, decode
+from flare.decoding.runner import CachedRunner
+
+MODES = [
+    ("diffusion_trust", {}),
+    ("diffusion_trust", {"block_size": 4, "threshold": 0.5}),
+    ("low_confidence", {}),
+    ("llada", {"block_size": 8, "steps": 4}),
+    ("ar_trust", {"gen_block": 3}),
+    ("causal", {}),
+]
+
+
+@pytest.mark.parametrize("family", ["qwen3_5", "qwen3_next", "llama"])
+@pytest.mark.parametrize("mode, options", MODES)
+def test_cached_equals_reference(flare_models, family, mode, options):
+    model = flare_models[family]
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 90, (n,), generator=g).tolist() for n in [2, 11]]
+    for params in (SamplingParams(temperature=0, max_new_tokens=10),
+                   SamplingParams(temperature=0.8, top_p=0.9, max_new_tokens=10, seed=5)):
+        cached = decode(model, prompts, params, mode, **options)
+        ref = decode(model, prompts, params, mode, reference=True, **options)
+        assert cached.token_ids == ref.token_ids
+        assert all(len(t) == 10 for t in cached.token_ids)
+        assert cached.forwards == ref.forwards
+
+
+def test_denoising_steps_leave_committed_caches_bit_identical(flare_models):
+    model = flare_models["qwen3_5"]
+    runner = CachedRunner(model, 2, 64)
+    runner.prefill([[1, 2, 3], [4, 5]])
+    before = runner.cache.clone()
+    for n_clean in (0, 1, 2):
+        runner.rows(torch.tensor([[7, 95, 95], [8, 9, 95]]), n_clean)
+    for a, b in zip(runner.cache.layers, before.layers):
+        for name in vars(a):
+            assert torch.equal(getattr(a, name), getattr(b, name))
+    assert torch.equal(runner.cache.lengths, before.lengths)
+
+
+def test_counters_and_stops(flare_models):
+    model = flare_models["llama"]
+    out = decode(model, [[3, 4, 5]], SamplingParams(temperature=0, max_new_tokens=9), "diffusion_trust")
+    assert len(out.token_ids[0]) == 9 and out.finish_reasons == ["length"]
+    assert out.forwards >= 1 + 3 and 0 < out.tokens_per_forward <= 3
+    stop = out.token_ids[0][4]
+    cut = decode(model, [[3, 4, 5]], SamplingParams(temperature=0, max_new_tokens=9, stop_token_ids=[stop]),
+                 "diffusion_trust")
+    assert cut.token_ids[0] == out.token_ids[0][: out.token_ids[0].index(stop) + 1]
+    assert cut.finish_reasons == ["stop"]
+
+
+@pytest.mark.parametrize(
+    "mode, options, message",
+    [
+        ("diffusion_trust", {"block_size": 0}, "block_size"),
+        ("low_confidence", {"threshold": 0.0}, "threshold"),
+        ("low_confidence", {"threshold": 1.5}, "threshold"),
+        ("llada", {"steps": 0}, "steps"),
+        ("diffusion_trust", {"gen_block": 4}, "takes options"),
+    ],
+)
+def test_bad_options(flare_models, mode, options, message):
+    with pytest.raises(ValueError, match=message):
+        decode(flare_models["qwen3_5"], [[1]], SamplingParams(), mode, **options)
+
+
+@pytest.mark.parametrize("mode", ["diffusion_trust", "low_confidence", "llada"])
+def test_diffusion_modes_need_a_mask_token(tiny_models, mode):
+    with pytest.raises(ValueError, match="mask token"):
+        decode(tiny_models["qwen3_5"][0], [[1]], SamplingParams(), mode)
