@@ -65,6 +65,25 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from flare.train.convert import convert
+
+    mask_id = convert(args.src, args.dst, args.mask_token_id)
+    print(f"wrote FLARE checkpoint {args.dst} (mask token id {mask_id})")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from flare.train.config import load_config
+    from flare.train.loop import Trainer
+
+    config = load_config(args.config, args.set or [])
+    history = Trainer(config).run()
+    if history:
+        print(json.dumps(history[-1]))
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     print(
         "flare demo will: train a tiny hybrid AR model on generated arithmetic chats, convert it with the FLARE "
@@ -102,6 +121,22 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print one JSON object with tokens and counters")
     gen.set_defaults(func=_generate)
 
+    conv = sub.add_parser("convert", help="turn an AR checkpoint into a FLARE checkpoint (adds the [MASK] row)",
+                          description="Turn an AR checkpoint into a FLARE checkpoint; AR behaviour is unchanged.")
+    conv.add_argument("--from", dest="src", required=True, help="AR checkpoint directory")
+    conv.add_argument("--to", dest="dst", required=True, help="output directory (new or empty)")
+    conv.add_argument("--mask-token-id", type=int, default=None,
+                      help="use this vocabulary row as [MASK] (default: a row the tokenizer never emits)")
+    conv.set_defaults(func=_convert)
+
+    train = sub.add_parser("train", help="train (AR, FLARE or block-diffusion objective); torchrun for several ranks",
+                           description="Train from a YAML/JSON config; keys not in the config schema are errors. "
+                                       "Launch with torchrun --nproc-per-node N for data parallelism (FSDP2).")
+    train.add_argument("--config", help="YAML or JSON config file (flare.train.config.TrainConfig)")
+    train.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override a config value, e.g. --set optim.lr=1e-4 --set objective.kind=ar")
+    train.set_defaults(func=_train)
+
     demo = sub.add_parser("demo", help="the end-to-end CPU demo (what `make demo` runs)")
     demo.set_defaults(func=_demo)
     return parser
@@ -119,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"flare {args.command}: error: {e}", file=sys.stderr)
         return 2
 

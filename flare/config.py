@@ -86,6 +86,16 @@ class ModelConfig:
         if self.mask_token_id is not None and not 0 <= self.mask_token_id < self.vocab_size:
             raise ConfigError(f"mask_token_id {self.mask_token_id} is outside the vocabulary (size {self.vocab_size})")
 
+    def with_vocab(self, vocab_size: int, mask_token_id: int | None) -> "ModelConfig":
+        """A copy with a new vocabulary size and [MASK] id, its saved config.json updated to match."""
+        raw = copy.deepcopy(self.hf_config)
+        text = raw.get("text_config", raw) if self.weight_prefix != "model." else raw
+        text["vocab_size"] = vocab_size
+        out = copy.copy(self)
+        out.vocab_size, out.mask_token_id, out.hf_config = vocab_size, mask_token_id, raw
+        out.__post_init__()
+        return out
+
     @property
     def has_linear_attention(self) -> bool:
         return LINEAR_ATTENTION in self.layer_types

@@ -10,6 +10,14 @@ from flare import masks
 from flare.model.context import use_flex
 
 
+def test_inference_rows_padding_is_invisible():
+    """Per-row clean counts: row 1 is a cold start [clean, noisy, noisy, pad] beside a warm row 0."""
+    rule = masks.inference_rows(torch.tensor([0, 0]), 0, torch.tensor([2, 1]), torch.tensor([4, 3]))
+    m = masks.materialize(rule, 2, 4, 4, "cpu")[:, 0].int()
+    assert m[0].tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 1]]
+    assert m[1].tolist() == [[1, 0, 0, 0], [1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 0]]
+
+
 def test_two_stream_table():
     """method §2.1 on one row: L=4, block 2, two documents [0, 0, 1, 1], one noisy view."""
     doc = torch.tensor([[0, 0, 1, 1]])
@@ -45,7 +53,8 @@ def test_two_views_never_see_each_other():
 
 def test_inference_rows_table():
     """Cache of span 3 holding 2 committed tokens, then rows [clean, clean, noisy, noisy]."""
-    m = masks.materialize(masks.inference_rows(torch.tensor([2]), 3, 2), 1, 4, 7, "cpu")[0, 0].int()
+    rule = masks.inference_rows(torch.tensor([2]), 3, torch.tensor([2]), torch.tensor([4]))
+    m = masks.materialize(rule, 1, 4, 7, "cpu")[0, 0].int()
     expected = torch.tensor([
         [1, 1, 0, 1, 0, 0, 0],
         [1, 1, 0, 1, 1, 0, 0],
@@ -57,7 +66,8 @@ def test_inference_rows_table():
 
 RULES = {
     "causal_from": (lambda: masks.causal_from(torch.tensor([3, 0])), 2, 4, 7),
-    "inference_rows": (lambda: masks.inference_rows(torch.tensor([3, 1]), 4, 2), 2, 5, 9),
+    "inference_rows": (lambda: masks.inference_rows(torch.tensor([3, 1]), 4, torch.tensor([2, 1]),
+                                                    torch.tensor([5, 3])), 2, 5, 9),
     "packed_causal": (lambda: masks.packed_causal(torch.tensor([[0, 0, 1, 1, 1], [0, 1, 1, 2, 2]])), 2, 5, 5),
     "two_stream": (lambda: masks.two_stream(torch.tensor([[0, 0, 0, 1, 1, 1]]), 3), 1, 18, 18),
 }

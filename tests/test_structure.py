@@ -19,6 +19,7 @@ ALLOWED = {
     "decoding": {"model", "ops", "config", "masks"},
     "data": {"config", "tokenizer"},
     "objective": {"model", "ops", "config", "masks", "data"},
+    "train": {"model", "ops", "config", "masks", "data", "objective", "checkpoint", "tokenizer"},
     "testing": {"config"},
 }
 

@@ -54,11 +54,19 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     return model.to(device).eval()
 
 
-def save_model(model: FlareModel, path: str | Path, *, tokenizer_from: str | Path | None = None) -> None:
-    """Write config.json and safetensors (HF layout of the model's family); copy tokenizer files if asked."""
+def save_model(
+    model: FlareModel,
+    path: str | Path,
+    *,
+    tokenizer_from: str | Path | None = None,
+    state: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Write config.json and safetensors (HF layout of the model's family); copy tokenizer files if asked.
+
+    ``state`` replaces ``model.state_dict()`` (a full state dict gathered from a sharded model)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    write_tensors(flare_to_hf(model.state_dict(), model.config), path)
+    write_tensors(flare_to_hf(state if state is not None else model.state_dict(), model.config), path)
     model.config.save(path)
     if tokenizer_from is not None:
         for name in TOKENIZER_FILES:

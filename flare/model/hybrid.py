@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from flare.config import FULL_ATTENTION, ModelConfig
 from flare.model.attention import Attention
@@ -52,6 +53,8 @@ class FlareModel(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        # Recompute each decoder layer in the backward pass instead of keeping its activations.
+        self.gradient_checkpointing = False
 
     @property
     def device(self) -> torch.device:
@@ -96,8 +99,9 @@ class FlareModel(nn.Module):
             dtype=self.dtype, cache=cache, valid_BT=valid, layout=layout, record=record,
         )
         x = self.model.embed_tokens(input_ids)
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.model.layers:
-            x = layer(x, ctx)
+            x = checkpoint(layer, x, ctx, use_reentrant=False) if recompute else layer(x, ctx)
         if ctx.mode == "causal" and cache is not None:
             n_new = ctx.n_new if ctx.n_new is not None else torch.full_like(cache.lengths, input_ids.shape[1])
             cache.advance(n_new, input_ids.shape[1])
@@ -119,7 +123,12 @@ class FlareModel(nn.Module):
         return h[:, :L], h[:, L:].reshape(B, V, L, -1)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+        """LM-head logits. The [MASK] row, an input-only token, is never predicted: its logit is -inf."""
+        logits = self.lm_head(hidden)
+        mask_id = self.config.mask_token_id
+        if mask_id is not None:
+            logits = logits.index_fill(-1, torch.tensor([mask_id], device=logits.device), float("-inf"))
+        return logits
 
     def forward(
         self,

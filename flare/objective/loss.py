@@ -44,14 +44,48 @@ class ObjectiveConfig:
             raise ValueError(f"ar_loss_weight must be >= 0, got {self.ar_loss_weight}")
 
 
-def _cross_entropy(model: FlareModel, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Mean CE of the selected rows [N, E] against [N] targets; 0 (still in the graph) when there are none."""
+@dataclass
+class LossParts:
+    """Summed cross-entropies and their token counts; the loss is sum_diff / n_diff + w * sum_ar / n_ar.
+
+    Kept as sums so that a trainer can divide by counts taken over every micro-batch and rank: the loss is then
+    the same per-token mean however the global batch is split.
+    """
+
+    sum_diff: torch.Tensor
+    n_diff: int
+    sum_ar: torch.Tensor
+    n_ar: int
+    ar_weight: float
+    masked_fraction: float = 0.0
+
+    def loss(self, n_diff: int | None = None, n_ar: int | None = None) -> torch.Tensor:
+        n_diff = self.n_diff if n_diff is None else n_diff
+        n_ar = self.n_ar if n_ar is None else n_ar
+        diff = self.sum_diff / max(n_diff, 1)
+        return diff + self.ar_weight * self.sum_ar / max(n_ar, 1) if self.ar_weight > 0 else diff
+
+    def metrics(self) -> dict[str, float]:
+        loss_diff = self.sum_diff.item() / max(self.n_diff, 1)
+        loss_ar = self.sum_ar.item() / max(self.n_ar, 1)
+        return {
+            "loss": loss_diff + self.ar_weight * loss_ar if self.ar_weight > 0 else loss_diff,
+            "loss_diff": loss_diff,
+            "loss_ar": loss_ar,
+            "masked_fraction": self.masked_fraction,
+            "diff_tokens": self.n_diff,
+            "ar_tokens": self.n_ar,
+        }
+
+
+def _ce_sum(model: FlareModel, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed CE of the selected rows [N, E] against [N] targets (0, still in the graph, when N = 0)."""
     n = targets.numel()
     if n == 0:
         return hidden.sum() * 0.0, 0
     logits = model.logits(hidden)
     logits = logits.to(accum_dtype(logits.dtype))
-    return F.cross_entropy(logits, targets), n
+    return F.cross_entropy(logits, targets, reduction="sum"), n
 
 
 class FlareObjective:
@@ -64,22 +98,41 @@ class FlareObjective:
     def __call__(
         self, model: FlareModel, batch: PackedBatch, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        if self.config.kind == "ar":
-            return self.ar_loss(model, batch)
-        views = sample_views(batch, self.config.block_size, self.mask_token_id,
-                             complementary=self.config.complementary, generator=generator)
-        return self.loss_from_views(model, batch, views)
+        """Per-token mean loss of one batch and its metrics."""
+        parts = self.parts(model, batch, self.views(batch, generator))
+        return parts.loss(), parts.metrics()
 
-    def ar_loss(self, model: FlareModel, batch: PackedBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        hidden = model.hidden_states(batch.input_ids, layout=Packed(batch.doc_ids))
+    def views(
+        self, batch: PackedBatch, generator: torch.Generator | None = None, row_seeds: list[int] | None = None
+    ) -> NoisyViews | None:
+        """The noise of one batch (None for the AR objective), drawn before any forward."""
+        if self.config.kind == "ar":
+            return None
+        return sample_views(batch, self.config.block_size, self.mask_token_id,
+                            complementary=self.config.complementary, generator=generator, row_seeds=row_seeds)
+
+    def counts(self, batch: PackedBatch, views: NoisyViews | None) -> tuple[int, int]:
+        """(diffusion targets, AR targets) of a batch, known without a forward."""
         ok = batch.next_target_ok
-        loss, n = _cross_entropy(model, hidden[ok], _next_tokens(batch.input_ids)[ok])
-        return loss, {"loss": loss.item(), "loss_ar": loss.item(), "ar_tokens": n}
+        n_diff = 0 if views is None else int((views.masked & ok[:, None]).sum())
+        return n_diff, int(ok.sum()) if self._ar_weight() > 0 else 0
+
+    def _ar_weight(self) -> float:
+        return {"ar": 1.0, "block_diffusion": 0.0}.get(self.config.kind, self.config.ar_loss_weight)
 
     def loss_from_views(
         self, model: FlareModel, batch: PackedBatch, views: NoisyViews
     ) -> tuple[torch.Tensor, dict[str, float]]:
+        parts = self.parts(model, batch, views)
+        return parts.loss(), parts.metrics()
+
+    def parts(self, model: FlareModel, batch: PackedBatch, views: NoisyViews | None) -> LossParts:
         cfg = self.config
+        nxt, ok = _next_tokens(batch.input_ids), batch.next_target_ok
+        if views is None:  # plain AR fine-tuning
+            hidden = model.hidden_states(batch.input_ids, layout=Packed(batch.doc_ids))
+            sum_ar, n_ar = _ce_sum(model, hidden[ok], nxt[ok])
+            return LossParts(hidden.sum() * 0.0, 0, sum_ar, n_ar, 1.0)
         readout = "block" if cfg.kind == "block_diffusion" else "token"
         B, V, L = views.xt.shape
         if cfg.share_clean or V == 1:
@@ -95,26 +148,13 @@ class FlareObjective:
             clean = clean2.view(B, V, L, -1).mean(1)
             noisy = noisy2.view(B, V, L, -1)
 
-        nxt = _next_tokens(batch.input_ids)
-        ok = batch.next_target_ok
         diff_ok = views.masked & ok[:, None]
-        loss_diff, n_diff = _cross_entropy(model, noisy[diff_ok], nxt[:, None].expand(B, V, L)[diff_ok])
-        w = 0.0 if cfg.kind == "block_diffusion" else cfg.ar_loss_weight
-        if w > 0:
-            loss_ar, n_ar = _cross_entropy(model, clean[ok], nxt[ok])
-        else:
-            loss_ar, n_ar = clean.sum() * 0.0, 0
-        loss = loss_diff + w * loss_ar
+        sum_diff, n_diff = _ce_sum(model, noisy[diff_ok], nxt[:, None].expand(B, V, L)[diff_ok])
+        w = self._ar_weight()
+        sum_ar, n_ar = _ce_sum(model, clean[ok], nxt[ok]) if w > 0 else (clean.sum() * 0.0, 0)
         maskable = int(batch.loss_mask.sum()) * V
-        metrics = {
-            "loss": loss.item(),
-            "loss_diff": loss_diff.item(),
-            "loss_ar": loss_ar.item(),
-            "masked_fraction": int(views.masked.sum()) / maskable if maskable else 0.0,
-            "diff_tokens": n_diff,
-            "ar_tokens": n_ar,
-        }
-        return loss, metrics
+        fraction = int(views.masked.sum()) / maskable if maskable else 0.0
+        return LossParts(sum_diff, n_diff, sum_ar, n_ar, w, fraction)
 
 
 def _next_tokens(ids: torch.Tensor) -> torch.Tensor:

@@ -30,20 +30,31 @@ def sample_views(
     *,
     complementary: bool = True,
     generator: torch.Generator | None = None,
+    row_seeds: list[int] | None = None,
 ) -> NoisyViews:
     """Mask each supervised position iid with its block's rate t (prompt, template and padding positions never).
 
     With ``complementary`` a second view masks exactly the supervised positions the first one left visible, so
-    every supervised position is masked in exactly one view.
+    every supervised position is masked in exactly one view. Rates are stratified over all blocks of the batch
+    (``generator``), or, with ``row_seeds``, over the blocks of each row from that row's own seed: a row then
+    gets the same noise whichever rank or micro-batch it lands in, so a run's losses do not depend on how the
+    global batch is split.
     """
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
     B, L = batch.input_ids.shape
     nb = -(-L // block_size)
     device = batch.input_ids.device
-    rates = antithetic_rates(B * nb, generator, device).view(B, nb)
+    if row_seeds is None:
+        rates = antithetic_rates(B * nb, generator, device).view(B, nb)
+        draw = torch.rand(B, L, generator=generator).to(device)
+    else:
+        if len(row_seeds) != B:
+            raise ValueError(f"row_seeds has {len(row_seeds)} entries for {B} rows")
+        gens = [torch.Generator().manual_seed(int(s)) for s in row_seeds]
+        rates = torch.stack([antithetic_rates(nb, g, device) for g in gens])
+        draw = torch.stack([torch.rand(L, generator=g) for g in gens]).to(device)
     per_pos = rates.repeat_interleave(block_size, dim=1)[:, :L]
-    draw = torch.rand(B, L, generator=generator).to(device)
     first = (draw < per_pos) & batch.loss_mask
     views = [first, batch.loss_mask & ~first] if complementary else [first]
     masked = torch.stack(views, dim=1)

@@ -12,6 +12,7 @@ from flare.ops.gated_delta import (
     gated_delta_two_stream,
     gated_delta_two_stream_reference,
 )
+from flare.ops.gated_delta.two_stream import _inverse_unit_lower
 
 S, DK, DV = 2, 8, 16
 GROUPED, EQUAL = (2, 4), (4, 4)  # (Hk, H)
@@ -73,6 +74,25 @@ def test_efficient_matches_reference(bs, T):
             assert_close(o_n, r_n, what=f"o_n {what}")
 
 
+@pytest.mark.parametrize("T,bs", [(37, 20), (130, 64), (130, 100), (200, 9)])
+def test_efficient_matches_reference_large_blocks(T, bs):
+    """Blocks above NEUMANN_MAX_BLOCK (triangular solve), a whole chunk, longer than the default chunk."""
+    xs = make_inputs(T, 2, GROUPED, seed=T + bs)
+    for readout in ("token", "block"):
+        o_c, o_n = gated_delta_two_stream(*xs, bs, clean_readout=readout)
+        r_c, r_n = gated_delta_two_stream_reference(*xs, bs, clean_readout=readout)
+        assert_close(o_c, r_c, what=f"o_c {readout}")
+        assert_close(o_n, r_n, what=f"o_n {readout}")
+
+
+@pytest.mark.parametrize("L", [1, 2, 3, 4, 5, 8, 9, 16])
+def test_inverse_unit_lower(L):
+    gen = torch.Generator().manual_seed(L)
+    A = (torch.randn(3, L, L, generator=gen, dtype=torch.float64) * 0.5).tril(-1)
+    inv = _inverse_unit_lower(A)
+    assert_close(inv, torch.linalg.inv(torch.eye(L, dtype=torch.float64) + A), tol=1e-12, what=f"L={L}")
+
+
 @pytest.mark.parametrize("readout", ["token", "block"])
 def test_efficient_matches_reference_float64(readout):
     xs = make_inputs(37, 2, GROUPED, seed=5, dtype=torch.float64)
@@ -108,7 +128,13 @@ def test_empty_sequence(fn):
 
 @pytest.mark.parametrize(
     "T,bs,V,heads,readout",
-    [(37, 4, 2, GROUPED, "token"), (13, 3, 1, EQUAL, "block"), (5, 7, 2, GROUPED, "token"), (20, 1, 1, GROUPED, "block")],
+    [
+        (37, 4, 2, GROUPED, "token"),
+        (13, 3, 1, EQUAL, "block"),
+        (5, 7, 2, GROUPED, "token"),
+        (20, 1, 1, GROUPED, "block"),
+        (70, 12, 2, GROUPED, "block"),  # block > NEUMANN_MAX_BLOCK: triangular-solve path
+    ],
 )
 def test_gradients_match_reference(T, bs, V, heads, readout):
     grads = {}

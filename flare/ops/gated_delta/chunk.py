@@ -181,8 +181,8 @@ def chunk_scan(
         M = C // bs
         n_blocks = -(-T // bs)
         ends = torch.arange(bs - 1, C, bs, device=dev)
-        x_end = kc.transpose(-1, -2)[..., None, :, :] * decay[..., ends, None, :]  # [B, H, N, M, Dk, C]
-        x_end = x_end.reshape(B, H, N, M * Dk, C)
+        k_t = kc.transpose(-1, -2).contiguous()  # contiguous operands: a contiguous product, a free reshape
+        x_end = (k_t[..., None, :, :] * decay[..., ends, None, :]).reshape(B, H, N, M * Dk, C)
         s0_decay = cum[..., ends].exp()[..., None, None]  # [B, H, N, M, 1, 1]
         blocks: list[torch.Tensor] = []
 
@@ -190,9 +190,10 @@ def chunk_scan(
     us: list[torch.Tensor] = []
     starts: list[torch.Tensor] = []
     for n in range(N):
-        starts.append(state)
         u = u_base[:, :, n] - w[:, :, n] @ state  # deltas u_i, [B, H, C, Dv]
-        us.append(u)
+        if keep:
+            starts.append(state)
+            us.append(u)
         outs.append(q_in[:, :, n] @ state + attn[:, :, n] @ u)
         if block_states is not None:
             m = min(M, n_blocks - n * M)  # block ends that exist (T may end inside this chunk)

@@ -1,0 +1,185 @@
+"""The training loop: one loop for every objective (ar, flare, block_diffusion), single process or torchrun.
+
+Each step draws ``grad_accum`` micro-batches per rank and their noise up front, so the loss can be normalised by
+the token counts of the whole global batch: the per-token mean is then the same however the batch is split over
+ranks and micro-batches. Noise is seeded per (step, micro-batch, global row), so a resumed run, or a run on
+another number of ranks, sees exactly the same noise.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from flare.checkpoint import load_model
+from flare.data import ChatTokenizer, PackedDataset, Sampler
+from flare.objective import FlareObjective
+from flare.train import checkpointing
+from flare.train.config import TrainConfig, to_dict
+from flare.train.distributed import all_sum, setup, shard, teardown
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then constant or cosine decay to ``min_lr_ratio``; ``step`` counts from 0."""
+    o = cfg.optim
+    if step < o.warmup_steps:
+        return (step + 1) / o.warmup_steps
+    if o.schedule == "constant":
+        return 1.0
+    span = max(1, cfg.steps - o.warmup_steps)
+    progress = min(1.0, (step - o.warmup_steps) / span)
+    return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _row_seed(seed: int, step: int, micro: int, row: int) -> int:
+    return (((seed * 1_000_003 + step) * 10_007 + micro) * 65_537 + row) % (2**62)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig) -> None:
+        if not cfg.model:
+            raise ValueError("model is required: the checkpoint directory to train from")
+        if not cfg.data.train:
+            raise ValueError("data.train is empty: give at least one JSONL source")
+        self.cfg = cfg
+        self.d = setup(cfg.device)
+        torch.manual_seed(cfg.seed)
+        self.out = Path(cfg.out_dir)
+        if self.d.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+
+        model = load_model(cfg.model, device=self.d.device)
+        model.gradient_checkpointing = cfg.activation_checkpointing
+        self.model = shard(model.train(), self.d)
+        self.objective = FlareObjective(cfg.objective, model.config.mask_token_id)
+        tokenizer = ChatTokenizer.from_dir(cfg.model)
+        bs = cfg.objective.block_size
+        sources = {}
+        for src in cfg.data.train:
+            name = src.name or Path(src.path).stem
+            sources[name] = PackedDataset.from_jsonl(src.path, tokenizer, seq_len=cfg.data.seq_len, block_size=bs,
+                                                     name=name, on_error=cfg.data.on_error, dedup=cfg.data.dedup)
+        weights = {src.name or Path(src.path).stem: src.weight for src in cfg.data.train}
+        self.sampler = Sampler(sources, cfg.batch_size, weights=weights, seed=cfg.seed, rank=self.d.rank,
+                               world_size=self.d.world)
+        self.eval_set = None
+        if cfg.data.eval:
+            self.eval_set = PackedDataset.from_jsonl(cfg.data.eval, tokenizer, seq_len=cfg.data.seq_len,
+                                                     block_size=bs, name="eval", on_error=cfg.data.on_error)
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                                           weight_decay=o.weight_decay)
+        self.step = 0
+        done = checkpointing.checkpoints(self.out)
+        if done:
+            state = checkpointing.load(done[-1], self.model, self.optimizer)
+            self.sampler.load_state_dict(state["sampler"])
+            self.step = int(state["step"])
+            if self.d.main:
+                self._truncate_log()
+        self.tokens_seen = 0
+
+    # --------------------------------------------------------------------------------------------- one step
+    def train_step(self) -> dict[str, float]:
+        cfg, d = self.cfg, self.d
+        micro = [next(self.sampler).to(d.device) for _ in range(cfg.grad_accum)]
+        views = []
+        for m, batch in enumerate(micro):
+            seeds = [_row_seed(cfg.seed, self.step, m, d.rank * cfg.batch_size + i) for i in range(len(batch.input_ids))]
+            views.append(self.objective.views(batch, row_seeds=seeds))
+        counts = [self.objective.counts(b, v) for b, v in zip(micro, views)]
+        n_diff, n_ar = all_sum([sum(c[0] for c in counts), sum(c[1] for c in counts)], d)
+        for group in self.optimizer.param_groups:
+            group["lr"] = cfg.optim.lr * lr_factor(self.step, cfg)
+        autocast = torch.autocast(d.device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
+        sums = [0.0, 0.0]
+        for batch, v in zip(micro, views):
+            with autocast:
+                parts = self.objective.parts(self.model, batch, v)
+                # FSDP averages gradients over ranks; scaling by the world size makes the result the gradient of
+                # the global per-token mean.
+                loss = parts.loss(int(n_diff), int(n_ar)) * d.world
+            loss.backward()
+            sums[0] += parts.sum_diff.item()
+            sums[1] += parts.sum_ar.item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip or float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        sum_diff, sum_ar = all_sum(sums, d)
+        w = parts.ar_weight
+        loss_diff = sum_diff / max(n_diff, 1)
+        loss_ar = sum_ar / max(n_ar, 1)
+        tokens = int(all_sum([sum(int(b.loss_mask.sum()) for b in micro)], d)[0])
+        self.step += 1
+        return {
+            "step": self.step,
+            "loss": (loss_diff if n_diff else 0.0) + (w * loss_ar if w > 0 else 0.0),
+            "loss_diff": loss_diff,
+            "loss_ar": loss_ar,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "grad_norm": float(grad_norm),
+            "tokens": tokens,
+        }
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Per-token loss on the first ``eval_batches`` eval rows, with fixed noise."""
+        self.model.eval()
+        sums, counts = [0.0, 0.0], [0, 0]
+        rows = len(self.eval_set)
+        for i in range(min(self.cfg.eval_batches, rows)):
+            batch = self.eval_set[[i]].to(self.d.device)
+            v = self.objective.views(batch, row_seeds=[_row_seed(self.cfg.seed, -1, 0, i)])
+            parts = self.objective.parts(self.model, batch, v)
+            sums[0] += parts.sum_diff.item()
+            sums[1] += parts.sum_ar.item()
+            counts[0] += parts.n_diff
+            counts[1] += parts.n_ar
+        self.model.train()
+        w = parts.ar_weight
+        return sums[0] / max(counts[0], 1) + (w * sums[1] / max(counts[1], 1) if w > 0 else 0.0)
+
+    # ---------------------------------------------------------------------------------------------- the loop
+    def run(self) -> list[dict[str, float]]:
+        cfg, d = self.cfg, self.d
+        history = []
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", disable=not (d.main and cfg.progress),
+                   dynamic_ncols=True)
+        start = time.perf_counter()
+        tokens = 0
+        try:
+            while self.step < cfg.steps:
+                metrics = self.train_step()
+                tokens += metrics["tokens"]
+                metrics["tokens_per_s"] = tokens / max(time.perf_counter() - start, 1e-9)
+                if cfg.eval_every and self.eval_set is not None and self.step % cfg.eval_every == 0:
+                    metrics["eval_loss"] = self.evaluate()
+                history.append(metrics)
+                if d.main and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
+                    with open(self.out / METRICS_FILE, "a") as f:
+                        f.write(json.dumps(metrics) + "\n")
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+                if self.step % cfg.save_every == 0 or self.step == cfg.steps:
+                    checkpointing.save(self.out, self.step, self.model, self.optimizer, self.sampler.state_dict(),
+                                       d, cfg.model, cfg.keep_last, metrics)
+        finally:
+            bar.close()
+            teardown(d)
+        return history
+
+    def _truncate_log(self) -> None:
+        """On resume, drop log lines of steps after the checkpoint: they are about to be redone."""
+        log = self.out / METRICS_FILE
+        if log.exists():
+            keep = [line for line in log.read_text().splitlines() if json.loads(line)["step"] <= self.step]
+            log.write_text("".join(line + "\n" for line in keep))
