@@ -87,9 +87,10 @@ def _train(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     print(
         "flare demo will: train a tiny hybrid AR model on generated arithmetic chats, convert it with the FLARE "
-        "objective, and decode it three ways (causal, AR-Trust, Diffusion-Trust), reporting accuracy, tokens per "
-        "forward and speed. The conversion and the parallel decoders are not built yet; today flare can load "
-        "Qwen3.5 / Qwen3-Next / Llama / Qwen3 checkpoints and decode causally (see `flare generate --help`)."
+        "objective, and evaluate it in every decoding mode (accuracy, tokens per forward, speed). Its evaluation "
+        "report is not built yet. What works today: `flare convert`, `flare train` (objectives flare, "
+        "block_diffusion, ar; torchrun for data parallelism) and `flare generate --mode "
+        "causal|ar_trust|diffusion_trust|low_confidence|llada` (see each command's --help)."
     )
     return 0
 
