@@ -187,6 +187,48 @@ class ModelConfig:
         return out
 
     @classmethod
+    def new_hybrid(
+        cls,
+        *,
+        vocab_size: int,
+        hidden_size: int,
+        num_hidden_layers: int,
+        intermediate_size: int,
+        num_attention_heads: int = 4,
+        num_key_value_heads: int = 2,
+        head_dim: int = 32,
+        linear_num_key_heads: int = 2,
+        linear_num_value_heads: int = 4,
+        linear_key_head_dim: int = 32,
+        linear_value_head_dim: int = 32,
+        full_attention_interval: int = 4,
+        tie_word_embeddings: bool = True,
+        eos_token_id: int | None = None,
+        pad_token_id: int | None = None,
+        rope_theta: float = 10_000_000.0,
+    ) -> "ModelConfig":
+        """A fresh Qwen3.5-style hybrid (3 of 4 layers GDN), as the config.json transformers would write."""
+        raw = {
+            "model_type": "qwen3_5_text",
+            "architectures": ["Qwen3_5ForCausalLM"],
+            "vocab_size": vocab_size, "hidden_size": hidden_size, "intermediate_size": intermediate_size,
+            "num_hidden_layers": num_hidden_layers, "num_attention_heads": num_attention_heads,
+            "num_key_value_heads": num_key_value_heads, "head_dim": head_dim, "hidden_act": "silu",
+            "layer_types": [
+                LINEAR_ATTENTION if (i + 1) % full_attention_interval else FULL_ATTENTION
+                for i in range(num_hidden_layers)
+            ],
+            "linear_conv_kernel_dim": 4, "linear_key_head_dim": linear_key_head_dim,
+            "linear_value_head_dim": linear_value_head_dim, "linear_num_key_heads": linear_num_key_heads,
+            "linear_num_value_heads": linear_num_value_heads, "rms_norm_eps": 1e-6,
+            "rope_parameters": {"rope_type": "default", "rope_theta": rope_theta, "partial_rotary_factor": 0.25},
+            "max_position_embeddings": 32768, "attention_bias": False, "attention_dropout": 0.0,
+            "tie_word_embeddings": tie_word_embeddings, "eos_token_id": eos_token_id, "pad_token_id": pad_token_id,
+            "bos_token_id": None, "dtype": "float32",
+        }
+        return cls.from_hf_dict(raw)
+
+    @classmethod
     def from_file(cls, path: str | Path) -> "ModelConfig":
         path = Path(path)
         if path.is_dir():

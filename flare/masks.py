@@ -50,22 +50,19 @@ def causal_from(offsets_B: torch.Tensor) -> MaskMod:
     return mask_mod
 
 
-def inference_rows(
-    lengths_B: torch.Tensor, span: int, num_clean_B: torch.Tensor, num_rows_B: torch.Tensor
-) -> MaskMod:
-    """Rows [clean x num_clean[b] ; noisy ; padding] read a cache they do not write (method §3).
+def inference_rows(lengths_B: torch.Tensor, num_clean_B: torch.Tensor, num_rows_B: torch.Tensor) -> MaskMod:
+    """Rows [clean x num_clean[b] ; noisy ; padding] after a cache, which they do not commit to (method §3).
 
-    Key columns 0..span-1 are cache slots (visible when committed, slot < lengths[b]); columns span + r are the
-    forward's own rows, of which the first num_rows[b] are real. Clean rows are causal among themselves; noisy
-    rows see every clean row and the whole noisy block: exactly what a training noisy block sees of its clean
-    prefix and of itself.
+    Key column kv is cache slot kv: slots below lengths[b] hold committed tokens; the forward's own row r sits in
+    scratch slot lengths[b] + r, of which the first num_rows[b] are real. Clean rows are causal among
+    themselves; noisy rows see every clean row and the whole noisy block: exactly what a training noisy block
+    sees of its clean prefix and of itself.
     """
 
     def mask_mod(b, h, q, kv):
-        r = kv - span
-        in_cache = (kv < span) & (kv < lengths_B[b])
+        r = kv - lengths_B[b]
         own = (r >= 0) & (r < num_rows_B[b]) & ((r <= q) | (q >= num_clean_B[b]))
-        return in_cache | own
+        return (r < 0) | own
 
     return mask_mod
 

@@ -12,7 +12,7 @@ from flare.model.context import use_flex
 
 def test_inference_rows_padding_is_invisible():
     """Per-row clean counts: row 1 is a cold start [clean, noisy, noisy, pad] beside a warm row 0."""
-    rule = masks.inference_rows(torch.tensor([0, 0]), 0, torch.tensor([2, 1]), torch.tensor([4, 3]))
+    rule = masks.inference_rows(torch.tensor([0, 0]), torch.tensor([2, 1]), torch.tensor([4, 3]))
     m = masks.materialize(rule, 2, 4, 4, "cpu")[:, 0].int()
     assert m[0].tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 1]]
     assert m[1].tolist() == [[1, 0, 0, 0], [1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 0]]
@@ -52,21 +52,21 @@ def test_two_views_never_see_each_other():
 
 
 def test_inference_rows_table():
-    """Cache of span 3 holding 2 committed tokens, then rows [clean, clean, noisy, noisy]."""
-    rule = masks.inference_rows(torch.tensor([2]), 3, torch.tensor([2]), torch.tensor([4]))
+    """2 committed tokens, then rows [clean, clean, noisy, noisy] in slots 2-5, one stale slot after them."""
+    rule = masks.inference_rows(torch.tensor([2]), torch.tensor([2]), torch.tensor([4]))
     m = masks.materialize(rule, 1, 4, 7, "cpu")[0, 0].int()
     expected = torch.tensor([
-        [1, 1, 0, 1, 0, 0, 0],
-        [1, 1, 0, 1, 1, 0, 0],
-        [1, 1, 0, 1, 1, 1, 1],
-        [1, 1, 0, 1, 1, 1, 1],
+        [1, 1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0, 0],
+        [1, 1, 1, 1, 1, 1, 0],
+        [1, 1, 1, 1, 1, 1, 0],
     ])
     assert torch.equal(m, expected)
 
 
 RULES = {
     "causal_from": (lambda: masks.causal_from(torch.tensor([3, 0])), 2, 4, 7),
-    "inference_rows": (lambda: masks.inference_rows(torch.tensor([3, 1]), 4, torch.tensor([2, 1]),
+    "inference_rows": (lambda: masks.inference_rows(torch.tensor([3, 1]), torch.tensor([2, 1]),
                                                     torch.tensor([5, 3])), 2, 5, 9),
     "packed_causal": (lambda: masks.packed_causal(torch.tensor([[0, 0, 1, 1, 1], [0, 1, 1, 2, 2]])), 2, 5, 5),
     "two_stream": (lambda: masks.two_stream(torch.tensor([[0, 0, 0, 1, 1, 1]]), 3), 1, 18, 18),

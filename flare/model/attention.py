@@ -48,13 +48,9 @@ class Attention(nn.Module):
                                 self.k_norm.weight.expand(self.num_kv_heads, D)])
             qk = rms_norm(qk, weight, self.q_norm.eps, self.q_norm.zero_centered)
         q, k = apply_rotary(qk, ctx.cos, ctx.sin).split([self.num_heads, self.num_kv_heads], dim=2)
-        if ctx.mode == "rows":
-            # Inference rows read the committed keys and never write them.
-            if ctx.record is not None:
-                ctx.record.kv[self.layer_idx] = (k, v)
-            k_old, v_old = ctx.cache.read_kv(self.layer_idx)
-            k, v = torch.cat([k_old, k.to(k_old.dtype)], 1), torch.cat([v_old, v.to(v_old.dtype)], 1)
-        elif ctx.cache is not None:
+        if ctx.cache is not None:
+            # Rows forwards put their keys in the scratch slots past each sequence's length: the committed
+            # slots stay untouched, and nothing is copied.
             k, v = ctx.cache.write_kv(self.layer_idx, k, v, ctx.write_pos)
         out = attention(q, k, v, ctx.attn_mask, D**-0.5).reshape(B, T, self.num_heads * D)
         if gate is not None:

@@ -2,7 +2,7 @@
 
 Row b of every tensor belongs to sequence b. ``lengths[b]`` counts the tokens committed for that sequence; the
 KV slots past it hold nothing meaningful and are masked out. The recurrent and conv states are always exactly
-the state after ``lengths[b]`` tokens.
+the state after ``lengths[b]`` tokens. Read-only rows forwards use the KV slots past the length as scratch.
 """
 
 from __future__ import annotations
@@ -29,16 +29,17 @@ class RecurrentState:
 
 @dataclass
 class CommitRecord:
-    """What the clean rows of a read-only rows forward would write, kept so that an accepted prefix of them can
-    be committed without another forward (keeping per-position states beats replaying the accepted tokens)."""
+    """What the clean rows of a read-only rows forward would write to the recurrent layers, kept so that an
+    accepted prefix of them can be committed without another forward (keeping per-position states beats
+    replaying the accepted tokens; benchmarks/bench_commit.py). Their keys/values already sit in the scratch
+    KV slots right after each sequence's length."""
 
     rows: int
-    kv: dict[int, tuple[torch.Tensor, torch.Tensor]]  # attention layer -> k, v [B, T, Hkv, D]
     gdn: dict[int, tuple[torch.Tensor, torch.Tensor]]  # GDN layer -> states [B, T, H, Dk, Dv], conv inputs [B, T, C]
 
     @classmethod
     def empty(cls) -> "CommitRecord":
-        return cls(0, {}, {})
+        return cls(0, {})
 
 
 class ModelCache:
@@ -114,12 +115,6 @@ class ModelCache:
         span = self.bound + k_BTHD.shape[1]
         return layer.k[:, :span], layer.v[:, :span]
 
-    def read_kv(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Committed keys/values up to the bound [B, S, Hkv, D], for rows that read the cache without writing."""
-        layer = self.layers[layer_idx]
-        assert isinstance(layer, AttentionState)
-        return layer.k[:, : self.bound], layer.v[:, : self.bound]
-
     def advance(self, n_new_B: torch.Tensor, max_new: int) -> None:
         self.lengths = self.lengths + n_new_B
         self.bound += max_new
@@ -130,18 +125,14 @@ class ModelCache:
 
     def commit(self, record: "CommitRecord", n_accept_B: torch.Tensor) -> None:
         """Advance every sequence by its first ``n_accept[b]`` recorded clean rows, exactly as a causal pass
-        over those tokens would: their keys/values, the recurrent state after the last of them, and the conv
-        inputs that end there. Nothing of the rejected rows survives (their KV slots lie past the length)."""
+        over those tokens would: their keys/values (already in the slots after the length), the recurrent state
+        after the last of them, and the conv inputs that end there. The rejected rows' KV slots lie past the new
+        length, where nothing reads them."""
         T = record.rows
-        self.reserve(T)
         B = self.batch_size
-        write_pos = self.lengths[:, None] + torch.arange(T, device=self.lengths.device)
         rows = torch.arange(B, device=self.lengths.device)
         for i, layer in enumerate(self.layers):
-            if isinstance(layer, AttentionState):
-                k, v = record.kv[i]
-                self.write_kv(i, k, v, write_pos)
-            else:
+            if isinstance(layer, RecurrentState):
                 states, inputs = record.gdn[i]  # [B, T, H, Dk, Dv], [B, T, C]
                 keep = n_accept_B - 1
                 taken = states[rows, keep.clamp(min=0)]

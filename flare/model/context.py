@@ -76,6 +76,7 @@ class ForwardContext:
     segments: Segments | None = None  # packed / two_stream: documents as segments
     layout: Layout = None
     record: CommitRecord | None = None  # rows mode: keep what the clean rows would commit
+    row_counts: tuple[torch.Tensor, torch.Tensor] | None = None  # rows mode: (num_clean, num_noisy) per sequence
 
     @classmethod
     def build(
@@ -126,14 +127,15 @@ class ForwardContext:
             if cache is None:
                 raise ValueError("inference rows read a cache: pass one")
             clean, noisy = layout.counts(B, T, device)
+            cache.reserve(T)
             positions = cache.lengths[:, None] + steps
-            span = cache.bound
-            rule = masks.inference_rows(cache.lengths, span, clean, clean + noisy)
-            mask = masks.materialize(rule, B, T, span + T, device)
+            rule = masks.inference_rows(cache.lengths, clean, clean + noisy)
+            mask = masks.materialize(rule, B, T, cache.bound + T, device)
             cos, sin = rope(positions)
             if record is not None:
                 record.rows = T
-            return cls("rows", positions, cos, sin, mask, cache=cache, layout=layout, record=record)
+            return cls("rows", positions, cos, sin, mask, cache=cache, write_pos=positions, layout=layout,
+                       record=record, row_counts=(clean, noisy))
 
         if layout is not None:
             raise TypeError(f"unknown layout {layout!r}")

@@ -104,7 +104,7 @@ class GatedDeltaNet(nn.Module):
         One causal conv serves both (a noisy row's window holds the clean inputs before the block)."""
         state = ctx.cache.layers[self.layer_idx]
         B, T, _ = x.shape
-        clean_n, noisy_n = ctx.layout.counts(B, T, x.device)
+        clean_n, noisy_n = ctx.row_counts
         idx = torch.arange(T, device=x.device)
         is_clean = idx < clean_n[:, None]
         is_noisy = ~is_clean & (idx < (clean_n + noisy_n)[:, None])
@@ -113,17 +113,23 @@ class GatedDeltaNet(nn.Module):
         q, k, v = self._qkv(mixed)
         g, beta = self._gates(b, a, None)
         # Rows outside a pass get decay 1 and write 0, so each pass sees only its own rows, per sequence.
-        gc, bc = g * is_clean[..., None], beta * is_clean[..., None]
-        if ctx.record is not None:
-            # The state after every clean row, so that any accepted prefix can be committed exactly.
-            o_c, ssm, states = gated_delta_naive(q, k, v, gc, bc, state.ssm, return_all_states=True)
-            ctx.record.gdn[self.layer_idx] = (states, qkv)
-            self.last_path = "naive"
-        else:
-            o_c, ssm, self.last_path = gated_delta(q, k, v, gc, bc, initial_state=state.ssm)
-        gn, bn = g * is_noisy[..., None], beta * is_noisy[..., None]
-        _, end, _ = gated_delta(q, k, v, gn, bn, initial_state=ssm)
-        o = torch.where(is_clean[..., None, None], o_c, read_state(q, end, self.dk**-0.5).to(o_c.dtype))
+        layout = ctx.layout
+        o, ssm = None, state.ssm
+        if not (isinstance(layout.num_clean, int) and layout.num_clean == 0):
+            gc, bc = g * is_clean[..., None], beta * is_clean[..., None]
+            if ctx.record is not None:
+                # The state after every clean row, so that any accepted prefix can be committed exactly.
+                o, ssm, states = gated_delta_naive(q, k, v, gc, bc, ssm, return_all_states=True)
+                ctx.record.gdn[self.layer_idx] = (states, qkv)
+                self.last_path = "naive"
+            else:
+                o, ssm, self.last_path = gated_delta(q, k, v, gc, bc, initial_state=ssm)
+        if layout.num_noisy != 0 and not (layout.num_noisy is None and isinstance(layout.num_clean, int)
+                                          and layout.num_clean == T):
+            gn, bn = g * is_noisy[..., None], beta * is_noisy[..., None]
+            _, end, self.last_path = gated_delta(q, k, v, gn, bn, initial_state=ssm)
+            o_n = read_state(q, end, self.dk**-0.5).to(v.dtype)
+            o = o_n if o is None else torch.where(is_clean[..., None, None], o, o_n)
         return self._out(o, z, x.dtype)
 
     def _two_stream(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:

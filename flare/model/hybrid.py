@@ -56,6 +56,24 @@ class FlareModel(nn.Module):
         # Recompute each decoder layer in the backward pass instead of keeping its activations.
         self.gradient_checkpointing = False
 
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0, std: float = 0.02) -> "FlareModel":
+        """Fresh weights for training from scratch: N(0, std) projections and embeddings, identity norms,
+        Gated DeltaNet decays spread over A in [1, 16] (as Qwen3.5's initialisation)."""
+        gen = torch.Generator().manual_seed(seed)
+        for name, p in self.named_parameters():
+            if name.endswith("A_log"):
+                p.copy_(torch.log(torch.rand(p.shape, generator=gen) * 15 + 1))
+            elif name.endswith("dt_bias") or name.endswith("linear_attn.norm.weight"):
+                p.fill_(1.0)
+            elif "norm" in name:
+                p.fill_(0.0 if self.config.norm_zero_centered else 1.0)
+            elif "conv1d" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+        return self
+
     @property
     def device(self) -> torch.device:
         return self.model.embed_tokens.weight.device

@@ -30,7 +30,8 @@ class SourceConfig:
 class DataConfig:
     train: list[SourceConfig] = field(default_factory=list)
     eval: str | None = None
-    seq_len: int = 1024
+    # A multiple of the default block size (3) and of 512: the defaults must make a valid config.
+    seq_len: int = 1536
     on_error: str = "skip"  # a malformed JSONL row: "skip" (counted, reported with its line) or "raise"
     dedup: bool = False
 
@@ -109,6 +110,12 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         return [_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        # YAML 1.1 (PyYAML) reads exponents without a dot, `lr: 1e-5` or `--set optim.lr=1e-4`, as strings.
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"{where} must be float, got {value!r}") from None
     if tp in (int, float, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
         raise ValueError(f"{where} must be {tp.__name__}, got {value!r}")
     return value
@@ -121,6 +128,12 @@ def from_dict(cls: type, raw: dict[str, Any], where: str = "") -> Any:
     if unknown:
         key = f"{where}.{unknown[0]}" if where else unknown[0]
         raise ValueError(f"unknown config key {key!r}; known keys here: {', '.join(names)}")
+    required = [f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [k for k in required if k not in raw]
+    if missing:
+        key = f"{where}.{missing[0]}" if where else missing[0]
+        raise ValueError(f"missing config key {key!r}")
     kwargs = {k: _convert(hints[k], v, f"{where}.{k}" if where else k) for k, v in raw.items()}
     return cls(**kwargs)
 
@@ -148,7 +161,10 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
         if not path.exists():
             raise FileNotFoundError(f"config file {path} does not exist")
         text = path.read_text()
-        raw = json.loads(text) if path.suffix == ".json" else (yaml.safe_load(text) or {})
+        try:
+            raw = json.loads(text) if path.suffix == ".json" else (yaml.safe_load(text) or {})
+        except (json.JSONDecodeError, yaml.YAMLError) as e:
+            raise ValueError(f"{path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {e}") from None
         if not isinstance(raw, dict):
             raise ValueError(f"{path} must hold a mapping at the top level")
     return from_dict(TrainConfig, apply_overrides(raw, list(overrides)))

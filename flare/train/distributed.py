@@ -40,13 +40,21 @@ def setup(device: str = "auto") -> Dist:
 
 
 def shard(model: torch.nn.Module, d: Dist) -> torch.nn.Module:
-    """FSDP2 over the data-parallel group: each decoder layer, then the root (embeddings, norm, head)."""
+    """FSDP2 over the data-parallel group: each decoder layer, then the root (embeddings, norm, head).
+
+    FSDP only all-gathers the root's parameters around ``forward``, but training never calls it: the objective
+    calls ``hidden_states`` (directly, or through ``two_stream_hidden``) and then ``logits``. So
+    ``hidden_states`` is registered as a forward method. The root keeps its parameters unsharded after forward
+    (FSDP2 never reshards the root then), so ``logits`` right after it sees the full head, and its gradient is
+    reduce-scattered with the rest of the root's at the end of backward.
+    """
     if d.world > 1:
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
         for layer in model.model.layers:
             fully_shard(layer)
         fully_shard(model)
+        register_fsdp_forward_method(model, "hidden_states")
     return model
 
 

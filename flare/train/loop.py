@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
+from collections import Counter
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -25,6 +27,18 @@ from flare.train.config import TrainConfig, to_dict
 from flare.train.distributed import all_sum, setup, shard, teardown
 
 METRICS_FILE = "metrics.jsonl"
+# Counters of PackedDataset.stats that describe what was kept; every other counter is a reason rows were dropped.
+_KEPT_STATS = frozenset({"lines", "conversations", "documents", "rows", "tokens", "supervised_tokens", "pad_tokens",
+                         "truncated", "truncated_tokens"})
+
+
+def data_summary(name: str, stats: Counter) -> str:
+    """One line per source: what was read, kept and dropped (by reason)."""
+    dropped = {k: v for k, v in sorted(stats.items()) if k not in _KEPT_STATS and v}
+    reasons = ", ".join(f"{k} {v}" for k, v in dropped.items())
+    return (f"data {name}: {stats['lines']} lines, {stats['documents']} documents, {stats['rows']} rows "
+            f"({stats['supervised_tokens']} supervised tokens), {sum(dropped.values())} rejected"
+            + (f" ({reasons})" if reasons else ""))
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -66,6 +80,9 @@ class Trainer:
         sources = {}
         for src in cfg.data.train:
             name = src.name or Path(src.path).stem
+            if name in sources:
+                # Sources are keyed by name: a second one of the same name would silently replace the first.
+                raise ValueError(f"two data.train sources are named {name!r}; give them distinct `name`s")
             sources[name] = PackedDataset.from_jsonl(src.path, tokenizer, seq_len=cfg.data.seq_len, block_size=bs,
                                                      name=name, on_error=cfg.data.on_error, dedup=cfg.data.dedup)
         weights = {src.name or Path(src.path).stem: src.weight for src in cfg.data.train}
@@ -75,6 +92,13 @@ class Trainer:
         if cfg.data.eval:
             self.eval_set = PackedDataset.from_jsonl(cfg.data.eval, tokenizer, seq_len=cfg.data.seq_len,
                                                      block_size=bs, name="eval", on_error=cfg.data.on_error)
+        # What each source kept and rejected, said once (a skipped row is otherwise only a logged warning).
+        self.data_stats = {name: dict(ds.stats) for name, ds in sources.items()}
+        if self.eval_set is not None:
+            self.data_stats["eval"] = dict(self.eval_set.stats)
+        if self.d.main:
+            for name, stats in self.data_stats.items():
+                print(data_summary(name, Counter(stats)), file=sys.stderr, flush=True)
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                                            weight_decay=o.weight_decay)
@@ -178,8 +202,15 @@ class Trainer:
         return history
 
     def _truncate_log(self) -> None:
-        """On resume, drop log lines of steps after the checkpoint: they are about to be redone."""
+        """On resume, drop log lines of steps after the checkpoint: they are about to be redone. A line cut short
+        by the crash (not valid JSON) is dropped too."""
         log = self.out / METRICS_FILE
         if log.exists():
-            keep = [line for line in log.read_text().splitlines() if json.loads(line)["step"] <= self.step]
+            keep = []
+            for line in log.read_text().splitlines():
+                try:
+                    if json.loads(line)["step"] <= self.step:
+                        keep.append(line)
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue
             log.write_text("".join(line + "\n" for line in keep))

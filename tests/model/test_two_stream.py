@@ -144,10 +144,12 @@ def test_inference_rows_read_but_never_write(models64, family):
         model.hidden_states(prefix, cache=cache)
         before = cache.clone()
         out = model.hidden_states(torch.cat([clean, noisy], 1), cache=cache, layout=Rows(3))
-        for a, b in zip(cache.layers, before.layers):
-            for name in vars(a):
-                assert torch.equal(getattr(a, name), getattr(b, name))
         assert torch.equal(cache.lengths, before.lengths)
+        for a, b in zip(cache.layers, before.layers):
+            if hasattr(a, "k"):  # committed slots only: the ones past the length are scratch
+                assert torch.equal(a.k[:, :11], b.k[:, :11]) and torch.equal(a.v[:, :11], b.v[:, :11])
+            else:
+                assert torch.equal(a.conv, b.conv) and torch.equal(a.ssm, b.ssm)
         # Clean rows are ordinary causal rows; the noisy block then sees them as committed context.
         causal = model.hidden_states(clean, cache=before)
         assert (out[:, :3] - causal).abs().max() <= 1e-10

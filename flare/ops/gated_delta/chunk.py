@@ -38,10 +38,16 @@ __all__ = ["ChunkScan", "chunk_scan", "gated_delta_chunk"]
 
 
 def _to_chunks(x: torch.Tensor, pad: int, n_chunks: int, chunk: int) -> torch.Tensor:
-    """``[B, T, H, D]`` -> fp32 ``[B, H, N, C, D]``, zero-padding T by ``pad``."""
-    x = F.pad(x.to(accum_dtype(x.dtype)), (0, 0, 0, 0, 0, pad))
+    """``[B, T, H, D]`` -> contiguous fp32 ``[B, H, N, C, D]``, zero-padding T by ``pad``.
+
+    Contiguous so that the batched matmuls below take their operands as they are (a permuted view would be
+    copied again by every matmul that reads it).
+    """
+    x = x.to(accum_dtype(x.dtype))
+    if pad:
+        x = F.pad(x, (0, 0, 0, 0, 0, pad))
     B, _, H, D = x.shape
-    return x.reshape(B, n_chunks, chunk, H, D).permute(0, 3, 1, 2, 4)
+    return x.reshape(B, n_chunks, chunk, H, D).permute(0, 3, 1, 2, 4).contiguous()
 
 
 class ChunkScan(NamedTuple):

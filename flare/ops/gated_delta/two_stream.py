@@ -47,14 +47,15 @@ CLEAN_READOUTS = ("token", "block")
 # A is strictly lower triangular (nilpotent), so for small L, T = (I - A)(I + A^2)(I + A^4)... exactly: a few
 # tiny batched matmuls, much cheaper than a batched triangular solve of thousands of L x L systems.
 #
-# Seeding without block states. S0 of block b is the clean state after block b - 1, which ends at local position
-# e of chunk n (chunks of C = a multiple of bs positions, so a block never straddles chunks). From the chunk scan,
-#     S_e = e^{G_e} S_start(n) + sum_{j <= e} e^{G_e - G_j} k_j u_j^T,
-# hence   P S_e = e^{G_e} (P S_start(n)) + ((P K_n^T) . w_e) U_n   (w_e = row e of the chunk's decay matrix):
+# Seeding without block states. Chunks hold C = a multiple of bs positions, so block m of chunk n starts at local
+# position m * bs and its seed S0 is the clean state after local position s = m * bs - 1 of the same chunk (s = -1,
+# the chunk-start state, for m = 0). From the chunk scan (G_{-1} = 0 and an empty sum for s = -1),
+#     S_s = e^{G_s} S_start(n) + sum_{j <= s} e^{G_s - G_j} k_j u_j^T,
+# hence   P S_s = e^{G_s} (P S_start(n)) + ((P K_n^T) . w_s) U_n   (w_s = row s of the chunk's decay matrix):
 # an attention-like read of the clean chunk's keys and deltas plus one read of the chunk-start state. No block
 # state is ever formed: per segment the op keeps O(T / C * Dk * Dv) state memory (autograd included), not
 # O(T / bs * Dk * Dv), and no per-view or per-position state at all. The clean "block" readout is the same read
-# with P = the clean queries.
+# with P = the scaled clean queries and s = the block's own end.
 
 NEUMANN_MAX_BLOCK = 8  # above this, invert (I + A) with a triangular solve (the series' cancellations grow)
 
@@ -169,20 +170,21 @@ def gated_delta_two_stream_reference(
     return torch.stack(o_c_rows).to(v_c.dtype), torch.stack(o_n_rows).to(v_n.dtype)
 
 
-def _blocks(x: torch.Tensor, n_blocks: int, bs: int) -> torch.Tensor:
-    """``[S, V, T, H, *D]`` -> ``[S, H, n_blocks, V, bs, *D]``, zero-padding T (g = beta = 0: no-op positions)."""
-    S, V, T, H = x.shape[:4]
+def _blocks(x: torch.Tensor, n_blocks: int, bs: int, heads: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[S, V, T, Hx, *D]`` -> contiguous ``[S, heads, n_blocks, V, bs, *D]`` in ``dtype``, in one copy.
+
+    T is zero-padded (g = beta = 0: no-op positions); grouped q/k heads (``Hx < heads``) are repeated so that value
+    head h reads head ``h // (heads / Hx)``.
+    """
+    S, V, T, Hx = x.shape[:4]
     extra = x.shape[4:]
     pad = n_blocks * bs - T
     if pad:
         x = F.pad(x, (0, 0) * len(extra) + (0, 0, 0, pad))
-    x = x.reshape(S, V, n_blocks, bs, H, *extra)
-    return x.permute(0, 4, 2, 1, 3, *range(5, 5 + len(extra)))
-
-
-def _expand_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """``[..., T, Hk, D]`` -> ``[..., T, heads, D]`` (grouped q/k heads, as ``naive.expand_heads``)."""
-    return x if x.shape[-2] == heads else x.repeat_interleave(heads // x.shape[-2], dim=-2)
+    x = x.reshape(S, V, n_blocks, bs, Hx, *extra).permute(0, 4, 2, 1, 3, *range(5, 5 + len(extra)))
+    if Hx != heads:
+        x = x[:, :, None].expand(S, Hx, heads // Hx, *x.shape[2:]).reshape(S, heads, *x.shape[2:])
+    return x.contiguous().to(dtype)  # (`.to(memory_format=...)` alone may return the permuted view itself)
 
 
 def _inverse_unit_lower(A: torch.Tensor) -> torch.Tensor:
@@ -203,19 +205,27 @@ def _inverse_unit_lower(A: torch.Tensor) -> torch.Tensor:
 
 
 def _read_clean_states(
-    rows: torch.Tensor, scan: ChunkScan, end_cum: torch.Tensor, end_decay: torch.Tensor
+    rows: torch.Tensor, scan: ChunkScan, pos_cum: torch.Tensor, pos_decay: torch.Tensor
 ) -> torch.Tensor:
-    """``rows`` ``[S, H, N, M, R, Dk]`` (R rows per clean block) times the clean state after that block's end.
+    """``rows`` ``[S, H, N, M, R, Dk]`` (R rows per block m of chunk n) times the clean state after local position
+    ``s`` of chunk n, given ``pos_cum = G_s`` ``[S, H, N, M]`` and ``pos_decay`` = row s of the chunk's decay matrix
+    ``[S, H, N, M, C]`` (``G_s = 0`` and a zero row for the chunk-start state itself):
+    ``rows @ S_s = e^{G_s} rows @ S_start(n) + ((rows @ K_n^T) * w_s) @ U_n`` (module comment).
 
-    ``rows[n, m] @ S_e = e^{G_e} rows @ S_start(n) + ((rows @ K_n^T) * w_e) @ U_n`` with ``e`` the end of block
-    ``m`` of chunk ``n`` (module comment). Returns ``[S, H, N, M, R, Dv]``.
+    Returns ``[S, H, N, M, R, Dv]``.
     """
     S, H, N, M, R, Dk = rows.shape
     C, Dv = scan.k.shape[-2], scan.u.shape[-1]
-    flat = rows.reshape(S, H, N, M * R, Dk)
-    from_start = (flat @ scan.starts).view(S, H, N, M, R, Dv) * end_cum.exp()[..., None, None]
-    scores = (flat @ scan.k.transpose(-1, -2)).view(S, H, N, M, R, C) * end_decay[..., None, :]
-    return from_start + (scores.view(S, H, N, M * R, C) @ scan.u).view(S, H, N, M, R, Dv)
+    batch = S * H * N
+    scores = (rows.reshape(batch, M * R, Dk) @ scan.k.reshape(batch, C, Dk).transpose(-1, -2)).view(
+        S, H, N, M, R, C
+    ) * pos_decay[..., None, :]
+    from_start = (rows * pos_cum.exp()[..., None, None]).reshape(batch, M * R, Dk) @ scan.starts.reshape(
+        batch, Dk, Dv
+    )
+    out = torch.baddbmm(from_start, scores.view(batch, M * R, C), scan.u.reshape(batch, C, Dv))
+    return out.view(S, H, N, M, R, Dv)
+
 
 def gated_delta_two_stream(
     q_c: torch.Tensor,
@@ -270,35 +280,32 @@ def gated_delta_two_stream(
     o_c = scan.o
     N = scan.cum.shape[2]
     nbp = N * M  # blocks, T zero-padded to N * C (padded positions change no state)
-    ends = torch.arange(bs - 1, C, bs, device=dev)
-    end_cum = scan.cum[..., ends]  # G_e of every block end, [S, H, N, M]
-    end_decay = scan.decay[..., ends, :]  # w_e, [S, H, N, M, C]
-    if clean_readout == "block":
-        q = _blocks(_expand_heads(q_c, H).to(acc)[:, None], nbp, bs)[:, :, :, 0] * scale  # [S, H, nbp, bs, Dk]
-        o_c = _read_clean_states(q.reshape(S, H, N, M, bs, Dk), scan, end_cum, end_decay)
+    ends = torch.arange(bs - 1, C, bs, device=dev)  # local block ends
+    if clean_readout == "block":  # clean block m of chunk n reads the state after its own end
+        q = _blocks(q_c[:, None], nbp, bs, H, acc)[:, :, :, 0] * scale  # [S, H, nbp, bs, Dk]
+        rows = q.view(S, H, N, M, bs, Dk)
+        o_c = _read_clean_states(rows, scan, scan.cum[..., ends], scan.decay[..., ends, :])
         o_c = o_c.permute(0, 2, 3, 4, 1, 5).reshape(S, nbp * bs, H, Dv)[:, :T]
+    # Noisy block m of chunk n is seeded by the clean state after local position m * bs - 1: the end of clean
+    # block m - 1, or for m = 0 the chunk-start state itself (G = 0, no deltas: a zero decay row).
+    seed_cum = F.pad(scan.cum[..., ends[:-1]], (1, 0))  # [S, H, N, M]
+    seed_decay = F.pad(scan.decay[..., ends[:-1], :], (0, 0, 1, 0))  # [S, H, N, M, C]
 
-    # Noisy blocks, layout [S, H, nbp, V, L, ...] (L = bs).
-    q, k = (_blocks(_expand_heads(x, H).to(acc), nbp, bs) for x in (q_n, k_n))
-    v = _blocks(v_n.to(acc), nbp, bs)
-    g = _blocks(g_n.to(acc)[..., None], nbp, bs)[..., 0]
-    beta = _blocks(beta_n.to(acc)[..., None], nbp, bs)[..., 0]
-    q = q * scale
-
+    # Noisy blocks, contiguous [S, H, nbp, V, L, ...] (L = bs).
+    q, k, v = (_blocks(x, nbp, bs, H, acc) for x in (q_n, k_n, v_n))
+    g, beta = (_blocks(x[..., None], nbp, bs, H, acc)[..., 0] for x in (g_n, beta_n))
     cum = g.cumsum(dim=-1)  # G_i
     g_end = cum[..., -1:]  # G_e, [.., 1]
     incl = torch.ones(bs, bs, dtype=torch.bool, device=dev).tril()
     diff = (cum[..., :, None] - cum[..., None, :]).masked_fill(~incl, 0.0)  # masked before exp: no overflow
     decay = diff.exp().masked_fill(~incl, 0.0)
     A = (beta[..., :, None] * decay * (k @ k.transpose(-1, -2))).masked_fill(~incl.tril(-1), 0.0)
-    mt = (q @ (k * (g_end - cum).exp()[..., None]).transpose(-1, -2)) @ _inverse_unit_lower(A)  # M T, [.., L, L]
-    local = mt @ (beta[..., None] * v)  # (M T) diag(beta) V
-    p = g_end.exp()[..., None] * q - mt @ ((beta * cum.exp())[..., None] * k)  # P, [S, H, nbp, V, L, Dk]
-    # Block b + 1 reads the state after clean block b: read with P of the next block, then shift the results.
-    p_next = torch.cat([p[:, :, 1:], torch.zeros_like(p[:, :, :1])], dim=2)
-    seeded = _read_clean_states(p_next.reshape(S, H, N, M, V * bs, Dk), scan, end_cum, end_decay)
-    seeded = seeded.reshape(S, H, nbp, V, bs, Dv)
-    seeded = torch.cat([torch.zeros_like(seeded[:, :, :1]), seeded[:, :, :-1]], dim=2)
-    o_n = (seeded + local).permute(0, 3, 2, 4, 1, 5).reshape(S, V, nbp * bs, H, Dv)[:, :, :T]
+    k_w = k * (scale * (g_end - cum).exp())[..., None]  # scale * Kw
+    mt = ((q @ k_w.transpose(-1, -2)) @ _inverse_unit_lower(A)).view(-1, bs, bs)  # scale * M T
+    rows = (scale * g_end.exp())[..., None] * q
+    p = torch.baddbmm(rows.view(-1, bs, Dk), mt, ((beta * cum.exp())[..., None] * k).view(-1, bs, Dk), alpha=-1)
+    seeded = _read_clean_states(p.view(S, H, N, M, V * bs, Dk), scan, seed_cum, seed_decay)  # P S0
+    o_n = torch.baddbmm(seeded.view(-1, bs, Dv), mt, (beta[..., None] * v).view(-1, bs, Dv))  # + (M T) diag(b) V
+    o_n = o_n.view(S, H, nbp, V, bs, Dv).permute(0, 3, 2, 4, 1, 5).reshape(S, V, nbp * bs, H, Dv)[:, :, :T]
     return o_c.to(v_c.dtype), o_n.to(v_n.dtype)
 
