@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from flare.cliargs import add_dataclass_flags, dataclass_from_args
@@ -79,7 +80,8 @@ def _train(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.set or [])
     history = Trainer(config).run()
-    if history:
+    # Under torchrun every rank returns the same history; one line is enough.
+    if history and os.environ.get("RANK", "0") == "0":
         print(json.dumps(history[-1]))
     return 0
 

@@ -20,7 +20,8 @@ ALLOWED = {
     "data": {"config", "tokenizer"},
     "objective": {"model", "ops", "config", "masks", "data"},
     "train": {"model", "ops", "config", "masks", "data", "objective", "checkpoint", "tokenizer"},
-    "testing": {"config"},
+    # Test support sits above everything it builds checkpoints and data with.
+    "testing": {"config", "data", "train", "model", "checkpoint", "objective"},
 }
 
 

@@ -49,6 +49,12 @@ def checkpoints(out_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
 
+def remove_partial(out_dir: Path) -> None:
+    """Delete what interrupted writes left behind (never listed as checkpoints, but they take disk)."""
+    for tmp in out_dir.glob(".tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def save(out_dir: Path, step: int, model: FlareModel, optimizer: torch.optim.Optimizer, sampler_state: dict,
          d: Dist, tokenizer_from: str | Path, keep_last: int, metrics: dict | None = None) -> Path | None:
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)

@@ -37,6 +37,8 @@ def resize_vocab(model: FlareModel, vocab_size: int) -> None:
 def convert(src: str | Path, dst: str | Path, mask_token_id: int | None = None) -> int:
     """Write the FLARE checkpoint of ``src`` to ``dst``; returns the [MASK] id."""
     src, dst = Path(src), Path(dst)
+    if dst.exists() and not dst.is_dir():
+        raise FileExistsError(f"{dst} exists and is not a directory")
     if dst.exists() and any(dst.iterdir()):
         raise FileExistsError(f"{dst} exists and is not empty")
     model = load_model(src)

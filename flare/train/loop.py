@@ -2,7 +2,7 @@
 
 Each step draws ``grad_accum`` micro-batches per rank and their noise up front, so the loss can be normalised by
 the token counts of the whole global batch: the per-token mean is then the same however the batch is split over
-ranks and micro-batches. Noise is seeded per (step, micro-batch, global row), so a resumed run, or a run on
+ranks and micro-batches. Noise is seeded per (step, global row), so a resumed run, or a run on
 another number of ranks, sees exactly the same noise.
 """
 
@@ -53,8 +53,8 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _row_seed(seed: int, step: int, micro: int, row: int) -> int:
-    return (((seed * 1_000_003 + step) * 10_007 + micro) * 65_537 + row) % (2**62)
+def _row_seed(seed: int, step: int, row: int) -> int:
+    return ((seed * 1_000_003 + step) * 65_537 + row) % (2**62)
 
 
 class Trainer:
@@ -103,6 +103,8 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                                            weight_decay=o.weight_decay)
         self.step = 0
+        if self.d.main:
+            checkpointing.remove_partial(self.out)
         done = checkpointing.checkpoints(self.out)
         if done:
             state = checkpointing.load(done[-1], self.model, self.optimizer)
@@ -118,7 +120,10 @@ class Trainer:
         micro = [next(self.sampler).to(d.device) for _ in range(cfg.grad_accum)]
         views = []
         for m, batch in enumerate(micro):
-            seeds = [_row_seed(cfg.seed, self.step, m, d.rank * cfg.batch_size + i) for i in range(len(batch.input_ids))]
+            # The row's index in the step's global stream (micro-batch, rank, row): the same row gets the same
+            # noise whether it arrives as one batch of 4 or as two micro-batches of 2, on one rank or two.
+            first = (m * d.world + d.rank) * cfg.batch_size
+            seeds = [_row_seed(cfg.seed, self.step, first + i) for i in range(len(batch.input_ids))]
             views.append(self.objective.views(batch, row_seeds=seeds))
         counts = [self.objective.counts(b, v) for b, v in zip(micro, views)]
         n_diff, n_ar = all_sum([sum(c[0] for c in counts), sum(c[1] for c in counts)], d)
@@ -162,7 +167,7 @@ class Trainer:
         rows = len(self.eval_set)
         for i in range(min(self.cfg.eval_batches, rows)):
             batch = self.eval_set[[i]].to(self.d.device)
-            v = self.objective.views(batch, row_seeds=[_row_seed(self.cfg.seed, -1, 0, i)])
+            v = self.objective.views(batch, row_seeds=[_row_seed(self.cfg.seed, -1, i)])
             parts = self.objective.parts(self.model, batch, v)
             sums[0] += parts.sum_diff.item()
             sums[1] += parts.sum_ar.item()

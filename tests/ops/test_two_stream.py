@@ -271,6 +271,25 @@ def test_noisy_equal_to_clean_matches_block_readout(fn, bs):
     assert_close(o_n[:, 0, ends], o_tok[:, ends], tol=1e-5, what="block ends")
 
 
+@pytest.mark.parametrize("fn", FNS.values(), ids=FNS.keys())
+def test_padding_positions_change_nothing(fn):
+    """The caller pads segments with g = 0, beta = 0 (any q, k, v): real positions' outputs stay as they were,
+    also in a block that the padding completes (its block-end state is unchanged)."""
+    T, pad, bs = 10, 5, 4  # pads block [8, 12) and adds block [12, 15)
+    xs = make_inputs(T, 2, GROUPED, seed=17)
+    junk = make_inputs(pad, 2, GROUPED, seed=18)
+    padded = []
+    for i, (x, y) in enumerate(zip(xs, junk)):
+        if NAMES[i].startswith(("g_", "beta_")):
+            y = torch.zeros_like(y)
+        padded.append(torch.cat([x, y], dim=1 if i < 5 else 2))
+    for readout in ("token", "block"):
+        o_c, o_n = fn(*xs, bs, clean_readout=readout)
+        p_c, p_n = fn(*padded, bs, clean_readout=readout)
+        assert_close(p_c[:, :T], o_c, tol=1e-6, what=f"o_c {readout}")
+        assert_close(p_n[:, :, :T], o_n, tol=1e-6, what=f"o_n {readout}")
+
+
 def test_reference_matches_concatenated_definition():
     """Independent of the reference's state plumbing: noisy block b == a plain recurrence over
     clean[:b*bs] ++ noisy block, whose final state every block position reads."""

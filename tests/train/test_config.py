@@ -105,7 +105,7 @@ def test_missing_and_malformed_config_files(tmp_path, capsys):
     # The CLI turns each into a one-line error and exit status 2.
     for path in (tmp_path / "nope.yaml", bad):
         assert main(["train", "--config", str(path)]) == 2
-        assert f"flare train: error: " in capsys.readouterr().err
+        assert "flare train: error: " in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("sets, message", [
@@ -124,11 +124,11 @@ def test_invalid_values(tmp_path, sets, message):
 def test_resolved_config_is_saved_in_out_dir(make_config, tmp_path):
     raw = make_config()
     path = _yaml(tmp_path, raw)
-    cfg = load_config(path, ["optim.lr=2e-3", "objective.ar_loss_weight=0.5"])
+    cfg = load_config(path, ["optim.lr=0.002", "objective.ar_loss_weight=0.5"])
     Trainer(cfg)
     saved = json.loads((tmp_path / "out" / "config.json").read_text())
     assert saved == json.loads(json.dumps(to_dict(cfg)))
-    assert saved["optim"]["lr"] == 2e-3 and saved["objective"]["ar_loss_weight"] == 0.5
+    assert saved["optim"]["lr"] == 0.002 and saved["objective"]["ar_loss_weight"] == 0.5
     # Defaults are written out in full, so the file alone reproduces the run.
     assert saved["optim"]["beta2"] == TrainConfig().optim.beta2 and saved["objective"]["block_size"] == 3
     # ... and it loads back as the same config.

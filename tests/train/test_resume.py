@@ -156,5 +156,7 @@ def test_resume_tolerates_a_torn_metrics_line(make_config, tmp_path):
 def test_finished_run_restarted_does_nothing(straight_run):
     """Re-running a finished run's command resumes at the end: no new steps, the log unchanged."""
     before = (straight_run.out / "metrics.jsonl").read_text()
-    run(train_cmd(straight_run.config))
+    trainer = Trainer(from_dict(TrainConfig, straight_run.cfg))
+    assert trainer.step == N
+    assert trainer.run() == []
     assert (straight_run.out / "metrics.jsonl").read_text() == before
