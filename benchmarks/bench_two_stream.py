@@ -4,18 +4,20 @@ What it measures, all in one run on one set of seeded inputs (fp32, clean_readou
 
 * forward time (and, with ``--backward``, forward + backward time) of ``gated_delta_two_stream`` vs
   ``gated_delta_two_stream_reference`` (literal per-segment / per-block / per-view loops). The ratio printed is
-  reference / efficient time (goal: >= 20x). Medians of ``--repeats`` timed runs after a warm-up run (the
-  reference, being slow, runs ``--ref-repeats`` times).
-* a third row, "batched naive": the same schedule with the noisy blocks run as one batch of ``bs``-step
-  sequential recurrences (``gated_delta_naive`` seeded by the clean block states) instead of the closed form
-  the efficient op uses. It shows what the closed form saves.
-* memory: the clean block states the op keeps (``S * ceil(T / bs) * H * Dk * Dv`` floats) vs per-token states
-  (``S * T * H * Dk * Dv``, what the reference materialises), from shapes; and, measured, the bytes autograd
-  saves for backward (unique storages seen by a saved-tensors hook) per form.
+  reference / efficient time (goal: >= 20x): after a warm-up, ``--rounds`` interleaved rounds, each timing the
+  fast forms ``--repeats`` times (median) and the slow reference once; the median ratio over rounds is printed,
+  for wall-clock time and for process CPU time (the latter is less distorted when other processes share the
+  machine; ``--threads 1`` reduces that distortion further).
+* a third row, "batched naive": the straightforward efficient design, with materialised clean block states
+  (``gated_delta_chunk(block_states=bs)``) seeding one batch of ``bs``-step sequential recurrences
+  (``gated_delta_naive``), instead of the op's closed form read from chunk-start states. It shows what that saves.
+* memory, from shapes: the clean states each design keeps (chunk-start states ``S * ceil(T / C)``, block states
+  ``S * ceil(T / bs)``, per-token states ``S * T`` as the reference materialises; times ``H * Dk * Dv`` fp32);
+  and, measured, the bytes autograd saves for backward (unique storages seen by a saved-tensors hook).
 * a correctness line: max |efficient - reference| over both outputs.
 
 Run:  python benchmarks/bench_two_stream.py [--T 2048] [--bs 4] [--S 1] [--V 2] [--Hk 2] [--H 4] [--dk 64]
-                                           [--dv 64] [--repeats 5] [--ref-repeats 1] [--backward] [--threads N]
+             [--dv 64] [--repeats 5] [--rounds 3] [--backward] [--no-reference] [--threads N] [--device cpu]
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from flare.ops.gated_delta import (
     gated_delta_two_stream,
     gated_delta_two_stream_reference,
 )
+from flare.ops.gated_delta.two_stream import CHUNK
 
 
 def make_inputs(S, V, T, Hk, H, dk, dv, device, seed=0):
@@ -78,19 +81,16 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def timed(fn, xs, bs, repeats, backward, device):
-    def once():
-        ys = [x.detach().requires_grad_(backward) for x in xs]
-        sync(device)
-        t0 = time.perf_counter()
-        o_c, o_n = fn(*ys, bs)
-        if backward:
-            (o_c.sum() + o_n.sum()).backward()
-        sync(device)
-        return time.perf_counter() - t0, (o_c.detach(), o_n.detach())
-
-    _, out = once()  # warm-up
-    return statistics.median(once()[0] for _ in range(repeats)), out
+def run_once(fn, xs, bs, backward, device):
+    """One call: ``((wall seconds, process CPU seconds), outputs)``."""
+    ys = [x.detach().requires_grad_(backward) for x in xs]
+    sync(device)
+    t0, c0 = time.perf_counter(), time.process_time()
+    o_c, o_n = fn(*ys, bs)
+    if backward:
+        (o_c.sum() + o_n.sum()).backward()
+    sync(device)
+    return (time.perf_counter() - t0, time.process_time() - c0), (o_c.detach(), o_n.detach())
 
 
 def saved_bytes(fn, xs, bs):
@@ -124,8 +124,8 @@ def main():
     ap.add_argument("--H", type=int, default=4)
     ap.add_argument("--dk", type=int, default=64)
     ap.add_argument("--dv", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--ref-repeats", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=5, help="runs of the fast forms per round (median)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the reference runs once per round")
     ap.add_argument("--backward", action="store_true", help="time forward + backward")
     ap.add_argument("--no-reference", action="store_true", help="skip the (slow) loop reference")
     ap.add_argument("--threads", type=int, default=None)
@@ -140,25 +140,54 @@ def main():
           f"threads={torch.get_num_threads()} torch={torch.__version__} "
           f"{'forward+backward' if a.backward else 'forward'}")
 
-    t_eff, out_eff = timed(gated_delta_two_stream, xs, a.bs, a.repeats, a.backward, device)
-    t_bn, out_bn = timed(batched_naive_two_stream, xs, a.bs, a.repeats, a.backward, device)
-    print(f"efficient (chunk + closed-form blocks): {t_eff * 1e3:10.2f} ms")
-    print(f"batched naive noisy blocks:             {t_bn * 1e3:10.2f} ms   ({t_bn / t_eff:.2f}x efficient)")
+    # Interleaved rounds (efficient x repeats, batched naive x repeats, reference x 1): each round's ratio
+    # compares runs made within seconds of each other, which keeps a shared machine's load drift out of it.
+    fns = {"efficient": gated_delta_two_stream, "batched naive": batched_naive_two_stream}
     if not a.no_reference:
-        t_ref, out_ref = timed(gated_delta_two_stream_reference, xs, a.bs, a.ref_repeats, a.backward, device)
-        print(f"reference (loops):                      {t_ref * 1e3:10.2f} ms")
-        print(f"speed-up efficient vs reference: {t_ref / t_eff:.1f}x   (goal >= 20x)")
-        err = max((e - r).abs().max().item() for e, r in zip(out_eff, out_ref))
+        fns["reference"] = gated_delta_two_stream_reference
+    outs = {name: run_once(fn, xs, a.bs, a.backward, device)[1] for name, fn in fns.items()}  # warm-up
+    wall: dict[str, list[float]] = {name: [] for name in fns}
+    cpu: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(a.rounds):
+        for name, fn in fns.items():
+            n = 1 if name == "reference" else a.repeats
+            runs = [run_once(fn, xs, a.bs, a.backward, device)[0] for _ in range(n)]
+            wall[name].append(statistics.median(r[0] for r in runs))
+            cpu[name].append(statistics.median(r[1] for r in runs))
+
+    def row(label, name):
+        w, c = statistics.median(wall[name]), statistics.median(cpu[name])
+        print(f"{label:38s} {w * 1e3:10.2f} ms wall {c * 1e3:10.2f} ms cpu")
+        return w, c
+
+    t_eff, c_eff = row("efficient op:", "efficient")
+    t_bn, c_bn = row("batched naive (block states + naive):", "batched naive")
+    print(f"{'':38s} {t_bn / t_eff:10.2f}x wall {c_bn / c_eff:10.2f}x cpu   (vs efficient)")
+    if not a.no_reference:
+        row("reference (loops):", "reference")
+        for kind, tab in (("wall", wall), ("cpu", cpu)):
+            ratios = sorted(r / e for r, e in zip(tab["reference"], tab["efficient"]))
+            print(f"speed-up efficient vs reference ({kind:4s}): {statistics.median(ratios):6.1f}x median of "
+                  f"{a.rounds} rounds (min {ratios[0]:.1f}x, max {ratios[-1]:.1f}x; goal >= 20x)")
+        err = max((e - r).abs().max().item() for e, r in zip(outs["efficient"], outs["reference"]))
         print(f"max |efficient - reference| = {err:.2e}")
+    out_eff, out_bn = outs["efficient"], outs["batched naive"]
     err_bn = max((e - r).abs().max().item() for e, r in zip(out_eff, out_bn))
     print(f"max |efficient - batched naive| = {err_bn:.2e}")
 
     state = a.H * a.dk * a.dv * 4  # one fp32 state, all heads
-    print(f"block states kept (S*ceil(T/bs) states): {mib(a.S * nb * state)}")
-    print(f"per-token clean states (S*T states):     {mib(a.S * a.T * state)}   ({a.T / nb:.1f}x)")
-    print(f"per-token states, clean + V views:       {mib(a.S * (1 + a.V) * a.T * state)}")
+    chunk = a.bs * max(1, CHUNK // a.bs)
+    n_chunks = -(-a.T // chunk)
+    rows = [
+        (f"chunk-start states (efficient op, C={chunk})", a.S * n_chunks * state),
+        ("block states S*ceil(T/bs) (batched naive)", a.S * nb * state),
+        ("per-token clean states S*T (reference)", a.S * a.T * state),
+        ("per-token states, clean + V views", a.S * (1 + a.V) * a.T * state),
+    ]
+    for label, n in rows:
+        print(f"{label:44s} {mib(n)}")
     for name, fn in (("efficient", gated_delta_two_stream), ("batched naive", batched_naive_two_stream)):
-        print(f"saved for backward, {name:14s}: {mib(saved_bytes(fn, xs, a.bs))}")
+        print(f"{'saved for backward, ' + name:44s} {mib(saved_bytes(fn, xs, a.bs))}")
 
 
 if __name__ == "__main__":

@@ -24,8 +24,11 @@ from flare.model import FlareModel
 from flare.ops.sampling import draw, filtered_probs, speculative_verify
 
 
-def _laws(logits_BNV, temp, top_k, top_p):
+def _laws(logits_BNV, temp, top_k, top_p, filtered: bool):
+    """The sampling law of every row [B, N, V]; the top-k/top-p sort only when a filter is on."""
     B, N, V = logits_BNV.shape
+    if not filtered:
+        return torch.softmax(logits_BNV.float() / temp[:, None, None].float(), dim=-1)
     flat = filtered_probs(logits_BNV.reshape(B * N, V), temp.repeat_interleave(N), top_k.repeat_interleave(N),
                           top_p.repeat_interleave(N))
     return flat.view(B, N, V)
@@ -60,7 +63,10 @@ def generate_ar_trust(
     # (1 token + fresh drafts); warm rows verify their drafts: [pending, d_1..d_M, MASK x M].
     cold = torch.ones(B, dtype=torch.bool, device=device)
     drafts = torch.zeros(B, M, dtype=torch.long, device=device)
-    q = torch.zeros(B, M, V, device=device)
+    # Greedy decoding needs no laws: a draft passes iff it is the argmax (speculative sampling with one-hot p
+    # and q), so no vocabulary-sized tensor is built per round.
+    greedy = params.greedy
+    q = None if greedy else torch.zeros(B, M, V, device=device)
 
     out = torch.zeros(B, n_new + N, dtype=torch.long, device=device)
     out_len = torch.zeros(B, dtype=torch.long, device=device)
@@ -78,17 +84,26 @@ def generate_ar_trust(
         live = ~finished
         active += live.long()
 
-        p = _laws(logits[:, :N], temp, top_k, top_p)
-        accepted, nxt = speculative_verify(p, q, drafts, gen, exact=options.draft_policy != "argmax_truncated")
-        accepted = torch.where(cold, torch.zeros_like(accepted), accepted)
-        nxt = torch.where(cold, draw(p[:, 0], gen), nxt)
+        if greedy:
+            target = logits[:, :N].argmax(-1)  # [B, N]
+            accepted = (drafts == target[:, :M]).long().cumprod(-1).sum(-1)
+            accepted = torch.where(cold, torch.zeros_like(accepted), accepted)
+            nxt = target.gather(1, accepted[:, None])[:, 0]
+        else:
+            p = _laws(logits[:, :N], temp, top_k, top_p, params.filtered)
+            accepted, nxt = speculative_verify(p, q, drafts, gen,
+                                               exact=options.draft_policy != "argmax_truncated")
+            accepted = torch.where(cold, torch.zeros_like(accepted), accepted)
+            nxt = torch.where(cold, draw(p[:, 0], gen), nxt)
         runner.commit_recorded(accepted + 1)
 
         # The MASK rows follow the clean rows: they draft the tokens after next (shifted logits).
         at = n_clean[:, None] + torch.arange(M, device=device)
         draft_logits = logits.gather(1, at[:, :, None].expand(B, M, V))
-        if options.draft_policy == "exact_truncated":
-            q_new = _laws(draft_logits, temp, top_k, top_p)
+        if greedy:
+            d_new, q_new = draft_logits.argmax(-1), None
+        elif options.draft_policy == "exact_truncated":
+            q_new = _laws(draft_logits, temp, top_k, top_p, params.filtered)
             d_new = draw(q_new.reshape(B * M, V), gen).view(B, M)
         else:
             d_new = draft_logits.argmax(-1)

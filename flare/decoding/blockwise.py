@@ -78,8 +78,11 @@ def generate_blockwise(
             logits = runner.rows(block, n_clean)  # [B, T, V]
             pred = torch.cat([last[:, None], logits[:, :-1]], dim=1)  # shifted: position j <- row j-1
             flat = pred.reshape(B * T, -1)
-            cand = sample(flat, temp.repeat_interleave(T), top_k.repeat_interleave(T), top_p.repeat_interleave(T),
-                          gen).view(B, T)
+            if params.greedy:
+                cand = flat.argmax(-1).view(B, T)
+            else:
+                cand = sample(flat, temp.repeat_interleave(T), top_k.repeat_interleave(T),
+                              top_p.repeat_interleave(T), gen).view(B, T)
             conf = torch.softmax(flat.float(), -1).gather(-1, cand.view(-1, 1)).view(B, T)
             commit = _choose(conf, undecided, options, step, max_steps)
             block = torch.where(commit, cand, block)

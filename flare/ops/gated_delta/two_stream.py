@@ -58,6 +58,8 @@ CLEAN_READOUTS = ("token", "block")
 # with P = the scaled clean queries and s = the block's own end.
 
 NEUMANN_MAX_BLOCK = 8  # above this, invert (I + A) with a triangular solve (the series' cancellations grow)
+CHUNK = 32  # target clean chunk length, rounded down to a multiple of the block size (32 measured ~7% faster
+# than 64 on CPU at T=2048, bs=4, Dk=Dv=64; outputs agree either way)
 
 
 def validate_two_stream_inputs(
@@ -273,7 +275,7 @@ def gated_delta_two_stream(
         return (torch.zeros(S, T, H, Dv, dtype=v_c.dtype, device=dev),
                 torch.zeros(S, V, T, H, Dv, dtype=v_n.dtype, device=dev))
     bs = block_size
-    C = bs * max(1, 64 // bs)  # chunk: a multiple of the block size
+    C = bs * max(1, CHUNK // bs)  # chunk: a multiple of the block size
     M = C // bs  # blocks per chunk
 
     scan = chunk_scan(q_c, k_c, v_c, g_c, beta_c, None, scale, C, keep=True)
