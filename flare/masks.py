@@ -23,11 +23,15 @@ CLEAN_READOUTS = ("token", "block")
 
 def materialize(mask_mod: MaskMod, batch: int, q_len: int, kv_len: int, device: torch.device | str) -> torch.Tensor:
     """Dense boolean mask [B, 1, Tq, Tk] (True = visible)."""
-    b = torch.arange(batch, device=device)[:, None, None, None]
-    h = torch.zeros(1, dtype=torch.long, device=device)[:, None, None, None]
-    q = torch.arange(q_len, device=device)[None, None, :, None]
-    kv = torch.arange(kv_len, device=device)[None, None, None, :]
-    return mask_mod(b, h, q, kv).expand(batch, 1, q_len, kv_len)
+    return materialize_at(mask_mod, batch, torch.arange(q_len, device=device), torch.arange(kv_len, device=device))
+
+
+def materialize_at(mask_mod: MaskMod, batch: int, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+    """The dense mask of ``mask_mod`` restricted to the given query rows and key columns [B, 1, |q|, |kv|]."""
+    b = torch.arange(batch, device=q_idx.device)[:, None, None, None]
+    h = torch.zeros(1, dtype=torch.long, device=q_idx.device)[:, None, None, None]
+    q, kv = q_idx[None, None, :, None], kv_idx[None, None, None, :]
+    return mask_mod(b, h, q, kv).expand(batch, 1, q_idx.numel(), kv_idx.numel())
 
 
 def block_mask(mask_mod: MaskMod, batch: int, q_len: int, kv_len: int, device: torch.device | str):

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from flare.config import ModelConfig
-from flare.model.context import ForwardContext
+from flare.model.context import ForwardContext, StreamMasks
 from flare.model.layers import RMSNorm, apply_rotary, rms_norm
 from flare.ops.attention import attention
 
@@ -52,7 +52,21 @@ class Attention(nn.Module):
             # Rows forwards put their keys in the scratch slots past each sequence's length: the committed
             # slots stay untouched, and nothing is copied.
             k, v = ctx.cache.write_kv(self.layer_idx, k, v, ctx.write_pos)
-        out = attention(q, k, v, ctx.attn_mask, D**-0.5).reshape(B, T, self.num_heads * D)
+        if isinstance(ctx.attn_mask, StreamMasks):
+            out = _per_stream(q, k, v, ctx.attn_mask, D**-0.5).reshape(B, T, self.num_heads * D)
+        else:
+            out = attention(q, k, v, ctx.attn_mask, D**-0.5).reshape(B, T, self.num_heads * D)
         if gate is not None:
             out = out * torch.sigmoid(gate)
         return self.o_proj(out)
+
+
+def _per_stream(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: StreamMasks, scale: float) -> torch.Tensor:
+    """Two-stream attention one stream at a time, each over the keys its mask can let through."""
+    L = m.L
+    outs = [attention(q[:, :L], k[:, :L], v[:, :L], m.clean, scale)]
+    for i, mask in enumerate(m.views):
+        view = slice((i + 1) * L, (i + 2) * L)
+        keys, vals = torch.cat([k[:, :L], k[:, view]], 1), torch.cat([v[:, :L], v[:, view]], 1)
+        outs.append(attention(q[:, view], keys, vals, mask, scale))
+    return torch.cat(outs, 1)

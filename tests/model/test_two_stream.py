@@ -168,3 +168,20 @@ def test_bad_two_stream_inputs(tiny_models):
         model.two_stream_hidden(x0, x0, _docs([12], 12), 4)
     with pytest.raises(ValueError, match="doc_ids"):
         model.hidden_states(x0, layout=Packed(_docs([12], 12)[:, :5]))
+
+
+def test_per_stream_attention_equals_the_full_mask():
+    """The CPU path splits two-stream attention by stream; it must equal one pass under the full mask."""
+    from flare import masks
+    from flare.model.attention import _per_stream
+    from flare.model.context import _stream_masks
+    from flare.ops.attention import attention
+
+    L, V = 12, 2
+    doc_ids = _docs([6, 6], L)
+    rule = masks.two_stream(doc_ids, 3)
+    q = torch.randn(1, (1 + V) * L, 4, 8, dtype=torch.float64)
+    k, v = torch.randn(2, 1, (1 + V) * L, 2, 8, dtype=torch.float64)
+    full = attention(q, k, v, masks.materialize(rule, 1, (1 + V) * L, (1 + V) * L, "cpu"), 0.3)
+    split = _per_stream(q, k, v, _stream_masks(rule, 1, L, V, "cpu"), 0.3)
+    assert (full - split).abs().max() <= 1e-12
