@@ -20,6 +20,9 @@ MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tor
 
 CLEAN_READOUTS = ("token", "block")
 
+# Marker for "every key is visible" (no mask tensor at all), e.g. a single decode step of a single sequence.
+ALL_VISIBLE = "all_visible"
+
 
 def materialize(mask_mod: MaskMod, batch: int, q_len: int, kv_len: int, device: torch.device | str) -> torch.Tensor:
     """Dense boolean mask [B, 1, Tq, Tk] (True = visible)."""

@@ -30,6 +30,8 @@ class CachedRunner:
         ids, valid = pad_prompts([p or [0] for p in prompts], self.model.device)
         valid &= torch.tensor([len(p) > 0 for p in prompts], device=valid.device)[:, None]
         hidden = self.model.hidden_states(ids, cache=self.cache, valid=valid)
+        # The runner's cache starts empty, so the prompt lengths are the exact lengths: no device read needed.
+        self.cache.tighten(max(len(p) for p in prompts))
         self.forwards += 1
         last = (valid.sum(1) - 1).clamp(min=0)
         return self.model.logits(hidden[torch.arange(len(prompts), device=ids.device), last])

@@ -46,8 +46,10 @@ class ModelCache:
     def __init__(self, lengths: torch.Tensor, layers: list[AttentionState | RecurrentState], bound: int) -> None:
         self.lengths = lengths  # [B] int64
         self.layers = layers
-        # Host-side upper bound of lengths.max(), so that growing and slicing never sync with the device.
+        # Host-side upper bound of lengths.max(), so that growing and slicing never sync with the device;
+        # bound_exact says it is known to equal it (every sequence advanced alike since the last check).
         self.bound = bound
+        self.bound_exact = True
 
     @classmethod
     def empty(
@@ -115,13 +117,16 @@ class ModelCache:
         span = self.bound + k_BTHD.shape[1]
         return layer.k[:, :span], layer.v[:, :span]
 
-    def advance(self, n_new_B: torch.Tensor, max_new: int) -> None:
+    def advance(self, n_new_B: torch.Tensor, max_new: int, uniform: bool = False) -> None:
+        """Add n_new[b] tokens to each sequence; ``uniform``: every sequence got exactly ``max_new``."""
         self.lengths = self.lengths + n_new_B
         self.bound += max_new
+        self.bound_exact = self.bound_exact and uniform
 
     def tighten(self, longest: int) -> None:
         """Lower the host-side bound to the true longest length (read off the device by the caller)."""
         self.bound = longest
+        self.bound_exact = self.batch_size == 1
 
     def commit(self, record: "CommitRecord", n_accept_B: torch.Tensor) -> None:
         """Advance every sequence by its first ``n_accept[b]`` recorded clean rows, exactly as a causal pass
@@ -150,4 +155,6 @@ class ModelCache:
                 layers.append(AttentionState(layer.k.clone(), layer.v.clone()))
             else:
                 layers.append(RecurrentState(layer.conv.clone(), layer.ssm.clone()))
-        return ModelCache(self.lengths.clone(), layers, self.bound)
+        out = ModelCache(self.lengths.clone(), layers, self.bound)
+        out.bound_exact = self.bound_exact
+        return out

@@ -176,6 +176,11 @@ class ForwardContext:
             cache.reserve(T)
             positions = cache.lengths[:, None] + steps
             write_pos = positions
-            mask = masks.materialize(masks.causal_from(cache.lengths), B, T, cache.bound + T, device)
+            # One sequence stepping on its own needs no mask: its bound is its length, so every key slot up to
+            # bound + T is committed or one of its new rows (the step's own row is the last).
+            if B == 1 and T == 1 and cache.bound_exact:
+                mask = masks.ALL_VISIBLE
+            else:
+                mask = masks.materialize(masks.causal_from(cache.lengths), B, T, cache.bound + T, device)
         cos, sin = rope(positions)
         return cls("causal", positions, cos, sin, mask, cache, write_pos, n_new, valid_BT)

@@ -121,8 +121,11 @@ class FlareModel(nn.Module):
         for layer in self.model.layers:
             x = checkpoint(layer, x, ctx, use_reentrant=False) if recompute else layer(x, ctx)
         if ctx.mode == "causal" and cache is not None:
-            n_new = ctx.n_new if ctx.n_new is not None else torch.full_like(cache.lengths, input_ids.shape[1])
-            cache.advance(n_new, input_ids.shape[1])
+            T = input_ids.shape[1]
+            if ctx.n_new is None:
+                cache.advance(torch.full_like(cache.lengths, T), T, uniform=True)
+            else:
+                cache.advance(ctx.n_new, T)
         return self.model.norm(x)
 
     def two_stream_hidden(

@@ -19,10 +19,13 @@ def _normalize(h: torch.Tensor, eps: float) -> torch.Tensor:
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, zero_centered: bool) -> torch.Tensor:
     """RMSNorm over the last dim in fp32. Zero-centred (Qwen3.5 / Qwen3-Next): x_hat * (1 + w), cast last;
     plain (Llama, Qwen3): w * x_hat cast first. ``weight`` broadcasts against x (per-head weights allowed)."""
-    h = _normalize(x.to(accum_dtype(x.dtype)), eps)
+    acc = accum_dtype(x.dtype)
+    # Casts only where the dtype changes: a decode step is priced in op dispatches, not arithmetic.
+    h = _normalize(x if x.dtype == acc else x.to(acc), eps)
     if zero_centered:
-        return (h * (1.0 + weight.to(h.dtype))).type_as(x)
-    return weight * h.to(x.dtype)
+        out = h * (1.0 + (weight if weight.dtype == acc else weight.to(acc)))
+        return out if out.dtype == x.dtype else out.type_as(x)
+    return weight * (h if h.dtype == x.dtype else h.to(x.dtype))
 
 
 class RMSNorm(nn.Module):

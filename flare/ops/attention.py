@@ -19,7 +19,9 @@ def attention(
     """Grouped-query attention. ``mask``: a boolean [B, 1, T, S] tensor (True = visible), a flex-attention
     BlockMask, or None for plain causal with S == T. Returns [B, T, H, D]; H must be a multiple of G."""
     q, k, v = (x.transpose(1, 2) for x in (q_BTHD, k_BSGD, v_BSGD))
-    if mask is not None and not isinstance(mask, torch.Tensor):
+    if isinstance(mask, str):  # masks.ALL_VISIBLE
+        out = F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
+    elif mask is not None and not isinstance(mask, torch.Tensor):
         out = _flex()(q, k, v, block_mask=mask, scale=scale, enable_gqa=True)
     else:
         out = F.scaled_dot_product_attention(
