@@ -92,48 +92,28 @@ def timed_decode(model, prompts, params, mode):
 def split_decode_time(model, prompts, params, mode) -> dict[str, float]:
     """Wall seconds of one decode() split into model forwards (by module kind, via forward hooks and a wrapper
     on ``model.hidden_states``) and everything outside them (sampling, verification, commits, bookkeeping)."""
-    from flare.model.attention import Attention
-    from flare.model.gated_deltanet import GatedDeltaNet
-    from flare.model.layers import SwiGLU
+    from _module_times import KINDS, module_times
 
-    acc: dict[str, float] = {}
-    starts: dict[int, float] = {}
-    handles = []
-
-    def track(module, kind):
-        def pre(mod, args):
-            starts[id(mod)] = time.perf_counter()
-
-        def post(mod, args, out):
-            acc[kind] = acc.get(kind, 0.0) + time.perf_counter() - starts.pop(id(mod))
-
-        handles.append(module.register_forward_pre_hook(pre))
-        handles.append(module.register_forward_hook(post))
-
-    kinds = {Attention: "attention layers", GatedDeltaNet: "GDN layers", SwiGLU: "MLPs"}
-    for mod in model.modules():
-        for cls, kind in kinds.items():
-            if isinstance(mod, cls):
-                track(mod, kind)
-    track(model.lm_head, "LM head")
+    kinds = KINDS
     inner = model.hidden_states
+    forward = [0.0]
 
     def hidden_states(*args, **kwargs):
         t0 = time.perf_counter()
         try:
             return inner(*args, **kwargs)
         finally:
-            acc["forward"] = acc.get("forward", 0.0) + time.perf_counter() - t0
+            forward[0] += time.perf_counter() - t0
 
     model.hidden_states = hidden_states  # instance attribute: shadows the method for this call only
     try:
-        t0 = time.perf_counter()
-        decode(model, prompts, params, mode)
-        acc["total"] = time.perf_counter() - t0
+        with module_times(model) as acc:
+            t0 = time.perf_counter()
+            decode(model, prompts, params, mode)
+            acc["total"] = time.perf_counter() - t0
     finally:
         del model.hidden_states
-        for h in handles:
-            h.remove()
+    acc["forward"] = forward[0]
     layers = sum(acc.get(k, 0.0) for k in kinds.values())
     acc["other in forward"] = acc.get("forward", 0.0) - layers  # context, masks, cache reads, norms, embedding
     acc["outside forward"] = acc["total"] - acc.get("forward", 0.0) - acc.get("LM head", 0.0)

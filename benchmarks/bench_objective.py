@@ -251,39 +251,14 @@ def categorize(name: str) -> str:
 def forward_breakdown(obj, model, batch) -> dict[str, float]:
     """Seconds of one forward (with autograd recording, no backward) spent in each kind of module, via
     forward hooks; "rest" = context/mask building, noise, embedding, loss bookkeeping."""
-    from flare.model.attention import Attention
-    from flare.model.gated_deltanet import GatedDeltaNet
-    from flare.model.layers import SwiGLU
+    from _module_times import module_times
 
-    kinds = {Attention: "attention layers", GatedDeltaNet: "GDN layers", SwiGLU: "MLPs"}
-    acc: dict[str, float] = {}
-    starts: dict[int, float] = {}
-    handles = []
-
-    def track(module, kind):
-        def pre(mod, args):
-            starts[id(mod)] = time.perf_counter()
-
-        def post(mod, args, out):
-            acc[kind] = acc.get(kind, 0.0) + time.perf_counter() - starts.pop(id(mod))
-
-        handles.append(module.register_forward_pre_hook(pre))
-        handles.append(module.register_forward_hook(post))
-
-    for mod in model.modules():
-        for cls, kind in kinds.items():
-            if isinstance(mod, cls):
-                track(mod, kind)
-    track(model.lm_head, "LM head")
-    try:
+    with module_times(model) as acc:
         model.zero_grad(set_to_none=True)
         t0 = time.perf_counter()
         loss, _ = obj(model, batch, torch.Generator().manual_seed(0))
         acc["total"] = time.perf_counter() - t0
         del loss
-    finally:
-        for h in handles:
-            h.remove()
     acc["rest"] = acc["total"] - sum(v for k, v in acc.items() if k != "total")
     return acc
 
