@@ -19,6 +19,7 @@ ALLOWED = {
     "decoding": {"model", "ops", "config", "masks"},
     "data": {"config", "tokenizer"},
     "objective": {"model", "ops", "config", "masks", "data"},
+    "engine": {"model", "ops", "config", "masks", "decoding", "tokenizer", "checkpoint"},
     "train": {"model", "ops", "config", "masks", "data", "objective", "checkpoint", "tokenizer"},
     # Test support sits above everything it builds checkpoints and data with.
     "testing": {"config", "data", "train", "model", "checkpoint", "objective"},
