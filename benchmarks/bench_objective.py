@@ -457,7 +457,7 @@ def main() -> None:
                             f"{'':>11}" for n in failed)
             print(line)
         print("diagnosis:")
-        att, bmm = CATEGORIES[1][0], CATEGORIES[3][0]
+        bmm = CATEGORIES[3][0]
         for n in failed:
             tot, cat, _ = profs[n]
             ar_tot, ar_cat, _ = profs["ar"]
