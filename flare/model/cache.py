@@ -47,7 +47,7 @@ class ModelCache:
         self.lengths = lengths  # [B] int64
         self.layers = layers
         # Host-side upper bound of lengths.max(), so that growing and slicing never sync with the device;
-        # bound_exact says it is known to equal it (every sequence advanced alike since the last check).
+        # bound_exact says every sequence's length is known to equal it (all advanced alike since the last check).
         self.bound = bound
         self.bound_exact = True
 

@@ -176,9 +176,9 @@ class ForwardContext:
             cache.reserve(T)
             positions = cache.lengths[:, None] + steps
             write_pos = positions
-            # One sequence stepping on its own needs no mask: its bound is its length, so every key slot up to
-            # bound + T is committed or one of its new rows (the step's own row is the last).
-            if B == 1 and T == 1 and cache.bound_exact:
+            # A single-token step needs no mask while every length equals the bound: every key slot up to
+            # bound + 1 is then committed or the step's own row.
+            if T == 1 and cache.bound_exact:
                 mask = masks.ALL_VISIBLE
             else:
                 mask = masks.materialize(masks.causal_from(cache.lengths), B, T, cache.bound + T, device)

@@ -26,7 +26,8 @@ from flare.ops.precision import accum_dtype
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     x = x.to(accum_dtype(x.dtype))
-    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
+    n = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    return x * torch.rsqrt(n * n + eps)
 
 
 class GatedDeltaNet(nn.Module):

@@ -12,8 +12,10 @@ from flare.ops.precision import accum_dtype
 
 
 def _normalize(h: torch.Tensor, eps: float) -> torch.Tensor:
-    # Spelled out rather than F.rms_norm: on CPU the fused op costs several times more per small call.
-    return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    # mean(h^2) as |h|^2 / D: on CPU, vector_norm costs a third of pow + mean per small call, and F.rms_norm
+    # several times more (a decode step is priced in op dispatches).
+    n = torch.linalg.vector_norm(h, dim=-1, keepdim=True)
+    return h * torch.rsqrt(n * n * (1.0 / h.shape[-1]) + eps)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, zero_centered: bool) -> torch.Tensor:
