@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from flare.config import FULL_ATTENTION, ModelConfig
-from flare.ops.precision import accum_dtype
+from flare.ops.precision import accum_dtype, cast
 
 
 @dataclass
@@ -112,8 +112,8 @@ class ModelCache:
         layer = self.layers[layer_idx]
         assert isinstance(layer, AttentionState)
         rows = torch.arange(k_BTHD.shape[0], device=k_BTHD.device)[:, None].expand_as(write_pos_BT)
-        layer.k[rows, write_pos_BT] = k_BTHD.to(layer.k.dtype)
-        layer.v[rows, write_pos_BT] = v_BTHD.to(layer.v.dtype)
+        layer.k[rows, write_pos_BT] = cast(k_BTHD, layer.k.dtype)
+        layer.v[rows, write_pos_BT] = cast(v_BTHD, layer.v.dtype)
         span = self.bound + k_BTHD.shape[1]
         return layer.k[:, :span], layer.v[:, :span]
 

@@ -21,11 +21,11 @@ from flare.model.context import ForwardContext
 from flare.model.layers import GatedRMSNorm
 from flare.ops.conv import causal_conv1d
 from flare.ops.gated_delta import gated_delta, gated_delta_naive, gated_delta_two_stream, read_state
-from flare.ops.precision import accum_dtype
+from flare.ops.precision import accum_dtype, cast
 
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    x = x.to(accum_dtype(x.dtype))
+    x = cast(x, accum_dtype(x.dtype))
     n = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
     return x * torch.rsqrt(n * n + eps)
 
@@ -66,8 +66,8 @@ class GatedDeltaNet(nn.Module):
 
     def _gates(self, b: torch.Tensor, a: torch.Tensor, valid: torch.Tensor | None):
         acc = accum_dtype(b.dtype)
-        beta = torch.sigmoid(b).to(acc)
-        g = -self.A_log.to(acc).exp() * F.softplus(a.to(acc) + self.dt_bias)
+        beta = cast(torch.sigmoid(b), acc)
+        g = -cast(self.A_log, acc).exp() * F.softplus(cast(a, acc) + self.dt_bias)
         if valid is not None:
             # Padding rows leave the state untouched: decay exp(0) = 1 and write strength 0.
             g, beta = g * valid[..., None], beta * valid[..., None]
@@ -76,7 +76,7 @@ class GatedDeltaNet(nn.Module):
     def _out(self, o: torch.Tensor, z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         lead = z.shape[:-1]
         z = z.reshape(*lead, self.num_v_heads, self.dv)
-        return self.out_proj(self.norm(o.to(dtype), z).reshape(*lead, self.value_dim))
+        return self.out_proj(self.norm(cast(o, dtype), z).reshape(*lead, self.value_dim))
 
     # ----------------------------------------------------------------------------------------------- forward
     def forward(self, x_BTE: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flare.ops.precision import accum_dtype
+from flare.ops.precision import accum_dtype, cast
 
 
 def _normalize(h: torch.Tensor, eps: float) -> torch.Tensor:
@@ -51,9 +51,9 @@ class GatedRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         acc = accum_dtype(x.dtype)
-        h = _normalize(x.to(acc), self.eps)
-        h = self.weight * h.to(x.dtype)
-        return (h * F.silu(gate.to(acc))).to(x.dtype)
+        h = _normalize(cast(x, acc), self.eps)
+        h = self.weight * cast(h, x.dtype)
+        return cast(h * F.silu(cast(gate, acc)), x.dtype)
 
 
 class SwiGLU(nn.Module):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from flare.ops.precision import cast
+
 
 def causal_conv1d(
     x_BTC: torch.Tensor,
@@ -19,8 +21,8 @@ def causal_conv1d(
     """
     B, T, C = x_BTC.shape
     K = weight_CK.shape[1]
-    x = x_BTC.to(weight_CK.dtype)
-    prev = state_BkC.to(x.dtype) if state_BkC is not None else x.new_zeros(B, K - 1, C)
+    x = cast(x_BTC, weight_CK.dtype)
+    prev = cast(state_BkC, x.dtype) if state_BkC is not None else x.new_zeros(B, K - 1, C)
     full = torch.cat([prev, x], dim=1)  # [B, K-1+T, C]
     if T <= 16:
         # Decode steps and verify blocks: a weighted sum over the K-window beats a conv launch on CPU.
@@ -32,4 +34,4 @@ def causal_conv1d(
     else:
         idx = lengths_B[:, None] + torch.arange(K - 1, device=x_BTC.device)
         new_state = full.gather(1, idx[:, :, None].expand(B, K - 1, C))
-    return y.to(x_BTC.dtype), new_state.to(x_BTC.dtype)
+    return cast(y, x_BTC.dtype), cast(new_state, x_BTC.dtype)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from flare.ops.precision import accum_dtype
+from flare.ops.precision import accum_dtype, cast
 
 
 def gated_delta_step(
@@ -32,12 +32,12 @@ def gated_delta_step(
     if state_BHKV is None:
         state_BHKV = torch.zeros(B, H, Dk, Dv, dtype=acc, device=v_BHV.device)
     # [B, Hk, r, Dk, Dv]: value heads grouped under the q/k head they share.
-    S = state_BHKV.to(acc).view(B, Hk, r, Dk, Dv) * g_BH.to(acc).exp().view(B, Hk, r, 1, 1)
-    k = k_BHkK.to(acc).view(B, Hk, 1, 1, Dk)
-    delta = beta_BH.to(acc).view(B, Hk, r, 1, 1) * (v_BHV.to(acc).view(B, Hk, r, 1, Dv) - k @ S)
+    S = cast(state_BHKV, acc).view(B, Hk, r, Dk, Dv) * cast(g_BH, acc).exp().view(B, Hk, r, 1, 1)
+    k = cast(k_BHkK, acc).view(B, Hk, 1, 1, Dk)
+    delta = cast(beta_BH, acc).view(B, Hk, r, 1, 1) * (cast(v_BHV, acc).view(B, Hk, r, 1, Dv) - k @ S)
     S = S + k.transpose(-1, -2) * delta
-    o = (q_BHkK.to(acc).view(B, Hk, 1, 1, Dk) * scale) @ S  # [B, Hk, r, 1, Dv]
-    return o.view(B, H, Dv).to(v_BHV.dtype), S.view(B, H, Dk, Dv)
+    o = (cast(q_BHkK, acc).view(B, Hk, 1, 1, Dk) * scale) @ S  # [B, Hk, r, 1, Dv]
+    return cast(o.view(B, H, Dv), v_BHV.dtype), S.view(B, H, Dk, Dv)
 
 
 def read_state(q_BTHkK: torch.Tensor, state_BHKV: torch.Tensor, scale: float) -> torch.Tensor:
