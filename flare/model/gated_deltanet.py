@@ -94,7 +94,8 @@ class GatedDeltaNet(nn.Module):
         mixed, conv_state = self._conv(qkv, state.conv if state else None, n_new)
         q, k, v = self._qkv(mixed)
         g, beta = self._gates(b, a, valid)
-        o, final, self.last_path = gated_delta(q, k, v, g, beta, initial_state=state.ssm if state else None)
+        o, final, self.last_path = gated_delta(q, k, v, g, beta, initial_state=state.ssm if state else None,
+                                                 check=False)
         if state is not None:
             state.conv, state.ssm = conv_state, final
         return self._out(o, z, x.dtype)

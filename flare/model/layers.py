@@ -11,11 +11,18 @@ from torch import nn
 from flare.ops.precision import accum_dtype, cast
 
 
+_EPS: dict[tuple, torch.Tensor] = {}
+
+
 def _normalize(h: torch.Tensor, eps: float) -> torch.Tensor:
-    # mean(h^2) as |h|^2 / D: on CPU, vector_norm costs a third of pow + mean per small call, and F.rms_norm
-    # several times more (a decode step is priced in op dispatches).
+    # mean(h^2) + eps as eps + |h|^2 / D in one addcmul: on CPU, vector_norm costs a third of pow + mean per
+    # small call, and F.rms_norm several times more (a decode step is priced in op dispatches).
+    key = (eps, h.dtype, h.device)
+    eps_t = _EPS.get(key)
+    if eps_t is None:
+        eps_t = _EPS.setdefault(key, torch.tensor(eps, dtype=h.dtype, device=h.device))
     n = torch.linalg.vector_norm(h, dim=-1, keepdim=True)
-    return h * torch.rsqrt(n * n * (1.0 / h.shape[-1]) + eps)
+    return h * torch.rsqrt(torch.addcmul(eps_t, n, n, value=1.0 / h.shape[-1]))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, zero_centered: bool) -> torch.Tensor:

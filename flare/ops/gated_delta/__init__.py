@@ -35,19 +35,23 @@ def gated_delta(
     scale: float | None = None,
     *,
     prefer: str | None = None,
+    check: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, str]:
     """Run the gated delta rule with the form suited to the sequence length.
 
     Picks ``gated_delta_step`` when ``T == 1``, ``gated_delta_naive`` when ``T <= 16`` and
     ``gated_delta_chunk`` otherwise; ``prefer`` forces a form (one of ``FORMS``; ``"step"`` needs T == 1,
-    anything else raises ``ValueError``). Shapes as in the module docstring.
+    anything else raises ``ValueError``). Shapes as in the module docstring. ``check=False`` skips the shape
+    checks, for callers that built the tensors themselves (a model layer in a decode loop).
 
     Returns:
         ``(o [B, T, H, Dv], final_state [B, H, Dk, Dv] fp32, name)`` where ``name`` is the form that ran.
     """
     if prefer not in (None, *FORMS):
         raise ValueError(f"prefer must be None or one of {FORMS}, got {prefer!r}")
-    _, T, _, Dk, _ = validate_inputs(q, k, v, g, beta, initial_state)
+    if check:
+        validate_inputs(q, k, v, g, beta, initial_state)
+    T, Dk = q.shape[1], q.shape[-1]
     if prefer == "step" and T != 1:
         raise ValueError(f"prefer='step' needs exactly one position, got T={T}")
     name = prefer or ("step" if T == 1 else "naive" if T <= NAIVE_MAX_T else "chunk")
