@@ -117,8 +117,9 @@ class ModelCache:
         span = self.bound + k_BTHD.shape[1]
         return layer.k[:, :span], layer.v[:, :span]
 
-    def advance(self, n_new_B: torch.Tensor, max_new: int, uniform: bool = False) -> None:
-        """Add n_new[b] tokens to each sequence; ``uniform``: every sequence got exactly ``max_new``."""
+    def advance(self, n_new_B: torch.Tensor | int, max_new: int, uniform: bool = False) -> None:
+        """Add n_new[b] tokens to each sequence (an int: the same for all); ``uniform``: every sequence got
+        exactly ``max_new``."""
         self.lengths = self.lengths + n_new_B
         self.bound += max_new
         self.bound_exact = self.bound_exact and uniform

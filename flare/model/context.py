@@ -174,7 +174,7 @@ class ForwardContext:
             write_pos = None
         else:
             cache.reserve(T)
-            positions = cache.lengths[:, None] + steps
+            positions = cache.lengths[:, None] if T == 1 else cache.lengths[:, None] + steps
             write_pos = positions
             # A single-token step needs no mask while every length equals the bound: every key slot up to
             # bound + 1 is then committed or the step's own row.

@@ -123,7 +123,7 @@ class FlareModel(nn.Module):
         if ctx.mode == "causal" and cache is not None:
             T = input_ids.shape[1]
             if ctx.n_new is None:
-                cache.advance(torch.full_like(cache.lengths, T), T, uniform=True)
+                cache.advance(T, T, uniform=True)
             else:
                 cache.advance(ctx.n_new, T)
         return self.model.norm(x)

@@ -84,7 +84,7 @@ def rotary_cos_sin(
     inv_freq = _inverse_frequencies(rotary_dim, theta, positions_BT.device, acc)
     freqs = positions_BT.to(acc)[..., None] * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    return cast(emb.cos(), dtype), cast(emb.sin(), dtype)
 
 
 @functools.lru_cache(maxsize=16)
