@@ -99,8 +99,7 @@ class FlareObjective:
         self, model: FlareModel, batch: PackedBatch, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """Per-token mean loss of one batch and its metrics."""
-        parts = self.parts(model, batch, self.views(batch, generator))
-        return parts.loss(), parts.metrics()
+        return self.loss_from_views(model, batch, self.views(batch, generator))
 
     def views(
         self, batch: PackedBatch, generator: torch.Generator | None = None, row_seeds: list[int] | None = None
@@ -115,13 +114,15 @@ class FlareObjective:
         """(diffusion targets, AR targets) of a batch, known without a forward."""
         ok = batch.next_target_ok
         n_diff = 0 if views is None else int((views.masked & ok[:, None]).sum())
-        return n_diff, int(ok.sum()) if self._ar_weight() > 0 else 0
+        return n_diff, int(ok.sum()) if self.ar_weight > 0 else 0
 
-    def _ar_weight(self) -> float:
+    @property
+    def ar_weight(self) -> float:
+        """The weight w of the AR term (1 for plain AR, 0 for the block-diffusion ablation)."""
         return {"ar": 1.0, "block_diffusion": 0.0}.get(self.config.kind, self.config.ar_loss_weight)
 
     def loss_from_views(
-        self, model: FlareModel, batch: PackedBatch, views: NoisyViews
+        self, model: FlareModel, batch: PackedBatch, views: NoisyViews | None
     ) -> tuple[torch.Tensor, dict[str, float]]:
         parts = self.parts(model, batch, views)
         return parts.loss(), parts.metrics()
@@ -150,7 +151,7 @@ class FlareObjective:
 
         diff_ok = views.masked & ok[:, None]
         sum_diff, n_diff = _ce_sum(model, noisy[diff_ok], nxt[:, None].expand(B, V, L)[diff_ok])
-        w = self._ar_weight()
+        w = self.ar_weight
         sum_ar, n_ar = _ce_sum(model, clean[ok], nxt[ok]) if w > 0 else (clean.sum() * 0.0, 0)
         maskable = int(batch.loss_mask.sum()) * V
         fraction = int(views.masked.sum()) / maskable if maskable else 0.0

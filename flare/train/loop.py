@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from flare.checkpoint import load_model
 from flare.data import ChatTokenizer, PackedDataset, Sampler
-from flare.objective import FlareObjective
+from flare.objective import FlareObjective, LossParts
 from flare.train import checkpointing
 from flare.train.config import TrainConfig, to_dict
 from flare.train.distributed import all_sum, setup, shard, teardown
@@ -112,7 +112,6 @@ class Trainer:
             self.step = int(state["step"])
             if self.d.main:
                 self._truncate_log()
-        self.tokens_seen = 0
 
     # --------------------------------------------------------------------------------------------- one step
     def train_step(self) -> dict[str, float]:
@@ -144,16 +143,14 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         sum_diff, sum_ar = all_sum(sums, d)
-        w = parts.ar_weight
-        loss_diff = sum_diff / max(n_diff, 1)
-        loss_ar = sum_ar / max(n_ar, 1)
+        totals = self._totals(sum_diff, n_diff, sum_ar, n_ar)
         tokens = int(all_sum([sum(int(b.loss_mask.sum()) for b in micro)], d)[0])
         self.step += 1
         return {
             "step": self.step,
-            "loss": (loss_diff if n_diff else 0.0) + (w * loss_ar if w > 0 else 0.0),
-            "loss_diff": loss_diff,
-            "loss_ar": loss_ar,
+            "loss": totals["loss"],
+            "loss_diff": totals["loss_diff"],
+            "loss_ar": totals["loss_ar"],
             "lr": self.optimizer.param_groups[0]["lr"],
             "grad_norm": float(grad_norm),
             "tokens": tokens,
@@ -174,8 +171,13 @@ class Trainer:
             counts[0] += parts.n_diff
             counts[1] += parts.n_ar
         self.model.train()
-        w = parts.ar_weight
-        return sums[0] / max(counts[0], 1) + (w * sums[1] / max(counts[1], 1) if w > 0 else 0.0)
+        return self._totals(sums[0], counts[0], sums[1], counts[1])["loss"]
+
+    def _totals(self, sum_diff: float, n_diff: float, sum_ar: float, n_ar: float) -> dict[str, float]:
+        """Per-token losses from summed CE and counts, by the objective's own definition (LossParts)."""
+        parts = LossParts(torch.tensor(sum_diff), int(n_diff), torch.tensor(sum_ar), int(n_ar),
+                          self.objective.ar_weight)
+        return parts.metrics()
 
     # ---------------------------------------------------------------------------------------------- the loop
     def run(self) -> list[dict[str, float]]:
