@@ -63,13 +63,14 @@ def inference_rows(lengths_B: torch.Tensor, num_clean_B: torch.Tensor, num_rows_
     Key column kv is cache slot kv: slots below lengths[b] hold committed tokens; the forward's own row r sits in
     scratch slot lengths[b] + r, of which the first num_rows[b] are real. Clean rows are causal among
     themselves; noisy rows see every clean row and the whole noisy block: exactly what a training noisy block
-    sees of its clean prefix and of itself.
+    sees of its clean prefix and of itself. A padding row also sees its own slot, so that no row is fully
+    masked (an empty sequence's padding rows would otherwise attend to nothing).
     """
 
     def mask_mod(b, h, q, kv):
         r = kv - lengths_B[b]
         own = (r >= 0) & (r < num_rows_B[b]) & ((r <= q) | (q >= num_clean_B[b]))
-        return (r < 0) | own
+        return (r < 0) | own | ((r == q) & (q >= num_rows_B[b]))
 
     return mask_mod
 

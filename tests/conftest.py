@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -34,3 +36,17 @@ def tiny_dirs(tmp_path_factory):
 def tiny_models(tiny_dirs):
     """family -> (flare model, transformers reference with the same weights)."""
     return {fam: (flare.load_model(d), hf_model(fam, seed=1)) for fam, d in tiny_dirs.items()}
+
+
+MASK = 95  # the [MASK] id the decoding fixtures' configs name
+
+
+@pytest.fixture(scope="session")
+def flare_models(tiny_models):
+    """family -> a copy of the tiny model whose config names a mask token (as `flare convert` would)."""
+    out = {}
+    for fam in FAMILIES:
+        model = copy.deepcopy(tiny_models[fam][0])
+        model.config.mask_token_id = MASK
+        out[fam] = model
+    return out

@@ -11,11 +11,14 @@ from flare.model.context import use_flex
 
 
 def test_inference_rows_padding_is_invisible():
-    """Per-row clean counts: row 1 is a cold start [clean, noisy, noisy, pad] beside a warm row 0."""
+    """Per-row clean counts: row 1 is a cold start [clean, noisy, noisy, pad] beside a warm row 0; no real row
+    sees a padding slot, and a padding row sees only the real rows and itself (never an empty row)."""
     rule = masks.inference_rows(torch.tensor([0, 0]), torch.tensor([2, 1]), torch.tensor([4, 3]))
     m = masks.materialize(rule, 2, 4, 4, "cpu")[:, 0].int()
     assert m[0].tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 1]]
-    assert m[1].tolist() == [[1, 0, 0, 0], [1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 0]]
+    assert m[1].tolist() == [[1, 0, 0, 0], [1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 1]]
+    empty = masks.inference_rows(torch.tensor([0]), torch.tensor([0]), torch.tensor([0]))
+    assert masks.materialize(empty, 1, 3, 3, "cpu")[0, 0].int().tolist() == [[1, 0, 0], [0, 1, 0], [0, 0, 1]]
 
 
 def test_two_stream_table():

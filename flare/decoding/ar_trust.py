@@ -15,120 +15,104 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from flare.decoding.options import ArTrustOptions
-from flare.decoding.params import SamplingParams
-from flare.decoding.prompts import check_prompts, require_mask, stop_ids, trim_at_stop
-from flare.decoding.result import DecodeResult
-from flare.decoding.runner import CachedRunner
-from flare.model import FlareModel
+from flare.decoding.lane import Lane, Plan
+from flare.decoding.prompts import require_mask
 from flare.ops.sampling import draw, filtered_probs, speculative_verify
 
 
-def _laws(logits_BNV, temp, top_k, top_p, filtered: bool):
-    """The sampling law of every row [B, N, V]; the top-k/top-p sort only when a filter is on."""
-    B, N, V = logits_BNV.shape
-    if not filtered:
-        return torch.softmax(logits_BNV.float() / temp[:, None, None].float(), dim=-1)
-    flat = filtered_probs(logits_BNV.reshape(B * N, V), temp.repeat_interleave(N), top_k.repeat_interleave(N),
-                          top_p.repeat_interleave(N))
-    return flat.view(B, N, V)
+class ArTrustLane(Lane):
+    mode = "ar_trust"
 
+    def __init__(self, model, slots, options) -> None:
+        super().__init__(model, slots, options)
+        self.mask_id = require_mask(model, self.mode)
+        S, dev = slots.num_slots, slots.device
+        self.N = options.gen_block
+        self.M = self.N - 1
+        self.room = self.N
+        self.pending = torch.zeros(S, dtype=torch.long, device=dev)
+        # Cold rows (before the first round, after a rejection) have no drafts: their round is [pending, MASK x M]
+        # (1 token + fresh drafts); warm rows verify their drafts: [pending, d_1..d_M, MASK x M].
+        self.cold = torch.ones(S, dtype=torch.bool, device=dev)
+        self.drafts = torch.zeros(S, self.M, dtype=torch.long, device=dev)
+        self.q: torch.Tensor | None = None  # [S, M, V] proposal laws, built once a slot samples
+        self.masks_row = torch.full((S, self.M), self.mask_id, dtype=torch.long, device=dev)
 
-@torch.no_grad()
-def generate_ar_trust(
-    model: FlareModel,
-    prompts: list[list[int]],
-    params: SamplingParams,
-    options: ArTrustOptions | None = None,
-    runner_cls: type = CachedRunner,
-) -> DecodeResult:
-    options = options or ArTrustOptions()
-    check_prompts(prompts, model.config.vocab_size)
-    mask_id = require_mask(model, "ar_trust")
-    device, V = model.device, model.config.vocab_size
-    N, M, B = options.gen_block, options.gen_block - 1, len(prompts)
-    n_new = params.max_new_tokens
-    temp, top_k, top_p = params.row_tensors(B, device)
-    gen = params.generator(device)
-    stops = stop_ids(params.stop_token_ids, model.config.eos_token_ids, params.ignore_eos)
-    stop_t = torch.tensor(stops, dtype=torch.long, device=device)
+    def admit(self, slots: list[int], prompts: list[list[int]]) -> list[list[int]]:
+        """Commit all but the last prompt token: that one is the first pending token."""
+        self.owned += slots
+        idx = torch.tensor(slots, device=self.slots.device)
+        self.pending[idx] = torch.tensor([p[-1] for p in prompts], device=self.slots.device)
+        self.cold[idx] = True
+        return [p[:-1] for p in prompts]
 
-    # Commit all but the last prompt token: that one is the first pending token.
-    runner = runner_cls(model, B, max(len(p) for p in prompts) + n_new + 2 * N)
-    if max(len(p) for p in prompts) > 1:
-        runner.prefill([p[:-1] for p in prompts])
-    forwards = runner.forwards
-    pending = torch.tensor([p[-1] for p in prompts], device=device)
-    # Cold rows (before the first round, after a rejection) have no drafts: their round is [pending, MASK x M]
-    # (1 token + fresh drafts); warm rows verify their drafts: [pending, d_1..d_M, MASK x M].
-    cold = torch.ones(B, dtype=torch.bool, device=device)
-    drafts = torch.zeros(B, M, dtype=torch.long, device=device)
-    # Greedy decoding needs no laws: a draft passes iff it is the argmax (speculative sampling with one-hot p
-    # and q), so no vocabulary-sized tensor is built per round.
-    greedy = params.greedy
-    q = None if greedy else torch.zeros(B, M, V, device=device)
+    def plan(self, live: list[int]) -> Plan:
+        middle = torch.where(self.cold[:, None], self.masks_row, self.drafts)
+        rows = torch.cat([self.pending[:, None], middle, self.masks_row], dim=1)  # [S, 2N-1]; cold rows end in padding
+        mask = self.slots.mask(live)
+        n_clean = torch.where(self.cold, 1, self.N)
+        return Plan(rows, self.counts(mask, n_clean), self.counts(mask, self.M), commits_all=False)
 
-    out = torch.zeros(B, n_new + N, dtype=torch.long, device=device)
-    out_len = torch.zeros(B, dtype=torch.long, device=device)
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-    active = torch.full((B,), forwards, dtype=torch.long, device=device)
-    drafted = torch.zeros(B, dtype=torch.long, device=device)
-    accepted_total = torch.zeros(B, dtype=torch.long, device=device)
-    steps = torch.arange(N, device=device)
-    masks_row = torch.full((B, M), mask_id, dtype=torch.long, device=device)
-    while True:
-        middle = torch.where(cold[:, None], masks_row, drafts)
-        rows = torch.cat([pending[:, None], middle, masks_row], dim=1)  # [B, 2N-1]; cold rows end in padding
-        n_clean = torch.where(cold, 1, N)
-        logits = runner.rows(rows, n_clean, M, record=True)
-        live = ~finished
-        active += live.long()
+    def _laws(self, live: list[int], logits: torch.Tensor) -> torch.Tensor:
+        """The sampling law of every row [S, N, V]; the top-k/top-p sort only when a filter (or a greedy slot
+        beside sampled ones) needs it."""
+        s = self.slots
+        S, N, V = logits.shape
+        if not s.any_filtered(live) and not any(s.params[i].greedy for i in live):
+            return torch.softmax(logits.float() / s.temperature[:, None, None].float(), dim=-1)
+        flat = filtered_probs(logits.reshape(S * N, V), s.temperature.repeat_interleave(N),
+                              s.top_k.repeat_interleave(N), s.top_p.repeat_interleave(N))
+        return flat.view(S, N, V)
 
+    def consume(self, live: list[int], logits: torch.Tensor) -> torch.Tensor:
+        s, N, M = self.slots, self.N, self.M
+        S, V = logits.shape[0], logits.shape[-1]
+        mask = s.mask(live)
+        cold = self.cold
+        policy = self.options.draft_policy
+        # Greedy decoding needs no laws: a draft passes iff it is the argmax (speculative sampling with one-hot
+        # p and q), so no vocabulary-sized tensor is built per round.
+        greedy = s.all_greedy(live)
         if greedy:
-            target = logits[:, :N].argmax(-1)  # [B, N]
-            accepted = (drafts == target[:, :M]).long().cumprod(-1).sum(-1)
+            target = logits[:, :N].argmax(-1)  # [S, N]
+            accepted = (self.drafts == target[:, :M]).long().cumprod(-1).sum(-1)
             accepted = torch.where(cold, torch.zeros_like(accepted), accepted)
             nxt = target.gather(1, accepted[:, None])[:, 0]
         else:
-            p = _laws(logits[:, :N], temp, top_k, top_p, params.filtered)
-            accepted, nxt = speculative_verify(p, q, drafts, gen,
-                                               exact=options.draft_policy != "argmax_truncated")
+            if self.q is None:
+                self.q = torch.zeros(S, M, V, device=s.device)
+            p = self._laws(live, logits[:, :N])
+            exact = policy != "argmax_truncated"
+            accepted, nxt = s.per_generator(
+                live, lambda p_, q_, d_, g: speculative_verify(p_, q_, d_, g, exact=exact), p, self.q, self.drafts)
             accepted = torch.where(cold, torch.zeros_like(accepted), accepted)
-            nxt = torch.where(cold, draw(p[:, 0], gen), nxt)
-        runner.commit_recorded(accepted + 1)
+            first = s.per_generator(live, lambda p0, g: draw(p0, g), p[:, 0])
+            nxt = torch.where(cold, first, nxt)
+        n_commit = self.counts(mask, accepted + 1)
 
         # The MASK rows follow the clean rows: they draft the tokens after next (shifted logits).
-        at = n_clean[:, None] + torch.arange(M, device=device)
-        draft_logits = logits.gather(1, at[:, :, None].expand(B, M, V))
+        n_clean = torch.where(cold, 1, N)
+        at = n_clean[:, None] + torch.arange(M, device=s.device)
+        draft_logits = logits.gather(1, at[:, :, None].expand(S, M, V))
         if greedy:
             d_new, q_new = draft_logits.argmax(-1), None
-        elif options.draft_policy == "exact_truncated":
-            q_new = _laws(draft_logits, temp, top_k, top_p, params.filtered)
-            d_new = draw(q_new.reshape(B * M, V), gen).view(B, M)
+        elif policy == "exact_truncated":
+            q_new = self._laws(live, draft_logits)
+            d_new = s.per_generator(live, lambda q_, g: draw(q_, g), q_new)
         else:
             d_new = draft_logits.argmax(-1)
             q_new = F.one_hot(d_new, V).float()
 
-        emitted = torch.cat([drafts, nxt[:, None]], dim=1).scatter(1, accepted[:, None], nxt[:, None])
-        n_emit = torch.where(live, accepted + 1, torch.zeros_like(accepted))
-        out.scatter_(1, (out_len[:, None] + steps).clamp(max=out.shape[1] - 1), emitted)
-        hit_stop = (torch.isin(emitted, stop_t) & (steps < n_emit[:, None])).any(1)
-        out_len += n_emit
-        drafted += (live & ~cold).long() * M
-        accepted_total += torch.where(live, accepted, torch.zeros_like(accepted))
-        finished |= hit_stop | (out_len >= n_new)
+        emitted = torch.cat([self.drafts, nxt[:, None]], dim=1).scatter(1, accepted[:, None], nxt[:, None])
+        s.emit(emitted, n_commit)
+        s.drafted += self.counts(mask & ~cold, M)
+        s.accepted += self.counts(mask, accepted)
 
         # The MASK rows' drafts are valid for the next round after a cold round or a full acceptance (they
         # assumed exactly the context that was committed); a rejection sends the row to a cold round.
-        cold = ~cold & (accepted < M)
-        drafts, q = d_new, q_new
-        pending = nxt
-
-        if runner.sync(finished):
-            break
-
-    tokens, reasons = trim_at_stop(out, stops, n_new, lengths=out_len.tolist())
-    return DecodeResult(
-        "ar_trust", tokens, reasons, runner.forwards, int(active.sum()), drafted=int(drafted.sum()),
-        accepted=int(accepted_total.sum()), kernel_paths=model.kernel_paths(),
-    )
+        self.cold = torch.where(mask, ~cold & (accepted < M), cold)
+        self.drafts = torch.where(mask[:, None], d_new, self.drafts)
+        if q_new is not None:
+            self.q = torch.where(mask[:, None, None], q_new, self.q)
+        self.pending = torch.where(mask, nxt, self.pending)
+        return n_commit

@@ -1,101 +1,104 @@
-"""Block-wise parallel denoising: Diffusion-Trust and the low-confidence peer decoders, one loop (method §3).
+"""Block-wise parallel denoising: Diffusion-Trust and the low-confidence peer decoders, one lane (method §3).
 
 A block of rows after the committed tokens: Diffusion-Trust's ``[seed, MASK x (b-1)]`` (the seed, sampled from
 the last causal logits, is a clean row) or the peers' ``[MASK x b]``. With the logit shift, block position j is
 predicted by row j-1, and position 0 by the last committed row. Each denoising step is one read-only forward;
 it samples every undecided position and commits some by confidence (the untempered probability of the sampled
-token). When the block is decided, one causal forward commits it to the caches and gives the logits for what
-follows.
+token). When the block is decided, one forward commits it to the caches and gives the logits for what follows.
+Each slot moves through these phases on its own, so slots at different phases share a forward.
 """
 
 from __future__ import annotations
 
 import torch
 
+from flare.decoding.lane import Lane, Plan
 from flare.decoding.options import BlockOptions
-from flare.decoding.params import SamplingParams
-from flare.decoding.prompts import check_prompts, require_mask, stop_ids, trim_at_stop
-from flare.decoding.result import DecodeResult
-from flare.decoding.runner import CachedRunner
-from flare.model import FlareModel
-from flare.ops.sampling import sample
+from flare.decoding.prompts import require_mask
+
+DECIDED = -1  # a slot's step counter once its block is decided: the next forward commits it
 
 
-def _choose(conf: torch.Tensor, undecided: torch.Tensor, options: BlockOptions, step: int, max_steps: int):
-    """Which undecided positions to commit this step [B, T] (at least one per row that has any)."""
+def choose(conf: torch.Tensor, undecided: torch.Tensor, options: BlockOptions, step: torch.Tensor,
+           max_steps: int) -> torch.Tensor:
+    """Which undecided positions to commit this step [S, T] (at least one per row that has any); ``step`` [S]
+    is each row's denoising step."""
     conf = torch.where(undecided, conf, torch.full_like(conf, -1.0))
     best = torch.zeros_like(undecided).scatter(1, conf.argmax(1, keepdim=True), True) & undecided
-    if step == max_steps - 1:
-        return undecided
     if options.threshold is not None:
-        return (undecided & (conf > options.threshold)) | best
-    # Fixed steps: commit the most confident ceil(remaining / steps left) positions.
-    left = undecided.sum(1)
-    k = -(-left // (max_steps - step))
-    rank = conf.argsort(1, descending=True).argsort(1)
-    return undecided & (rank < k[:, None])
+        pick = (undecided & (conf > options.threshold)) | best
+    else:
+        # Fixed steps: commit the most confident ceil(remaining / steps left) positions.
+        left = undecided.sum(1)
+        k = -(-left // (max_steps - step).clamp(min=1))
+        rank = conf.argsort(1, descending=True).argsort(1)
+        pick = undecided & (rank < k[:, None])
+    return torch.where((step >= max_steps - 1)[:, None], undecided, pick)
 
 
-@torch.no_grad()
-def generate_blockwise(
-    model: FlareModel,
-    prompts: list[list[int]],
-    params: SamplingParams,
-    options: BlockOptions,
-    *,
-    mode: str,
-    seeded: bool,
-    runner_cls: type = CachedRunner,
-) -> DecodeResult:
-    check_prompts(prompts, model.config.vocab_size)
-    mask_id = require_mask(model, mode)
-    device, B, T = model.device, len(prompts), options.block_size
-    n_new = params.max_new_tokens
-    temp, top_k, top_p = params.row_tensors(B, device)
-    gen = params.generator(device)
-    stops = stop_ids(params.stop_token_ids, model.config.eos_token_ids, params.ignore_eos)
-    stop_t = torch.tensor(stops, dtype=torch.long, device=device)
-    max_steps = options.steps if options.steps is not None else T
+class BlockLane(Lane):
+    def __init__(self, model, slots, options: BlockOptions, *, mode: str, seeded: bool) -> None:
+        super().__init__(model, slots, options)
+        self.mode, self.seeded = mode, seeded
+        self.mask_id = require_mask(model, mode)
+        S, T, dev = slots.num_slots, options.block_size, slots.device
+        self.T, self.room = T, T
+        self.max_steps = options.steps if options.steps is not None else T
+        self.block = torch.full((S, T), self.mask_id, dtype=torch.long, device=dev)
+        self.undecided = torch.zeros(S, T, dtype=torch.bool, device=dev)
+        self.last = torch.zeros(S, model.config.vocab_size, device=dev, dtype=model.dtype)
+        self.step_of = [DECIDED] * S  # host: each slot's denoising step, or DECIDED
 
-    runner = runner_cls(model, B, max(len(p) for p in prompts) + n_new + 2 * T)
-    last = runner.prefill(prompts)  # [B, V] logits for the token after each prompt
-    out = torch.zeros(B, n_new + T, dtype=torch.long, device=device)
-    out_len = torch.zeros(B, dtype=torch.long, device=device)
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-    active = torch.ones(B, dtype=torch.long, device=device)
-    positions = torch.arange(T, device=device)
-    n_clean = 1 if seeded else 0
-    while True:
-        block = torch.full((B, T), mask_id, dtype=torch.long, device=device)
-        undecided = torch.ones(B, T, dtype=torch.bool, device=device)
-        if seeded:
-            block[:, 0] = sample(last, temp, top_k, top_p, gen)
+    def prefilled(self, slots: list[int], logits: torch.Tensor) -> None:
+        mask = self.slots.mask(slots)
+        self.last = torch.where(mask[:, None], logits.to(self.last.dtype), self.last)
+        self._new_block(slots)
+
+    def _new_block(self, slots: list[int]) -> None:
+        mask = self.slots.mask(slots)[:, None]
+        block = torch.full_like(self.block, self.mask_id)
+        undecided = torch.ones_like(self.undecided)
+        if self.seeded:
+            block[:, 0] = self.sample(slots, self.last)
             undecided[:, 0] = False
-        for step in range(max_steps):
-            if step > 0 and not bool(undecided.any()):
-                break
-            active += (~finished & undecided.any(1)).long()
-            logits = runner.rows(block, n_clean)  # [B, T, V]
-            pred = torch.cat([last[:, None], logits[:, :-1]], dim=1)  # shifted: position j <- row j-1
-            flat = pred.reshape(B * T, -1)
-            if params.greedy:
-                cand = flat.argmax(-1).view(B, T)
-            else:
-                cand = sample(flat, temp.repeat_interleave(T), top_k.repeat_interleave(T),
-                              top_p.repeat_interleave(T), gen).view(B, T)
-            conf = torch.softmax(flat.float(), -1).gather(-1, cand.view(-1, 1)).view(B, T)
-            commit = _choose(conf, undecided, options, step, max_steps)
-            block = torch.where(commit, cand, block)
-            undecided &= ~commit
-        last = runner.append(block)
-        active += (~finished).long()
-        live = ~finished
-        out.scatter_(1, (out_len[:, None] + positions).clamp(max=out.shape[1] - 1), block)
-        n_emit = torch.where(live, torch.full_like(out_len, T), torch.zeros_like(out_len))
-        finished |= (torch.isin(block, stop_t) & live[:, None]).any(1)
-        out_len += n_emit
-        finished |= out_len >= n_new
-        if runner.sync(finished):
-            break
-    tokens, reasons = trim_at_stop(out, stops, n_new, lengths=out_len.tolist())
-    return DecodeResult(mode, tokens, reasons, runner.forwards, int(active.sum()), kernel_paths=model.kernel_paths())
+        self.block = torch.where(mask, block, self.block)
+        self.undecided = torch.where(mask, undecided, self.undecided)
+        for s in slots:
+            self.step_of[s] = 0 if self.T > int(self.seeded) else DECIDED
+
+    def plan(self, live: list[int]) -> Plan:
+        committing = [s for s in live if self.step_of[s] == DECIDED]
+        denoising = [s for s in live if self.step_of[s] != DECIDED]
+        cm, dm = self.slots.mask(committing), self.slots.mask(denoising)
+        n_seed = int(self.seeded)
+        clean = self.counts(cm, self.T) + self.counts(dm, n_seed)
+        noisy = self.counts(dm, self.T - n_seed)
+        return Plan(self.block, clean, noisy, commits_all=not denoising,
+                    same_clean=self.T if not denoising else None)
+
+    def consume(self, live: list[int], logits: torch.Tensor) -> torch.Tensor:
+        s, T = self.slots, self.T
+        committing = [i for i in live if self.step_of[i] == DECIDED]
+        denoising = [i for i in live if self.step_of[i] != DECIDED]
+        if denoising:
+            dm = s.mask(denoising)
+            pred = torch.cat([self.last[:, None], logits[:, : T - 1].to(self.last.dtype)], dim=1)  # j <- row j-1
+            cand = self.sample(denoising, pred)
+            conf = torch.softmax(pred.float(), -1).gather(-1, cand[..., None])[..., 0]
+            step = torch.tensor(self.step_of, device=s.device)
+            commit = choose(conf, self.undecided & dm[:, None], self.options, step, self.max_steps)
+            self.block = torch.where(commit, cand, self.block)
+            self.undecided &= ~commit
+            left = self.undecided.any(1).tolist()
+            for i in denoising:
+                self.step_of[i] += 1
+                if not left[i] or self.step_of[i] >= self.max_steps:
+                    self.step_of[i] = DECIDED
+        if not committing:
+            return torch.zeros(s.num_slots, dtype=torch.long, device=s.device)
+        cm = s.mask(committing)
+        n_commit = self.counts(cm, T)
+        s.emit(self.block, n_commit)
+        self.last = torch.where(cm[:, None], logits[:, T - 1].to(self.last.dtype), self.last)
+        self._new_block(committing)
+        return n_commit

@@ -40,22 +40,3 @@ def require_mask(model, mode: str) -> int:
             "this is a plain AR checkpoint: decode it with mode 'causal', or convert it with `flare convert`"
         )
     return mask_id
-
-
-def trim_at_stop(
-    rows: torch.Tensor, stops: list[int], max_new: int, lengths: list[int] | None = None
-) -> tuple[list[list[int]], list[str]]:
-    """Cut each row after its first stop token (kept, like an EOS in a completion's token ids), and at
-    ``max_new``; ``lengths`` says how much of each row is real (all of it when None)."""
-    out, reasons = [], []
-    for i, row in enumerate(rows.tolist()):
-        if lengths is not None:
-            row = row[: lengths[i]]
-        cut = next((i for i, t in enumerate(row) if t in stops), None)
-        if cut is None:
-            out.append(row[:max_new])
-            reasons.append("length")
-        else:
-            out.append(row[: cut + 1])
-            reasons.append("stop")
-    return out, reasons

@@ -1,67 +1,16 @@
-"""Decoding modes by name: the one table the CLI, the engine and the evaluation look modes up in."""
+"""``decode``: a batch of prompts in one mode, run to completion on a stepper with one lane."""
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
-from flare.decoding.ar_trust import generate_ar_trust
-from flare.decoding.blockwise import generate_blockwise
-from flare.decoding.causal import generate_causal
-from flare.decoding.options import (
-    ArTrustOptions,
-    CausalOptions,
-    DiffusionTrustOptions,
-    LladaOptions,
-    LowConfidenceOptions,
-)
+from flare.decoding.modes import MODES, mode_options
 from flare.decoding.params import SamplingParams
+from flare.decoding.prompts import check_prompts, require_mask
 from flare.decoding.result import DecodeResult
 from flare.decoding.runner import CachedRunner, ReferenceRunner
+from flare.decoding.stepper import Admission, Stepper
 from flare.model import FlareModel
-
-
-@dataclass(frozen=True)
-class Mode:
-    run: Callable[..., DecodeResult]  # (model, prompts, params, options, runner_cls) -> result
-    options: type
-
-
-def _causal(model, prompts, params, options, runner_cls):
-    return generate_causal(model, prompts, params, runner_cls)
-
-
-def _blockwise(mode: str, seeded: bool):
-    def run(model, prompts, params, options, runner_cls):
-        return generate_blockwise(model, prompts, params, options, mode=mode, seeded=seeded, runner_cls=runner_cls)
-
-    return run
-
-
-def _ar_trust(model, prompts, params, options, runner_cls):
-    return generate_ar_trust(model, prompts, params, options, runner_cls)
-
-
-MODES: dict[str, Mode] = {
-    "causal": Mode(_causal, CausalOptions),
-    "ar_trust": Mode(_ar_trust, ArTrustOptions),
-    "diffusion_trust": Mode(_blockwise("diffusion_trust", seeded=True), DiffusionTrustOptions),
-    "low_confidence": Mode(_blockwise("low_confidence", seeded=False), LowConfidenceOptions),
-    "llada": Mode(_blockwise("llada", seeded=False), LladaOptions),
-}
-
-
-def mode_options(mode: str, **options: Any):
-    """The validated options of ``mode``; unknown option names are an error naming the mode's options."""
-    if mode not in MODES:
-        raise ValueError(f"unknown decoding mode {mode!r}; available: {', '.join(MODES)}")
-    cls = MODES[mode].options
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise ValueError(f"mode {mode!r} takes options {sorted(known) or 'none'}, not {unknown}")
-    return cls(**options)
 
 
 def decode(
@@ -76,4 +25,21 @@ def decode(
     """Decode ``prompts`` (token ids) with ``mode``. ``reference=True`` runs the same strategy without caches,
     recomputing every forward from the full sequence: the ground truth the cached path is tested against."""
     opts = mode_options(mode, **options)
-    return MODES[mode].run(model, prompts, params, opts, ReferenceRunner if reference else CachedRunner)
+    check_prompts(prompts, model.config.vocab_size)
+    if MODES[mode].needs_mask:
+        require_mask(model, mode)
+    B = len(prompts)
+    stepper = Stepper(model, B, max(len(p) for p in prompts) + params.max_new_tokens + 64,
+                      ReferenceRunner if reference else CachedRunner)
+    # One random stream for the whole batch, as a seeded batch call is expected to behave.
+    gen = params.generator(model.device)
+    stepper.admit([Admission(s, mode, opts, p, params, gen) for s, p in enumerate(prompts)])
+    while stepper.step():
+        pass
+    slots = stepper.slots
+    rows, lengths = slots.out.tolist(), slots.out_len.tolist()
+    tokens, reasons = zip(*(slots.tokens(s, rows[s], lengths[s]) for s in range(B)))
+    return DecodeResult(
+        mode, list(tokens), list(reasons), stepper.runner.forwards, int(slots.active_forwards.sum()),
+        drafted=int(slots.drafted.sum()), accepted=int(slots.accepted.sum()), kernel_paths=model.kernel_paths(),
+    )

@@ -1,9 +1,9 @@
-"""How a decoding strategy touches the model: prefill, read-only rows forwards, commits.
+"""How decoding touches the model: prefill, commit-all forwards, read-only rows forwards, recorded commits.
 
-Each strategy is written once against this small interface. ``CachedRunner`` serves it from the persistent
-caches (the real thing); ``ReferenceRunner`` recomputes every forward from the full token sequence with no cache
-at all (slow, obviously right). Running a strategy on both and comparing is how the caches and commits are
-proven exact.
+Every strategy is written once against this small interface, over a fixed set of cache slots (one per
+sequence). ``CachedRunner`` serves it from the persistent caches (the real thing); ``ReferenceRunner``
+recomputes every forward from the full token sequence with no cache at all (slow, obviously right). Running a
+strategy on both and comparing is how the caches and commits are proven exact.
 """
 
 from __future__ import annotations
@@ -16,100 +16,122 @@ from flare.model.context import Rows
 
 
 class CachedRunner:
-    def __init__(self, model: FlareModel, batch: int, capacity: int) -> None:
+    def __init__(self, model: FlareModel, slots: int, capacity: int) -> None:
         self.model = model
-        self.cache = model.new_cache(batch, capacity=capacity)
+        self.cache = model.new_cache(slots, capacity=capacity)
         self.record: CommitRecord | None = None
         self.forwards = 0
 
-    def prefill(self, prompts: list[list[int]]) -> torch.Tensor:
-        """Commit the prompts (rows may be empty); return the logits after the last token of each [B, V]
-        (undefined for empty rows)."""
-        if max(len(p) for p in prompts) == 0:
-            return torch.zeros(len(prompts), self.model.config.vocab_size, device=self.model.device)
-        ids, valid = pad_prompts([p or [0] for p in prompts], self.model.device)
-        valid &= torch.tensor([len(p) > 0 for p in prompts], device=valid.device)[:, None]
+    def reset(self, slots: list[int]) -> None:
+        """Empty the caches of ``slots`` (handed to new sequences)."""
+        self.cache.reset(slots)
+
+    def prefill(self, tokens: list[list[int]]) -> torch.Tensor:
+        """Commit ``tokens[s]`` to slot s (an empty list leaves the slot untouched); return the logits after the
+        last token of each slot [S, V] (undefined for empty rows)."""
+        ids, valid = pad_prompts([t or [0] for t in tokens], self.model.device)
+        valid &= torch.tensor([len(t) > 0 for t in tokens], device=valid.device)[:, None]
         hidden = self.model.hidden_states(ids, cache=self.cache, valid=valid)
-        # The runner's cache starts empty, so the prompt lengths are the exact lengths: no device read needed.
-        self.cache.tighten(max(len(p) for p in prompts))
         self.forwards += 1
         last = (valid.sum(1) - 1).clamp(min=0)
-        return self.model.logits(hidden[torch.arange(len(prompts), device=ids.device), last])
+        return self.model.logits(hidden[torch.arange(len(tokens), device=ids.device), last])
 
-    def rows(self, tokens: torch.Tensor, num_clean, num_noisy: int | None = None, record: bool = False):
-        """Logits [B, T, V] of rows [clean x num_clean ; noisy x num_noisy ; padding] after the committed tokens
-        (``num_clean`` an int or a [B] tensor); commits nothing."""
+    def append(self, tokens: torch.Tensor, num_new: torch.Tensor | None = None) -> torch.Tensor:
+        """Commit the first ``num_new[s]`` of tokens [S, R] to each slot (all of them when None) with a causal
+        forward; return the logits after each row [S, R, V]."""
+        valid = None
+        if num_new is not None:
+            valid = torch.arange(tokens.shape[1], device=tokens.device) < num_new[:, None]
+        hidden = self.model.hidden_states(tokens, cache=self.cache, valid=valid)
+        self.forwards += 1
+        return self.model.logits(hidden)
+
+    def rows(self, tokens: torch.Tensor, num_clean, num_noisy=None, record: bool = False) -> torch.Tensor:
+        """Logits [S, R, V] of rows [clean x num_clean ; noisy x num_noisy ; padding] after the committed tokens
+        (counts: ints or [S] tensors); commits nothing."""
         self.record = CommitRecord.empty() if record else None
-        layout = Rows(num_clean, num_noisy)
-        hidden = self.model.hidden_states(tokens, cache=self.cache, layout=layout, record=self.record)
+        hidden = self.model.hidden_states(tokens, cache=self.cache, layout=Rows(num_clean, num_noisy),
+                                          record=self.record)
         self.forwards += 1
         return self.model.logits(hidden)
 
     def commit_recorded(self, n_accept: torch.Tensor) -> None:
-        """Commit the first n_accept[b] clean rows of the last recorded rows forward (no forward)."""
+        """Commit the first n_accept[s] clean rows of the last recorded rows forward (no forward)."""
         self.cache.commit(self.record, n_accept)
         self.record = None
 
-    def append(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Commit tokens [B, T] with a causal forward; return the logits after the last one [B, V]."""
-        hidden = self.model.hidden_states(tokens, cache=self.cache)
-        self.forwards += 1
-        return self.model.logits(hidden[:, -1])
+    def extent(self) -> torch.Tensor:
+        """(longest, shortest) committed length [2] on the device, read in the caller's one sync per step."""
+        return torch.stack([self.cache.lengths.max(), self.cache.lengths.min()])
 
-    def sync(self, finished: torch.Tensor) -> bool:
-        """The one host sync per round: whether all rows are done (and the true longest length)."""
-        done, longest = torch.stack([finished.all().long(), self.cache.lengths.max()]).tolist()
-        self.cache.tighten(longest)
-        return bool(done)
+    def tighten(self, longest: int, shortest: int) -> None:
+        self.cache.tighten(longest, shortest)
 
 
 class ReferenceRunner:
-    """The same interface with no cache: every call re-runs the whole sequence, one row at a time."""
+    """The same interface with no cache: every call re-runs each whole sequence on its own."""
 
-    def __init__(self, model: FlareModel, batch: int, capacity: int = 0) -> None:
+    def __init__(self, model: FlareModel, slots: int, capacity: int = 0) -> None:
         self.model = model
-        self.seqs: list[list[int]] = [[] for _ in range(batch)]
+        self.seqs: list[list[int]] = [[] for _ in range(slots)]
         self.pending: torch.Tensor | None = None
         self.forwards = 0
 
-    def _forward(self, b: int, tail: list[int], num_clean: int) -> torch.Tensor:
+    def _forward(self, s: int, tail: list[int], num_clean: int) -> torch.Tensor:
         """Logits of the whole sequence: committed tokens and the first num_clean tail rows are clean rows,
         the rest of the tail a noisy block."""
-        full = torch.tensor([self.seqs[b] + tail], device=self.model.device)
+        full = torch.tensor([self.seqs[s] + tail], device=self.model.device)
         cache = self.model.new_cache(1)  # empty: the whole sequence is rows of this forward
-        hidden = self.model.hidden_states(full, cache=cache, layout=Rows(len(self.seqs[b]) + num_clean))
+        hidden = self.model.hidden_states(full, cache=cache, layout=Rows(len(self.seqs[s]) + num_clean))
         return self.model.logits(hidden[0])
 
-    def prefill(self, prompts: list[list[int]]) -> torch.Tensor:
-        self.seqs = [list(p) for p in prompts]
-        self.forwards += 1
-        V = self.model.config.vocab_size
-        return torch.stack([
-            self._forward(b, [], 0)[-1] if p else torch.zeros(V, device=self.model.device)
-            for b, p in enumerate(prompts)
-        ]).to(self.model.dtype)
+    def _zeros(self, *shape: int) -> torch.Tensor:
+        return torch.zeros(*shape, self.model.config.vocab_size, device=self.model.device, dtype=self.model.dtype)
 
-    def rows(self, tokens: torch.Tensor, num_clean, num_noisy: int | None = None, record: bool = False):
-        self.pending = tokens
+    def reset(self, slots: list[int]) -> None:
+        for s in slots:
+            self.seqs[s] = []
+
+    def prefill(self, tokens: list[list[int]]) -> torch.Tensor:
         self.forwards += 1
-        B, T = tokens.shape
-        clean = torch.as_tensor(num_clean).expand(B).tolist()
         out = []
-        for b in range(B):
-            n = T if num_noisy is None else clean[b] + num_noisy
-            logits = self._forward(b, tokens[b, :n].tolist(), clean[b])[-n:]
-            out.append(torch.cat([logits, logits.new_zeros(T - n, logits.shape[-1])]))
+        for s, t in enumerate(tokens):
+            self.seqs[s] += t
+            out.append(self._forward(s, [], 0)[-1] if t else self._zeros(1)[0])
         return torch.stack(out)
 
-    def commit_recorded(self, n_accept: torch.Tensor) -> None:
-        for b, n in enumerate(n_accept.tolist()):
-            self.seqs[b] += self.pending[b, :n].tolist()
-
-    def append(self, tokens: torch.Tensor) -> torch.Tensor:
-        for b in range(len(self.seqs)):
-            self.seqs[b] += tokens[b].tolist()
+    def append(self, tokens: torch.Tensor, num_new: torch.Tensor | None = None) -> torch.Tensor:
         self.forwards += 1
-        return torch.stack([self._forward(b, [], 0)[-1] for b in range(len(self.seqs))])
+        S, R = tokens.shape
+        counts = [R] * S if num_new is None else num_new.tolist()
+        out = self._zeros(S, R)
+        for s in range(S):
+            n = counts[s]
+            if n:
+                self.seqs[s] += tokens[s, :n].tolist()
+                out[s, :n] = self._forward(s, [], 0)[-n:]
+        return out
 
-    def sync(self, finished: torch.Tensor) -> bool:
-        return bool(finished.all())
+    def rows(self, tokens: torch.Tensor, num_clean, num_noisy=None, record: bool = False) -> torch.Tensor:
+        self.pending = tokens
+        self.forwards += 1
+        S, R = tokens.shape
+        clean = torch.as_tensor(num_clean).expand(S).tolist()
+        noisy = [R - c for c in clean] if num_noisy is None else torch.as_tensor(num_noisy).expand(S).tolist()
+        out = self._zeros(S, R)
+        for s in range(S):
+            n = clean[s] + noisy[s]
+            if n:
+                out[s, :n] = self._forward(s, tokens[s, :n].tolist(), clean[s])[-n:]
+        return out
+
+    def commit_recorded(self, n_accept: torch.Tensor) -> None:
+        for s, n in enumerate(n_accept.tolist()):
+            self.seqs[s] += self.pending[s, :n].tolist()
+
+    def extent(self) -> torch.Tensor:
+        lengths = [len(s) for s in self.seqs]
+        return torch.tensor([max(lengths), min(lengths)])
+
+    def tighten(self, longest: int, shortest: int) -> None:
+        pass

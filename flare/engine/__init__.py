@@ -1,11 +1,12 @@
-"""The serving engine: request bookkeeping and scheduling (pure Python), then batched steps over cache slots.
+"""The serving engine: request bookkeeping and scheduling (pure Python), batched steps over cache slots.
 
-Built so far: ``Sequence`` and ``Scheduler``, which import no torch and are tested with plain objects. The
-runner (one forward per step over every running sequence's cache slot, each sequence advanced by its own mode's
-strategy) and the text-level ``LLM`` come next.
+``Engine`` (token ids) queues requests, admits them into cache slots, and steps every running sequence, of any
+decoding mode, in one forward per step through ``flare.decoding.Stepper``. ``LLM`` wraps it with text.
 """
 
+from flare.engine.engine import Engine, EngineConfig, EngineStats, RequestError, RequestOutput
 from flare.engine.scheduler import QueueFull, ScheduledStep, Scheduler, SchedulerConfig
 from flare.engine.sequence import Sequence, SequenceStatus
 
-__all__ = ["QueueFull", "ScheduledStep", "Scheduler", "SchedulerConfig", "Sequence", "SequenceStatus"]
+__all__ = ["Engine", "EngineConfig", "EngineStats", "QueueFull", "RequestError", "RequestOutput", "ScheduledStep",
+           "Scheduler", "SchedulerConfig", "Sequence", "SequenceStatus"]

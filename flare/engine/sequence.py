@@ -20,7 +20,7 @@ class Sequence:
     prompt_ids: list[int]
     max_new_tokens: int
     mode: str = "causal"
-    options: dict[str, Any] = field(default_factory=dict)
+    options: Any = None  # the mode's options (a flare.decoding.options dataclass)
     params: Any = None  # flare.decoding.SamplingParams (kept untyped: this module imports no torch)
     output_ids: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
@@ -44,17 +44,13 @@ class Sequence:
     def prompt_len(self) -> int:
         return len(self.prompt_ids)
 
-    def commit(self, tokens: list[int], stop_ids: set[int] = frozenset()) -> list[int]:
-        """Append committed tokens up to a stop token or the length limit; returns what was appended (the part
-        a stream sends). Marks the sequence finished when it stops."""
-        room = self.max_new_tokens - len(self.output_ids)
-        taken = []
-        for t in tokens[:room]:
-            taken.append(t)
-            if t in stop_ids:
-                self.finish_reason = "stop"
-                break
-        self.output_ids += taken
-        if self.finish_reason is None and len(self.output_ids) >= self.max_new_tokens:
-            self.finish_reason = "length"
-        return taken
+    def update(self, output_ids: list[int], finish_reason: str | None) -> list[int]:
+        """Take the sequence's whole output so far (already cut at its stop token and length limit) and why it
+        ended (None while running); returns the tokens new since the last update (what a stream sends)."""
+        if output_ids[: len(self.output_ids)] != self.output_ids:
+            raise ValueError(f"request {self.request_id}: committed tokens cannot change")
+        new = output_ids[len(self.output_ids):]
+        self.output_ids = list(output_ids)
+        if finish_reason is not None:
+            self.finish_reason = finish_reason
+        return new

@@ -124,10 +124,11 @@ class ModelCache:
         self.bound += max_new
         self.bound_exact = self.bound_exact and uniform
 
-    def tighten(self, longest: int) -> None:
-        """Lower the host-side bound to the true longest length (read off the device by the caller)."""
+    def tighten(self, longest: int, shortest: int | None = None) -> None:
+        """Lower the host-side bound to the true longest length (read off the device by the caller, with the
+        shortest one when known: equal, every sequence has the bound's length)."""
         self.bound = longest
-        self.bound_exact = self.batch_size == 1
+        self.bound_exact = self.batch_size == 1 or shortest == longest
 
     def commit(self, record: "CommitRecord", n_accept_B: torch.Tensor) -> None:
         """Advance every sequence by its first ``n_accept[b]`` recorded clean rows, exactly as a causal pass
@@ -148,6 +149,18 @@ class ModelCache:
                 idx = n_accept_B[:, None] + torch.arange(K1, device=full.device)
                 layer.conv = full.gather(1, idx[:, :, None].expand(B, K1, full.shape[-1]))
         self.advance(n_accept_B, T)
+
+    def reset(self, rows: list[int]) -> None:
+        """Empty the given sequences' caches (a slot handed to a new request); the others are untouched."""
+        if not rows:
+            return
+        idx = torch.tensor(rows, device=self.lengths.device)
+        self.lengths = self.lengths.index_fill(0, idx, 0)
+        for layer in self.layers:
+            if isinstance(layer, RecurrentState):
+                layer.conv = layer.conv.index_fill(0, idx, 0)
+                layer.ssm = layer.ssm.index_fill(0, idx, 0)
+        self.bound_exact = False
 
     def clone(self) -> "ModelCache":
         layers: list[AttentionState | RecurrentState] = []

@@ -60,16 +60,16 @@ class TwoStream:
 
 @dataclass(frozen=True)
 class Rows:
-    """Rows [clean x num_clean ; noisy x num_noisy ; padding] after a cache. ``num_clean`` may differ per
+    """Rows [clean x num_clean ; noisy x num_noisy ; padding] after a cache. Either count may differ per
     sequence (a [B] tensor); ``num_noisy`` defaults to all rows after the clean ones."""
 
     num_clean: int | torch.Tensor
-    num_noisy: int | None = None
+    num_noisy: int | torch.Tensor | None = None
 
     def counts(self, batch: int, rows: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(num_clean [B], num_noisy [B]) as tensors, checked against the number of rows."""
         clean = torch.as_tensor(self.num_clean, device=device).expand(batch)
-        noisy = rows - clean if self.num_noisy is None else torch.full_like(clean, self.num_noisy)
+        noisy = rows - clean if self.num_noisy is None else torch.as_tensor(self.num_noisy, device=device).expand(batch)
         if bool(((clean < 0) | (noisy < 0) | (clean + noisy > rows)).any()):
             raise ValueError(f"rows layout needs 0 <= num_clean, num_noisy and num_clean + num_noisy <= {rows}; "
                              f"got num_clean={self.num_clean}, num_noisy={self.num_noisy}")

@@ -126,8 +126,7 @@ class GatedDeltaNet(nn.Module):
                 self.last_path = "naive"
             else:
                 o, ssm, self.last_path = gated_delta(q, k, v, gc, bc, initial_state=ssm)
-        if layout.num_noisy != 0 and not (layout.num_noisy is None and isinstance(layout.num_clean, int)
-                                          and layout.num_clean == T):
+        if not _no_noisy_rows(layout, T):
             gn, bn = g * is_noisy[..., None], beta * is_noisy[..., None]
             _, end, self.last_path = gated_delta(q, k, v, gn, bn, initial_state=ssm)
             o_n = read_state(q, end, self.dk**-0.5).to(v.dtype)
@@ -169,3 +168,10 @@ class GatedDeltaNet(nn.Module):
         out_c = seg.pack(self._out(o_c, z_c, x.dtype))  # [B, L, E]
         out_n = seg.pack(self._out(o_n, z_n, x.dtype).transpose(1, 2))  # [B, L, V, E]
         return torch.cat([out_c, out_n.transpose(1, 2).reshape(B, V * L, -1)], dim=1)
+
+
+def _no_noisy_rows(layout, rows: int) -> bool:
+    """Whether the layout says, without reading the device, that no sequence has a noisy row."""
+    if isinstance(layout.num_noisy, int):
+        return layout.num_noisy == 0
+    return layout.num_noisy is None and isinstance(layout.num_clean, int) and layout.num_clean == rows

@@ -81,12 +81,12 @@ def test_random_traffic_never_leaks_slots():
     assert sorted(s.free_slots) == [0, 1, 2, 3]
 
 
-def test_sequence_commit_stops_and_limits():
+def test_sequence_update_returns_what_is_new():
     q = Sequence("a", [1, 2], max_new_tokens=5)
-    assert q.commit([7, 8], {9}) == [7, 8] and q.finish_reason is None
-    assert q.commit([9, 10], {9}) == [9] and q.finish_reason == "stop"
-    r = Sequence("b", [1], max_new_tokens=3)
-    assert r.commit([4, 5, 6, 7]) == [4, 5, 6] and r.finish_reason == "length"
+    assert q.update([7, 8], None) == [7, 8] and q.finish_reason is None
+    assert q.update([7, 8, 9], "stop") == [9] and q.finish_reason == "stop" and q.output_ids == [7, 8, 9]
+    with pytest.raises(ValueError, match="cannot change"):
+        q.update([7, 6, 9, 1], None)
     with pytest.raises(ValueError, match="empty"):
         Sequence("c", [], 3)
     with pytest.raises(ValueError, match="max_new_tokens"):

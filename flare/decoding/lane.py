@@ -1,0 +1,83 @@
+"""A decoding mode as a lane: step-wise, over whichever cache slots it owns, beside other lanes.
+
+A lane turns its slots' state into rows for the next forward (``plan``) and the logits of those rows back into
+committed tokens (``consume``). The stepper merges every lane's rows into ONE forward per step, so sequences of
+different modes share a batch; ``decode`` is the same stepper with a single lane. All per-slot tensors span
+every slot of the stepper; a lane only ever reads or changes the rows of the slots it is given.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from flare.decoding.slots import SlotBatch
+from flare.model import FlareModel
+from flare.ops.sampling import sample
+
+
+@dataclass
+class Plan:
+    """A lane's rows for one forward: [clean x num_clean ; noisy x num_noisy ; padding] per slot (zero counts
+    for slots it does not own)."""
+
+    tokens: torch.Tensor  # [S, R]
+    num_clean: torch.Tensor  # [S] long
+    num_noisy: torch.Tensor  # [S] long
+    # Every live slot commits all its clean rows and has no noisy row: the forward can be a plain causal one.
+    commits_all: bool
+    # The clean-row count of every live slot when they all have the same one (host side), else None.
+    same_clean: int | None = None
+
+
+class Lane:
+    mode: str = ""
+    room: int = 1  # the most tokens one step can emit for a slot
+
+    def __init__(self, model: FlareModel, slots: SlotBatch, options) -> None:
+        self.model, self.slots, self.options = model, slots, options
+        self.owned: list[int] = []
+
+    def live(self) -> list[int]:
+        return [s for s in self.owned if self.slots.live[s]]
+
+    def release(self, slot: int) -> None:
+        self.owned.remove(slot)
+
+    def admit(self, slots: list[int], prompts: list[list[int]]) -> list[list[int]]:
+        """Take new sequences; return the tokens to commit to each slot in the admission prefill."""
+        self.owned += slots
+        return prompts
+
+    def prefilled(self, slots: list[int], logits: torch.Tensor) -> None:
+        """The admission prefill ran; ``logits`` [S, V] after each slot's last prefilled token."""
+
+    def plan(self, live: list[int]) -> Plan:
+        raise NotImplementedError
+
+    def consume(self, live: list[int], logits: torch.Tensor) -> torch.Tensor:
+        """Read the logits [S, R, V] of the planned rows; return how many clean rows each slot commits [S]."""
+        raise NotImplementedError
+
+    # --------------------------------------------------------------------------------------------- helpers
+    def sample(self, live: list[int], logits: torch.Tensor) -> torch.Tensor:
+        """One token per slot [S] from logits [S, V] (or [S, T] tokens from [S, T, V]) with each slot's own
+        settings; zeros outside ``live``. Greedy batches never build a distribution."""
+        if self.slots.all_greedy(live):
+            return logits.argmax(-1)
+        s = self.slots
+
+        def draw_rows(lg, t, k, p, g):
+            shape = lg.shape[:-1]
+            rep = lg[..., 0].numel() // lg.shape[0]
+            flat = sample(lg.reshape(-1, lg.shape[-1]), t.repeat_interleave(rep), k.repeat_interleave(rep),
+                          p.repeat_interleave(rep), g)
+            return flat.view(shape)
+
+        return s.per_generator(live, draw_rows, logits, s.temperature, s.top_k, s.top_p)
+
+    def counts(self, mask: torch.Tensor, n: int | torch.Tensor) -> torch.Tensor:
+        """n where ``mask`` else 0, as a [S] long tensor."""
+        n = torch.as_tensor(n, device=mask.device)
+        return torch.where(mask, n, torch.zeros_like(n)).long().expand(mask.shape[0])

@@ -1,0 +1,133 @@
+"""Runs decoding lanes over the cache slots of one runner: admissions (prefill) and steps (one forward each).
+
+Each step asks every lane with live slots for its rows, merges them into one batch, and runs ONE forward: a
+plain causal forward when every slot commits all its rows (causal decoding, committing a decided block), else a
+read-only rows forward whose clean rows are recorded and then committed per slot (AR-Trust's accepted prefix,
+nothing for a denoising step). Each lane then reads its slots' logits. One host sync per step refreshes which
+slots are still live and the cache's length bound. ``decode`` and the serving engine both run on this.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from flare.decoding.lane import Lane
+from flare.decoding.modes import MODES
+from flare.decoding.params import SamplingParams
+from flare.decoding.prompts import stop_ids
+from flare.decoding.runner import CachedRunner
+from flare.decoding.slots import SlotBatch
+from flare.model import FlareModel
+
+
+@dataclass
+class Admission:
+    slot: int
+    mode: str
+    options: object  # the mode's options dataclass (flare.decoding.options)
+    prompt: list[int]
+    params: SamplingParams
+    generator: torch.Generator | None = None
+
+
+class Stepper:
+    def __init__(self, model: FlareModel, num_slots: int, capacity: int, runner_cls: type = CachedRunner) -> None:
+        self.model = model
+        self.runner = runner_cls(model, num_slots, capacity)
+        self.slots = SlotBatch(num_slots, model.device)
+        self.owner: list[Lane | None] = [None] * num_slots
+        self.lanes: dict[tuple[str, str], Lane] = {}
+
+    def lane(self, mode: str, options) -> Lane:
+        """The lane that runs ``mode`` with ``options`` (one per distinct pair, created on first use)."""
+        key = (mode, repr(options))
+        if key not in self.lanes:
+            self.lanes[key] = MODES[mode].lane(self.model, self.slots, options)
+        return self.lanes[key]
+
+    @torch.no_grad()
+    def admit(self, admissions: list[Admission]) -> None:
+        """Bind new sequences to free slots and prefill them, all in one forward."""
+        if not admissions:
+            return
+        eos = self.model.config.eos_token_ids
+        groups: dict[int, tuple[Lane, list[Admission]]] = {}
+        for a in admissions:
+            if self.owner[a.slot] is not None:
+                raise ValueError(f"slot {a.slot} is taken")
+            lane = self.lane(a.mode, a.options)
+            stops = stop_ids(a.params.stop_token_ids, eos, a.params.ignore_eos)
+            self.slots.admit(a.slot, a.params, stops, a.generator, lane.room)
+            self.owner[a.slot] = lane
+            groups.setdefault(id(lane), (lane, []))[1].append(a)
+        self.runner.reset([a.slot for a in admissions])
+        tokens: list[list[int]] = [[] for _ in range(self.slots.num_slots)]
+        for lane, group in groups.values():
+            for a, t in zip(group, lane.admit([a.slot for a in group], [a.prompt for a in group])):
+                tokens[a.slot] = list(t)
+        filled = [s for s, t in enumerate(tokens) if t]
+        if filled:
+            logits = self.runner.prefill(tokens)
+            self.slots.active_forwards += self.slots.mask(filled).long()
+        else:
+            logits = torch.zeros(self.slots.num_slots, self.model.config.vocab_size, device=self.model.device)
+        for lane, group in groups.values():
+            lane.prefilled([a.slot for a in group], logits)
+        self.sync()
+
+    def release(self, slot: int) -> None:
+        """Free a slot (its sequence finished or was aborted); the next admission may take it."""
+        lane = self.owner[slot]
+        if lane is None:
+            return
+        lane.release(slot)
+        self.slots.release(slot)
+        self.owner[slot] = None
+
+    @torch.no_grad()
+    def step(self) -> bool:
+        """One forward for every live slot; False when none is live (nothing ran)."""
+        plans = []
+        for lane in self.lanes.values():
+            live = lane.live()
+            if live:
+                plans.append((lane, live, lane.plan(live)))
+        if not plans:
+            return False
+        S = self.slots.num_slots
+        R = max(p.tokens.shape[1] for _, _, p in plans)
+        first = plans[0][2]
+        tokens = torch.zeros(S, R, dtype=torch.long, device=first.tokens.device)
+        clean, noisy = torch.zeros_like(first.num_clean), torch.zeros_like(first.num_noisy)
+        live_all: list[int] = []
+        for _, live, p in plans:
+            m = self.slots.mask(live)
+            tokens = torch.where(m[:, None], F.pad(p.tokens, (0, R - p.tokens.shape[1])), tokens)
+            clean, noisy = torch.where(m, p.num_clean, clean), torch.where(m, p.num_noisy, noisy)
+            live_all += live
+        self.slots.active_forwards += self.slots.mask(live_all).long()
+
+        commits_all = all(p.commits_all for _, _, p in plans)
+        if commits_all:
+            uniform = len(live_all) == S and all(p.same_clean == R for _, _, p in plans)
+            logits = self.runner.append(tokens, None if uniform else clean)
+        else:
+            logits = self.runner.rows(tokens, clean, noisy, record=True)
+        n_commit = torch.zeros_like(clean)
+        for lane, live, _ in plans:
+            n_commit += lane.consume(live, logits)
+        if not commits_all:
+            self.runner.commit_recorded(n_commit)
+        self.sync()
+        return True
+
+    def sync(self) -> None:
+        """The one host read per step: which slots finished, and the cache's true length bounds."""
+        S = self.slots.num_slots
+        values = torch.cat([self.slots.finished.long(), self.runner.extent().to(self.slots.device)]).tolist()
+        finished, longest, shortest = values[:S], values[S], values[S + 1]
+        self.slots.live = [self.owner[s] is not None and not finished[s] for s in range(S)]
+        self.runner.tighten(longest, shortest)

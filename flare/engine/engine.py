@@ -1,0 +1,208 @@
+"""The serving engine on token ids: requests in, committed tokens out, one batched forward per step.
+
+``add_request`` validates and queues a request; ``step`` admits waiting requests into free cache slots (one
+prefill forward), runs one forward over every running sequence whatever its mode (``flare.decoding.Stepper``,
+the same lanes ``decode`` runs), and reports each sequence's newly committed tokens; ``abort`` drops a request
+and frees its slot. Text never appears here: ``flare.engine.llm`` does that.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from flare.decoding import MODES, Admission, SamplingParams, Stepper, mode_options
+from flare.decoding.prompts import require_mask
+from flare.engine.scheduler import QueueFull, Scheduler, SchedulerConfig
+from flare.engine.sequence import Sequence, SequenceStatus
+from flare.model import FlareModel
+
+
+class RequestError(ValueError):
+    """A request the engine refuses as given (the server answers 400 with this message)."""
+
+
+@dataclass
+class EngineConfig:
+    max_num_seqs: int = 16  # sequences decoding at once (cache slots)
+    max_waiting: int = 256  # queued requests beyond those; more are refused (QueueFull -> 429)
+    max_prefill_tokens: int = 4096  # prompt tokens admitted per step
+    max_prompt_tokens: int = 4096
+    max_new_tokens: int = 4096
+    default_mode: str = "causal"
+
+    def __post_init__(self) -> None:
+        for name in ("max_prompt_tokens", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.default_mode not in MODES:
+            raise ValueError(f"unknown default mode {self.default_mode!r}; available: {', '.join(MODES)}")
+
+
+@dataclass
+class RequestOutput:
+    """What one step did for one request."""
+
+    request_id: str
+    new_token_ids: list[int]
+    finished: bool
+    finish_reason: str | None
+    sequence: Sequence = field(repr=False)
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    forwards: int = 0
+    step_seconds: float = 0.0  # of the last step
+    tokens: int = 0  # committed tokens, all requests
+    drafted: int = 0
+    accepted: int = 0
+    requests_finished: int = 0
+    requests_aborted: int = 0
+    active_forwards: int = 0  # sum over finished requests of the forwards each took part in
+    finished_tokens: int = 0  # tokens of finished requests (tokens per forward = this / active_forwards)
+
+
+class Engine:
+    def __init__(self, model: FlareModel, config: EngineConfig | None = None) -> None:
+        self.model = model.eval()
+        self.config = config or EngineConfig()
+        c = self.config
+        self.scheduler = Scheduler(SchedulerConfig(c.max_num_seqs, c.max_waiting, c.max_prefill_tokens))
+        self.stepper = Stepper(model, c.max_num_seqs, capacity=256)
+        self.stats = EngineStats()
+        self._ids = itertools.count()
+
+    # ---------------------------------------------------------------------------------------------- requests
+    def add_request(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        mode: str | None = None,
+        options: dict[str, Any] | None = None,
+        request_id: str | None = None,
+    ) -> Sequence:
+        """Validate and queue a request. Raises RequestError for a bad request, QueueFull when the queue is
+        at its limit."""
+        mode = mode or self.config.default_mode
+        try:
+            opts = mode_options(mode, **(options or {}))
+        except (TypeError, ValueError) as e:
+            raise RequestError(str(e)) from None
+        if MODES[mode].needs_mask:
+            try:
+                require_mask(self.model, mode)
+            except ValueError as e:
+                raise RequestError(str(e)) from None
+        if not prompt_ids:
+            raise RequestError("the prompt is empty: at least one token is needed")
+        if len(prompt_ids) > self.config.max_prompt_tokens:
+            raise RequestError(f"the prompt has {len(prompt_ids)} tokens; this server takes at most "
+                               f"{self.config.max_prompt_tokens}")
+        vocab = self.model.config.vocab_size
+        bad = next((t for t in prompt_ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab),
+                   None)
+        if bad is not None:
+            raise RequestError(f"token id {bad!r} is outside the vocabulary [0, {vocab})")
+        if params.max_new_tokens > self.config.max_new_tokens:
+            raise RequestError(f"max_tokens {params.max_new_tokens} is above this server's limit "
+                               f"{self.config.max_new_tokens}")
+        request_id = request_id or f"req-{next(self._ids)}"
+        seq = Sequence(request_id, list(prompt_ids), params.max_new_tokens, mode, opts, params)
+        self.scheduler.add(seq)
+        return seq
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request wherever it is; its slot is free at once. False if it is unknown or already done."""
+        seq = self.scheduler.running.get(request_id)
+        slot = seq.slot if seq is not None else None
+        if self.scheduler.abort(request_id) is None:
+            return False
+        if slot is not None:
+            self.stepper.release(slot)
+        self.stats.requests_aborted += 1
+        return True
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def free_slots(self) -> int:
+        return len(self.scheduler.free_slots)
+
+    # ---------------------------------------------------------------------------------------------- stepping
+    def step(self) -> list[RequestOutput]:
+        """Admit what fits, run one forward for every running sequence, report what each committed."""
+        start = time.perf_counter()
+        forwards = self.stepper.runner.forwards
+        scheduled = self.scheduler.schedule()
+        self.stepper.admit([
+            Admission(seq.slot, seq.mode, seq.options, seq.prompt_ids, seq.params,
+                      seq.params.generator(self.model.device))
+            for seq in scheduled.admitted
+        ])
+        self.stepper.step()
+        outputs = self._collect(scheduled.running)
+        self.stats.steps += 1
+        self.stats.forwards += self.stepper.runner.forwards - forwards
+        self.stats.step_seconds = time.perf_counter() - start
+        return outputs
+
+    def _collect(self, running: list[Sequence]) -> list[RequestOutput]:
+        slots = self.stepper.slots
+        if not running:
+            return []
+        idx = torch.tensor([seq.slot for seq in running], device=slots.device)
+        rows = slots.out[idx].tolist()
+        lengths, active, drafted, accepted = torch.stack([
+            slots.out_len[idx], slots.active_forwards[idx], slots.drafted[idx], slots.accepted[idx]]).tolist()
+        outputs = []
+        for i, seq in enumerate(running):
+            tokens, reason = slots.tokens(seq.slot, rows[i], lengths[i])
+            new = seq.update(tokens, reason)
+            self.stats.drafted += drafted[i] - seq.drafted
+            self.stats.accepted += accepted[i] - seq.accepted
+            seq.forwards, seq.drafted, seq.accepted = active[i], drafted[i], accepted[i]
+            self.stats.tokens += len(new)
+            if reason is not None:
+                self.stepper.release(seq.slot)
+                self.scheduler.finish(seq)
+                self.stats.requests_finished += 1
+                self.stats.active_forwards += seq.forwards
+                self.stats.finished_tokens += len(seq.output_ids)
+            outputs.append(RequestOutput(seq.request_id, new, reason is not None, reason, seq))
+        return outputs
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        mode: str | None = None,
+        options: dict[str, Any] | None = None,
+    ) -> list[Sequence]:
+        """Run ``prompts`` to completion (queued beyond the slots, batched); the finished sequences in order."""
+        seqs = []
+        for p in prompts:
+            while True:
+                try:
+                    seqs.append(self.add_request(p, params, mode, options))
+                    break
+                except QueueFull:
+                    self.step()
+        while any(s.status not in (SequenceStatus.FINISHED, SequenceStatus.ABORTED) for s in seqs):
+            self.step()
+        return seqs

@@ -1,0 +1,117 @@
+"""The engine: a request alone == the same request inside a busy mixed-mode batch; slots, limits, aborts."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from flare.decoding import SamplingParams, decode
+from flare.engine import Engine, EngineConfig, QueueFull, RequestError
+
+MIXED = [
+    ("causal", {}),
+    ("ar_trust", {}),
+    ("ar_trust", {"gen_block": 3}),
+    ("diffusion_trust", {}),
+    ("low_confidence", {}),
+    ("llada", {"block_size": 8, "steps": 4}),
+]
+
+
+def _prompt(rng: random.Random, n: int) -> list[int]:
+    return [rng.randrange(90) for _ in range(n)]
+
+
+def _run(engine: Engine, requests):
+    """Submit all, step to the end, return each request's streamed tokens and final tokens."""
+    seqs, streamed = [], {}
+    for prompt, params, mode, options in requests:
+        seqs.append(engine.add_request(prompt, params, mode, options))
+        streamed[seqs[-1].request_id] = []
+    while engine.has_work:
+        for out in engine.step():
+            streamed[out.request_id] += out.new_token_ids
+    return [(streamed[s.request_id], s.output_ids, s.finish_reason) for s in seqs]
+
+
+@pytest.mark.parametrize("family", ["qwen3_5", "llama"])
+def test_a_request_alone_equals_it_inside_a_busy_mixed_batch(flare_models, family):
+    model = flare_models[family]
+    rng = random.Random(0)
+    requests = []
+    for i in range(14):
+        mode, options = MIXED[i % len(MIXED)]
+        params = SamplingParams(temperature=0, max_new_tokens=rng.randrange(3, 17))
+        requests.append((_prompt(rng, rng.randrange(1, 20)), params, mode, options))
+    busy = _run(Engine(model, EngineConfig(max_num_seqs=6)), requests)
+    for req, got in zip(requests, busy):
+        alone = _run(Engine(model, EngineConfig(max_num_seqs=2)), [req])[0]
+        assert got == alone, req[2:]
+        prompt, params, mode, options = req
+        assert got[1] == decode(model, [prompt], params, mode, **options).token_ids[0]
+        assert got[0] == got[1]  # the stream is exactly the committed output
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(flare_models):
+    model = flare_models["qwen3_5"]
+    rng = random.Random(1)
+    target = ([5, 6, 7], SamplingParams(temperature=0.9, top_k=20, max_new_tokens=12, seed=7), "ar_trust", {})
+    others = [(_prompt(rng, 6), SamplingParams(temperature=1.0, max_new_tokens=9, seed=i), m, o)
+              for i, (m, o) in enumerate(MIXED)]
+    alone = _run(Engine(model), [target])[0]
+    busy = _run(Engine(model, EngineConfig(max_num_seqs=4)), others[:3] + [target] + others[3:])[3]
+    assert alone == busy
+
+
+def test_slots_are_freed_and_queue_limits_hold(flare_models):
+    model = flare_models["qwen3_5"]
+    engine = Engine(model, EngineConfig(max_num_seqs=2, max_waiting=3))
+    params = SamplingParams(temperature=0, max_new_tokens=30, ignore_eos=True)
+    ids = [engine.add_request([1, 2, 3], params, "ar_trust").request_id for _ in range(3)]
+    with pytest.raises(QueueFull):
+        engine.add_request([1], params)
+    engine.step()
+    assert engine.num_running == 2 and engine.num_waiting == 1 and engine.free_slots == 0
+    assert engine.abort(ids[0]) and engine.free_slots == 1
+    assert engine.abort(ids[2])  # still waiting
+    assert not engine.abort(ids[0]) and not engine.abort("nope")
+    while engine.has_work:
+        engine.step()
+    assert engine.free_slots == 2 and engine.stats.requests_finished == 1 and engine.stats.requests_aborted == 2
+    # A freed slot serves the next request exactly as a fresh engine would.
+    again = _run(engine, [([4, 5], SamplingParams(temperature=0, max_new_tokens=6), "diffusion_trust", {})])
+    fresh = _run(Engine(model), [([4, 5], SamplingParams(temperature=0, max_new_tokens=6), "diffusion_trust", {})])
+    assert again == fresh
+
+
+@pytest.mark.parametrize("prompt, params, mode, options, message", [
+    ([], SamplingParams(), "causal", {}, "empty"),
+    ([1, 500], SamplingParams(), "causal", {}, "outside the vocabulary"),
+    ([1], SamplingParams(), "turbo", {}, "unknown decoding mode"),
+    ([1], SamplingParams(), "ar_trust", {"block_size": 3}, "takes options"),
+    ([1], SamplingParams(), "ar_trust", {"gen_block": 1}, "gen_block"),
+    ([1] * 40, SamplingParams(), "causal", {}, "at most 32"),
+    ([1], SamplingParams(max_new_tokens=99), "causal", {}, "limit 64"),
+])
+def test_bad_requests_are_refused_clearly(flare_models, prompt, params, mode, options, message):
+    engine = Engine(flare_models["qwen3_5"], EngineConfig(max_prompt_tokens=32, max_new_tokens=64))
+    with pytest.raises(RequestError, match=message):
+        engine.add_request(prompt, params, mode, options)
+    assert not engine.has_work
+
+
+def test_parallel_modes_need_a_flare_checkpoint(tiny_models):
+    engine = Engine(tiny_models["qwen3_5"][0])
+    with pytest.raises(RequestError, match="mask token"):
+        engine.add_request([1], SamplingParams(), "ar_trust")
+
+
+def test_stats_count_tokens_and_forwards(flare_models):
+    engine = Engine(flare_models["llama"])
+    params = SamplingParams(temperature=0, max_new_tokens=8, ignore_eos=True)
+    engine.generate([[1, 2], [3, 4, 5]], params, "ar_trust")
+    assert engine.stats.tokens == 16 and engine.stats.finished_tokens == 16
+    assert engine.stats.forwards >= 1 and engine.stats.active_forwards >= 2
+    assert engine.stats.drafted >= engine.stats.accepted >= 0
+    assert engine.free_slots == 16
