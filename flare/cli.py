@@ -140,9 +140,40 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a config value, e.g. --set optim.lr=1e-4 --set objective.kind=ar")
     train.set_defaults(func=_train)
 
+    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, streaming, metrics)",
+                         description="Serve a checkpoint over an OpenAI-compatible API. Per-request decoding mode "
+                                     "via the body field \"flare\": {\"mode\": ..., <mode options>}.")
+    srv.add_argument("model", help="checkpoint directory (config.json + safetensors [+ tokenizer.json])")
+    srv.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    srv.add_argument("--mode", default="causal", help="default decoding mode for requests that name none")
+    srv.add_argument("--max-num-seqs", type=int, default=16, help="sequences decoding at once (default: 16)")
+    srv.add_argument("--max-waiting", type=int, default=256,
+                     help="requests queued beyond those; more are answered 429 (default: 256)")
+    srv.add_argument("--max-prompt-tokens", type=int, default=4096, help="longest prompt accepted (default: 4096)")
+    srv.add_argument("--max-tokens", type=int, default=4096, help="largest max_tokens accepted (default: 4096)")
+    srv.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    srv.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                     help="cast weights to this dtype (default: as stored)")
+    srv.set_defaults(func=_serve)
+
     demo = sub.add_parser("demo", help="the end-to-end CPU demo (what `make demo` runs)")
     demo.set_defaults(func=_demo)
     return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import torch
+
+    from flare.engine import EngineConfig
+    from flare.serve import serve
+
+    config = EngineConfig(max_num_seqs=args.max_num_seqs, max_waiting=args.max_waiting,
+                          max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_tokens,
+                          default_mode=args.mode)
+    serve(args.model, host=args.host, port=args.port, config=config, device=args.device,
+          dtype=getattr(torch, args.dtype) if args.dtype else None)
+    return 0
 
 
 def _prompt_ids(text: str) -> list[int]:

@@ -19,7 +19,9 @@ ALLOWED = {
     "decoding": {"model", "ops", "config", "masks"},
     "data": {"config", "tokenizer"},
     "objective": {"model", "ops", "config", "masks", "data"},
-    "engine": {"model", "ops", "config", "masks", "decoding", "tokenizer", "checkpoint"},
+    "engine": {"model", "ops", "config", "masks", "decoding", "tokenizer", "checkpoint", "data"},
+    "serve": {"engine", "decoding", "model", "config", "tokenizer", "data", "checkpoint", "ops"},
+    "eval": {"engine", "decoding", "model", "config", "tokenizer", "data", "checkpoint", "ops"},
     "train": {"model", "ops", "config", "masks", "data", "objective", "checkpoint", "tokenizer"},
     # Test support sits above everything it builds checkpoints and data with.
     "testing": {"config", "data", "train", "model", "checkpoint", "objective"},

@@ -1,0 +1,162 @@
+"""Text in, text out: prompts and chat messages to token ids, committed ids back to text, stop strings.
+
+The only place in the engine where text appears. ``LLM`` is the offline entry point (a batch of prompts to
+completions, through the batched ``Engine``); ``TextStream`` turns a sequence's committed tokens into text
+deltas as they arrive, holding back what could still become a stop string or an incomplete character. The
+server uses both.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flare.data.chat import render_chatml
+from flare.data.template import render_template
+from flare.data.tokenizers import ChatTokenizer
+from flare.decoding import SamplingParams
+from flare.engine.engine import Engine, EngineConfig, RequestError
+from flare.model import FlareModel
+
+ROLES = ("system", "user", "assistant")
+
+
+class TextStream:
+    """Incremental detokenisation of one sequence with stop strings (OpenAI ``stop``)."""
+
+    def __init__(self, tokenizer: ChatTokenizer, stop: list[str] | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.stop = [s for s in (stop or []) if s]
+        self.ids: list[int] = []
+        self.sent = 0  # characters of text already handed out
+        self.text = ""
+        self.stopped = False  # a stop string was found; text is cut before it
+
+    def push(self, new_ids: list[int], finished: bool) -> str:
+        """Add newly committed ids; return the text that is now safe to send (may be empty)."""
+        if self.stopped:
+            return ""
+        self.ids += new_ids
+        text = self.tokenizer.decode(self.ids)
+        cut = min((i for i in (text.find(s, max(0, self.sent - len(s))) for s in self.stop) if i >= 0),
+                  default=-1)
+        if cut >= 0:
+            self.stopped, text, safe = True, text[:cut], cut
+        elif finished:
+            safe = len(text)
+        else:
+            # Hold back a partial character and anything that may be the start of a stop string.
+            safe = len(text.rstrip("\ufffd"))
+            hold = max((len(s) - 1 for s in self.stop), default=0)
+            safe = max(self.sent, min(safe, len(text) - hold))
+        self.text = text
+        delta, self.sent = text[self.sent:safe], max(self.sent, safe)
+        return delta
+
+
+@dataclass
+class Completion:
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    forwards: int  # forwards the request took part in (prefill included)
+    drafted: int = 0
+    accepted: int = 0
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return len(self.token_ids) / self.forwards if self.forwards else 0.0
+
+
+class LLM:
+    def __init__(self, model: FlareModel, tokenizer: ChatTokenizer | None, config: EngineConfig | None = None,
+                 name: str = "flare") -> None:
+        self.engine = Engine(model, config)
+        self.tokenizer = tokenizer
+        self.name = name
+
+    @classmethod
+    def from_dir(cls, path: str | Path, *, device: str = "cpu", dtype=None, config: EngineConfig | None = None
+                 ) -> "LLM":
+        from flare.checkpoint import load_model
+
+        path = Path(path)
+        model = load_model(path, device=device, dtype=dtype)
+        tokenizer = ChatTokenizer.from_dir(path) if (path / "tokenizer.json").exists() else None
+        return cls(model, tokenizer, config, name=path.name)
+
+    @property
+    def model(self) -> FlareModel:
+        return self.engine.model
+
+    def _need_tokenizer(self) -> ChatTokenizer:
+        if self.tokenizer is None:
+            raise RequestError("this model has no tokenizer.json: send the prompt as a list of token ids")
+        return self.tokenizer
+
+    def prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        """A completion prompt as ids: text through the tokenizer, or ids as given."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise RequestError("the prompt is empty")
+            return self._need_tokenizer().encode(prompt)
+        return list(prompt)
+
+    def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """Chat messages rendered by the tokenizer's chat template (built-in ChatML without one), followed by
+        the assistant header the model continues from."""
+        tok = self._need_tokenizer()
+        if not messages:
+            raise RequestError("messages is empty: at least one message is needed")
+        for i, m in enumerate(messages):
+            if m.get("role") not in ROLES:
+                raise RequestError(f"messages[{i}].role must be one of {ROLES}, got {m.get('role')!r}")
+            if not isinstance(m.get("content"), str):
+                raise RequestError(f"messages[{i}].content must be text")
+            if any(s in m["content"] for s in tok.special_strings):
+                raise RequestError(f"messages[{i}].content spells a special token of this tokenizer")
+        if tok.chat_template is not None:
+            text = render_template(tok.chat_template, messages, add_generation_prompt=True,
+                                   **tok.template_variables)
+        else:
+            text = render_chatml(messages) + "<|im_start|>assistant\n"
+        return tok.encode(text)
+
+    def stream(self, stop: list[str] | None = None) -> TextStream:
+        return TextStream(self._need_tokenizer(), stop)
+
+    def generate(
+        self,
+        prompts: list[str | list[int]],
+        params: SamplingParams,
+        mode: str | None = None,
+        options: dict[str, Any] | None = None,
+        stop: list[str] | None = None,
+    ) -> list[Completion]:
+        """Complete every prompt (batched in the engine, queued beyond its slots); results in order."""
+        engine = self.engine
+        pending = [(self.prompt_ids(p), f"llm-{uuid.uuid4().hex}") for p in prompts]
+        streams = {rid: (self.stream(stop) if self.tokenizer is not None else None) for _, rid in pending}
+        done: dict[str, Completion] = {}
+        seqs = {}
+        while pending or engine.has_work:
+            while pending and engine.num_waiting < engine.config.max_waiting:
+                ids, rid = pending.pop(0)
+                seqs[rid] = engine.add_request(ids, params, mode, options, request_id=rid)
+            for out in engine.step():
+                ts = streams[out.request_id]
+                if ts is not None:
+                    ts.push(out.new_token_ids, out.finished)
+                    if ts.stopped and not out.finished:
+                        engine.abort(out.request_id)
+                if out.finished or (ts is not None and ts.stopped):
+                    seq = out.sequence
+                    reason = "stop" if ts is not None and ts.stopped else out.finish_reason
+                    done[out.request_id] = Completion(
+                        out.request_id, ts.text if ts is not None else "", list(seq.output_ids), reason,
+                        len(seq.prompt_ids), seq.forwards, seq.drafted, seq.accepted)
+        return [done[rid] for rid in seqs]

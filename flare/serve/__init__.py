@@ -1,0 +1,48 @@
+"""The OpenAI-compatible server: ``flare serve MODEL_DIR`` (FastAPI + uvicorn over one engine).
+
+``create_app(llm)`` builds the app (tests mount it on a live uvicorn server); ``serve(...)`` loads a checkpoint,
+warms the model up, logs what it serves and runs until SIGTERM/SIGINT, finishing the requests in flight.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flare.engine import EngineConfig
+from flare.engine.llm import LLM
+
+log = logging.getLogger("flare.serve")
+
+
+def create_app(llm: LLM):
+    from flare.serve.app import create_app as build
+
+    return build(llm)
+
+
+def warm_up(llm: LLM) -> dict[str, str]:
+    """One tiny request through the engine, so the first client does not pay for it; the kernel paths used."""
+    from flare.decoding import SamplingParams
+
+    llm.engine.generate([[0]], SamplingParams(temperature=0, max_new_tokens=2, ignore_eos=True), "causal")
+    return llm.model.kernel_paths()
+
+
+def serve(model_dir: str, *, host: str = "127.0.0.1", port: int = 8000, config: EngineConfig | None = None,
+          device: str = "cpu", dtype=None, graceful_timeout: float = 30.0) -> None:
+    import uvicorn
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    llm = LLM.from_dir(model_dir, device=device, dtype=dtype, config=config)
+    paths = warm_up(llm)
+    cfg = llm.engine.config
+    m = llm.model
+    modes = ["causal"] + ([] if m.config.mask_token_id is None else
+                          ["ar_trust", "diffusion_trust", "low_confidence", "llada"])
+    log.info("model %s: %s, %d layers, vocab %d, %s on %s", llm.name, m.config.family, m.config.num_hidden_layers,
+             m.config.vocab_size, m.dtype, m.device)
+    log.info("modes %s (default %s); max_num_seqs %d, max_waiting %d", ", ".join(modes), cfg.default_mode,
+             cfg.max_num_seqs, cfg.max_waiting)
+    log.info("kernel paths: %s", ", ".join(f"{k}={v}" for k, v in sorted(paths.items())) or "n/a")
+    uvicorn.run(create_app(llm), host=host, port=port, log_level="info",
+                timeout_graceful_shutdown=graceful_timeout)

@@ -1,0 +1,245 @@
+"""The OpenAI-compatible HTTP API over one ``LLM``: completions, chat, models, health, metrics.
+
+Only committed tokens are ever sent: each stream chunk carries the text of whatever tokens the engine committed
+for the request in one step (several at once for AR-Trust and block-wise modes). A client that disconnects
+aborts its request, which frees its slot. Errors are OpenAI-shaped ``{"error": {...}}`` bodies: 400 for a bad
+request, 404 for an unknown model, 429 when the queue is full.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from flare.decoding import MODES
+from flare.engine import QueueFull, RequestError
+from flare.engine.llm import LLM
+from flare.serve.async_engine import AsyncEngine, EngineFailed
+from flare.serve.metrics import Metrics
+from flare.serve.protocol import ChatRequest, CompletionRequest
+
+DEFAULT_MAX_TOKENS = {"completion": 16, "chat": 512}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind = status, message, kind
+
+
+def _error(status: int, message: str, kind: str) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": status}},
+                        status_code=status)
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+        parts.append(f"{where or 'body'}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request"
+
+
+def create_app(llm: LLM) -> FastAPI:
+    metrics = Metrics(llm.engine)
+    aengine = AsyncEngine(llm.engine, on_step=metrics.on_step)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        aengine.start()
+        yield
+        aengine.shutdown()
+
+    app = FastAPI(title="flare-lm", lifespan=lifespan)
+    app.state.llm, app.state.engine, app.state.metrics = llm, aengine, metrics
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        metrics.rejected.labels("invalid").inc()
+        return _error(400, _validation_message(exc), "invalid_request_error")
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        metrics.rejected.labels(exc.kind).inc()
+        return _error(exc.status, exc.message, exc.kind)
+
+    @app.get("/health")
+    async def health():
+        if not aengine.thread.is_alive():
+            return _error(503, "the engine is not running", "server_error")
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{
+            "id": llm.name, "object": "model", "created": 0, "owned_by": "flare",
+            "modes": [m for m, spec in MODES.items() if not spec.needs_mask or llm.model.config.mask_token_id
+                      is not None],
+            "default_mode": llm.engine.config.default_mode,
+        }]}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        prompt = _guard(lambda: llm.prompt_ids(body.prompt))
+        return await _respond(body, prompt, request, "completion")
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatRequest, request: Request):
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        prompt = _guard(lambda: llm.chat_ids(messages))
+        return await _respond(body, prompt, request, "chat")
+
+    async def _respond(body, prompt: list[int], request: Request, kind: str):
+        if body.model is not None and body.model != llm.name:
+            raise APIError(404, f"model {body.model!r} is not served here; this server serves {llm.name!r}",
+                           "not_found_error")
+        if body.stop and llm.tokenizer is None:
+            raise APIError(400, "stop strings need a tokenizer; this model has none")
+        params = _guard(lambda: body.sampling(min(DEFAULT_MAX_TOKENS[kind], llm.engine.config.max_new_tokens)))
+        mode, options = body.mode()
+        try:
+            rid, queue = await aengine.submit(prompt, params, mode, options)
+        except RequestError as e:
+            raise APIError(400, str(e)) from None
+        except QueueFull as e:
+            raise APIError(429, f"the server is busy ({e}); retry later", "rate_limit_error") from None
+        except EngineFailed as e:
+            raise APIError(503, str(e), "server_error") from None
+        metrics.prompt_tokens.inc(len(prompt))
+        reply = _Reply(llm, body, kind, rid, len(prompt))
+        events = _events(aengine, rid, queue, llm.stream(body.stop) if llm.tokenizer is not None else None)
+        if body.stream:
+            return StreamingResponse(_sse(reply, events, aengine, rid, request), media_type="text/event-stream")
+        return await _collect(reply, events, aengine, rid, request)
+
+    return app
+
+
+def _guard(fn):
+    """Run fn, turning refusals of the input into 400s."""
+    try:
+        return fn()
+    except (RequestError, ValueError) as e:
+        raise APIError(400, str(e)) from None
+
+
+async def _events(aengine: AsyncEngine, rid: str, queue: asyncio.Queue, stream) -> AsyncIterator[tuple]:
+    """(text delta, new ids, finished, finish reason, sequence) per engine step that committed something."""
+    while True:
+        item = await queue.get()
+        if isinstance(item, Exception):
+            raise item
+        delta = stream.push(item.new_token_ids, item.finished) if stream is not None else ""
+        stopped = stream is not None and stream.stopped
+        if stopped and not item.finished:
+            aengine.abort(rid)
+        finished = item.finished or stopped
+        yield delta, item.new_token_ids, finished, "stop" if stopped else item.finish_reason, item.sequence
+        if finished:
+            return
+
+
+class _Reply:
+    """Builds the OpenAI-shaped bodies of one request."""
+
+    def __init__(self, llm: LLM, body, kind: str, rid: str, prompt_tokens: int) -> None:
+        self.llm, self.body, self.kind, self.prompt_tokens = llm, body, kind, prompt_tokens
+        self.id = ("cmpl-" if kind == "completion" else "chatcmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+        self.object = "text_completion" if kind == "completion" else "chat.completion"
+
+    def usage(self, n: int) -> dict[str, int]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": n, "total_tokens": self.prompt_tokens + n}
+
+    def flare(self, seq) -> dict[str, Any]:
+        return {"mode": seq.mode, "forwards": seq.forwards, "drafted": seq.drafted, "accepted": seq.accepted,
+                "tokens_per_forward": len(seq.output_ids) / seq.forwards if seq.forwards else 0.0}
+
+    def full(self, text: str, ids: list[int], reason: str, seq) -> dict[str, Any]:
+        if self.kind == "completion":
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason, "token_ids": ids}
+        else:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                      "finish_reason": reason, "token_ids": ids}
+        return {"id": self.id, "object": self.object, "created": self.created, "model": self.llm.name,
+                "choices": [choice], "usage": self.usage(len(ids)), "flare": self.flare(seq)}
+
+    def chunk(self, text: str | None, ids: list[int], reason: str | None, first: bool = False) -> dict[str, Any]:
+        if self.kind == "completion":
+            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason, "token_ids": ids}
+            obj = "text_completion"
+        else:
+            delta: dict[str, Any] = {"role": "assistant"} if first else {}
+            if text:
+                delta["content"] = text
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason, "token_ids": ids}
+            obj = "chat.completion.chunk"
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.llm.name, "choices": [choice]}
+
+
+async def _collect(reply: _Reply, events, aengine: AsyncEngine, rid: str, request: Request):
+    text, ids, reason, seq = "", [], "abort", None
+    agen = events.__aiter__()
+    try:
+        while True:
+            task = asyncio.ensure_future(agen.__anext__())
+            while not task.done():
+                await asyncio.wait({task}, timeout=0.5)
+                if not task.done() and await request.is_disconnected():
+                    task.cancel()
+                    aengine.abort(rid)
+                    return Response(status_code=499)
+            try:
+                delta, new, finished, why, seq = task.result()
+            except StopAsyncIteration:
+                break
+            text, ids = text + delta, ids + new
+            if finished:
+                reason = why
+                break
+    except EngineFailed as e:
+        aengine.abort(rid)
+        return _error(503, str(e), "server_error")
+    return reply.full(text, list(seq.output_ids) if seq is not None else ids, reason, seq)
+
+
+async def _sse(reply: _Reply, events, aengine: AsyncEngine, rid: str, request: Request) -> AsyncIterator[str]:
+    finished = False
+    try:
+        if reply.kind == "chat":
+            yield _data(reply.chunk(None, [], None, first=True))
+        n = 0
+        async for delta, new, finished, why, seq in events:
+            # A closed connection is not always reported by a failing send: ask, once per committed step.
+            if not finished and await request.is_disconnected():
+                break
+            n += len(new)
+            if delta or new or finished:
+                yield _data(reply.chunk(delta, new, why if finished else None))
+            if finished:
+                if (reply.body.stream_options or {}).get("include_usage"):
+                    yield _data({"id": reply.id, "object": reply.object, "created": reply.created,
+                                 "model": reply.llm.name, "choices": [], "usage": reply.usage(n),
+                                 "flare": reply.flare(seq)})
+        yield "data: [DONE]\n\n"
+    except EngineFailed as e:
+        yield _data({"error": {"message": str(e), "type": "server_error", "param": None, "code": 503}})
+    finally:
+        if not finished:
+            aengine.abort(rid)
+
+
+def _data(obj: dict) -> str:
+    return f"data: {json.dumps(obj)}\n\n"

@@ -1,0 +1,135 @@
+"""The engine behind an asyncio server: one background thread owns and steps it.
+
+The event loop never touches the engine: ``submit`` and ``abort`` post commands to an inbox that the engine
+thread drains before every step (so a request is admitted or dropped within one step, and a busy engine never
+starves the server). ``submit`` resolves once the engine has accepted the request (or refused it: RequestError,
+QueueFull) and returns an asyncio queue that receives the request's ``RequestOutput`` after every step that
+committed something for it, or an ``EngineFailed`` if the engine could not go on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue as queue_mod
+import threading
+from typing import Any, Callable
+
+from flare.decoding import SamplingParams
+from flare.engine import Engine, RequestOutput
+
+log = logging.getLogger("flare.serve")
+
+
+class EngineFailed(RuntimeError):
+    """The engine raised while stepping, or is shutting down; the requests in flight end with this error."""
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine, on_step: Callable[[list[RequestOutput], float], None] | None = None) -> None:
+        self.engine = engine
+        self.on_step = on_step
+        self.inbox: queue_mod.SimpleQueue = queue_mod.SimpleQueue()
+        self.wake = threading.Event()
+        # request id -> (its event loop, its output queue); touched only by the engine thread.
+        self.queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, name="flare-engine", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop stepping; requests still in flight are aborted and told so."""
+        self.stopping = True
+        self.wake.set()
+        self.thread.join(timeout)
+        self._drain()
+        for rid in list(self.queues):
+            self.engine.abort(rid)
+            self._deliver(rid, EngineFailed("the server is shutting down"))
+        self.queues.clear()
+
+    async def submit(self, prompt_ids: list[int], params: SamplingParams, mode: str | None,
+                     options: dict[str, Any]) -> tuple[str, asyncio.Queue]:
+        """Queue a request; raises what the engine raises for it (RequestError, QueueFull)."""
+        if self.stopping:
+            raise EngineFailed("the server is shutting down")
+        loop = asyncio.get_running_loop()
+        accepted, outputs = loop.create_future(), asyncio.Queue()
+        self.inbox.put(("add", (prompt_ids, params, mode, options), loop, accepted, outputs))
+        self.wake.set()
+        return await accepted, outputs
+
+    def abort(self, request_id: str) -> None:
+        self.inbox.put(("abort", request_id))
+        self.wake.set()
+
+    # ------------------------------------------------------------------------------------ engine thread
+    def _deliver(self, request_id: str, item) -> None:
+        entry = self.queues.get(request_id)
+        if entry is not None:
+            _call(entry[0], entry[1].put_nowait, item)
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                cmd = self.inbox.get_nowait()
+            except queue_mod.Empty:
+                return
+            if cmd[0] == "abort":
+                self.queues.pop(cmd[1], None)
+                self.engine.abort(cmd[1])
+                continue
+            _, args, loop, accepted, outputs = cmd
+            if self.stopping:
+                _call(loop, self._settle, accepted, None, EngineFailed("the server is shutting down"))
+                continue
+            try:
+                seq = self.engine.add_request(*args)
+            except Exception as e:  # noqa: BLE001 - the refusal goes back to the caller
+                _call(loop, self._settle, accepted, None, e)
+                continue
+            self.queues[seq.request_id] = (loop, outputs)
+            _call(loop, self._settle, accepted, seq.request_id, None)
+
+    def _run(self) -> None:
+        while not self.stopping:
+            self._drain()
+            if not self.engine.has_work:
+                self.wake.wait(0.5)
+                self.wake.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as e:  # noqa: BLE001 - every waiting client must hear of it
+                log.exception("engine step failed; ending the requests in flight")
+                for rid in list(self.queues):
+                    self.engine.abort(rid)
+                    self._deliver(rid, EngineFailed(f"engine step failed: {type(e).__name__}: {e}"))
+                self.queues.clear()
+                continue
+            for out in outputs:
+                self._deliver(out.request_id, out)
+                if out.finished:
+                    self.queues.pop(out.request_id, None)
+            if self.on_step is not None:
+                self.on_step(outputs, self.engine.stats.step_seconds)
+
+    def _settle(self, fut: asyncio.Future, result, error) -> None:
+        """(event loop) Resolve a submission; one whose caller has gone is aborted at once."""
+        if fut.cancelled():
+            if result is not None:
+                self.abort(result)
+            return
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(result)
+
+
+def _call(loop: asyncio.AbstractEventLoop, fn, *args) -> None:
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:  # the loop is closed: nobody is waiting any more
+        pass
