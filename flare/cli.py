@@ -87,14 +87,73 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    print(
-        "flare demo will: train a tiny hybrid AR model on generated arithmetic chats, convert it with the FLARE "
-        "objective, and evaluate it in every decoding mode (accuracy, tokens per forward, speed). Its evaluation "
-        "report is not built yet. What works today: `flare convert`, `flare train` (objectives flare, "
-        "block_diffusion, ar; torchrun for data parallelism) and `flare generate --mode "
-        "causal|ar_trust|diffusion_trust|low_confidence|llada` (see each command's --help)."
-    )
+    from pathlib import Path
+
+    from flare.demo import QUICK, Budget, run
+
+    run(Path(args.out), QUICK if args.quick else Budget(), seed=args.seed)
     return 0
+
+
+def _eval_llm(args: argparse.Namespace):
+    import torch
+
+    from flare.engine import EngineConfig
+    from flare.engine.llm import LLM
+
+    return LLM.from_dir(args.model, device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None,
+                        config=EngineConfig(max_num_seqs=args.max_num_seqs))
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from flare.eval import evaluate, load_task, parse_modes
+    from flare.eval.plots import accuracy_plot
+    from flare.eval.report import accuracy_table
+
+    modes = parse_modes(args.modes)
+    task = load_task(args.task, limit=args.limit, seed=args.seed)
+    for line, why in task.skipped:
+        print(f"flare eval: skipped {args.task} line {line}: {why}", file=sys.stderr)
+    params = SamplingParams(temperature=args.temperature, max_new_tokens=args.max_tokens, seed=args.seed)
+    report = evaluate(_eval_llm(args), task, modes, params, progress=not args.json)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "eval.json").write_text(json.dumps(report.to_dict(), indent=2))
+        accuracy_plot(report, Path(args.out) / "accuracy_vs_tpf.png")
+    print(json.dumps(report.to_dict()) if args.json else accuracy_table(report))
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from flare.eval import EngineTarget, HttpTarget, run_waves
+    from flare.eval.plots import throughput_plot
+    from flare.eval.report import scaling_lines, throughput_table
+    from flare.eval.tasks import load_task
+
+    if (args.model is None) == (args.base_url is None):
+        raise ValueError("give exactly one of --model (in-process engine) and --base-url (a running server)")
+    concurrency = [int(c) for c in args.concurrency.split(",")]
+    modes = [None if m == "server" else m for m in args.modes.split(",")]
+    if args.model is not None:
+        args.max_num_seqs = max(args.max_num_seqs, *concurrency)
+        target = EngineTarget(_eval_llm(args))
+    else:
+        target = HttpTarget(args.base_url, args.served_model)
+    questions = [item.question for item in load_task(args.task, limit=max(concurrency) * 4).items]
+    runs = [run_waves(target, questions, mode, c, args.max_tokens, args.waves) for mode in modes for c in concurrency]
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "bench.json").write_text(json.dumps([r.to_dict() for r in runs], indent=2))
+        throughput_plot(runs, Path(args.out) / "throughput.png")
+    if args.json:
+        print(json.dumps([r.to_dict() for r in runs]))
+    else:
+        print(throughput_table(runs) + "\n\n" + "\n".join(scaling_lines(runs)))
+    return 0 if all(r.valid for r in runs) else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,7 +216,55 @@ def build_parser() -> argparse.ArgumentParser:
                      help="cast weights to this dtype (default: as stored)")
     srv.set_defaults(func=_serve)
 
-    demo = sub.add_parser("demo", help="the end-to-end CPU demo (what `make demo` runs)")
+    ev = sub.add_parser("eval", help="accuracy, tokens per forward and speed per decoding mode",
+                        description="Evaluate a checkpoint on a task in several decoding modes through the engine. "
+                                    "TASK: arithmetic[:DIGITS], reasoning_gym:NAME, or a JSONL file (GSM8K "
+                                    "format {question, answer: '... #### N'}, or chat rows with an 'answer').")
+    ev.add_argument("--model", required=True, help="checkpoint directory with tokenizer.json")
+    ev.add_argument("--task", required=True, help="arithmetic[:DIGITS] | reasoning_gym:NAME | path/to/file.jsonl")
+    ev.add_argument("--modes", default="causal,ar_trust,diffusion_trust",
+                    help="comma-separated decoding modes (default: causal,ar_trust,diffusion_trust)")
+    ev.add_argument("--limit", type=int, help="evaluate the first N questions (generators: how many to make)")
+    ev.add_argument("--max-tokens", type=int, default=256, help="new tokens per answer (default: 256)")
+    ev.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default: 0, greedy)")
+    ev.add_argument("--seed", type=int, default=0, help="generator and sampling seed (default: 0)")
+    ev.add_argument("--max-num-seqs", type=int, default=16, help="questions decoded at once (default: 16)")
+    ev.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    ev.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    ev.add_argument("--out", help="also write eval.json and accuracy_vs_tpf.png here")
+    ev.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    ev.set_defaults(func=_eval)
+
+    bench = sub.add_parser("bench", help="fixed-output throughput waves (in-process or any OpenAI-compatible "
+                                         "server)",
+                           description="The fixed-output wave protocol: per mode and concurrency C, a warm-up "
+                                       "wave of C requests, then measured waves; every completion must have "
+                                       "exactly --max-tokens tokens (ignore_eos).")
+    target = bench.add_mutually_exclusive_group(required=True)
+    target.add_argument("--model", help="checkpoint directory: run the engine in this process")
+    target.add_argument("--base-url", help="an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1")
+    bench.add_argument("--served-model", help="model name to send to --base-url (default: its first model)")
+    bench.add_argument("--modes", default="causal,ar_trust,diffusion_trust,low_confidence",
+                       help="comma-separated modes; 'server' sends no mode (another server, or the default)")
+    bench.add_argument("--concurrency", default="1,4,8", help="comma-separated C values (default: 1,4,8)")
+    bench.add_argument("--max-tokens", type=int, default=128, help="exact completion length (default: 128)")
+    bench.add_argument("--waves", type=int, default=3, help="measured waves after the warm-up (default: 3)")
+    bench.add_argument("--task", default="arithmetic", help="where the prompts come from (default: arithmetic)")
+    bench.add_argument("--max-num-seqs", type=int, default=16, help="engine slots with --model (default: 16)")
+    bench.add_argument("--device", default="cpu", help="torch device with --model (default: cpu)")
+    bench.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    bench.add_argument("--out", help="also write bench.json and throughput.png here")
+    bench.add_argument("--json", action="store_true", help="print the runs as JSON")
+    bench.set_defaults(func=_bench)
+
+    demo = sub.add_parser("demo", help="the end-to-end CPU demo (what `make demo` runs)",
+                          description="Train a tiny hybrid AR model on generated arithmetic, convert it with FLARE, "
+                                      "evaluate causal / AR-Trust / Diffusion-Trust / low-confidence decoding, "
+                                      "and write OUT/report.md with tables and plots. Trained checkpoints are "
+                                      "cached under OUT/cache and reused.")
+    demo.add_argument("--out", default="demo-out", help="output directory (default: demo-out)")
+    demo.add_argument("--quick", action="store_true", help="a ~1-minute smoke version (what CI runs)")
+    demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
     return parser
 
@@ -188,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, ModuleNotFoundError) as e:
         print(f"flare {args.command}: error: {e}", file=sys.stderr)
         return 2
 

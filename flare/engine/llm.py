@@ -109,6 +109,10 @@ class LLM:
     def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
         """Chat messages rendered by the tokenizer's chat template (built-in ChatML without one), followed by
         the assistant header the model continues from."""
+        return self._need_tokenizer().encode(self.chat_text(messages))
+
+    def chat_text(self, messages: list[dict[str, str]]) -> str:
+        """The text ``chat_ids`` encodes."""
         tok = self._need_tokenizer()
         if not messages:
             raise RequestError("messages is empty: at least one message is needed")
@@ -120,11 +124,8 @@ class LLM:
             if any(s in m["content"] for s in tok.special_strings):
                 raise RequestError(f"messages[{i}].content spells a special token of this tokenizer")
         if tok.chat_template is not None:
-            text = render_template(tok.chat_template, messages, add_generation_prompt=True,
-                                   **tok.template_variables)
-        else:
-            text = render_chatml(messages) + "<|im_start|>assistant\n"
-        return tok.encode(text)
+            return render_template(tok.chat_template, messages, add_generation_prompt=True, **tok.template_variables)
+        return render_chatml(messages) + "<|im_start|>assistant\n"
 
     def stream(self, stop: list[str] | None = None) -> TextStream:
         return TextStream(self._need_tokenizer(), stop)
@@ -136,9 +137,14 @@ class LLM:
         mode: str | None = None,
         options: dict[str, Any] | None = None,
         stop: list[str] | None = None,
+        progress: str | None = None,
     ) -> list[Completion]:
-        """Complete every prompt (batched in the engine, queued beyond its slots); results in order."""
+        """Complete every prompt (batched in the engine, queued beyond its slots); results in order.
+        ``progress``: a label for a progress bar over finished prompts."""
+        from tqdm.auto import tqdm
+
         engine = self.engine
+        bar = tqdm(total=len(prompts), desc=progress, disable=progress is None, leave=False)
         pending = [(self.prompt_ids(p), f"llm-{uuid.uuid4().hex}") for p in prompts]
         streams = {rid: (self.stream(stop) if self.tokenizer is not None else None) for _, rid in pending}
         done: dict[str, Completion] = {}
@@ -159,4 +165,6 @@ class LLM:
                     done[out.request_id] = Completion(
                         out.request_id, ts.text if ts is not None else "", list(seq.output_ids), reason,
                         len(seq.prompt_ids), seq.forwards, seq.drafted, seq.accepted)
+                    bar.update()
+        bar.close()
         return [done[rid] for rid in seqs]

@@ -15,9 +15,48 @@ log = logging.getLogger("flare.serve")
 
 
 def create_app(llm: LLM):
-    from flare.serve.app import create_app as build
+    try:
+        from flare.serve.app import create_app as build
+    except ImportError as e:
+        raise ModuleNotFoundError(f"the server needs its extra ({e.name} is missing): "
+                                  "pip install 'flare-lm[serve]'") from e
 
     return build(llm)
+
+
+class ServerThread:
+    """A live server on ``host`` (a free port by default) in a background thread: for tests, benchmarks and
+    notebooks. ``stop()`` shuts it down as SIGTERM would."""
+
+    def __init__(self, llm: LLM, host: str = "127.0.0.1", port: int = 0, timeout: float = 30.0) -> None:
+        import socket
+        import threading
+        import time
+
+        import uvicorn
+
+        if port == 0:
+            with socket.socket() as s:
+                s.bind((host, 0))
+                port = s.getsockname()[1]
+        self.llm, self.host, self.port = llm, host, port
+        self.app = create_app(llm)
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host=host, port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, name="flare-http", daemon=True)
+        self.thread.start()
+        deadline = time.time() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.time() > deadline:
+                raise RuntimeError(f"the server did not start on {host}:{port}")
+            time.sleep(0.02)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}/v1"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
 
 
 def warm_up(llm: LLM) -> dict[str, str]:
@@ -30,7 +69,10 @@ def warm_up(llm: LLM) -> dict[str, str]:
 
 def serve(model_dir: str, *, host: str = "127.0.0.1", port: int = 8000, config: EngineConfig | None = None,
           device: str = "cpu", dtype=None, graceful_timeout: float = 30.0) -> None:
-    import uvicorn
+    try:
+        import uvicorn
+    except ImportError as e:
+        raise ModuleNotFoundError("the server needs its extra: pip install 'flare-lm[serve]'") from e
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     llm = LLM.from_dir(model_dir, device=device, dtype=dtype, config=config)

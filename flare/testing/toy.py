@@ -3,7 +3,7 @@
 - ``toy_ar_checkpoint(path)``: a character-level ChatML tokenizer (``save_char_tokenizer``) plus a tiny seeded
   Qwen3.5-style hybrid (Gated DeltaNet + attention, ``flare.testing.checkpoints.hf_model``) sized to it;
   a plain AR checkpoint, ready for ``flare convert``.
-- ``toy_data(path, count)``: arithmetic chats (``recipes.arithmetic.generate_rows``) as JSONL.
+- ``toy_data(path, count)``: arithmetic chats (``flare.data.arithmetic.generate_rows``) as JSONL.
 - ``toy_flare_checkpoint(path)``: the converted (FLARE) checkpoint of ``toy_ar_checkpoint``.
 - ``toy_train_config(...)``: a small, fast training config dict for them (YAML/JSON-ready).
 """
@@ -41,9 +41,9 @@ def toy_flare_checkpoint(path: str | Path, *, ar_dir: str | Path | None = None, 
 
 
 def toy_data(path: str | Path, count: int = 200, *, seed: int = 0, **kwargs: Any) -> Path:
-    """``count`` arithmetic chat rows (``recipes.arithmetic.generate_rows``) written as JSONL to ``path``."""
+    """``count`` arithmetic chat rows (``flare.data.arithmetic.generate_rows``) written as JSONL to ``path``."""
     from flare.data.jsonl import write_jsonl
-    from recipes.arithmetic import generate_rows
+    from flare.data.arithmetic import generate_rows
 
     path = Path(path)
     write_jsonl(generate_rows(count, seed=seed, **kwargs), path)

@@ -8,8 +8,10 @@ import re
 import pytest
 
 from flare.data import PackedDataset, read_jsonl
-from recipes.arithmetic import (Problem, column_solution, extract_answer, generate_rows, main, make_problems,
-                                number_words, offdist_solution, reasoning_gym_rows, score)
+from flare.data.arithmetic import (Problem, column_solution, generate_rows, make_problems, number_words,
+                                   offdist_solution, reasoning_gym_rows)
+from flare.eval.answers import extract_answer, score
+from recipes.arithmetic import main
 
 
 def test_generator_is_deterministic_for_a_seed():

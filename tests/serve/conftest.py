@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import socket
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -18,30 +16,11 @@ pytest.importorskip("uvicorn")
 from flare.data.tokenizers import ChatTokenizer  # noqa: E402
 from flare.engine import EngineConfig  # noqa: E402
 from flare.engine.llm import LLM  # noqa: E402
-from flare.serve import create_app  # noqa: E402
+from flare.serve import ServerThread  # noqa: E402
 
 
-class LiveServer:
-    def __init__(self, llm: LLM) -> None:
-        import uvicorn
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.llm = llm
-        self.app = create_app(llm)
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            if time.time() > deadline:
-                raise RuntimeError("server did not start")
-            time.sleep(0.02)
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
+class LiveServer(ServerThread):
+    """``ServerThread`` with small HTTP helpers for the tests."""
 
     def post(self, path: str, body, raw: bytes | None = None) -> tuple[int, dict]:
         data = raw if raw is not None else json.dumps(body).encode()
@@ -69,10 +48,6 @@ class LiveServer:
                 return True
             time.sleep(0.05)
         return False
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,93 @@
+"""Accuracy per decoding mode, through the batched engine, with the speed it took.
+
+For each mode: every question goes through the model's chat template and the engine (batched up to its slots),
+and the report gives accuracy, tokens per forward (tokens a request gained per forward it took part in),
+tokens/s (all new tokens over the mode's wall time), agreement with causal decoding (the share of questions
+whose tokens are identical to the causal ones) and, for AR-Trust, accepted/drafted.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from flare.decoding import MODES, SamplingParams
+from flare.engine.llm import LLM
+from flare.eval.tasks import Task
+
+
+@dataclass
+class ModeResult:
+    mode: str
+    options: dict[str, Any]
+    accuracy: float
+    tokens_per_forward: float
+    tokens_per_s: float
+    new_tokens: int
+    seconds: float
+    same_as_causal: float | None = None
+    acceptance: float | None = None
+    examples: list[dict[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class EvalReport:
+    task: str
+    model: str
+    questions: int
+    skipped_rows: list[tuple[int, str]]
+    results: list[ModeResult]
+    not_run: dict[str, str] = field(default_factory=dict)  # mode -> why
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def result(self, mode: str) -> ModeResult | None:
+        return next((r for r in self.results if r.mode == mode), None)
+
+
+def parse_modes(text: str) -> list[tuple[str, dict[str, Any]]]:
+    """``causal,ar_trust,diffusion_trust`` (mode options keep their defaults); unknown names are errors."""
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    if not modes:
+        raise ValueError("no modes given")
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise ValueError(f"unknown decoding modes {unknown}; available: {', '.join(MODES)}")
+    return [(m, {}) for m in modes]
+
+
+def evaluate(llm: LLM, task: Task, modes: list[tuple[str, dict[str, Any]]], params: SamplingParams,
+             progress: bool = True) -> EvalReport:
+    if llm.tokenizer is None:
+        raise ValueError("evaluation needs a model directory with a tokenizer.json")
+    prompts = [llm.chat_ids([{"role": "user", "content": item.question}]) for item in task.items]
+    report = EvalReport(task.name, llm.name, len(task.items), task.skipped, [])
+    causal_ids: list[list[int]] | None = None
+    # Causal first, so every other mode can be compared with it.
+    ordered = sorted(modes, key=lambda m: m[0] != "causal")
+    for mode, options in ordered:
+        if MODES[mode].needs_mask and llm.model.config.mask_token_id is None:
+            report.not_run[mode] = "needs a FLARE checkpoint (no mask token): run `flare convert` and train"
+            continue
+        start = time.perf_counter()
+        done = llm.generate(prompts, params, mode, options, progress=f"{mode}" if progress else None)
+        seconds = time.perf_counter() - start
+        scores = [item.scorer(c.text) for item, c in zip(task.items, done)]
+        tokens = sum(len(c.token_ids) for c in done)
+        forwards = sum(c.forwards for c in done)
+        drafted, accepted = sum(c.drafted for c in done), sum(c.accepted for c in done)
+        ids = [c.token_ids for c in done]
+        if mode == "causal":
+            causal_ids = ids
+        report.results.append(ModeResult(
+            mode, options, accuracy=sum(scores) / len(scores),
+            tokens_per_forward=tokens / forwards if forwards else 0.0,
+            tokens_per_s=tokens / seconds if seconds > 0 else 0.0, new_tokens=tokens, seconds=seconds,
+            same_as_causal=None if causal_ids is None else sum(a == b for a, b in zip(ids, causal_ids)) / len(ids),
+            acceptance=accepted / drafted if drafted else None,
+            examples=[{"question": task.items[i].question, "response": done[i].text,
+                       "reference": task.items[i].reference} for i in range(min(2, len(done)))],
+        ))
+    return report

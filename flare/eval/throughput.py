@@ -1,0 +1,121 @@
+"""The fixed-output wave protocol (method §4), against the in-process engine or any OpenAI-compatible server.
+
+For each mode and concurrency C: one warm-up wave of C requests, then ``waves`` measured waves, each starting
+when the previous one has finished. Every request asks for exactly ``max_tokens`` tokens with ``ignore_eos``;
+a run counts only if every completion has exactly that length. Throughput = completion tokens of the measured
+waves / their wall time. Tokens per forward comes from the server's ``flare`` counters when it reports them.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+from flare.decoding import SamplingParams
+from flare.engine.llm import LLM
+
+
+@dataclass
+class WaveRun:
+    mode: str
+    concurrency: int
+    max_tokens: int
+    waves: int
+    tokens: int
+    seconds: float
+    tokens_per_forward: float | None
+    valid: bool  # every completion had exactly max_tokens tokens
+    problem: str | None = None
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "tokens_per_s": self.tokens_per_s}
+
+
+class Target(Protocol):
+    def wave(self, questions: list[str], mode: str | None, max_tokens: int) -> list[tuple[int, int | None]]:
+        """Run the questions concurrently; per request (completion tokens, forwards or None)."""
+
+
+class EngineTarget:
+    """The in-process engine: a wave is C requests admitted together and stepped to the end."""
+
+    def __init__(self, llm: LLM) -> None:
+        self.llm = llm
+
+    def wave(self, questions, mode, max_tokens):
+        prompts = [self.llm.chat_ids([{"role": "user", "content": q}]) for q in questions]
+        params = SamplingParams(temperature=0, max_new_tokens=max_tokens, ignore_eos=True)
+        return [(len(c.token_ids), c.forwards) for c in self.llm.generate(prompts, params, mode)]
+
+
+class HttpTarget:
+    """Any OpenAI-compatible server (chat completions). ``mode`` None sends no ``flare`` field (another
+    server, or this one's default mode)."""
+
+    def __init__(self, base_url: str, model: str | None = None, timeout: float = 600.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+        self.model = model or self._served_model()
+
+    def _served_model(self) -> str:
+        with urllib.request.urlopen(f"{self.base_url}/models", timeout=30) as r:
+            return json.loads(r.read())["data"][0]["id"]
+
+    def _one(self, question: str, mode: str | None, max_tokens: int) -> tuple[int, int | None]:
+        body: dict[str, Any] = {"model": self.model, "messages": [{"role": "user", "content": question}],
+                                "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+        if mode is not None:
+            body["flare"] = {"mode": mode}
+        req = urllib.request.Request(f"{self.base_url}/chat/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json", "Authorization": "Bearer none"})
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as r:
+                reply = json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            raise RuntimeError(f"HTTP {e.code}: {e.read()[:300]!r}") from None
+        forwards = (reply.get("flare") or {}).get("forwards")
+        return reply["usage"]["completion_tokens"], forwards
+
+    def wave(self, questions, mode, max_tokens):
+        with cf.ThreadPoolExecutor(len(questions)) as pool:
+            return list(pool.map(lambda q: self._one(q, mode, max_tokens), questions))
+
+
+def run_waves(target: Target, questions: list[str], mode: str | None, concurrency: int, max_tokens: int,
+              waves: int, warmup: int = 1) -> WaveRun:
+    if concurrency < 1 or waves < 1 or max_tokens < 1:
+        raise ValueError("concurrency, waves and max_tokens must be >= 1")
+    if not questions:
+        raise ValueError("no questions to send")
+
+    def batch(i: int) -> list[str]:
+        return [questions[(i * concurrency + j) % len(questions)] for j in range(concurrency)]
+
+    for w in range(warmup):
+        target.wave(batch(w), mode, max_tokens)
+    tokens, forwards, lengths, seconds = 0, 0, [], 0.0
+    known = True
+    for w in range(waves):
+        start = time.perf_counter()
+        out = target.wave(batch(warmup + w), mode, max_tokens)
+        seconds += time.perf_counter() - start
+        for n, f in out:
+            tokens += n
+            lengths.append(n)
+            if f is None:
+                known = False
+            else:
+                forwards += f
+    bad = [n for n in lengths if n != max_tokens]
+    problem = f"{len(bad)} completions were not {max_tokens} tokens long (e.g. {bad[0]})" if bad else None
+    return WaveRun(mode or "server default", concurrency, max_tokens, waves, tokens, seconds,
+                   tokens / forwards if known and forwards else None, not bad, problem)
