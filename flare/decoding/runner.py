@@ -16,11 +16,24 @@ from flare.model.context import Rows
 
 
 class CachedRunner:
+    """Every call takes rows for the first n slots (n <= the slot count): a forward over fewer slots than the
+    cache holds runs on a narrowed view of it, so idle slots past the last busy one cost nothing."""
+
     def __init__(self, model: FlareModel, slots: int, capacity: int) -> None:
         self.model = model
         self.cache = model.new_cache(slots, capacity=capacity)
         self.record: CommitRecord | None = None
         self.forwards = 0
+
+    def _run(self, n: int, rows: int, forward):
+        """``forward(cache)`` on the first n slots' cache."""
+        if n == self.cache.batch_size:
+            return forward(self.cache)
+        self.cache.reserve(rows)
+        sub = self.cache.narrow(n)
+        out = forward(sub)
+        self.cache.absorb(sub)
+        return out
 
     def reset(self, slots: list[int]) -> None:
         """Empty the caches of ``slots`` (handed to new sequences)."""
@@ -31,7 +44,8 @@ class CachedRunner:
         last token of each slot [S, V] (undefined for empty rows)."""
         ids, valid = pad_prompts([t or [0] for t in tokens], self.model.device)
         valid &= torch.tensor([len(t) > 0 for t in tokens], device=valid.device)[:, None]
-        hidden = self.model.hidden_states(ids, cache=self.cache, valid=valid)
+        hidden = self._run(len(tokens), ids.shape[1],
+                           lambda cache: self.model.hidden_states(ids, cache=cache, valid=valid))
         self.forwards += 1
         last = (valid.sum(1) - 1).clamp(min=0)
         return self.model.logits(hidden[torch.arange(len(tokens), device=ids.device), last])
@@ -42,7 +56,8 @@ class CachedRunner:
         valid = None
         if num_new is not None:
             valid = torch.arange(tokens.shape[1], device=tokens.device) < num_new[:, None]
-        hidden = self.model.hidden_states(tokens, cache=self.cache, valid=valid)
+        hidden = self._run(tokens.shape[0], tokens.shape[1],
+                           lambda cache: self.model.hidden_states(tokens, cache=cache, valid=valid))
         self.forwards += 1
         return self.model.logits(hidden)
 
@@ -50,14 +65,14 @@ class CachedRunner:
         """Logits [S, R, V] of rows [clean x num_clean ; noisy x num_noisy ; padding] after the committed tokens
         (counts: ints or [S] tensors); commits nothing."""
         self.record = CommitRecord.empty() if record else None
-        hidden = self.model.hidden_states(tokens, cache=self.cache, layout=Rows(num_clean, num_noisy),
-                                          record=self.record)
+        hidden = self._run(tokens.shape[0], tokens.shape[1], lambda cache: self.model.hidden_states(
+            tokens, cache=cache, layout=Rows(num_clean, num_noisy), record=self.record))
         self.forwards += 1
         return self.model.logits(hidden)
 
     def commit_recorded(self, n_accept: torch.Tensor) -> None:
         """Commit the first n_accept[s] clean rows of the last recorded rows forward (no forward)."""
-        self.cache.commit(self.record, n_accept)
+        self._run(n_accept.shape[0], 0, lambda cache: cache.commit(self.record, n_accept))
         self.record = None
 
     def extent(self) -> torch.Tensor:

@@ -70,7 +70,7 @@ class Stepper:
                 tokens[a.slot] = list(t)
         filled = [s for s, t in enumerate(tokens) if t]
         if filled:
-            logits = self.runner.prefill(tokens)
+            logits = _pad_rows(self.runner.prefill(tokens[: max(filled) + 1]), self.slots.num_slots)
             self.slots.active_forwards += self.slots.mask(filled).long()
         else:
             logits = torch.zeros(self.slots.num_slots, self.model.config.vocab_size, device=self.model.device)
@@ -110,17 +110,20 @@ class Stepper:
             live_all += live
         self.slots.active_forwards += self.slots.mask(live_all).long()
 
+        # Slots are handed out lowest first: the forward covers slots up to the last live one only.
+        n = max(live_all) + 1
         commits_all = all(p.commits_all for _, _, p in plans)
         if commits_all:
             uniform = len(live_all) == S and all(p.same_clean == R for _, _, p in plans)
-            logits = self.runner.append(tokens, None if uniform else clean)
+            logits = self.runner.append(tokens[:n], None if uniform else clean[:n])
         else:
-            logits = self.runner.rows(tokens, clean, noisy, record=True)
+            logits = self.runner.rows(tokens[:n], clean[:n], noisy[:n], record=True)
+        logits = _pad_rows(logits, S)
         n_commit = torch.zeros_like(clean)
         for lane, live, _ in plans:
             n_commit += lane.consume(live, logits)
         if not commits_all:
-            self.runner.commit_recorded(n_commit)
+            self.runner.commit_recorded(n_commit[:n])
         self.sync()
         return True
 
@@ -131,3 +134,10 @@ class Stepper:
         finished, longest, shortest = values[:S], values[S], values[S + 1]
         self.slots.live = [self.owner[s] is not None and not finished[s] for s in range(S)]
         self.runner.tighten(longest, shortest)
+
+
+def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """Zero rows appended to reach ``rows`` (the slots a narrowed forward did not cover)."""
+    if x.shape[0] == rows:
+        return x
+    return torch.cat([x, x.new_zeros(rows - x.shape[0], *x.shape[1:])])

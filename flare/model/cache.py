@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from flare.config import FULL_ATTENTION, ModelConfig
+from flare.ops.gated_delta.rows import RowsScan
 from flare.ops.precision import accum_dtype, cast
 
 
@@ -30,12 +31,15 @@ class RecurrentState:
 @dataclass
 class CommitRecord:
     """What the clean rows of a read-only rows forward would write to the recurrent layers, kept so that an
-    accepted prefix of them can be committed without another forward (keeping per-position states beats
-    replaying the accepted tokens; benchmarks/bench_commit.py). Their keys/values already sit in the scratch
-    KV slots right after each sequence's length."""
+    accepted prefix of them can be committed without another forward (no replay of the accepted tokens;
+    benchmarks/bench_commit.py): per GDN layer, the closed-form rows pass, whose deltas give the state after
+    any prefix in one product, and the conv inputs. Their keys/values already sit in the scratch KV slots
+    right after each sequence's length."""
 
     rows: int
-    gdn: dict[int, tuple[torch.Tensor, torch.Tensor]]  # GDN layer -> states [B, T, H, Dk, Dv], conv inputs [B, T, C]
+    # GDN layer -> (its rows pass, which gives the state after any prefix: ops.gated_delta.RowsScan),
+    # conv inputs [B, T, C]
+    gdn: dict[int, tuple[RowsScan, torch.Tensor]]
 
     @classmethod
     def empty(cls) -> "CommitRecord":
@@ -137,18 +141,39 @@ class ModelCache:
         length, where nothing reads them."""
         T = record.rows
         B = self.batch_size
-        rows = torch.arange(B, device=self.lengths.device)
         for i, layer in enumerate(self.layers):
             if isinstance(layer, RecurrentState):
-                states, inputs = record.gdn[i]  # [B, T, H, Dk, Dv], [B, T, C]
-                keep = n_accept_B - 1
-                taken = states[rows, keep.clamp(min=0)]
-                layer.ssm = torch.where((n_accept_B > 0)[:, None, None, None], taken, layer.ssm)
+                scan, inputs = record.gdn[i]
+                layer.ssm = scan.state_after(n_accept_B)
                 full = torch.cat([layer.conv, inputs.to(layer.conv.dtype)], dim=1)  # [B, K-1+T, C]
                 K1 = layer.conv.shape[1]
                 idx = n_accept_B[:, None] + torch.arange(K1, device=full.device)
                 layer.conv = full.gather(1, idx[:, :, None].expand(B, K1, full.shape[-1]))
         self.advance(n_accept_B, T)
+
+    def narrow(self, n: int) -> "ModelCache":
+        """The first ``n`` sequences as a cache of views (KV writes land in this cache); ``absorb`` takes the
+        rest of a forward's changes back. Call ``reserve`` on this cache first, so the views never regrow."""
+        layers: list[AttentionState | RecurrentState] = [
+            AttentionState(layer.k[:n], layer.v[:n]) if isinstance(layer, AttentionState)
+            else RecurrentState(layer.conv[:n], layer.ssm[:n]) for layer in self.layers
+        ]
+        sub = ModelCache(self.lengths[:n], layers, self.bound)
+        sub.bound_exact = False
+        return sub
+
+    def absorb(self, sub: "ModelCache") -> None:
+        """Take back the lengths and recurrent states of a ``narrow`` cache after it ran a forward."""
+        n = sub.batch_size
+        self.lengths = torch.cat([sub.lengths, self.lengths[n:]])
+        for mine, theirs in zip(self.layers, sub.layers):
+            if isinstance(mine, RecurrentState):
+                mine.conv = torch.cat([theirs.conv, mine.conv[n:]])
+                mine.ssm = torch.cat([theirs.ssm, mine.ssm[n:]])
+            elif theirs.k.data_ptr() != mine.k.data_ptr():
+                raise RuntimeError("a narrowed cache grew its KV slots: reserve on the full cache first")
+        self.bound = max(self.bound, sub.bound)
+        self.bound_exact = False
 
     def reset(self, rows: list[int]) -> None:
         """Empty the given sequences' caches (a slot handed to a new request); the others are untouched."""

@@ -20,7 +20,7 @@ from flare.model.cache import RecurrentState
 from flare.model.context import ForwardContext
 from flare.model.layers import GatedRMSNorm
 from flare.ops.conv import causal_conv1d
-from flare.ops.gated_delta import gated_delta, gated_delta_naive, gated_delta_two_stream, read_state
+from flare.ops.gated_delta import gated_delta, gated_delta_rows, gated_delta_two_stream, read_state
 from flare.ops.precision import accum_dtype, cast
 
 
@@ -101,36 +101,26 @@ class GatedDeltaNet(nn.Module):
         return self._out(o, z, x.dtype)
 
     def _rows(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        """[clean x c ; noisy x m ; padding] after the cache: clean rows continue the cached recurrence token by
-        token; the noisy block starts from the state after the clean rows and all its rows read its end state.
-        One causal conv serves both (a noisy row's window holds the clean inputs before the block)."""
+        """[clean x c ; noisy x m ; padding] after the cache, in one closed-form pass from the committed state:
+        the clean rows' outputs are the causal ones, and the noisy block (which starts from the state after the
+        clean rows) is read from the state at its end. One causal conv serves both (a noisy row's window holds
+        the clean inputs before the block). With a record, the pass keeps what commits any clean prefix."""
         state = ctx.cache.layers[self.layer_idx]
         B, T, _ = x.shape
         clean_n, noisy_n = ctx.row_counts
         idx = torch.arange(T, device=x.device)
         is_clean = idx < clean_n[:, None]
-        is_noisy = ~is_clean & (idx < (clean_n + noisy_n)[:, None])
         qkv, z, b, a = self.in_proj(x).split(self.split, dim=-1)
         mixed, _ = self._conv(qkv, state.conv)
         q, k, v = self._qkv(mixed)
-        g, beta = self._gates(b, a, None)
-        # Rows outside a pass get decay 1 and write 0, so each pass sees only its own rows, per sequence.
-        layout = ctx.layout
-        o, ssm = None, state.ssm
-        if not (isinstance(layout.num_clean, int) and layout.num_clean == 0):
-            gc, bc = g * is_clean[..., None], beta * is_clean[..., None]
-            if ctx.record is not None:
-                # The state after every clean row, so that any accepted prefix can be committed exactly.
-                o, ssm, states = gated_delta_naive(q, k, v, gc, bc, ssm, return_all_states=True)
-                ctx.record.gdn[self.layer_idx] = (states, qkv)
-                self.last_path = "naive"
-            else:
-                o, ssm, self.last_path = gated_delta(q, k, v, gc, bc, initial_state=ssm)
-        if not _no_noisy_rows(layout, T):
-            gn, bn = g * is_noisy[..., None], beta * is_noisy[..., None]
-            _, end, self.last_path = gated_delta(q, k, v, gn, bn, initial_state=ssm)
-            o_n = read_state(q, end, self.dk**-0.5).to(v.dtype)
-            o = o_n if o is None else torch.where(is_clean[..., None, None], o, o_n)
+        g, beta = self._gates(b, a, idx < (clean_n + noisy_n)[:, None])
+        scan = gated_delta_rows(q, k, v, g, beta, state.ssm, self.dk**-0.5)
+        self.last_path = "rows"
+        o = scan.o
+        if not _no_noisy_rows(ctx.layout, T):
+            o = torch.where(is_clean[..., None, None], o, read_state(q, scan.final_state, self.dk**-0.5).to(o.dtype))
+        if ctx.record is not None:
+            ctx.record.gdn[self.layer_idx] = (scan, qkv)
         return self._out(o, z, x.dtype)
 
     def _two_stream(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:

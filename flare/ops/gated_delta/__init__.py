@@ -12,10 +12,12 @@ import torch
 
 from flare.ops.gated_delta.chunk import gated_delta_chunk
 from flare.ops.gated_delta.naive import gated_delta_naive, validate_inputs
+from flare.ops.gated_delta.rows import RowsScan, gated_delta_rows
 from flare.ops.gated_delta.step import gated_delta_step, read_state
 from flare.ops.gated_delta.two_stream import gated_delta_two_stream, gated_delta_two_stream_reference
 
-__all__ = ["gated_delta", "gated_delta_chunk", "gated_delta_naive", "gated_delta_step", "read_state",
+__all__ = ["gated_delta", "gated_delta_chunk", "gated_delta_naive", "gated_delta_rows", "gated_delta_step",
+           "read_state", "RowsScan",
            "gated_delta_two_stream", "gated_delta_two_stream_reference", "NAIVE_MAX_T", "FORMS"]
 
 FORMS = ("step", "naive", "chunk")
