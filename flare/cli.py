@@ -257,6 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="print the runs as JSON")
     bench.set_defaults(func=_bench)
 
+    from flare.transfer.cli import add_commands
+
+    add_commands(sub)
+
     demo = sub.add_parser("demo", help="the end-to-end CPU demo (what `make demo` runs)",
                           description="Train a tiny hybrid AR model on generated arithmetic, convert it with FLARE, "
                                       "evaluate causal / AR-Trust / Diffusion-Trust / low-confidence decoding, "

@@ -22,6 +22,7 @@ ALLOWED = {
     "engine": {"model", "ops", "config", "masks", "decoding", "tokenizer", "checkpoint", "data"},
     "serve": {"engine", "decoding", "model", "config", "tokenizer", "data", "checkpoint", "ops"},
     "eval": {"engine", "decoding", "model", "config", "tokenizer", "data", "checkpoint", "ops"},
+    "transfer": {"engine", "decoding", "model", "config", "tokenizer", "data", "checkpoint", "ops", "eval"},
     "train": {"model", "ops", "config", "masks", "data", "objective", "checkpoint", "tokenizer"},
     # Test support sits above everything it builds checkpoints and data with.
     "testing": {"config", "data", "train", "model", "checkpoint", "objective"},

@@ -55,3 +55,17 @@ def accuracy_plot(report: EvalReport, path: str | Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
+
+
+def histogram_plot(values: list[float], path: str | Path, xlabel: str, title: str) -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    ax.hist(values, bins=min(50, max(5, len(values) // 5)))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("rows")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
