@@ -46,10 +46,11 @@ MODES = [("causal", {}), ("ar_trust", {}), ("diffusion_trust", {}), ("low_confid
 class Budget:
     train_rows: int = 4000
     heldout: int = 100
-    ar_steps: int = 400
+    ar_steps: int = 600
     flare_steps: int = 300
     batch_size: int = 8
-    seq_len: int = 96
+    ar_seq_len: int = 192  # about three chats per row: the AR source learns 2-digit addition to ~98% here
+    flare_seq_len: int = 96
     ar_lr: float = 3e-3
     flare_lr: float = 1e-3
     max_digits: int = 2
@@ -58,18 +59,18 @@ class Budget:
     concurrency: tuple[int, ...] = (1, 4, 8)
 
 
-QUICK = Budget(train_rows=800, heldout=16, ar_steps=30, flare_steps=20, bench_tokens=8, bench_waves=1,
-               concurrency=(1, 4))
+QUICK = Budget(train_rows=800, heldout=16, ar_steps=30, flare_steps=20, ar_seq_len=96, bench_tokens=8,
+               bench_waves=1, concurrency=(1, 4))
 
 
-def _data(cache: Path, b: Budget, seed: int) -> Path:
+def train_data(cache: Path, b: Budget, seed: int) -> Path:
     path = cache / f"train-{b.train_rows}.jsonl"
     if not path.exists():
         write_jsonl(generate_rows(b.train_rows, seed, max_digits=b.max_digits), path)
     return path
 
 
-def _source(cache: Path, seed: int) -> Path:
+def source_init(cache: Path, seed: int) -> Path:
     """A fresh tiny hybrid with a character tokenizer; eos is the end of an assistant turn."""
     path = cache / "init"
     if (path / "config.json").exists():
@@ -83,16 +84,18 @@ def _source(cache: Path, seed: int) -> Path:
     return path
 
 
-def _train(model: Path, out: Path, kind: str, steps: int, lr: float, data: Path, b: Budget) -> Path:
-    """Train (or resume, or reuse) ``kind``; the final checkpoint directory."""
+def train_stage(model: Path, out: Path, objective: ObjectiveConfig | str, steps: int, lr: float, data: Path,
+                seq_len: int, batch_size: int, seed: int = 0, progress: bool = True) -> Path:
+    """Train (or resume, or reuse) one stage; the final checkpoint directory."""
     done = checkpoints(out)
     if done and int(done[-1].name.split("-")[1]) >= steps:
         return done[-1]
     cfg = TrainConfig(
-        model=str(model), out_dir=str(out), objective=ObjectiveConfig(kind=kind),
-        data=DataConfig(train=[SourceConfig(str(data))], seq_len=b.seq_len),
+        model=str(model), out_dir=str(out),
+        objective=objective if isinstance(objective, ObjectiveConfig) else ObjectiveConfig(kind=objective),
+        data=DataConfig(train=[SourceConfig(str(data))], seq_len=seq_len),
         optim=OptimConfig(lr=lr, warmup_steps=min(50, steps // 10), schedule="cosine", grad_clip=1.0),
-        steps=steps, batch_size=b.batch_size, save_every=steps, keep_last=1, progress=True,
+        steps=steps, batch_size=batch_size, save_every=steps, keep_last=1, progress=progress, seed=seed,
     )
     Trainer(cfg).run()
     return checkpoints(out)[-1]
@@ -102,15 +105,17 @@ def train_models(cache: Path, b: Budget, seed: int = 0) -> tuple[Path, Path]:
     """(AR source, FLARE model) checkpoint directories, trained here unless already in ``cache``."""
     cache.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    data = _data(cache, b, seed)
-    tag = f"{b.ar_steps}-{b.flare_steps}-{b.train_rows}"
+    data = train_data(cache, b, seed)
+    tag = f"{b.ar_steps}x{b.ar_seq_len}-{b.flare_steps}x{b.flare_seq_len}-{b.train_rows}"
     print(f"[1/4] AR source: {b.ar_steps} steps on {b.train_rows} arithmetic chats", flush=True)
-    source = _train(_source(cache, seed), cache / f"ar-{tag}", "ar", b.ar_steps, b.ar_lr, data, b)
+    source = train_stage(source_init(cache, seed), cache / f"ar-{tag}", "ar", b.ar_steps, b.ar_lr, data,
+                         b.ar_seq_len, b.batch_size)
     converted = cache / f"converted-{tag}"
     if not (converted / "config.json").exists():
         convert(source, converted)
     print(f"[2/4] FLARE conversion: {b.flare_steps} steps", flush=True)
-    final = _train(converted, cache / f"flare-{tag}", "flare", b.flare_steps, b.flare_lr, data, b)
+    final = train_stage(converted, cache / f"flare-{tag}", "flare", b.flare_steps, b.flare_lr, data,
+                        b.flare_seq_len, b.batch_size)
     return source, final
 
 
