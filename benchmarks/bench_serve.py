@@ -11,7 +11,7 @@ Goals printed at the end: aggregate tokens/s at C=8 >= 3x C=1 for every mode (ba
 C=8 >= 2x causal at C=8.
 
     python benchmarks/bench_serve.py                       # the demo's trained toy model (trained if absent)
-    python benchmarks/bench_serve.py --model DIR           # a FLARE checkpoint, served in-process
+    python benchmarks/bench_serve.py --model DIR           # a FLARE checkpoint, served by `flare serve`
     python benchmarks/bench_serve.py --base-url http://host:8000/v1 --modes server   # another server (vLLM...)
 """
 
@@ -20,12 +20,39 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
 
 from flare.eval import HttpTarget, load_task, run_waves
 from flare.eval.report import throughput_table
+
+
+def start_server(model_dir: str, max_num_seqs: int, threads: int) -> tuple[subprocess.Popen, str]:
+    """``flare serve`` in a subprocess on a free port; returns it once /health answers."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    proc = subprocess.Popen([sys.executable, "-m", "flare", "serve", model_dir, "--port", str(port),
+                             "--max-num-seqs", str(max_num_seqs)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"flare serve exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                return proc, f"http://127.0.0.1:{port}/v1"
+        except OSError:
+            time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError("flare serve did not start in 180 s")
 
 
 def accuracy(base_url: str, model: str, mode: str | None, task, max_tokens: int) -> float:
@@ -58,7 +85,7 @@ def main() -> int:
     ap.add_argument("--waves", type=int, default=3, help="measured waves after one warm-up wave")
     ap.add_argument("--task", default="arithmetic:2", help="prompts and the accuracy task")
     ap.add_argument("--accuracy-limit", type=int, default=40, help="questions for the accuracy column (0: skip)")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads for an in-process server (0: default)")
+    ap.add_argument("--threads", type=int, default=0, help="OMP threads of the server process (0: default)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
 
@@ -66,23 +93,15 @@ def main() -> int:
     modes = [None if m == "server" else m for m in args.modes.split(",")]
     server = None
     if args.base_url is None:
-        import torch
-
-        from flare.engine import EngineConfig
-        from flare.engine.llm import LLM
-        from flare.serve import ServerThread
-
-        if args.threads:
-            torch.set_num_threads(args.threads)
         model_dir = args.model
         if model_dir is None:
             from flare.demo import Budget, train_models
 
             model_dir = train_models(Path(args.demo_out) / "cache", Budget())[1]
-        llm = LLM.from_dir(model_dir, config=EngineConfig(max_num_seqs=max(concurrency)))
-        server = ServerThread(llm)
-        base_url = server.base_url
-        print(f"serving {model_dir} in-process at {base_url}")
+        # The server runs in its own process, as it would in production: the client's threads never share its
+        # interpreter lock.
+        server, base_url = start_server(str(model_dir), max(concurrency), args.threads)
+        print(f"serving {model_dir} at {base_url} (pid {server.pid})")
     else:
         base_url = args.base_url.rstrip("/")
     try:
@@ -101,7 +120,8 @@ def main() -> int:
                 acc[mode or "server default"] = accuracy(base_url, http.model, mode, task, 64)
     finally:
         if server is not None:
-            server.stop()
+            server.send_signal(signal.SIGTERM)
+            server.wait(60)
 
     print()
     print(throughput_table(runs))
