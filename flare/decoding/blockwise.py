@@ -48,6 +48,7 @@ class BlockLane(Lane):
         self.undecided = torch.zeros(S, T, dtype=torch.bool, device=dev)
         self.last = torch.zeros(S, model.config.vocab_size, device=dev, dtype=model.dtype)
         self.step_of = [DECIDED] * S  # host: each slot's denoising step, or DECIDED
+        self._denoised: list[int] = []  # slots that ran a denoising step this forward (advanced at the sync)
 
     def prefilled(self, slots: list[int], logits: torch.Tensor) -> None:
         mask = self.slots.mask(slots)
@@ -76,6 +77,17 @@ class BlockLane(Lane):
         return Plan(self.block, clean, noisy, commits_all=not denoising,
                     same_clean=self.T if not denoising else None)
 
+    def to_sync(self) -> torch.Tensor | None:
+        return self.undecided.any(1) if self._denoised else None
+
+    def synced(self, values: list[int]) -> None:
+        """A denoised slot's block is decided when nothing is left undecided or its steps are used up."""
+        for i in self._denoised:
+            self.step_of[i] += 1
+            if not values[i] or self.step_of[i] >= self.max_steps:
+                self.step_of[i] = DECIDED
+        self._denoised = []
+
     def consume(self, live: list[int], logits: torch.Tensor) -> torch.Tensor:
         s, T = self.slots, self.T
         committing = [i for i in live if self.step_of[i] == DECIDED]
@@ -89,11 +101,7 @@ class BlockLane(Lane):
             commit = choose(conf, self.undecided & dm[:, None], self.options, step, self.max_steps)
             self.block = torch.where(commit, cand, self.block)
             self.undecided &= ~commit
-            left = self.undecided.any(1).tolist()
-            for i in denoising:
-                self.step_of[i] += 1
-                if not left[i] or self.step_of[i] >= self.max_steps:
-                    self.step_of[i] = DECIDED
+            self._denoised = denoising  # their next phase is decided at the stepper's sync (to_sync)
         if not committing:
             return torch.zeros(s.num_slots, dtype=torch.long, device=s.device)
         cm = s.mask(committing)

@@ -60,6 +60,13 @@ class Lane:
         """Read the logits [S, R, V] of the planned rows; return how many clean rows each slot commits [S]."""
         raise NotImplementedError
 
+    def to_sync(self) -> torch.Tensor | None:
+        """A [S] tensor the lane needs on the host before its next plan, read in the stepper's one sync."""
+        return None
+
+    def synced(self, values: list[int]) -> None:
+        """The host values of ``to_sync()``."""
+
     # --------------------------------------------------------------------------------------------- helpers
     def sample(self, live: list[int], logits: torch.Tensor) -> torch.Tensor:
         """One token per slot [S] from logits [S, V] (or [S, T] tokens from [S, T, V]) with each slot's own

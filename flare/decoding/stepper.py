@@ -128,10 +128,15 @@ class Stepper:
         return True
 
     def sync(self) -> None:
-        """The one host read per step: which slots finished, and the cache's true length bounds."""
+        """The one host read per step: which slots finished, the cache's true length bounds, and what each lane
+        asked for (``Lane.to_sync``)."""
         S = self.slots.num_slots
-        values = torch.cat([self.slots.finished.long(), self.runner.extent().to(self.slots.device)]).tolist()
+        extra = [(lane, t) for lane in self.lanes.values() if (t := lane.to_sync()) is not None]
+        values = torch.cat([self.slots.finished.long(), self.runner.extent().to(self.slots.device),
+                            *[t.long() for _, t in extra]]).tolist()
         finished, longest, shortest = values[:S], values[S], values[S + 1]
+        for i, (lane, _) in enumerate(extra):
+            lane.synced(values[S + 2 + i * S: S + 2 + (i + 1) * S])
         self.slots.live = [self.owner[s] is not None and not finished[s] for s in range(S)]
         self.runner.tighten(longest, shortest)
 
