@@ -29,6 +29,7 @@ import torch
 
 import flare
 from flare.decoding import SamplingParams, decode
+from flare.model import frozen_weights
 from flare.testing.checkpoints import save_tiny_checkpoint
 
 # Valid Qwen3_5TextConfig fields; "tiny" is the library default of save_tiny_checkpoint.
@@ -75,9 +76,10 @@ def flare_steps(model, tok, cache, steps):
     """``steps - 1`` decode forwards (the first token comes from prefill). Returns the time and all tokens."""
     out = [tok]
     t0 = time.perf_counter()
-    for _ in range(steps - 1):
-        tok = model.logits(model.hidden_states(tok[:, None], cache=cache)[:, 0]).argmax(-1)
-        out.append(tok)
+    with frozen_weights():  # what flare's decoding runners run under: weight-derived values kept across steps
+        for _ in range(steps - 1):
+            tok = model.logits(model.hidden_states(tok[:, None], cache=cache)[:, 0]).argmax(-1)
+            out.append(tok)
     return time.perf_counter() - t0, torch.stack(out, 1)
 
 

@@ -13,6 +13,7 @@ import torch
 from flare.decoding.prompts import pad_prompts
 from flare.model import CommitRecord, FlareModel
 from flare.model.context import Rows
+from flare.model.layers import frozen_weights
 
 
 class CachedRunner:
@@ -26,14 +27,15 @@ class CachedRunner:
         self.forwards = 0
 
     def _run(self, n: int, rows: int, forward):
-        """``forward(cache)`` on the first n slots' cache."""
-        if n == self.cache.batch_size:
-            return forward(self.cache)
-        self.cache.reserve(rows)
-        sub = self.cache.narrow(n)
-        out = forward(sub)
-        self.cache.absorb(sub)
-        return out
+        """``forward(cache)`` on the first n slots' cache, with weight-derived values kept between calls."""
+        with frozen_weights():
+            if n == self.cache.batch_size:
+                return forward(self.cache)
+            self.cache.reserve(rows)
+            sub = self.cache.narrow(n)
+            out = forward(sub)
+            self.cache.absorb(sub)
+            return out
 
     def reset(self, slots: list[int]) -> None:
         """Empty the caches of ``slots`` (handed to new sequences)."""

@@ -1,4 +1,5 @@
 from flare.model.cache import CommitRecord, ModelCache
 from flare.model.hybrid import FlareModel
+from flare.model.layers import frozen_weights
 
-__all__ = ["CommitRecord", "FlareModel", "ModelCache"]
+__all__ = ["CommitRecord", "FlareModel", "ModelCache", "frozen_weights"]

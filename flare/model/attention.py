@@ -7,8 +7,9 @@ from torch import nn
 
 from flare.config import ModelConfig
 from flare.model.context import ForwardContext, StreamMasks
-from flare.model.layers import RMSNorm, apply_rotary, rms_norm
+from flare.model.layers import RMSNorm, apply_rotary, derived, norm_scale, scaled_norm
 from flare.ops.attention import attention
+from flare.ops.precision import accum_dtype
 
 
 class Attention(nn.Module):
@@ -44,9 +45,11 @@ class Attention(nn.Module):
         qk = torch.cat([q.reshape(B, T, self.num_heads, D), k.reshape(B, T, self.num_kv_heads, D)], dim=2)
         v = v.reshape(B, T, self.num_kv_heads, D)
         if self.q_norm is not None:
-            weight = torch.cat([self.q_norm.weight.expand(self.num_heads, D),
-                                self.k_norm.weight.expand(self.num_kv_heads, D)])
-            qk = rms_norm(qk, weight, self.q_norm.eps, self.q_norm.zero_centered)
+            zc, acc = self.q_norm.zero_centered, accum_dtype(qk.dtype)
+            scale = derived(self, "qk_scale", lambda wq, wk: norm_scale(
+                torch.cat([wq.expand(self.num_heads, D), wk.expand(self.num_kv_heads, D)]), zc, acc),
+                self.q_norm.weight, self.k_norm.weight, key=(acc,))
+            qk = scaled_norm(qk, scale, self.q_norm.eps, zc)
         q, k = apply_rotary(qk, ctx.cos, ctx.sin).split([self.num_heads, self.num_kv_heads], dim=2)
         if ctx.cache is not None:
             # Rows forwards put their keys in the scratch slots past each sequence's length: the committed

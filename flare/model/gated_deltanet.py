@@ -18,7 +18,7 @@ from torch import nn
 from flare.config import ModelConfig
 from flare.model.cache import RecurrentState
 from flare.model.context import ForwardContext
-from flare.model.layers import GatedRMSNorm
+from flare.model.layers import GatedRMSNorm, derived
 from flare.ops.conv import causal_conv1d
 from flare.ops.gated_delta import gated_delta, gated_delta_rows, gated_delta_two_stream, read_state
 from flare.ops.precision import accum_dtype, cast
@@ -67,7 +67,8 @@ class GatedDeltaNet(nn.Module):
     def _gates(self, b: torch.Tensor, a: torch.Tensor, valid: torch.Tensor | None):
         acc = accum_dtype(b.dtype)
         beta = cast(torch.sigmoid(b), acc)
-        g = -cast(self.A_log, acc).exp() * F.softplus(cast(a, acc) + self.dt_bias)
+        decay_rate = derived(self, "decay_rate", lambda a_log: -cast(a_log, acc).exp(), self.A_log, key=(acc,))
+        g = decay_rate * F.softplus(cast(a, acc) + self.dt_bias)
         if valid is not None:
             # Padding rows leave the state untouched: decay exp(0) = 1 and write strength 0.
             g, beta = g * valid[..., None], beta * valid[..., None]

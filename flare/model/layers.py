@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -25,16 +26,51 @@ def _normalize(h: torch.Tensor, eps: float) -> torch.Tensor:
     return h * torch.rsqrt(torch.addcmul(eps_t, n, n, value=1.0 / h.shape[-1]))
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, zero_centered: bool) -> torch.Tensor:
-    """RMSNorm over the last dim in fp32. Zero-centred (Qwen3.5 / Qwen3-Next): x_hat * (1 + w), cast last;
-    plain (Llama, Qwen3): w * x_hat cast first. ``weight`` broadcasts against x (per-head weights allowed)."""
+_FROZEN = [0]  # depth of frozen_weights() contexts
+
+
+@contextlib.contextmanager
+def frozen_weights():
+    """Inside, ``derived`` values are kept between forwards: what decoding runners enter (weights cannot change
+    in the middle of a decode call). Training never does, so no sharded or in-flight update can go stale."""
+    _FROZEN[0] += 1
+    try:
+        yield
+    finally:
+        _FROZEN[0] -= 1
+
+
+def derived(owner: nn.Module, name: str, fn, *params: torch.Tensor, key: tuple = ()) -> torch.Tensor:
+    """``fn(*params)``; inside ``frozen_weights()`` kept on ``owner`` while the parameters are unchanged (same
+    storage, same version), so a decode step skips recomputing what only depends on the weights (a norm's
+    1 + w, a decay rate)."""
+    if not _FROZEN[0] or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
+        return fn(*params)
+    stamp = (*((p.data_ptr(), p._version) for p in params), *key)
+    cache = owner.__dict__.setdefault("_derived", {})
+    hit = cache.get(name)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    value = fn(*params)
+    cache[name] = (stamp, value)
+    return value
+
+
+def norm_scale(weight: torch.Tensor, zero_centered: bool, acc: torch.dtype) -> torch.Tensor:
+    """What multiplies the normalised activations: 1 + w (zero-centred, in fp32) or w itself."""
+    return 1.0 + (weight if weight.dtype == acc else weight.to(acc)) if zero_centered else weight
+
+
+def scaled_norm(x: torch.Tensor, scale: torch.Tensor, eps: float, zero_centered: bool) -> torch.Tensor:
+    """RMSNorm over the last dim in fp32 with a ``norm_scale``. Zero-centred (Qwen3.5 / Qwen3-Next):
+    x_hat * (1 + w), cast last; plain (Llama, Qwen3): w * x_hat cast first. The scale broadcasts against x."""
     acc = accum_dtype(x.dtype)
     # Casts only where the dtype changes: a decode step is priced in op dispatches, not arithmetic.
     h = _normalize(x if x.dtype == acc else x.to(acc), eps)
     if zero_centered:
-        out = h * (1.0 + (weight if weight.dtype == acc else weight.to(acc)))
+        out = h * scale
         return out if out.dtype == x.dtype else out.type_as(x)
-    return weight * (h if h.dtype == x.dtype else h.to(x.dtype))
+    return scale * (h if h.dtype == x.dtype else h.to(x.dtype))
 
 
 class RMSNorm(nn.Module):
@@ -45,7 +81,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim) if zero_centered else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps, self.zero_centered)
+        acc = accum_dtype(x.dtype)
+        scale = derived(self, "scale", lambda w: norm_scale(w, self.zero_centered, acc), self.weight, key=(acc,))
+        return scaled_norm(x, scale, self.eps, self.zero_centered)
 
 
 class GatedRMSNorm(nn.Module):

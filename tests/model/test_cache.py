@@ -94,3 +94,22 @@ def test_a_narrowed_cache_runs_the_first_rows_exactly(tiny_models):
         else:
             torch.testing.assert_close(a.ssm[:2], b.ssm[:2], rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(a.conv[:2], b.conv[:2], rtol=1e-5, atol=1e-5)
+
+
+def test_weight_derived_values_follow_the_weights(tiny_models):
+    """Inside frozen_weights() a norm's 1 + w and the GDN decay are kept between forwards, but an in-place
+    weight change (what an optimizer step does) is seen at once; outside the context nothing is kept."""
+    from flare.model import frozen_weights
+
+    model = copy.deepcopy(tiny_models["qwen3_5"][0])
+    ids = torch.randint(0, 90, (2, 6))
+    with torch.no_grad(), frozen_weights():
+        before = model(ids)
+        for p in model.parameters():
+            if p.dim() == 1:  # norm weights, A_log, dt_bias
+                p.add_(0.05)
+        after = model(ids)
+    with torch.no_grad():
+        fresh = model(ids)
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, fresh, rtol=0, atol=0)
