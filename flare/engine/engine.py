@@ -167,9 +167,12 @@ class Engine:
         if not running:
             return []
         idx = torch.tensor([seq.slot for seq in running], device=slots.device)
-        rows = slots.out[idx].tolist()
-        lengths, active, drafted, accepted = torch.stack([
-            slots.out_len[idx], slots.active_forwards[idx], slots.drafted[idx], slots.accepted[idx]]).tolist()
+        n, width = len(running), slots.out.shape[1]
+        # One host read for every running sequence's output buffer and counters.
+        flat = torch.cat([slots.out[idx].flatten(), slots.out_len[idx], slots.active_forwards[idx],
+                          slots.drafted[idx], slots.accepted[idx]]).tolist()
+        rows = [flat[i * width: (i + 1) * width] for i in range(n)]
+        lengths, active, drafted, accepted = (flat[n * width + k * n: n * width + (k + 1) * n] for k in range(4))
         outputs = []
         for i, seq in enumerate(running):
             tokens, reason = slots.tokens(seq.slot, rows[i], lengths[i])
