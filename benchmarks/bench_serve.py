@@ -55,16 +55,11 @@ def start_server(model_dir: str, max_num_seqs: int, threads: int) -> tuple[subpr
     raise RuntimeError("flare serve did not start in 180 s")
 
 
-def accuracy(base_url: str, model: str, mode: str | None, task, max_tokens: int) -> float:
+def accuracy(http: HttpTarget, mode: str | None, task, max_tokens: int) -> float:
+    """Greedy accuracy through the same server, end-of-sequence on."""
     def one(item) -> float:
-        body = {"model": model, "messages": [{"role": "user", "content": item.question}], "temperature": 0,
-                "max_tokens": max_tokens}
-        if mode is not None:
-            body["flare"] = {"mode": mode}
-        req = urllib.request.Request(f"{base_url}/chat/completions", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=600) as r:
-            return item.scorer(json.loads(r.read())["choices"][0]["message"]["content"])
+        reply = http.chat(item.question, mode, max_tokens, ignore_eos=False)
+        return item.scorer(reply["choices"][0]["message"]["content"])
 
     with cf.ThreadPoolExecutor(8) as pool:
         scores = list(pool.map(one, task.items))
@@ -117,7 +112,7 @@ def main() -> int:
                       f"({time.perf_counter() - t0:.1f} s)", flush=True)
             if args.accuracy_limit:
                 task.items = task.items[: args.accuracy_limit]
-                acc[mode or "server default"] = accuracy(base_url, http.model, mode, task, 64)
+                acc[mode or "server default"] = accuracy(http, mode, task, 64)
     finally:
         if server is not None:
             server.send_signal(signal.SIGTERM)

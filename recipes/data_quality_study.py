@@ -158,9 +158,9 @@ def table(summary: dict) -> str:
 
 
 def plot(summary: dict, path: Path) -> None:
-    from flare.eval.plots import _pyplot
+    from flare.eval.plots import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     src = summary["source_accuracy"] or 1.0
     arms = list(summary["runs"])
     modes = ("causal", "ar_trust", "diffusion_trust")

@@ -12,7 +12,7 @@ def check_prompts(prompts: list[list[int]], vocab_size: int) -> None:
         if len(p) == 0:
             raise ValueError(f"prompt {i} is empty: at least one token is needed")
         for t in p:
-            if not isinstance(t, int) or not 0 <= t < vocab_size:
+            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size:
                 raise ValueError(f"prompt {i}: token id {t!r} is outside the vocabulary [0, {vocab_size})")
 
 

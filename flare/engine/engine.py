@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from flare.decoding import MODES, Admission, SamplingParams, Stepper, mode_options
-from flare.decoding.prompts import require_mask
+from flare.decoding.prompts import check_prompts, require_mask
 from flare.engine.scheduler import QueueFull, Scheduler, SchedulerConfig
 from flare.engine.sequence import Sequence, SequenceStatus
 from flare.model import FlareModel
@@ -99,16 +99,13 @@ class Engine:
                 require_mask(self.model, mode)
             except ValueError as e:
                 raise RequestError(str(e)) from None
-        if not prompt_ids:
-            raise RequestError("the prompt is empty: at least one token is needed")
+        try:
+            check_prompts([prompt_ids], self.model.config.vocab_size)
+        except ValueError as e:
+            raise RequestError(str(e)) from None
         if len(prompt_ids) > self.config.max_prompt_tokens:
             raise RequestError(f"the prompt has {len(prompt_ids)} tokens; this server takes at most "
                                f"{self.config.max_prompt_tokens}")
-        vocab = self.model.config.vocab_size
-        bad = next((t for t in prompt_ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab),
-                   None)
-        if bad is not None:
-            raise RequestError(f"token id {bad!r} is outside the vocabulary [0, {vocab})")
         if params.max_new_tokens > self.config.max_new_tokens:
             raise RequestError(f"max_tokens {params.max_new_tokens} is above this server's limit "
                                f"{self.config.max_new_tokens}")

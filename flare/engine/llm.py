@@ -16,7 +16,7 @@ from typing import Any
 from flare.data.chat import render_chatml
 from flare.data.template import render_template
 from flare.data.tokenizers import ChatTokenizer
-from flare.decoding import SamplingParams
+from flare.decoding import MODES, SamplingParams
 from flare.engine.engine import Engine, EngineConfig, RequestError
 from flare.model import FlareModel
 
@@ -92,6 +92,11 @@ class LLM:
     @property
     def model(self) -> FlareModel:
         return self.engine.model
+
+    @property
+    def modes(self) -> list[str]:
+        """The decoding modes this checkpoint can run (the parallel ones need a FLARE checkpoint)."""
+        return [m for m, spec in MODES.items() if not spec.needs_mask or self.model.config.mask_token_id is not None]
 
     def _need_tokenizer(self) -> ChatTokenizer:
         if self.tokenizer is None:

@@ -8,7 +8,7 @@ from flare.eval.harness import EvalReport
 from flare.eval.throughput import WaveRun
 
 
-def _pyplot():
+def pyplot():
     try:
         import matplotlib
     except ImportError as e:
@@ -22,7 +22,7 @@ def _pyplot():
 
 def throughput_plot(runs: list[WaveRun], path: str | Path) -> Path:
     """Aggregate tokens/s against concurrency, one line per mode."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for mode in dict.fromkeys(r.mode for r in runs):
         pts = sorted((r.concurrency, r.tokens_per_s) for r in runs if r.mode == mode)
@@ -41,7 +41,7 @@ def throughput_plot(runs: list[WaveRun], path: str | Path) -> Path:
 
 def accuracy_plot(report: EvalReport, path: str | Path) -> Path:
     """Accuracy against tokens per forward, one point per mode: the trade-off at a glance."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for r in report.results:
         ax.scatter([r.tokens_per_forward], [100 * r.accuracy], s=60)
@@ -58,7 +58,7 @@ def accuracy_plot(report: EvalReport, path: str | Path) -> Path:
 
 
 def histogram_plot(values: list[float], path: str | Path, xlabel: str, title: str) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     ax.hist(values, bins=min(50, max(5, len(values) // 5)))
     ax.set_xlabel(xlabel)

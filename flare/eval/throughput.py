@@ -70,18 +70,22 @@ class HttpTarget:
         with urllib.request.urlopen(f"{self.base_url}/models", timeout=30) as r:
             return json.loads(r.read())["data"][0]["id"]
 
-    def _one(self, question: str, mode: str | None, max_tokens: int) -> tuple[int, int | None]:
+    def chat(self, question: str, mode: str | None, max_tokens: int, ignore_eos: bool = True) -> dict[str, Any]:
+        """One greedy chat completion; the server's JSON reply."""
         body: dict[str, Any] = {"model": self.model, "messages": [{"role": "user", "content": question}],
-                                "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+                                "max_tokens": max_tokens, "temperature": 0, "ignore_eos": ignore_eos}
         if mode is not None:
             body["flare"] = {"mode": mode}
         req = urllib.request.Request(f"{self.base_url}/chat/completions", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json", "Authorization": "Bearer none"})
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as r:
-                reply = json.loads(r.read())
+                return json.loads(r.read())
         except urllib.error.HTTPError as e:
             raise RuntimeError(f"HTTP {e.code}: {e.read()[:300]!r}") from None
+
+    def _one(self, question: str, mode: str | None, max_tokens: int) -> tuple[int, int | None]:
+        reply = self.chat(question, mode, max_tokens)
         forwards = (reply.get("flare") or {}).get("forwards")
         return reply["usage"]["completion_tokens"], forwards
 

@@ -79,11 +79,9 @@ def serve(model_dir: str, *, host: str = "127.0.0.1", port: int = 8000, config: 
     paths = warm_up(llm)
     cfg = llm.engine.config
     m = llm.model
-    modes = ["causal"] + ([] if m.config.mask_token_id is None else
-                          ["ar_trust", "diffusion_trust", "low_confidence", "llada"])
     log.info("model %s: %s, %d layers, vocab %d, %s on %s", llm.name, m.config.family, m.config.num_hidden_layers,
              m.config.vocab_size, m.dtype, m.device)
-    log.info("modes %s (default %s); max_num_seqs %d, max_waiting %d", ", ".join(modes), cfg.default_mode,
+    log.info("modes %s (default %s); max_num_seqs %d, max_waiting %d", ", ".join(llm.modes), cfg.default_mode,
              cfg.max_num_seqs, cfg.max_waiting)
     log.info("kernel paths: %s", ", ".join(f"{k}={v}" for k, v in sorted(paths.items())) or "n/a")
     uvicorn.run(create_app(llm), host=host, port=port, log_level="info",

@@ -19,7 +19,6 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from flare.decoding import MODES
 from flare.engine import QueueFull, RequestError
 from flare.engine.llm import LLM
 from flare.serve.async_engine import AsyncEngine, EngineFailed
@@ -81,8 +80,7 @@ def create_app(llm: LLM) -> FastAPI:
     async def models():
         return {"object": "list", "data": [{
             "id": llm.name, "object": "model", "created": 0, "owned_by": "flare",
-            "modes": [m for m, spec in MODES.items() if not spec.needs_mask or llm.model.config.mask_token_id
-                      is not None],
+            "modes": llm.modes,
             "default_mode": llm.engine.config.default_mode,
         }]}
 
