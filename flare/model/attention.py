@@ -7,7 +7,7 @@ from torch import nn
 
 from flare.config import ModelConfig
 from flare.model.context import ForwardContext, StreamMasks
-from flare.model.layers import RMSNorm, apply_rotary, derived, norm_scale, scaled_norm
+from flare.model.layers import RMSNorm, derived, norm_scale, scaled_norm
 from flare.ops.attention import attention
 from flare.ops.precision import accum_dtype
 
@@ -50,7 +50,7 @@ class Attention(nn.Module):
                 torch.cat([wq.expand(self.num_heads, D), wk.expand(self.num_kv_heads, D)]), zc, acc),
                 self.q_norm.weight, self.k_norm.weight, key=(acc,))
             qk = scaled_norm(qk, scale, self.q_norm.eps, zc)
-        q, k = apply_rotary(qk, ctx.cos, ctx.sin).split([self.num_heads, self.num_kv_heads], dim=2)
+        q, k = ctx.rope.apply(qk).split([self.num_heads, self.num_kv_heads], dim=2)
         if ctx.cache is not None:
             # Rows forwards put their keys in the scratch slots past each sequence's length: the committed
             # slots stay untouched, and nothing is copied.

@@ -110,14 +110,19 @@ class ModelCache:
                 layer.v = torch.cat([layer.v, layer.v.new_zeros(layer.v.shape[0], pad, *layer.v.shape[2:])], 1)
 
     def write_kv(
-        self, layer_idx: int, k_BTHD: torch.Tensor, v_BTHD: torch.Tensor, write_pos_BT: torch.Tensor
+        self, layer_idx: int, k_BTHD: torch.Tensor, v_BTHD: torch.Tensor, write_pos: torch.Tensor | range
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store new keys/values at their positions; return all keys/values up to the bound [B, S, Hkv, D]."""
+        """Store new keys/values at their slots (``write_pos`` [B, T], or a range of slots shared by every
+        sequence); return all keys/values up to the bound [B, S, Hkv, D]."""
         layer = self.layers[layer_idx]
         assert isinstance(layer, AttentionState)
-        rows = torch.arange(k_BTHD.shape[0], device=k_BTHD.device)[:, None].expand_as(write_pos_BT)
-        layer.k[rows, write_pos_BT] = cast(k_BTHD, layer.k.dtype)
-        layer.v[rows, write_pos_BT] = cast(v_BTHD, layer.v.dtype)
+        if isinstance(write_pos, range):
+            layer.k[:, write_pos.start:write_pos.stop] = k_BTHD
+            layer.v[:, write_pos.start:write_pos.stop] = v_BTHD
+        else:
+            rows = torch.arange(k_BTHD.shape[0], device=k_BTHD.device)[:, None].expand_as(write_pos)
+            layer.k[rows, write_pos] = cast(k_BTHD, layer.k.dtype)
+            layer.v[rows, write_pos] = cast(v_BTHD, layer.v.dtype)
         span = self.bound + k_BTHD.shape[1]
         return layer.k[:, :span], layer.v[:, :span]
 

@@ -17,7 +17,7 @@ import torch
 
 from flare import masks
 from flare.model.cache import CommitRecord, ModelCache
-from flare.model.layers import rotary_cos_sin
+from flare.model.layers import Rotary, rotary
 from flare.model.segments import Segments
 
 
@@ -82,12 +82,11 @@ Layout = Packed | TwoStream | Rows | None
 @dataclass
 class ForwardContext:
     mode: str
-    positions: torch.Tensor  # [B, T] RoPE index of each row
-    cos: torch.Tensor  # [B, T, 1, R]
-    sin: torch.Tensor  # [B, T, 1, R]
+    rope: Rotary  # of each row's position
     attn_mask: torch.Tensor | None  # [B, 1, T, S] bool, or None for plain causal over the T rows
     cache: ModelCache | None = None
-    write_pos: torch.Tensor | None = None  # [B, T] cache slot of each row (causal mode with a cache)
+    # Cache slot of each row (with a cache): [B, T], or a range when every sequence writes the same slots.
+    write_pos: torch.Tensor | range | None = None
     n_new: torch.Tensor | None = None  # [B] real rows per sequence (right padding after them)
     valid: torch.Tensor | None = None  # [B, T] bool
     segments: Segments | None = None  # packed / two_stream: documents as segments
@@ -101,6 +100,7 @@ class ForwardContext:
         input_ids_BT: torch.Tensor,
         *,
         rotary_dim: int,
+        head_dim: int,
         rope_theta: float,
         dtype: torch.dtype,
         cache: ModelCache | None = None,
@@ -110,10 +110,9 @@ class ForwardContext:
     ) -> "ForwardContext":
         B, T = input_ids_BT.shape
         device = input_ids_BT.device
-        steps = torch.arange(T, device=device)
 
-        def rope(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return rotary_cos_sin(positions, rotary_dim, rope_theta, dtype)
+        def rope(positions: torch.Tensor | range, limit: int) -> Rotary:
+            return rotary(positions, rotary_dim, head_dim, rope_theta, dtype, device, limit)
 
         if isinstance(layout, (Packed, TwoStream)):
             if cache is not None or valid_BT is not None:
@@ -134,7 +133,7 @@ class ForwardContext:
                 rule = masks.two_stream(layout.doc_ids, layout.block_size, layout.clean_readout)
                 positions = segments.positions.repeat(1, 1 + layout.views)
                 mode = "two_stream"
-            cos, sin = rope(positions)
+            rot = rope(positions, T)  # positions count from each document's start
             if use_flex(device):
                 # GPU: the same predicate compiled to a sparse BlockMask skips every fully masked tile.
                 mask = masks.block_mask(rule, B, T, T, device)
@@ -144,20 +143,20 @@ class ForwardContext:
                 mask = _stream_masks(rule, B, layout.doc_ids.shape[1], layout.views, device)
             else:
                 mask = masks.materialize(rule, B, T, T, device)
-            return cls(mode, positions, cos, sin, mask, segments=segments, layout=layout)
+            return cls(mode, rot, mask, segments=segments, layout=layout)
 
         if isinstance(layout, Rows):
             if cache is None:
                 raise ValueError("inference rows read a cache: pass one")
             clean, noisy = layout.counts(B, T, device)
             cache.reserve(T)
-            positions = cache.lengths[:, None] + steps
+            positions = _cache_positions(cache, T)
             rule = masks.inference_rows(cache.lengths, clean, clean + noisy)
             mask = masks.materialize(rule, B, T, cache.bound + T, device)
-            cos, sin = rope(positions)
+            rot = rope(positions, cache.bound + T)
             if record is not None:
                 record.rows = T
-            return cls("rows", positions, cos, sin, mask, cache=cache, write_pos=positions, layout=layout,
+            return cls("rows", rot, mask, cache=cache, write_pos=positions, layout=layout,
                        record=record, row_counts=(clean, noisy))
 
         if layout is not None:
@@ -166,7 +165,7 @@ class ForwardContext:
             raise ValueError("only a rows forward records a commit")
         n_new = valid_BT.sum(1) if valid_BT is not None else None
         if cache is None:
-            positions = steps.expand(B, T)
+            positions = range(T)
             mask = None
             if valid_BT is not None:
                 mask = masks.materialize(masks.causal_from(torch.zeros(B, dtype=torch.long, device=device)),
@@ -174,13 +173,21 @@ class ForwardContext:
             write_pos = None
         else:
             cache.reserve(T)
-            positions = cache.lengths[:, None] if T == 1 else cache.lengths[:, None] + steps
-            write_pos = positions
+            positions = write_pos = _cache_positions(cache, T)
             # A single-token step needs no mask while every length equals the bound: every key slot up to
             # bound + 1 is then committed or the step's own row.
             if T == 1 and cache.bound_exact:
                 mask = masks.ALL_VISIBLE
             else:
                 mask = masks.materialize(masks.causal_from(cache.lengths), B, T, cache.bound + T, device)
-        cos, sin = rope(positions)
-        return cls("causal", positions, cos, sin, mask, cache, write_pos, n_new, valid_BT)
+        rot = rope(positions, T if cache is None else cache.bound + T)
+        return cls("causal", rot, mask, cache, write_pos, n_new, valid_BT)
+
+
+def _cache_positions(cache: ModelCache, T: int) -> torch.Tensor | range:
+    """Positions of T new rows after each sequence's length: a ``range`` when every length is known to equal the
+    host-side bound (no device tensors to build or index with), else [B, T]."""
+    if cache.bound_exact:
+        return range(cache.bound, cache.bound + T)
+    steps = cache.lengths[:, None]
+    return steps if T == 1 else steps + torch.arange(T, device=steps.device)

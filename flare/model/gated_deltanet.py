@@ -18,16 +18,14 @@ from torch import nn
 from flare.config import ModelConfig
 from flare.model.cache import RecurrentState
 from flare.model.context import ForwardContext
-from flare.model.layers import GatedRMSNorm, derived
+from flare.model.layers import GatedRMSNorm, derived, normalize_last
 from flare.ops.conv import causal_conv1d
 from flare.ops.gated_delta import gated_delta, gated_delta_rows, gated_delta_two_stream, read_state
 from flare.ops.precision import accum_dtype, cast
 
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    x = cast(x, accum_dtype(x.dtype))
-    n = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    return x * torch.rsqrt(n * n + eps)
+    return normalize_last(cast(x, accum_dtype(x.dtype)), eps, mean=False)
 
 
 class GatedDeltaNet(nn.Module):

@@ -113,7 +113,8 @@ class FlareModel(nn.Module):
         two-stream or read-only inference-rows forward (see ``flare.model.context``).
         """
         ctx = ForwardContext.build(
-            input_ids, rotary_dim=self.config.rotary_dim, rope_theta=self.config.rope_theta,
+            input_ids, rotary_dim=self.config.rotary_dim, head_dim=self.config.head_dim,
+            rope_theta=self.config.rope_theta,
             dtype=self.dtype, cache=cache, valid_BT=valid, layout=layout, record=record,
         )
         x = self.model.embed_tokens(input_ids)

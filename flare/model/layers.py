@@ -3,27 +3,22 @@
 from __future__ import annotations
 
 import contextlib
-import functools
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flare.ops.precision import accum_dtype, cast
+from flare.ops.precision import accum_dtype, cast, constant
 
 
-_EPS: dict[tuple, torch.Tensor] = {}
-
-
-def _normalize(h: torch.Tensor, eps: float) -> torch.Tensor:
-    # mean(h^2) + eps as eps + |h|^2 / D in one addcmul: on CPU, vector_norm costs a third of pow + mean per
-    # small call, and F.rms_norm several times more (a decode step is priced in op dispatches).
-    key = (eps, h.dtype, h.device)
-    eps_t = _EPS.get(key)
-    if eps_t is None:
-        eps_t = _EPS.setdefault(key, torch.tensor(eps, dtype=h.dtype, device=h.device))
+def normalize_last(h: torch.Tensor, eps: float, mean: bool = True) -> torch.Tensor:
+    """h * rsqrt(eps + mean(h^2)) over the last dim (RMS), or h * rsqrt(eps + sum(h^2)) (``mean=False``: L2)."""
+    # eps + |h|^2 (/ D) in one addcmul: on CPU, vector_norm costs a third of pow + mean per small call, and
+    # F.rms_norm several times more (a decode step is priced in op dispatches).
+    eps_t = constant(eps, h.dtype, h.device)
     n = torch.linalg.vector_norm(h, dim=-1, keepdim=True)
-    return h * torch.rsqrt(torch.addcmul(eps_t, n, n, value=1.0 / h.shape[-1]))
+    return h * torch.rsqrt(torch.addcmul(eps_t, n, n, value=1.0 / h.shape[-1] if mean else 1.0))
 
 
 _FROZEN = [0]  # depth of frozen_weights() contexts
@@ -66,7 +61,7 @@ def scaled_norm(x: torch.Tensor, scale: torch.Tensor, eps: float, zero_centered:
     x_hat * (1 + w), cast last; plain (Llama, Qwen3): w * x_hat cast first. The scale broadcasts against x."""
     acc = accum_dtype(x.dtype)
     # Casts only where the dtype changes: a decode step is priced in op dispatches, not arithmetic.
-    h = _normalize(x if x.dtype == acc else x.to(acc), eps)
+    h = normalize_last(x if x.dtype == acc else x.to(acc), eps)
     if zero_centered:
         out = h * scale
         return out if out.dtype == x.dtype else out.type_as(x)
@@ -96,7 +91,7 @@ class GatedRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         acc = accum_dtype(x.dtype)
-        h = _normalize(cast(x, acc), self.eps)
+        h = normalize_last(cast(x, acc), self.eps)
         h = self.weight * cast(h, x.dtype)
         return cast(h * F.silu(cast(gate, acc)), x.dtype)
 
@@ -114,28 +109,56 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
-def rotary_cos_sin(
-    positions_BT: torch.Tensor, rotary_dim: int, theta: float, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape [B, T, 1, rotary_dim] (broadcast over heads) for integer positions, rotate-half layout."""
-    acc = accum_dtype(dtype)
-    inv_freq = _inverse_frequencies(rotary_dim, theta, positions_BT.device, acc)
-    freqs = positions_BT.to(acc)[..., None] * inv_freq
-    emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
-    return cast(emb.cos(), dtype), cast(emb.sin(), dtype)
+_ROPE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-@functools.lru_cache(maxsize=16)
-def _inverse_frequencies(rotary_dim: int, theta: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    steps = torch.arange(0, rotary_dim, 2, device=device).to(dtype)
-    return 1.0 / (theta ** (steps / rotary_dim))
+@dataclass(frozen=True)
+class Rotary:
+    """RoPE of a forward's rows in a form applied with three ops: ``x * cos + x[..., perm] * sin``.
+
+    Partial RoPE rotates the first R of D dims in the rotate-half layout: over all D dims, ``cos`` is cos(angle)
+    on the first R and 1 after, ``sin`` is -sin(angle) on the first R/2, +sin(angle) on the next R/2 and 0
+    after, and ``perm`` swaps the two halves of the first R (the same values as rotating the halves).
+    cos and sin are [B, T, 1, D], or [1, T, 1, D] when every sequence is at the same positions."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    perm: torch.Tensor  # [D] long
+
+    def apply(self, x_BTHD: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(x_BTHD * self.cos, x_BTHD.index_select(-1, self.perm), self.sin)
 
 
-def apply_rotary(x_BTHD: torch.Tensor, cos_BT1R: torch.Tensor, sin_BT1R: torch.Tensor) -> torch.Tensor:
-    """Rotate the first R dims of each head (partial RoPE); the rest pass through."""
-    r = cos_BT1R.shape[-1]
-    x_rot = x_BTHD[..., :r]
-    x1, x2 = x_rot[..., : r // 2], x_rot[..., r // 2 :]
-    rotated = torch.cat((-x2, x1), dim=-1)
-    out = x_rot * cos_BT1R + rotated * sin_BT1R
-    return out if r == x_BTHD.shape[-1] else torch.cat((out, x_BTHD[..., r:]), dim=-1)
+def rotary(
+    positions: torch.Tensor | range, rotary_dim: int, head_dim: int, theta: float, dtype: torch.dtype,
+    device: torch.device | str, limit: int,
+) -> Rotary:
+    """RoPE of integer positions: a [B, T] tensor, or a ``range`` shared by every sequence. ``limit`` is a
+    host-side bound (every position < limit). Values come from a per-(R, D, theta, dtype, device) table grown by
+    doubling: a decode step reads its rows instead of recomputing them (the same arithmetic as direct)."""
+    device = torch.device(device)
+    key = (rotary_dim, head_dim, theta, dtype, device)
+    table = _ROPE.get(key)
+    if table is None or table[0].shape[0] < limit:
+        n = max(256, 1 << max(limit - 1, 0).bit_length())
+        table = _ROPE[key] = _rotary_table(n, rotary_dim, head_dim, theta, dtype, device)
+    cos_sin, perm = table
+    rows = cos_sin[positions.start:positions.stop][None] if isinstance(positions, range) else cos_sin[positions]
+    cos, sin = rows.unbind(-3)
+    return Rotary(cos, sin, perm)
+
+
+def _rotary_table(n: int, rotary_dim: int, head_dim: int, theta: float, dtype: torch.dtype, device):
+    """([n, 2, 1, D] cos | signed sin of positions 0..n-1, computed in the accumulation dtype, then cast;
+    the rotate-half permutation [D])."""
+    acc, R, half = accum_dtype(dtype), rotary_dim, rotary_dim // 2
+    steps = torch.arange(0, R, 2, device=device).to(acc)
+    inv_freq = 1.0 / (theta ** (steps / R))
+    freqs = torch.arange(n, device=device).to(acc)[:, None] * inv_freq  # [n, R/2]
+    cos, sin = freqs.cos(), freqs.sin()
+    ones, zeros = cos.new_ones(n, head_dim - R), cos.new_zeros(n, head_dim - R)
+    full_cos = torch.cat((cos, cos, ones), dim=-1)
+    full_sin = torch.cat((-sin, sin, zeros), dim=-1)
+    table = torch.stack((cast(full_cos, dtype), cast(full_sin, dtype)), dim=1)[:, :, None, :]
+    perm = torch.cat((torch.arange(half, R), torch.arange(half), torch.arange(R, head_dim))).to(device)
+    return table, perm

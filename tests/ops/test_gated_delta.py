@@ -170,6 +170,19 @@ def test_grouped_heads_equal_repeated_heads(form, with_state):
     assert_close(s, ref_s, what="state")
 
 
+@pytest.mark.parametrize("dk,dv", [(8, 16), (32, 64)])  # both ways of reading the state (SMALL_STATE)
+@pytest.mark.parametrize("with_state", [False, True])
+def test_step_matches_naive_small_and_large_states(dk, dv, with_state):
+    from flare.ops.gated_delta.step import SMALL_STATE
+
+    assert (dk * dv <= SMALL_STATE) == (dk == 8)
+    xs = make_inputs(1, dk=dk, dv=dv, with_state=with_state, seed=dk)
+    o, s, name = gated_delta(*xs, prefer="step")
+    ref_o, ref_s = gated_delta_naive(*xs)
+    assert_close(o, ref_o, what="o")
+    assert_close(s, ref_s, what="state")
+
+
 def test_step_gradients_match_naive():
     xs = make_inputs(1, with_state=True, requires_grad=True)
     o, s, _ = gated_delta(*xs, prefer="step")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from flare.ops.precision import accum_dtype, cast
+from flare.ops.precision import accum_dtype, cast, constant
 
 
 def gated_delta_step(
@@ -33,11 +33,24 @@ def gated_delta_step(
         state_BHKV = torch.zeros(B, H, Dk, Dv, dtype=acc, device=v_BHV.device)
     # [B, Hk, r, Dk, Dv]: value heads grouped under the q/k head they share.
     S = cast(state_BHKV, acc).view(B, Hk, r, Dk, Dv) * cast(g_BH, acc).exp().view(B, Hk, r, 1, 1)
-    k = cast(k_BHkK, acc).view(B, Hk, 1, 1, Dk)
-    delta = cast(beta_BH, acc).view(B, Hk, r, 1, 1) * (cast(v_BHV, acc).view(B, Hk, r, 1, Dv) - k @ S)
-    S = S + k.transpose(-1, -2) * delta
-    o = (cast(q_BHkK, acc).view(B, Hk, 1, 1, Dk) * scale) @ S  # [B, Hk, r, 1, Dv]
+    k = cast(k_BHkK, acc).view(B, Hk, 1, Dk, 1)
+    delta = cast(beta_BH, acc).view(B, Hk, r, 1, 1) * (cast(v_BHV, acc).view(B, Hk, r, 1, Dv) - _read(k, S))
+    S = torch.addcmul(S, k, delta)  # one pass over the state instead of two
+    o = _read(cast(q_BHkK, acc).view(B, Hk, 1, Dk, 1) * constant(scale, acc, S.device), S)  # [B, Hk, r, 1, Dv]
     return cast(o.view(B, H, Dv), v_BHV.dtype), S.view(B, H, Dk, Dv)
+
+
+# States up to this many entries per head are read with a product and a sum: two dispatches instead of a
+# broadcast matmul's five (expand, copy, bmm, views), a quarter of a small decode step's GDN time on CPU. Larger
+# states read with the matmul, which does not write a state-sized temporary.
+SMALL_STATE = 1024
+
+
+def _read(x_BHk1K1: torch.Tensor, S_BHkrKV: torch.Tensor) -> torch.Tensor:
+    """x^T S per value head: [B, Hk, 1, Dk, 1] against [B, Hk, r, Dk, Dv] -> [B, Hk, r, 1, Dv]."""
+    if S_BHkrKV.shape[-1] * S_BHkrKV.shape[-2] <= SMALL_STATE:
+        return (x_BHk1K1 * S_BHkrKV).sum(-2, keepdim=True)
+    return x_BHk1K1.transpose(-1, -2) @ S_BHkrKV
 
 
 def read_state(q_BTHkK: torch.Tensor, state_BHKV: torch.Tensor, scale: float) -> torch.Tensor:
