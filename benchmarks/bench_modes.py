@@ -1,4 +1,5 @@
-"""Decoding speed of every mode of one FLARE checkpoint, as a ratio to causal decoding of the same model (CPU).
+"""Decoding speed of every mode of one FLARE checkpoint, as a ratio to causal decoding of the same model (CPU,
+or ``--device cuda``).
 
 What it measures, all in one run on one model and one set of prompts:
 
@@ -22,8 +23,9 @@ What it measures, all in one run on one model and one set of prompts:
   on this machine. Then a short profile (forward hooks + torch.profiler) of one AR-Trust decode vs causal says
   where a round's time goes.
 
-Run:  .venv/bin/python benchmarks/bench_modes.py [--model DIR] [--prompts-file F.jsonl] [--new-tokens 32]
-          [--batch 8] [--prompt-len 32] [--threads 1] [--repeats 3] [--modes causal,ar_trust,...]
+Run:  .venv/bin/python benchmarks/bench_modes.py [--model DIR] [--task arithmetic | --prompts-file F.jsonl]
+          [--new-tokens 32]
+          [--batch 8] [--prompt-len 32] [--threads 1] [--repeats 3] [--modes causal,ar_trust,...] [--device cuda]
 ``--model`` is a FLARE checkpoint directory (config.json with "flare": {"mask_token_id": ...});
 ``--prompts-file`` is JSONL with one {"prompt_ids": [...]} per line (cycled when fewer than the batch).
 The default run (random model, 32 new tokens) takes about 2 minutes on 2 CPU cores.
@@ -54,7 +56,7 @@ SIZES = {
 GOAL_SPEED, GOAL_TPF = 2.5, 3.0
 
 
-def random_model(size: str, seed: int):
+def random_model(size: str, seed: int, device: str = "cpu"):
     import transformers
 
     from flare.testing.checkpoints import save_tiny_checkpoint
@@ -63,9 +65,19 @@ def random_model(size: str, seed: int):
     transformers.utils.logging.disable_progress_bar()
     with tempfile.TemporaryDirectory() as tmp:
         save_tiny_checkpoint(tmp, "qwen3_5", seed=seed, tokenizer=False, **SIZES[size])
-        model = flare.load_model(tmp)
+        model = flare.load_model(tmp, device=device)
     model.config.mask_token_id = model.config.vocab_size - 1
     return model.eval()
+
+
+def task_prompts(model_dir: str, spec: str, n: int) -> list[list[int]]:
+    """Chat prompts of the first ``n`` questions of an evaluation task (flare.eval.tasks), through the
+    checkpoint's tokenizer and chat template."""
+    from flare.engine.llm import LLM
+    from flare.eval.tasks import load_task
+
+    llm = LLM.from_dir(model_dir)
+    return [llm.chat_ids([{"role": "user", "content": item.question}]) for item in load_task(spec, limit=n).items]
 
 
 def load_prompts(path: str | None, n: int, length: int, vocab: int, avoid: int, seed: int) -> list[list[int]]:
@@ -120,6 +132,31 @@ def split_decode_time(model, prompts, params, mode) -> dict[str, float]:
     return acc
 
 
+def gemm_rows_cost(in_dim: int, out_dim: int, batch: int, rows: int, reps: int = 30, device: str = "cpu") -> float:
+    """Time of one fp32 GEMM over ``batch * rows`` rows / over ``batch`` rows, same [out, in] weight (median of
+    ``reps`` paired calls): what a forward over a round's rows costs at least, relative to a 1-row step, on this
+    machine. A few weights are cycled so that a large one is read from memory, as in a real forward."""
+    import torch.nn.functional as F
+
+    weights = [torch.randn(out_dim, in_dim, device=device) for _ in range(3)]
+    small, big = torch.randn(batch, in_dim, device=device), torch.randn(batch * rows, in_dim, device=device)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    ratios = []
+    for i in range(reps + 3):
+        w = weights[i % 3]
+        sync()
+        t0 = time.perf_counter()
+        F.linear(small, w)
+        sync()
+        t1 = time.perf_counter()
+        F.linear(big, w)
+        sync()
+        t2 = time.perf_counter()
+        if i >= 3:
+            ratios.append((t2 - t1) / (t1 - t0))
+    return statistics.median(ratios)
+
+
 def top_ops(model, prompts, params, mode, n=6):
     from torch.profiler import ProfilerActivity, profile
 
@@ -140,6 +177,8 @@ def main() -> None:
                          "tiny = hidden 64, 4 layers, vocab 96")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random model and the random prompts")
     ap.add_argument("--prompts-file", help='JSONL, one {"prompt_ids": [...]} per line (default: random ids)')
+    ap.add_argument("--task", help="chat prompts from an evaluation task spec (e.g. arithmetic, "
+                    "reasoning_gym:chain_sum, a GSM8K JSONL path), through --model's tokenizer")
     ap.add_argument("--prompt-len", type=int, default=32, help="length of the random prompts")
     ap.add_argument("--new-tokens", type=int, default=32, help="fixed completion length N (ignore_eos)")
     ap.add_argument("--batch", type=int, default=8, help="the larger batch (batch 1 is always measured)")
@@ -147,6 +186,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads; 1 by default: decode forwards "
                     "are small, and on a shared 2-core machine a second thread mostly adds sync cost and noise")
     ap.add_argument("--repeats", type=int, default=3, help="timed interleaved rounds after a warm-up (median)")
+    ap.add_argument("--device", default="cpu", help="where the model runs (e.g. cuda); the profile is CPU-only")
     ap.add_argument("--no-profile", action="store_true", help="skip the profile printed when AR-Trust's ceiling "
                     "is below the goal")
     a = ap.parse_args()
@@ -159,23 +199,34 @@ def main() -> None:
     load_start = os.getloadavg()[0]
 
     if a.model:
-        model = flare.load_model(a.model).eval()
+        model = flare.load_model(a.model, device=a.device).eval()
         if model.config.mask_token_id is None:
             sys.exit(f"{a.model}: not a FLARE checkpoint (config.json has no flare.mask_token_id); "
                      "convert it with `flare convert` first")
         what = f"checkpoint {a.model}"
     else:
-        model = random_model(a.size, a.seed)
+        model = random_model(a.size, a.seed, a.device)
         what = f"RANDOM seeded tiny qwen3_5 ({a.size})"
     cfg = model.config
     n_params = sum(p.numel() for p in model.parameters())
     params = SamplingParams(temperature=0, max_new_tokens=a.new_tokens, ignore_eos=True)
-    prompts_all = load_prompts(a.prompts_file, a.batch, a.prompt_len, cfg.vocab_size, cfg.mask_token_id, a.seed)
+    if a.task and a.prompts_file:
+        ap.error("give --task or --prompts-file, not both")
+    if a.task:
+        if not a.model:
+            ap.error("--task needs --model (its tokenizer and chat template)")
+        prompts_all = task_prompts(a.model, a.task, a.batch)
+    else:
+        prompts_all = load_prompts(a.prompts_file, a.batch, a.prompt_len, cfg.vocab_size, cfg.mask_token_id,
+                                   a.seed)
 
-    print(f"decoding modes vs causal | torch {torch.__version__} | threads {torch.get_num_threads()} | fp32 CPU")
+    print(f"decoding modes vs causal | torch {torch.__version__} | threads {torch.get_num_threads()} | fp32 "
+          f"{a.device}")
     print(f"model: {what}, {n_params / 1e6:.2f}M params, hidden {cfg.hidden_size}, {cfg.num_hidden_layers} "
           f"layers, vocab {cfg.vocab_size}, [MASK] id {cfg.mask_token_id}")
-    print(f"prompts: {'file ' + a.prompts_file if a.prompts_file else f'random ids, length {a.prompt_len}'}; "
+    source = (f"task {a.task} (chat template)" if a.task else f"file {a.prompts_file}" if a.prompts_file
+              else f"random ids, length {a.prompt_len}")
+    print(f"prompts: {source}; "
           f"outputs: exactly {a.new_tokens} new tokens (temperature 0, ignore_eos)")
     if not a.model:
         print("NOTE: a random model drafts badly (its MASK rows predict near-random tokens), so AR-Trust accepts "
@@ -261,8 +312,16 @@ def main() -> None:
                   f"({'can' if ceilings[B] >= GOAL_SPEED else 'CANNOT'} reach the {GOAL_SPEED}x goal at this model "
                   f"size on this machine, whatever the weights); TPF needed for {GOAL_SPEED}x: "
                   f"{GOAL_SPEED * results[B, 'ar_trust']['fwd_cost']:.2f}")
+    rows = 2 * N - 1
+    mlp = model.model.layers[0].mlp.gate_up_proj.weight
+    for B in sorted({1, a.batch}):
+        here = gemm_rows_cost(mlp.shape[1], mlp.shape[0], B, rows, device=a.device)
+        large = gemm_rows_cost(4096, 4096, B, rows, reps=10, device=a.device)
+        print(f"  batch {B}: a GEMM over {rows} rows per sequence costs {here:.1f}x one over 1 row on this machine "
+              f"for this model's MLP weight ({mlp.shape[0]} x {mlp.shape[1]}), and {large:.1f}x for a "
+              f"4096 x 4096 weight (about 1x where reading the weight dominates, as on a GPU at decode sizes)")
     unmet = [B for B in sorted({1, a.batch}) if (B, "ar_trust") in results and ceilings[B] < GOAL_SPEED]
-    if unmet and not a.no_profile:
+    if unmet and not a.no_profile and a.device == "cpu":
         B = max(unmet)
         prompts = prompts_all[:B]
         print(f"\nprofile of one decode at batch {B} (forward hooks; wall ms; AR-Trust vs causal):")

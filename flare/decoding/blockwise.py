@@ -6,11 +6,19 @@ predicted by row j-1, and position 0 by the last committed row. Each denoising s
 it samples every undecided position and commits some by confidence (the untempered probability of the sampled
 token). When the block is decided, one forward commits it to the caches and gives the logits for what follows.
 Each slot moves through these phases on its own, so slots at different phases share a forward.
+
+Which rows a denoising step shows (``row_inputs``): the training objective supervises only MASK rows of a noisy
+block (a masked row i predicts token i+1) and clean causal rows, so every prediction a step reads must come
+from one of those. The decided prefix of the block runs as clean rows (the seed, then any positions decided
+left to right: their rows give the causal distribution of the next position); a decided position after an
+undecided one shows its token only when its own row's prediction is not needed (the next position is decided
+too, or lies past the block), and a MASK otherwise. An unmasked noisy row's output, never trained, is never read.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from flare.decoding.lane import Lane, Plan
 from flare.decoding.options import BlockOptions
@@ -34,6 +42,17 @@ def choose(conf: torch.Tensor, undecided: torch.Tensor, options: BlockOptions, s
         rank = conf.argsort(1, descending=True).argsort(1)
         pick = undecided & (rank < k[:, None])
     return torch.where((step >= max_steps - 1)[:, None], undecided, pick)
+
+
+def row_inputs(block: torch.Tensor, undecided: torch.Tensor, mask_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A denoising step's rows [S, T] and its number of clean rows [S]: the decided prefix as clean rows, then
+    each position's token where it is decided and its row's prediction is not needed, else the MASK."""
+    decided = ~undecided
+    prefix = decided.long().cumprod(1).sum(1)
+    needed = F.pad(undecided[:, 1:], (0, 1), value=False)  # row i predicts position i + 1
+    show = decided & ~needed
+    in_prefix = torch.arange(block.shape[1], device=block.device) < prefix[:, None]
+    return torch.where(show | in_prefix, block, torch.full_like(block, mask_id)), prefix
 
 
 class BlockLane(Lane):
@@ -71,11 +90,13 @@ class BlockLane(Lane):
         committing = [s for s in live if self.step_of[s] == DECIDED]
         denoising = [s for s in live if self.step_of[s] != DECIDED]
         cm, dm = self.slots.mask(committing), self.slots.mask(denoising)
-        n_seed = int(self.seeded)
-        clean = self.counts(cm, self.T) + self.counts(dm, n_seed)
-        noisy = self.counts(dm, self.T - n_seed)
-        return Plan(self.block, clean, noisy, commits_all=not denoising,
-                    same_clean=self.T if not denoising else None)
+        if not denoising:
+            return Plan(self.block, self.counts(cm, self.T), self.counts(cm, 0), commits_all=True, same_clean=self.T)
+        tokens, prefix = row_inputs(self.block, self.undecided, self.mask_id)
+        tokens = torch.where(dm[:, None], tokens, self.block)
+        clean = self.counts(cm, self.T) + self.counts(dm, prefix)
+        noisy = self.counts(dm, self.T - prefix)
+        return Plan(tokens, clean, noisy, commits_all=False)
 
     def to_sync(self) -> torch.Tensor | None:
         return self.undecided.any(1) if self._denoised else None

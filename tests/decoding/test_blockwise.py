@@ -80,3 +80,51 @@ def test_bad_options(flare_models, mode, options, message):
 def test_diffusion_modes_need_a_mask_token(tiny_models, mode):
     with pytest.raises(ValueError, match="mask token"):
         decode(tiny_models["qwen3_5"][0], [[1]], SamplingParams(), mode)
+
+
+def test_every_prediction_a_step_reads_comes_from_a_clean_or_mask_row():
+    """Rows of a denoising step (row_inputs): the decided prefix is clean; position j (read from row j-1) is
+    never predicted by an unmasked noisy row, whose output the objective never trains; a decided position whose
+    row's prediction is not needed shows its token."""
+    from flare.decoding.blockwise import row_inputs
+
+    MASK, T = 99, 5
+    block = torch.arange(1, T + 1).expand(2 ** T, T).clone()
+    undecided = torch.tensor([[(i >> j) & 1 == 1 for j in range(T)] for i in range(2 ** T)])
+    rows, prefix = row_inputs(block, undecided, MASK)
+    for b in range(2 ** T):
+        u = undecided[b].tolist()
+        p = u.index(True) if True in u else T
+        assert prefix[b] == p
+        for i in range(T):
+            shown = rows[b, i] != MASK
+            needed = i + 1 < T and u[i + 1]
+            if i < p:
+                assert shown  # clean row: its causal prediction is exact whatever it is needed for
+            elif needed:
+                assert not shown  # a MASK row predicts the next, still undecided, position
+            else:
+                assert shown == (not u[i])
+
+
+def test_a_decided_prefix_step_reads_the_causal_distribution(flare_models):
+    """Seed and next position decided, the last undecided: the logits the step reads for it are the causal
+    model's after [prompt, seed, next] (before the rule, they came from an untrained unmasked noisy row)."""
+    from flare.decoding.options import DiffusionTrustOptions
+    from flare.decoding.stepper import Admission, Stepper
+
+    model = flare_models["qwen3_5"]
+    prompt = [5, 17, 33, 8]
+    stepper = Stepper(model, 1, 64)
+    stepper.admit([Admission(0, "diffusion_trust", DiffusionTrustOptions(), prompt,
+                             SamplingParams(temperature=0, max_new_tokens=8))])
+    lane = stepper.owner[0]
+    seed, nxt = 40, 41
+    lane.block[0] = torch.tensor([seed, nxt, lane.mask_id])
+    lane.undecided[0] = torch.tensor([False, False, True])
+    plan = lane.plan([0])
+    assert plan.num_clean.tolist() == [2] and plan.num_noisy.tolist() == [1]
+    with torch.no_grad():
+        logits = stepper.runner.rows(plan.tokens, plan.num_clean, plan.num_noisy)
+        causal = model(torch.tensor([prompt + [seed, nxt]]))[0, -1]
+    torch.testing.assert_close(logits[0, 1], causal, rtol=0, atol=1e-5)  # [MASK]'s -inf included
