@@ -129,7 +129,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from flare.eval import EngineTarget, HttpTarget, run_waves
+    from flare.eval import EngineTarget, HttpTarget, parse_modes, run_waves
     from flare.eval.plots import throughput_plot
     from flare.eval.report import scaling_lines, throughput_table
     from flare.eval.tasks import load_task
@@ -137,14 +137,15 @@ def _bench(args: argparse.Namespace) -> int:
     if (args.model is None) == (args.base_url is None):
         raise ValueError("give exactly one of --model (in-process engine) and --base-url (a running server)")
     concurrency = [int(c) for c in args.concurrency.split(",")]
-    modes = [None if m == "server" else m for m in args.modes.split(",")]
+    modes = [(None, {}) if m.strip() == "server" else parse_modes(m)[0] for m in args.modes.split(",") if m.strip()]
     if args.model is not None:
         args.max_num_seqs = max(args.max_num_seqs, *concurrency)
         target = EngineTarget(_eval_llm(args))
     else:
         target = HttpTarget(args.base_url, args.served_model)
     questions = [item.question for item in load_task(args.task, limit=max(concurrency) * 4).items]
-    runs = [run_waves(target, questions, mode, c, args.max_tokens, args.waves) for mode in modes for c in concurrency]
+    runs = [run_waves(target, questions, mode, c, args.max_tokens, args.waves, options=options)
+            for mode, options in modes for c in concurrency]
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "bench.json").write_text(json.dumps([r.to_dict() for r in runs], indent=2))
@@ -223,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", required=True, help="checkpoint directory with tokenizer.json")
     ev.add_argument("--task", required=True, help="arithmetic[:DIGITS] | reasoning_gym:NAME | path/to/file.jsonl")
     ev.add_argument("--modes", default="causal,ar_trust,diffusion_trust",
-                    help="comma-separated decoding modes (default: causal,ar_trust,diffusion_trust)")
+                    help="comma-separated decoding modes, each with optional :key=value options, e.g. "
+                         "low_confidence:block_size=3 (default: causal,ar_trust,diffusion_trust)")
     ev.add_argument("--limit", type=int, help="evaluate the first N questions (generators: how many to make)")
     ev.add_argument("--max-tokens", type=int, default=256, help="new tokens per answer (default: 256)")
     ev.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default: 0, greedy)")
@@ -245,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--base-url", help="an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1")
     bench.add_argument("--served-model", help="model name to send to --base-url (default: its first model)")
     bench.add_argument("--modes", default="causal,ar_trust,diffusion_trust,low_confidence",
-                       help="comma-separated modes; 'server' sends no mode (another server, or the default)")
+                       help="comma-separated modes with optional :key=value options (as in flare eval); 'server' "
+                            "sends no mode (another server, or the default)")
     bench.add_argument("--concurrency", default="1,4,8", help="comma-separated C values (default: 1,4,8)")
     bench.add_argument("--max-tokens", type=int, default=128, help="exact completion length (default: 128)")
     bench.add_argument("--waves", type=int, default=3, help="measured waves after the warm-up (default: 3)")

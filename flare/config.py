@@ -66,6 +66,9 @@ class ModelConfig:
     pad_token_id: int | None = None
     # The [MASK] row used by the diffusion stream; set by `flare convert`, None for a plain AR checkpoint.
     mask_token_id: int | None = None
+    # The noisy block size the diffusion stream was trained with (written by FLARE training; None: unknown).
+    # MASK rows in runs longer than this were never trained.
+    block_size: int | None = None
     # Checkpoints whose text model sits inside a multimodal wrapper keep their weights under this prefix.
     weight_prefix: str = "model."
     hf_config: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -83,6 +86,8 @@ class ModelConfig:
         if self.has_linear_attention:
             if self.linear_num_key_heads < 1 or self.linear_num_value_heads % self.linear_num_key_heads:
                 raise ConfigError("linear_num_value_heads must be a positive multiple of linear_num_key_heads")
+        if self.block_size is not None and (not isinstance(self.block_size, int) or self.block_size < 1):
+            raise ConfigError(f"flare.block_size must be a positive integer, got {self.block_size!r}")
         if self.mask_token_id is not None and not 0 <= self.mask_token_id < self.vocab_size:
             raise ConfigError(f"mask_token_id {self.mask_token_id} is outside the vocabulary (size {self.vocab_size})")
 
@@ -172,6 +177,7 @@ class ModelConfig:
             eos_token_id=text.get("eos_token_id", raw.get("eos_token_id")),
             pad_token_id=text.get("pad_token_id", raw.get("pad_token_id")),
             mask_token_id=(raw.get("flare") or {}).get("mask_token_id"),
+            block_size=(raw.get("flare") or {}).get("block_size"),
             weight_prefix=prefix,
             hf_config=copy.deepcopy(raw),
         )
@@ -184,6 +190,8 @@ class ModelConfig:
         }
         if self.mask_token_id is not None:
             out.setdefault("flare", {})["mask_token_id"] = self.mask_token_id
+        if self.block_size is not None:
+            out.setdefault("flare", {})["block_size"] = self.block_size
         return out
 
     @classmethod

@@ -6,10 +6,10 @@ Each mode is a lane (``flare.decoding.lane``) that a ``Stepper`` runs beside oth
 ``decode`` is a stepper with a single lane, the serving engine one with a lane per mode in use.
 """
 
-from flare.decoding.modes import MODES, mode_options
+from flare.decoding.modes import MODES, mode_label, mode_options
 from flare.decoding.params import SamplingParams
 from flare.decoding.registry import decode
 from flare.decoding.result import DecodeResult
 from flare.decoding.stepper import Admission, Stepper
 
-__all__ = ["Admission", "DecodeResult", "MODES", "SamplingParams", "Stepper", "decode", "mode_options"]
+__all__ = ["Admission", "DecodeResult", "MODES", "SamplingParams", "Stepper", "decode", "mode_label", "mode_options"]

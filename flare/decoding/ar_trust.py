@@ -25,7 +25,7 @@ class ArTrustLane(Lane):
 
     def __init__(self, model, slots, options) -> None:
         super().__init__(model, slots, options)
-        self.mask_id = require_mask(model, self.mode)
+        self.mask_id = require_mask(model, self.mode, options.gen_block - 1)
         S, dev = slots.num_slots, slots.device
         self.N = options.gen_block
         self.M = self.N - 1

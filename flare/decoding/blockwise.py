@@ -59,7 +59,7 @@ class BlockLane(Lane):
     def __init__(self, model, slots, options: BlockOptions, *, mode: str, seeded: bool) -> None:
         super().__init__(model, slots, options)
         self.mode, self.seeded = mode, seeded
-        self.mask_id = require_mask(model, mode)
+        self.mask_id = require_mask(model, mode, options.block_size - int(seeded))
         S, T, dev = slots.num_slots, options.block_size, slots.device
         self.T, self.room = T, T
         self.max_steps = options.steps if options.steps is not None else T

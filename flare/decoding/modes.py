@@ -50,3 +50,11 @@ def mode_options(mode: str, **options: Any):
     if unknown:
         raise ValueError(f"mode {mode!r} takes options {sorted(known) or 'none'}, not {unknown}")
     return cls(**options)
+
+
+def mode_label(mode: str | None, options: dict[str, Any] | None = None) -> str:
+    """How a mode and the options it was given are named in tables and logs: ``low_confidence:block_size=3``
+    (the syntax ``flare eval --modes`` reads); None is a server's default mode."""
+    if mode is None:
+        return "server default"
+    return ":".join([mode, *(f"{k}={v}" for k, v in (options or {}).items())])

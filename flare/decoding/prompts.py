@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 
@@ -31,9 +33,17 @@ def stop_ids(params_stop: list[int], eos: list[int], ignore_eos: bool) -> list[i
     return sorted(set(params_stop) | (set() if ignore_eos else set(eos)))
 
 
-def require_mask(model, mode: str) -> int:
-    """The model's [MASK] id, or a clear error for an AR checkpoint asked for a parallel mode."""
+def require_mask(model, mode: str, mask_rows: int | None = None) -> int:
+    """The model's [MASK] id, or a clear error for an AR checkpoint asked for a parallel mode. Warns when the
+    mode runs more MASK rows in a row (``mask_rows``) than the checkpoint's training noisy block: those rows'
+    predictions were never trained, whatever the decoder does with them (method §3)."""
     mask_id = model.config.mask_token_id
+    trained = model.config.block_size
+    if mask_id is not None and trained is not None and mask_rows is not None and mask_rows > trained:
+        warnings.warn(
+            f"mode {mode!r} runs {mask_rows} MASK rows in a row, but this checkpoint was trained on noisy blocks "
+            f"of {trained} (config.json flare.block_size): predictions past that are untrained, so expect poor "
+            f"drafts or accuracy; choose a block with at most {trained} MASK rows", stacklevel=3)
     if mask_id is None:
         raise ValueError(
             f"mode {mode!r} needs a FLARE checkpoint with a mask token (config.json 'flare.mask_token_id'); "

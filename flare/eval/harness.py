@@ -48,14 +48,36 @@ class EvalReport:
 
 
 def parse_modes(text: str) -> list[tuple[str, dict[str, Any]]]:
-    """``causal,ar_trust,diffusion_trust`` (mode options keep their defaults); unknown names are errors."""
-    modes = [m.strip() for m in text.split(",") if m.strip()]
-    if not modes:
+    """``causal,ar_trust,low_confidence:block_size=3``: modes, each with ``:key=value`` options (numbers are
+    read as numbers) or its defaults. Unknown modes and options are errors naming what exists."""
+    from flare.decoding import mode_options
+
+    entries = [m.strip() for m in text.split(",") if m.strip()]
+    if not entries:
         raise ValueError("no modes given")
-    unknown = [m for m in modes if m not in MODES]
-    if unknown:
-        raise ValueError(f"unknown decoding modes {unknown}; available: {', '.join(MODES)}")
-    return [(m, {}) for m in modes]
+    out = []
+    for entry in entries:
+        mode, *pairs = entry.split(":")
+        if mode not in MODES:
+            raise ValueError(f"unknown decoding modes: {mode!r}; available: {', '.join(MODES)}")
+        options: dict[str, Any] = {}
+        for pair in pairs:
+            key, eq, value = pair.partition("=")
+            if not eq or not key or not value:
+                raise ValueError(f"mode option {pair!r} in {entry!r} is not key=value")
+            options[key] = _number(value)
+        mode_options(mode, **options)  # validated now, with the mode's own message
+        out.append((mode, options))
+    return out
+
+
+def _number(value: str) -> int | float | str:
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
 
 
 def evaluate(llm: LLM, task: Task, modes: list[tuple[str, dict[str, Any]]], params: SamplingParams,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from flare.decoding import mode_label
 from flare.eval.harness import EvalReport
 from flare.eval.throughput import WaveRun
 
@@ -16,7 +17,7 @@ def accuracy_table(report: EvalReport) -> str:
             "accepted/drafted |", "|---|---|---|---|---|---|---|"]
     for r in report.results:
         speedup = r.tokens_per_s / causal.tokens_per_s if causal and causal.tokens_per_s else None
-        rows.append(f"| {r.mode} | {100 * r.accuracy:.1f}% | {r.tokens_per_forward:.2f} | {r.tokens_per_s:.1f} | "
+        rows.append(f"| {mode_label(r.mode, r.options)} | {100 * r.accuracy:.1f}% | {r.tokens_per_forward:.2f} | {r.tokens_per_s:.1f} | "
                     f"{_fmt(speedup, '.2f')}{'x' if speedup is not None else ''} | "
                     f"{_fmt(None if r.same_as_causal is None else 100 * r.same_as_causal, '.0f')}"
                     f"{'%' if r.same_as_causal is not None else ''} | {_fmt(r.acceptance)} |")
@@ -29,8 +30,12 @@ def throughput_table(runs: list[WaveRun]) -> str:
     rows = ["| mode | concurrency | tokens/s | vs causal | vs low_confidence | tokens/forward | valid |",
             "|---|---|---|---|---|---|---|"]
     base = {(r.mode, r.concurrency): r.tokens_per_s for r in runs}
+    peer = {}  # the low-confidence peer at each concurrency, whatever its options
     for r in runs:
-        c, lc = base.get(("causal", r.concurrency)), base.get(("low_confidence", r.concurrency))
+        if r.mode.split(":")[0] == "low_confidence":
+            peer.setdefault(r.concurrency, r.tokens_per_s)
+    for r in runs:
+        c, lc = base.get(("causal", r.concurrency)), peer.get(r.concurrency)
         rows.append(f"| {r.mode} | {r.concurrency} | {r.tokens_per_s:.1f} | "
                     f"{_fmt(r.tokens_per_s / c if c else None)}{'x' if c else ''} | "
                     f"{_fmt(r.tokens_per_s / lc if lc else None)}{'x' if lc else ''} | "

@@ -16,7 +16,7 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
-from flare.decoding import SamplingParams
+from flare.decoding import SamplingParams, mode_label
 from flare.engine.llm import LLM
 
 
@@ -41,7 +41,8 @@ class WaveRun:
 
 
 class Target(Protocol):
-    def wave(self, questions: list[str], mode: str | None, max_tokens: int) -> list[tuple[int, int | None]]:
+    def wave(self, questions: list[str], mode: str | None, max_tokens: int,
+             options: dict[str, Any] | None = None) -> list[tuple[int, int | None]]:
         """Run the questions concurrently; per request (completion tokens, forwards or None)."""
 
 
@@ -51,10 +52,10 @@ class EngineTarget:
     def __init__(self, llm: LLM) -> None:
         self.llm = llm
 
-    def wave(self, questions, mode, max_tokens):
+    def wave(self, questions, mode, max_tokens, options=None):
         prompts = [self.llm.chat_ids([{"role": "user", "content": q}]) for q in questions]
         params = SamplingParams(temperature=0, max_new_tokens=max_tokens, ignore_eos=True)
-        return [(len(c.token_ids), c.forwards) for c in self.llm.generate(prompts, params, mode)]
+        return [(len(c.token_ids), c.forwards) for c in self.llm.generate(prompts, params, mode, options)]
 
 
 class HttpTarget:
@@ -70,12 +71,13 @@ class HttpTarget:
         with urllib.request.urlopen(f"{self.base_url}/models", timeout=30) as r:
             return json.loads(r.read())["data"][0]["id"]
 
-    def chat(self, question: str, mode: str | None, max_tokens: int, ignore_eos: bool = True) -> dict[str, Any]:
+    def chat(self, question: str, mode: str | None, max_tokens: int, ignore_eos: bool = True,
+             options: dict[str, Any] | None = None) -> dict[str, Any]:
         """One greedy chat completion; the server's JSON reply."""
         body: dict[str, Any] = {"model": self.model, "messages": [{"role": "user", "content": question}],
                                 "max_tokens": max_tokens, "temperature": 0, "ignore_eos": ignore_eos}
         if mode is not None:
-            body["flare"] = {"mode": mode}
+            body["flare"] = {"mode": mode, **(options or {})}
         req = urllib.request.Request(f"{self.base_url}/chat/completions", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json", "Authorization": "Bearer none"})
         try:
@@ -84,18 +86,18 @@ class HttpTarget:
         except urllib.error.HTTPError as e:
             raise RuntimeError(f"HTTP {e.code}: {e.read()[:300]!r}") from None
 
-    def _one(self, question: str, mode: str | None, max_tokens: int) -> tuple[int, int | None]:
-        reply = self.chat(question, mode, max_tokens)
+    def _one(self, question: str, mode: str | None, max_tokens: int, options=None) -> tuple[int, int | None]:
+        reply = self.chat(question, mode, max_tokens, options=options)
         forwards = (reply.get("flare") or {}).get("forwards")
         return reply["usage"]["completion_tokens"], forwards
 
-    def wave(self, questions, mode, max_tokens):
+    def wave(self, questions, mode, max_tokens, options=None):
         with cf.ThreadPoolExecutor(len(questions)) as pool:
-            return list(pool.map(lambda q: self._one(q, mode, max_tokens), questions))
+            return list(pool.map(lambda q: self._one(q, mode, max_tokens, options), questions))
 
 
 def run_waves(target: Target, questions: list[str], mode: str | None, concurrency: int, max_tokens: int,
-              waves: int, warmup: int = 1) -> WaveRun:
+              waves: int, warmup: int = 1, options: dict[str, Any] | None = None) -> WaveRun:
     if concurrency < 1 or waves < 1 or max_tokens < 1:
         raise ValueError("concurrency, waves and max_tokens must be >= 1")
     if not questions:
@@ -105,12 +107,12 @@ def run_waves(target: Target, questions: list[str], mode: str | None, concurrenc
         return [questions[(i * concurrency + j) % len(questions)] for j in range(concurrency)]
 
     for w in range(warmup):
-        target.wave(batch(w), mode, max_tokens)
+        target.wave(batch(w), mode, max_tokens, options)
     tokens, forwards, lengths, seconds = 0, 0, [], 0.0
     known = True
     for w in range(waves):
         start = time.perf_counter()
-        out = target.wave(batch(warmup + w), mode, max_tokens)
+        out = target.wave(batch(warmup + w), mode, max_tokens, options)
         seconds += time.perf_counter() - start
         for n, f in out:
             tokens += n
@@ -121,5 +123,5 @@ def run_waves(target: Target, questions: list[str], mode: str | None, concurrenc
                 forwards += f
     bad = [n for n in lengths if n != max_tokens]
     problem = f"{len(bad)} completions were not {max_tokens} tokens long (e.g. {bad[0]})" if bad else None
-    return WaveRun(mode or "server default", concurrency, max_tokens, waves, tokens, seconds,
+    return WaveRun(mode_label(mode, options), concurrency, max_tokens, waves, tokens, seconds,
                    tokens / forwards if known and forwards else None, not bad, problem)

@@ -72,6 +72,9 @@ class Trainer:
             (self.out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
 
         model = load_model(cfg.model, device=self.d.device)
+        if cfg.objective.kind != "ar":
+            # Saved with every checkpoint, so decoders can tell which runs of MASK rows were trained.
+            model.config.block_size = cfg.objective.block_size
         model.gradient_checkpointing = cfg.activation_checkpointing
         self.model = shard(model.train(), self.d)
         self.objective = FlareObjective(cfg.objective, model.config.mask_token_id)

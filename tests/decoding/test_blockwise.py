@@ -128,3 +128,20 @@ def test_a_decided_prefix_step_reads_the_causal_distribution(flare_models):
         logits = stepper.runner.rows(plan.tokens, plan.num_clean, plan.num_noisy)
         causal = model(torch.tensor([prompt + [seed, nxt]]))[0, -1]
     torch.testing.assert_close(logits[0, 1], causal, rtol=0, atol=1e-5)  # [MASK]'s -inf included
+
+
+def test_a_mode_running_more_mask_rows_than_the_training_block_warns(flare_models):
+    import copy
+    import warnings
+
+    model = copy.deepcopy(flare_models["llama"])
+    model.config.block_size = 3
+    params = SamplingParams(temperature=0, max_new_tokens=4)
+    for mode, options, rows in [("low_confidence", {}, 4), ("ar_trust", {"gen_block": 6}, 5),
+                                ("llada", {}, 32)]:
+        with pytest.warns(UserWarning, match=f"runs {rows} MASK rows in a row.*noisy blocks of 3"):
+            decode(model, [[3, 4]], params, mode, **options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for mode, options in [("diffusion_trust", {}), ("ar_trust", {}), ("low_confidence", {"block_size": 3})]:
+            decode(model, [[3, 4]], params, mode, **options)

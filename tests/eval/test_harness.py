@@ -57,6 +57,19 @@ def test_ar_checkpoints_skip_parallel_modes(tiny_models, tiny_dirs):
         parse_modes("causal,fast")
 
 
+def test_parse_modes_with_options():
+    assert parse_modes("causal, low_confidence:block_size=3 ,llada:block_size=8:steps=4") == [
+        ("causal", {}), ("low_confidence", {"block_size": 3}), ("llada", {"block_size": 8, "steps": 4})]
+    assert parse_modes("diffusion_trust:threshold=0.9") == [("diffusion_trust", {"threshold": 0.9})]
+    assert parse_modes("ar_trust:draft_policy=argmax_full_verify") == [
+        ("ar_trust", {"draft_policy": "argmax_full_verify"})]
+    for bad, message in [("low_confidence:block_size", "not key=value"), ("low_confidence:=3", "not key=value"),
+                         ("low_confidence:size=3", "takes options"), ("low_confidence:block_size=0", "block_size"),
+                         ("", "no modes")]:
+        with pytest.raises(ValueError, match=message):
+            parse_modes(bad)
+
+
 def test_waves_in_process_and_over_http(llm, tmp_path):
     from tests.serve.conftest import LiveServer
 
@@ -69,8 +82,15 @@ def test_waves_in_process_and_over_http(llm, tmp_path):
     try:
         http = run_waves(HttpTarget(live.base_url), questions, "ar_trust", 2, max_tokens=5, waves=1)
         foreign = run_waves(HttpTarget(live.base_url, "tiny"), questions, None, 2, max_tokens=5, waves=1)
+        peer = run_waves(HttpTarget(live.base_url), questions, "low_confidence", 2, max_tokens=5, waves=1,
+                         options={"block_size": 2})
+        with pytest.raises(RuntimeError, match="HTTP 400.*block_size"):  # the options reach the server
+            run_waves(HttpTarget(live.base_url), questions, "low_confidence", 2, max_tokens=5, waves=1,
+                      options={"block_size": 0})
     finally:
         live.stop()
+    assert peer.valid and peer.mode == "low_confidence:block_size=2"
+    assert "| low_confidence:block_size=2 | 2 |" in throughput_table(runs + [peer])
     assert http.valid and http.tokens == 10 and http.tokens_per_forward is not None
     assert foreign.valid and foreign.mode == "server default"
     table = throughput_table(runs + [http])

@@ -125,6 +125,8 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(make_config, tm
     assert [p.name for p in out.glob(f"{checkpointing.PREFIX}*")] == ["step-00000003"]
     model = flare.load_model(step_dir(out, 3))
     assert model.config.mask_token_id is not None
+    # The training block travels with the checkpoint (decoders warn when they run longer MASK runs).
+    assert model.config.block_size == cfg.objective.block_size
     assert (step_dir(out, 3) / "tokenizer.json").exists()
 
     # A new trainer resumes from it and redoes steps 4..6 exactly as the first attempt did.
