@@ -44,7 +44,8 @@ import time
 import torch
 
 import flare
-from flare.decoding import MODES, SamplingParams, decode
+from flare.decoding import MODES, SamplingParams, decode, mode_label
+from flare.eval import parse_modes
 
 # Valid Qwen3_5TextConfig overrides for the random model ("tiny" = save_tiny_checkpoint's defaults).
 SIZES = {
@@ -93,11 +94,11 @@ def load_prompts(path: str | None, n: int, length: int, vocab: int, avoid: int, 
     return ids.tolist()
 
 
-def timed_decode(model, prompts, params, mode):
+def timed_decode(model, prompts, params, mode, options):
     """(wall s, this process's CPU s, DecodeResult). With one thread the CPU time is a cross-check of the wall
     time that other processes on the machine hardly move."""
     t0, c0 = time.perf_counter(), time.process_time()
-    res = decode(model, prompts, params, mode)
+    res = decode(model, prompts, params, mode, **options)
     return time.perf_counter() - t0, time.process_time() - c0, res
 
 
@@ -182,7 +183,8 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=32, help="length of the random prompts")
     ap.add_argument("--new-tokens", type=int, default=32, help="fixed completion length N (ignore_eos)")
     ap.add_argument("--batch", type=int, default=8, help="the larger batch (batch 1 is always measured)")
-    ap.add_argument("--modes", default=",".join(MODES), help="comma-separated modes; causal is always included")
+    ap.add_argument("--modes", default=",".join(MODES), help="comma-separated modes, each with optional :key=value "
+                    "options (low_confidence:block_size=3); causal is always included")
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads; 1 by default: decode forwards "
                     "are small, and on a shared 2-core machine a second thread mostly adds sync cost and noise")
     ap.add_argument("--repeats", type=int, default=3, help="timed interleaved rounds after a warm-up (median)")
@@ -190,10 +192,13 @@ def main() -> None:
     ap.add_argument("--no-profile", action="store_true", help="skip the profile printed when AR-Trust's ceiling "
                     "is below the goal")
     a = ap.parse_args()
-    modes = ["causal"] + [m for m in a.modes.split(",") if m and m != "causal"]
-    unknown = [m for m in modes if m not in MODES]
-    if unknown:
-        ap.error(f"unknown modes {unknown}; available: {', '.join(MODES)}")
+    try:
+        parsed = parse_modes(a.modes)
+    except ValueError as e:
+        ap.error(str(e))
+    # Labels ("low_confidence:block_size=3") name each run; "ar_trust" is AR-Trust with its defaults (the goal's).
+    spec = {mode_label(m, o): (m, o) for m, o in [("causal", {})] + parsed}
+    modes = list(spec)
     torch.set_num_threads(a.threads)
     t_start = time.perf_counter()
     load_start = os.getloadavg()[0]
@@ -240,13 +245,13 @@ def main() -> None:
     for B in sorted({1, a.batch}):
         prompts = prompts_all[:B]
         for mode in modes:  # warm-up
-            timed_decode(model, prompts, params, mode)
+            timed_decode(model, prompts, params, *spec[mode])
         times: dict[str, list[float]] = {m: [] for m in modes}
         cpu: dict[str, list[float]] = {m: [] for m in modes}
         last = {}
         for _ in range(a.repeats):
             for mode in modes:
-                t, c, res = timed_decode(model, prompts, params, mode)
+                t, c, res = timed_decode(model, prompts, params, *spec[mode])
                 times[mode].append(t)
                 cpu[mode].append(c)
                 last[mode] = res
@@ -258,7 +263,7 @@ def main() -> None:
                                     tokens=res.new_tokens, tpf=res.tokens_per_forward, forwards=res.forwards,
                                     drafted=res.drafted, accepted=res.accepted, valid=valid, ids=res.token_ids)
 
-    hdr = (f"{'mode':<17}{'batch':>6}{'tok/s':>10}{'x causal':>10}{'cpu x':>8}{'TPF':>7}{'forwards':>10}"
+    hdr = (f"{'mode':<28}{'batch':>6}{'tok/s':>10}{'x causal':>10}{'cpu x':>8}{'TPF':>7}{'forwards':>10}"
            f"{'ms (min-max)':>20}{'drafted':>9}{'accepted':>10}  goal")
     print(hdr)
     print("-" * len(hdr))
@@ -278,7 +283,7 @@ def main() -> None:
                 goal = (f">= {GOAL_SPEED}x & TPF >= {GOAL_TPF}: {'MET' if met else 'NOT MET'}"
                         + ("" if a.model else " (random model)"))
             flag = "" if r["valid"] else "  INVALID: a completion is not exactly N tokens"
-            print(f"{mode:<17}{B:>6}{tps:>10.1f}{ratio:>9.2f}x{r['ratio_cpu']:>7.2f}x{r['tpf']:>7.2f}"
+            print(f"{mode:<28}{B:>6}{tps:>10.1f}{ratio:>9.2f}x{r['ratio_cpu']:>7.2f}x{r['tpf']:>7.2f}"
                   f"{r['forwards']:>10}{spread:>20}{counters}  {goal}{flag}")
 
     print()
