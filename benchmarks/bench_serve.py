@@ -88,7 +88,7 @@ def main() -> int:
     args = ap.parse_args()
 
     concurrency = [int(c) for c in args.concurrency.split(",")]
-    modes = [(None, {}) if m.strip() == "server" else parse_modes(m)[0] for m in args.modes.split(",") if m.strip()]
+    modes = parse_modes(args.modes, server=True)
     server = None
     if args.base_url is None:
         model_dir = args.model

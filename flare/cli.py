@@ -137,7 +137,7 @@ def _bench(args: argparse.Namespace) -> int:
     if (args.model is None) == (args.base_url is None):
         raise ValueError("give exactly one of --model (in-process engine) and --base-url (a running server)")
     concurrency = [int(c) for c in args.concurrency.split(",")]
-    modes = [(None, {}) if m.strip() == "server" else parse_modes(m)[0] for m in args.modes.split(",") if m.strip()]
+    modes = parse_modes(args.modes, server=True)
     if args.model is not None:
         args.max_num_seqs = max(args.max_num_seqs, *concurrency)
         target = EngineTarget(_eval_llm(args))

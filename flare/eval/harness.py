@@ -12,7 +12,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from flare.decoding import MODES, SamplingParams
+from flare.decoding import MODES, SamplingParams, mode_options
 from flare.engine.llm import LLM
 from flare.eval.tasks import Task
 
@@ -47,16 +47,18 @@ class EvalReport:
         return next((r for r in self.results if r.mode == mode), None)
 
 
-def parse_modes(text: str) -> list[tuple[str, dict[str, Any]]]:
+def parse_modes(text: str, server: bool = False) -> list[tuple[str | None, dict[str, Any]]]:
     """``causal,ar_trust,low_confidence:block_size=3``: modes, each with ``:key=value`` options (numbers are
-    read as numbers) or its defaults. Unknown modes and options are errors naming what exists."""
-    from flare.decoding import mode_options
-
+    read as numbers) or its defaults. Unknown modes and options are errors naming what exists. With ``server``,
+    the entry ``server`` is ``(None, {})``: send no mode and let the server use its default."""
     entries = [m.strip() for m in text.split(",") if m.strip()]
     if not entries:
         raise ValueError("no modes given")
     out = []
     for entry in entries:
+        if server and entry == "server":
+            out.append((None, {}))
+            continue
         mode, *pairs = entry.split(":")
         if mode not in MODES:
             raise ValueError(f"unknown decoding modes: {mode!r}; available: {', '.join(MODES)}")

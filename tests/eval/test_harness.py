@@ -61,11 +61,12 @@ def test_parse_modes_with_options():
     assert parse_modes("causal, low_confidence:block_size=3 ,llada:block_size=8:steps=4") == [
         ("causal", {}), ("low_confidence", {"block_size": 3}), ("llada", {"block_size": 8, "steps": 4})]
     assert parse_modes("diffusion_trust:threshold=0.9") == [("diffusion_trust", {"threshold": 0.9})]
+    assert parse_modes("server,causal", server=True) == [(None, {}), ("causal", {})]  # flare bench's entry
     assert parse_modes("ar_trust:draft_policy=argmax_full_verify") == [
         ("ar_trust", {"draft_policy": "argmax_full_verify"})]
     for bad, message in [("low_confidence:block_size", "not key=value"), ("low_confidence:=3", "not key=value"),
                          ("low_confidence:size=3", "takes options"), ("low_confidence:block_size=0", "block_size"),
-                         ("", "no modes")]:
+                         ("", "no modes"), ("server", "unknown decoding modes")]:
         with pytest.raises(ValueError, match=message):
             parse_modes(bad)
 
