@@ -2,10 +2,16 @@
 
 Keeping: the verify forward records every clean row's KV, GDN state and conv inputs, and the commit selects the
 accepted prefix (no forward). Replaying: the verify forward records nothing, and a causal forward over the
-accepted tokens writes the caches. Both leave identical caches (tested in tests/decoding/test_ar_trust.py);
-this prints the time of each per round, measured in one run, as a ratio.
+accepted tokens writes the caches. Both leave identical caches (tested in tests/decoding/test_ar_trust.py, and
+checked here after the warm-up); this prints the time of each per round, measured in one run, as a ratio.
 
-    python benchmarks/bench_commit.py [--size tiny|small] [--batch 8] [--gen-block 4] [--rounds 50]
+Like for like: both arms start from a cache whose KV slots are reserved for every round before timing (so neither
+regrows inside the timed region, checked after each run), run under ``frozen_weights`` as decoding's runners
+do, and end each round as the decoding stepper does, lowering the cache's length bound to the true longest and
+shortest lengths (one host read), so attention in the next round spans the same committed keys in both arms.
+Each round's inputs (rows, accepted counts and the replay's validity mask) are built before timing.
+
+    python benchmarks/bench_commit.py [--size tiny|small] [--batch 8] [--gen-block N] [--rounds 50]
 """
 
 from __future__ import annotations
@@ -18,7 +24,9 @@ import time
 import torch
 
 import flare
-from flare.model import CommitRecord
+from flare.decoding import ArTrustOptions, check_request
+from flare.model import CommitRecord, frozen_weights
+from flare.model.cache import AttentionState
 from flare.model.context import Rows
 from flare.testing.checkpoints import save_tiny_checkpoint
 
@@ -34,28 +42,38 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=SIZES, default="tiny")
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--gen-block", type=int, default=4)
+    ap.add_argument("--gen-block", type=int, default=None,
+                    help="AR-Trust's N (default: as AR-Trust resolves it for this checkpoint's training block)")
     ap.add_argument("--rounds", type=int, default=50)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         model = flare.load_model(save_tiny_checkpoint(tmp, "qwen3_5", seed=0, tokenizer=False, **SIZES[args.size]))
-    V, B, N = model.config.vocab_size, args.batch, args.gen_block
-    model.config.mask_token_id = V - 1
+    model.config.mask_token_id = model.config.vocab_size - 1
+    mode = ArTrustOptions(gen_block=args.gen_block)
+    V, B, N = model.config.vocab_size, args.batch, check_request(model.config, [[0]], mode).gen_block
     g = torch.Generator().manual_seed(0)
     prefix = torch.randint(0, V - 1, (B, 64), generator=g)
     rounds = [torch.randint(0, V - 1, (B, N), generator=g) for _ in range(args.rounds)]
     accepts = [torch.randint(1, N + 1, (B,), generator=g) for _ in range(args.rounds)]
     masks = torch.full((B, N - 1), V - 1)
+    rows_in = [torch.cat([clean, masks], 1) for clean in rounds]  # [clean x N ; MASK x (N - 1)]
+    valids = [torch.arange(N)[None] < n[:, None] for n in accepts]  # replay: right padding past each accept
+    # Room for both arms' every round: the bound never exceeds 64 + N * round, and a round writes at most
+    # 2N - 1 rows (the verify forward) or N rows (the replay) after it.
+    capacity = 64 + N * (args.rounds + 2)
 
-    def run(keep: bool) -> list[float]:
-        cache = model.new_cache(B, capacity=64 + N * args.rounds + 8)
+    def kv_storage(cache) -> list[int]:
+        return [layer.k.data_ptr() for layer in cache.layers if isinstance(layer, AttentionState)]
+
+    def run(keep: bool):
+        cache = model.new_cache(B, capacity=capacity)
         model.hidden_states(prefix, cache=cache)
+        storage = kv_storage(cache)
         times = []
-        for clean, n in zip(rounds, accepts):
+        for rows, clean, n, valid in zip(rows_in, rounds, accepts, valids):
             start = time.perf_counter()
-            rows = torch.cat([clean, masks], 1)
             if keep:
                 record = CommitRecord.empty()
                 model.hidden_states(rows, cache=cache, layout=Rows(N), record=record)
@@ -63,18 +81,22 @@ def main() -> None:
             else:
                 model.hidden_states(rows, cache=cache, layout=Rows(N))
                 # Replay: a causal forward over the accepted tokens (right-padded per row) writes the caches.
-                valid = torch.arange(N)[None] < n[:, None]
                 model.hidden_states(clean, cache=cache, valid=valid)
-                cache.tighten(int(cache.lengths.max()))
+            # Both arms: the stepper's one host read per round, then the bound comes down to the true lengths.
+            longest, shortest = torch.stack([cache.lengths.max(), cache.lengths.min()]).tolist()
+            cache.tighten(longest, shortest)
             times.append(time.perf_counter() - start)
-        return times
+        if kv_storage(cache) != storage:
+            raise RuntimeError("the KV cache regrew inside the timed region: raise the reserved capacity")
+        return times, cache
 
-    with torch.no_grad():
-        run(True), run(False)  # warm-up
+    with torch.no_grad(), frozen_weights():
+        (_, kept), (_, replayed) = run(True), run(False)  # warm-up, and a check that both do the same work
+        _same_caches(kept, replayed)
         keep, replay = [], []
-        for _ in range(3):
-            keep += run(True)
-            replay += run(False)
+        for i in range(3):  # alternate which arm runs first
+            for arm in ((True, False) if i % 2 == 0 else (False, True)):
+                (keep if arm else replay).extend(run(arm)[0])
     k, r = statistics.median(keep) * 1e3, statistics.median(replay) * 1e3
     print(f"size {args.size}, batch {B}, gen block {N}, {args.rounds} rounds x 3, torch threads {args.threads}")
     print(f"{'strategy':<34}{'ms/round':>10}")
@@ -82,6 +104,20 @@ def main() -> None:
     print(f"{'replay accepted tokens':<34}{r:>10.2f}")
     print(f"SUMMARY: keeping states costs {k / r:.2f}x the time of replaying per verify round "
           f"({'keep' if k < r else 'replay'} is faster here)")
+
+
+def _same_caches(a, b, tol: float = 1e-4) -> None:
+    """Both arms committed the same tokens: equal lengths, equal KV up to each length, equal recurrent states."""
+    if not torch.equal(a.lengths, b.lengths):
+        raise RuntimeError("the two arms committed different lengths")
+    for x, y in zip(a.layers, b.layers):
+        if isinstance(x, AttentionState):
+            pairs = [(x.k[i, :n], y.k[i, :n]) for i, n in enumerate(a.lengths.tolist())]
+            pairs += [(x.v[i, :n], y.v[i, :n]) for i, n in enumerate(a.lengths.tolist())]
+        else:
+            pairs = [(x.conv, y.conv), (x.ssm, y.ssm)]
+        if any((p - q).abs().max() > tol for p, q in pairs):
+            raise RuntimeError("the two arms left different caches")
 
 
 if __name__ == "__main__":

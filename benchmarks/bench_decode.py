@@ -7,7 +7,7 @@ What it measures, all in one run on one seeded checkpoint (built with flare.test
   plus an argmax (flare: ``model.hidden_states(tok, cache=cache)`` + ``model.logits``; transformers:
   ``model(tok, cache=cache)`` reading ``out.cache``). Prefill is excluded; only the decode steps are timed.
   ``generate()`` is not the primary measure because its per-step logits processors / stopping criteria are
-  overhead flare's loop does not have; the end-to-end ``flare.decoding.decode`` vs ``model.generate`` time
+  overhead flare's loop does not have; the end-to-end ``flare.engine.decode`` vs ``model.generate`` time
   (prefill included, per new token) is printed as an extra row.
 * prefill tokens/s, batch 1, a 512-token prompt (one forward filling a fresh cache, logits of the last row only).
 
@@ -28,7 +28,8 @@ import time
 import torch
 
 import flare
-from flare.decoding import SamplingParams, decode
+from flare.decoding import SamplingParams
+from flare.engine import decode
 from flare.model import frozen_weights
 from flare.testing.checkpoints import save_tiny_checkpoint
 

@@ -3,8 +3,8 @@ or ``--device cuda``).
 
 What it measures, all in one run on one model and one set of prompts:
 
-* for each mode of ``flare.decoding.decode`` (causal, ar_trust, diffusion_trust, low_confidence, llada; each with
-  its default options from flare.decoding.options) at batch 1 and batch ``--batch``: tokens/s and tokens per
+* for each mode of ``flare.engine.decode`` (causal, ar_trust, diffusion_trust, low_confidence, llada; each with
+  its options from the checkpoint, flare.decoding.options) at batch 1 and batch ``--batch``: tokens/s and tokens per
   forward (TPF, ``DecodeResult.tokens_per_forward``: new tokens per forward a sequence took part in, prefill
   included). Fixed-length outputs, as in the paper's protocol: ``SamplingParams(temperature=0,
   max_new_tokens=N, ignore_eos=True)``; a run counts only if every completion has exactly N tokens.
@@ -44,8 +44,8 @@ import time
 import torch
 
 import flare
-from flare.decoding import MODES, SamplingParams, decode, mode_label
-from flare.eval import parse_modes
+from flare.decoding import OPTIONS, CausalOptions, SamplingParams, parse_modes
+from flare.engine import decode
 
 # Valid Qwen3_5TextConfig overrides for the random model ("tiny" = save_tiny_checkpoint's defaults).
 SIZES = {
@@ -94,11 +94,11 @@ def load_prompts(path: str | None, n: int, length: int, vocab: int, avoid: int, 
     return ids.tolist()
 
 
-def timed_decode(model, prompts, params, mode, options):
+def timed_decode(model, prompts, params, options):
     """(wall s, this process's CPU s, DecodeResult). With one thread the CPU time is a cross-check of the wall
     time that other processes on the machine hardly move."""
     t0, c0 = time.perf_counter(), time.process_time()
-    res = decode(model, prompts, params, mode, **options)
+    res = decode(model, prompts, params, options)
     return time.perf_counter() - t0, time.process_time() - c0, res
 
 
@@ -183,7 +183,7 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=32, help="length of the random prompts")
     ap.add_argument("--new-tokens", type=int, default=32, help="fixed completion length N (ignore_eos)")
     ap.add_argument("--batch", type=int, default=8, help="the larger batch (batch 1 is always measured)")
-    ap.add_argument("--modes", default=",".join(MODES), help="comma-separated modes, each with optional :key=value "
+    ap.add_argument("--modes", default=",".join(OPTIONS), help="comma-separated modes, each with optional :key=value "
                     "options (low_confidence:block_size=3); causal is always included")
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads; 1 by default: decode forwards "
                     "are small, and on a shared 2-core machine a second thread mostly adds sync cost and noise")
@@ -196,8 +196,8 @@ def main() -> None:
         parsed = parse_modes(a.modes)
     except ValueError as e:
         ap.error(str(e))
-    # Labels ("low_confidence:block_size=3") name each run; "ar_trust" is AR-Trust with its defaults (the goal's).
-    spec = {mode_label(m, o): (m, o) for m, o in [("causal", {})] + parsed}
+    # Labels ("low_confidence:block_size=3") name each run; "ar_trust" is AR-Trust with the checkpoint's defaults.
+    spec = {o.label(): o for o in [CausalOptions(), *parsed]}
     modes = list(spec)
     torch.set_num_threads(a.threads)
     t_start = time.perf_counter()
@@ -245,13 +245,13 @@ def main() -> None:
     for B in sorted({1, a.batch}):
         prompts = prompts_all[:B]
         for mode in modes:  # warm-up
-            timed_decode(model, prompts, params, *spec[mode])
+            timed_decode(model, prompts, params, spec[mode])
         times: dict[str, list[float]] = {m: [] for m in modes}
         cpu: dict[str, list[float]] = {m: [] for m in modes}
         last = {}
         for _ in range(a.repeats):
             for mode in modes:
-                t, c, res = timed_decode(model, prompts, params, *spec[mode])
+                t, c, res = timed_decode(model, prompts, params, spec[mode])
                 times[mode].append(t)
                 cpu[mode].append(c)
                 last[mode] = res
@@ -261,7 +261,8 @@ def main() -> None:
             results[B, mode] = dict(time=statistics.median(times[mode]), spread=(min(times[mode]), max(times[mode])),
                                     cpu=statistics.median(cpu[mode]),
                                     tokens=res.new_tokens, tpf=res.tokens_per_forward, forwards=res.forwards,
-                                    drafted=res.drafted, accepted=res.accepted, valid=valid, ids=res.token_ids)
+                                    drafted=res.drafted, accepted=res.accepted, valid=valid, ids=res.token_ids,
+                                    options=res.options)
 
     hdr = (f"{'mode':<28}{'batch':>6}{'tok/s':>10}{'x causal':>10}{'cpu x':>8}{'TPF':>7}{'forwards':>10}"
            f"{'ms (min-max)':>20}{'drafted':>9}{'accepted':>10}  goal")
@@ -297,7 +298,9 @@ def main() -> None:
                   f"({'exact, as required at temperature 0' if same else 'EXACTNESS VIOLATED'})")
 
     # Cost per forward: what a round of each mode costs relative to a causal step, hence AR-Trust's ceiling.
-    N = 4  # ArTrustOptions().gen_block
+    # AR-Trust's round as it ran (gen_block from the option given, else from the checkpoint's training block).
+    N = results[1, "ar_trust"]["options"].gen_block if (1, "ar_trust") in results else parse_modes("ar_trust")[
+        0].resolve(model.config.trained_block).gen_block
     print("\ncost per forward (wall ms / forwards, prefill included), relative to a causal forward at the same batch:")
     for B in sorted({1, a.batch}):
         base = results[B, "causal"]

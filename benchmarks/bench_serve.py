@@ -29,8 +29,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from flare.decoding import mode_label
-from flare.eval import HttpTarget, load_task, parse_modes, run_waves
+from flare.decoding import ModeOptions
+from flare.eval import HttpTarget, load_task, parse_targets, run_waves
 from flare.eval.report import throughput_table
 
 
@@ -56,10 +56,10 @@ def start_server(model_dir: str, max_num_seqs: int, threads: int) -> tuple[subpr
     raise RuntimeError("flare serve did not start in 180 s")
 
 
-def accuracy(http: HttpTarget, mode: str | None, options: dict, task, max_tokens: int) -> float:
+def accuracy(http: HttpTarget, mode: ModeOptions | None, task, max_tokens: int) -> float:
     """Greedy accuracy through the same server, end-of-sequence on."""
     def one(item) -> float:
-        reply = http.chat(item.question, mode, max_tokens, ignore_eos=False, options=options)
+        reply = http.chat(item.question, mode, max_tokens, ignore_eos=False)
         return item.scorer(reply["choices"][0]["message"]["content"])
 
     with cf.ThreadPoolExecutor(8) as pool:
@@ -74,10 +74,9 @@ def main() -> int:
     target.add_argument("--model", help="FLARE checkpoint directory to serve in-process")
     target.add_argument("--base-url", help="an OpenAI-compatible server to measure instead")
     ap.add_argument("--demo-out", default="demo-out", help="where the demo's trained toy model is cached")
-    ap.add_argument("--modes", default="causal,ar_trust,diffusion_trust,low_confidence:block_size=3",
-                    help="comma-separated, each with optional :key=value options (the low-confidence peer runs at "
-                         "the toy model's training block of 3; its own default of 4 MASK rows is past what "
-                         "this checkpoint was trained on); 'server' sends no mode field")
+    ap.add_argument("--modes", default="causal,ar_trust,diffusion_trust,low_confidence",
+                    help="comma-separated, each with optional :key=value options (unset ones come from the "
+                         "checkpoint's training block); 'server' sends no mode field")
     ap.add_argument("--concurrency", default="1,4,8")
     ap.add_argument("--max-tokens", type=int, default=64, help="exact completion length per request")
     ap.add_argument("--waves", type=int, default=3, help="measured waves after one warm-up wave")
@@ -88,7 +87,7 @@ def main() -> int:
     args = ap.parse_args()
 
     concurrency = [int(c) for c in args.concurrency.split(",")]
-    modes = parse_modes(args.modes, server=True)
+    modes = parse_targets(args.modes)
     server = None
     if args.base_url is None:
         model_dir = args.model
@@ -107,15 +106,15 @@ def main() -> int:
         task = load_task(args.task, limit=max(args.accuracy_limit, max(concurrency) * 4))
         questions = [item.question for item in task.items]
         runs, acc = [], {}
-        for mode, options in modes:
+        for mode in modes:
             for c in concurrency:
                 t0 = time.perf_counter()
-                runs.append(run_waves(http, questions, mode, c, args.max_tokens, args.waves, options=options))
+                runs.append(run_waves(http, questions, mode, c, args.max_tokens, args.waves))
                 print(f"  {runs[-1].mode} C={c}: {runs[-1].tokens_per_s:.1f} tok/s "
                       f"({time.perf_counter() - t0:.1f} s)", flush=True)
             if args.accuracy_limit:
                 task.items = task.items[: args.accuracy_limit]
-                acc[mode_label(mode, options)] = accuracy(http, mode, options, task, 64)
+                acc[runs[-1].mode] = accuracy(http, mode, task, 64)
     finally:
         if server is not None:
             server.send_signal(signal.SIGTERM)

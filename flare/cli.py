@@ -10,9 +10,6 @@ import sys
 from flare.cliargs import add_dataclass_flags, dataclass_from_args
 from flare.decoding.params import SamplingParams
 
-# Mode options given on the command line; unset ones keep the mode's own default (flare.decoding.options).
-MODE_OPTIONS = ("gen_block", "draft_policy", "block_size", "threshold", "steps")
-
 SAMPLING_HELP = {
     "temperature": "sampling temperature; 0 is greedy",
     "top_k": "keep the k most likely tokens; 0 disables",
@@ -22,47 +19,86 @@ SAMPLING_HELP = {
     "stop_token_ids": "extra token ids that end generation",
     "ignore_eos": "keep generating past the end-of-sequence token",
 }
+DEVICE_HELP = "torch device (default: cuda when available, else cpu)"
+DTYPES = ["float32", "bfloat16", "float16"]
+
+
+def _option_fields() -> dict[str, list[type]]:
+    """Every option name of any mode, with the options classes that take it."""
+    import dataclasses
+
+    from flare.decoding import OPTIONS
+
+    fields: dict[str, list[type]] = {}
+    for cls in OPTIONS.values():
+        for f in dataclasses.fields(cls):
+            fields.setdefault(f.name, []).append(cls)
+    return fields
+
+
+def _add_mode_flags(parser: argparse.ArgumentParser) -> None:
+    """A flag per mode option, generated from the options dataclasses (help and defaults included); values are
+    typed by ``flare.decoding.make_options`` from the field's type."""
+    from flare.decoding import OPTIONS
+    from flare.decoding.options import option_type
+
+    parser.add_argument("--mode", default="causal", help=f"decoding mode: {', '.join(OPTIONS)} (default: causal)")
+    for name, classes in _option_fields().items():
+        first = classes[0].__dataclass_fields__[name]
+        defaults = [f"{c.mode} {d}" for c in classes if (d := c.__dataclass_fields__[name].default) is not None]
+        text = first.metadata["help"] + (f" (default: {', '.join(defaults)})" if defaults else "")
+        parser.add_argument("--" + name.replace("_", "-"), default=None, help=text,
+                            metavar=option_type(classes[0], name).__name__.upper())
+
+
+def _mode_from_args(args: argparse.Namespace):
+    """The options of ``--mode`` from the option flags given; a flag the mode does not take is an error."""
+    from flare.decoding import make_options
+
+    given = {name: v for name in _option_fields() if (v := getattr(args, name)) is not None}
+    return make_options(args.mode, given)
+
+
+def _dtype(name: str | None):
+    import torch
+
+    return getattr(torch, name) if name else None
 
 
 def _generate(args: argparse.Namespace) -> int:
-    import torch
+    from flare.engine import EngineConfig
+    from flare.engine.llm import LLM
 
-    import flare
-    from flare.decoding import decode, mode_options
-    from flare.tokenizer import TextTokenizer
-
-    options = {k: getattr(args, k) for k in MODE_OPTIONS if getattr(args, k) is not None}
-    mode_options(args.mode, **options)  # bad modes and options fail before the model loads
+    options = _mode_from_args(args)  # bad modes and options fail before the model loads
     params = dataclass_from_args(SamplingParams, args)
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    model = flare.load_model(args.model, device=args.device, dtype=dtype)
-    tokenizer = TextTokenizer.from_dir(args.model)
-    if args.prompt is not None:
-        if tokenizer is None:
-            raise ValueError(f"{args.model} has no tokenizer.json; pass --prompt-ids instead")
-        prompt = tokenizer.encode(args.prompt)
-    else:
-        prompt = args.prompt_ids
-    result = decode(model, [prompt], params, args.mode, **options)
-    ids = result.token_ids[0]
-    text = tokenizer.decode(ids) if tokenizer is not None else None
+    llm = LLM.from_dir(args.model, device=args.device, dtype=_dtype(args.dtype),
+                       config=EngineConfig(max_num_seqs=1, max_prompt_tokens=1 << 30,
+                                           max_new_tokens=params.max_new_tokens))
+    if args.prompt is not None and llm.tokenizer is None:
+        raise ValueError(f"{args.model} has no tokenizer.json; pass --prompt-ids instead")
+    prompt = llm.prompt_ids(args.prompt if args.prompt is not None else args.prompt_ids)
+    done = llm.generate([prompt], params, options)[0]
+    text = done.text if llm.tokenizer is not None else None
     if args.json:
         out = {
-            "mode": result.mode,
+            "mode": done.options.mode,
+            "options": done.options.given(),
             "prompt_ids": prompt,
-            "token_ids": ids,
-            "finish_reason": result.finish_reasons[0],
-            "forwards": result.forwards,
-            "tokens_per_forward": result.tokens_per_forward,
-            "drafted": result.drafted,
-            "accepted": result.accepted,
-            "kernel_paths": result.kernel_paths,
+            "token_ids": done.token_ids,
+            "finish_reason": done.finish_reason,
+            "forwards": done.forwards,
+            "tokens_per_forward": done.tokens_per_forward,
+            "drafted": done.drafted,
+            "accepted": done.accepted,
+            "kernel_paths": llm.model.kernel_paths(),
+            "device": str(llm.model.device),
+            "dtype": str(llm.model.dtype).removeprefix("torch."),
         }
         if text is not None:
             out["text"] = text
         print(json.dumps(out))
     else:
-        print(text if text is not None else " ".join(map(str, ids)))
+        print(text if text is not None else " ".join(map(str, done.token_ids)))
     return 0
 
 
@@ -96,19 +132,18 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _eval_llm(args: argparse.Namespace):
-    import torch
-
     from flare.engine import EngineConfig
     from flare.engine.llm import LLM
 
-    return LLM.from_dir(args.model, device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None,
+    return LLM.from_dir(args.model, device=args.device, dtype=_dtype(args.dtype),
                         config=EngineConfig(max_num_seqs=args.max_num_seqs))
 
 
 def _eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from flare.eval import evaluate, load_task, parse_modes
+    from flare.decoding import parse_modes
+    from flare.eval import evaluate, load_task
     from flare.eval.plots import accuracy_plot
     from flare.eval.report import accuracy_table
 
@@ -129,7 +164,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from flare.eval import EngineTarget, HttpTarget, parse_modes, run_waves
+    from flare.eval import EngineTarget, HttpTarget, parse_targets, run_waves
     from flare.eval.plots import throughput_plot
     from flare.eval.report import scaling_lines, throughput_table
     from flare.eval.tasks import load_task
@@ -137,15 +172,14 @@ def _bench(args: argparse.Namespace) -> int:
     if (args.model is None) == (args.base_url is None):
         raise ValueError("give exactly one of --model (in-process engine) and --base-url (a running server)")
     concurrency = [int(c) for c in args.concurrency.split(",")]
-    modes = parse_modes(args.modes, server=True)
+    modes = parse_targets(args.modes)
     if args.model is not None:
         args.max_num_seqs = max(args.max_num_seqs, *concurrency)
         target = EngineTarget(_eval_llm(args))
     else:
         target = HttpTarget(args.base_url, args.served_model)
     questions = [item.question for item in load_task(args.task, limit=max(concurrency) * 4).items]
-    runs = [run_waves(target, questions, mode, c, args.max_tokens, args.waves, options=options)
-            for mode, options in modes for c in concurrency]
+    runs = [run_waves(target, questions, mode, c, args.max_tokens, args.waves) for mode in modes for c in concurrency]
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "bench.json").write_text(json.dumps([r.to_dict() for r in runs], indent=2))
@@ -159,6 +193,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from flare import __version__
+    from flare.engine import EngineConfig
 
     parser = argparse.ArgumentParser(prog="flare", description=__doc__)
     parser.add_argument("--version", action="version", version=f"flare-lm {__version__}")
@@ -169,18 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     src = gen.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text (needs tokenizer.json in the model directory)")
     src.add_argument("--prompt-ids", type=_prompt_ids, help="prompt as comma-separated token ids")
-    gen.add_argument("--mode", default="causal",
-                     help="decoding mode: causal, ar_trust, diffusion_trust, low_confidence, llada (default: causal)")
-    gen.add_argument("--gen-block", type=int, help="ar_trust: tokens per round N (default 4)")
-    gen.add_argument("--draft-policy", help="ar_trust: exact_truncated (default), argmax_full_verify, argmax_truncated")
-    gen.add_argument("--block-size", type=int, help="block modes: block length (diffusion_trust 3, low_confidence 4, "
-                     "llada 32)")
-    gen.add_argument("--threshold", type=float, help="block modes: confidence threshold in (0, 1]")
-    gen.add_argument("--steps", type=int, help="llada: denoising steps per block (default 16)")
+    _add_mode_flags(gen)
     add_dataclass_flags(gen, SamplingParams, SAMPLING_HELP)
-    gen.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    gen.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                     help="cast weights to this dtype (default: as stored)")
+    gen.add_argument("--device", default=None, help=DEVICE_HELP)
+    gen.add_argument("--dtype", default=None, choices=DTYPES, help="cast weights to this dtype (default: as stored)")
     gen.add_argument("--json", action="store_true", help="print one JSON object with tokens and counters")
     gen.set_defaults(func=_generate)
 
@@ -206,15 +233,19 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("model", help="checkpoint directory (config.json + safetensors [+ tokenizer.json])")
     srv.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
     srv.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    srv.add_argument("--mode", default="causal", help="default decoding mode for requests that name none")
-    srv.add_argument("--max-num-seqs", type=int, default=16, help="sequences decoding at once (default: 16)")
-    srv.add_argument("--max-waiting", type=int, default=256,
-                     help="requests queued beyond those; more are answered 429 (default: 256)")
-    srv.add_argument("--max-prompt-tokens", type=int, default=4096, help="longest prompt accepted (default: 4096)")
-    srv.add_argument("--max-tokens", type=int, default=4096, help="largest max_tokens accepted (default: 4096)")
-    srv.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    srv.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                     help="cast weights to this dtype (default: as stored)")
+    srv.add_argument("--mode", default=EngineConfig.default_mode,
+                     help="decoding mode for requests that name none, with optional :key=value options, e.g. "
+                          "ar_trust:gen_block=3 (default: %(default)s)")
+    srv.add_argument("--max-num-seqs", type=int, default=EngineConfig.max_num_seqs,
+                     help="sequences decoding at once (default: %(default)s)")
+    srv.add_argument("--max-waiting", type=int, default=EngineConfig.max_waiting,
+                     help="requests queued beyond those; more are answered 429 (default: %(default)s)")
+    srv.add_argument("--max-prompt-tokens", type=int, default=EngineConfig.max_prompt_tokens,
+                     help="longest prompt accepted (default: %(default)s)")
+    srv.add_argument("--max-tokens", type=int, default=EngineConfig.max_new_tokens,
+                     help="largest max_tokens accepted (default: %(default)s)")
+    srv.add_argument("--device", default=None, help=DEVICE_HELP)
+    srv.add_argument("--dtype", default=None, choices=DTYPES, help="cast weights to this dtype (default: as stored)")
     srv.set_defaults(func=_serve)
 
     ev = sub.add_parser("eval", help="accuracy, tokens per forward and speed per decoding mode",
@@ -230,9 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-tokens", type=int, default=256, help="new tokens per answer (default: 256)")
     ev.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default: 0, greedy)")
     ev.add_argument("--seed", type=int, default=0, help="generator and sampling seed (default: 0)")
-    ev.add_argument("--max-num-seqs", type=int, default=16, help="questions decoded at once (default: 16)")
-    ev.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    ev.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    ev.add_argument("--max-num-seqs", type=int, default=EngineConfig.max_num_seqs,
+                    help="questions decoded at once (default: %(default)s)")
+    ev.add_argument("--device", default=None, help=DEVICE_HELP)
+    ev.add_argument("--dtype", default=None, choices=DTYPES)
     ev.add_argument("--out", help="also write eval.json and accuracy_vs_tpf.png here")
     ev.add_argument("--json", action="store_true", help="print the report as one JSON object")
     ev.set_defaults(func=_eval)
@@ -253,9 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-tokens", type=int, default=128, help="exact completion length (default: 128)")
     bench.add_argument("--waves", type=int, default=3, help="measured waves after the warm-up (default: 3)")
     bench.add_argument("--task", default="arithmetic", help="where the prompts come from (default: arithmetic)")
-    bench.add_argument("--max-num-seqs", type=int, default=16, help="engine slots with --model (default: 16)")
-    bench.add_argument("--device", default="cpu", help="torch device with --model (default: cpu)")
-    bench.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    bench.add_argument("--max-num-seqs", type=int, default=EngineConfig.max_num_seqs,
+                       help="engine slots with --model (default: %(default)s)")
+    bench.add_argument("--device", default=None, help=DEVICE_HELP + ", with --model")
+    bench.add_argument("--dtype", default=None, choices=DTYPES)
     bench.add_argument("--out", help="also write bench.json and throughput.png here")
     bench.add_argument("--json", action="store_true", help="print the runs as JSON")
     bench.set_defaults(func=_bench)
@@ -277,16 +310,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import torch
-
     from flare.engine import EngineConfig
     from flare.serve import serve
 
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_waiting=args.max_waiting,
                           max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_tokens,
                           default_mode=args.mode)
-    serve(args.model, host=args.host, port=args.port, config=config, device=args.device,
-          dtype=getattr(torch, args.dtype) if args.dtype else None)
+    serve(args.model, host=args.host, port=args.port, config=config, device=args.device, dtype=_dtype(args.dtype))
     return 0
 
 

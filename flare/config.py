@@ -14,6 +14,9 @@ from typing import Any
 
 FULL_ATTENTION = "full_attention"
 LINEAR_ATTENTION = "linear_attention"
+# The FLARE noisy block when nothing else says: the released recipe's internal block of 3 (method §2). Training
+# takes it as its default, and decoding modes size their MASK rows from it for checkpoints that record no block.
+DEFAULT_BLOCK_SIZE = 3
 
 # model_type -> family. The family decides the per-layer numerics and the checkpoint key map.
 FAMILIES = {
@@ -69,6 +72,12 @@ class ModelConfig:
     # The noisy block size the diffusion stream was trained with (written by FLARE training; None: unknown).
     # MASK rows in runs longer than this were never trained.
     block_size: int | None = None
+
+    @property
+    def trained_block(self) -> int:
+        """The noisy block decoding modes size their MASK rows by: the recorded one, else the default."""
+        return self.block_size if self.block_size is not None else DEFAULT_BLOCK_SIZE
+
     # Checkpoints whose text model sits inside a multimodal wrapper keep their weights under this prefix.
     weight_prefix: str = "model."
     hf_config: dict[str, Any] = field(default_factory=dict, repr=False)

@@ -26,7 +26,7 @@ from flare.config import ModelConfig
 from flare.data import save_char_tokenizer
 from flare.data.arithmetic import generate_rows
 from flare.data.jsonl import write_jsonl
-from flare.decoding import SamplingParams
+from flare.decoding import SamplingParams, parse_modes
 from flare.engine import EngineConfig
 from flare.engine.llm import LLM
 from flare.eval import EngineTarget, evaluate, load_task, run_waves
@@ -39,9 +39,8 @@ from flare.train.config import DataConfig, OptimConfig, SourceConfig, TrainConfi
 from flare.train.convert import convert
 from flare.train.loop import Trainer
 
-# The low-confidence peer runs at this checkpoint's training block of 3: its own default (SDAR's 4) puts four
-# MASK rows in a row, past anything the conversion trained, and decodes noise (flare.decoding warns about it).
-MODES = [("causal", {}), ("ar_trust", {}), ("diffusion_trust", {}), ("low_confidence", {"block_size": 3})]
+# Every mode sizes its blocks from the checkpoint's recorded training block (flare.decoding.options).
+MODES = parse_modes("causal,ar_trust,diffusion_trust,low_confidence")
 
 
 @dataclass
@@ -129,7 +128,7 @@ def run(out: Path, b: Budget, seed: int = 0) -> dict:
     config = EngineConfig(max_num_seqs=max(16, *b.concurrency))
 
     print(f"[3/4] accuracy on {len(task.items)} held-out problems, per decoding mode", flush=True)
-    source_report = evaluate(LLM.from_dir(source, config=config), task, [("causal", {})], params)
+    source_report = evaluate(LLM.from_dir(source, config=config), task, parse_modes("causal"), params)
     llm = LLM.from_dir(final, config=config)
     report = evaluate(llm, task, MODES, params)
 
@@ -137,8 +136,8 @@ def run(out: Path, b: Budget, seed: int = 0) -> dict:
           flush=True)
     questions = [item.question for item in task.items]
     target = EngineTarget(llm)
-    runs = [run_waves(target, questions, mode, c, b.bench_tokens, b.bench_waves, options=options)
-            for mode, options in MODES for c in b.concurrency]
+    runs = [run_waves(target, questions, mode, c, b.bench_tokens, b.bench_waves)
+            for mode in MODES for c in b.concurrency]
 
     out.mkdir(parents=True, exist_ok=True)
     accuracy_plot(report, out / "accuracy_vs_tpf.png")
@@ -184,8 +183,9 @@ def _markdown(report, source_accuracy: float, runs, results: dict, b: Budget) ->
         "The toy model is tiny and briefly trained. AR-Trust's output never depends on how well the model drafts "
         "(only its speed does). Diffusion-Trust and the low-confidence peer commit MASK-row predictions above "
         "their confidence threshold, so their accuracy is the MASK rows' quality: close to causal where the "
-        "rows are confident and right, lower where a confident row is wrong. The peer runs at block 3, this "
-        "checkpoint's training block (its own default of 4 MASK rows was never trained). On a CPU a forward "
+        "rows are confident and right, lower where a confident row is wrong. Every mode sizes its blocks from the "
+        "checkpoint's training block (recorded in its config.json), so no mode runs MASK rows training never "
+        "saw. On a CPU a forward "
         "over 7 rows costs about twice one over 1 row for this model, so tokens per forward turn into less "
         "wall-clock speed-up than on a GPU, where a decode forward's cost hardly depends on its rows.",
     ]

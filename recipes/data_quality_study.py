@@ -32,7 +32,7 @@ import torch
 from flare.data import ChatTokenizer
 from flare.data.arithmetic import generate_rows
 from flare.data.jsonl import read_jsonl, write_jsonl
-from flare.decoding import SamplingParams
+from flare.decoding import SamplingParams, parse_modes
 from flare.demo import Budget, source_init, train_data, train_stage
 from flare.engine import EngineConfig
 from flare.engine.llm import LLM
@@ -42,7 +42,7 @@ from flare.train.convert import convert
 from flare.transfer.distill import DistillConfig, distill_rows
 from flare.transfer.score import score_rows, summarize
 
-MODES = [("causal", {}), ("ar_trust", {}), ("diffusion_trust", {})]
+MODES = parse_modes("causal,ar_trust,diffusion_trust")
 ARMS = ("self_distilled", "original", "off_dist")
 
 
@@ -111,7 +111,7 @@ def run(out: Path, s: StudyBudget) -> dict:
     source = train_stage(source_init(cache, 0), cache / "ar", "ar", b.ar_steps, b.ar_lr, train_data(cache, b, 0),
                          b.ar_seq_len, b.batch_size)
     task = load_task("arithmetic:2", limit=s.heldout)
-    src_report = evaluate(LLM.from_dir(source, config=EngineConfig(max_num_seqs=32)), task, [("causal", {})],
+    src_report = evaluate(LLM.from_dir(source, config=EngineConfig(max_num_seqs=32)), task, parse_modes("causal"),
                           SamplingParams(temperature=0, max_new_tokens=96), progress=False)
     source_acc = src_report.results[0].accuracy
     print(f"source causal accuracy {source_acc:.3f}", flush=True)

@@ -42,7 +42,7 @@ def save_char_tokenizer(path: str | Path, alphabet: str = DEFAULT_ALPHABET,
                         chat_template: str | None = CHATML_TEMPLATE) -> ChatTokenizer:
     """Write ``tokenizer.json`` and ``tokenizer_config.json`` (with the chat template) to ``path``; load them back.
 
-    The directory loads with ``flare.tokenizer.TextTokenizer.from_dir`` and with ``transformers.AutoTokenizer``.
+    The directory loads with ``flare.data.tokenizers.ChatTokenizer.from_dir`` and with ``transformers.AutoTokenizer``.
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)

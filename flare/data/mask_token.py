@@ -39,7 +39,7 @@ def find_mask_slot(tokenizer: ChatTokenizer, model_vocab_size: int, *, pad_to_mu
         # A named token that its own string encodes to could be produced by text: not safe as [MASK].
         if i is not None and i < model_vocab_size and tokenizer.encode(name) != [i]:
             return MaskSlot(i, model_vocab_size, "named")
-    used = set(tokenizer.text.backend.get_vocab(with_added_tokens=True).values())
+    used = set(tokenizer.backend.get_vocab(with_added_tokens=True).values())
     first_free = max(used) + 1
     if first_free < model_vocab_size:
         return MaskSlot(first_free, model_vocab_size, "spare")

@@ -1,6 +1,6 @@
 """ChatTokenizer: any Hugging Face ``tokenizer.json`` plus what chat rendering needs from its directory.
 
-Reads ``tokenizer.json`` (through ``flare.tokenizer.TextTokenizer``), the chat template (``chat_template.jinja``,
+Reads ``tokenizer.json`` (a ``tokenizers.Tokenizer``), the chat template (``chat_template.jinja``,
 else ``tokenizer_config.json``'s ``chat_template``) and the named special tokens of ``tokenizer_config.json``.
 """
 
@@ -10,8 +10,6 @@ import json
 from functools import cached_property
 from pathlib import Path
 from typing import Any
-
-from flare.tokenizer import TextTokenizer
 
 SPECIAL_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
 # Qwen's padding token; used when the config names none.
@@ -40,51 +38,53 @@ def _chat_template(directory: Path, config: dict[str, Any]) -> str | None:
 class ChatTokenizer:
     """Token ids <-> text with the chat template and special tokens of one tokenizer directory."""
 
-    def __init__(self, text: TextTokenizer, chat_template: str | None = None,
+    def __init__(self, backend, chat_template: str | None = None,
                  special_tokens: dict[str, str] | None = None) -> None:
-        self.text = text
+        self.backend = backend  # tokenizers.Tokenizer
         self.chat_template = chat_template
         self.special_tokens = dict(special_tokens or {})
 
     @classmethod
     def from_dir(cls, path: str | Path) -> "ChatTokenizer":
         """Load ``path/tokenizer.json`` (+ ``tokenizer_config.json``, ``chat_template.jinja`` when present)."""
+        from tokenizers import Tokenizer
+
         path = Path(path)
-        text = TextTokenizer.from_dir(path)
-        if text is None:
+        if not (path / "tokenizer.json").exists():
             raise FileNotFoundError(f"no tokenizer.json in {path}")
+        backend = Tokenizer.from_file(str(path / "tokenizer.json"))
         config_file = path / "tokenizer_config.json"
         config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.exists() else {}
         specials = {k: s for k in SPECIAL_KEYS if (s := _token_string(config.get(k))) is not None}
-        return cls(text, _chat_template(path, config), specials)
+        return cls(backend, _chat_template(path, config), specials)
 
     @property
     def vocab_size(self) -> int:
         """Number of ids the tokenizer knows (added tokens included); the model may have more rows."""
-        return self.text.vocab_size
+        return self.backend.get_vocab_size(with_added_tokens=True)
 
     @property
     def max_token_id(self) -> int:
-        return max(self.text.backend.get_vocab(with_added_tokens=True).values())
+        return max(self.backend.get_vocab(with_added_tokens=True).values())
 
     def encode(self, text: str) -> list[int]:
-        return self.text.encode(text)
+        return self.backend.encode(text, add_special_tokens=False).ids
 
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         """Token ids and, per token, its (start, end) character span in ``text``."""
-        enc = self.text.backend.encode(text, add_special_tokens=False)
+        enc = self.backend.encode(text, add_special_tokens=False)
         return list(enc.ids), [tuple(o) for o in enc.offsets]
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        return self.text.decode(ids, skip_special_tokens=skip_special_tokens)
+        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def token_id(self, token: str) -> int | None:
-        return self.text.token_id(token)
+        return self.backend.token_to_id(token)
 
     @cached_property
     def special_strings(self) -> frozenset[str]:
         """Every added token marked special (they must never come from message text)."""
-        added = self.text.backend.get_added_tokens_decoder()
+        added = self.backend.get_added_tokens_decoder()
         return frozenset(t.content for t in added.values() if t.special)
 
     @property

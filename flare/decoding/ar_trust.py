@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 
 from flare.decoding.lane import Lane, Plan
-from flare.decoding.prompts import require_mask
 from flare.ops.sampling import draw, filtered_probs, speculative_verify
 
 
@@ -25,7 +24,7 @@ class ArTrustLane(Lane):
 
     def __init__(self, model, slots, options) -> None:
         super().__init__(model, slots, options)
-        self.mask_id = require_mask(model, self.mode, options.gen_block - 1)
+        self.mask_id = model.config.mask_token_id
         S, dev = slots.num_slots, slots.device
         self.N = options.gen_block
         self.M = self.N - 1

@@ -22,7 +22,6 @@ import torch.nn.functional as F
 
 from flare.decoding.lane import Lane, Plan
 from flare.decoding.options import BlockOptions
-from flare.decoding.prompts import require_mask
 
 DECIDED = -1  # a slot's step counter once its block is decided: the next forward commits it
 
@@ -56,10 +55,10 @@ def row_inputs(block: torch.Tensor, undecided: torch.Tensor, mask_id: int) -> tu
 
 
 class BlockLane(Lane):
-    def __init__(self, model, slots, options: BlockOptions, *, mode: str, seeded: bool) -> None:
+    def __init__(self, model, slots, options: BlockOptions) -> None:
         super().__init__(model, slots, options)
-        self.mode, self.seeded = mode, seeded
-        self.mask_id = require_mask(model, mode, options.block_size - int(seeded))
+        self.mode, self.seeded = options.mode, options.seeded
+        self.mask_id = model.config.mask_token_id
         S, T, dev = slots.num_slots, options.block_size, slots.device
         self.T, self.room = T, T
         self.max_steps = options.steps if options.steps is not None else T

@@ -1,7 +1,7 @@
 """The serving engine on token ids: requests in, committed tokens out, one batched forward per step.
 
 ``add_request`` validates and queues a request; ``step`` admits waiting requests into free cache slots (one
-prefill forward), runs one forward over every running sequence whatever its mode (``flare.decoding.Stepper``,
+prefill forward), runs one forward over every running sequence whatever its mode (``flare.engine.stepper``,
 the same lanes ``decode`` runs), and reports each sequence's newly committed tokens; ``abort`` drops a request
 and frees its slot. Text never appears here: ``flare.engine.llm`` does that.
 """
@@ -11,14 +11,12 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass, field
-from typing import Any
-
 import torch
 
-from flare.decoding import MODES, Admission, SamplingParams, Stepper, mode_options
-from flare.decoding.prompts import check_prompts, require_mask
+from flare.decoding import ModeOptions, SamplingParams, as_options, check_request, parse_mode
 from flare.engine.scheduler import QueueFull, Scheduler, SchedulerConfig
 from flare.engine.sequence import Sequence, SequenceStatus
+from flare.engine.stepper import Admission, Stepper
 from flare.model import FlareModel
 
 
@@ -33,14 +31,13 @@ class EngineConfig:
     max_prefill_tokens: int = 4096  # prompt tokens admitted per step
     max_prompt_tokens: int = 4096
     max_new_tokens: int = 4096
-    default_mode: str = "causal"
+    default_mode: str = "causal"  # for requests that name none: a mode, with optional :key=value options
 
     def __post_init__(self) -> None:
-        for name in ("max_prompt_tokens", "max_new_tokens"):
+        for name in ("max_num_seqs", "max_prompt_tokens", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.default_mode not in MODES:
-            raise ValueError(f"unknown default mode {self.default_mode!r}; available: {', '.join(MODES)}")
+        self.default_options = parse_mode(self.default_mode)
 
 
 @dataclass
@@ -83,24 +80,13 @@ class Engine:
         self,
         prompt_ids: list[int],
         params: SamplingParams,
-        mode: str | None = None,
-        options: dict[str, Any] | None = None,
+        mode: str | ModeOptions | None = None,
         request_id: str | None = None,
     ) -> Sequence:
-        """Validate and queue a request. Raises RequestError for a bad request, QueueFull when the queue is
-        at its limit."""
-        mode = mode or self.config.default_mode
+        """Validate and queue a request; ``mode``: options, their ``mode:key=value`` text, or None for the
+        configured default. Raises RequestError for a bad request, QueueFull when the queue is at its limit."""
         try:
-            opts = mode_options(mode, **(options or {}))
-        except (TypeError, ValueError) as e:
-            raise RequestError(str(e)) from None
-        if MODES[mode].needs_mask:
-            try:
-                require_mask(self.model, mode)
-            except ValueError as e:
-                raise RequestError(str(e)) from None
-        try:
-            check_prompts([prompt_ids], self.model.config.vocab_size)
+            options = check_request(self.model.config, [prompt_ids], as_options(mode, self.config.default_options))
         except ValueError as e:
             raise RequestError(str(e)) from None
         if len(prompt_ids) > self.config.max_prompt_tokens:
@@ -110,7 +96,7 @@ class Engine:
             raise RequestError(f"max_tokens {params.max_new_tokens} is above this server's limit "
                                f"{self.config.max_new_tokens}")
         request_id = request_id or f"req-{next(self._ids)}"
-        seq = Sequence(request_id, list(prompt_ids), params.max_new_tokens, mode, opts, params)
+        seq = Sequence(request_id, list(prompt_ids), params.max_new_tokens, options, params)
         self.scheduler.add(seq)
         return seq
 
@@ -148,7 +134,7 @@ class Engine:
         forwards = self.stepper.runner.forwards
         scheduled = self.scheduler.schedule()
         self.stepper.admit([
-            Admission(seq.slot, seq.mode, seq.options, seq.prompt_ids, seq.params,
+            Admission(seq.slot, seq.options, seq.prompt_ids, seq.params,
                       seq.params.generator(self.model.device))
             for seq in scheduled.admitted
         ])
@@ -191,15 +177,14 @@ class Engine:
         self,
         prompts: list[list[int]],
         params: SamplingParams,
-        mode: str | None = None,
-        options: dict[str, Any] | None = None,
+        mode: str | ModeOptions | None = None,
     ) -> list[Sequence]:
         """Run ``prompts`` to completion (queued beyond the slots, batched); the finished sequences in order."""
         seqs = []
         for p in prompts:
             while True:
                 try:
-                    seqs.append(self.add_request(p, params, mode, options))
+                    seqs.append(self.add_request(p, params, mode))
                     break
                 except QueueFull:
                     self.step()

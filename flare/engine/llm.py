@@ -11,12 +11,12 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from flare.data.chat import render_chatml
 from flare.data.template import render_template
 from flare.data.tokenizers import ChatTokenizer
-from flare.decoding import MODES, SamplingParams
+from flare.decoding import OPTIONS, ModeOptions, SamplingParams
+from flare.device import pick_device
 from flare.engine.engine import Engine, EngineConfig, RequestError
 from flare.model import FlareModel
 
@@ -66,6 +66,7 @@ class Completion:
     forwards: int  # forwards the request took part in (prefill included)
     drafted: int = 0
     accepted: int = 0
+    options: ModeOptions | None = None  # the mode as it ran: resolved against the checkpoint
 
     @property
     def tokens_per_forward(self) -> float:
@@ -80,12 +81,14 @@ class LLM:
         self.name = name
 
     @classmethod
-    def from_dir(cls, path: str | Path, *, device: str = "cpu", dtype=None, config: EngineConfig | None = None
-                 ) -> "LLM":
+    def from_dir(cls, path: str | Path, *, device: str | None = None, dtype=None,
+                 config: EngineConfig | None = None) -> "LLM":
+        """Load a checkpoint directory (and its tokenizer.json when present); ``device`` None: CUDA when
+        available, else the CPU (``flare.device.pick_device``)."""
         from flare.checkpoint import load_model
 
         path = Path(path)
-        model = load_model(path, device=device, dtype=dtype)
+        model = load_model(path, device=pick_device(device), dtype=dtype)
         tokenizer = ChatTokenizer.from_dir(path) if (path / "tokenizer.json").exists() else None
         return cls(model, tokenizer, config, name=path.name)
 
@@ -96,7 +99,7 @@ class LLM:
     @property
     def modes(self) -> list[str]:
         """The decoding modes this checkpoint can run (the parallel ones need a FLARE checkpoint)."""
-        return [m for m, spec in MODES.items() if not spec.needs_mask or self.model.config.mask_token_id is not None]
+        return [m for m, cls in OPTIONS.items() if not cls.needs_mask or self.model.config.mask_token_id is not None]
 
     def _need_tokenizer(self) -> ChatTokenizer:
         if self.tokenizer is None:
@@ -139,13 +142,13 @@ class LLM:
         self,
         prompts: list[str | list[int]],
         params: SamplingParams,
-        mode: str | None = None,
-        options: dict[str, Any] | None = None,
+        mode: str | ModeOptions | None = None,
         stop: list[str] | None = None,
         progress: str | None = None,
     ) -> list[Completion]:
-        """Complete every prompt (batched in the engine, queued beyond its slots); results in order.
-        ``progress``: a label for a progress bar over finished prompts."""
+        """Complete every prompt (batched in the engine, queued beyond its slots); results in order. ``mode``:
+        options, their ``mode:key=value`` text, or None for the engine's default. ``progress``: a label for a
+        progress bar over finished prompts."""
         from tqdm.auto import tqdm
 
         engine = self.engine
@@ -157,7 +160,7 @@ class LLM:
         while pending or engine.has_work:
             while pending and engine.num_waiting < engine.config.max_waiting:
                 ids, rid = pending.pop(0)
-                seqs[rid] = engine.add_request(ids, params, mode, options, request_id=rid)
+                seqs[rid] = engine.add_request(ids, params, mode, request_id=rid)
             for out in engine.step():
                 ts = streams[out.request_id]
                 if ts is not None:
@@ -169,7 +172,7 @@ class LLM:
                     reason = "stop" if ts is not None and ts.stopped else out.finish_reason
                     done[out.request_id] = Completion(
                         out.request_id, ts.text if ts is not None else "", list(seq.output_ids), reason,
-                        len(seq.prompt_ids), seq.forwards, seq.drafted, seq.accepted)
+                        len(seq.prompt_ids), seq.forwards, seq.drafted, seq.accepted, seq.options)
                     bar.update()
         bar.close()
         return [done[rid] for rid in seqs]

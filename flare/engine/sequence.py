@@ -19,8 +19,7 @@ class Sequence:
     request_id: str
     prompt_ids: list[int]
     max_new_tokens: int
-    mode: str = "causal"
-    options: Any = None  # the mode's options (a flare.decoding.options dataclass)
+    options: Any = None  # the mode's resolved options (a flare.decoding.ModeOptions; untyped: no torch here)
     params: Any = None  # flare.decoding.SamplingParams (kept untyped: this module imports no torch)
     output_ids: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
@@ -35,6 +34,10 @@ class Sequence:
             raise ValueError(f"request {self.request_id}: the prompt is empty")
         if self.max_new_tokens < 1:
             raise ValueError(f"request {self.request_id}: max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+    @property
+    def mode(self) -> str:
+        return self.options.mode
 
     @property
     def done(self) -> bool:

@@ -12,7 +12,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from flare.decoding import MODES, SamplingParams, mode_options
+from flare.decoding import ModeOptions, SamplingParams
 from flare.engine.llm import LLM
 from flare.eval.tasks import Task
 
@@ -20,7 +20,7 @@ from flare.eval.tasks import Task
 @dataclass
 class ModeResult:
     mode: str
-    options: dict[str, Any]
+    options: dict[str, Any]  # as run: resolved against the checkpoint
     accuracy: float
     tokens_per_forward: float
     tokens_per_s: float
@@ -29,6 +29,11 @@ class ModeResult:
     same_as_causal: float | None = None
     acceptance: float | None = None
     examples: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        """``mode:key=value...`` as ``flare eval --modes`` reads it."""
+        return ":".join([self.mode, *(f"{k}={v}" for k, v in self.options.items())])
 
 
 @dataclass
@@ -47,42 +52,7 @@ class EvalReport:
         return next((r for r in self.results if r.mode == mode), None)
 
 
-def parse_modes(text: str, server: bool = False) -> list[tuple[str | None, dict[str, Any]]]:
-    """``causal,ar_trust,low_confidence:block_size=3``: modes, each with ``:key=value`` options (numbers are
-    read as numbers) or its defaults. Unknown modes and options are errors naming what exists. With ``server``,
-    the entry ``server`` is ``(None, {})``: send no mode and let the server use its default."""
-    entries = [m.strip() for m in text.split(",") if m.strip()]
-    if not entries:
-        raise ValueError("no modes given")
-    out = []
-    for entry in entries:
-        if server and entry == "server":
-            out.append((None, {}))
-            continue
-        mode, *pairs = entry.split(":")
-        if mode not in MODES:
-            raise ValueError(f"unknown decoding modes: {mode!r}; available: {', '.join(MODES)}")
-        options: dict[str, Any] = {}
-        for pair in pairs:
-            key, eq, value = pair.partition("=")
-            if not eq or not key or not value:
-                raise ValueError(f"mode option {pair!r} in {entry!r} is not key=value")
-            options[key] = _number(value)
-        mode_options(mode, **options)  # validated now, with the mode's own message
-        out.append((mode, options))
-    return out
-
-
-def _number(value: str) -> int | float | str:
-    for kind in (int, float):
-        try:
-            return kind(value)
-        except ValueError:
-            pass
-    return value
-
-
-def evaluate(llm: LLM, task: Task, modes: list[tuple[str, dict[str, Any]]], params: SamplingParams,
+def evaluate(llm: LLM, task: Task, modes: list[ModeOptions], params: SamplingParams,
              progress: bool = True) -> EvalReport:
     if llm.tokenizer is None:
         raise ValueError("evaluation needs a model directory with a tokenizer.json")
@@ -90,13 +60,14 @@ def evaluate(llm: LLM, task: Task, modes: list[tuple[str, dict[str, Any]]], para
     report = EvalReport(task.name, llm.name, len(task.items), task.skipped, [])
     causal_ids: list[list[int]] | None = None
     # Causal first, so every other mode can be compared with it.
-    ordered = sorted(modes, key=lambda m: m[0] != "causal")
-    for mode, options in ordered:
-        if MODES[mode].needs_mask and llm.model.config.mask_token_id is None:
-            report.not_run[mode] = "needs a FLARE checkpoint (no mask token): run `flare convert` and train"
+    ordered = sorted(modes, key=lambda m: m.mode != "causal")
+    for options in ordered:
+        mode = options.mode
+        if options.needs_mask and llm.model.config.mask_token_id is None:
+            report.not_run[options.label()] = "needs a FLARE checkpoint (no mask token): run `flare convert` and train"
             continue
         start = time.perf_counter()
-        done = llm.generate(prompts, params, mode, options, progress=f"{mode}" if progress else None)
+        done = llm.generate(prompts, params, options, progress=options.label() if progress else None)
         seconds = time.perf_counter() - start
         scores = [item.scorer(c.text) for item, c in zip(task.items, done)]
         tokens = sum(len(c.token_ids) for c in done)
@@ -106,7 +77,7 @@ def evaluate(llm: LLM, task: Task, modes: list[tuple[str, dict[str, Any]]], para
         if mode == "causal":
             causal_ids = ids
         report.results.append(ModeResult(
-            mode, options, accuracy=sum(scores) / len(scores),
+            mode, done[0].options.given(), accuracy=sum(scores) / len(scores),
             tokens_per_forward=tokens / forwards if forwards else 0.0,
             tokens_per_s=tokens / seconds if seconds > 0 else 0.0, new_tokens=tokens, seconds=seconds,
             same_as_causal=None if causal_ids is None else sum(a == b for a, b in zip(ids, causal_ids)) / len(ids),

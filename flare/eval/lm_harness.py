@@ -5,8 +5,9 @@
 
 (the same arguments as ``lm_eval``; this module registers ``flare`` and hands over to lm-eval's command line).
 ``generate_until`` runs through the batched engine in the chosen mode (other ``model_args`` are that mode's
-options); ``loglikelihood`` scores continuations under the causal rows, i.e. the AR distribution, whatever the
-mode. Needs the ``eval`` extra: ``pip install 'flare-lm[eval]'``.
+options, typed by ``flare.decoding.make_options``); ``loglikelihood`` scores continuations under the causal rows, i.e. the AR distribution, whatever the
+mode. The device is lm-eval's ``--device`` when this machine has it, else the CPU, with a warning (lm-eval
+asks for CUDA unless told otherwise). Needs the ``eval`` extra: ``pip install 'flare-lm[eval]'``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from flare.decoding import MODES, SamplingParams, mode_options
+from flare.decoding import SamplingParams, make_options
 from flare.engine import EngineConfig
 from flare.engine.llm import LLM
 
@@ -26,17 +27,16 @@ from flare.engine.llm import LLM
 @register_model("flare")
 class FlareLM(LM):
     def __init__(self, pretrained: str, mode: str = "causal", max_gen_toks: int = 256, max_num_seqs: int = 16,
-                 device: str = "cpu", dtype: str | None = None, batch_size: Any = None, **options: Any) -> None:
+                 device: str | None = None, dtype: str | None = None, batch_size: Any = None, **options: Any
+                 ) -> None:
         super().__init__()
-        mode_options(mode, **options)  # bad modes and options fail before the model loads
+        self.options = make_options(mode, options)  # bad modes and options fail before the model loads
         self.llm = LLM.from_dir(pretrained, device=device, dtype=getattr(torch, dtype) if dtype else None,
                                 config=EngineConfig(max_num_seqs=int(max_num_seqs)))
-        if MODES[mode].needs_mask and self.llm.model.config.mask_token_id is None:
-            raise ValueError(f"mode {mode!r} needs a FLARE checkpoint (config.json 'flare.mask_token_id')")
         if self.llm.tokenizer is None:
             raise ValueError(f"{pretrained} has no tokenizer.json")
-        self.mode, self.options, self.max_gen_toks = mode, options, int(max_gen_toks)
-        self._device = torch.device(device)
+        self.max_gen_toks = int(max_gen_toks)
+        self._device = self.llm.model.device
 
     # ------------------------------------------------------------------------------------------ generation
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
@@ -55,8 +55,8 @@ class FlareLM(LM):
                 max_new_tokens=int(kwargs.get("max_gen_toks", self.max_gen_toks)),
             )
             prompts = [requests[i].args[0] for i in idx]
-            done = self.llm.generate(prompts, params, self.mode, self.options, stop=until,
-                                     progress=None if disable_tqdm else f"lm-eval {self.mode}")
+            done = self.llm.generate(prompts, params, self.options, stop=until,
+                                     progress=None if disable_tqdm else f"lm-eval {self.options.label()}")
             for i, c in zip(idx, done):
                 out[i] = c.text
         return out  # type: ignore[return-value]

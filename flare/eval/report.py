@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from flare.decoding import mode_label
 from flare.eval.harness import EvalReport
 from flare.eval.throughput import WaveRun
 
@@ -17,7 +16,7 @@ def accuracy_table(report: EvalReport) -> str:
             "accepted/drafted |", "|---|---|---|---|---|---|---|"]
     for r in report.results:
         speedup = r.tokens_per_s / causal.tokens_per_s if causal and causal.tokens_per_s else None
-        rows.append(f"| {mode_label(r.mode, r.options)} | {100 * r.accuracy:.1f}% | {r.tokens_per_forward:.2f} | {r.tokens_per_s:.1f} | "
+        rows.append(f"| {r.label} | {100 * r.accuracy:.1f}% | {r.tokens_per_forward:.2f} | {r.tokens_per_s:.1f} | "
                     f"{_fmt(speedup, '.2f')}{'x' if speedup is not None else ''} | "
                     f"{_fmt(None if r.same_as_causal is None else 100 * r.same_as_causal, '.0f')}"
                     f"{'%' if r.same_as_causal is not None else ''} | {_fmt(r.acceptance)} |")

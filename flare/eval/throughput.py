@@ -16,8 +16,18 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
-from flare.decoding import SamplingParams, mode_label
+from flare.decoding import ModeOptions, SamplingParams, parse_mode
 from flare.engine.llm import LLM
+
+SERVER_DEFAULT = "server"  # a --modes entry that sends no mode: another server, or this one's default
+
+
+def parse_targets(text: str) -> list[ModeOptions | None]:
+    """``flare bench --modes``: ``parse_mode`` entries, and ``server`` (None) for the server's own default."""
+    entries = [e.strip() for e in text.split(",") if e.strip()]
+    if not entries:
+        raise ValueError("no modes given")
+    return [None if e == SERVER_DEFAULT else parse_mode(e) for e in entries]
 
 
 @dataclass
@@ -41,8 +51,7 @@ class WaveRun:
 
 
 class Target(Protocol):
-    def wave(self, questions: list[str], mode: str | None, max_tokens: int,
-             options: dict[str, Any] | None = None) -> list[tuple[int, int | None]]:
+    def wave(self, questions: list[str], mode: ModeOptions | None, max_tokens: int) -> list[tuple[int, int | None]]:
         """Run the questions concurrently; per request (completion tokens, forwards or None)."""
 
 
@@ -52,10 +61,10 @@ class EngineTarget:
     def __init__(self, llm: LLM) -> None:
         self.llm = llm
 
-    def wave(self, questions, mode, max_tokens, options=None):
+    def wave(self, questions, mode, max_tokens):
         prompts = [self.llm.chat_ids([{"role": "user", "content": q}]) for q in questions]
         params = SamplingParams(temperature=0, max_new_tokens=max_tokens, ignore_eos=True)
-        return [(len(c.token_ids), c.forwards) for c in self.llm.generate(prompts, params, mode, options)]
+        return [(len(c.token_ids), c.forwards) for c in self.llm.generate(prompts, params, mode)]
 
 
 class HttpTarget:
@@ -71,13 +80,13 @@ class HttpTarget:
         with urllib.request.urlopen(f"{self.base_url}/models", timeout=30) as r:
             return json.loads(r.read())["data"][0]["id"]
 
-    def chat(self, question: str, mode: str | None, max_tokens: int, ignore_eos: bool = True,
-             options: dict[str, Any] | None = None) -> dict[str, Any]:
+    def chat(self, question: str, mode: ModeOptions | None, max_tokens: int, ignore_eos: bool = True
+             ) -> dict[str, Any]:
         """One greedy chat completion; the server's JSON reply."""
         body: dict[str, Any] = {"model": self.model, "messages": [{"role": "user", "content": question}],
                                 "max_tokens": max_tokens, "temperature": 0, "ignore_eos": ignore_eos}
         if mode is not None:
-            body["flare"] = {"mode": mode, **(options or {})}
+            body["flare"] = mode.to_json()
         req = urllib.request.Request(f"{self.base_url}/chat/completions", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json", "Authorization": "Bearer none"})
         try:
@@ -86,18 +95,19 @@ class HttpTarget:
         except urllib.error.HTTPError as e:
             raise RuntimeError(f"HTTP {e.code}: {e.read()[:300]!r}") from None
 
-    def _one(self, question: str, mode: str | None, max_tokens: int, options=None) -> tuple[int, int | None]:
-        reply = self.chat(question, mode, max_tokens, options=options)
+    def _one(self, question: str, mode: ModeOptions | None, max_tokens: int) -> tuple[int, int | None]:
+        reply = self.chat(question, mode, max_tokens)
         forwards = (reply.get("flare") or {}).get("forwards")
         return reply["usage"]["completion_tokens"], forwards
 
-    def wave(self, questions, mode, max_tokens, options=None):
+    def wave(self, questions, mode, max_tokens):
         with cf.ThreadPoolExecutor(len(questions)) as pool:
-            return list(pool.map(lambda q: self._one(q, mode, max_tokens, options), questions))
+            return list(pool.map(lambda q: self._one(q, mode, max_tokens), questions))
 
 
-def run_waves(target: Target, questions: list[str], mode: str | None, concurrency: int, max_tokens: int,
-              waves: int, warmup: int = 1, options: dict[str, Any] | None = None) -> WaveRun:
+def run_waves(target: Target, questions: list[str], mode: ModeOptions | None, concurrency: int, max_tokens: int,
+              waves: int, warmup: int = 1) -> WaveRun:
+    """``mode`` None sends no mode (the server's default)."""
     if concurrency < 1 or waves < 1 or max_tokens < 1:
         raise ValueError("concurrency, waves and max_tokens must be >= 1")
     if not questions:
@@ -107,12 +117,12 @@ def run_waves(target: Target, questions: list[str], mode: str | None, concurrenc
         return [questions[(i * concurrency + j) % len(questions)] for j in range(concurrency)]
 
     for w in range(warmup):
-        target.wave(batch(w), mode, max_tokens, options)
+        target.wave(batch(w), mode, max_tokens)
     tokens, forwards, lengths, seconds = 0, 0, [], 0.0
     known = True
     for w in range(waves):
         start = time.perf_counter()
-        out = target.wave(batch(warmup + w), mode, max_tokens, options)
+        out = target.wave(batch(warmup + w), mode, max_tokens)
         seconds += time.perf_counter() - start
         for n, f in out:
             tokens += n
@@ -123,5 +133,6 @@ def run_waves(target: Target, questions: list[str], mode: str | None, concurrenc
                 forwards += f
     bad = [n for n in lengths if n != max_tokens]
     problem = f"{len(bad)} completions were not {max_tokens} tokens long (e.g. {bad[0]})" if bad else None
-    return WaveRun(mode_label(mode, options), concurrency, max_tokens, waves, tokens, seconds,
+    label = "server default" if mode is None else mode.label()
+    return WaveRun(label, concurrency, max_tokens, waves, tokens, seconds,
                    tokens / forwards if known and forwards else None, not bad, problem)

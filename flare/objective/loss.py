@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from flare.config import DEFAULT_BLOCK_SIZE
 from flare.data.batch import PackedBatch
 from flare.model import FlareModel
 from flare.model.context import Packed
@@ -27,8 +28,8 @@ class ObjectiveConfig:
     # flare: token-causal clean stream with its AR loss; block_diffusion: block-causal clean stream, no AR loss
     # (the pure block-diffusion ablation); ar: plain AR fine-tuning (the cheap proxy for screening data).
     kind: str = "flare"
-    # The released recipe's internal block of 3 (a logical block of 4 with the shift): AR-Trust with N = 4.
-    block_size: int = 3
+    # Recorded in the trained checkpoint (flare.block_size); decoding modes size their MASK rows from it.
+    block_size: int = DEFAULT_BLOCK_SIZE
     ar_loss_weight: float = 1.0
     complementary: bool = True
     # Compute the clean stream once for both complementary views ([x0; xt1; xt2], 3L rows) instead of doubling

@@ -68,7 +68,7 @@ def warm_up(llm: LLM) -> dict[str, str]:
 
 
 def serve(model_dir: str, *, host: str = "127.0.0.1", port: int = 8000, config: EngineConfig | None = None,
-          device: str = "cpu", dtype=None, graceful_timeout: float = 30.0) -> None:
+          device: str | None = None, dtype=None, graceful_timeout: float = 30.0) -> None:
     try:
         import uvicorn
     except ImportError as e:

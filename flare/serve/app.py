@@ -106,9 +106,9 @@ def create_app(llm: LLM) -> FastAPI:
         if body.stop and llm.tokenizer is None:
             raise APIError(400, "stop strings need a tokenizer; this model has none")
         params = _guard(lambda: body.sampling(min(DEFAULT_MAX_TOKENS[kind], llm.engine.config.max_new_tokens)))
-        mode, options = body.mode()
+        mode = _guard(lambda: body.mode(llm.engine.config.default_options.mode))
         try:
-            rid, queue = await aengine.submit(prompt, params, mode, options)
+            rid, queue = await aengine.submit(prompt, params, mode)
         except RequestError as e:
             raise APIError(400, str(e)) from None
         except QueueFull as e:
@@ -162,7 +162,7 @@ class _Reply:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": n, "total_tokens": self.prompt_tokens + n}
 
     def flare(self, seq) -> dict[str, Any]:
-        return {"mode": seq.mode, "forwards": seq.forwards, "drafted": seq.drafted, "accepted": seq.accepted,
+        return {"mode": seq.mode, "options": seq.options.given(), "forwards": seq.forwards, "drafted": seq.drafted, "accepted": seq.accepted,
                 "tokens_per_forward": len(seq.output_ids) / seq.forwards if seq.forwards else 0.0}
 
     def full(self, text: str, ids: list[int], reason: str, seq) -> dict[str, Any]:

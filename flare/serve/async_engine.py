@@ -15,7 +15,7 @@ import queue as queue_mod
 import threading
 from typing import Any, Callable
 
-from flare.decoding import SamplingParams
+from flare.decoding import ModeOptions, SamplingParams
 from flare.engine import Engine, RequestOutput
 
 log = logging.getLogger("flare.serve")
@@ -50,14 +50,14 @@ class AsyncEngine:
             self._deliver(rid, EngineFailed("the server is shutting down"))
         self.queues.clear()
 
-    async def submit(self, prompt_ids: list[int], params: SamplingParams, mode: str | None,
-                     options: dict[str, Any]) -> tuple[str, asyncio.Queue]:
+    async def submit(self, prompt_ids: list[int], params: SamplingParams, mode: ModeOptions | None
+                     ) -> tuple[str, asyncio.Queue]:
         """Queue a request; raises what the engine raises for it (RequestError, QueueFull)."""
         if self.stopping:
             raise EngineFailed("the server is shutting down")
         loop = asyncio.get_running_loop()
         accepted, outputs = loop.create_future(), asyncio.Queue()
-        self.inbox.put(("add", (prompt_ids, params, mode, options), loop, accepted, outputs))
+        self.inbox.put(("add", (prompt_ids, params, mode), loop, accepted, outputs))
         self.wake.set()
         return await accepted, outputs
 

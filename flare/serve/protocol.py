@@ -2,7 +2,8 @@
 
 Standard fields keep OpenAI's names and defaults; extensions (as vLLM names them) are ``top_k`` and
 ``ignore_eos``; the decoding mode and its options come in a ``flare`` object, e.g.
-``"flare": {"mode": "ar_trust", "gen_block": 4}`` (``block_size`` is accepted for AR-Trust's ``gen_block``).
+``"flare": {"mode": "ar_trust", "gen_block": 4}``, read by ``flare.decoding.mode_from_json`` (no mode: the
+server's default mode, with the options given).
 Fields the server cannot honour (``n`` > 1, logprobs, penalties, ``echo``, ``best_of``) are refused with a
 message rather than silently ignored.
 """
@@ -13,20 +14,7 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator, model_validator
 
-from flare.decoding import SamplingParams
-
-
-class FlareOptions(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    mode: StrictStr | None = None
-
-    def split(self) -> tuple[str | None, dict[str, Any]]:
-        """(mode, options) with ``block_size`` mapped to ``gen_block`` for AR-Trust."""
-        options = dict(self.model_extra or {})
-        if self.mode == "ar_trust" and "block_size" in options and "gen_block" not in options:
-            options["gen_block"] = options.pop("block_size")
-        return self.mode, options
+from flare.decoding import ModeOptions, SamplingParams, mode_from_json
 
 
 class _Common(BaseModel):
@@ -46,7 +34,7 @@ class _Common(BaseModel):
     logprobs: Any = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    flare: FlareOptions | None = None
+    flare: dict[str, Any] | None = None
 
     @field_validator("n")
     @classmethod
@@ -77,8 +65,9 @@ class _Common(BaseModel):
             max_new_tokens=self.max_tokens or default_max_tokens, seed=self.seed, ignore_eos=self.ignore_eos,
         )
 
-    def mode(self) -> tuple[str | None, dict[str, Any]]:
-        return self.flare.split() if self.flare is not None else (None, {})
+    def mode(self, default_mode: str) -> ModeOptions | None:
+        """The decoding mode the ``flare`` field asks for; None (the server's default) without one."""
+        return mode_from_json(self.flare, default_mode) if self.flare is not None else None
 
 
 class CompletionRequest(_Common):

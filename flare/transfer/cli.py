@@ -21,7 +21,7 @@ def add_commands(sub) -> None:
     sc.add_argument("--data", required=True, help="chat JSONL (the training row format)")
     sc.add_argument("--out", required=True, help="per-row scores JSONL; OUT.summary.json and OUT.png beside it")
     sc.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per forward (default: 8192)")
-    sc.add_argument("--device", default="cpu")
+    sc.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     sc.set_defaults(func=_score)
 
     ds = cmds.add_parser("distill", help="the seed model's own answers to prompts, as training rows",
@@ -38,8 +38,8 @@ def add_commands(sub) -> None:
     ds.add_argument("--max-tokens", type=int, default=256)
     ds.add_argument("--seed", type=int, default=0)
     ds.add_argument("--limit", type=int, help="only the first N prompt rows")
-    ds.add_argument("--max-num-seqs", type=int, default=32, help="prompts decoded at once (default: 32)")
-    ds.add_argument("--device", default="cpu")
+    ds.add_argument("--max-num-seqs", type=int, default=32, help="prompts decoded at once (default: %(default)s)")
+    ds.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     ds.set_defaults(func=_distill)
 
     fl = cmds.add_parser("filter", help="keep rows by seed-NLL and length thresholds, with reasons",
@@ -75,9 +75,10 @@ def _write(rows, path: str) -> None:
 def _score(args: argparse.Namespace) -> int:
     from flare.checkpoint import load_model
     from flare.data import ChatTokenizer
+    from flare.device import pick_device
     from flare.transfer.score import score_rows, summarize
 
-    model = load_model(args.model, device=args.device).eval()
+    model = load_model(args.model, device=pick_device(args.device)).eval()
     records = score_rows(model, ChatTokenizer.from_dir(args.model), _rows(args.data),
                          batch_tokens=args.batch_tokens)
     _write(records, args.out)

@@ -167,7 +167,7 @@ def test_transformers_apply_chat_template_agrees(char_dir, char_tok):
 def test_non_chatml_template_is_an_error(char_tok):
     conv = parse_row({"prompt": "p", "response": "r"})
     llama_like = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
-    bad = ChatTokenizer(char_tok.text, llama_like, char_tok.special_tokens)
+    bad = ChatTokenizer(char_tok.backend, llama_like, char_tok.special_tokens)
     with pytest.raises(TemplateError, match="ChatML"):
         render(conv, bad)
     with pytest.raises(TemplateError, match="no <\\|im_end\\|>"):

@@ -9,15 +9,17 @@ import pytest
 from flare.data import MASK_TOKEN, ChatTokenizer, find_mask_slot, save_char_tokenizer
 from flare.data.char_tokenizer import SPECIAL_TOKENS, THINK_TOKENS
 from flare.testing.checkpoints import write_char_tokenizer
-from flare.tokenizer import TextTokenizer
 
 
-def test_char_tokenizer_round_trips_and_loads_with_text_tokenizer(char_dir, char_tok):
+def test_char_tokenizer_round_trips_and_loads_as_a_plain_tokenizer(char_dir, char_tok):
     text = "What is 47+38?\n<think>\n</think>\\boxed{85}"
     ids = char_tok.encode(text)
     assert char_tok.decode(ids) == text
-    plain = TextTokenizer.from_dir(char_dir)
-    assert plain.encode(text) == ids and plain.vocab_size == char_tok.vocab_size
+    from tokenizers import Tokenizer
+
+    plain = Tokenizer.from_file(str(char_dir / "tokenizer.json"))
+    assert plain.encode(text, add_special_tokens=False).ids == ids
+    assert plain.get_vocab_size(with_added_tokens=True) == char_tok.vocab_size
     # Every ChatML and think token is one id, recognised inside running text.
     for tok in SPECIAL_TOKENS + THINK_TOKENS:
         assert char_tok.encode(f"a{tok}b") == [char_tok.token_id("a"), char_tok.token_id(tok), char_tok.token_id("b")]
@@ -54,7 +56,7 @@ def test_mask_slot_uses_a_gap_inside_the_vocabulary(tmp_path):
 
     raw = Tokenizer(models.WordLevel(vocab={"<unk>": 0, "a": 1, "c": 3}, unk_token="<unk>"))
     raw.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    tok = ChatTokenizer(TextTokenizer(raw))
+    tok = ChatTokenizer(raw)
     slot = find_mask_slot(tok, 4)
     assert (slot.token_id, slot.how) == (2, "spare")
 

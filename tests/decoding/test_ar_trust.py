@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import flare
-from flare.decoding import SamplingParams, decode
+from flare.decoding import ArTrustOptions, SamplingParams
+from flare.engine import decode
 from flare.model.context import Rows
 from flare.model import CommitRecord
 from flare.testing.checkpoints import FAMILIES, save_tiny_checkpoint
@@ -26,7 +27,7 @@ def test_greedy_ar_trust_equals_greedy_causal(flare_models, family, gen_block):
     prompts = _prompts([1, 4, 13, 30], seed=gen_block)
     params = SamplingParams(temperature=0, max_new_tokens=18)
     causal = decode(model, prompts, params)
-    trust = decode(model, prompts, params, "ar_trust", gen_block=gen_block)
+    trust = decode(model, prompts, params, ArTrustOptions(gen_block=gen_block))
     assert trust.token_ids == causal.token_ids
     assert trust.drafted > 0 and trust.mode == "ar_trust"
 
@@ -36,12 +37,12 @@ def test_every_policy_is_greedy_at_temperature_zero_and_matches_its_reference(fl
     model = flare_models["qwen3_5"]
     prompts = _prompts([3, 9])
     params = SamplingParams(temperature=0, max_new_tokens=12)
-    out = decode(model, prompts, params, "ar_trust", draft_policy=policy)
+    out = decode(model, prompts, params, ArTrustOptions(draft_policy=policy))
     assert out.token_ids == decode(model, prompts, params).token_ids
     sampled = SamplingParams(temperature=1.0, top_k=20, max_new_tokens=12, seed=3)
-    cached = decode(model, prompts, sampled, "ar_trust", draft_policy=policy)
-    assert cached.token_ids == decode(model, prompts, sampled, "ar_trust", reference=True,
-                                      draft_policy=policy).token_ids
+    cached = decode(model, prompts, sampled, ArTrustOptions(draft_policy=policy))
+    assert cached.token_ids == decode(model, prompts, sampled, ArTrustOptions(draft_policy=policy),
+                                      reference=True).token_ids
 
 
 @pytest.mark.parametrize("family", ["qwen3_5", "llama"])
@@ -65,22 +66,31 @@ def test_commit_of_any_prefix_equals_causal_prefill(flare_models, family, dtype)
             model.hidden_states(torch.cat([prefix[b : b + 1], clean[b : b + 1, : n_accept[b]]], 1), cache=ref)
             n = 7 + int(n_accept[b])
             assert int(cache.lengths[b]) == n
-            for mine, theirs in zip(cache.layers, ref.layers):
-                if hasattr(mine, "k"):
-                    assert (mine.k[b, :n] - theirs.k[0, :n]).abs().max() <= tol
-                    assert (mine.v[b, :n] - theirs.v[0, :n]).abs().max() <= tol
-                else:
-                    assert (mine.conv[b] - theirs.conv[0]).abs().max() <= tol
-                    assert (mine.ssm[b] - theirs.ssm[0]).abs().max() <= tol
-        # And decoding continues from the committed state exactly as from the prefill.
+            _assert_row_caches_equal(cache, b, ref, n, tol)
+        # And decoding continues from the committed state exactly as from the prefill: the next token's hidden
+        # state equals the last one of a causal pass over the whole sequence, and so do the caches it leaves.
         nxt = torch.randint(0, 90, (3, 1))
         after = model.hidden_states(nxt, cache=cache)
+        assert after.shape == (3, 1, model.config.hidden_size)
         for b in range(3):
             ref = model.new_cache(1)
-            model.hidden_states(torch.cat([prefix[b : b + 1], clean[b : b + 1, : n_accept[b]], nxt[b : b + 1]], 1),
-                                cache=ref)
-    # (the last check is covered by equality of every cached tensor above)
-    assert after.shape == (3, 1, model.config.hidden_size)
+            whole = model.hidden_states(
+                torch.cat([prefix[b : b + 1], clean[b : b + 1, : n_accept[b]], nxt[b : b + 1]], 1), cache=ref)
+            n = 7 + int(n_accept[b]) + 1
+            assert whole.shape[1] == n and int(cache.lengths[b]) == n
+            assert (after[b, 0] - whole[0, -1]).abs().max() <= tol
+            _assert_row_caches_equal(cache, b, ref, n, tol)
+
+
+def _assert_row_caches_equal(cache, b: int, ref, n: int, tol: float) -> None:
+    """Row b of ``cache`` holds what the one-row ``ref`` holds: the first n KV slots, conv and recurrent states."""
+    for mine, theirs in zip(cache.layers, ref.layers):
+        if hasattr(mine, "k"):
+            assert (mine.k[b, :n] - theirs.k[0, :n]).abs().max() <= tol
+            assert (mine.v[b, :n] - theirs.v[0, :n]).abs().max() <= tol
+        else:
+            assert (mine.conv[b] - theirs.conv[0]).abs().max() <= tol
+            assert (mine.ssm[b] - theirs.ssm[0]).abs().max() <= tol
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +107,7 @@ def test_sampling_law_is_the_causal_law(tiny_vocab_model, policy):
     model = tiny_vocab_model
     prompt, n = [1, 5, 2], 12_000
     params = SamplingParams(temperature=1.0, top_k=5, max_new_tokens=3, ignore_eos=True, seed=11)
-    out = decode(model, [prompt] * n, params, "ar_trust", gen_block=4, draft_policy=policy)
+    out = decode(model, [prompt] * n, params, ArTrustOptions(gen_block=4, draft_policy=policy))
     assert out.accepted > 0.05 * out.drafted  # drafts pass often enough that acceptance is really exercised
     counts = torch.zeros(8, 8, 8)
     for t in out.token_ids:
@@ -135,8 +145,8 @@ def _causal_law(model, prompt, params):
 def test_bad_options(flare_models, tiny_models):
     model = flare_models["qwen3_5"]
     with pytest.raises(ValueError, match="gen_block"):
-        decode(model, [[1]], SamplingParams(), "ar_trust", gen_block=1)
+        decode(model, [[1]], SamplingParams(), ArTrustOptions(gen_block=1))
     with pytest.raises(ValueError, match="draft_policy"):
-        decode(model, [[1]], SamplingParams(), "ar_trust", draft_policy="greedy")
+        decode(model, [[1]], SamplingParams(), ArTrustOptions(draft_policy="greedy"))
     with pytest.raises(ValueError, match="mask token"):
         decode(tiny_models["qwen3_5"][0], [[1]], SamplingParams(), "ar_trust")

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flare.decoding import SamplingParams, decode
-from flare.decoding.runner import CachedRunner
+from flare.decoding import SamplingParams, make_options
+from flare.engine import decode
+from flare.engine.runner import CachedRunner
 
 MODES = [
     ("diffusion_trust", {}),
@@ -26,8 +27,8 @@ def test_cached_equals_reference(flare_models, family, mode, options):
     prompts = [torch.randint(0, 90, (n,), generator=g).tolist() for n in [2, 11]]
     for params in (SamplingParams(temperature=0, max_new_tokens=10),
                    SamplingParams(temperature=0.8, top_p=0.9, max_new_tokens=10, seed=5)):
-        cached = decode(model, prompts, params, mode, **options)
-        ref = decode(model, prompts, params, mode, reference=True, **options)
+        cached = decode(model, prompts, params, make_options(mode, options))
+        ref = decode(model, prompts, params, make_options(mode, options), reference=True)
         assert cached.token_ids == ref.token_ids
         assert all(len(t) == 10 for t in cached.token_ids)
         assert cached.forwards == ref.forwards
@@ -73,7 +74,7 @@ def test_counters_and_stops(flare_models):
 )
 def test_bad_options(flare_models, mode, options, message):
     with pytest.raises(ValueError, match=message):
-        decode(flare_models["qwen3_5"], [[1]], SamplingParams(), mode, **options)
+        decode(flare_models["qwen3_5"], [[1]], SamplingParams(), make_options(mode, options))
 
 
 @pytest.mark.parametrize("mode", ["diffusion_trust", "low_confidence", "llada"])
@@ -111,12 +112,12 @@ def test_a_decided_prefix_step_reads_the_causal_distribution(flare_models):
     """Seed and next position decided, the last undecided: the logits the step reads for it are the causal
     model's after [prompt, seed, next] (before the rule, they came from an untrained unmasked noisy row)."""
     from flare.decoding.options import DiffusionTrustOptions
-    from flare.decoding.stepper import Admission, Stepper
+    from flare.engine.stepper import Admission, Stepper
 
     model = flare_models["qwen3_5"]
     prompt = [5, 17, 33, 8]
     stepper = Stepper(model, 1, 64)
-    stepper.admit([Admission(0, "diffusion_trust", DiffusionTrustOptions(), prompt,
+    stepper.admit([Admission(0, DiffusionTrustOptions(block_size=3), prompt,
                              SamplingParams(temperature=0, max_new_tokens=8))])
     lane = stepper.owner[0]
     seed, nxt = 40, 41
@@ -137,11 +138,12 @@ def test_a_mode_running_more_mask_rows_than_the_training_block_warns(flare_model
     model = copy.deepcopy(flare_models["llama"])
     model.config.block_size = 3
     params = SamplingParams(temperature=0, max_new_tokens=4)
-    for mode, options, rows in [("low_confidence", {}, 4), ("ar_trust", {"gen_block": 6}, 5),
-                                ("llada", {}, 32)]:
+    for mode, options, rows in [("low_confidence", {"block_size": 4}, 4), ("ar_trust", {"gen_block": 6}, 5),
+                                ("llada", {"block_size": 32}, 32), ("diffusion_trust", {"block_size": 5}, 4)]:
         with pytest.warns(UserWarning, match=f"runs {rows} MASK rows in a row.*noisy blocks of 3"):
-            decode(model, [[3, 4]], params, mode, **options)
+            decode(model, [[3, 4]], params, make_options(mode, options))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        for mode, options in [("diffusion_trust", {}), ("ar_trust", {}), ("low_confidence", {"block_size": 3})]:
-            decode(model, [[3, 4]], params, mode, **options)
+        # Every mode's defaults come from the recorded block, so none of them runs untrained rows.
+        for mode in ("diffusion_trust", "ar_trust", "low_confidence", "llada"):
+            decode(model, [[3, 4]], params, mode)

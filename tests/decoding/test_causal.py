@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flare.decoding import SamplingParams, decode
+from flare.decoding import SamplingParams
+from flare.engine import decode
 from flare.testing.checkpoints import FAMILIES
 
 

@@ -9,7 +9,8 @@ import torch
 
 import flare
 from flare.data import ChatTokenizer
-from flare.decoding import SamplingParams, decode
+from flare.decoding import ArTrustOptions, SamplingParams
+from flare.engine import decode
 from flare.testing.toy import toy_data, toy_flare_checkpoint, toy_train_config
 from flare.train.config import TrainConfig, from_dict
 from flare.train.loop import Trainer
@@ -41,9 +42,9 @@ def test_ar_trust_on_a_trained_model_is_greedy_causal(trained, gen_block):
     causal = decode(model, prompts, params)
     if gen_block - 1 > model.config.block_size:  # more MASK rows than the training block: warned, still exact
         with pytest.warns(UserWarning, match="MASK rows in a row"):
-            trust = decode(model, prompts, params, "ar_trust", gen_block=gen_block)
+            trust = decode(model, prompts, params, ArTrustOptions(gen_block=gen_block))
     else:
-        trust = decode(model, prompts, params, "ar_trust", gen_block=gen_block)
+        trust = decode(model, prompts, params, ArTrustOptions(gen_block=gen_block))
     assert trust.token_ids == causal.token_ids
     # Trained drafts pass, so partial and full acceptances (and their commits) are both exercised; most often
     # for N = 4, whose N-1 = 3 MASK rows are exactly the training block (method §3).

@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from flare.decoding import SamplingParams, decode
-from flare.engine import Engine, EngineConfig, QueueFull, RequestError
+from flare.decoding import SamplingParams, make_options
+from flare.engine import Engine, EngineConfig, QueueFull, RequestError, decode
 
 MIXED = [
     ("causal", {}),
@@ -27,7 +27,7 @@ def _run(engine: Engine, requests):
     """Submit all, step to the end, return each request's streamed tokens and final tokens."""
     seqs, streamed = [], {}
     for prompt, params, mode, options in requests:
-        seqs.append(engine.add_request(prompt, params, mode, options))
+        seqs.append(engine.add_request(prompt, params, make_options(mode, options)))
         streamed[seqs[-1].request_id] = []
     while engine.has_work:
         for out in engine.step():
@@ -49,7 +49,7 @@ def test_a_request_alone_equals_it_inside_a_busy_mixed_batch(flare_models, famil
         alone = _run(Engine(model, EngineConfig(max_num_seqs=2)), [req])[0]
         assert got == alone, req[2:]
         prompt, params, mode, options = req
-        assert got[1] == decode(model, [prompt], params, mode, **options).token_ids[0]
+        assert got[1] == decode(model, [prompt], params, make_options(mode, options)).token_ids[0]
         assert got[0] == got[1]  # the stream is exactly the committed output
 
 
@@ -85,19 +85,19 @@ def test_slots_are_freed_and_queue_limits_hold(flare_models):
     assert again == fresh
 
 
-@pytest.mark.parametrize("prompt, params, mode, options, message", [
-    ([], SamplingParams(), "causal", {}, "empty"),
-    ([1, 500], SamplingParams(), "causal", {}, "outside the vocabulary"),
-    ([1], SamplingParams(), "turbo", {}, "unknown decoding mode"),
-    ([1], SamplingParams(), "ar_trust", {"block_size": 3}, "takes options"),
-    ([1], SamplingParams(), "ar_trust", {"gen_block": 1}, "gen_block"),
-    ([1] * 40, SamplingParams(), "causal", {}, "at most 32"),
-    ([1], SamplingParams(max_new_tokens=99), "causal", {}, "limit 64"),
+@pytest.mark.parametrize("prompt, params, mode, message", [
+    ([], SamplingParams(), "causal", "empty"),
+    ([1, 500], SamplingParams(), "causal", "outside the vocabulary"),
+    ([1], SamplingParams(), "turbo", "unknown decoding mode"),
+    ([1], SamplingParams(), "ar_trust:block_size=3", "takes options"),
+    ([1], SamplingParams(), "ar_trust:gen_block=1", "gen_block"),
+    ([1] * 40, SamplingParams(), "causal", "at most 32"),
+    ([1], SamplingParams(max_new_tokens=99), "causal", "limit 64"),
 ])
-def test_bad_requests_are_refused_clearly(flare_models, prompt, params, mode, options, message):
+def test_bad_requests_are_refused_clearly(flare_models, prompt, params, mode, message):
     engine = Engine(flare_models["qwen3_5"], EngineConfig(max_prompt_tokens=32, max_new_tokens=64))
     with pytest.raises(RequestError, match=message):
-        engine.add_request(prompt, params, mode, options)
+        engine.add_request(prompt, params, mode)
     assert not engine.has_work
 
 
@@ -108,10 +108,19 @@ def test_parallel_modes_need_a_flare_checkpoint(tiny_models):
 
 
 def test_stats_count_tokens_and_forwards(flare_models):
-    engine = Engine(flare_models["llama"])
+    model = flare_models["llama"]
+    engine = Engine(model)
     params = SamplingParams(temperature=0, max_new_tokens=8, ignore_eos=True)
-    engine.generate([[1, 2], [3, 4, 5]], params, "ar_trust")
+    prompts = [[1, 2], [3, 4, 5]]
+    engine.generate(prompts, params, "ar_trust")
     assert engine.stats.tokens == 16 and engine.stats.finished_tokens == 16
-    assert engine.stats.forwards >= 1 and engine.stats.active_forwards >= 2
-    assert engine.stats.drafted >= engine.stats.accepted >= 0
+    # Each request alone, decoded directly: both requests run from the first step, so the engine runs as many
+    # forwards as the longer one needs; each request takes part in as many forwards, and drafts and accepts as
+    # many tokens, as it does alone.
+    alone = [decode(model, [p], params, "ar_trust") for p in prompts]
+    assert engine.stats.forwards == max(a.forwards for a in alone)
+    assert engine.stats.active_forwards == sum(a.forwards for a in alone)
+    assert engine.stats.drafted == sum(a.drafted for a in alone)
+    assert engine.stats.accepted == sum(a.accepted for a in alone)
+    assert 0 < engine.stats.accepted < engine.stats.drafted  # partial acceptance: the counts are exercised
     assert engine.free_slots == 16

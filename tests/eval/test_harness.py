@@ -10,10 +10,10 @@ import sys
 import pytest
 
 from flare.data.tokenizers import ChatTokenizer
-from flare.decoding import SamplingParams
-from flare.engine import EngineConfig
+from flare.decoding import LowConfidenceOptions, SamplingParams, parse_mode, parse_modes
+from flare.engine import EngineConfig, decode
 from flare.engine.llm import LLM
-from flare.eval import EngineTarget, EvalItem, HttpTarget, Task, evaluate, parse_modes, run_waves
+from flare.eval import EngineTarget, EvalItem, HttpTarget, Task, evaluate, parse_targets, run_waves
 from flare.eval.plots import accuracy_plot, throughput_plot
 from flare.eval.report import accuracy_table, throughput_table
 
@@ -32,19 +32,39 @@ def _task(llm, questions):
     return Task("echo", [EvalItem(q, a, lambda r, a=a: float(r == a)) for q, a in zip(questions, answers)]), params
 
 
+def _alone(llm, questions, params, mode):
+    """Each question's chat prompt decoded on its own by ``decode`` (no engine, no batch): per question, the
+    new tokens and the forwards it took, and the drafts proposed and accepted, summed over the questions."""
+    outs = [decode(llm.model, [llm.chat_ids([{"role": "user", "content": q}])], params, mode)
+            for q in questions]
+    return (sum(len(o.token_ids[0]) for o in outs), sum(o.forwards for o in outs), sum(o.drafted for o in outs),
+            sum(o.accepted for o in outs))
+
+
 def test_evaluate_modes(llm, tmp_path):
-    task, params = _task(llm, ["1+2", "30+4", "5+66", "7+8", "9+10", "11+12"])
+    questions = ["1+2", "30+4", "5+66", "7+8", "9+10", "11+12"]
+    task, params = _task(llm, questions)
     report = evaluate(llm, task, parse_modes("ar_trust,causal,diffusion_trust"), params, progress=False)
     assert [r.mode for r in report.results] == ["causal", "ar_trust", "diffusion_trust"]
     causal, trust = report.result("causal"), report.result("ar_trust")
     assert causal.accuracy == 1.0 and causal.tokens_per_forward == 1.0
-    assert trust.accuracy == 1.0 and trust.same_as_causal == 1.0 and trust.acceptance is not None
-    assert trust.new_tokens == causal.new_tokens and trust.tokens_per_forward > 0.5
+    assert trust.accuracy == 1.0 and trust.same_as_causal == 1.0
+    # Token, forward and draft counts are those of decoding each question alone: tokens per forward is the new
+    # tokens over the forwards each request took part in, acceptance is accepted over drafted.
+    for result, mode in ((causal, "causal"), (trust, "ar_trust")):
+        tokens, forwards, drafted, accepted = _alone(llm, questions, params, mode)
+        assert result.new_tokens == tokens and result.tokens_per_forward == tokens / forwards, mode
+    assert drafted > 0 and trust.acceptance == accepted / drafted
     table = accuracy_table(report)
-    assert "| ar_trust | 100.0% |" in table and "speed-up" in table
+    # Each row names the options as they ran: unset ones filled from the checkpoint's training block.
+    assert trust.label == f"ar_trust:gen_block={llm.model.config.trained_block + 1}"
+    assert f"| {trust.label} | 100.0% |" in table and "speed-up" in table
     png = accuracy_plot(report, tmp_path / "acc.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    json.dumps(report.to_dict())
+    as_dict = report.to_dict()
+    assert json.loads(json.dumps(as_dict)) == as_dict  # JSON keeps every value
+    assert [(r["mode"], r["accuracy"], r["tokens_per_forward"], r["new_tokens"]) for r in as_dict["results"]] == [
+        (r.mode, r.accuracy, r.tokens_per_forward, r.new_tokens) for r in report.results]
 
 
 def test_ar_checkpoints_skip_parallel_modes(tiny_models, tiny_dirs):
@@ -53,46 +73,55 @@ def test_ar_checkpoints_skip_parallel_modes(tiny_models, tiny_dirs):
     report = evaluate(llm, task, parse_modes("causal,ar_trust"), SamplingParams(temperature=0, max_new_tokens=4),
                       progress=False)
     assert [r.mode for r in report.results] == ["causal"] and "flare convert" in report.not_run["ar_trust"]
-    with pytest.raises(ValueError, match="unknown decoding modes"):
+    with pytest.raises(ValueError, match="unknown decoding mode 'fast'"):
         parse_modes("causal,fast")
 
 
-def test_parse_modes_with_options():
-    assert parse_modes("causal, low_confidence:block_size=3 ,llada:block_size=8:steps=4") == [
-        ("causal", {}), ("low_confidence", {"block_size": 3}), ("llada", {"block_size": 8, "steps": 4})]
-    assert parse_modes("diffusion_trust:threshold=0.9") == [("diffusion_trust", {"threshold": 0.9})]
-    assert parse_modes("server,causal", server=True) == [(None, {}), ("causal", {})]  # flare bench's entry
-    assert parse_modes("ar_trust:draft_policy=argmax_full_verify") == [
-        ("ar_trust", {"draft_policy": "argmax_full_verify"})]
+def test_bench_targets_are_modes_or_the_server_default():
+    assert parse_targets("server, causal,low_confidence:block_size=3") == [
+        None, parse_mode("causal"), LowConfidenceOptions(block_size=3)]
     for bad, message in [("low_confidence:block_size", "not key=value"), ("low_confidence:=3", "not key=value"),
                          ("low_confidence:size=3", "takes options"), ("low_confidence:block_size=0", "block_size"),
-                         ("", "no modes"), ("server", "unknown decoding modes")]:
+                         ("", "no modes")]:
         with pytest.raises(ValueError, match=message):
-            parse_modes(bad)
+            parse_targets(bad)
+    with pytest.raises(ValueError, match="unknown decoding mode 'server'"):
+        parse_modes("server")  # only flare bench knows the entry
 
 
 def test_waves_in_process_and_over_http(llm, tmp_path):
     from tests.serve.conftest import LiveServer
 
     questions = ["1+1", "2+2", "3+3"]
-    runs = [run_waves(EngineTarget(llm), questions, mode, c, max_tokens=7, waves=2)
+    runs = [run_waves(EngineTarget(llm), questions, parse_mode(mode), c, max_tokens=7, waves=2)
             for mode in ("causal", "ar_trust") for c in (1, 3)]
     assert all(r.valid and r.tokens == r.concurrency * 2 * 7 for r in runs)
-    assert runs[0].tokens_per_forward == 1.0 and runs[2].tokens_per_forward > 0.5
+    # Tokens per forward of the measured waves (warm-up wave 0, then waves 1 and 2; wave i sends questions
+    # i*C .. i*C+C-1, modulo 3) == tokens over forwards when each of those questions is decoded alone.
+    exact = SamplingParams(temperature=0, max_new_tokens=7, ignore_eos=True)
+    for run, mode, c in zip(runs, ("causal", "causal", "ar_trust", "ar_trust"), (1, 3, 1, 3)):
+        sent = [questions[(w * c + j) % 3] for w in (1, 2) for j in range(c)]
+        tokens, forwards, _, _ = _alone(llm, sent, exact, mode)
+        assert tokens == run.tokens and run.tokens_per_forward == tokens / forwards, (mode, c)
+    assert runs[0].tokens_per_forward == 1.0
     live = LiveServer(llm)
     try:
-        http = run_waves(HttpTarget(live.base_url), questions, "ar_trust", 2, max_tokens=5, waves=1)
+        http = run_waves(HttpTarget(live.base_url), questions, parse_mode("ar_trust"), 2, max_tokens=5, waves=1)
         foreign = run_waves(HttpTarget(live.base_url, "tiny"), questions, None, 2, max_tokens=5, waves=1)
-        peer = run_waves(HttpTarget(live.base_url), questions, "low_confidence", 2, max_tokens=5, waves=1,
-                         options={"block_size": 2})
-        with pytest.raises(RuntimeError, match="HTTP 400.*block_size"):  # the options reach the server
-            run_waves(HttpTarget(live.base_url), questions, "low_confidence", 2, max_tokens=5, waves=1,
-                      options={"block_size": 0})
+        peer_mode = LowConfidenceOptions(block_size=2)
+        peer = run_waves(HttpTarget(live.base_url), questions, peer_mode, 2, max_tokens=5, waves=1)
+        reply = HttpTarget(live.base_url).chat(questions[0], peer_mode, 5)  # the options reach the server
+        defaults = HttpTarget(live.base_url).chat(questions[0], parse_mode("low_confidence"), 5)
     finally:
         live.stop()
+    assert reply["flare"]["mode"] == "low_confidence" and reply["flare"]["options"] == {"block_size": 2}
+    assert defaults["flare"]["options"] == {"block_size": llm.model.config.trained_block}  # from the checkpoint
     assert peer.valid and peer.mode == "low_confidence:block_size=2"
     assert "| low_confidence:block_size=2 | 2 |" in throughput_table(runs + [peer])
-    assert http.valid and http.tokens == 10 and http.tokens_per_forward is not None
+    assert http.valid and http.tokens == 10
+    tokens, forwards, _, _ = _alone(llm, [questions[2], questions[0]],  # wave 1 of C=2
+                                    SamplingParams(temperature=0, max_new_tokens=5, ignore_eos=True), "ar_trust")
+    assert http.tokens_per_forward == tokens / forwards  # from the server's own per-request forward counts
     assert foreign.valid and foreign.mode == "server default"
     table = throughput_table(runs + [http])
     assert "vs causal" in table and "| ar_trust | 3 |" in table

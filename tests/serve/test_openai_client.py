@@ -9,9 +9,10 @@ import pytest
 
 openai = pytest.importorskip("openai")
 
-from flare.decoding import SamplingParams, decode  # noqa: E402
+from flare.decoding import SamplingParams, make_options  # noqa: E402
+from flare.engine import decode  # noqa: E402
 
-MODES = [("causal", {}), ("ar_trust", {}), ("ar_trust", {"block_size": 3}), ("diffusion_trust", {}),
+MODES = [("causal", {}), ("ar_trust", {}), ("ar_trust", {"gen_block": 3}), ("diffusion_trust", {}),
          ("low_confidence", {}), ("llada", {"block_size": 8, "steps": 4})]
 
 
@@ -38,13 +39,14 @@ def test_completions_streamed_equals_whole_and_decode(server, client, mode, opti
     assert streamed_ids == choice.model_extra["token_ids"]
     # The same tokens as decoding the prompt directly.
     llm = server.llm
-    opts = dict(options)
-    if mode == "ar_trust" and "block_size" in opts:
-        opts["gen_block"] = opts.pop("block_size")
-    ref = decode(llm.model, [llm.prompt_ids(prompt)], SamplingParams(temperature=0, max_new_tokens=12), mode, **opts)
+    ref = decode(llm.model, [llm.prompt_ids(prompt)], SamplingParams(temperature=0, max_new_tokens=12),
+                 make_options(mode, options))
     assert choice.model_extra["token_ids"] == ref.token_ids[0]
     assert whole.usage.completion_tokens == len(ref.token_ids[0])
+    # The reply says how the request ran: the options given, the rest filled from the checkpoint.
     assert whole.model_extra["flare"]["mode"] == mode
+    assert whole.model_extra["flare"]["options"] == ref.options.given()
+    assert options.items() <= ref.options.given().items()
 
 
 @pytest.mark.parametrize("mode", ["causal", "ar_trust", "diffusion_trust"])
@@ -62,10 +64,22 @@ def test_chat_streamed_equals_whole(client, mode):
     assert whole.choices[0].message.role == "assistant"
 
 
-def test_seeded_sampling_is_reproducible(client):
-    kw = dict(model="tiny", prompt="hello", max_tokens=10, temperature=0.9, seed=3,
-              extra_body={"flare": {"mode": "ar_trust"}})
-    assert client.completions.create(**kw).choices[0].text == client.completions.create(**kw).choices[0].text
+def test_seeded_sampling_is_reproducible_and_the_seed_matters(server, client):
+    # Full-vocabulary sampling at T=1 over 16 tokens (no EOS stop) on the tiny random model: two seeds give the
+    # same tokens with negligible probability, one seed gives the same tokens every time.
+    def sample(seed):
+        r = client.completions.create(model="tiny", prompt="hello", max_tokens=16, temperature=1.0, seed=seed,
+                                      extra_body={"flare": {"mode": "ar_trust"}, "top_k": 0, "ignore_eos": True})
+        return r.choices[0].model_extra["token_ids"], r.choices[0].text
+
+    first, again, other = sample(3), sample(3), sample(4)
+    assert first == again
+    assert len(first[0]) == len(other[0]) == 16 and first[0] != other[0]
+    # And the seed means what it means in the library: the same tokens as decoding the prompt with that seed.
+    llm = server.llm
+    ref = decode(llm.model, [llm.prompt_ids("hello")],
+                 SamplingParams(temperature=1.0, top_k=0, max_new_tokens=16, seed=3, ignore_eos=True), "ar_trust")
+    assert first[0] == ref.token_ids[0]
 
 
 def test_a_request_alone_equals_it_among_concurrent_mixed_ones(server, client):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+
+from flare.decoding.options import ModeOptions
 
 
 @dataclass
 class DecodeResult:
-    mode: str
+    options: ModeOptions  # as run: resolved against the checkpoint
     token_ids: list[list[int]]
     finish_reasons: list[str]
     forwards: int  # model forward calls, prefill included
@@ -15,6 +17,10 @@ class DecodeResult:
     drafted: int = 0
     accepted: int = 0
     kernel_paths: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def mode(self) -> str:
+        return self.options.mode
 
     @property
     def new_tokens(self) -> int:
@@ -26,7 +32,9 @@ class DecodeResult:
         return self.new_tokens / self.active_forwards if self.active_forwards else 0.0
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["tokens_per_forward"] = self.tokens_per_forward
-        d["new_tokens"] = self.new_tokens
-        return d
+        return {
+            "mode": self.mode, "options": self.options.given(), "token_ids": self.token_ids,
+            "finish_reasons": self.finish_reasons, "forwards": self.forwards, "active_forwards": self.active_forwards,
+            "drafted": self.drafted, "accepted": self.accepted, "kernel_paths": self.kernel_paths,
+            "tokens_per_forward": self.tokens_per_forward, "new_tokens": self.new_tokens,
+        }

@@ -10,10 +10,20 @@ from __future__ import annotations
 
 import torch
 
-from flare.decoding.prompts import pad_prompts
 from flare.model import CommitRecord, FlareModel
 from flare.model.context import Rows
 from flare.model.layers import frozen_weights
+
+
+def pad_prompts(prompts: list[list[int]], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids [B, Tmax] right-padded with 0, valid [B, Tmax] bool)."""
+    longest = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), longest, dtype=torch.long)
+    valid = torch.zeros(len(prompts), longest, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        ids[i, : len(p)] = torch.tensor(p, dtype=torch.long)
+        valid[i, : len(p)] = True
+    return ids.to(device), valid.to(device)
 
 
 class CachedRunner:

@@ -15,19 +15,18 @@ import torch
 import torch.nn.functional as F
 
 from flare.decoding.lane import Lane
-from flare.decoding.modes import MODES
+from flare.decoding.modes import LANES
+from flare.decoding.options import ModeOptions
 from flare.decoding.params import SamplingParams
-from flare.decoding.prompts import stop_ids
-from flare.decoding.runner import CachedRunner
 from flare.decoding.slots import SlotBatch
+from flare.engine.runner import CachedRunner
 from flare.model import FlareModel
 
 
 @dataclass
 class Admission:
     slot: int
-    mode: str
-    options: object  # the mode's options dataclass (flare.decoding.options)
+    options: ModeOptions  # checked and resolved (flare.decoding.check_request)
     prompt: list[int]
     params: SamplingParams
     generator: torch.Generator | None = None
@@ -39,14 +38,13 @@ class Stepper:
         self.runner = runner_cls(model, num_slots, capacity)
         self.slots = SlotBatch(num_slots, model.device)
         self.owner: list[Lane | None] = [None] * num_slots
-        self.lanes: dict[tuple[str, str], Lane] = {}
+        self.lanes: dict[ModeOptions, Lane] = {}
 
-    def lane(self, mode: str, options) -> Lane:
-        """The lane that runs ``mode`` with ``options`` (one per distinct pair, created on first use)."""
-        key = (mode, repr(options))
-        if key not in self.lanes:
-            self.lanes[key] = MODES[mode].lane(self.model, self.slots, options)
-        return self.lanes[key]
+    def lane(self, options: ModeOptions) -> Lane:
+        """The lane that runs these (resolved) options: one per distinct options, created on first use."""
+        if options not in self.lanes:
+            self.lanes[options] = LANES[options.mode](self.model, self.slots, options)
+        return self.lanes[options]
 
     @torch.no_grad()
     def admit(self, admissions: list[Admission]) -> None:
@@ -58,8 +56,8 @@ class Stepper:
         for a in admissions:
             if self.owner[a.slot] is not None:
                 raise ValueError(f"slot {a.slot} is taken")
-            lane = self.lane(a.mode, a.options)
-            stops = stop_ids(a.params.stop_token_ids, eos, a.params.ignore_eos)
+            lane = self.lane(a.options)
+            stops = sorted(set(a.params.stop_token_ids) | (set() if a.params.ignore_eos else set(eos)))
             self.slots.admit(a.slot, a.params, stops, a.generator, lane.room)
             self.owner[a.slot] = lane
             groups.setdefault(id(lane), (lane, []))[1].append(a)
