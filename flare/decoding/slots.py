@@ -69,7 +69,7 @@ class SlotBatch:
 
     def mask(self, slots: list[int]) -> torch.Tensor:
         """[S] bool, True at ``slots``."""
-        m = torch.zeros(self.num_slots, dtype=torch.bool)
+        m = torch.zeros(self.num_slots, dtype=torch.bool)  # host: indexed by a host list, then one copy
         m[slots] = True
         return m.to(self.device)
 

@@ -18,10 +18,10 @@ from flare.model.layers import frozen_weights
 def pad_prompts(prompts: list[list[int]], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids [B, Tmax] right-padded with 0, valid [B, Tmax] bool)."""
     longest = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), longest, dtype=torch.long)
-    valid = torch.zeros(len(prompts), longest, dtype=torch.bool)
+    ids = torch.zeros(len(prompts), longest, dtype=torch.long)  # host: filled from host lists, then one copy
+    valid = torch.zeros(len(prompts), longest, dtype=torch.bool)  # host: as ids
     for i, p in enumerate(prompts):
-        ids[i, : len(p)] = torch.tensor(p, dtype=torch.long)
+        ids[i, : len(p)] = torch.tensor(p, dtype=torch.long)  # host: as ids
         valid[i, : len(p)] = True
     return ids.to(device), valid.to(device)
 

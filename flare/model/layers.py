@@ -160,5 +160,6 @@ def _rotary_table(n: int, rotary_dim: int, head_dim: int, theta: float, dtype: t
     full_cos = torch.cat((cos, cos, ones), dim=-1)
     full_sin = torch.cat((-sin, sin, zeros), dim=-1)
     table = torch.stack((cast(full_cos, dtype), cast(full_sin, dtype)), dim=1)[:, :, None, :]
-    perm = torch.cat((torch.arange(half, R), torch.arange(half), torch.arange(R, head_dim))).to(device)
+    perm = torch.cat((torch.arange(half, R, device=device), torch.arange(half, device=device),
+                      torch.arange(R, head_dim, device=device)))
     return table, perm

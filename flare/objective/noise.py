@@ -18,8 +18,8 @@ class NoisyViews:
 
 def antithetic_rates(n: int, generator: torch.Generator | None = None, device="cpu") -> torch.Tensor:
     """n rates in (0, 1), one per stratum: t_j = (u_j + j) / n, shuffled. Lower variance than iid U(0, 1)."""
-    u = torch.rand(n, generator=generator)
-    t = (u + torch.arange(n)) / n
+    u = torch.rand(n, generator=generator)  # host: noise comes from a CPU generator, the same on every device
+    t = (u + torch.arange(n)) / n  # host: as u
     return t[torch.randperm(n, generator=generator)].to(device)
 
 
@@ -47,13 +47,13 @@ def sample_views(
     device = batch.input_ids.device
     if row_seeds is None:
         rates = antithetic_rates(B * nb, generator, device).view(B, nb)
-        draw = torch.rand(B, L, generator=generator).to(device)
+        draw = torch.rand(B, L, generator=generator).to(device)  # host: CPU generator, as in antithetic_rates
     else:
         if len(row_seeds) != B:
             raise ValueError(f"row_seeds has {len(row_seeds)} entries for {B} rows")
         gens = [torch.Generator().manual_seed(int(s)) for s in row_seeds]
         rates = torch.stack([antithetic_rates(nb, g, device) for g in gens])
-        draw = torch.stack([torch.rand(L, generator=g) for g in gens]).to(device)
+        draw = torch.stack([torch.rand(L, generator=g) for g in gens]).to(device)  # host: per-row CPU generators
     per_pos = rates.repeat_interleave(block_size, dim=1)[:, :L]
     first = (draw < per_pos) & batch.loss_mask
     views = [first, batch.loss_mask & ~first] if complementary else [first]

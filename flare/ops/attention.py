@@ -24,10 +24,20 @@ def attention(
     elif mask is not None and not isinstance(mask, torch.Tensor):
         out = _flex()(q, k, v, block_mask=mask, scale=scale, enable_gqa=True)
     else:
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True
-        )
+        out = masked_sdpa(q, k, v, mask, scale, expand_kv=q.is_cuda and mask is not None)
     return out.transpose(1, 2)
+
+
+def masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+                expand_kv: bool) -> torch.Tensor:
+    """SDPA over [B, H, T, D] queries and [B, G, S, D] keys/values. With ``expand_kv`` the G key/value heads are
+    repeated to H first: on CUDA no fused kernel takes both a mask and grouped heads, and the math fallback
+    would materialise every score in fp32, while the memory-efficient kernel takes a mask over full heads."""
+    if expand_kv and k.shape[1] != q.shape[1]:
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
+                                          enable_gqa=k.shape[1] != q.shape[1])
 
 
 @functools.lru_cache(maxsize=1)

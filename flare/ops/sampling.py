@@ -74,7 +74,7 @@ def speculative_verify(
     p_d = p_BNV[:, :M].gather(-1, drafts_BM[..., None])[..., 0]
     if exact:
         q_d = q_BMV.gather(-1, drafts_BM[..., None])[..., 0]
-        u = torch.rand(B, M, generator=generator).to(p_BNV.device)
+        u = torch.rand(B, M, generator=generator, device=p_BNV.device)
         passed = u * q_d < p_d  # u < p/q without dividing by q
     else:
         passed = p_d > 0

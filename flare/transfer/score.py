@@ -46,11 +46,11 @@ def score_rows(model: FlareModel, tokenizer: ChatTokenizer, rows: Iterable[tuple
             j += 1
         batch = docs[i:j]
         T = max(len(d.input_ids) for _, d in batch)
-        ids = torch.zeros(len(batch), T, dtype=torch.long)
-        mask = torch.zeros(len(batch), T, dtype=torch.bool)
+        ids = torch.zeros(len(batch), T, dtype=torch.long)  # host: filled from host lists, then one copy
+        mask = torch.zeros(len(batch), T, dtype=torch.bool)  # host: as ids
         for b, (_, d) in enumerate(batch):
-            ids[b, : len(d.input_ids)] = torch.tensor(d.input_ids)
-            mask[b, : len(d.loss_mask)] = torch.tensor(d.loss_mask)
+            ids[b, : len(d.input_ids)] = torch.tensor(d.input_ids)  # host: as ids
+            mask[b, : len(d.loss_mask)] = torch.tensor(d.loss_mask)  # host: as ids
         ids, mask = ids.to(model.device), mask.to(model.device)
         # Right padding after each row never reaches its own positions (causal), so one forward scores all.
         logits = model(ids)[:, :-1].float()
