@@ -1,4 +1,5 @@
-"""Which torch device a front door runs on: the one asked for when it exists, else the one that does."""
+"""Where and in what precision a front door runs: the device asked for when it exists, else the one that does;
+bf16 where the hardware computes it natively, else the checkpoint's own dtype."""
 
 from __future__ import annotations
 
@@ -18,3 +19,44 @@ def pick_device(requested: str | torch.device | None = None) -> torch.device:
                       "the CPU", stacklevel=2)
         return torch.device("cpu")
     return device
+
+
+def cpu_path() -> str:
+    """The fastest matmul path of this CPU for decoding: ``amx`` (AMX tiles with bf16), ``avx512_bf16``,
+    ``avx512`` or ``avx2`` (no native bf16: bf16 matmuls are emulated and slower than fp32), else ``generic``."""
+    cpu = torch.cpu
+    if _probe(cpu, "_is_amx_tile_supported") and _probe(cpu, "_is_avx512_bf16_supported"):
+        return "amx"
+    for name in ("avx512_bf16", "avx512", "avx2"):
+        if _probe(cpu, f"_is_{name}_supported"):
+            return name
+    return "generic"
+
+
+def _probe(module, name: str) -> bool:
+    fn = getattr(module, name, None)
+    try:
+        return bool(fn()) if fn is not None else False
+    except RuntimeError:
+        return False
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls run in hardware here (CUDA with bf16, or a CPU with AMX or AVX-512-BF16)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and cpu_path() in ("amx", "avx512_bf16")
+
+
+def pick_dtype(device: torch.device, requested: str | torch.dtype | None, stored: torch.dtype) -> torch.dtype:
+    """The dtype to decode in: the one asked for, else bf16 where it is native (``native_bf16``), else the
+    checkpoint's stored dtype. Norms, softmax, recurrent state and attention accumulate in fp32 either way."""
+    if requested is not None:
+        return getattr(torch, requested) if isinstance(requested, str) else requested
+    return torch.bfloat16 if native_bf16(device) else stored
+
+
+def describe(device: torch.device, dtype: torch.dtype) -> str:
+    """``cpu (amx) bfloat16``: what benchmark headers, ``--json`` and ``/metrics`` print."""
+    where = f"cpu ({cpu_path()})" if device.type == "cpu" else str(device)
+    return f"{where} {str(dtype).removeprefix('torch.')}"

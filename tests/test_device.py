@@ -1,0 +1,25 @@
+"""Device and dtype choice of the front doors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flare.device import cpu_path, describe, native_bf16, pick_device, pick_dtype
+
+
+def test_cpu_path_and_dtype_choice_agree():
+    cpu = torch.device("cpu")
+    assert cpu_path() in ("amx", "avx512_bf16", "avx512", "avx2", "generic")
+    assert native_bf16(cpu) == (cpu_path() in ("amx", "avx512_bf16"))
+    assert pick_dtype(cpu, None, torch.float32) == (torch.bfloat16 if native_bf16(cpu) else torch.float32)
+    assert pick_dtype(cpu, "float32", torch.bfloat16) == torch.float32  # asked for wins
+    assert pick_dtype(cpu, torch.float16, torch.float32) == torch.float16
+    assert describe(cpu, torch.bfloat16) == f"cpu ({cpu_path()}) bfloat16"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback of a machine without CUDA")
+def test_a_missing_cuda_device_falls_back_to_the_cpu_and_says_so():
+    assert pick_device(None).type == "cpu" and pick_device("cpu").type == "cpu"
+    with pytest.warns(UserWarning, match="no CUDA device: running on the CPU"):
+        assert pick_device("cuda:0").type == "cpu"
