@@ -32,10 +32,10 @@ def decode(
     stepper.admit([Admission(s, options, p, params, gen) for s, p in enumerate(prompts)])
     while stepper.step():
         pass
-    slots = stepper.slots
-    rows, lengths = slots.out.tolist(), slots.out_len.tolist()
-    tokens, reasons = zip(*(slots.tokens(s, rows[s], lengths[s]) for s in range(B)))
+    tokens, reasons = zip(*(stepper.output(s) for s in range(B)))
+    emitted = stepper.emitted
     return DecodeResult(
-        options, list(tokens), list(reasons), stepper.runner.forwards, int(slots.active_forwards.sum()),
-        drafted=int(slots.drafted.sum()), accepted=int(slots.accepted.sum()), kernel_paths=model.kernel_paths(),
+        options, list(tokens), list(reasons), stepper.runner.forwards, sum(e.forwards for e in emitted),
+        drafted=sum(e.drafted for e in emitted), accepted=sum(e.accepted for e in emitted),
+        kernel_paths=model.kernel_paths(),
     )

@@ -11,7 +11,6 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass, field
-import torch
 
 from flare.decoding import ModeOptions, SamplingParams, as_options, check_request, parse_mode
 from flare.engine.scheduler import QueueFull, Scheduler, SchedulerConfig
@@ -146,23 +145,15 @@ class Engine:
         return outputs
 
     def _collect(self, running: list[Sequence]) -> list[RequestOutput]:
-        slots = self.stepper.slots
-        if not running:
-            return []
-        idx = torch.tensor([seq.slot for seq in running], device=slots.device)
-        n, width = len(running), slots.out.shape[1]
-        # One host read for every running sequence's output buffer and counters.
-        flat = torch.cat([slots.out[idx].flatten(), slots.out_len[idx], slots.active_forwards[idx],
-                          slots.drafted[idx], slots.accepted[idx]]).tolist()
-        rows = [flat[i * width: (i + 1) * width] for i in range(n)]
-        lengths, active, drafted, accepted = (flat[n * width + k * n: n * width + (k + 1) * n] for k in range(4))
+        """What the step committed for each running sequence, from the stepper's host mirrors (its one read)."""
         outputs = []
-        for i, seq in enumerate(running):
-            tokens, reason = slots.tokens(seq.slot, rows[i], lengths[i])
+        for seq in running:
+            tokens, reason = self.stepper.output(seq.slot)
+            e = self.stepper.emitted[seq.slot]
             new = seq.update(tokens, reason)
-            self.stats.drafted += drafted[i] - seq.drafted
-            self.stats.accepted += accepted[i] - seq.accepted
-            seq.forwards, seq.drafted, seq.accepted = active[i], drafted[i], accepted[i]
+            self.stats.drafted += e.drafted - seq.drafted
+            self.stats.accepted += e.accepted - seq.accepted
+            seq.forwards, seq.drafted, seq.accepted = e.forwards, e.drafted, e.accepted
             self.stats.tokens += len(new)
             if reason is not None:
                 self.stepper.release(seq.slot)

@@ -3,8 +3,13 @@
 Each step asks every lane with live slots for its rows, merges them into one batch, and runs ONE forward: a
 plain causal forward when every slot commits all its rows (causal decoding, committing a decided block), else a
 read-only rows forward whose clean rows are recorded and then committed per slot (AR-Trust's accepted prefix,
-nothing for a denoising step). Each lane then reads its slots' logits. One host sync per step refreshes which
-slots are still live and the cache's length bound. ``decode`` and the serving engine both run on this.
+nothing for a denoising step). Each lane then reads its slots' logits.
+
+One host read per step (``sync``) brings back everything the host needs: which slots finished, the cache's
+true length bounds, what lanes asked for, and each slot's newly emitted tokens and counters, kept in host
+mirrors (``Emitted``) that ``decode`` and the engine read without touching the device. An admission's prefill
+does not read at all: its slots are live until the next step's read says otherwise. ``decode`` and the
+serving engine both run on this.
 """
 
 from __future__ import annotations
@@ -24,6 +29,16 @@ from flare.model import FlareModel
 
 
 @dataclass
+class Emitted:
+    """Host mirror of one slot's output buffer and counters, as of the last sync."""
+
+    tokens: list[int]
+    forwards: int = 0
+    drafted: int = 0
+    accepted: int = 0
+
+
+@dataclass
 class Admission:
     slot: int
     options: ModeOptions  # checked and resolved (flare.decoding.check_request)
@@ -39,6 +54,8 @@ class Stepper:
         self.slots = SlotBatch(num_slots, model.device)
         self.owner: list[Lane | None] = [None] * num_slots
         self.lanes: dict[ModeOptions, Lane] = {}
+        self.emitted: list[Emitted] = [Emitted([]) for _ in range(num_slots)]
+        self.host_reads = 0  # syncs so far: one per step
 
     def lane(self, options: ModeOptions) -> Lane:
         """The lane that runs these (resolved) options: one per distinct options, created on first use."""
@@ -74,7 +91,9 @@ class Stepper:
             logits = torch.zeros(self.slots.num_slots, self.model.config.vocab_size, device=self.model.device)
         for lane, group in groups.values():
             lane.prefilled([a.slot for a in group], logits)
-        self.sync()
+        for a in admissions:
+            self.slots.live[a.slot] = True
+            self.emitted[a.slot] = Emitted([])
 
     def release(self, slot: int) -> None:
         """Free a slot (its sequence finished or was aborted); the next admission may take it."""
@@ -106,7 +125,9 @@ class Stepper:
             tokens = torch.where(m[:, None], F.pad(p.tokens, (0, R - p.tokens.shape[1])), tokens)
             clean, noisy = torch.where(m, p.num_clean, clean), torch.where(m, p.num_noisy, noisy)
             live_all += live
-        self.slots.active_forwards += self.slots.mask(live_all).long()
+        # A slot that finished at its prefill (a stop token, or a one-token request) is still stepped until this
+        # step's read notices; it takes no part in the count, and what it emits past the end is cut on the host.
+        self.slots.active_forwards += (self.slots.mask(live_all) & ~self.slots.finished).long()
 
         # Slots are handed out lowest first: the forward covers slots up to the last live one only.
         n = max(live_all) + 1
@@ -126,17 +147,39 @@ class Stepper:
         return True
 
     def sync(self) -> None:
-        """The one host read per step: which slots finished, the cache's true length bounds, and what each lane
-        asked for (``Lane.to_sync``)."""
-        S = self.slots.num_slots
+        """The one host read per step: which slots finished, the cache's true length bounds, what each lane
+        asked for (``Lane.to_sync``), and every slot's tokens emitted since the last read with its counters.
+        New tokens sit in a window of each slot's output buffer that starts at the length last read: a slot
+        emits at most one token at its prefill and ``room`` per step."""
+        slots, S = self.slots, self.slots.num_slots
         extra = [(lane, t) for lane in self.lanes.values() if (t := lane.to_sync()) is not None]
-        values = torch.cat([self.slots.finished.long(), self.runner.extent().to(self.slots.device),
-                            *[t.long() for _, t in extra]]).tolist()
-        finished, longest, shortest = values[:S], values[S], values[S + 1]
+        width = 1 + max((lane.room for lane in self.lanes.values()), default=1)
+        start = torch.tensor([len(e.tokens) for e in self.emitted], device=slots.device)
+        at = (start[:, None] + torch.arange(width, device=slots.device)).clamp(max=slots.out.shape[1] - 1)
+        values = torch.cat([
+            slots.finished.long(), slots.out_len, slots.active_forwards, slots.drafted, slots.accepted,
+            slots.out.gather(1, at).flatten(), self.runner.extent().to(slots.device),
+            *[t.long() for _, t in extra]]).tolist()
+        self.host_reads += 1
+        finished, out_len, forwards, drafted, accepted = (values[k * S:(k + 1) * S] for k in range(5))
+        window, rest = values[5 * S: 5 * S + S * width], values[5 * S + S * width:]
+        longest, shortest = rest[0], rest[1]
         for i, (lane, _) in enumerate(extra):
-            lane.synced(values[S + 2 + i * S: S + 2 + (i + 1) * S])
-        self.slots.live = [self.owner[s] is not None and not finished[s] for s in range(S)]
+            lane.synced(rest[2 + i * S: 2 + (i + 1) * S])
+        for s in range(S):
+            if self.owner[s] is None:
+                continue
+            e = self.emitted[s]
+            e.tokens += window[s * width: s * width + out_len[s] - len(e.tokens)]
+            e.forwards, e.drafted, e.accepted = forwards[s], drafted[s], accepted[s]
+        slots.live = [self.owner[s] is not None and not finished[s] for s in range(S)]
         self.runner.tighten(longest, shortest)
+
+    def output(self, slot: int) -> tuple[list[int], str | None]:
+        """A slot's output as of the last read, cut at its stop token and length limit, and why it ended (None
+        while it has not)."""
+        e = self.emitted[slot]
+        return self.slots.tokens(slot, e.tokens, len(e.tokens))
 
 
 def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:

@@ -67,10 +67,15 @@ class Rows:
     num_noisy: int | torch.Tensor | None = None
 
     def counts(self, batch: int, rows: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(num_clean [B], num_noisy [B]) as tensors, checked against the number of rows."""
+        """(num_clean [B], num_noisy [B]) as tensors. Counts given as ints are checked against the number of rows;
+        tensor counts come from the decoding stepper, which builds them in range, and are not read back (that
+        would be a host sync per forward)."""
         clean = torch.as_tensor(self.num_clean, device=device).expand(batch)
         noisy = rows - clean if self.num_noisy is None else torch.as_tensor(self.num_noisy, device=device).expand(batch)
-        if bool(((clean < 0) | (noisy < 0) | (clean + noisy > rows)).any()):
+        host = [c for c in (self.num_clean, self.num_noisy) if c is not None]
+        if all(isinstance(c, int) for c in host) and not (
+                0 <= self.num_clean and (self.num_noisy is None or 0 <= self.num_noisy <= rows - self.num_clean)
+                and self.num_clean <= rows):
             raise ValueError(f"rows layout needs 0 <= num_clean, num_noisy and num_clean + num_noisy <= {rows}; "
                              f"got num_clean={self.num_clean}, num_noisy={self.num_noisy}")
         return clean, noisy
