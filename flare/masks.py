@@ -75,6 +75,21 @@ def inference_rows(lengths_B: torch.Tensor, num_clean_B: torch.Tensor, num_rows_
     return mask_mod
 
 
+def inference_tree(lengths_B: torch.Tensor, sees_BTT: torch.Tensor, real_BT: torch.Tensor) -> MaskMod:
+    """Rows after a cache arranged as a tree (``flare.model.row_tree``): the forward's row r sits in scratch slot
+    lengths[b] + r; row q sees every committed slot and the rows ``sees[b, q]`` allows (a clean row its clean
+    ancestors, a noisy row its group's clean prefix and its whole group). A padding row sees its own slot."""
+    T = real_BT.shape[1]
+
+    def mask_mod(b, h, q, kv):
+        r = kv - lengths_B[b]
+        rr = r.clamp(0, T - 1)
+        own = (r >= 0) & (r < T) & sees_BTT[b, q, rr]
+        return (r < 0) | own | ((r == q) & ~real_BT[b, q])
+
+    return mask_mod
+
+
 # ----------------------------------------------------------------------------------------------------- training
 def packed_causal(doc_ids_BL: torch.Tensor) -> MaskMod:
     """Causal within each document of a packed row (documents are contiguous runs of one id)."""

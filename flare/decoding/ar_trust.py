@@ -8,6 +8,10 @@ token and the accepted drafts (per-position GDN and conv states, no replay).
 After a rejection (and before the first round) a sequence has no drafts: its next round is a cold start
 ``[pending, MASK x (N-1)]``, which yields one token and fresh drafts. Cold and warm sequences share one batched
 forward: a cold row's block simply starts earlier and ends in padding (per-row ``num_clean``).
+
+With ``redraft="every"`` (our extension, method §3) the round holds a MASK group after ``pending, d_1 .. d_k``
+for every k, each seeded at that clean boundary (``flare.model.row_tree``): whatever is accepted, the next
+round's drafts are conditioned on exactly the committed context, so only the first round is cold.
 """
 
 from __future__ import annotations
@@ -36,6 +40,14 @@ class ArTrustLane(Lane):
         self.drafts = torch.zeros(S, self.M, dtype=torch.long, device=dev)
         self.q: torch.Tensor | None = None  # [S, M, V] proposal laws, built once a slot samples
         self.masks_row = torch.full((S, self.M), self.mask_id, dtype=torch.long, device=dev)
+        self.every = options.redraft == "every"
+        # Groups of M MASK rows: one after all drafts, or (every) one after each prefix pending, d_1 .. d_k.
+        self.groups = self.N if self.every else 1
+        self.group_rows = self.masks_row.repeat(1, self.groups)
+        self.seeds = None
+        if self.every:
+            prefix = torch.arange(1, self.N + 1, device=dev).repeat_interleave(self.M)
+            self.seeds = torch.cat([torch.zeros(self.N, dtype=torch.long, device=dev), prefix]).expand(S, -1)
 
     def admit(self, slots: list[int], prompts: list[list[int]]) -> list[list[int]]:
         """Commit all but the last prompt token: that one is the first pending token."""
@@ -47,8 +59,12 @@ class ArTrustLane(Lane):
 
     def plan(self, live: list[int]) -> Plan:
         middle = torch.where(self.cold[:, None], self.masks_row, self.drafts)
-        rows = torch.cat([self.pending[:, None], middle, self.masks_row], dim=1)  # [S, 2N-1]; cold rows end in padding
+        rows = torch.cat([self.pending[:, None], middle, self.group_rows], dim=1)  # cold rows end in padding
         mask = self.slots.mask(live)
+        if self.every:
+            # A cold round's drafts are placeholders: its verdict is "none accepted", read from group 0.
+            return Plan(rows, self.counts(mask, self.N), self.counts(mask, self.groups * self.M),
+                        commits_all=False, seeds=self.seeds)
         n_clean = torch.where(self.cold, 1, self.N)
         return Plan(rows, self.counts(mask, n_clean), self.counts(mask, self.M), commits_all=False)
 
@@ -89,9 +105,12 @@ class ArTrustLane(Lane):
             nxt = torch.where(cold, first, nxt)
         n_commit = self.counts(mask, accepted + 1)
 
-        # The MASK rows follow the clean rows: they draft the tokens after next (shifted logits).
-        n_clean = torch.where(cold, 1, N)
-        at = n_clean[:, None] + torch.arange(M, device=s.device)
+        # The MASK rows draft the tokens after next (shifted logits): the group after all clean rows, or (every)
+        # the group seeded after the accepted prefix.
+        if self.every:
+            at = N + accepted[:, None] * M + torch.arange(M, device=s.device)
+        else:
+            at = torch.where(cold, 1, N)[:, None] + torch.arange(M, device=s.device)
         draft_logits = logits.gather(1, at[:, :, None].expand(S, M, V))
         if greedy:
             d_new, q_new = draft_logits.argmax(-1), None
@@ -108,8 +127,9 @@ class ArTrustLane(Lane):
         s.accepted += self.counts(mask, accepted)
 
         # The MASK rows' drafts are valid for the next round after a cold round or a full acceptance (they
-        # assumed exactly the context that was committed); a rejection sends the row to a cold round.
-        self.cold = torch.where(mask, ~cold & (accepted < M), cold)
+        # assumed exactly the context that was committed); a rejection sends the row to a cold round, unless
+        # every acceptance point had its own group.
+        self.cold = torch.where(mask, torch.zeros_like(cold) if self.every else ~cold & (accepted < M), cold)
         self.drafts = torch.where(mask[:, None], d_new, self.drafts)
         if q_new is not None:
             self.q = torch.where(mask[:, None, None], q_new, self.q)

@@ -29,6 +29,9 @@ class Plan:
     commits_all: bool
     # The clean-row count of every live slot when they all have the same one (host side), else None.
     same_clean: int | None = None
+    # [S, R]: for each noisy row, the clean prefix its group is seeded after (flare.model.row_tree); None: one
+    # group after all clean rows.
+    seeds: torch.Tensor | None = None
 
 
 class Lane:

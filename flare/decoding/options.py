@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
 
 DRAFT_POLICIES = ("exact_truncated", "argmax_full_verify", "argmax_truncated")
+REDRAFTS = ("last", "every")
 
 
 def _opt(default: Any, help: str) -> Any:
@@ -72,12 +73,17 @@ class ArTrustOptions(ModeOptions):
     draft_policy: str = _opt("exact_truncated", "ar_trust: exact_truncated (drafts from the target's filtered "
                                                 "law, exact), argmax_full_verify (exact), argmax_truncated "
                                                 "(approximate, faster)")
+    redraft: str = _opt("last", "ar_trust: where the next round's drafts come from: last (one MASK group after "
+                                "all drafts; a rejection leaves the next round cold, 1 token) or every (a MASK "
+                                "group after each acceptance point, N groups: no cold rounds)")
 
     def __post_init__(self) -> None:
         if self.gen_block is not None and self.gen_block < 2:
             raise ValueError(f"gen_block (N) must be >= 2, got {self.gen_block}")
         if self.draft_policy not in DRAFT_POLICIES:
             raise ValueError(f"draft_policy must be one of {DRAFT_POLICIES}, got {self.draft_policy!r}")
+        if self.redraft not in REDRAFTS:
+            raise ValueError(f"redraft must be one of {REDRAFTS}, got {self.redraft!r}")
 
     def resolve(self, trained_block: int) -> "ArTrustOptions":
         return self if self.gen_block is not None else dataclasses.replace(self, gen_block=trained_block + 1)

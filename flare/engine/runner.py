@@ -73,12 +73,14 @@ class CachedRunner:
         self.forwards += 1
         return self.model.logits(hidden)
 
-    def rows(self, tokens: torch.Tensor, num_clean, num_noisy=None, record: bool = False) -> torch.Tensor:
+    def rows(self, tokens: torch.Tensor, num_clean, num_noisy=None, record: bool = False,
+             seeds: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [S, R, V] of rows [clean x num_clean ; noisy x num_noisy ; padding] after the committed tokens
-        (counts: ints or [S] tensors); commits nothing."""
+        (counts: ints or [S] tensors; ``seeds``: noisy groups, see ``flare.model.context.Rows``); commits
+        nothing."""
         self.record = CommitRecord.empty() if record else None
         hidden = self._run(tokens.shape[0], tokens.shape[1], lambda cache: self.model.hidden_states(
-            tokens, cache=cache, layout=Rows(num_clean, num_noisy), record=self.record))
+            tokens, cache=cache, layout=Rows(num_clean, num_noisy, seeds), record=self.record))
         self.forwards += 1
         return self.model.logits(hidden)
 
@@ -139,7 +141,8 @@ class ReferenceRunner:
                 out[s, :n] = self._forward(s, [], 0)[-n:]
         return out
 
-    def rows(self, tokens: torch.Tensor, num_clean, num_noisy=None, record: bool = False) -> torch.Tensor:
+    def rows(self, tokens: torch.Tensor, num_clean, num_noisy=None, record: bool = False,
+             seeds: torch.Tensor | None = None) -> torch.Tensor:
         self.pending = tokens
         self.forwards += 1
         S, R = tokens.shape
@@ -147,9 +150,24 @@ class ReferenceRunner:
         noisy = [R - c for c in clean] if num_noisy is None else torch.as_tensor(num_noisy).expand(S).tolist()
         out = self._zeros(S, R)
         for s in range(S):
-            n = clean[s] + noisy[s]
-            if n:
-                out[s, :n] = self._forward(s, tokens[s, :n].tolist(), clean[s])[-n:]
+            n, c = clean[s] + noisy[s], clean[s]
+            if not n:
+                continue
+            if seeds is None:
+                out[s, :n] = self._forward(s, tokens[s, :n].tolist(), c)[-n:]
+                continue
+            # Each noisy group on its own: the committed tokens, its clean prefix, then the group.
+            row, seed = tokens[s].tolist(), seeds[s].tolist()
+            if c:
+                out[s, :c] = self._forward(s, row[:c], c)[-c:]
+            start = c
+            while start < n:
+                end = start
+                while end < n and seed[end] == seed[start]:
+                    end += 1
+                p = seed[start]
+                out[s, start:end] = self._forward(s, row[:p] + row[start:end], p)[-(end - start):]
+                start = end
         return out
 
     def commit_recorded(self, n_accept: torch.Tensor) -> None:

@@ -119,11 +119,18 @@ class Stepper:
         first = plans[0][2]
         tokens = torch.zeros(S, R, dtype=torch.long, device=first.tokens.device)
         clean, noisy = torch.zeros_like(first.num_clean), torch.zeros_like(first.num_noisy)
+        grouped = any(p.seeds is not None for _, _, p in plans)
+        seeds = torch.zeros(S, R, dtype=torch.long, device=tokens.device) if grouped else None
         live_all: list[int] = []
         for _, live, p in plans:
             m = self.slots.mask(live)
             tokens = torch.where(m[:, None], F.pad(p.tokens, (0, R - p.tokens.shape[1])), tokens)
             clean, noisy = torch.where(m, p.num_clean, clean), torch.where(m, p.num_noisy, noisy)
+            if grouped:
+                # A lane without groups seeds its one noisy group after all of its clean rows.
+                own = p.num_clean[:, None].expand(S, R) if p.seeds is None else F.pad(
+                    p.seeds, (0, R - p.seeds.shape[1]))
+                seeds = torch.where(m[:, None], own, seeds)
             live_all += live
         # A slot that finished at its prefill (a stop token, or a one-token request) is still stepped until this
         # step's read notices; it takes no part in the count, and what it emits past the end is cut on the host.
@@ -136,7 +143,8 @@ class Stepper:
             uniform = len(live_all) == S and all(p.same_clean == R for _, _, p in plans)
             logits = self.runner.append(tokens[:n], None if uniform else clean[:n])
         else:
-            logits = self.runner.rows(tokens[:n], clean[:n], noisy[:n], record=True)
+            logits = self.runner.rows(tokens[:n], clean[:n], noisy[:n], record=True,
+                                      seeds=None if seeds is None else seeds[:n])
         logits = _pad_rows(logits, S)
         n_commit = torch.zeros_like(clean)
         for lane, live, _ in plans:

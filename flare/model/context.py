@@ -18,6 +18,7 @@ import torch
 from flare import masks
 from flare.model.cache import CommitRecord, ModelCache
 from flare.model.layers import Rotary, rotary
+from flare.model.row_tree import RowTree
 from flare.model.segments import Segments
 
 
@@ -61,10 +62,13 @@ class TwoStream:
 @dataclass(frozen=True)
 class Rows:
     """Rows [clean x num_clean ; noisy x num_noisy ; padding] after a cache. Either count may differ per
-    sequence (a [B] tensor); ``num_noisy`` defaults to all rows after the clean ones."""
+    sequence (a [B] tensor); ``num_noisy`` defaults to all rows after the clean ones. ``seeds`` [B, T] splits
+    the noisy rows into groups, each seeded after its own clean prefix (``flare.model.row_tree``); without it
+    they form one group after all clean rows."""
 
     num_clean: int | torch.Tensor
     num_noisy: int | torch.Tensor | None = None
+    seeds: torch.Tensor | None = None
 
     def counts(self, batch: int, rows: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(num_clean [B], num_noisy [B]) as tensors. Counts given as ints are checked against the number of rows;
@@ -98,6 +102,7 @@ class ForwardContext:
     layout: Layout = None
     record: CommitRecord | None = None  # rows mode: keep what the clean rows would commit
     row_counts: tuple[torch.Tensor, torch.Tensor] | None = None  # rows mode: (num_clean, num_noisy) per sequence
+    tree: RowTree | None = None  # rows mode with seeded groups
 
     @classmethod
     def build(
@@ -155,14 +160,21 @@ class ForwardContext:
                 raise ValueError("inference rows read a cache: pass one")
             clean, noisy = layout.counts(B, T, device)
             cache.reserve(T)
-            positions = _cache_positions(cache, T)
-            rule = masks.inference_rows(cache.lengths, clean, clean + noisy)
+            slots = _cache_positions(cache, T)  # each row's scratch KV slot
+            tree = None
+            if layout.seeds is None:
+                positions = slots
+                rule = masks.inference_rows(cache.lengths, clean, clean + noisy)
+            else:
+                tree = RowTree.build(clean, noisy, layout.seeds)
+                positions = cache.lengths[:, None] + tree.depth  # a group row sits after its own prefix
+                rule = masks.inference_tree(cache.lengths, tree.sees(), tree.real)
             mask = masks.materialize(rule, B, T, cache.bound + T, device)
             rot = rope(positions, cache.bound + T)
             if record is not None:
                 record.rows = T
-            return cls("rows", rot, mask, cache=cache, write_pos=positions, layout=layout,
-                       record=record, row_counts=(clean, noisy))
+            return cls("rows", rot, mask, cache=cache, write_pos=slots, layout=layout,
+                       record=record, row_counts=(clean, noisy), tree=tree)
 
         if layout is not None:
             raise TypeError(f"unknown layout {layout!r}")

@@ -19,7 +19,7 @@ from flare.config import ModelConfig
 from flare.model.cache import RecurrentState
 from flare.model.context import ForwardContext
 from flare.model.layers import GatedRMSNorm, derived, normalize_last
-from flare.ops.conv import causal_conv1d
+from flare.ops.conv import causal_conv1d, tree_conv1d
 from flare.ops.gated_delta import gated_delta, gated_delta_rows, gated_delta_two_stream, read_state
 from flare.ops.precision import accum_dtype, cast
 
@@ -110,14 +110,24 @@ class GatedDeltaNet(nn.Module):
         idx = torch.arange(T, device=x.device)
         is_clean = idx < clean_n[:, None]
         qkv, z, b, a = self.in_proj(x).split(self.split, dim=-1)
-        mixed, _ = self._conv(qkv, state.conv)
+        tree = ctx.tree
+        if tree is None:
+            mixed, _ = self._conv(qkv, state.conv)
+        else:
+            mixed = F.silu(tree_conv1d(qkv, self.conv1d.weight[:, 0, :], state.conv, tree.parent))
         q, k, v = self._qkv(mixed)
         g, beta = self._gates(b, a, idx < (clean_n + noisy_n)[:, None])
-        scan = gated_delta_rows(q, k, v, g, beta, state.ssm, self.dk**-0.5)
+        if tree is not None:
+            # Each noisy group continues from the state after its own clean prefix and reads its end state.
+            scan = gated_delta_rows(q, k, v, g, beta, state.ssm, self.dk**-0.5, path=tree.path, reads=tree.reads)
+            o = scan.o
+        else:
+            scan = gated_delta_rows(q, k, v, g, beta, state.ssm, self.dk**-0.5)
+            o = scan.o
+            if not _no_noisy_rows(ctx.layout, T):
+                o = torch.where(is_clean[..., None, None], o,
+                                read_state(q, scan.final_state, self.dk**-0.5).to(o.dtype))
         self.last_path = "rows"
-        o = scan.o
-        if not _no_noisy_rows(ctx.layout, T):
-            o = torch.where(is_clean[..., None, None], o, read_state(q, scan.final_state, self.dk**-0.5).to(o.dtype))
         if ctx.record is not None:
             ctx.record.gdn[self.layer_idx] = (scan, qkv)
         return self._out(o, z, x.dtype)

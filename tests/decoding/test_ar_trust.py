@@ -22,27 +22,43 @@ def _prompts(lengths, seed=0):
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("gen_block", [2, 4, 6])
-def test_greedy_ar_trust_equals_greedy_causal(flare_models, family, gen_block):
+@pytest.mark.parametrize("redraft", ["last", "every"])
+def test_greedy_ar_trust_equals_greedy_causal(flare_models, family, gen_block, redraft):
     model = flare_models[family]
     prompts = _prompts([1, 4, 13, 30], seed=gen_block)
     params = SamplingParams(temperature=0, max_new_tokens=18)
     causal = decode(model, prompts, params)
-    trust = decode(model, prompts, params, ArTrustOptions(gen_block=gen_block))
+    trust = decode(model, prompts, params, ArTrustOptions(gen_block=gen_block, redraft=redraft))
     assert trust.token_ids == causal.token_ids
     assert trust.drafted > 0 and trust.mode == "ar_trust"
 
 
+def test_redrafting_from_every_acceptance_point_leaves_no_cold_round(flare_models):
+    """A random model rejects almost every draft: with redraft=last every round after a rejection is cold (no
+    drafts to verify); with every, each round after the first verifies N-1 drafts."""
+    model, N = flare_models["llama"], 4
+    params = SamplingParams(temperature=0, max_new_tokens=16, ignore_eos=True)
+    for redraft in ("last", "every"):
+        out = decode(model, [[3, 1, 4]], params, ArTrustOptions(gen_block=N, redraft=redraft))
+        rounds = out.forwards - 1  # after the prefill
+        if redraft == "every":
+            assert out.drafted == (N - 1) * (rounds - 1)
+        else:
+            assert out.drafted < (N - 1) * (rounds - 1)
+
+
 @pytest.mark.parametrize("policy", ["exact_truncated", "argmax_full_verify", "argmax_truncated"])
-def test_every_policy_is_greedy_at_temperature_zero_and_matches_its_reference(flare_models, policy):
+@pytest.mark.parametrize("redraft", ["last", "every"])
+def test_every_policy_is_greedy_at_temperature_zero_and_matches_its_reference(flare_models, policy, redraft):
     model = flare_models["qwen3_5"]
     prompts = _prompts([3, 9])
     params = SamplingParams(temperature=0, max_new_tokens=12)
-    out = decode(model, prompts, params, ArTrustOptions(draft_policy=policy))
+    options = ArTrustOptions(draft_policy=policy, redraft=redraft)
+    out = decode(model, prompts, params, options)
     assert out.token_ids == decode(model, prompts, params).token_ids
     sampled = SamplingParams(temperature=1.0, top_k=20, max_new_tokens=12, seed=3)
-    cached = decode(model, prompts, sampled, ArTrustOptions(draft_policy=policy))
-    assert cached.token_ids == decode(model, prompts, sampled, ArTrustOptions(draft_policy=policy),
-                                      reference=True).token_ids
+    cached = decode(model, prompts, sampled, options)
+    assert cached.token_ids == decode(model, prompts, sampled, options, reference=True).token_ids
 
 
 @pytest.mark.parametrize("family", ["qwen3_5", "llama"])
@@ -101,13 +117,14 @@ def tiny_vocab_model(tmp_path_factory):
     return model
 
 
-@pytest.mark.parametrize("policy", ["exact_truncated", "argmax_full_verify"])
-def test_sampling_law_is_the_causal_law(tiny_vocab_model, policy):
+@pytest.mark.parametrize("policy, redraft", [("exact_truncated", "last"), ("argmax_full_verify", "last"),
+                                             ("exact_truncated", "every")])
+def test_sampling_law_is_the_causal_law(tiny_vocab_model, policy, redraft):
     """Chi-square of the first three sampled tokens against the exact causal law, at a fixed seed."""
     model = tiny_vocab_model
     prompt, n = [1, 5, 2], 12_000
     params = SamplingParams(temperature=1.0, top_k=5, max_new_tokens=3, ignore_eos=True, seed=11)
-    out = decode(model, [prompt] * n, params, ArTrustOptions(gen_block=4, draft_policy=policy))
+    out = decode(model, [prompt] * n, params, ArTrustOptions(gen_block=4, draft_policy=policy, redraft=redraft))
     assert out.accepted > 0.05 * out.drafted  # drafts pass often enough that acceptance is really exercised
     counts = torch.zeros(8, 8, 8)
     for t in out.token_ids:
@@ -148,5 +165,7 @@ def test_bad_options(flare_models, tiny_models):
         decode(model, [[1]], SamplingParams(), ArTrustOptions(gen_block=1))
     with pytest.raises(ValueError, match="draft_policy"):
         decode(model, [[1]], SamplingParams(), ArTrustOptions(draft_policy="greedy"))
+    with pytest.raises(ValueError, match="redraft"):
+        ArTrustOptions(redraft="sometimes")
     with pytest.raises(ValueError, match="mask token"):
         decode(tiny_models["qwen3_5"][0], [[1]], SamplingParams(), "ar_trust")

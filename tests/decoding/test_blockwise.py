@@ -15,6 +15,7 @@ MODES = [
     ("low_confidence", {}),
     ("llada", {"block_size": 8, "steps": 4}),
     ("ar_trust", {"gen_block": 3}),
+    ("ar_trust", {"gen_block": 3, "redraft": "every"}),
     ("causal", {}),
 ]
 

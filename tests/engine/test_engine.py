@@ -13,6 +13,7 @@ MIXED = [
     ("causal", {}),
     ("ar_trust", {}),
     ("ar_trust", {"gen_block": 3}),
+    ("ar_trust", {"redraft": "every"}),
     ("diffusion_trust", {}),
     ("low_confidence", {}),
     ("llada", {"block_size": 8, "steps": 4}),

@@ -49,3 +49,46 @@ def test_padding_rows_leave_the_state_alone_and_fp32_is_close():
     torch.testing.assert_close(scan.final_state[:1], final, rtol=1e-5, atol=1e-5)
     assert scan.o.dtype == torch.float32 and scan.final_state.dtype == torch.float32
     torch.testing.assert_close(scan.state_after(torch.tensor([6, 6]))[:1], final, rtol=1e-5, atol=1e-5)
+
+
+def _tree(clean: int, prefixes: list[int], m: int) -> tuple[list[int], list[int]]:
+    """Parents and read rows of [clean chain ; one group of m rows after each clean prefix]."""
+    parent = [r - 1 for r in range(clean)]
+    reads = list(range(clean))
+    for p in prefixes:
+        start = len(parent)
+        parent += [p - 1] + [start + i for i in range(m - 1)]
+        reads += [start + m - 1] * m
+    return parent, reads
+
+
+def _path(parent: list[int], r: int) -> list[int]:
+    out = []
+    while r >= 0:
+        out.append(r)
+        r = parent[r]
+    return out[::-1]
+
+
+@pytest.mark.parametrize("clean, prefixes, m", [(4, [1, 2, 3, 4], 3), (1, [1], 3), (3, [0, 3, 2], 2), (2, [2], 1)])
+def test_a_tree_of_rows_matches_the_rule_along_each_path(clean, prefixes, m):
+    """Noisy groups seeded after different clean prefixes (AR-Trust drafting from every acceptance point): each
+    row's output is q_i read from the state at the end of its group, run along its own path only."""
+    parent, reads = _tree(clean, prefixes, m)
+    T, B, H, dk, dv = len(parent), 2, 2, 8, 5
+    q, k, v, g, beta, s0 = _inputs(B, T, 1, H, dk, dv, seed=T)
+    path = torch.zeros(B, T, T, dtype=torch.bool)
+    for r in range(T):
+        path[:, r, _path(parent, r)] = True
+    scan = gated_delta_rows(q, k, v, g, beta, s0, dk**-0.5, path=path, reads=torch.tensor([reads] * B))
+    for r in range(T):
+        rows = _path(parent, reads[r])
+        _, state, _ = gated_delta_naive(q[:, rows], k[:, rows], v[:, rows], g[:, rows], beta[:, rows], s0,
+                                        return_all_states=True)
+        want = dk**-0.5 * torch.einsum("bhk,bhkv->bhv", q[:, r].expand(B, H, dk), state)
+        torch.testing.assert_close(scan.o[:, r], want, rtol=1e-10, atol=1e-10)
+    # The clean chain's prefix states (what a commit reads) are those of the chain alone.
+    _, _, states = gated_delta_naive(q[:, :clean], k[:, :clean], v[:, :clean], g[:, :clean], beta[:, :clean], s0,
+                                     return_all_states=True)
+    for n in range(1, clean + 1):
+        torch.testing.assert_close(scan.state_after(torch.full((B,), n)), states[:, n - 1], rtol=1e-10, atol=1e-10)

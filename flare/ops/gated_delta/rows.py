@@ -10,6 +10,12 @@ dozen small ops per row; here the whole run is one chunk of the WY form (see ``c
 
 so the outputs, the final state and every prefix state come from a few batched matmuls, and keeping the deltas
 U makes a later commit of any prefix one more product (no per-row states are stored).
+
+Rows may also form a tree (``path``): each row continues the recurrence of its ancestors only, e.g. several
+noisy groups each seeded after a different clean prefix (AR-Trust drafting from every acceptance point). The
+same equations hold with sums over ancestors instead of earlier rows and G_i summed along the row's path; since
+ancestors come first, (I + A) stays unit lower triangular. ``reads`` lets a row read the state at another row
+of its path (a noisy row reads its group's end state): o_i = scale q_i^T S_{reads(i)}.
 """
 
 from __future__ import annotations
@@ -49,9 +55,15 @@ def gated_delta_rows(
     beta: torch.Tensor,
     initial_state: torch.Tensor | None,
     scale: float,
+    path: torch.Tensor | None = None,
+    reads: torch.Tensor | None = None,
 ) -> RowsScan:
     """q, k ``[B, T, Hk, Dk]`` (H % Hk == 0), v ``[B, T, H, Dv]``, g, beta ``[B, T, H]``; rows with g = 0 and
-    beta = 0 (padding) leave the state as it is. All math in the accumulation dtype."""
+    beta = 0 (padding) leave the state as it is. All math in the accumulation dtype.
+
+    ``path`` [B, T, T] bool: path[b, i, j] when row j is row i or one of its ancestors (None: a chain, row j
+    <= i). ``reads`` [B, T] long: the row whose state row i reads, on i's path and at or after i (None: i).
+    ``final_state`` is the state after the last row of the chain; with a tree, read states through ``reads``."""
     B, T, H, Dv = v.shape
     Dk = q.shape[-1]
     acc = accum_dtype(v.dtype)
@@ -60,15 +72,26 @@ def gated_delta_rows(
     s0 = initial_state.to(acc)
     qh, kh = (expand_heads(x, H).to(acc).transpose(1, 2) for x in (q, k))  # [B, H, T, Dk]
     vh = v.to(acc).transpose(1, 2)  # [B, H, T, Dv]
-    cum = g.to(acc).cumsum(1).transpose(1, 2)  # [B, H, T]
     b = beta.to(acc).transpose(1, 2)[..., None]  # [B, H, T, 1]
-    incl = torch.ones(T, T, dtype=torch.bool, device=v.device).tril()
+    if path is None:
+        cum = g.to(acc).cumsum(1).transpose(1, 2)  # [B, H, T]
+        incl = torch.ones(T, T, dtype=torch.bool, device=v.device).tril()
+    else:
+        incl = path[:, None]  # [B, 1, T, T]
+        cum = (incl.to(acc) @ g.to(acc).transpose(1, 2)[..., None])[..., 0]  # G_i summed along i's path
     decay = (cum[..., :, None] - cum[..., None, :]).masked_fill(~incl, 0.0).exp().masked_fill(~incl, 0.0)
     e_g = cum.exp()[..., None]  # [B, H, T, 1]
-    A = (b * decay * (kh @ kh.transpose(-1, -2))).tril(-1)
+    A = b * decay * (kh @ kh.transpose(-1, -2))
+    # Strict ancestors only.
+    A = A.tril(-1) if path is None else A.masked_fill(torch.eye(T, dtype=torch.bool, device=v.device), 0.0)
     rhs = b * (vh - e_g * (kh @ s0))
     u = torch.linalg.solve_triangular(A + torch.eye(T, dtype=acc, device=v.device), rhs, upper=False,
                                       unitriangular=True)
-    o = scale * (e_g * (qh @ s0) + ((qh @ kh.transpose(-1, -2)) * decay) @ u)
+    if reads is None:
+        o = scale * (e_g * (qh @ s0) + ((qh @ kh.transpose(-1, -2)) * decay) @ u)
+    else:
+        at = reads[:, None, :, None].expand(B, H, T, T)
+        decay_at, e_at = decay.gather(2, at), e_g.gather(2, at[..., :1])
+        o = scale * (e_at * (qh @ s0) + ((qh @ kh.transpose(-1, -2)) * decay_at) @ u)
     final = cum[..., -1:, None].exp() * s0 + (kh * decay[:, :, -1, :, None]).transpose(-1, -2) @ u
     return RowsScan(o.transpose(1, 2).to(v.dtype), final, s0, cum, decay, kh, u)

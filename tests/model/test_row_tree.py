@@ -1,0 +1,78 @@
+"""Rows as a tree (AR-Trust drafting from every acceptance point): each MASK group seeded after clean prefix
+k equals the ordinary rows forward [clean x k ; MASK group], hence the training noisy block at that boundary
+(tests/model/test_two_stream.py ties that one to training); clean rows stay causal; nothing is written."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from flare.model.context import Rows
+
+MASK = 95
+
+
+@pytest.fixture(scope="module")
+def models64(tiny_models):
+    return {fam: copy.deepcopy(m).double() for fam, (m, _) in tiny_models.items()}
+
+
+def _seeds(B: int, N: int, M: int, prefixes: list[int], pad: int = 0) -> torch.Tensor:
+    return torch.tensor([[0] * N + [p for p in prefixes for _ in range(M)] + [0] * pad] * B)
+
+
+@pytest.mark.parametrize("family", ["qwen3_5", "qwen3_next", "llama"])
+@pytest.mark.parametrize("N", [2, 4])
+def test_every_group_equals_the_rows_forward_of_its_own_prefix(models64, family, N):
+    model, M, B = models64[family], N - 1, 2
+    g = torch.Generator().manual_seed(N)
+    prefix = torch.randint(0, 90, (B, 9), generator=g)
+    clean = torch.randint(0, 90, (B, N), generator=g)
+    prefixes = list(range(1, N + 1))  # a group after pending, d_1 .. d_k for every k
+    rows = torch.cat([clean, torch.full((B, N * M), MASK)], 1)
+    with torch.no_grad():
+        cache = model.new_cache(B)
+        model.hidden_states(prefix, cache=cache)
+        before = cache.clone()
+        out = model.hidden_states(rows, cache=cache, layout=Rows(N, N * M, seeds=_seeds(B, N, M, prefixes)))
+        assert torch.equal(cache.lengths, before.lengths)
+        for a, b in zip(cache.layers, before.layers):
+            if not hasattr(a, "k"):
+                assert torch.equal(a.conv, b.conv) and torch.equal(a.ssm, b.ssm)
+        causal = model.hidden_states(clean, cache=before.clone())
+        assert (out[:, :N] - causal).abs().max() <= 1e-10
+        for j, k in enumerate(prefixes):
+            alone = model.hidden_states(torch.cat([clean[:, :k], torch.full((B, M), MASK)], 1),
+                                        cache=before.clone(), layout=Rows(k))
+            got = out[:, N + j * M: N + (j + 1) * M]
+            assert (got - alone[:, k:]).abs().max() <= 1e-10, (family, k)
+
+
+def test_groups_per_sequence_padding_and_a_changed_draft(models64):
+    """Sequences with different clean counts and group seeds in one forward, with padding rows; changing draft
+    d_k changes only the groups seeded after it (a positive and a negative control)."""
+    model, M = models64["qwen3_5"], 2
+    g = torch.Generator().manual_seed(0)
+    prefix = torch.randint(0, 90, (2, 6), generator=g)
+    clean = torch.randint(0, 90, (2, 3), generator=g)
+    rows = torch.cat([clean, torch.full((2, 3 * M + 1), MASK)], 1)
+    rows[1, 1:] = MASK  # sequence 1: one clean row, then its group
+    seeds = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 3, 3, 0], [0, 1, 1, 0, 0, 0, 0, 0, 0, 0]])
+    layout = Rows(torch.tensor([3, 1]), torch.tensor([3 * M, M]), seeds=seeds)
+    with torch.no_grad():
+        cache = model.new_cache(2)
+        model.hidden_states(prefix, cache=cache)
+        out = model.hidden_states(rows, cache=cache.clone(), layout=layout)
+        alone = model.new_cache(1)
+        model.hidden_states(prefix[1:], cache=alone)
+        one = model.hidden_states(torch.cat([clean[1:, :1], torch.full((1, M), MASK)], 1), cache=alone,
+                                  layout=Rows(1))
+        assert (out[1, 1:1 + M] - one[0, 1:]).abs().max() <= 1e-10
+        changed = rows.clone()
+        changed[0, 2] = (changed[0, 2] + 1) % 90  # d_2: seen by the group after prefix 3 only
+        out2 = model.hidden_states(changed, cache=cache.clone(), layout=layout)
+        assert (out2[0, 3:3 + 2 * M] - out[0, 3:3 + 2 * M]).abs().max() <= 1e-12
+        assert (out2[0, 3 + 2 * M:3 + 3 * M] - out[0, 3 + 2 * M:3 + 3 * M]).abs().max() > 1e-6
+

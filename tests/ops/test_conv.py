@@ -1,0 +1,36 @@
+"""The short conv over a tree of rows: each row's window follows its own path, equal to the chain conv there."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flare.ops.conv import causal_conv1d, tree_conv1d
+
+
+def _data(B, T, C, K, seed):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, T, C, generator=g, dtype=torch.float64), torch.randn(C, K, generator=g, dtype=torch.float64),
+            torch.randn(B, K - 1, C, generator=g, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("T, K", [(1, 4), (5, 4), (9, 2), (3, 5)])
+def test_a_chain_is_the_causal_conv(T, K):
+    x, w, state = _data(2, T, 6, K, T)
+    parent = torch.arange(T).expand(2, T) - 1
+    y, _ = causal_conv1d(x, w, state)
+    torch.testing.assert_close(tree_conv1d(x, w, state, parent), y, rtol=1e-12, atol=1e-12)
+
+
+def test_each_group_convolves_its_own_path():
+    # Clean chain 0..3, then a group of 2 after each prefix 1, 3 and 0.
+    parent = [-1, 0, 1, 2, 0, 4, 2, 6, -1, 8]
+    x, w, state = _data(1, len(parent), 3, 4, 0)
+    y = tree_conv1d(x, w, state, torch.tensor([parent]))
+    for r in range(len(parent)):
+        path, a = [], r
+        while a >= 0:
+            path.append(a)
+            a = parent[a]
+        ref, _ = causal_conv1d(x[:, path[::-1]], w, state)
+        torch.testing.assert_close(y[0, r], ref[0, -1], rtol=1e-12, atol=1e-12)
