@@ -20,7 +20,9 @@ SAMPLING_HELP = {
     "ignore_eos": "keep generating past the end-of-sequence token",
 }
 DEVICE_HELP = "torch device (default: cuda when available, else cpu)"
-DTYPES = ["float32", "bfloat16", "float16"]
+DTYPES = ["auto", "stored", "float32", "bfloat16", "float16"]
+DTYPE_HELP = ("weights and compute dtype; auto: bfloat16 where the hardware computes it natively (CUDA, CPUs with "
+              "AMX or AVX-512-BF16), else as stored (default: auto, or $FLARE_DTYPE)")
 
 
 def _option_fields() -> dict[str, list[type]]:
@@ -59,19 +61,14 @@ def _mode_from_args(args: argparse.Namespace):
     return make_options(args.mode, given)
 
 
-def _dtype(name: str | None):
-    import torch
-
-    return getattr(torch, name) if name else None
-
-
 def _generate(args: argparse.Namespace) -> int:
+    from flare.device import describe
     from flare.engine import EngineConfig
     from flare.engine.llm import LLM
 
     options = _mode_from_args(args)  # bad modes and options fail before the model loads
     params = dataclass_from_args(SamplingParams, args)
-    llm = LLM.from_dir(args.model, device=args.device, dtype=_dtype(args.dtype),
+    llm = LLM.from_dir(args.model, device=args.device, dtype=args.dtype,
                        config=EngineConfig(max_num_seqs=1, max_prompt_tokens=1 << 30,
                                            max_new_tokens=params.max_new_tokens))
     if args.prompt is not None and llm.tokenizer is None:
@@ -93,6 +90,7 @@ def _generate(args: argparse.Namespace) -> int:
             "kernel_paths": llm.model.kernel_paths(),
             "device": str(llm.model.device),
             "dtype": str(llm.model.dtype).removeprefix("torch."),
+            "path": describe(llm.model.device, llm.model.dtype),
         }
         if text is not None:
             out["text"] = text
@@ -135,7 +133,7 @@ def _eval_llm(args: argparse.Namespace):
     from flare.engine import EngineConfig
     from flare.engine.llm import LLM
 
-    return LLM.from_dir(args.model, device=args.device, dtype=_dtype(args.dtype),
+    return LLM.from_dir(args.model, device=args.device, dtype=args.dtype,
                         config=EngineConfig(max_num_seqs=args.max_num_seqs))
 
 
@@ -207,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_mode_flags(gen)
     add_dataclass_flags(gen, SamplingParams, SAMPLING_HELP)
     gen.add_argument("--device", default=None, help=DEVICE_HELP)
-    gen.add_argument("--dtype", default=None, choices=DTYPES, help="cast weights to this dtype (default: as stored)")
+    gen.add_argument("--dtype", default=None, choices=DTYPES, help=DTYPE_HELP)
     gen.add_argument("--json", action="store_true", help="print one JSON object with tokens and counters")
     gen.set_defaults(func=_generate)
 
@@ -245,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-tokens", type=int, default=EngineConfig.max_new_tokens,
                      help="largest max_tokens accepted (default: %(default)s)")
     srv.add_argument("--device", default=None, help=DEVICE_HELP)
-    srv.add_argument("--dtype", default=None, choices=DTYPES, help="cast weights to this dtype (default: as stored)")
+    srv.add_argument("--dtype", default=None, choices=DTYPES, help=DTYPE_HELP)
     srv.set_defaults(func=_serve)
 
     ev = sub.add_parser("eval", help="accuracy, tokens per forward and speed per decoding mode",
@@ -264,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-num-seqs", type=int, default=EngineConfig.max_num_seqs,
                     help="questions decoded at once (default: %(default)s)")
     ev.add_argument("--device", default=None, help=DEVICE_HELP)
-    ev.add_argument("--dtype", default=None, choices=DTYPES)
+    ev.add_argument("--dtype", default=None, choices=DTYPES, help=DTYPE_HELP)
     ev.add_argument("--out", help="also write eval.json and accuracy_vs_tpf.png here")
     ev.add_argument("--json", action="store_true", help="print the report as one JSON object")
     ev.set_defaults(func=_eval)
@@ -288,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-num-seqs", type=int, default=EngineConfig.max_num_seqs,
                        help="engine slots with --model (default: %(default)s)")
     bench.add_argument("--device", default=None, help=DEVICE_HELP + ", with --model")
-    bench.add_argument("--dtype", default=None, choices=DTYPES)
+    bench.add_argument("--dtype", default=None, choices=DTYPES, help=DTYPE_HELP)
     bench.add_argument("--out", help="also write bench.json and throughput.png here")
     bench.add_argument("--json", action="store_true", help="print the runs as JSON")
     bench.set_defaults(func=_bench)
@@ -316,7 +314,7 @@ def _serve(args: argparse.Namespace) -> int:
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_waiting=args.max_waiting,
                           max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_tokens,
                           default_mode=args.mode)
-    serve(args.model, host=args.host, port=args.port, config=config, device=args.device, dtype=_dtype(args.dtype))
+    serve(args.model, host=args.host, port=args.port, config=config, device=args.device, dtype=args.dtype)
     return 0
 
 

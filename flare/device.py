@@ -3,9 +3,14 @@ bf16 where the hardware computes it natively, else the checkpoint's own dtype.""
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
+
+# Pins the default decoding dtype where no --dtype is given: "auto" (the hardware's choice), "stored" (the
+# checkpoint's own), or a dtype name. The test suite sets "stored" so that it runs alike on every CPU.
+DTYPE_ENV = "FLARE_DTYPE"
 
 
 def pick_device(requested: str | torch.device | None = None) -> torch.device:
@@ -49,11 +54,21 @@ def native_bf16(device: torch.device) -> bool:
 
 
 def pick_dtype(device: torch.device, requested: str | torch.dtype | None, stored: torch.dtype) -> torch.dtype:
-    """The dtype to decode in: the one asked for, else bf16 where it is native (``native_bf16``), else the
-    checkpoint's stored dtype. Norms, softmax, recurrent state and attention accumulate in fp32 either way."""
-    if requested is not None:
-        return getattr(torch, requested) if isinstance(requested, str) else requested
-    return torch.bfloat16 if native_bf16(device) else stored
+    """The dtype to decode in: the one asked for (or ``$FLARE_DTYPE``), else bf16 where it is native
+    (``native_bf16``), else the checkpoint's stored dtype. Norms, softmax, recurrent state and attention
+    accumulate in fp32 either way."""
+    if requested is None:
+        requested = os.environ.get(DTYPE_ENV, "auto")
+    if requested == "auto":
+        return torch.bfloat16 if native_bf16(device) else stored
+    if requested == "stored":
+        return stored
+    if isinstance(requested, torch.dtype):
+        return requested
+    dtype = getattr(torch, str(requested), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {requested!r}: use auto, stored, float32, bfloat16 or float16")
+    return dtype
 
 
 def describe(device: torch.device, dtype: torch.dtype) -> str:

@@ -24,22 +24,37 @@ ROLES = ("system", "user", "assistant")
 
 
 class TextStream:
-    """Incremental detokenisation of one sequence with stop strings (OpenAI ``stop``)."""
+    """Incremental detokenisation of one sequence with stop strings (OpenAI ``stop``).
+
+    A push decodes a short window of ids, not the whole output: from the first id of the previous advance to
+    the end. What the window's text adds beyond the text of its first ids (the prefix) is the new text, so a
+    decoder's rules for the first token (SentencePiece's leading space, WordPiece's ``##``) apply alike to both
+    and cancel, and a step costs the same at token 10 and at token 10,000. The window advances only past text
+    that does not end in U+FFFD, so it always starts on a whole character. The last push decodes the whole
+    output once; a decoder whose window text does not extend its prefix's text (clean-up rules across tokens)
+    makes the stream decode the whole output on every push from then on, as it did before windows.
+    """
 
     def __init__(self, tokenizer: ChatTokenizer, stop: list[str] | None = None) -> None:
         self.tokenizer = tokenizer
         self.stop = [s for s in (stop or []) if s]
+        self.hold = max((len(s) - 1 for s in self.stop), default=0)
         self.ids: list[int] = []
         self.sent = 0  # characters of text already handed out
         self.text = ""
         self.stopped = False  # a stop string was found; text is cut before it
+        self._stable = ""  # the text of ids[:_read]: whole characters, final
+        self._tail = ""  # the text of ids[_read:] so far (may end in an incomplete character)
+        self._prefix = self._read = 0  # the window is ids[_prefix:]; ids[_prefix:_read] is its prefix
+        self._prefix_text = ""
+        self._full = False  # windows disagreed with their prefix once: decode the whole output every time
 
     def push(self, new_ids: list[int], finished: bool) -> str:
         """Add newly committed ids; return the text that is now safe to send (may be empty)."""
         if self.stopped:
             return ""
         self.ids += new_ids
-        text = self.tokenizer.decode(self.ids)
+        text = self._decode(bool(new_ids), finished)
         cut = min((i for i in (text.find(s, max(0, self.sent - len(s))) for s in self.stop) if i >= 0),
                   default=-1)
         if cut >= 0:
@@ -49,11 +64,31 @@ class TextStream:
         else:
             # Hold back a partial character and anything that may be the start of a stop string.
             safe = len(text.rstrip("\ufffd"))
-            hold = max((len(s) - 1 for s in self.stop), default=0)
-            safe = max(self.sent, min(safe, len(text) - hold))
+            safe = max(self.sent, min(safe, len(text) - self.hold))
         self.text = text
         delta, self.sent = text[self.sent:safe], max(self.sent, safe)
         return delta
+
+    def _decode(self, grew: bool, finished: bool) -> str:
+        """The text of every id so far."""
+        decode, ids = self.tokenizer.decode, self.ids
+        if finished or self._full:
+            return decode(ids)
+        if grew:
+            window = decode(ids[self._prefix:])
+            if not window.startswith(self._prefix_text):
+                if window.endswith("\ufffd"):
+                    # A byte-fallback decoder turns a whole run of byte tokens into U+FFFDs while its last
+                    # character is incomplete: nothing new is known yet.
+                    return self.text
+                self._full = True
+                return decode(ids)
+            self._tail = window[len(self._prefix_text):]
+            if self._tail and not self._tail.endswith("\ufffd"):
+                self._stable += self._tail
+                self._prefix, self._read, self._tail = self._read, len(ids), ""
+                self._prefix_text = decode(ids[self._prefix: self._read])
+        return self._stable + self._tail
 
 
 @dataclass

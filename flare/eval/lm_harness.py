@@ -31,7 +31,7 @@ class FlareLM(LM):
                  ) -> None:
         super().__init__()
         self.options = make_options(mode, options)  # bad modes and options fail before the model loads
-        self.llm = LLM.from_dir(pretrained, device=device, dtype=getattr(torch, dtype) if dtype else None,
+        self.llm = LLM.from_dir(pretrained, device=device, dtype=dtype,
                                 config=EngineConfig(max_num_seqs=int(max_num_seqs)))
         if self.llm.tokenizer is None:
             raise ValueError(f"{pretrained} has no tokenizer.json")

@@ -27,3 +27,17 @@ def constant(value: float, dtype: torch.dtype, device: torch.device) -> torch.Te
     if t is None:
         t = _CONSTANTS.setdefault(key, torch.tensor(value, dtype=dtype, device=device))
     return t
+
+
+def logit_tolerance(logits: torch.Tensor, ulps: int = 4) -> torch.Tensor:
+    """How far two computations of the same logits may differ per row [...]: in a 16-bit dtype a verify row and
+    a causal step run different GEMM shapes, which round differently, so they agree to a few units in the last
+    place of the row's largest |logit| (``ulps`` of them); fp32 and fp64 to a relative 1e-4 and 1e-10. Two tokens
+    whose logits are closer than this are a near-tie: greedy decoding may pick either, exactly or not."""
+    finite = logits.detach().float()
+    finite = finite.masked_fill(~torch.isfinite(finite), 0.0)  # the [MASK] row's -inf
+    big = finite.abs().amax(-1).clamp(min=torch.finfo(torch.float32).tiny)
+    if logits.dtype in (torch.bfloat16, torch.float16):
+        mantissa = 7 if logits.dtype == torch.bfloat16 else 10
+        return ulps * torch.exp2(torch.floor(torch.log2(big)) - mantissa)
+    return big * (1e-10 if logits.dtype == torch.float64 else 1e-4)

@@ -74,13 +74,15 @@ def serve(model_dir: str, *, host: str = "127.0.0.1", port: int = 8000, config: 
     except ImportError as e:
         raise ModuleNotFoundError("the server needs its extra: pip install 'flare-lm[serve]'") from e
 
+    from flare.device import describe
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     llm = LLM.from_dir(model_dir, device=device, dtype=dtype, config=config)
     paths = warm_up(llm)
     cfg = llm.engine.config
     m = llm.model
-    log.info("model %s: %s, %d layers, vocab %d, %s on %s", llm.name, m.config.family, m.config.num_hidden_layers,
-             m.config.vocab_size, m.dtype, m.device)
+    log.info("model %s: %s, %d layers, vocab %d, running on %s", llm.name, m.config.family,
+             m.config.num_hidden_layers, m.config.vocab_size, describe(m.device, m.dtype))
     log.info("modes %s (default %s); max_num_seqs %d, max_waiting %d", ", ".join(llm.modes), cfg.default_mode,
              cfg.max_num_seqs, cfg.max_waiting)
     log.info("kernel paths: %s", ", ".join(f"{k}={v}" for k, v in sorted(paths.items())) or "n/a")

@@ -75,10 +75,11 @@ def _write(rows, path: str) -> None:
 def _score(args: argparse.Namespace) -> int:
     from flare.checkpoint import load_model
     from flare.data import ChatTokenizer
-    from flare.device import pick_device
+    from flare.device import pick_device, pick_dtype
     from flare.transfer.score import score_rows, summarize
 
     model = load_model(args.model, device=pick_device(args.device)).eval()
+    model = model.to(pick_dtype(model.device, None, model.dtype))
     records = score_rows(model, ChatTokenizer.from_dir(args.model), _rows(args.data),
                          batch_tokens=args.batch_tokens)
     _write(records, args.out)

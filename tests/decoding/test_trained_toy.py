@@ -51,3 +51,17 @@ def test_ar_trust_on_a_trained_model_is_greedy_causal(trained, gen_block):
     assert trust.accepted > 0
     if gen_block == 4:
         assert trust.accepted > 0.3 * trust.drafted and trust.tokens_per_forward > 1.2
+
+
+@pytest.mark.parametrize("redraft", ["last", "every"])
+def test_in_bf16_a_trained_model_still_decodes_causal_tokens(trained, redraft):
+    """bf16 verify rows and causal steps differ in the last bits (tests/decoding/test_bf16.py); a trained
+    model's greedy choices are far from ties, so AR-Trust's tokens are causal's, token for token."""
+    import copy
+
+    model, prompts = trained
+    model = copy.deepcopy(model).to(torch.bfloat16)
+    params = SamplingParams(temperature=0, max_new_tokens=40)
+    causal = decode(model, prompts, params)
+    trust = decode(model, prompts, params, ArTrustOptions(redraft=redraft))
+    assert trust.token_ids == causal.token_ids and trust.accepted > 0.3 * trust.drafted
