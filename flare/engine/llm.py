@@ -16,7 +16,7 @@ from flare.data.chat import render_chatml
 from flare.data.template import render_template
 from flare.data.tokenizers import ChatTokenizer
 from flare.decoding import OPTIONS, ModeOptions, SamplingParams
-from flare.device import pick_device
+from flare.device import pick_device, pick_dtype
 from flare.engine.engine import Engine, EngineConfig, RequestError
 from flare.model import FlareModel
 
@@ -119,11 +119,15 @@ class LLM:
     def from_dir(cls, path: str | Path, *, device: str | None = None, dtype=None,
                  config: EngineConfig | None = None) -> "LLM":
         """Load a checkpoint directory (and its tokenizer.json when present); ``device`` None: CUDA when
-        available, else the CPU (``flare.device.pick_device``)."""
+        available, else the CPU; ``dtype`` None: bf16 where the hardware has it, else as stored
+        (``flare.device``)."""
         from flare.checkpoint import load_model
 
         path = Path(path)
-        model = load_model(path, device=pick_device(device), dtype=dtype)
+        model = load_model(path, device=pick_device(device))
+        chosen = pick_dtype(model.device, dtype, model.dtype)
+        if chosen != model.dtype:
+            model = model.to(chosen)
         tokenizer = ChatTokenizer.from_dir(path) if (path / "tokenizer.json").exists() else None
         return cls(model, tokenizer, config, name=path.name)
 
