@@ -8,6 +8,7 @@ whose tokens are identical to the causal ones) and, for AR-Trust, accepted/draft
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -66,6 +67,10 @@ def evaluate(llm: LLM, task: Task, modes: list[ModeOptions], params: SamplingPar
         if options.needs_mask and llm.model.config.mask_token_id is None:
             report.not_run[options.label()] = "needs a FLARE checkpoint (no mask token): run `flare convert` and train"
             continue
+        # Untimed warm-up (first-call kernel selection and allocation), so that the first mode timed is not the
+        # one that pays for it.
+        llm.generate(prompts[: llm.engine.config.max_num_seqs], dataclasses.replace(params, max_new_tokens=2),
+                     options)
         start = time.perf_counter()
         done = llm.generate(prompts, params, options, progress=options.label() if progress else None)
         seconds = time.perf_counter() - start

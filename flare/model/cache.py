@@ -147,14 +147,17 @@ class ModelCache:
         length, where nothing reads them."""
         T = record.rows
         B = self.batch_size
+        last = (n_accept_B - 1).clamp(min=0).view(B, 1, 1, 1)  # shared by every layer
+        window = None
         for i, layer in enumerate(self.layers):
             if isinstance(layer, RecurrentState):
                 scan, inputs = record.gdn[i]
-                layer.ssm = scan.state_after(n_accept_B)
-                full = torch.cat([layer.conv, inputs.to(layer.conv.dtype)], dim=1)  # [B, K-1+T, C]
-                K1 = layer.conv.shape[1]
-                idx = n_accept_B[:, None] + torch.arange(K1, device=full.device)
-                layer.conv = full.gather(1, idx[:, :, None].expand(B, K1, full.shape[-1]))
+                layer.ssm = scan.state_after(n_accept_B, last)
+                full = torch.cat([layer.conv, cast(inputs, layer.conv.dtype)], dim=1)  # [B, K-1+T, C]
+                if window is None:
+                    K1 = layer.conv.shape[1]
+                    window = (n_accept_B[:, None] + torch.arange(K1, device=full.device))[:, :, None]
+                layer.conv = full.gather(1, window.expand(B, window.shape[1], full.shape[-1]))
         self.advance(n_accept_B, T)
 
     def narrow(self, n: int) -> "ModelCache":

@@ -20,7 +20,7 @@ from flare.model.cache import RecurrentState
 from flare.model.context import ForwardContext
 from flare.model.layers import GatedRMSNorm, derived, normalize_last
 from flare.ops.conv import causal_conv1d, tree_conv1d
-from flare.ops.gated_delta import gated_delta, gated_delta_rows, gated_delta_two_stream, read_state
+from flare.ops.gated_delta import gated_delta, gated_delta_rows, gated_delta_two_stream
 from flare.ops.precision import accum_dtype, cast
 
 
@@ -120,13 +120,11 @@ class GatedDeltaNet(nn.Module):
         if tree is not None:
             # Each noisy group continues from the state after its own clean prefix and reads its end state.
             scan = gated_delta_rows(q, k, v, g, beta, state.ssm, self.dk**-0.5, path=tree.path, reads=tree.reads)
-            o = scan.o
         else:
-            scan = gated_delta_rows(q, k, v, g, beta, state.ssm, self.dk**-0.5)
-            o = scan.o
-            if not _no_noisy_rows(ctx.layout, T):
-                o = torch.where(is_clean[..., None, None], o,
-                                read_state(q, scan.final_state, self.dk**-0.5).to(o.dtype))
+            # Noisy rows read the block-end state: that of the last row (padding rows leave it unchanged).
+            reads = None if _no_noisy_rows(ctx.layout, T) else torch.where(is_clean, idx, T - 1)
+            scan = gated_delta_rows(q, k, v, g, beta, state.ssm, self.dk**-0.5, reads=reads)
+        o = scan.o
         self.last_path = "rows"
         if ctx.record is not None:
             ctx.record.gdn[self.layer_idx] = (scan, qkv)

@@ -20,31 +20,49 @@ of its path (a noisy row reads its group's end state): o_i = scale q_i^T S_{read
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
 
 from flare.ops.gated_delta.naive import expand_heads
-from flare.ops.precision import accum_dtype
+from flare.ops.precision import accum_dtype, cast
 
 
 class RowsScan(NamedTuple):
     o: torch.Tensor  # [B, T, H, Dv] in v's dtype
-    final_state: torch.Tensor  # [B, H, Dk, Dv]
     initial: torch.Tensor  # [B, H, Dk, Dv] S0
     cum: torch.Tensor  # [B, H, T] G_i
-    decay: torch.Tensor  # [B, H, T, T] e^{G_i - G_j} on j <= i, else 0
+    decay: torch.Tensor  # [B, H, T, T] e^{G_i - G_j} on j <= i (j on i's path), else 0
     k: torch.Tensor  # [B, H, T, Dk]
     u: torch.Tensor  # [B, H, T, Dv]
 
-    def state_after(self, n_B: torch.Tensor) -> torch.Tensor:
-        """The state after the first n[b] rows of each sequence [B, H, Dk, Dv] (n = 0: the initial state)."""
+    @property
+    def final_state(self) -> torch.Tensor:
+        """The state after the last row of the chain [B, H, Dk, Dv] (computed when asked for)."""
+        B, _, T = self.cum.shape
+        return self.state_after(torch.full((B,), T, device=self.cum.device))
+
+    def state_after(self, n_B: torch.Tensor, last: torch.Tensor | None = None) -> torch.Tensor:
+        """The state after the first n[b] rows of each sequence [B, H, Dk, Dv] (n = 0: the initial state).
+        ``last``: (n - 1).clamp(min=0) as [B, 1, 1, 1], when the caller already has it (one per commit)."""
         B, H, T = self.cum.shape
-        at = (n_B - 1).clamp(min=0).view(B, 1, 1, 1).expand(B, H, 1, T)
-        row = self.decay.gather(2, at)[:, :, 0]  # [B, H, T]: e^{G_{n-1} - G_j} for j <= n-1, else 0
-        g_end = self.cum.gather(2, at[..., 0])  # [B, H, 1]
-        state = g_end.exp()[..., None] * self.initial + (self.k * row[..., None]).transpose(-1, -2) @ self.u
-        return torch.where((n_B > 0).view(B, 1, 1, 1), state, self.initial)
+        if last is None:
+            last = (n_B - 1).clamp(min=0).view(B, 1, 1, 1)
+        row = self.decay.gather(2, last.expand(B, H, 1, T))  # [B, H, 1, T]: e^{G_{n-1} - G_j} on the path
+        g_end = self.cum[..., None].gather(2, last.expand(B, H, 1, 1))  # [B, H, 1, 1]
+        state = torch.baddbmm(g_end.exp().view(B * H, 1, 1) * self.initial.reshape(B * H, *self.initial.shape[2:]),
+                              (self.k * row.transpose(-1, -2)).transpose(-1, -2).reshape(B * H, -1, T),
+                              self.u.reshape(B * H, T, -1)).view_as(self.initial)
+        return torch.where(n_B.view(B, 1, 1, 1) > 0, state, self.initial)
+
+
+@functools.lru_cache(maxsize=64)
+def _chain(T: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(not j <= i, j == i as float, the identity) for T rows: constants of every chain pass of that length."""
+    tril = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    eye = torch.eye(T, dtype=torch.bool, device=device)
+    return ~tril, eye, eye.float()
 
 
 def gated_delta_rows(
@@ -62,36 +80,38 @@ def gated_delta_rows(
     beta = 0 (padding) leave the state as it is. All math in the accumulation dtype.
 
     ``path`` [B, T, T] bool: path[b, i, j] when row j is row i or one of its ancestors (None: a chain, row j
-    <= i). ``reads`` [B, T] long: the row whose state row i reads, on i's path and at or after i (None: i).
-    ``final_state`` is the state after the last row of the chain; with a tree, read states through ``reads``."""
+    <= i). ``reads`` [B, T] long: the row whose state row i reads, on i's path and at or after i (None: i)."""
     B, T, H, Dv = v.shape
-    Dk = q.shape[-1]
     acc = accum_dtype(v.dtype)
     if initial_state is None:
-        initial_state = torch.zeros(B, H, Dk, Dv, dtype=acc, device=v.device)
-    s0 = initial_state.to(acc)
-    qh, kh = (expand_heads(x, H).to(acc).transpose(1, 2) for x in (q, k))  # [B, H, T, Dk]
-    vh = v.to(acc).transpose(1, 2)  # [B, H, T, Dv]
-    b = beta.to(acc).transpose(1, 2)[..., None]  # [B, H, T, 1]
+        initial_state = torch.zeros(B, H, q.shape[-1], Dv, dtype=acc, device=v.device)
+    s0 = cast(initial_state, acc)
+    # q and k side by side: one product with k^T and one with S0 serve both.
+    qk = cast(expand_heads(torch.cat([q, k], dim=2) if q.shape[2] == H else torch.cat(
+        [expand_heads(q, H), expand_heads(k, H)], dim=2), 2 * H), acc).transpose(1, 2)  # [B, 2H, T, Dk]: q heads, then k heads
+    kh = qk[:, H:]
+    qk = qk.view(B, 2, H, T, qk.shape[-1])
+    vh = cast(v, acc).transpose(1, 2)  # [B, H, T, Dv]
+    b = cast(beta, acc).transpose(1, 2)[..., None]  # [B, H, T, 1]
     if path is None:
-        cum = g.to(acc).cumsum(1).transpose(1, 2)  # [B, H, T]
-        incl = torch.ones(T, T, dtype=torch.bool, device=v.device).tril()
+        hidden, eye, eye_f = _chain(T, v.device)
+        cum = cast(g, acc).cumsum(1).transpose(1, 2)  # [B, H, T]
     else:
-        incl = path[:, None]  # [B, 1, T, T]
-        cum = (incl.to(acc) @ g.to(acc).transpose(1, 2)[..., None])[..., 0]  # G_i summed along i's path
-    decay = (cum[..., :, None] - cum[..., None, :]).masked_fill(~incl, 0.0).exp().masked_fill(~incl, 0.0)
+        _, eye, eye_f = _chain(T, v.device)
+        hidden = ~path[:, None]  # [B, 1, T, T]
+        cum = (path[:, None].to(acc) @ cast(g, acc).transpose(1, 2)[..., None])[..., 0]  # G_i along i's path
+    # exp(-inf) = 0 off the path: one mask, before the exponent (no overflow from j > i).
+    decay = (cum[..., :, None] - cum[..., None, :]).masked_fill(hidden, float("-inf")).exp()
     e_g = cum.exp()[..., None]  # [B, H, T, 1]
-    A = b * decay * (kh @ kh.transpose(-1, -2))
-    # Strict ancestors only.
-    A = A.tril(-1) if path is None else A.masked_fill(torch.eye(T, dtype=torch.bool, device=v.device), 0.0)
-    rhs = b * (vh - e_g * (kh @ s0))
-    u = torch.linalg.solve_triangular(A + torch.eye(T, dtype=acc, device=v.device), rhs, upper=False,
+    dots = qk @ kh.transpose(-1, -2)[:, None]  # [B, 2, H, T, T]: q_i . k_j and k_i . k_j
+    reads_s0 = qk @ s0[:, None]  # [B, 2, H, T, Dv]
+    A = (b * decay * dots[:, 1]).masked_fill(eye, 0.0)  # strict ancestors only
+    u = torch.linalg.solve_triangular(A + eye_f, b * (vh - e_g * reads_s0[:, 1]), upper=False,
                                       unitriangular=True)
     if reads is None:
-        o = scale * (e_g * (qh @ s0) + ((qh @ kh.transpose(-1, -2)) * decay) @ u)
+        decay_at, e_at = decay, e_g
     else:
         at = reads[:, None, :, None].expand(B, H, T, T)
         decay_at, e_at = decay.gather(2, at), e_g.gather(2, at[..., :1])
-        o = scale * (e_at * (qh @ s0) + ((qh @ kh.transpose(-1, -2)) * decay_at) @ u)
-    final = cum[..., -1:, None].exp() * s0 + (kh * decay[:, :, -1, :, None]).transpose(-1, -2) @ u
-    return RowsScan(o.transpose(1, 2).to(v.dtype), final, s0, cum, decay, kh, u)
+    o = scale * (e_at * reads_s0[:, 0] + (dots[:, 0] * decay_at) @ u)
+    return RowsScan(cast(o.transpose(1, 2), v.dtype), s0, cum, decay, kh, u)
