@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from flare.decoding.lane import Lane, Plan
+from flare.decoding.lane import Lane, Plan, RowLogits
 from flare.ops.sampling import draw, filtered_probs, speculative_verify
 
 
@@ -79,8 +79,9 @@ class ArTrustLane(Lane):
                               s.top_k.repeat_interleave(N), s.top_p.repeat_interleave(N))
         return flat.view(S, N, V)
 
-    def consume(self, live: list[int], logits: torch.Tensor) -> torch.Tensor:
+    def consume(self, live: list[int], row_logits: RowLogits) -> torch.Tensor:
         s, N, M = self.slots, self.N, self.M
+        logits = row_logits.rows(0, N)  # the clean rows: the target law of each draft and of the bonus token
         S, V = logits.shape[0], logits.shape[-1]
         mask = s.mask(live)
         cold = self.cold
@@ -89,14 +90,14 @@ class ArTrustLane(Lane):
         # p and q), so no vocabulary-sized tensor is built per round.
         greedy = s.all_greedy(live)
         if greedy:
-            target = logits[:, :N].argmax(-1)  # [S, N]
+            target = logits.argmax(-1)  # [S, N]
             accepted = (self.drafts == target[:, :M]).long().cumprod(-1).sum(-1)
             accepted = torch.where(cold, torch.zeros_like(accepted), accepted)
             nxt = target.gather(1, accepted[:, None])[:, 0]
         else:
             if self.q is None:
                 self.q = torch.zeros(S, M, V, device=s.device)
-            p = self._laws(live, logits[:, :N])
+            p = self._laws(live, logits)
             exact = policy != "argmax_truncated"
             accepted, nxt = s.per_generator(
                 live, lambda p_, q_, d_, g: speculative_verify(p_, q_, d_, g, exact=exact), p, self.q, self.drafts)
@@ -111,7 +112,7 @@ class ArTrustLane(Lane):
             at = N + accepted[:, None] * M + torch.arange(M, device=s.device)
         else:
             at = torch.where(cold, 1, N)[:, None] + torch.arange(M, device=s.device)
-        draft_logits = logits.gather(1, at[:, :, None].expand(S, M, V))
+        draft_logits = row_logits.at(at)
         if greedy:
             d_new, q_new = draft_logits.argmax(-1), None
         elif policy == "exact_truncated":

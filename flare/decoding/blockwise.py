@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from flare.decoding.lane import Lane, Plan
+from flare.decoding.lane import Lane, Plan, RowLogits
 from flare.decoding.options import BlockOptions
 
 DECIDED = -1  # a slot's step counter once its block is decided: the next forward commits it
@@ -108,10 +108,12 @@ class BlockLane(Lane):
                 self.step_of[i] = DECIDED
         self._denoised = []
 
-    def consume(self, live: list[int], logits: torch.Tensor) -> torch.Tensor:
+    def consume(self, live: list[int], row_logits: RowLogits) -> torch.Tensor:
         s, T = self.slots, self.T
         committing = [i for i in live if self.step_of[i] == DECIDED]
         denoising = [i for i in live if self.step_of[i] != DECIDED]
+        # A commit reads the block's last row only; a denoising step every row before it.
+        logits = row_logits.rows(0, T) if denoising else row_logits.rows(T - 1, T)
         if denoising:
             dm = s.mask(denoising)
             pred = torch.cat([self.last[:, None], logits[:, : T - 1].to(self.last.dtype)], dim=1)  # j <- row j-1
@@ -127,6 +129,6 @@ class BlockLane(Lane):
         cm = s.mask(committing)
         n_commit = self.counts(cm, T)
         s.emit(self.block, n_commit)
-        self.last = torch.where(cm[:, None], logits[:, T - 1].to(self.last.dtype), self.last)
+        self.last = torch.where(cm[:, None], logits[:, -1].to(self.last.dtype), self.last)
         self._new_block(committing)
         return n_commit

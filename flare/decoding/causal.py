@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from flare.decoding.lane import Lane, Plan
+from flare.decoding.lane import Lane, Plan, RowLogits
 
 
 class CausalLane(Lane):
@@ -22,8 +22,8 @@ class CausalLane(Lane):
         return Plan(self.pending[:, None], mask.long(), torch.zeros_like(self.pending), commits_all=True,
                     same_clean=1)
 
-    def consume(self, live: list[int], logits: torch.Tensor) -> torch.Tensor:
-        self._next(live, logits[:, 0])
+    def consume(self, live: list[int], logits: RowLogits) -> torch.Tensor:
+        self._next(live, logits.rows(0, 1)[:, 0])
         return self.slots.mask(live).long()
 
     def _next(self, slots: list[int], logits: torch.Tensor) -> None:

@@ -17,6 +17,29 @@ from flare.model import FlareModel
 from flare.ops.sampling import sample
 
 
+class RowLogits:
+    """The logits of a forward's rows [S, R, V], computed only for the rows a lane reads: the LM head is
+    vocabulary-sized, so AR-Trust drafting from every acceptance point pays for its N clean rows and the one
+    group it keeps, not for every group; a block commit pays for its last row."""
+
+    def __init__(self, model: FlareModel, hidden: torch.Tensor) -> None:
+        self.model, self.hidden = model, hidden  # [S, R, E]
+        self._rows: dict[tuple[int, int], torch.Tensor] = {}
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        """[S, stop - start, V]."""
+        key = (start, stop)
+        if key not in self._rows:
+            self._rows[key] = self.model.logits(self.hidden[:, start:stop])
+        return self._rows[key]
+
+    def at(self, index: torch.Tensor) -> torch.Tensor:
+        """[S, K, V]: row index[s, k] of each slot."""
+        S, K = index.shape
+        picked = self.hidden.gather(1, index[:, :, None].expand(S, K, self.hidden.shape[-1]))
+        return self.model.logits(picked)
+
+
 @dataclass
 class Plan:
     """A lane's rows for one forward: [clean x num_clean ; noisy x num_noisy ; padding] per slot (zero counts
@@ -59,8 +82,8 @@ class Lane:
     def plan(self, live: list[int]) -> Plan:
         raise NotImplementedError
 
-    def consume(self, live: list[int], logits: torch.Tensor) -> torch.Tensor:
-        """Read the logits [S, R, V] of the planned rows; return how many clean rows each slot commits [S]."""
+    def consume(self, live: list[int], logits: RowLogits) -> torch.Tensor:
+        """Read the logits of the planned rows; return how many clean rows each slot commits [S]."""
         raise NotImplementedError
 
     def to_sync(self) -> torch.Tensor | None:

@@ -64,25 +64,25 @@ class CachedRunner:
 
     def append(self, tokens: torch.Tensor, num_new: torch.Tensor | None = None) -> torch.Tensor:
         """Commit the first ``num_new[s]`` of tokens [S, R] to each slot (all of them when None) with a causal
-        forward; return the logits after each row [S, R, V]."""
+        forward; return each row's final hidden state [S, R, E] (the lanes take logits of the rows they read)."""
         valid = None
         if num_new is not None:
             valid = torch.arange(tokens.shape[1], device=tokens.device) < num_new[:, None]
         hidden = self._run(tokens.shape[0], tokens.shape[1],
                            lambda cache: self.model.hidden_states(tokens, cache=cache, valid=valid))
         self.forwards += 1
-        return self.model.logits(hidden)
+        return hidden
 
     def rows(self, tokens: torch.Tensor, num_clean, num_noisy=None, record: bool = False,
              seeds: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [S, R, V] of rows [clean x num_clean ; noisy x num_noisy ; padding] after the committed tokens
-        (counts: ints or [S] tensors; ``seeds``: noisy groups, see ``flare.model.context.Rows``); commits
-        nothing."""
+        """Final hidden states [S, R, E] of rows [clean x num_clean ; noisy x num_noisy ; padding] after the
+        committed tokens (counts: ints or [S] tensors; ``seeds``: noisy groups, see ``flare.model.context.Rows``);
+        commits nothing."""
         self.record = CommitRecord.empty() if record else None
         hidden = self._run(tokens.shape[0], tokens.shape[1], lambda cache: self.model.hidden_states(
             tokens, cache=cache, layout=Rows(num_clean, num_noisy, seeds), record=self.record))
         self.forwards += 1
-        return self.model.logits(hidden)
+        return hidden
 
     def commit_recorded(self, n_accept: torch.Tensor) -> None:
         """Commit the first n_accept[s] clean rows of the last recorded rows forward (no forward)."""
@@ -107,15 +107,17 @@ class ReferenceRunner:
         self.forwards = 0
 
     def _forward(self, s: int, tail: list[int], num_clean: int) -> torch.Tensor:
-        """Logits of the whole sequence: committed tokens and the first num_clean tail rows are clean rows,
-        the rest of the tail a noisy block."""
+        """Final hidden states of the whole sequence: committed tokens and the first num_clean tail rows are
+        clean rows, the rest of the tail a noisy block."""
         full = torch.tensor([self.seqs[s] + tail], device=self.model.device)
         cache = self.model.new_cache(1)  # empty: the whole sequence is rows of this forward
         hidden = self.model.hidden_states(full, cache=cache, layout=Rows(len(self.seqs[s]) + num_clean))
-        return self.model.logits(hidden[0])
+        return hidden[0]
 
-    def _zeros(self, *shape: int) -> torch.Tensor:
-        return torch.zeros(*shape, self.model.config.vocab_size, device=self.model.device, dtype=self.model.dtype)
+    def _zeros(self, *shape: int, last: int | None = None) -> torch.Tensor:
+        """Zeros [*shape, hidden] (or [*shape, last])."""
+        size = self.model.config.hidden_size if last is None else last
+        return torch.zeros(*shape, size, device=self.model.device, dtype=self.model.dtype)
 
     def reset(self, slots: list[int]) -> None:
         for s in slots:
@@ -126,7 +128,8 @@ class ReferenceRunner:
         out = []
         for s, t in enumerate(tokens):
             self.seqs[s] += t
-            out.append(self._forward(s, [], 0)[-1] if t else self._zeros(1)[0])
+            out.append(self.model.logits(self._forward(s, [], 0)[-1]) if t
+                       else self._zeros(1, last=self.model.config.vocab_size)[0])
         return torch.stack(out)
 
     def append(self, tokens: torch.Tensor, num_new: torch.Tensor | None = None) -> torch.Tensor:

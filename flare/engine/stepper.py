@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from flare.decoding.lane import Lane
+from flare.decoding.lane import Lane, RowLogits
 from flare.decoding.modes import LANES
 from flare.decoding.options import ModeOptions
 from flare.decoding.params import SamplingParams
@@ -141,11 +141,11 @@ class Stepper:
         commits_all = all(p.commits_all for _, _, p in plans)
         if commits_all:
             uniform = len(live_all) == S and all(p.same_clean == R for _, _, p in plans)
-            logits = self.runner.append(tokens[:n], None if uniform else clean[:n])
+            hidden = self.runner.append(tokens[:n], None if uniform else clean[:n])
         else:
-            logits = self.runner.rows(tokens[:n], clean[:n], noisy[:n], record=True,
+            hidden = self.runner.rows(tokens[:n], clean[:n], noisy[:n], record=True,
                                       seeds=None if seeds is None else seeds[:n])
-        logits = _pad_rows(logits, S)
+        logits = RowLogits(self.model, _pad_rows(hidden, S))
         n_commit = torch.zeros_like(clean)
         for lane, live, _ in plans:
             n_commit += lane.consume(live, logits)

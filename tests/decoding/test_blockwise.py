@@ -127,7 +127,7 @@ def test_a_decided_prefix_step_reads_the_causal_distribution(flare_models):
     plan = lane.plan([0])
     assert plan.num_clean.tolist() == [2] and plan.num_noisy.tolist() == [1]
     with torch.no_grad():
-        logits = stepper.runner.rows(plan.tokens, plan.num_clean, plan.num_noisy)
+        logits = model.logits(stepper.runner.rows(plan.tokens, plan.num_clean, plan.num_noisy))
         causal = model(torch.tensor([prompt + [seed, nxt]]))[0, -1]
     torch.testing.assert_close(logits[0, 1], causal, rtol=0, atol=1e-5)  # [MASK]'s -inf included
 
