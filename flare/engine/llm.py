@@ -29,11 +29,14 @@ class TextStream:
     A push decodes a short window of ids, not the whole output: from the first id of the previous advance to
     the end. What the window's text adds beyond the text of its first ids (the prefix) is the new text, so a
     decoder's rules for the first token (SentencePiece's leading space, WordPiece's ``##``) apply alike to both
-    and cancel, and a step costs the same at token 10 and at token 10,000. The window advances only past text
-    that does not end in U+FFFD, so it always starts on a whole character. The last push decodes the whole
+    and cancel, and a step costs the same at token 10 and at token 10,000. The window advances every ``ADVANCE``
+    ids (one more decode, of its new prefix), and only past text that does not end in U+FFFD, so it always
+    starts on a whole character. The last push decodes the whole
     output once; a decoder whose window text does not extend its prefix's text (clean-up rules across tokens)
     makes the stream decode the whole output on every push from then on, as it did before windows.
     """
+
+    ADVANCE = 8  # ids past the prefix before the window moves on: one decode a push, two every 8 ids
 
     def __init__(self, tokenizer: ChatTokenizer, stop: list[str] | None = None) -> None:
         self.tokenizer = tokenizer
@@ -56,7 +59,7 @@ class TextStream:
         self.ids += new_ids
         text = self._decode(bool(new_ids), finished)
         cut = min((i for i in (text.find(s, max(0, self.sent - len(s))) for s in self.stop) if i >= 0),
-                  default=-1)
+                  default=-1) if self.stop else -1
         if cut >= 0:
             self.stopped, text, safe = True, text[:cut], cut
         elif finished:
@@ -84,7 +87,7 @@ class TextStream:
                 self._full = True
                 return decode(ids)
             self._tail = window[len(self._prefix_text):]
-            if self._tail and not self._tail.endswith("\ufffd"):
+            if len(ids) - self._read >= self.ADVANCE and self._tail and not self._tail.endswith("\ufffd"):
                 self._stable += self._tail
                 self._prefix, self._read, self._tail = self._read, len(ids), ""
                 self._prefix_text = decode(ids[self._prefix: self._read])

@@ -8,6 +8,7 @@ finishing or aborting a sequence frees its slot at once.
 
 from __future__ import annotations
 
+import bisect
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -67,6 +68,7 @@ class Scheduler:
             if step.admitted and seq.prompt_len > budget:
                 break
             self.waiting.popleft()
+            # The lowest free slot: a step's forward covers slots up to the last busy one only.
             seq.slot = self.free_slots.pop()
             seq.status = SequenceStatus.RUNNING
             self.running[seq.request_id] = seq
@@ -98,5 +100,6 @@ class Scheduler:
     def _release(self, seq: Sequence, status: SequenceStatus) -> None:
         if self.running.pop(seq.request_id, None) is None:
             raise ValueError(f"request {seq.request_id!r} is not running")
-        self.free_slots.append(seq.slot)
+        # Kept in descending order, so that pop() hands out the lowest free slot.
+        bisect.insort(self.free_slots, seq.slot, key=lambda slot: -slot)
         seq.slot, seq.status = None, status

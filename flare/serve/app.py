@@ -1,9 +1,10 @@
 """The OpenAI-compatible HTTP API over one ``LLM``: completions, chat, models, health, metrics.
 
 Only committed tokens are ever sent: each stream chunk carries the text of whatever tokens the engine committed
-for the request in one step (several at once for AR-Trust and block-wise modes). A client that disconnects
-aborts its request, which frees its slot. Errors are OpenAI-shaped ``{"error": {...}}`` bodies: 400 for a bad
-request, 404 for an unknown model, 429 when the queue is full.
+for the request in one step (several at once for AR-Trust and block-wise modes, or for several steps when the
+event loop fell behind). A client that disconnects aborts its request, which frees its slot: one watcher task per
+request waits for the disconnect, so nothing is asked per token. Errors are OpenAI-shaped ``{"error": {...}}``
+bodies: 400 for a bad request, 404 for an unknown model, 429 when the queue is full.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from flare.engine import QueueFull, RequestError
+from flare.engine import QueueFull, RequestError, RequestOutput
 from flare.engine.llm import LLM
-from flare.serve.async_engine import AsyncEngine, EngineFailed
+from flare.serve.async_engine import AsyncEngine, Channel, EngineFailed
 from flare.serve.metrics import Metrics
 from flare.serve.protocol import ChatRequest, CompletionRequest
 
@@ -108,7 +109,7 @@ def create_app(llm: LLM) -> FastAPI:
         params = _guard(lambda: body.sampling(min(DEFAULT_MAX_TOKENS[kind], llm.engine.config.max_new_tokens)))
         mode = _guard(lambda: body.mode(llm.engine.config.default_options.mode))
         try:
-            rid, queue = await aengine.submit(prompt, params, mode)
+            rid, channel = await aengine.submit(prompt, params, mode)
         except RequestError as e:
             raise APIError(400, str(e)) from None
         except QueueFull as e:
@@ -117,10 +118,11 @@ def create_app(llm: LLM) -> FastAPI:
             raise APIError(503, str(e), "server_error") from None
         metrics.prompt_tokens.inc(len(prompt))
         reply = _Reply(llm, body, kind, rid, len(prompt))
-        events = _events(aengine, rid, queue, llm.stream(body.stop) if llm.tokenizer is not None else None)
+        events = _events(aengine, rid, channel, llm.stream(body.stop) if llm.tokenizer is not None else None,
+                         request)
         if body.stream:
-            return StreamingResponse(_sse(reply, events, aengine, rid, request), media_type="text/event-stream")
-        return await _collect(reply, events, aengine, rid, request)
+            return _EventStream(_sse(reply, events), media_type="text/event-stream")
+        return await _collect(reply, events)
 
     return app
 
@@ -133,20 +135,54 @@ def _guard(fn):
         raise APIError(400, str(e)) from None
 
 
-async def _events(aengine: AsyncEngine, rid: str, queue: asyncio.Queue, stream) -> AsyncIterator[tuple]:
-    """(text delta, new ids, finished, finish reason, sequence) per engine step that committed something."""
-    while True:
-        item = await queue.get()
-        if isinstance(item, Exception):
-            raise item
-        delta = stream.push(item.new_token_ids, item.finished) if stream is not None else ""
-        stopped = stream is not None and stream.stopped
-        if stopped and not item.finished:
+class ClientGone(Exception):
+    """The client disconnected; its request has been aborted."""
+
+
+_GONE = object()  # put in a request's channel by its watcher
+
+
+async def _watch(request: Request, aengine: AsyncEngine, rid: str, channel: Channel) -> None:
+    """Wait for the client to disconnect, then abort its request and end its output."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    aengine.abort(rid)
+    channel.put(_GONE)
+
+
+async def _events(aengine: AsyncEngine, rid: str, channel: Channel, stream, request: Request
+                  ) -> AsyncIterator[tuple]:
+    """(text delta, new ids, finished, finish reason, sequence) per step that committed something for the
+    request, several steps merged when they were waiting together. Raises ClientGone when the client leaves
+    and EngineFailed when the engine cannot go on; a request left unfinished is aborted."""
+    watcher = asyncio.ensure_future(_watch(request, aengine, rid, channel))
+    finished, pending = False, []
+    try:
+        while True:
+            if not pending:
+                pending = await channel.get()
+            if pending[0] is _GONE:
+                raise ClientGone()
+            if isinstance(pending[0], Exception):
+                raise pending[0]
+            n = 1
+            while n < len(pending) and isinstance(pending[n], RequestOutput) and not pending[n - 1].finished:
+                n += 1
+            batch, pending = pending[:n], pending[n:]
+            last = batch[-1]
+            new = batch[0].new_token_ids if n == 1 else [t for out in batch for t in out.new_token_ids]
+            delta = stream.push(new, last.finished) if stream is not None else ""
+            stopped = stream is not None and stream.stopped
+            if stopped and not last.finished:
+                aengine.abort(rid)
+            finished = last.finished or stopped
+            yield delta, new, finished, "stop" if stopped else last.finish_reason, last.sequence
+            if finished:
+                return
+    finally:
+        watcher.cancel()
+        if not finished:
             aengine.abort(rid)
-        finished = item.finished or stopped
-        yield delta, item.new_token_ids, finished, "stop" if stopped else item.finish_reason, item.sequence
-        if finished:
-            return
 
 
 class _Reply:
@@ -157,6 +193,7 @@ class _Reply:
         self.id = ("cmpl-" if kind == "completion" else "chatcmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.object = "text_completion" if kind == "completion" else "chat.completion"
+        self._head: str | None = None
 
     def usage(self, n: int) -> dict[str, int]:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": n, "total_tokens": self.prompt_tokens + n}
@@ -174,70 +211,82 @@ class _Reply:
         return {"id": self.id, "object": self.object, "created": self.created, "model": self.llm.name,
                 "choices": [choice], "usage": self.usage(len(ids)), "flare": self.flare(seq)}
 
-    def chunk(self, text: str | None, ids: list[int], reason: str | None, first: bool = False) -> dict[str, Any]:
+    def chunk(self, text: str | None, ids: list[int], reason: str | None, first: bool = False) -> bytes:
+        """One server-sent event, written out directly (json.dumps would walk a dict of dicts per step); the
+        constant head is encoded once per request."""
+        if self._head is None:
+            obj = "text_completion" if self.kind == "completion" else "chat.completion.chunk"
+            head = json.dumps({"id": self.id, "object": obj, "created": self.created, "model": self.llm.name})
+            self._head = "data: " + head[:-1] + ', "choices": [{"index": 0, '
         if self.kind == "completion":
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason, "token_ids": ids}
-            obj = "text_completion"
+            body = '"text": ' + _json_str(text or "")
         else:
-            delta: dict[str, Any] = {"role": "assistant"} if first else {}
+            parts = ['"role": "assistant"'] if first else []
             if text:
-                delta["content"] = text
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason, "token_ids": ids}
-            obj = "chat.completion.chunk"
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.llm.name, "choices": [choice]}
+                parts.append('"content": ' + _json_str(text))
+            body = '"delta": {' + ", ".join(parts) + "}"
+        why = "null" if reason is None else _json_str(reason)
+        return (f'{self._head}{body}, "logprobs": null, "finish_reason": {why}, '
+                f'"token_ids": [{", ".join(map(str, ids))}]}}]}}\n\n').encode()
 
 
-async def _collect(reply: _Reply, events, aengine: AsyncEngine, rid: str, request: Request):
-    text, ids, reason, seq = "", [], "abort", None
-    agen = events.__aiter__()
+async def _collect(reply: _Reply, events) -> Response:
+    text, ids, reason, seq = [], [], "abort", None
     try:
-        while True:
-            task = asyncio.ensure_future(agen.__anext__())
-            while not task.done():
-                await asyncio.wait({task}, timeout=0.5)
-                if not task.done() and await request.is_disconnected():
-                    task.cancel()
-                    aengine.abort(rid)
-                    return Response(status_code=499)
-            try:
-                delta, new, finished, why, seq = task.result()
-            except StopAsyncIteration:
-                break
-            text, ids = text + delta, ids + new
+        async for delta, new, finished, why, seq in events:
+            text.append(delta)
+            ids += new
             if finished:
                 reason = why
                 break
+    except ClientGone:
+        return Response(status_code=499)
     except EngineFailed as e:
-        aengine.abort(rid)
         return _error(503, str(e), "server_error")
-    return reply.full(text, list(seq.output_ids) if seq is not None else ids, reason, seq)
+    finally:
+        await events.aclose()
+    # A JSONResponse as it is: FastAPI would otherwise walk the body through jsonable_encoder.
+    return JSONResponse(reply.full("".join(text), list(seq.output_ids) if seq is not None else ids, reason, seq))
 
 
-async def _sse(reply: _Reply, events, aengine: AsyncEngine, rid: str, request: Request) -> AsyncIterator[str]:
-    finished = False
+async def _sse(reply: _Reply, events) -> AsyncIterator[bytes]:
     try:
         if reply.kind == "chat":
-            yield _data(reply.chunk(None, [], None, first=True))
+            yield reply.chunk(None, [], None, first=True)
         n = 0
         async for delta, new, finished, why, seq in events:
-            # A closed connection is not always reported by a failing send: ask, once per committed step.
-            if not finished and await request.is_disconnected():
-                break
             n += len(new)
             if delta or new or finished:
-                yield _data(reply.chunk(delta, new, why if finished else None))
-            if finished:
-                if (reply.body.stream_options or {}).get("include_usage"):
-                    yield _data({"id": reply.id, "object": reply.object, "created": reply.created,
-                                 "model": reply.llm.name, "choices": [], "usage": reply.usage(n),
-                                 "flare": reply.flare(seq)})
-        yield "data: [DONE]\n\n"
+                yield reply.chunk(delta, new, why if finished else None)
+            if finished and (reply.body.stream_options or {}).get("include_usage"):
+                yield _data({"id": reply.id, "object": reply.object, "created": reply.created,
+                             "model": reply.llm.name, "choices": [], "usage": reply.usage(n),
+                             "flare": reply.flare(seq)})
+        yield b"data: [DONE]\n\n"
+    except ClientGone:
+        return
     except EngineFailed as e:
         yield _data({"error": {"message": str(e), "type": "server_error", "param": None, "code": 503}})
     finally:
-        if not finished:
-            aengine.abort(rid)
+        await events.aclose()
 
 
-def _data(obj: dict) -> str:
-    return f"data: {json.dumps(obj)}\n\n"
+class _EventStream(StreamingResponse):
+    """Server-sent events, one send per chunk. Unlike StreamingResponse it runs no disconnect listener of its
+    own: the request's watcher (``_watch``) hears the client leave and ends the stream."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        try:
+            async for chunk in self.body_iterator:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        finally:
+            await self.body_iterator.aclose()
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+_json_str = json.encoder.encode_basestring_ascii  # a JSON string literal, as json.dumps writes one
+
+
+def _data(obj: dict) -> bytes:
+    return f"data: {json.dumps(obj)}\n\n".encode()

@@ -3,8 +3,12 @@
 The event loop never touches the engine: ``submit`` and ``abort`` post commands to an inbox that the engine
 thread drains before every step (so a request is admitted or dropped within one step, and a busy engine never
 starves the server). ``submit`` resolves once the engine has accepted the request (or refused it: RequestError,
-QueueFull) and returns an asyncio queue that receives the request's ``RequestOutput`` after every step that
+QueueFull) and returns a ``Channel`` that receives the request's ``RequestOutput`` after every step that
 committed something for it, or an ``EngineFailed`` if the engine could not go on.
+
+Every hand-over to the event loop wakes it (a write to its self-pipe) and takes the interpreter lock from the
+engine thread, so a step's outputs for all requests go over in ONE ``call_soon_threadsafe`` per loop, and a
+consumer that has fallen behind takes every output waiting at once (``Channel.get``).
 """
 
 from __future__ import annotations
@@ -25,14 +29,40 @@ class EngineFailed(RuntimeError):
     """The engine raised while stepping, or is shutting down; the requests in flight end with this error."""
 
 
+class Channel:
+    """(event loop) One request's outputs in the order they came; ``get`` takes all that are waiting."""
+
+    __slots__ = ("items", "waiter")
+
+    def __init__(self) -> None:
+        self.items: list[Any] = []
+        self.waiter: asyncio.Future | None = None
+
+    def put(self, item: Any) -> None:
+        self.items.append(item)
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def get(self) -> list[Any]:
+        """Every item waiting (at least one), oldest first."""
+        while not self.items:
+            self.waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+        items, self.items = self.items, []
+        return items
+
+
 class AsyncEngine:
     def __init__(self, engine: Engine, on_step: Callable[[list[RequestOutput], float], None] | None = None) -> None:
         self.engine = engine
         self.on_step = on_step
         self.inbox: queue_mod.SimpleQueue = queue_mod.SimpleQueue()
         self.wake = threading.Event()
-        # request id -> (its event loop, its output queue); touched only by the engine thread.
-        self.queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        # request id -> (its event loop, its output channel); touched only by the engine thread.
+        self.queues: dict[str, tuple[asyncio.AbstractEventLoop, Channel]] = {}
         self.stopping = False
         self.thread = threading.Thread(target=self._run, name="flare-engine", daemon=True)
 
@@ -51,12 +81,12 @@ class AsyncEngine:
         self.queues.clear()
 
     async def submit(self, prompt_ids: list[int], params: SamplingParams, mode: ModeOptions | None
-                     ) -> tuple[str, asyncio.Queue]:
+                     ) -> tuple[str, Channel]:
         """Queue a request; raises what the engine raises for it (RequestError, QueueFull)."""
         if self.stopping:
             raise EngineFailed("the server is shutting down")
         loop = asyncio.get_running_loop()
-        accepted, outputs = loop.create_future(), asyncio.Queue()
+        accepted, outputs = loop.create_future(), Channel()
         self.inbox.put(("add", (prompt_ids, params, mode), loop, accepted, outputs))
         self.wake.set()
         return await accepted, outputs
@@ -69,10 +99,23 @@ class AsyncEngine:
     def _deliver(self, request_id: str, item) -> None:
         entry = self.queues.get(request_id)
         if entry is not None:
-            _call(entry[0], entry[1].put_nowait, item)
+            _call(entry[0], entry[1].put, item)
+
+    def _publish(self, outputs: list[RequestOutput]) -> None:
+        """One step's outputs, one hand-over per event loop."""
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[Channel, RequestOutput]]] = {}
+        for out in outputs:
+            entry = self.queues.get(out.request_id)
+            # A step that committed nothing for a request (a denoising step) is not worth a wake-up.
+            if entry is not None and (out.new_token_ids or out.finished):
+                batches.setdefault(entry[0], []).append((entry[1], out))
+            if out.finished:
+                self.queues.pop(out.request_id, None)
+        for loop, items in batches.items():
+            _call(loop, _put_all, items)
 
     def _drain(self) -> None:
-        while True:
+        while not self.inbox.empty():
             try:
                 cmd = self.inbox.get_nowait()
             except queue_mod.Empty:
@@ -109,10 +152,7 @@ class AsyncEngine:
                     self._deliver(rid, EngineFailed(f"engine step failed: {type(e).__name__}: {e}"))
                 self.queues.clear()
                 continue
-            for out in outputs:
-                self._deliver(out.request_id, out)
-                if out.finished:
-                    self.queues.pop(out.request_id, None)
+            self._publish(outputs)
             if self.on_step is not None:
                 self.on_step(outputs, self.engine.stats.step_seconds)
 
@@ -126,6 +166,11 @@ class AsyncEngine:
             fut.set_exception(error)
         else:
             fut.set_result(result)
+
+
+def _put_all(items: list[tuple[Channel, Any]]) -> None:
+    for channel, item in items:
+        channel.put(item)
 
 
 def _call(loop: asyncio.AbstractEventLoop, fn, *args) -> None:

@@ -26,12 +26,17 @@ class Metrics:
         self.kernels = Info("flare_kernel_path", "The kernel each layer kind ran last", registry=r)
 
     def on_step(self, outputs: list[RequestOutput], seconds: float) -> None:
+        """(engine thread, every step) Counts per mode summed first: one counter update per mode a step."""
         self.step_latency.observe(seconds)
+        tokens: dict[str, int] = {}
         for out in outputs:
             if out.new_token_ids:
-                self.tokens.labels(out.sequence.mode).inc(len(out.new_token_ids))
+                mode = out.sequence.mode
+                tokens[mode] = tokens.get(mode, 0) + len(out.new_token_ids)
             if out.finished:
                 self.requests.labels(out.sequence.mode, out.finish_reason or "stop").inc()
+        for mode, n in tokens.items():
+            self.tokens.labels(mode).inc(n)
 
     def render(self) -> bytes:
         e = self.engine

@@ -106,3 +106,19 @@ def test_bookkeeping_imports_no_torch():
         names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
         assert not any(name.split(".")[0] == "torch" for name in names), module.__name__
+
+
+def test_the_lowest_free_slot_is_handed_out_first():
+    """A forward covers slots up to the last busy one: a lone request after a wave takes slot 0, not the last
+    slot freed."""
+    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_waiting=8, max_prefill_tokens=100))
+    seqs = [seq(i, 2, 3) for i in range(4)]
+    for one in seqs:
+        sched.add(one)
+    sched.schedule()
+    for one in (seqs[2], seqs[0], seqs[3], seqs[1]):
+        sched.finish(one)
+    lone = seq(9, 2, 3)
+    sched.add(lone)
+    sched.schedule()
+    assert lone.slot == 0 and sched.free_slots == [3, 2, 1]
