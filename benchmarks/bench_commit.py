@@ -11,7 +11,8 @@ do, and end each round as the decoding stepper does, lowering the cache's length
 shortest lengths (one host read), so attention in the next round spans the same committed keys in both arms.
 Each round's inputs (rows, accepted counts and the replay's validity mask) are built before timing.
 
-    python benchmarks/bench_commit.py [--size tiny|small] [--batch 8] [--gen-block N] [--rounds 50]
+    python benchmarks/bench_commit.py [--size tiny|small|real] [--batch 8] [--gen-block N] [--rounds 50]
+        [--device cuda] [--dtype auto|float32|bfloat16]
 """
 
 from __future__ import annotations
@@ -22,34 +23,31 @@ import tempfile
 import time
 
 import torch
+from _models import SIZE_HELP, SIZES, add_device_args, random_checkpoint, resolve, stored_dtype, sync
 
 import flare
 from flare.decoding import ArTrustOptions, check_request
+from flare.device import describe
 from flare.model import CommitRecord, frozen_weights
 from flare.model.cache import AttentionState
 from flare.model.context import Rows
-from flare.testing.checkpoints import save_tiny_checkpoint
-
-SIZES = {
-    "tiny": {},
-    "small": dict(hidden_size=256, num_hidden_layers=8, vocab_size=1024, intermediate_size=512,
-                  num_attention_heads=8, num_key_value_heads=2, head_dim=32, linear_num_key_heads=4,
-                  linear_num_value_heads=8, linear_key_head_dim=32, linear_value_head_dim=32),
-}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", choices=SIZES, default="tiny")
+    ap.add_argument("--size", choices=list(SIZES), default="tiny", help=SIZE_HELP)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--gen-block", type=int, default=None,
                     help="AR-Trust's N (default: as AR-Trust resolves it for this checkpoint's training block)")
     ap.add_argument("--rounds", type=int, default=50)
     ap.add_argument("--threads", type=int, default=1)
+    add_device_args(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        model = flare.load_model(save_tiny_checkpoint(tmp, "qwen3_5", seed=0, tokenizer=False, **SIZES[args.size]))
+        random_checkpoint(tmp, args.size, seed=0)
+        device, dtype = resolve(args, stored_dtype(tmp))
+        model = flare.load_model(tmp, device=device, dtype=dtype)
     model.config.mask_token_id = model.config.vocab_size - 1
     mode = ArTrustOptions(gen_block=args.gen_block)
     V, B, N = model.config.vocab_size, args.batch, check_request(model.config, [[0]], mode).gen_block
@@ -60,6 +58,9 @@ def main() -> None:
     masks = torch.full((B, N - 1), V - 1)
     rows_in = [torch.cat([clean, masks], 1) for clean in rounds]  # [clean x N ; MASK x (N - 1)]
     valids = [torch.arange(N)[None] < n[:, None] for n in accepts]  # replay: right padding past each accept
+    prefix, rounds, accepts, rows_in, valids = (
+        x.to(device) if isinstance(x, torch.Tensor) else [t.to(device) for t in x]
+        for x in (prefix, rounds, accepts, rows_in, valids))
     # Room for both arms' every round: the bound never exceeds 64 + N * round, and a round writes at most
     # 2N - 1 rows (the verify forward) or N rows (the replay) after it.
     capacity = 64 + N * (args.rounds + 2)
@@ -72,6 +73,7 @@ def main() -> None:
         model.hidden_states(prefix, cache=cache)
         storage = kv_storage(cache)
         times = []
+        sync(device)
         for rows, clean, n, valid in zip(rows_in, rounds, accepts, valids):
             start = time.perf_counter()
             if keep:
@@ -92,13 +94,14 @@ def main() -> None:
 
     with torch.no_grad(), frozen_weights():
         (_, kept), (_, replayed) = run(True), run(False)  # warm-up, and a check that both do the same work
-        _same_caches(kept, replayed)
+        _same_caches(kept, replayed, 1e-4 if dtype == torch.float32 else 5e-2)
         keep, replay = [], []
         for i in range(3):  # alternate which arm runs first
             for arm in ((True, False) if i % 2 == 0 else (False, True)):
                 (keep if arm else replay).extend(run(arm)[0])
     k, r = statistics.median(keep) * 1e3, statistics.median(replay) * 1e3
-    print(f"size {args.size}, batch {B}, gen block {N}, {args.rounds} rounds x 3, torch threads {args.threads}")
+    print(f"size {args.size}, batch {B}, gen block {N}, {args.rounds} rounds x 3, torch threads {args.threads}, "
+          f"{describe(device, dtype)}")
     print(f"{'strategy':<34}{'ms/round':>10}")
     print(f"{'keep per-position states':<34}{k:>10.2f}")
     print(f"{'replay accepted tokens':<34}{r:>10.2f}")

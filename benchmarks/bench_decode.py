@@ -1,6 +1,7 @@
-"""Decode and prefill speed of flare vs transformers on the same tiny Qwen3.5 hybrid weights (CPU, fp32).
+"""Decode and prefill speed of flare vs transformers on the same Qwen3.5 hybrid weights (CPU or CUDA).
 
-What it measures, all in one run on one seeded checkpoint (built with flare.testing.checkpoints):
+What it measures, all in one run on one seeded checkpoint (built with flare.testing.checkpoints; ``--size real``
+is Qwen3.5-0.8B-shaped), both sides in the same ``--dtype`` on the same ``--device``:
 
 * ms per greedy decode step, batch 1 and batch ``--batch`` (``--steps`` new tokens after a 64-token prompt).
   Like-for-like measure: a manual loop on each side, one forward of the new token against the model's cache
@@ -15,7 +16,9 @@ Each ratio is flare / transformers *time* (so < 1 means flare is faster); the go
 rows is flare <= 0.5x transformers' time per step. Every number is the median of ``--repeats`` timed runs after
 a warm-up run. A correctness line checks that both produce the same greedy tokens.
 
-Run:  python benchmarks/bench_decode.py [--size tiny|small] [--steps 128] [--batch 8] [--threads N]
+Run:  python benchmarks/bench_decode.py [--size tiny|small|real] [--steps 128] [--batch 8] [--threads N]
+          [--device cuda] [--dtype auto|float32|bfloat16]
+``causal_step_ms`` (the decode rows) is what bench_modes.py imports for its flare-vs-transformers line.
 """
 
 from __future__ import annotations
@@ -26,20 +29,15 @@ import tempfile
 import time
 
 import torch
+from _models import (SIZE_HELP, SIZES, add_device_args, load_transformers, random_checkpoint, resolve, stored_dtype,
+                     sync)
 
 import flare
 from flare.decoding import SamplingParams
+from flare.device import describe
 from flare.engine import decode
 from flare.model import frozen_weights
-from flare.testing.checkpoints import save_tiny_checkpoint
 
-# Valid Qwen3_5TextConfig fields; "tiny" is the library default of save_tiny_checkpoint.
-SIZES = {
-    "tiny": {},
-    "small": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=8, vocab_size=1024,
-                  num_attention_heads=8, num_key_value_heads=2, head_dim=32, linear_num_key_heads=4,
-                  linear_num_value_heads=8, linear_key_head_dim=32, linear_value_head_dim=32),
-}
 PROMPT_LEN, PREFILL_LEN, DECODE_GOAL = 64, 512, 0.5
 
 
@@ -48,6 +46,7 @@ def wall(fn):
     def run():
         t0 = time.perf_counter()
         result = fn()
+        sync(_device(result))
         return time.perf_counter() - t0, result
     return run
 
@@ -66,6 +65,12 @@ def paired(fn_a, fn_b, repeats: int):
             runs_a[-1][1], runs_b[-1][1])
 
 
+def _device(result) -> torch.device:
+    """The device a timed call's result lives on (tensors, a tuple of them, or a DecodeResult: the CPU)."""
+    first = result[0] if isinstance(result, tuple) else result
+    return first.device if isinstance(first, torch.Tensor) else torch.device("cpu")
+
+
 # -- flare ------------------------------------------------------------------------------------------------------
 def flare_prefill(model, ids, steps):
     cache = model.new_cache(ids.shape[0], capacity=ids.shape[1] + steps)
@@ -81,6 +86,7 @@ def flare_steps(model, tok, cache, steps):
         for _ in range(steps - 1):
             tok = model.logits(model.hidden_states(tok[:, None], cache=cache)[:, 0]).argmax(-1)
             out.append(tok)
+    sync(tok.device)
     return time.perf_counter() - t0, torch.stack(out, 1)
 
 
@@ -98,6 +104,7 @@ def hf_steps(model, tok, cache, steps):
         cache = res.cache
         tok = res.logits[:, -1].argmax(-1)
         out.append(tok)
+    sync(tok.device)
     return time.perf_counter() - t0, torch.stack(out, 1)
 
 
@@ -106,64 +113,82 @@ def decode_run(prefill, steps_fn, model, ids, steps):
     return lambda: steps_fn(model, *prefill(model, ids, steps), steps)
 
 
+def causal_step_ms(fm, hf, ids_by_batch: dict[int, torch.Tensor], steps: int, repeats: int) -> list[dict]:
+    """Per batch: ms per cached greedy decode step of flare and of transformers (``steps - 1`` timed steps after
+    an untimed prefill of the ids, paired and interleaved, median of ``repeats``), and whether both produced the
+    same greedy tokens."""
+    out = []
+    with torch.no_grad():
+        for B, ids in ids_by_batch.items():
+            f_s, h_s, f_tok, h_tok = paired(decode_run(flare_prefill, flare_steps, fm, ids, steps),
+                                            decode_run(hf_prefill, hf_steps, hf, ids, steps), repeats)
+            f_ms, h_ms = 1e3 * f_s / (steps - 1), 1e3 * h_s / (steps - 1)
+            out.append(dict(batch=B, flare_ms=f_ms, transformers_ms=h_ms, ratio=f_ms / h_ms,
+                            tokens=f_tok.numel(), differ=int((f_tok != h_tok).sum()), flare_tokens=f_tok,
+                            transformers_tokens=h_tok))
+    return out
+
+
+def random_ids(gen: torch.Generator, vocab: int, batch: int, length: int, device) -> torch.Tensor:
+    """Prompt ids in [4, vocab - 1): never the last id, which the benchmarks' random models use as [MASK]."""
+    return torch.randint(4, vocab - 1, (batch, length), generator=gen).to(device)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--size", choices=sorted(SIZES), default="tiny", help="checkpoint size (tiny: 64 hidden, "
-                    "4 layers, vocab 96; small: 256 hidden, 8 layers, vocab 1024)")
+    ap.add_argument("--size", choices=list(SIZES), default="tiny", help=SIZE_HELP)
     ap.add_argument("--steps", type=int, default=128, help="new tokens per decode run (after a 64-token prompt)")
     ap.add_argument("--batch", type=int, default=8, help="the larger decode batch (batch 1 is always measured)")
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads; 1 by default because at "
                     "these sizes every op is tiny and intra-op threads add only sync cost and noise")
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (median taken)")
     ap.add_argument("--prefill-len", type=int, default=PREFILL_LEN, help="prompt tokens for the prefill test")
+    add_device_args(ap)
     args = ap.parse_args()
     if args.steps < 2:
         ap.error("--steps must be >= 2")
     torch.set_num_threads(args.threads)
     import transformers
 
-    transformers.logging.set_verbosity_error()  # its "falling back to the PyTorch reference kernel" notes
-    transformers.utils.logging.disable_progress_bar()
     with tempfile.TemporaryDirectory() as tmp:
-        save_tiny_checkpoint(tmp, "qwen3_5", seed=0, **SIZES[args.size])
-        fm = flare.load_model(tmp).eval()
-        hf = transformers.Qwen3_5ForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+        random_checkpoint(tmp, args.size, seed=0)
+        device, dtype = resolve(args, stored_dtype(tmp))
+        fm = flare.load_model(tmp, device=device, dtype=dtype).eval()
+        hf = load_transformers(tmp, device, dtype)
     cfg = fm.config
     n_params = sum(p.numel() for p in hf.parameters())
     print(f"flare vs transformers {transformers.__version__} | torch {torch.__version__} | threads "
-          f"{torch.get_num_threads()} | size {args.size}: {n_params / 1e6:.2f}M params, hidden {cfg.hidden_size}, "
-          f"{cfg.num_hidden_layers} layers ({sum(t != 'full_attention' for t in cfg.layer_types)} GDN), "
-          f"vocab {cfg.vocab_size}, fp32 CPU")
+          f"{torch.get_num_threads()} | {describe(device, dtype)} | size {args.size}: {n_params / 1e6:.2f}M params, "
+          f"hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers "
+          f"({sum(t != 'full_attention' for t in cfg.layer_types)} GDN), vocab {cfg.vocab_size}")
     print("both run pure-PyTorch kernels (transformers: its torch fallbacks for the GDN conv and recurrence)")
     print("decode measure: manual greedy loop, one cached forward + argmax per step on both sides, "
           "prefill excluded (the like-for-like measure; generate()/decode() end-to-end shown separately)\n")
 
     gen = torch.Generator().manual_seed(0)
     rows, checks, decode_ratios = [], [], []
-    with torch.no_grad():
-        for B in sorted({1, args.batch}):
-            ids = torch.randint(4, cfg.vocab_size, (B, PROMPT_LEN), generator=gen)
-            f_s, h_s, f_tok, h_tok = paired(decode_run(flare_prefill, flare_steps, fm, ids, args.steps),
-                                            decode_run(hf_prefill, hf_steps, hf, ids, args.steps), args.repeats)
-            f_ms, h_ms = 1e3 * f_s / (args.steps - 1), 1e3 * h_s / (args.steps - 1)
-            rows.append((f"decode ms/step  B={B}", f_ms, h_ms, "ms", f_ms / h_ms))
-            decode_ratios.append(f_ms / h_ms)
-            checks.append((f"loop B={B}", f_tok, h_tok))
+    ids_by_batch = {B: random_ids(gen, cfg.vocab_size, B, PROMPT_LEN, device) for B in sorted({1, args.batch})}
+    for r in causal_step_ms(fm, hf, ids_by_batch, args.steps, args.repeats):
+        B = r["batch"]
+        rows.append((f"decode ms/step  B={B}", r["flare_ms"], r["transformers_ms"], "ms", r["ratio"]))
+        decode_ratios.append(r["ratio"])
+        checks.append((f"loop B={B}", r["flare_tokens"], r["transformers_tokens"]))
 
-        # End-to-end library APIs, batch --batch, prefill included, per new token.
+    # End-to-end library APIs, batch --batch, prefill included, per new token.
+    with torch.no_grad():
         B = args.batch
-        ids = torch.randint(4, cfg.vocab_size, (B, PROMPT_LEN), generator=gen)
+        ids = random_ids(gen, cfg.vocab_size, B, PROMPT_LEN, device)
         params = SamplingParams(temperature=0, max_new_tokens=args.steps, ignore_eos=True)
         f_s, h_s, f_res, h_out = paired(
             wall(lambda: decode(fm, ids.tolist(), params)),
             wall(lambda: hf.generate(ids, max_new_tokens=args.steps, min_new_tokens=args.steps, do_sample=False,
                                      pad_token_id=0)), args.repeats)
         rows.append((f"e2e ms/token    B={B}", 1e3 * f_s / args.steps, 1e3 * h_s / args.steps, "ms", f_s / h_s))
-        checks.append((f"decode()/generate() B={B}", torch.tensor(f_res.token_ids), h_out[:, PROMPT_LEN:]))
+        checks.append((f"decode()/generate() B={B}", torch.tensor(f_res.token_ids), h_out[:, PROMPT_LEN:].cpu()))
 
         # Prefill throughput, batch 1.
-        ids = torch.randint(4, cfg.vocab_size, (1, args.prefill_len), generator=gen)
+        ids = random_ids(gen, cfg.vocab_size, 1, args.prefill_len, device)
         f_s, h_s, f_first, h_first = paired(wall(lambda: flare_prefill(fm, ids, 1)[0]),
                                             wall(lambda: hf_prefill(hf, ids, 1)[0]), args.repeats)
         T = args.prefill_len
@@ -180,6 +205,7 @@ def main() -> None:
     print()
     all_ok = True
     for name, a, b in checks:
+        a, b = a.cpu(), b.cpu()
         same = a.shape == b.shape and bool((a == b).all())
         all_ok &= same
         detail = f"{tuple(a.shape)} tokens identical" if same else (
@@ -187,6 +213,9 @@ def main() -> None:
             else f"MISMATCH: shapes {tuple(a.shape)} vs {tuple(b.shape)}")
         print(f"correctness {name:<26} {detail}")
 
+    if dtype != torch.float32 and not all_ok:
+        print(f"(in {str(dtype).removeprefix('torch.')} the two implementations round differently, so a greedy path "
+              "can part at a near-tie and differ from there on; --dtype float32 is the exactness check)")
     worst = max(decode_ratios)
     print(f"\nSUMMARY: decode flare/hf time per step {', '.join(f'{r:.2f}x' for r in decode_ratios)} "
           f"(goal <= {DECODE_GOAL}x: {'MET' if worst <= DECODE_GOAL else 'NOT MET'}), prefill {rows[-1][4]:.2f}x, "

@@ -1,5 +1,5 @@
 """Decoding speed of every mode of one FLARE checkpoint, as a ratio to causal decoding of the same model (CPU,
-or ``--device cuda``).
+or ``--device cuda``), in ``--dtype`` (auto: bf16 where the device computes it natively).
 
 What it measures, all in one run on one model and one set of prompts:
 
@@ -15,20 +15,30 @@ What it measures, all in one run on one model and one set of prompts:
 * AR-Trust counters: drafted and accepted draft tokens (acceptance rate), and an exactness check: at
   temperature 0 AR-Trust must emit exactly the causal (greedy AR) tokens.
 * goal (printed beside the AR-Trust rows): AR-Trust >= 2.5x causal tokens/s with TPF >= 3.0 (of gen block 4), on
-  a trained model. With no ``--model`` a seeded RANDOM tiny qwen3_5 model is used (mask id = vocab - 1): its
-  MASK rows draft near-random tokens, so acceptance and TPF are near their floor and its ratios say nothing
-  about a trained model; they only show each mode's per-forward overhead.
+  a trained model. With no ``--model`` a seeded RANDOM qwen3_5 model of ``--size`` is used (mask id = vocab - 1;
+  ``real`` = Qwen3.5-0.8B-shaped: hidden 1024, 24 layers, 3 GDN : 1 gated attention, tied 248,320 vocabulary,
+  0.75B parameters, built in seconds): its MASK rows draft near-random tokens, so acceptance and TPF are near
+  their floor and its ratios say nothing about a trained model; they only show each mode's per-forward cost.
 * cost per forward of each mode relative to a causal forward, and from it AR-Trust's speed ceiling at full
   acceptance (gen block N / that cost): a ceiling below the goal means no training can meet it at this model size
   on this machine. Then a short profile (forward hooks + torch.profiler) of one AR-Trust decode vs causal says
-  where a round's time goes.
+  where a round's time goes (CPU only).
+* causal ms per decode step of flare vs transformers (``Qwen3_5ForCausalLM``, its pure-PyTorch GDN fallback) on
+  the same weights, dtype and device, at batch 1 and ``--batch``: bench_decode.py's ``causal_step_ms``
+  (``--new-tokens`` steps after a ``--prompt-len`` prompt, prefill excluded); ``--no-transformers`` skips it.
+
+``--json PATH`` writes every number printed (benchmarks/gpu_check.sh collects it).
 
 Run:  .venv/bin/python benchmarks/bench_modes.py [--model DIR] [--task arithmetic | --prompts-file F.jsonl]
           [--new-tokens 32]
           [--batch 8] [--prompt-len 32] [--threads 1] [--repeats 3] [--modes causal,ar_trust,...] [--device cuda]
+          [--size tiny|small|real] [--dtype auto|float32|bfloat16] [--no-transformers] [--json out.json]
 ``--model`` is a FLARE checkpoint directory (config.json with "flare": {"mask_token_id": ...});
 ``--prompts-file`` is JSONL with one {"prompt_ids": [...]} per line (cycled when fewer than the batch).
-The default run (random model, 32 new tokens) takes about 2 minutes on 2 CPU cores.
+The default run (random small model, 32 new tokens) takes about 2 minutes on 2 CPU cores;
+``--size real --threads 2 --repeats 1 --new-tokens 8`` about 1 minute in bf16 (1.5 in float32) on 2 idle cores
+(the model is built in 5-10 s), but 10-14 minutes while another process keeps one core busy, where ``--threads 1``
+takes about 2.5 minutes.
 """
 
 from __future__ import annotations
@@ -40,35 +50,17 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 
 import torch
+from _models import SIZE_HELP, SIZES, add_device_args, random_checkpoint, resolve, stored_dtype, sync
 
 import flare
 from flare.decoding import OPTIONS, CausalOptions, SamplingParams, parse_modes
+from flare.device import describe
 from flare.engine import decode
 
-# Valid Qwen3_5TextConfig overrides for the random model ("tiny" = save_tiny_checkpoint's defaults).
-SIZES = {
-    "tiny": {},
-    "small": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=8, vocab_size=1024,
-                  num_attention_heads=8, num_key_value_heads=2, head_dim=32, linear_num_key_heads=4,
-                  linear_num_value_heads=8, linear_key_head_dim=32, linear_value_head_dim=32),
-}
 GOAL_SPEED, GOAL_TPF = 2.5, 3.0
-
-
-def random_model(size: str, seed: int, device: str = "cpu"):
-    import transformers
-
-    from flare.testing.checkpoints import save_tiny_checkpoint
-
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    with tempfile.TemporaryDirectory() as tmp:
-        save_tiny_checkpoint(tmp, "qwen3_5", seed=seed, tokenizer=False, **SIZES[size])
-        model = flare.load_model(tmp, device=device)
-    model.config.mask_token_id = model.config.vocab_size - 1
-    return model.eval()
 
 
 def task_prompts(model_dir: str, spec: str, n: int) -> list[list[int]]:
@@ -95,11 +87,33 @@ def load_prompts(path: str | None, n: int, length: int, vocab: int, avoid: int, 
 
 
 def timed_decode(model, prompts, params, options):
-    """(wall s, this process's CPU s, DecodeResult). With one thread the CPU time is a cross-check of the wall
-    time that other processes on the machine hardly move."""
-    t0, c0 = time.perf_counter(), time.process_time()
-    res = decode(model, prompts, params, options)
-    return time.perf_counter() - t0, time.process_time() - c0, res
+    """(wall s, this process's CPU s, DecodeResult, prefill s, s per decoding round). With one thread the CPU time
+    is a cross-check of the wall time that other processes on the machine hardly move.
+
+    A wrapper on ``model.hidden_states`` notes when each forward starts. Prefill = decode() start to the second
+    forward's start; a round = one forward and everything the mode does around it (sampling, verification,
+    commits) = from one forward's start to the next's (the last one: to decode()'s end). On the CPU the median
+    round is returned, which a burst of load from other processes during one round hardly moves; on CUDA, where
+    the host may queue a forward before the previous one ran, their mean (the time after the prefill / the
+    forwards after it). None of the two when the forwards counted differ from ``DecodeResult.forwards``."""
+    inner, starts = model.hidden_states, []
+
+    def hidden_states(*args, **kwargs):
+        starts.append(time.perf_counter())
+        return inner(*args, **kwargs)
+
+    model.hidden_states = hidden_states  # instance attribute: shadows the method for this call only
+    try:
+        t0, c0 = time.perf_counter(), time.process_time()
+        res = decode(model, prompts, params, options)
+        t1, c1 = time.perf_counter(), time.process_time()
+    finally:
+        del model.hidden_states
+    if len(starts) != res.forwards or len(starts) < 2:
+        return t1 - t0, c1 - c0, res, None, None
+    rounds = [b - a for a, b in zip(starts[1:], starts[2:] + [t1])]
+    per_round = statistics.median(rounds) if model.device.type == "cpu" else statistics.mean(rounds)
+    return t1 - t0, c1 - c0, res, starts[1] - t0, per_round
 
 
 def split_decode_time(model, prompts, params, mode) -> dict[str, float]:
@@ -133,25 +147,26 @@ def split_decode_time(model, prompts, params, mode) -> dict[str, float]:
     return acc
 
 
-def gemm_rows_cost(in_dim: int, out_dim: int, batch: int, rows: int, reps: int = 30, device: str = "cpu") -> float:
-    """Time of one fp32 GEMM over ``batch * rows`` rows / over ``batch`` rows, same [out, in] weight (median of
+def gemm_rows_cost(in_dim: int, out_dim: int, batch: int, rows: int, reps: int = 30, device="cpu",
+                   dtype: torch.dtype = torch.float32) -> float:
+    """Time of one GEMM over ``batch * rows`` rows / over ``batch`` rows, same [out, in] weight (median of
     ``reps`` paired calls): what a forward over a round's rows costs at least, relative to a 1-row step, on this
     machine. A few weights are cycled so that a large one is read from memory, as in a real forward."""
     import torch.nn.functional as F
 
-    weights = [torch.randn(out_dim, in_dim, device=device) for _ in range(3)]
-    small, big = torch.randn(batch, in_dim, device=device), torch.randn(batch * rows, in_dim, device=device)
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    weights = [torch.randn(out_dim, in_dim, device=device, dtype=dtype) for _ in range(3)]
+    small = torch.randn(batch, in_dim, device=device, dtype=dtype)
+    big = torch.randn(batch * rows, in_dim, device=device, dtype=dtype)
     ratios = []
     for i in range(reps + 3):
         w = weights[i % 3]
-        sync()
+        sync(device)
         t0 = time.perf_counter()
         F.linear(small, w)
-        sync()
+        sync(device)
         t1 = time.perf_counter()
         F.linear(big, w)
-        sync()
+        sync(device)
         t2 = time.perf_counter()
         if i >= 3:
             ratios.append((t2 - t1) / (t1 - t0))
@@ -168,14 +183,30 @@ def top_ops(model, prompts, params, mode, n=6):
     return total / 1e6, sum(e.count for e in ev), [(e.key, e.self_cpu_time_total / 1e6, e.count) for e in ev[:n]]
 
 
+def near_ties(model, prompts, causal_ids, other_ids) -> list[int | None]:
+    """For each sequence whose tokens differ from causal's: the first differing position when the causal top-2
+    logits there are within ``logit_tolerance`` (twice it: a full forward rounds differently again), else None."""
+    from flare.ops.precision import logit_tolerance
+
+    out = []
+    for prompt, a, b in zip(prompts, causal_ids, other_ids):
+        cut = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        if cut is None:
+            continue
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + a[:cut]], device=model.device))[0, -1]
+        top2 = logits.float().topk(2).values
+        out.append(cut if float(top2[0] - top2[1]) <= 2 * float(logit_tolerance(logits)) else None)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--model", help="FLARE checkpoint directory (needs flare.mask_token_id in config.json); "
-                    "default: a seeded random tiny qwen3_5 model (ratios then say nothing about a trained model)")
-    ap.add_argument("--size", choices=sorted(SIZES), default="small",
-                    help="random model size (no --model): small = hidden 256, 8 layers, vocab 1024; "
-                         "tiny = hidden 64, 4 layers, vocab 96")
+                    "default: the seeded random qwen3_5 model of --size (ratios then say nothing about a trained "
+                    "model)")
+    ap.add_argument("--size", choices=list(SIZES), default="small", help=SIZE_HELP + " (no --model)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random model and the random prompts")
     ap.add_argument("--prompts-file", help='JSONL, one {"prompt_ids": [...]} per line (default: random ids)')
     ap.add_argument("--task", help="chat prompts from an evaluation task spec (e.g. arithmetic, "
@@ -188,10 +219,20 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads; 1 by default: decode forwards "
                     "are small, and on a shared 2-core machine a second thread mostly adds sync cost and noise")
     ap.add_argument("--repeats", type=int, default=3, help="timed interleaved rounds after a warm-up (median)")
-    ap.add_argument("--device", default="cpu", help="where the model runs (e.g. cuda); the profile is CPU-only")
+    add_device_args(ap)
     ap.add_argument("--no-profile", action="store_true", help="skip the profile printed when AR-Trust's ceiling "
-                    "is below the goal")
+                    "is below the goal (it runs on the CPU only, and at --size real only with --profile)")
+    ap.add_argument("--profile", action="store_true", help="profile at --size real too (four more decodes at "
+                    "the larger batch: minutes on a CPU)")
+    ap.add_argument("--no-transformers", action="store_true", help="skip the causal ms/step comparison with "
+                    "transformers on the same weights")
+    ap.add_argument("--json", help="also write every measured number to this file")
     a = ap.parse_args()
+    with ExitStack() as stack:
+        run(a, ap, stack)
+
+
+def run(a: argparse.Namespace, ap: argparse.ArgumentParser, stack: ExitStack) -> None:
     try:
         parsed = parse_modes(a.modes)
     except ValueError as e:
@@ -204,14 +245,23 @@ def main() -> None:
     load_start = os.getloadavg()[0]
 
     if a.model:
-        model = flare.load_model(a.model, device=a.device).eval()
+        ckpt = a.model
+    else:
+        t0 = time.perf_counter()
+        ckpt = str(random_checkpoint(stack.enter_context(tempfile.TemporaryDirectory()), a.size, a.seed))
+        build_s = time.perf_counter() - t0
+    device, dtype = resolve(a, stored_dtype(ckpt))
+    t0 = time.perf_counter()
+    model = flare.load_model(ckpt, device=device, dtype=dtype).eval()
+    load_s = time.perf_counter() - t0
+    if a.model:
         if model.config.mask_token_id is None:
             sys.exit(f"{a.model}: not a FLARE checkpoint (config.json has no flare.mask_token_id); "
                      "convert it with `flare convert` first")
         what = f"checkpoint {a.model}"
     else:
-        model = random_model(a.size, a.seed, a.device)
-        what = f"RANDOM seeded tiny qwen3_5 ({a.size})"
+        model.config.mask_token_id = model.config.vocab_size - 1
+        what = f"RANDOM seeded qwen3_5 ({a.size}; built in {build_s:.1f} s, loaded in {load_s:.1f} s)"
     cfg = model.config
     n_params = sum(p.numel() for p in model.parameters())
     params = SamplingParams(temperature=0, max_new_tokens=a.new_tokens, ignore_eos=True)
@@ -225,10 +275,12 @@ def main() -> None:
         prompts_all = load_prompts(a.prompts_file, a.batch, a.prompt_len, cfg.vocab_size, cfg.mask_token_id,
                                    a.seed)
 
-    print(f"decoding modes vs causal | torch {torch.__version__} | threads {torch.get_num_threads()} | fp32 "
-          f"{a.device}")
+    print(f"decoding modes vs causal | torch {torch.__version__} | threads {torch.get_num_threads()} | "
+          f"{describe(device, dtype)}")
+    n_gdn = sum(t != "full_attention" for t in cfg.layer_types)
     print(f"model: {what}, {n_params / 1e6:.2f}M params, hidden {cfg.hidden_size}, {cfg.num_hidden_layers} "
-          f"layers, vocab {cfg.vocab_size}, [MASK] id {cfg.mask_token_id}")
+          f"layers ({n_gdn} GDN, {cfg.num_hidden_layers - n_gdn} attention), vocab {cfg.vocab_size}, "
+          f"[MASK] id {cfg.mask_token_id}")
     source = (f"task {a.task} (chat template)" if a.task else f"file {a.prompts_file}" if a.prompts_file
               else f"random ids, length {a.prompt_len}")
     print(f"prompts: {source}; "
@@ -241,19 +293,28 @@ def main() -> None:
           f"interleaved rounds after a warm-up; ratios to causal at the same batch, same run (cpu x: the same "
           f"ratio on process CPU time, which other load on the machine hardly moves)\n")
 
+    sections = {"model": time.perf_counter() - t_start}
+    t_modes = time.perf_counter()
     results = {}
+    # Warm-ups are short (4-token prompts, 2 new tokens): they only need each mode's code path to have run once.
+    warm = SamplingParams(temperature=0, max_new_tokens=min(a.new_tokens, 2), ignore_eos=True)
     for B in sorted({1, a.batch}):
         prompts = prompts_all[:B]
-        for mode in modes:  # warm-up
-            timed_decode(model, prompts, params, spec[mode])
+        for mode in modes:
+            timed_decode(model, [p[:4] for p in prompts], warm, spec[mode])
         times: dict[str, list[float]] = {m: [] for m in modes}
         cpu: dict[str, list[float]] = {m: [] for m in modes}
+        prefill: dict[str, list[float]] = {m: [] for m in modes}
+        rounds: dict[str, list[float]] = {m: [] for m in modes}
         last = {}
         for _ in range(a.repeats):
             for mode in modes:
-                t, c, res = timed_decode(model, prompts, params, spec[mode])
+                t, c, res, pre, per_round = timed_decode(model, prompts, params, spec[mode])
                 times[mode].append(t)
                 cpu[mode].append(c)
+                if per_round is not None:
+                    prefill[mode].append(pre)
+                    rounds[mode].append(per_round)
                 last[mode] = res
         for mode in modes:
             res = last[mode]
@@ -262,8 +323,11 @@ def main() -> None:
                                     cpu=statistics.median(cpu[mode]),
                                     tokens=res.new_tokens, tpf=res.tokens_per_forward, forwards=res.forwards,
                                     drafted=res.drafted, accepted=res.accepted, valid=valid, ids=res.token_ids,
-                                    options=res.options)
+                                    options=res.options,
+                                    prefill_ms=statistics.median(prefill[mode]) * 1e3 if prefill[mode] else None,
+                                    round_ms=statistics.median(rounds[mode]) * 1e3 if rounds[mode] else None)
 
+    sections["modes"] = time.perf_counter() - t_modes
     hdr = (f"{'mode':<28}{'batch':>6}{'tok/s':>10}{'x causal':>10}{'cpu x':>8}{'TPF':>7}{'forwards':>10}"
            f"{'ms (min-max)':>20}{'drafted':>9}{'accepted':>10}  goal")
     print(hdr)
@@ -292,25 +356,46 @@ def main() -> None:
         if (B, "ar_trust") in results:
             r = results[B, "ar_trust"]
             rate = r["accepted"] / r["drafted"] if r["drafted"] else 0.0
-            same = r["ids"] == results[B, "causal"]["ids"]
+            same = r["exact"] = r["ids"] == results[B, "causal"]["ids"]
+            verdict = "identical to greedy causal decoding (exact, as required at temperature 0)"
+            if not same:
+                ties = near_ties(model, prompts_all[:B], results[B, "causal"]["ids"], r["ids"])
+                r["near_ties"] = ties
+                verdict = (f"identical to greedy causal decoding up to a near-tie in every differing sequence "
+                           f"({len(ties)}: two tokens within {model.dtype}'s logit tolerance, where greedy may "
+                           "take either)" if all(t is not None for t in ties) else
+                           "DIFFERENT from greedy causal decoding before any near-tie: EXACTNESS VIOLATED")
             print(f"ar_trust batch {B}: drafted {r['drafted']}, accepted {r['accepted']} ({rate:.1%}); "
-                  f"tokens {'identical to' if same else 'DIFFER from'} greedy causal decoding "
-                  f"({'exact, as required at temperature 0' if same else 'EXACTNESS VIOLATED'})")
+                  f"tokens {verdict}")
 
     # Cost per forward: what a round of each mode costs relative to a causal step, hence AR-Trust's ceiling.
     # AR-Trust's round as it ran (gen_block from the option given, else from the checkpoint's training block).
     N = results[1, "ar_trust"]["options"].gen_block if (1, "ar_trust") in results else parse_modes("ar_trust")[
         0].resolve(model.config.trained_block).gen_block
-    print("\ncost per forward (wall ms / forwards, prefill included), relative to a causal forward at the same batch:")
-    for B in sorted({1, a.batch}):
+    batches = sorted({1, a.batch})
+    for B in batches:
         base = results[B, "causal"]
-        c_ms = base["time"] / base["forwards"]
-        row = []
         for mode in modes:
             r = results[B, mode]
-            r["fwd_cost"] = (r["time"] / r["forwards"]) / c_ms
-            row.append(f"{mode} {r['time'] / r['forwards'] * 1e3:.1f}ms ({r['fwd_cost']:.2f}x)")
-        print(f"  batch {B}: " + ", ".join(row))
+            r["fwd_ms_with_prefill"] = r["time"] / r["forwards"] * 1e3
+            r["fwd_cost_with_prefill"] = r["fwd_ms_with_prefill"] / (base["time"] / base["forwards"] * 1e3)
+            # Decoding rounds only (timed_decode: from the second forward's start on), else with the prefill.
+            r["fwd_ms"] = r["round_ms"] if r["round_ms"] is not None else r["fwd_ms_with_prefill"]
+        for mode in modes:
+            results[B, mode]["fwd_cost"] = results[B, mode]["fwd_ms"] / base["fwd_ms"]
+    prefill_ms = {B: results[B, "causal"]["prefill_ms"] for B in batches}
+    print(f"\ncost per forward relative to a causal forward at the same batch: ms of a decoding round (one "
+          f"forward and the mode's work around it, median on a CPU) after the prefill (causal prefill: "
+          f"{', '.join(f'B={B} {prefill_ms[B]:.0f} ms' for B in batches if prefill_ms[B] is not None)}); in "
+          f"brackets: decode() wall time / forwards, the prefill included")
+    print(f"  {'mode':<28}" + "".join(f"{f'B={B} ms':>10}{'x causal':>10}{'(incl.)':>9}" for B in batches))
+    for mode in modes:
+        cells = []
+        for B in batches:
+            r = results[B, mode]
+            incl = f"({r['fwd_cost_with_prefill']:.2f}x)"
+            cells.append(f"{r['fwd_ms']:>10.1f}{r['fwd_cost']:>9.2f}x{incl:>9}")
+        print(f"  {mode:<28}" + "".join(cells))
     ceilings = {}
     for B in sorted({1, a.batch}):
         if (B, "ar_trust") in results:
@@ -323,13 +408,16 @@ def main() -> None:
     rows = 2 * N - 1
     mlp = model.model.layers[0].mlp.gate_up_proj.weight
     for B in sorted({1, a.batch}):
-        here = gemm_rows_cost(mlp.shape[1], mlp.shape[0], B, rows, device=a.device)
-        large = gemm_rows_cost(4096, 4096, B, rows, reps=10, device=a.device)
+        here = gemm_rows_cost(mlp.shape[1], mlp.shape[0], B, rows, device=device, dtype=dtype)
+        large = gemm_rows_cost(4096, 4096, B, rows, reps=10, device=device, dtype=dtype)
         print(f"  batch {B}: a GEMM over {rows} rows per sequence costs {here:.1f}x one over 1 row on this machine "
               f"for this model's MLP weight ({mlp.shape[0]} x {mlp.shape[1]}), and {large:.1f}x for a "
               f"4096 x 4096 weight (about 1x where reading the weight dominates, as on a GPU at decode sizes)")
     unmet = [B for B in sorted({1, a.batch}) if (B, "ar_trust") in results and ceilings[B] < GOAL_SPEED]
-    if unmet and not a.no_profile and a.device == "cpu":
+    skip_real = not a.model and a.size == "real" and not a.profile
+    if unmet and not a.no_profile and device.type == "cpu" and skip_real:
+        print("  (profile skipped at --size real: --profile runs it)")
+    elif unmet and not a.no_profile and device.type == "cpu":
         B = max(unmet)
         prompts = prompts_all[:B]
         print(f"\nprofile of one decode at batch {B} (forward hooks; wall ms; AR-Trust vs causal):")
@@ -352,8 +440,19 @@ def main() -> None:
                           f"({sp.get(k, 0) / max(cp.get(k, 0), 1e-9):.1f}x)" for k in extras) + ".")
         print("  (On a GPU a few-row forward costs about as much as a one-row one, so there the ceiling is set by TPF "
               "and per-round overheads; this is a statement about this CPU and model size.)")
-    print(f"\nload average {load_start:.2f} at start, {os.getloadavg()[0]:.2f} at end on {os.cpu_count()} CPUs")
-    print(f"[{time.perf_counter() - t_start:.0f} s]")
+    t_versus = time.perf_counter()
+    versus = {"skipped": "--no-transformers"} if a.no_transformers else transformers_comparison(
+        model, ckpt, device, dtype, a, batches)
+    sections["transformers comparison"] = time.perf_counter() - t_versus
+    load_end = os.getloadavg()[0]
+    elapsed = time.perf_counter() - t_start
+    print(f"\nload average {load_start:.2f} at start, {load_end:.2f} at end on {os.cpu_count()} CPUs")
+    busy = max(load_start, load_end) > (os.cpu_count() or 1) + 0.5
+    if device.type == "cpu" and torch.get_num_threads() > 1 and busy:
+        print(f"WARNING: other processes held the CPUs during this run; with --threads {torch.get_num_threads()} "
+              "> 1 every parallel op waits for a descheduled thread, so times (and ratios between modes timed "
+              "minutes apart) can swing several-fold: on a shared machine --threads 1 is the steadier measure")
+    print(f"[{elapsed:.0f} s: " + ", ".join(f"{k} {v:.0f} s" for k, v in sections.items()) + "]")
 
     parts = []
     for B in sorted({1, a.batch}):
@@ -367,6 +466,66 @@ def main() -> None:
     note = "" if a.model else " -- RANDOM model: NOT evidence either way about a trained model"
     print(f"SUMMARY: {goal}: " + "; ".join(parts) + (f"; batch {a.batch} others: {others}" if others else "")
           + note)
+    if a.json:
+        keep = ("time", "cpu", "tokens", "tpf", "forwards", "drafted", "accepted", "valid", "exact", "ratio",
+                "ratio_cpu", "prefill_ms", "round_ms", "fwd_ms", "fwd_cost", "fwd_ms_with_prefill",
+                "fwd_cost_with_prefill")
+        record = dict(
+            benchmark="bench_modes", describe=describe(device, dtype), device=str(device),
+            dtype=str(dtype).removeprefix("torch."), torch=torch.__version__, threads=torch.get_num_threads(),
+            model=dict(what=what, size=None if a.model else a.size, params=n_params, hidden=cfg.hidden_size,
+                       layers=cfg.num_hidden_layers, gdn_layers=n_gdn, vocab=cfg.vocab_size,
+                       mask_token_id=cfg.mask_token_id),
+            new_tokens=a.new_tokens, prompt_len=a.prompt_len, repeats=a.repeats, batches=batches,
+            prefill_ms={str(B): prefill_ms[B] for B in batches}, ar_trust_gen_block=N,
+            ar_trust_ceiling={str(B): c for B, c in ceilings.items()},
+            modes=[dict(mode=m, batch=B, tok_s=results[B, m]["tokens"] / results[B, m]["time"],
+                        **{k: results[B, m][k] for k in keep if k in results[B, m]}) for B in batches for m in modes],
+            transformers=versus, load_average=[load_start, load_end], elapsed_s=elapsed, sections_s=sections)
+        with open(a.json, "w") as f:
+            json.dump(record, f, indent=1)
+        print(f"wrote {a.json}")
+
+
+def transformers_comparison(model, ckpt: str, device: torch.device, dtype: torch.dtype, a: argparse.Namespace,
+                            batches: list[int]) -> list[dict] | dict:
+    """Causal ms per decode step of flare and of transformers on the same weights (bench_decode.causal_step_ms);
+    prints a table, returns its rows (or why it could not run)."""
+    import gc
+
+    import transformers
+    from _models import load_transformers
+    from bench_decode import causal_step_ms
+
+    try:
+        hf = load_transformers(ckpt, device, dtype)
+    except Exception as e:  # a checkpoint transformers cannot load: say so, keep the rest of the run
+        print(f"\ntransformers comparison skipped: {type(e).__name__}: {e}")
+        return {"skipped": f"{type(e).__name__}: {e}"}
+    cfg = model.config
+    prompts = load_prompts(None, max(batches), a.prompt_len, cfg.vocab_size, cfg.mask_token_id, a.seed + 1)
+    ids = {B: torch.tensor(prompts[:B], device=device) for B in batches}
+    steps = max(a.new_tokens, 2)
+    # Like for like: flare's LM head never predicts [MASK] (its logit is -inf), transformers' has no such row.
+    mask_id, cfg.mask_token_id = cfg.mask_token_id, None
+    try:
+        rows = causal_step_ms(model, hf, ids, steps, max(a.repeats, 1))
+    finally:
+        cfg.mask_token_id = mask_id
+    hf_name = type(hf).__name__
+    del hf
+    gc.collect()
+    print(f"\ncausal decode ms/step, flare vs transformers {transformers.__version__} ({hf_name} with "
+          f"its pure-PyTorch GDN fallback), same weights, {describe(device, dtype)}: {steps - 1} cached greedy steps "
+          f"after a {a.prompt_len}-token prompt, prefill excluded, paired runs (bench_decode.causal_step_ms)")
+    print(f"  {'batch':>5}{'flare ms':>11}{'transformers ms':>17}{'flare/hf':>10}  greedy tokens")
+    for r in rows:
+        same = "identical" if not r["differ"] else f"{r['differ']} of {r['tokens']} differ"
+        print(f"  {r['batch']:>5}{r['flare_ms']:>11.1f}{r['transformers_ms']:>17.1f}{r['ratio']:>9.2f}x  {same}")
+    if dtype != torch.float32 and any(r["differ"] for r in rows):
+        print("  (in reduced precision the two implementations round differently, so a greedy path can part at a "
+              "near-tie; --dtype float32 is the exactness check)")
+    return [{k: v for k, v in r.items() if not k.endswith("_tokens")} for r in rows]
 
 
 if __name__ == "__main__":

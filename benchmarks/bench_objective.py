@@ -1,4 +1,5 @@
-"""Cost of one FLARE training step (forward + backward) vs a plain AR step on the same tokens (CPU, fp32).
+"""Cost of one FLARE training step (forward + backward) vs a plain AR step on the same tokens (CPU or CUDA; fp32,
+or bf16 as the trainer runs it: fp32 weights, matmuls autocast to bf16).
 
 What it measures, all in one run on one seeded tiny Qwen3.5 hybrid (built with flare.testing.checkpoints;
 hidden 256, 8 layers of which 6 Gated DeltaNet and 2 attention, vocab 1024) and one seeded PackedBatch
@@ -28,7 +29,9 @@ prompt and the rest a supervised response, so ``loss_mask`` is True on ~70% of p
   a 2-3 line diagnosis of where the extra time goes.
 
 Run:  .venv/bin/python benchmarks/bench_objective.py [--batch 2] [--seq-len 512] [--threads 1] [--repeats 3]
-          [--no-memory] [--no-two-stream] [--no-profile]
+          [--no-memory] [--no-two-stream] [--no-profile] [--device cuda] [--dtype auto|float32|bfloat16]
+On CUDA the peak-memory column is the step's growth of torch.cuda.max_memory_allocated, and the profiles and the
+two-stream op diagnosis run on the CPU only.
 The default run takes about 2 minutes on 2 CPU cores.
 """
 
@@ -43,12 +46,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from _models import add_device_args, resolve, sync
 
 import flare
 from flare.data.batch import PackedBatch
+from flare.device import describe
 from flare.objective import FlareObjective, ObjectiveConfig
 
 # Valid Qwen3_5TextConfig overrides (the "small" size of bench_decode.py): 8 layers, full attention every 4th.
@@ -72,6 +78,20 @@ GOALS = {"shared": 3.0, "single": 2.0}  # max step time ratio to AR
 ROW_FACTOR = {"ar": 1, "shared": 3, "doubled": 4, "single": 2}  # rows per sequence / L
 ROW_LABEL = {"ar": "L", "shared": "3L", "doubled": "2 x 2L", "single": "2L"}
 TWO_STREAM_GOAL = 20.0
+# Where and in what precision this run's steps run: set once from --device / --dtype by configure().
+RUN = {"device": torch.device("cpu"), "dtype": torch.float32}
+
+
+def configure(a) -> None:
+    device, dtype = resolve(a)  # the random checkpoint is stored in fp32
+    RUN.update(device=device, dtype=dtype)
+
+
+def precision():
+    """bf16 as the trainer runs it (TrainConfig.bf16): fp32 weights, matmuls autocast to bf16."""
+    if RUN["dtype"] == torch.bfloat16:
+        return torch.autocast(RUN["device"].type, dtype=torch.bfloat16)
+    return nullcontext()
 
 
 # ------------------------------------------------------------------------------------------------ model, batch
@@ -86,7 +106,7 @@ def build_checkpoint(path: str, seed: int) -> None:
 
 
 def load(path: str):
-    model = flare.load_model(path)
+    model = flare.load_model(path, device=RUN["device"])
     model.config.mask_token_id = model.config.vocab_size - 1
     return model.train()
 
@@ -105,7 +125,7 @@ def make_batch(batch: int, length: int, vocab: int, seed: int, response_frac: fl
             doc[b, pos:pos + n] = d
             sup[b, pos + round((1 - response_frac) * n):pos + n] = True
             pos, d = pos + n, d + 1
-    return PackedBatch(ids, sup, doc)
+    return PackedBatch(ids, sup, doc).to(RUN["device"])
 
 
 def objective(name: str, model) -> FlareObjective:
@@ -120,9 +140,12 @@ def step(obj: FlareObjective, model, batch: PackedBatch, seed: int) -> tuple[flo
     processes compete for the cores, so its ratio is a cross-check of the wall-clock ratio on a busy machine.
     """
     model.zero_grad(set_to_none=True)
+    sync(RUN["device"])
     t0, c0 = time.perf_counter(), time.process_time()
-    loss, _ = obj(model, batch, torch.Generator().manual_seed(seed))
+    with precision():
+        loss, _ = obj(model, batch, torch.Generator().manual_seed(seed))
     loss.backward()
+    sync(RUN["device"])
     return time.perf_counter() - t0, time.process_time() - c0
 
 
@@ -139,7 +162,7 @@ def warmup_saved_bytes(obj: FlareObjective, model, batch: PackedBatch) -> int:
         return t
 
     model.zero_grad(set_to_none=True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), precision():
         loss, _ = obj(model, batch, torch.Generator().manual_seed(0))
     loss.backward()
     return sum(seen.values())
@@ -176,11 +199,19 @@ def child_main(a) -> None:
     when it did not rise during the step.
     """
     torch.set_num_threads(a.threads)
+    configure(a)
     model = load(a.child_ckpt)
     obj = objective(a.child, model)
     step(obj, model, make_batch(1, 48, model.config.vocab_size, a.seed + 1), 0)  # library / allocator init
     model.zero_grad(set_to_none=True)
     batch = make_batch(a.batch, a.seq_len, model.config.vocab_size, a.seed)
+    if RUN["device"].type == "cuda":
+        before = torch.cuda.memory_allocated(RUN["device"])
+        torch.cuda.reset_peak_memory_stats(RUN["device"])
+        step(obj, model, batch, 0)
+        growth = torch.cuda.max_memory_allocated(RUN["device"]) - before
+        print(json.dumps({"growth": growth, "note": ""}))
+        return
     reset = reset_peak_rss()
     before = proc_status_bytes("VmRSS")
     ru_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -196,7 +227,8 @@ def child_main(a) -> None:
 
 def peak_rss_growth(name: str, ckpt: str, a) -> tuple[int | None, str]:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", name, "--child-ckpt", ckpt,
-           "--batch", str(a.batch), "--seq-len", str(a.seq_len), "--seed", str(a.seed), "--threads", str(a.threads)]
+           "--batch", str(a.batch), "--seq-len", str(a.seq_len), "--seed", str(a.seed), "--threads", str(a.threads),
+           "--device", str(RUN["device"]), "--dtype", a.dtype]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         return None, res.stderr.strip().splitlines()[-1] if res.stderr.strip() else f"exit {res.returncode}"
@@ -212,12 +244,14 @@ def two_stream_ratio(rounds: int, repeats: int) -> tuple[float, float, float, li
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_two_stream import make_inputs
 
-    xs = make_inputs(1, 2, 2048, 2, 4, 64, 64, torch.device("cpu"))
+    xs = make_inputs(1, 2, 2048, 2, 4, 64, 64, RUN["device"])
 
     def once(fn) -> tuple[float, float]:
+        sync(RUN["device"])
         t0, c0 = time.perf_counter(), time.process_time()
         with torch.no_grad():
             fn(*xs, 4)
+        sync(RUN["device"])
         return time.perf_counter() - t0, time.process_time() - c0
 
     once(gated_delta_two_stream), once(gated_delta_two_stream_reference)  # warm-up
@@ -253,7 +287,7 @@ def forward_breakdown(obj, model, batch) -> dict[str, float]:
     forward hooks; "rest" = context/mask building, noise, embedding, loss bookkeeping."""
     from _module_times import module_times
 
-    with module_times(model) as acc:
+    with module_times(model) as acc, precision():
         model.zero_grad(set_to_none=True)
         t0 = time.perf_counter()
         loss, _ = obj(model, batch, torch.Generator().manual_seed(0))
@@ -268,12 +302,13 @@ def mask_density(name: str, batch: PackedBatch) -> float:
     from flare import masks
 
     B, L = batch.input_ids.shape
+    doc_ids = batch.doc_ids.cpu()
     if name == "ar":
-        m = masks.materialize(masks.packed_causal(batch.doc_ids), B, L, L, "cpu")
+        m = masks.materialize(masks.packed_causal(doc_ids), B, L, L, "cpu")
     else:
         views = 2 if name == "shared" else 1  # doubled: rows of [x0; xt] (one view each), like single
         T = (1 + views) * L
-        m = masks.materialize(masks.two_stream(batch.doc_ids, BLOCK), B, T, T, "cpu")
+        m = masks.materialize(masks.two_stream(doc_ids, BLOCK), B, T, T, "cpu")
     return m.float().mean().item()
 
 
@@ -342,10 +377,13 @@ def main() -> None:
     ap.add_argument("--no-profile", action="store_true", help="never profile, even when a goal is not met")
     ap.add_argument("--child", choices=sorted(CONFIGS), help=argparse.SUPPRESS)
     ap.add_argument("--child-ckpt", help=argparse.SUPPRESS)
+    add_device_args(ap)
     a = ap.parse_args()
     if a.child:
         return child_main(a)
     torch.set_num_threads(a.threads)
+    configure(a)
+    on_cpu = RUN["device"].type == "cpu"
     t_start = time.perf_counter()
     load_start = f"{os.getloadavg()[0]:.2f}"
     sections: dict[str, float] = {}
@@ -362,8 +400,9 @@ def main() -> None:
         batch = make_batch(a.batch, a.seq_len, cfg.vocab_size, a.seed)
         n_docs = sum(int(batch.doc_ids[b].max()) + 1 for b in range(a.batch))
         n_params = sum(p.numel() for p in model.parameters())
+        amp = " (autocast; fp32 weights)" if RUN["dtype"] == torch.bfloat16 else ""
         print(f"FLARE objective step vs AR step | torch {torch.__version__} | threads {torch.get_num_threads()} "
-              f"| fp32 CPU")
+              f"| {describe(RUN['device'], RUN['dtype'])}{amp}")
         print(f"model: qwen3_5 tiny random, {n_params / 1e6:.2f}M params, hidden {cfg.hidden_size}, "
               f"{cfg.num_hidden_layers} layers ({sum(t != 'full_attention' for t in cfg.layer_types)} GDN), "
               f"vocab {cfg.vocab_size}, [MASK] id {cfg.mask_token_id}")
@@ -395,7 +434,9 @@ def main() -> None:
           f"median process CPU times, a cross-check that other load on the machine hardly moves)")
     print(f"load average at start {load_start}, at end {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs "
           f"(other processes compete for the cores when it exceeds them)")
-    mem_note = ("peak RSS growth: fresh subprocess per config, VmHWM (reset via /proc/self/clear_refs just "
+    mem_note = ("peak CUDA memory growth: fresh subprocess per config, torch.cuda.max_memory_allocated during the "
+                "step - allocated before it" if not on_cpu else
+                "peak RSS growth: fresh subprocess per config, VmHWM (reset via /proc/self/clear_refs just "
                 "before the step) - VmRSS before the step")
     print(f"memory: {mem_note if not a.no_memory else 'peak RSS skipped (--no-memory)'}; "
           f"saved for backward: autograd saved-tensor storages, parameters excluded\n")
@@ -431,7 +472,7 @@ def main() -> None:
         lap("two-stream op")
 
     failed = [n for n, g in GOALS.items() if ratio[n] > g]
-    if not a.no_profile and failed:
+    if not a.no_profile and failed and on_cpu:
         print(f"\nprofile (torch.profiler, one step each, self CPU time by op category; goal not met: "
               f"{', '.join(failed)}):")
         profs = {name: profile_step(objs[name], model, batch) for name in ["ar", *failed]}
@@ -479,7 +520,7 @@ def main() -> None:
                   f"GDN layers {f['GDN layers'] / fa['GDN layers']:.1f}x, MLPs {f['MLPs'] / fa['MLPs']:.1f}x, "
                   f"total {f['total'] / fa['total']:.1f}x (GDN layers: {f['GDN layers'] / f['total']:.0%} of its "
                   f"forward time, 6 of 8 layers).")
-    if ts_ratio is not None and ts_ratio < TWO_STREAM_GOAL and not a.no_profile:
+    if ts_ratio is not None and ts_ratio < TWO_STREAM_GOAL and not a.no_profile and on_cpu:
         (e_t, e_top), (r_n, r_t) = profile_two_stream()
         print(f"two-stream op diagnosis: the loop reference at T=512 makes {r_n} aten calls in {r_t * 1e3:.0f} ms "
               f"({r_t / r_n * 1e6:.1f} us each: its time is per-op dispatch of tiny per-block/per-token ops, linear in "
@@ -487,7 +528,7 @@ def main() -> None:
               + ", ".join(f"{k} {t * 1e3:.1f}ms/{c}" for k, t, c in e_top) + ".")
         print("  So the ratio is (reference op count x per-op dispatch cost) / (efficient op's compute): it moves with "
               "this machine's per-op overhead as much as with the efficient op's speed.")
-    if sections and not a.no_profile and (failed or (ts_ratio is not None and ts_ratio < TWO_STREAM_GOAL)):
+    if sections and not a.no_profile and on_cpu and (failed or (ts_ratio is not None and ts_ratio < TWO_STREAM_GOAL)):
         lap("profiling")
 
     parts = []

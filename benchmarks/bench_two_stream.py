@@ -17,7 +17,7 @@ What it measures, all in one run on one set of seeded inputs (fp32, clean_readou
 * a correctness line: max |efficient - reference| over both outputs.
 
 Run:  python benchmarks/bench_two_stream.py [--T 2048] [--bs 4] [--S 1] [--V 2] [--Hk 2] [--H 4] [--dk 64]
-             [--dv 64] [--repeats 5] [--rounds 3] [--backward] [--no-reference] [--threads N] [--device cpu]
+             [--dv 64] [--repeats 5] [--rounds 3] [--backward] [--no-reference] [--threads N] [--device cuda]
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ import time
 
 import torch
 import torch.nn.functional as F
+from _models import add_device_args, resolve
 
+from flare.device import describe
 from flare.ops.gated_delta import (
     gated_delta_chunk,
     gated_delta_naive,
@@ -129,14 +131,14 @@ def main():
     ap.add_argument("--backward", action="store_true", help="time forward + backward")
     ap.add_argument("--no-reference", action="store_true", help="skip the (slow) loop reference")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--device", default="cpu")
+    add_device_args(ap, dtype=False)  # fp32 inputs: the op's own precision contract
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    device = torch.device(a.device)
+    device, _ = resolve(a)
     xs = make_inputs(a.S, a.V, a.T, a.Hk, a.H, a.dk, a.dv, device)
     nb = -(-a.T // a.bs)
-    print(f"S={a.S} V={a.V} T={a.T} bs={a.bs} Hk={a.Hk} H={a.H} Dk={a.dk} Dv={a.dv} device={device} "
+    print(f"S={a.S} V={a.V} T={a.T} bs={a.bs} Hk={a.Hk} H={a.H} Dk={a.dk} Dv={a.dv} {describe(device, torch.float32)} "
           f"threads={torch.get_num_threads()} torch={torch.__version__} "
           f"{'forward+backward' if a.backward else 'forward'}")
 

@@ -115,3 +115,54 @@ def write_char_tokenizer(path: str | Path, vocab_size: int) -> None:
     tok.save(str(Path(path) / "tokenizer.json"))
     cfg = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>"}
     Path(path, "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+
+
+# Qwen3.5-0.8B's text model as a shape: hidden 1024, 24 layers (every 4th gated attention, the rest Gated DeltaNet),
+# tied 248,320-token vocabulary; 0.75B parameters, a third of them the embedding. Keys are ModelConfig.new_hybrid's.
+REAL_QWEN3_5: dict[str, Any] = dict(
+    vocab_size=248_320, hidden_size=1024, num_hidden_layers=24, intermediate_size=3584, num_attention_heads=8,
+    num_key_value_heads=2, head_dim=256, linear_num_key_heads=16, linear_num_value_heads=16, linear_key_head_dim=128,
+    linear_value_head_dim=128, full_attention_interval=4, tie_word_embeddings=True,
+)
+
+
+def save_random_hybrid(path: str | Path, seed: int = 0, *, dtype: torch.dtype = torch.bfloat16, std: float = 0.02,
+                       mask_token_id: int | None = None, **shape: Any) -> Path:
+    """Write a seeded random Qwen3.5-style hybrid of any size (default ``REAL_QWEN3_5``) straight to ``path`` as
+    a Hugging Face checkpoint in ``dtype``, in seconds at real size: no transformers model is built, and every
+    tensor is drawn in place in its stored dtype (uniform draws of standard deviation ``std``; decays, gates and
+    norms as ``FlareModel.init_weights`` sets them). The config.json is the one transformers writes for
+    ``Qwen3_5ForCausalLM``, so flare and transformers load the same weights. ``mask_token_id`` records a
+    [MASK] row (a FLARE checkpoint)."""
+    from flare.checkpoint import write_tensors
+    from flare.checkpoint.keymaps import expected_hf_shapes
+    from flare.config import ModelConfig
+    from flare.model import FlareModel
+
+    path = Path(path)
+    config = ModelConfig.new_hybrid(**{**REAL_QWEN3_5, **shape})
+    config.hf_config["dtype"] = str(dtype).removeprefix("torch.")
+    config.mask_token_id = mask_token_id
+    config.__post_init__()
+    with torch.device("meta"):
+        shapes = expected_hf_shapes(FlareModel(config).state_dict(), config)
+    gen = torch.Generator().manual_seed(seed)
+    half_width = std * math.sqrt(3.0)  # U(-a, a) has standard deviation a / sqrt(3)
+    tensors = {}
+    for name in sorted(shapes):
+        t = torch.empty(shapes[name], dtype=dtype, device="cpu")  # written from host memory
+        if name.endswith("A_log"):  # decay rates A in [1, 16]
+            t.copy_(torch.log(torch.empty(t.shape, device="cpu").uniform_(1.0, 16.0, generator=gen)))
+        elif name.endswith(("dt_bias", "linear_attn.norm.weight")):
+            t.fill_(1.0)
+        elif "norm" in name:
+            t.fill_(0.0)  # Qwen3.5's other norms scale by 1 + w
+        elif "conv1d" in name:
+            a = math.sqrt(3.0 / t.shape[-1])
+            t.uniform_(-a, a, generator=gen)
+        else:
+            t.uniform_(-half_width, half_width, generator=gen)
+        tensors[name] = t
+    write_tensors(tensors, path)
+    config.save(path)
+    return path

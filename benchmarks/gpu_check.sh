@@ -1,0 +1,155 @@
+#!/usr/bin/env bash
+# One GPU check, under 8 minutes on one GPU, that writes ONE JSON file with every result:
+#   tests         the CUDA-only tests (test files that skip without CUDA, selected with -k "cuda or flex or gpu")
+#   modes         bench_modes.py on the real-sized random model (Qwen3.5-0.8B-shaped) in bf16 at batch 1 and 8:
+#                 cost per forward of every mode vs causal, and causal ms/step vs transformers on the same weights
+#   memory_floor  memory_floor.py: causal decode ms/step vs (weight + state bytes) / copy bandwidth, batch 1 and 8
+#   env           python, torch, device, and the seconds each section took
+# Each section records its exit status and, when it failed, the tail of its log; the script exits non-zero when
+# any section failed. It installs nothing: it runs .venv/bin/python when present, else python.
+#
+#   benchmarks/gpu_check.sh [--device cuda|cpu] [--out FILE] [--size tiny|small|real] [--new-tokens N]
+#
+# --device cpu runs the same sections at a small size (tiny, 4 new tokens, one round): the smoke test
+# (tests/test_benchmarks_smoke.py) runs it that way.
+set -u
+cd "$(dirname "$0")/.."
+
+PY=python
+[ -x .venv/bin/python ] && PY=.venv/bin/python
+# flare from this checkout even where it is not installed (the scripts run from benchmarks/).
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+DEVICE=cuda
+OUT=gpu_check.json
+SIZE=""
+NEW=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --device) DEVICE=$2; shift 2 ;;
+    --out) OUT=$2; shift 2 ;;
+    --size) SIZE=$2; shift 2 ;;
+    --new-tokens) NEW=$2; shift 2 ;;
+    -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1 {print}' "$0"; exit 0 ;;
+    *) echo "gpu_check.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+
+if [ "$DEVICE" = cpu ]; then
+  SIZE=${SIZE:-tiny}; NEW=${NEW:-4}; REPEATS=1; DTYPE=auto; THREADS=1; STEPS=4
+  T_TESTS=120; T_MODES=240; T_FLOOR=120
+else
+  SIZE=${SIZE:-real}; NEW=${NEW:-32}; REPEATS=3; DTYPE=bfloat16; THREADS=4; STEPS=32
+  # Together under 8 minutes, start-up included.
+  T_TESTS=90; T_MODES=270; T_FLOOR=90
+fi
+
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+
+# section NAME TIMEOUT CMD...: run CMD under a time limit, keep its log, exit status and seconds.
+section() {
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name: $*" >&2
+  local start=$SECONDS
+  timeout "$limit" "$@" >"$WORK/$name.log" 2>&1
+  local rc=$?
+  echo "$rc $((SECONDS - start))" >"$WORK/$name.status"
+  tail -n 3 "$WORK/$name.log" >&2
+  echo "== $name: exit $rc in $((SECONDS - start)) s" >&2
+}
+
+# Test files that skip without CUDA (GPU-only tests), and within them the CUDA / flex / GPU tests.
+CUDA_TESTS=$(grep -rlE "not (torch\.)?cuda\.is_available\(\)" tests --include='*.py' | sort | tr '\n' ' ')
+echo "$CUDA_TESTS" >"$WORK/tests.files"
+if [ -n "$CUDA_TESTS" ]; then
+  # shellcheck disable=SC2086
+  section tests "$T_TESTS" "$PY" -m pytest -q -p no:cacheprovider -rs -k "cuda or flex or gpu" \
+    --junitxml="$WORK/tests.xml" $CUDA_TESTS
+else
+  echo "5 0" >"$WORK/tests.status"
+  echo "no test file skips without CUDA" >"$WORK/tests.log"
+fi
+
+section modes "$T_MODES" "$PY" benchmarks/bench_modes.py --size "$SIZE" --batch 8 --device "$DEVICE" \
+  --dtype "$DTYPE" --new-tokens "$NEW" --repeats "$REPEATS" --threads "$THREADS" --no-profile \
+  --json "$WORK/modes.json"
+
+section memory_floor "$T_FLOOR" "$PY" benchmarks/memory_floor.py --size "$SIZE" --batch 1,8 --device "$DEVICE" \
+  --dtype "$DTYPE" --steps "$STEPS" --repeats "$REPEATS" --threads "$THREADS" --json "$WORK/memory_floor.json"
+
+"$PY" - "$WORK" "$OUT" "$DEVICE" "$SIZE" "$DTYPE" <<'EOF'
+import json
+import platform
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+work, out, device, size, dtype = Path(sys.argv[1]), Path(sys.argv[2]), *sys.argv[3:]
+
+
+def status(name):
+    rc, seconds = (int(x) for x in (work / f"{name}.status").read_text().split())
+    return {"rc": rc, "seconds": seconds}
+
+
+def failed_tail(name, rc, ok=(0,)):
+    return {} if rc in ok else {"log_tail": (work / f"{name}.log").read_text()[-4000:]}
+
+
+def tests():
+    s = status("tests")
+    s["files"] = (work / "tests.files").read_text().split()
+    s["selection"] = "-k 'cuda or flex or gpu'"
+    cases = []
+    if (work / "tests.xml").exists():
+        for case in ET.parse(work / "tests.xml").iter("testcase"):
+            kind = next((c.tag for c in case if c.tag in ("failure", "error", "skipped")), "passed")
+            cases.append({"test": f"{case.get('classname')}::{case.get('name')}", "outcome": kind,
+                          "seconds": float(case.get("time") or 0)})
+    s["cases"] = cases
+    for kind in ("passed", "failure", "error", "skipped"):
+        s[kind if kind in ("passed", "skipped") else kind + "s"] = sum(c["outcome"] == kind for c in cases)
+    # 5: pytest collected nothing under the selection, which is no failure of the code.
+    s["ok"] = s["rc"] in (0, 5)
+    s.update(failed_tail("tests", s["rc"], (0, 5)))
+    return s
+
+
+def bench(name):
+    s = status(name)
+    path = work / f"{name}.json"
+    s["result"] = json.loads(path.read_text()) if path.exists() else None
+    s["ok"] = s["rc"] == 0 and s["result"] is not None
+    s.update(failed_tail(name, s["rc"]))
+    return s
+
+
+def env():
+    info = {"python": platform.python_version(), "device_asked": device, "size": size, "dtype_asked": dtype}
+    try:
+        import torch
+
+        from flare.device import describe, pick_device
+
+        d = pick_device(device)
+        info.update(torch=torch.__version__, cuda_available=torch.cuda.is_available(), device=str(d),
+                    describe=describe(d, torch.bfloat16 if dtype == "bfloat16" else torch.float32))
+        if d.type == "cuda":
+            info["gpu"] = torch.cuda.get_device_name(d)
+    except Exception as e:  # the JSON is still written, saying why
+        info["error"] = f"{type(e).__name__}: {e}"
+    return info
+
+
+report = {"env": env(), "tests": tests(), "modes": bench("modes"), "memory_floor": bench("memory_floor")}
+if report["modes"]["result"]:
+    report["env"]["describe"] = report["modes"]["result"]["describe"]  # the device and dtype the benchmark ran in
+report["env"]["seconds"] = {k: report[k]["seconds"] for k in ("tests", "modes", "memory_floor")}
+report["ok"] = all(report[k]["ok"] for k in ("tests", "modes", "memory_floor"))
+out.parent.mkdir(parents=True, exist_ok=True)
+out.write_text(json.dumps(report, indent=1) + "\n")
+print(f"wrote {out}: " + ", ".join(f"{k} {'ok' if report[k]['ok'] else 'FAILED'}"
+                                   for k in ("tests", "modes", "memory_floor")))
+sys.exit(0 if report["ok"] else 1)
+EOF

@@ -1,0 +1,45 @@
+"""benchmarks/gpu_check.sh runs end to end on the CPU at the tiny size and writes ONE JSON file with every
+section (the GPU-only tests, bench_modes at batch 1 and 8 with the transformers comparison, the memory floor)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MODES = {"causal", "ar_trust", "diffusion_trust", "low_confidence", "llada"}
+
+
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
+                    reason="gpu_check.sh needs bash and coreutils' timeout")
+def test_gpu_check_runs_on_the_cpu_and_writes_every_section(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    # Where the checkout has no .venv the script runs `python`: make that this interpreter.
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    res = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--device", "cpu", "--out", str(out)],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    report = json.loads(out.read_text())
+    assert {"env", "tests", "modes", "memory_floor"} <= set(report) and report["ok"]
+    assert set(report["env"]["seconds"]) == {"tests", "modes", "memory_floor"}
+
+    tests = report["tests"]
+    assert tests["files"] and tests["cases"], "no CUDA-only test was found or selected"
+    assert tests["failures"] == tests["errors"] == 0
+
+    modes = report["modes"]["result"]
+    assert modes["batches"] == [1, 8] and modes["model"]["size"] == "tiny"
+    assert {(m["mode"], m["batch"]) for m in modes["modes"]} == {(m, b) for m in MODES for b in (1, 8)}
+    assert all(m["valid"] and m["fwd_cost"] > 0 for m in modes["modes"])
+    assert [r["batch"] for r in modes["transformers"]] == [1, 8]
+    assert all(r["flare_ms"] > 0 and r["transformers_ms"] > 0 for r in modes["transformers"])
+
+    floor = report["memory_floor"]["result"]
+    assert floor["bandwidth_GBps"] > 0 and [r["batch"] for r in floor["batches"]] == [1, 8]
+    assert all(r["floor_ms"] > 0 and r["measured_ms"] > 0 and r["weight_bytes"] > 0 for r in floor["batches"])
