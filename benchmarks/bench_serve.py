@@ -34,15 +34,17 @@ from flare.eval import HttpTarget, load_task, parse_targets, run_waves
 from flare.eval.report import throughput_table
 
 
-def start_server(model_dir: str, max_num_seqs: int, threads: int) -> tuple[subprocess.Popen, str]:
-    """``flare serve`` in a subprocess on a free port; returns it once /health answers."""
+def start_server(model_dir: str, max_num_seqs: int, threads: int, extra: tuple[str, ...] = (),
+                 launcher: list[str] | None = None) -> tuple[subprocess.Popen, str]:
+    """``flare serve`` in a subprocess on a free port (``launcher``: the command before ``serve ...``, ``python
+    -m flare`` by default; ``extra``: more serve flags); returns it and its base URL once /health answers."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    args = ["serve", model_dir, "--port", str(port), "--max-num-seqs", str(max_num_seqs), *extra]
     env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
-    proc = subprocess.Popen([sys.executable, "-m", "flare", "serve", model_dir, "--port", str(port),
-                             "--max-num-seqs", str(max_num_seqs)], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([*(launcher or [sys.executable, "-m", "flare"]), *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 180
     while time.time() < deadline:
         if proc.poll() is not None:

@@ -25,15 +25,15 @@ import json
 import os
 import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import bench_serve  # the sibling script: how a flare serve subprocess is started
 
 PROFILE_SERVER = r"""
 import atexit, os, signal, sys, yappi
@@ -76,24 +76,9 @@ def find_model(demo_out: str) -> str:
 
 def start_server(model_dir: str, max_num_seqs: int, mode: str, profile: str | None, threads: int
                  ) -> tuple[subprocess.Popen, int]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    args = ["serve", model_dir, "--port", str(port), "--max-num-seqs", str(max_num_seqs), "--mode", mode]
-    cmd = [sys.executable, "-c", PROFILE_SERVER, profile, *args] if profile else [sys.executable, "-m", "flare", *args]
-    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"flare serve exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                return proc, port
-        except OSError:
-            time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError("flare serve did not start in 180 s")
+    launcher = [sys.executable, "-c", PROFILE_SERVER, profile] if profile else None
+    proc, url = bench_serve.start_server(model_dir, max_num_seqs, threads, ("--mode", mode), launcher)
+    return proc, int(url.rsplit(":", 1)[1].split("/")[0])
 
 
 class Client:

@@ -13,7 +13,6 @@ from flare.decoding import (
     LowConfidenceOptions,
     as_options,
     check_request,
-    make_options,
     mode_from_json,
     parse_mode,
     parse_modes,
