@@ -185,8 +185,8 @@ def top_ops(model, prompts, params, mode, n=6):
 
 def near_ties(model, prompts, causal_ids, other_ids) -> list[int | None]:
     """For each sequence whose tokens differ from causal's: the first differing position when the causal top-2
-    logits there are within ``logit_tolerance`` (twice it: a full forward rounds differently again), else None."""
-    from flare.ops.precision import logit_tolerance
+    logits there are a near-tie (``flare.ops.precision.near_tie``), else None."""
+    from flare.ops.precision import near_tie
 
     out = []
     for prompt, a, b in zip(prompts, causal_ids, other_ids):
@@ -195,8 +195,7 @@ def near_ties(model, prompts, causal_ids, other_ids) -> list[int | None]:
             continue
         with torch.no_grad():
             logits = model(torch.tensor([prompt + a[:cut]], device=model.device))[0, -1]
-        top2 = logits.float().topk(2).values
-        out.append(cut if float(top2[0] - top2[1]) <= 2 * float(logit_tolerance(logits)) else None)
+        out.append(cut if near_tie(logits) else None)
     return out
 
 

@@ -218,13 +218,17 @@ def parse_modes(text: str) -> list[ModeOptions]:
     return [parse_mode(e) for e in entries]
 
 
-def mode_from_json(obj: Mapping[str, Any], default_mode: str) -> ModeOptions:
-    """The server's ``flare`` field ``{"mode": ..., <options>}`` (no mode: ``default_mode`` with those options)."""
+def mode_from_json(obj: Mapping[str, Any], default: "str | ModeOptions") -> ModeOptions:
+    """The server's ``flare`` field ``{"mode": ..., <options>}``. Without a mode it is the server's ``default``
+    (options or their text), with the options given here replacing the default's."""
     values = dict(obj)
     mode = values.pop("mode", None)
     if mode is not None and not isinstance(mode, str):
         raise ValueError(f"flare.mode must be a string, got {mode!r}")
-    return make_options(mode or default_mode, values)
+    if mode is None:
+        default = as_options(default)
+        mode, values = default.mode, {**default.given(), **values}
+    return make_options(mode, values)
 
 
 def as_options(mode: "str | ModeOptions | None", default: "str | ModeOptions" = "causal") -> ModeOptions:

@@ -55,7 +55,6 @@ class Stepper:
         self.owner: list[Lane | None] = [None] * num_slots
         self.lanes: dict[ModeOptions, Lane] = {}
         self.emitted: list[Emitted] = [Emitted([]) for _ in range(num_slots)]
-        self.host_reads = 0  # syncs so far: one per step
 
     def lane(self, options: ModeOptions) -> Lane:
         """The lane that runs these (resolved) options: one per distinct options, created on first use."""
@@ -168,7 +167,6 @@ class Stepper:
             slots.finished.long(), slots.out_len, slots.active_forwards, slots.drafted, slots.accepted,
             slots.out.gather(1, at).flatten(), self.runner.extent().to(slots.device),
             *[t.long() for _, t in extra]]).tolist()
-        self.host_reads += 1
         finished, out_len, forwards, drafted, accepted = (values[k * S:(k + 1) * S] for k in range(5))
         window, rest = values[5 * S: 5 * S + S * width], values[5 * S + S * width:]
         longest, shortest = rest[0], rest[1]

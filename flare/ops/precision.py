@@ -41,3 +41,11 @@ def logit_tolerance(logits: torch.Tensor, ulps: int = 4) -> torch.Tensor:
         mantissa = 7 if logits.dtype == torch.bfloat16 else 10
         return ulps * torch.exp2(torch.floor(torch.log2(big)) - mantissa)
     return big * (1e-10 if logits.dtype == torch.float64 else 1e-4)
+
+
+def near_tie(logits: torch.Tensor, slack: float = 2.0) -> bool:
+    """Whether the two largest of these logits [V] are within ``slack`` tolerances of each other: a place where
+    greedy decodings computed with different shapes may pick different tokens (the slack covers a third
+    computation, e.g. a full forward used to check two others)."""
+    top2 = logits.detach().float().topk(2).values
+    return float(top2[0] - top2[1]) <= slack * float(logit_tolerance(logits))

@@ -107,7 +107,7 @@ def create_app(llm: LLM) -> FastAPI:
         if body.stop and llm.tokenizer is None:
             raise APIError(400, "stop strings need a tokenizer; this model has none")
         params = _guard(lambda: body.sampling(min(DEFAULT_MAX_TOKENS[kind], llm.engine.config.max_new_tokens)))
-        mode = _guard(lambda: body.mode(llm.engine.config.default_options.mode))
+        mode = _guard(lambda: body.mode(llm.engine.config.default_options))
         try:
             rid, channel = await aengine.submit(prompt, params, mode)
         except RequestError as e:

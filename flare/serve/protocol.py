@@ -3,7 +3,7 @@
 Standard fields keep OpenAI's names and defaults; extensions (as vLLM names them) are ``top_k`` and
 ``ignore_eos``; the decoding mode and its options come in a ``flare`` object, e.g.
 ``"flare": {"mode": "ar_trust", "gen_block": 4}``, read by ``flare.decoding.mode_from_json`` (no mode: the
-server's default mode, with the options given).
+server's ``--mode`` and its options, those given in the field replacing them).
 Fields the server cannot honour (``n`` > 1, logprobs, penalties, ``echo``, ``best_of``) are refused with a
 message rather than silently ignored.
 """
@@ -65,9 +65,10 @@ class _Common(BaseModel):
             max_new_tokens=self.max_tokens or default_max_tokens, seed=self.seed, ignore_eos=self.ignore_eos,
         )
 
-    def mode(self, default_mode: str) -> ModeOptions | None:
-        """The decoding mode the ``flare`` field asks for; None (the server's default) without one."""
-        return mode_from_json(self.flare, default_mode) if self.flare is not None else None
+    def mode(self, default: ModeOptions) -> ModeOptions | None:
+        """The decoding mode the ``flare`` field asks for (from the server's ``default`` when it names no mode);
+        None (the server's default) without the field."""
+        return mode_from_json(self.flare, default) if self.flare is not None else None
 
 
 class CompletionRequest(_Common):

@@ -58,6 +58,12 @@ def test_json_is_checked_by_type_never_guessed():
     assert mode_from_json({"mode": "ar_trust", "gen_block": 3}, "causal") == ArTrustOptions(gen_block=3)
     assert mode_from_json({"gen_block": 3}, "ar_trust") == ArTrustOptions(gen_block=3)  # the server's default mode
     assert mode_from_json({"mode": "diffusion_trust", "threshold": 1}, "causal").threshold == 1.0
+    # No mode: the server's default options, the ones given here replacing theirs.
+    server = ArTrustOptions(gen_block=3, redraft="every")
+    assert mode_from_json({}, server) == server
+    assert mode_from_json({"draft_policy": "argmax_truncated"}, server) == ArTrustOptions(
+        gen_block=3, redraft="every", draft_policy="argmax_truncated")
+    assert mode_from_json({"mode": "ar_trust"}, server) == ArTrustOptions()  # a named mode: its own defaults
     for bad, message in [({"mode": "ar_trust", "gen_block": True}, "gen_block takes int"),
                          ({"mode": "ar_trust", "gen_block": 3.0}, "gen_block takes int"),
                          ({"mode": "ar_trust", "draft_policy": 1}, "draft_policy takes str"),
