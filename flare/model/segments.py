@@ -17,6 +17,7 @@ class Segments:
     index: torch.Tensor  # [S, Ls] position in the flattened [B * L] tokens (0 where padding)
     valid: torch.Tensor  # [S, Ls] bool
     positions: torch.Tensor  # [B, L] position of each token inside its document (RoPE index)
+    source: torch.Tensor  # [B * L] each token's place in the flattened [S * Ls] segments (every token has one)
     batch: int
     length: int
 
@@ -51,8 +52,11 @@ class Segments:
         valid = offs[None, :] < seg_len[:, None]
         index = torch.where(valid, flat_start[:, None] + offs[None, :], torch.zeros_like(valid, dtype=torch.long))
         positions = torch.zeros(B * L, dtype=torch.long, device=device)
-        positions[index[valid]] = offs.expand_as(index)[valid]
-        return cls(index, valid, positions.view(B, L), B, L)
+        dest = index[valid]
+        positions[dest] = offs.expand_as(index)[valid]
+        source = torch.empty(B * L, dtype=torch.long, device=device)
+        source[dest] = torch.arange(valid.numel(), device=device).view_as(valid)[valid]
+        return cls(index, valid, positions.view(B, L), source, B, L)
 
     @property
     def count(self) -> int:
@@ -66,8 +70,6 @@ class Segments:
         return seg * mask.to(seg.dtype) if seg.is_floating_point() else seg.masked_fill(~mask, 0)
 
     def pack(self, y: torch.Tensor) -> torch.Tensor:
-        """[S, Ls, ...] -> [B, L, ...] (padding dropped)."""
-        src = y[self.valid]
-        out = y.new_zeros(self.batch * self.length, *y.shape[2:])
-        out = out.index_copy(0, self.index[self.valid], src)
-        return out.view(self.batch, self.length, *y.shape[2:])
+        """[S, Ls, ...] -> [B, L, ...] (padding dropped): one gather, sized and indexed without a host read."""
+        flat = y.reshape(y.shape[0] * y.shape[1], *y.shape[2:])
+        return flat.index_select(0, self.source).view(self.batch, self.length, *y.shape[2:])

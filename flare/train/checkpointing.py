@@ -1,5 +1,8 @@
 """Training checkpoints: HF safetensors weights + optimizer + RNG + sampler position, written atomically.
 
+The weights file keeps the source checkpoint's dtype; an fp32 master that differs from it is saved beside the
+optimizer state, and resuming loads that, not the rounded weights.
+
 A checkpoint is a directory ``step-00000012`` holding a loadable model (config.json, safetensors, tokenizer) and
 ``trainer.pt`` (optimizer, sampler and RNG states: tensors and plain containers, loaded with weights_only).
 It is written under a temporary name and renamed into place only when complete, so a crash while writing
@@ -56,7 +59,11 @@ def remove_partial(out_dir: Path) -> None:
 
 
 def save(out_dir: Path, step: int, model: FlareModel, optimizer: torch.optim.Optimizer, sampler_state: dict,
-         d: Dist, tokenizer_from: str | Path, keep_last: int, metrics: dict | None = None) -> Path | None:
+         d: Dist, tokenizer_from: str | Path, keep_last: int, metrics: dict | None = None,
+         dtypes: dict[str, torch.dtype] | None = None) -> Path | None:
+    """Write checkpoint ``step``. ``dtypes``: each tensor's dtype in the weights file (the source checkpoint's);
+    when a trained parameter has another dtype (an fp32 master), the parameters also go into the resume state, so
+    resuming is exact."""
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
     weights = get_model_state_dict(model, options=full)
     optim = get_optimizer_state_dict(model, optimizer, options=full)
@@ -65,8 +72,13 @@ def save(out_dir: Path, step: int, model: FlareModel, optimizer: torch.optim.Opt
         tmp = out_dir / f".tmp-{final.name}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_model(model, tmp, tokenizer_from=tokenizer_from, state=weights)
-        torch.save({"optimizer": optim, "sampler": sampler_state, "rng": rng_state(), "step": step}, tmp / TRAINER_FILE)
+        dtypes = dtypes or {}
+        stored = {k: v.to(dtypes.get(k, v.dtype)) for k, v in weights.items()}
+        save_model(model, tmp, tokenizer_from=tokenizer_from, state=stored)
+        trainer = {"optimizer": optim, "sampler": sampler_state, "rng": rng_state(), "step": step}
+        if any(stored[k].dtype != v.dtype for k, v in weights.items()):
+            trainer["master"] = weights
+        torch.save(trainer, tmp / TRAINER_FILE)
         (tmp / DONE_FILE).write_text(json.dumps({"step": step, "metrics": metrics or {}}))
         if final.exists():
             shutil.rmtree(final)
@@ -82,7 +94,7 @@ def load(path: Path, model: FlareModel, optimizer: torch.optim.Optimizer) -> dic
     from flare.checkpoint import load_model
 
     state = torch.load(path / TRAINER_FILE, weights_only=True, map_location="cpu")
-    weights = load_model(path).state_dict()
+    weights = state["master"] if "master" in state else load_model(path).state_dict()
     full = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, weights, options=full)
     set_optimizer_state_dict(model, optimizer, state["optimizer"], options=full)

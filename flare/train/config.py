@@ -73,8 +73,15 @@ class TrainConfig:
     batch_size: int = 8  # rows per rank per micro-batch
     grad_accum: int = 1
     seed: int = 0
-    bf16: bool = False  # autocast matmuls to bfloat16 where the device supports it
-    activation_checkpointing: bool = False
+    bf16: bool = False  # compute in bfloat16: autocast on one device, FSDP2's mixed precision under torchrun
+    # Parameters and optimizer state in fp32 whatever the checkpoint's stored dtype (a bf16 weight would round
+    # most AdamW updates at lr 1e-5 away); checkpoints are still written in the stored dtype, the fp32 master
+    # goes into the resume state.
+    fp32_master: bool = True
+    # Recompute each decoder layer in backward: true, false, or null (auto: on when a forward's row holds at
+    # least `checkpoint_from_tokens` tokens, counting every noisy view of the FLARE layout).
+    activation_checkpointing: bool | None = None
+    checkpoint_from_tokens: int = 2048
     save_every: int = 500
     keep_last: int = 2
     eval_every: int = 0  # 0: never
@@ -84,12 +91,29 @@ class TrainConfig:
     device: str = "auto"  # auto: cuda when available, else cpu
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum", "save_every", "keep_last", "log_every"):
+        for name in ("steps", "batch_size", "grad_accum", "save_every", "keep_last", "log_every",
+                     "checkpoint_from_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.data.seq_len % self.objective.block_size:
             raise ValueError(f"data.seq_len ({self.data.seq_len}) must be a multiple of objective.block_size "
                              f"({self.objective.block_size})")
+
+    @property
+    def row_tokens(self) -> int:
+        """Tokens in one row of a training forward: the clean stream plus every noisy view."""
+        o = self.objective
+        if o.kind == "ar":
+            return self.data.seq_len
+        views = 2 if o.complementary else 1
+        return self.data.seq_len * (1 + (views if o.share_clean else 1))
+
+    @property
+    def checkpointing(self) -> bool:
+        """Whether decoder layers are recomputed in backward (the resolved `activation_checkpointing`)."""
+        if self.activation_checkpointing is None:
+            return self.row_tokens >= self.checkpoint_from_tokens
+        return self.activation_checkpointing
 
 
 def _convert(tp: Any, value: Any, where: str) -> Any:

@@ -39,7 +39,7 @@ def setup(device: str = "auto") -> Dist:
     return Dist(0, 1, torch.device("cuda" if use_cuda else (device if device != "auto" else "cpu")))
 
 
-def shard(model: torch.nn.Module, d: Dist) -> torch.nn.Module:
+def shard(model: torch.nn.Module, d: Dist, compute_dtype: torch.dtype | None = None) -> torch.nn.Module:
     """FSDP2 over the data-parallel group: each decoder layer, then the root (embeddings, norm, head).
 
     FSDP only all-gathers the root's parameters around ``forward``, but training never calls it: the objective
@@ -47,13 +47,18 @@ def shard(model: torch.nn.Module, d: Dist) -> torch.nn.Module:
     ``hidden_states`` is registered as a forward method. The root keeps its parameters unsharded after forward
     (FSDP2 never reshards the root then), so ``logits`` right after it sees the full head, and its gradient is
     reduce-scattered with the rest of the root's at the end of backward.
+
+    ``compute_dtype`` (bf16 training): FSDP2's mixed precision gathers parameters in that dtype for the forward
+    and backward and reduces gradients in fp32 into the fp32 shards the optimizer steps.
     """
     if d.world > 1:
-        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
+        policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) \
+            if compute_dtype is not None else MixedPrecisionPolicy()
         for layer in model.model.layers:
-            fully_shard(layer)
-        fully_shard(model)
+            fully_shard(layer, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
         register_fsdp_forward_method(model, "hidden_states")
     return model
 

@@ -72,11 +72,16 @@ class Trainer:
             (self.out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
 
         model = load_model(cfg.model, device=self.d.device)
+        # Checkpoints keep the dtype the model came in (what Hugging Face tools expect of it); training keeps an
+        # fp32 master copy unless told not to.
+        self.stored_dtypes = {k: v.dtype for k, v in model.state_dict().items()}
+        if cfg.fp32_master:
+            model.float()
         if cfg.objective.kind != "ar":
             # Saved with every checkpoint, so decoders can tell which runs of MASK rows were trained.
             model.config.block_size = cfg.objective.block_size
-        model.gradient_checkpointing = cfg.activation_checkpointing
-        self.model = shard(model.train(), self.d)
+        model.gradient_checkpointing = cfg.checkpointing
+        self.model = shard(model.train(), self.d, compute_dtype=torch.bfloat16 if cfg.bf16 else None)
         self.objective = FlareObjective(cfg.objective, model.config.mask_token_id)
         tokenizer = ChatTokenizer.from_dir(cfg.model)
         bs = cfg.objective.block_size
@@ -205,7 +210,7 @@ class Trainer:
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
                 if self.step % cfg.save_every == 0 or self.step == cfg.steps:
                     checkpointing.save(self.out, self.step, self.model, self.optimizer, self.sampler.state_dict(),
-                                       d, cfg.model, cfg.keep_last, metrics)
+                                       d, cfg.model, cfg.keep_last, metrics, dtypes=self.stored_dtypes)
         finally:
             bar.close()
             teardown(d)

@@ -72,3 +72,25 @@ def test_two_ranks_match_one_and_their_checkpoint_resumes_in_one(straight_run, t
     torch.testing.assert_close(torch.tensor([m["loss"] for m in history]),
                                torch.tensor(straight_run.losses[STEPS:STEPS + 2]), rtol=1e-4, atol=0)
     assert [m["step"] for m in metrics(out)] == list(range(1, STEPS + 3))
+
+
+def test_two_ranks_in_bf16_track_one_rank_in_bf16(straight_run, tmp_path):
+    """bf16 under torchrun is FSDP2's mixed precision (bf16 gathers, fp32 reduction into fp32 shards); one process
+    autocasts. Different roundings of the same computation: the losses agree to bf16 precision."""
+    runs = {}
+    for name, batch, launcher in (("one", 4, []), ("two", 2, ["-m", "torch.distributed.run", "--standalone",
+                                                               "--nproc-per-node", "2"])):
+        out = tmp_path / name
+        cfg = {**straight_run.cfg, "out_dir": str(out), "batch_size": batch, "steps": 3, "save_every": 3,
+               "bf16": True}
+        cmd = [sys.executable, *launcher, "-m", "flare", "train", "--config",
+               str(write_config(tmp_path / f"{name}.yaml", cfg))]
+        proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stderr[-6000:]
+        runs[name] = losses(out)
+    torch.testing.assert_close(torch.tensor(runs["two"]), torch.tensor(runs["one"]), rtol=1e-2, atol=0)
+    assert runs["two"] != runs["one"]  # the mixed-precision policy is on: not the fp32 sums of the plain run
+    ckpt = step_dir(tmp_path / "two", 3)
+    state = torch.load(ckpt / checkpointing.TRAINER_FILE, weights_only=True)
+    assert {v.dtype for v in flare.load_model(ckpt).state_dict().values()} == {torch.float32}
+    assert all(v["exp_avg"].dtype == torch.float32 for v in state["optimizer"]["state"].values())
