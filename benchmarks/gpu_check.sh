@@ -59,7 +59,8 @@ section() {
   echo "== $name: exit $rc in $((SECONDS - start)) s" >&2
 }
 
-# Test files that skip without CUDA (GPU-only tests), and within them the CUDA / flex / GPU tests.
+# Test files that skip without CUDA (GPU-only tests), and within them the CUDA / flex / GPU tests. Among them
+# tests/ops/test_gated_delta_fla.py: fla-vs-torch GDN parity, skipped with its reason (-rs) where fla is not installed.
 CUDA_TESTS=$(grep -rlE "not (torch\.)?cuda\.is_available\(\)" tests --include='*.py' | sort | tr '\n' ' ')
 echo "$CUDA_TESTS" >"$WORK/tests.files"
 if [ -n "$CUDA_TESTS" ]; then

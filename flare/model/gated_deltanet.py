@@ -47,7 +47,8 @@ class GatedDeltaNet(nn.Module):
         self.dt_bias = nn.Parameter(torch.ones(self.num_v_heads))
         self.norm = GatedRMSNorm(self.dv, config.rms_norm_eps)
         self.out_proj = nn.Linear(self.value_dim, hidden, bias=False)
-        # Which recurrence form ran last ("step", "naive", "chunk", "two_stream"): reported, never silent.
+        # Which recurrence form ran last ("step", "naive", "chunk", "fla", "rows", "two_stream"): reported, never
+        # silent.
         self.last_path = ""
 
     # ------------------------------------------------------------------------------------------------ pieces

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+from typing import Callable, TypeVar
+
 import torch
+
+_Fn = TypeVar("_Fn", bound=Callable)
 
 
 def accum_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -14,6 +19,51 @@ def accum_dtype(dtype: torch.dtype) -> torch.dtype:
 def cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``x.to(dtype)`` without the dispatch when nothing changes (decode steps are priced in dispatches)."""
     return x if x.dtype == dtype else x.to(dtype)
+
+
+def _first_device_type(args: tuple, kwargs: dict) -> str | None:
+    """The device type of the first tensor among the arguments (or the first field of a tuple argument: a
+    NamedTuple of tensors, for a method)."""
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, tuple) and a:
+            a = a[0]
+        if isinstance(a, torch.Tensor):
+            return a.device.type
+    return None
+
+
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except (RuntimeError, TypeError):  # a device type autocast does not know (meta) / an old signature
+        return False
+
+
+def no_autocast(fn: _Fn) -> _Fn:
+    """Run ``fn`` (a recurrence core) with autocast off on its tensors' device.
+
+    Under ``torch.autocast(dtype=bfloat16)`` every matmul would otherwise be recast to bf16 even though the core
+    casts its operands to :func:`accum_dtype` first: the chunked recurrence then drifts by ~0.5% of its output
+    at T = 256-4,096. With autocast off the core's own casts decide, so it runs in fp32 (fp64 for fp64 inputs)
+    whatever the caller's autocast state, and returns its outputs in the dtypes its contract names (o in v's
+    dtype). The projections around the core stay under the caller's autocast. Autograd's backward of the ops
+    recorded here runs in the same fp32. Without autocast the call costs one C-level check (decode steps are
+    priced in dispatches, and this is none)."""
+
+    @functools.wraps(fn)
+    def core(*args, **kwargs):
+        if _any_autocast is not None and not _any_autocast():
+            return fn(*args, **kwargs)
+        device_type = _first_device_type(args, kwargs)
+        if device_type is None or not _autocast_on(device_type):
+            return fn(*args, **kwargs)
+        with torch.autocast(device_type, enabled=False):
+            return fn(*args, **kwargs)
+
+    return core  # type: ignore[return-value]
 
 
 _CONSTANTS: dict[tuple, torch.Tensor] = {}

@@ -1,15 +1,23 @@
-"""Gated delta rule (pure PyTorch): sequential reference and chunked forms.
+"""Gated delta rule (pure PyTorch, the reference): sequential, chunked and closed forms; an optional fused CUDA path.
 
 Tensor contract shared by all entry points: q, k ``[B, T, Hk, Dk]`` with ``H % Hk == 0`` (value head h reads
 q/k head ``h // (H / Hk)``); v ``[B, T, H, Dv]``;
 g, beta ``[B, T, H]``; initial_state ``[B, H, Dk, Dv]`` or ``None``. Outputs: o
 ``[B, T, H, Dv]`` (v's dtype) and the final state ``[B, H, Dk, Dv]`` (fp32).
+
+Every entry point computes in fp32 (fp64 for fp64 inputs) whatever the caller's autocast state: each is wrapped in
+:func:`flare.ops.precision.no_autocast`, so under ``torch.autocast(dtype=bfloat16)`` only the projections around
+the core run in bf16.
+
+On a CUDA device with flash-linear-attention installed, the causal form of long sequences runs on its fused kernel
+instead (see :mod:`flare.ops.gated_delta.fla` for what it covers; ``FLARE_GDN_BACKEND=torch`` turns it off).
 """
 
 from __future__ import annotations
 
 import torch
 
+from flare.ops.gated_delta import fla
 from flare.ops.gated_delta.chunk import gated_delta_chunk
 from flare.ops.gated_delta.naive import gated_delta_naive, validate_inputs
 from flare.ops.gated_delta.rows import RowsScan, gated_delta_rows
@@ -42,12 +50,16 @@ def gated_delta(
     """Run the gated delta rule with the form suited to the sequence length.
 
     Picks ``gated_delta_step`` when ``T == 1``, ``gated_delta_naive`` when ``T <= 16`` and
-    ``gated_delta_chunk`` otherwise; ``prefer`` forces a form (one of ``FORMS``; ``"step"`` needs T == 1,
-    anything else raises ``ValueError``). Shapes as in the module docstring. ``check=False`` skips the shape
-    checks, for callers that built the tensors themselves (a model layer in a decode loop).
+    ``gated_delta_chunk`` otherwise, except that with ``prefer=None`` the chunk choice runs on
+    flash-linear-attention's fused kernel (name ``"fla"``) where :func:`flare.ops.gated_delta.fla.selected` says it
+    applies (CUDA, the package installed, 16-bit values, ``FLARE_GDN_BACKEND`` not ``torch``). ``prefer`` forces a
+    torch form (one of ``FORMS``; ``"step"`` needs T == 1, anything else raises ``ValueError``). Shapes as in the
+    module docstring. ``check=False`` skips the shape checks, for callers that built the tensors themselves (a
+    model layer in a decode loop).
 
     Returns:
-        ``(o [B, T, H, Dv], final_state [B, H, Dk, Dv] fp32, name)`` where ``name`` is the form that ran.
+        ``(o [B, T, H, Dv], final_state [B, H, Dk, Dv] fp32, name)`` where ``name`` is the form that ran
+        (one of ``FORMS``, or ``"fla"``).
     """
     if prefer not in (None, *FORMS):
         raise ValueError(f"prefer must be None or one of {FORMS}, got {prefer!r}")
@@ -64,6 +76,9 @@ def gated_delta(
         o = o[:, None]
     elif name == "naive":
         o, state = gated_delta_naive(q, k, v, g, beta, initial_state, scale)
+    elif prefer is None and fla.selected(q, v):
+        o, state = fla.gated_delta_fla(q, k, v, g, beta, initial_state, scale)
+        name = "fla"
     else:
         o, state = gated_delta_chunk(q, k, v, g, beta, initial_state, scale)
     return o, state, name

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from flare.ops.gated_delta.naive import expand_heads, validate_inputs
-from flare.ops.precision import accum_dtype
+from flare.ops.precision import accum_dtype, no_autocast
 
 __all__ = ["ChunkScan", "chunk_scan", "gated_delta_chunk"]
 
@@ -68,6 +68,7 @@ class ChunkScan(NamedTuple):
     starts: torch.Tensor | None = None  # [B, H, N, Dk, Dv] state before each chunk
 
 
+@no_autocast
 def gated_delta_chunk(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -80,7 +81,7 @@ def gated_delta_chunk(
     *,
     block_states: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Chunked gated delta rule (all math in fp32, differentiable via autograd).
+    """Chunked gated delta rule (all math in fp32, under autocast too; differentiable via autograd).
 
     Args:
         q, k: ``[B, T, Hk, Dk]``, ``H % Hk == 0`` (already L2-normalised; no normalisation here).
@@ -124,6 +125,7 @@ def gated_delta_chunk(
     return scan.o, scan.final_state, scan.block_states
 
 
+@no_autocast
 def chunk_scan(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from flare.ops.precision import accum_dtype
+from flare.ops.precision import accum_dtype, no_autocast
 
 __all__ = ["gated_delta_naive"]
 
@@ -53,6 +53,7 @@ def expand_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x if x.shape[2] == heads else x.repeat_interleave(heads // x.shape[2], dim=2)
 
 
+@no_autocast
 def gated_delta_naive(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -63,7 +64,7 @@ def gated_delta_naive(
     scale: float | None = None,
     return_all_states: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sequential gated delta rule, literal to the recurrence (all math in fp32).
+    """Sequential gated delta rule, literal to the recurrence (all math in fp32, under autocast too).
 
     Args:
         q, k: ``[B, T, Hk, Dk]``, ``H % Hk == 0`` (already L2-normalised; no normalisation here).

@@ -26,7 +26,7 @@ from typing import NamedTuple
 import torch
 
 from flare.ops.gated_delta.naive import expand_heads
-from flare.ops.precision import accum_dtype, cast
+from flare.ops.precision import accum_dtype, cast, no_autocast
 
 
 class RowsScan(NamedTuple):
@@ -43,6 +43,7 @@ class RowsScan(NamedTuple):
         B, _, T = self.cum.shape
         return self.state_after(torch.full((B,), T, device=self.cum.device))
 
+    @no_autocast
     def state_after(self, n_B: torch.Tensor, last: torch.Tensor | None = None) -> torch.Tensor:
         """The state after the first n[b] rows of each sequence [B, H, Dk, Dv] (n = 0: the initial state).
         ``last``: (n - 1).clamp(min=0) as [B, 1, 1, 1], when the caller already has it (one per commit)."""
@@ -65,6 +66,7 @@ def _chain(T: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, to
     return ~tril, eye, eye.float()
 
 
+@no_autocast
 def gated_delta_rows(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -77,7 +79,7 @@ def gated_delta_rows(
     reads: torch.Tensor | None = None,
 ) -> RowsScan:
     """q, k ``[B, T, Hk, Dk]`` (H % Hk == 0), v ``[B, T, H, Dv]``, g, beta ``[B, T, H]``; rows with g = 0 and
-    beta = 0 (padding) leave the state as it is. All math in the accumulation dtype.
+    beta = 0 (padding) leave the state as it is. All math in the accumulation dtype, under autocast too.
 
     ``path`` [B, T, T] bool: path[b, i, j] when row j is row i or one of its ancestors (None: a chain, row j
     <= i). ``reads`` [B, T] long: the row whose state row i reads, on i's path and at or after i (None: i)."""

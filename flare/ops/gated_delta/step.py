@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from flare.ops.precision import accum_dtype, cast, constant
+from flare.ops.precision import accum_dtype, cast, constant, no_autocast
 
 
+@no_autocast
 def gated_delta_step(
     q_BHkK: torch.Tensor,
     k_BHkK: torch.Tensor,
@@ -53,6 +54,7 @@ def _read(x_BHk1K1: torch.Tensor, S_BHkrKV: torch.Tensor) -> torch.Tensor:
     return x_BHk1K1.transpose(-1, -2) @ S_BHkrKV
 
 
+@no_autocast
 def read_state(q_BTHkK: torch.Tensor, state_BHKV: torch.Tensor, scale: float) -> torch.Tensor:
     """o_t = scale * S^T q_t for every row t against ONE state per sequence: how a noisy block reads its
     block-end state. Returns [B, T, H, Dv] in the state's dtype; q has Hk heads, H % Hk == 0."""

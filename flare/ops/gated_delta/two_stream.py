@@ -17,7 +17,7 @@ Tensor contract (``H % Hk == 0``, value head h reads q/k head ``h // (H / Hk)``)
     noisy:  q_n, k_n [S, V, T, Hk, Dk]; v_n [S, V, T, H, Dv]; g_n, beta_n [S, V, T, H]   (V >= 1 views)
     ->      o_c [S, T, H, Dv] (v_c's dtype), o_n [S, V, T, H, Dv] (v_n's dtype)
 
-Padding positions (g = 0, beta = 0) leave every state unchanged. All math in ``accum_dtype``.
+Padding positions (g = 0, beta = 0) leave every state unchanged. All math in ``accum_dtype``, under autocast too.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from flare.ops.gated_delta.chunk import ChunkScan, chunk_scan
 from flare.ops.gated_delta.naive import expand_heads, gated_delta_naive, validate_inputs
-from flare.ops.precision import accum_dtype
+from flare.ops.precision import accum_dtype, no_autocast
 
 __all__ = ["gated_delta_two_stream", "gated_delta_two_stream_reference", "validate_two_stream_inputs"]
 
@@ -111,6 +111,7 @@ def validate_two_stream_inputs(
     return S, V, T, H, Dk, Dv
 
 
+@no_autocast
 def gated_delta_two_stream_reference(
     q_c: torch.Tensor,
     k_c: torch.Tensor,
@@ -229,6 +230,7 @@ def _read_clean_states(
     return out.view(S, H, N, M, R, Dv)
 
 
+@no_autocast
 def gated_delta_two_stream(
     q_c: torch.Tensor,
     k_c: torch.Tensor,
