@@ -105,18 +105,17 @@ class FlareModel(nn.Module):
         valid: torch.Tensor | None = None,
         layout: Layout = None,
         record: CommitRecord | None = None,
+        context: ForwardContext | None = None,
     ) -> torch.Tensor:
         """Final-norm hidden states [B, T, E].
 
         Plain rows: with a cache they continue each sequence and are committed; ``valid`` [B, T] marks right
         padding (False) in a ragged batch, computed but ignored. ``layout`` selects the packed-training,
-        two-stream or read-only inference-rows forward (see ``flare.model.context``).
+        two-stream or read-only inference-rows forward (see ``flare.model.context``). ``context``: the forward's
+        context built beforehand by ``context`` from the same arguments (what a dry run does outside its fake
+        tensors), instead of building it here.
         """
-        ctx = ForwardContext.build(
-            input_ids, rotary_dim=self.config.rotary_dim, head_dim=self.config.head_dim,
-            rope_theta=self.config.rope_theta,
-            dtype=self.dtype, cache=cache, valid_BT=valid, layout=layout, record=record,
-        )
+        ctx = context or self.context(input_ids, cache=cache, valid=valid, layout=layout, record=record)
         x = self.model.embed_tokens(input_ids)
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.model.layers:
@@ -129,19 +128,42 @@ class FlareModel(nn.Module):
                 cache.advance(ctx.n_new, T)
         return self.model.norm(x)
 
+    def context(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        cache: ModelCache | None = None,
+        valid: torch.Tensor | None = None,
+        layout: Layout = None,
+        record: CommitRecord | None = None,
+    ) -> ForwardContext:
+        """What a forward over ``input_ids`` needs besides its weights (positions, masks, segments, cache slots)."""
+        return ForwardContext.build(
+            input_ids, rotary_dim=self.config.rotary_dim, head_dim=self.config.head_dim,
+            rope_theta=self.config.rope_theta,
+            dtype=self.dtype, cache=cache, valid_BT=valid, layout=layout, record=record,
+        )
+
+    @staticmethod
+    def two_stream_input(x0: torch.Tensor, xt: torch.Tensor, doc_ids: torch.Tensor, block_size: int,
+                         clean_readout: str = "token") -> tuple[torch.Tensor, TwoStream]:
+        """The FLARE training row ``[x0 ; xt_1 ; ... ; xt_V]`` [B, (1 + V) L] and its layout."""
+        if xt.ndim != 3 or xt.shape[0] != x0.shape[0] or xt.shape[2] != x0.shape[1]:
+            raise ValueError(f"xt must be [batch, views, L] matching x0 {tuple(x0.shape)}, got {tuple(xt.shape)}")
+        B, V, L = xt.shape
+        return torch.cat([x0, xt.reshape(B, V * L)], dim=1), TwoStream(doc_ids, block_size, V, clean_readout)
+
     def two_stream_hidden(
         self, x0: torch.Tensor, xt: torch.Tensor, doc_ids: torch.Tensor, block_size: int,
-        clean_readout: str = "token",
+        clean_readout: str = "token", context: ForwardContext | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The FLARE training forward: clean rows x0 [B, L] and V noisy views xt [B, V, L] in one pass.
 
         Returns (clean hidden [B, L, E], noisy hidden [B, V, L, E]).
         """
-        if xt.ndim != 3 or xt.shape[0] != x0.shape[0] or xt.shape[2] != x0.shape[1]:
-            raise ValueError(f"xt must be [batch, views, L] matching x0 {tuple(x0.shape)}, got {tuple(xt.shape)}")
+        ids, layout = self.two_stream_input(x0, xt, doc_ids, block_size, clean_readout)
         B, V, L = xt.shape
-        layout = TwoStream(doc_ids, block_size, V, clean_readout)
-        h = self.hidden_states(torch.cat([x0, xt.reshape(B, V * L)], dim=1), layout=layout)
+        h = self.hidden_states(ids, layout=layout, context=context)
         return h[:, :L], h[:, L:].reshape(B, V, L, -1)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

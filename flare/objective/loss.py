@@ -3,7 +3,8 @@
 - L_AR: clean row i predicts x_{i+1} (targets across a document boundary, or not supervised, are dropped).
 - L_diff: a masked noisy row i predicts x_{i+1} (logit shift); unmasked noisy rows are not supervised.
 Both are per-token means, so every supervised target gets one AR and (over the complementary views) one
-diffusion term. Logits are computed only for the rows that have a target.
+diffusion term. Logits are computed only for the rows that have a target, a chunk of rows at a time
+(``flare.ops.linear_ce``), so the full [rows, vocab] logits are never held.
 """
 
 from __future__ import annotations
@@ -11,14 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from flare.config import DEFAULT_BLOCK_SIZE
 from flare.data.batch import PackedBatch
 from flare.model import FlareModel
 from flare.model.context import Packed
 from flare.objective.noise import NoisyViews, sample_views
-from flare.ops.precision import accum_dtype
+from flare.ops.linear_ce import linear_cross_entropy_sum
 
 KINDS = ("flare", "block_diffusion", "ar")
 
@@ -80,13 +80,15 @@ class LossParts:
 
 
 def _ce_sum(model: FlareModel, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Summed CE of the selected rows [N, E] against [N] targets (0, still in the graph, when N = 0)."""
+    """Summed CE of the selected rows [N, E] against [N] targets (0, still in the graph, when N = 0).
+
+    The head runs a chunk of rows at a time (``flare.ops.linear_ce``): no [N, V] logits are ever held. Same
+    value and gradients as ``model.logits`` followed by a summed fp32 cross-entropy."""
     n = targets.numel()
     if n == 0:
         return hidden.sum() * 0.0, 0
-    logits = model.logits(hidden)
-    logits = logits.to(accum_dtype(logits.dtype))
-    return F.cross_entropy(logits, targets, reduction="sum"), n
+    return linear_cross_entropy_sum(hidden, model.lm_head.weight, targets,
+                                    masked_id=model.config.mask_token_id), n
 
 
 class FlareObjective:
