@@ -3,7 +3,8 @@
 A rule is a ``mask_mod(b, h, q_idx, kv_idx) -> bool`` (flex attention's signature): it takes broadcastable index
 tensors for the batch row, head, query row and key column and says whether the query may see the key.
 ``materialize`` evaluates one into the dense boolean mask [B, 1, Tq, Tk] that SDPA takes on CPU;
-``block_mask`` compiles the same function to a flex-attention BlockMask where flex attention runs (GPU).
+``block_mask`` turns any rule into a flex-attention BlockMask by evaluating it densely; the training layouts'
+BlockMasks are built tile by tile, never dense, by ``flare.block_mask``.
 
 The training rules (method §2.1) and the inference rules (§3) are written side by side so that their
 correspondence can be read off here and is tested: a run of noisy rows after clean context sees exactly what a
@@ -38,7 +39,9 @@ def materialize_at(mask_mod: MaskMod, batch: int, q_idx: torch.Tensor, kv_idx: t
 
 
 def block_mask(mask_mod: MaskMod, batch: int, q_len: int, kv_len: int, device: torch.device | str):
-    """The same rule as a flex-attention BlockMask (GPU path)."""
+    """The same rule as a flex-attention BlockMask, through torch's ``create_block_mask``, which evaluates the rule
+    densely ([B, 1, Tq, Tk]) first: for small or irregular rules. The training layouts (packed, two-stream) build
+    theirs tile by tile, never dense: ``flare.block_mask``."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     return create_block_mask(mask_mod, batch, None, q_len, kv_len, device=device)

@@ -43,3 +43,17 @@ def test_gpu_check_runs_on_the_cpu_and_writes_every_section(tmp_path):
     floor = report["memory_floor"]["result"]
     assert floor["bandwidth_GBps"] > 0 and [r["batch"] for r in floor["batches"]] == [1, 8]
     assert all(r["floor_ms"] > 0 and r["measured_ms"] > 0 and r["weight_bytes"] > 0 for r in floor["batches"])
+
+
+def test_bench_block_mask_runs_at_a_tiny_size(tmp_path):
+    """Both builders in their own subprocesses at T = 48, the tiled one alone at T = 96 (tile 16): equal tiles."""
+    out = tmp_path / "block_mask.json"
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_block_mask.py"), "--length", "96",
+                          "--compare", "48", "--tile", "16", "--doc-length", "8", "--repeats", "1", "--device", "cpu",
+                          "--json", str(out)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert [(r["builder"], r["T"]) for r in report["runs"]] == [
+        ("create_block_mask", 48), ("flare.block_mask", 48), ("flare.block_mask", 96)]
+    assert report["ratios"][0]["same_tiles"] and all(r["ms"] > 0 for r in report["runs"])
+    assert "same tiles: yes" in res.stdout

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from flare import masks
+from flare import block_mask, masks
 from flare.model.cache import CommitRecord, ModelCache
 from flare.model.layers import Rotary, rotary
 from flare.model.row_tree import RowTree
@@ -145,8 +145,13 @@ class ForwardContext:
                 mode = "two_stream"
             rot = rope(positions, T)  # positions count from each document's start
             if use_flex(device):
-                # GPU: the same predicate compiled to a sparse BlockMask skips every fully masked tile.
-                mask = masks.block_mask(rule, B, T, T, device)
+                # GPU: a sparse BlockMask of the same rule, built tile by tile from the layout (never a dense
+                # [T, T] mask, cached per layout); flex attention skips every fully masked tile.
+                if mode == "two_stream":
+                    mask = block_mask.two_stream(layout.doc_ids, layout.block_size, layout.views,
+                                                 layout.clean_readout)
+                else:
+                    mask = block_mask.packed(layout.doc_ids)
             elif mode == "two_stream":
                 # CPU: no stream ever sees another view, and clean rows never see noisy ones, so attention runs
                 # per stream over only the keys it can see ((1 + 2V) L^2 scores instead of (1 + V)^2 L^2).
