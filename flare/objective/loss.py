@@ -16,7 +16,7 @@ import torch
 from flare.config import DEFAULT_BLOCK_SIZE
 from flare.data.batch import PackedBatch
 from flare.model import FlareModel
-from flare.model.context import Packed
+from flare.model.context import ForwardContext, Packed
 from flare.objective.noise import NoisyViews, sample_views
 from flare.ops.linear_ce import linear_cross_entropy_sum
 
@@ -91,6 +91,20 @@ def _ce_sum(model: FlareModel, hidden: torch.Tensor, targets: torch.Tensor) -> t
                                     masked_id=model.config.mask_token_id), n
 
 
+@dataclass
+class Prepared:
+    """A step's host-side preparation (``FlareObjective.prepare``): the forward's rows and context, and the flat
+    indices of the scored hidden rows with their targets (clean rows over [B * L], noisy rows over [B * V * L])."""
+
+    input_ids: torch.Tensor
+    context: ForwardContext
+    ar_rows: torch.Tensor
+    ar_targets: torch.Tensor
+    diff_rows: torch.Tensor
+    diff_targets: torch.Tensor
+    masked_fraction: float
+
+
 class FlareObjective:
     def __init__(self, config: ObjectiveConfig, mask_token_id: int | None) -> None:
         if config.kind != "ar" and mask_token_id is None:
@@ -130,35 +144,61 @@ class FlareObjective:
         parts = self.parts(model, batch, views)
         return parts.loss(), parts.metrics()
 
-    def parts(self, model: FlareModel, batch: PackedBatch, views: NoisyViews | None) -> LossParts:
+    def prepare(self, model: FlareModel, batch: PackedBatch, views: NoisyViews | None) -> Prepared:
+        """Everything of a step but its tensors' values: the forward's rows and context, and which hidden rows
+        are scored against which targets (host reads happen here, none during the forward and loss)."""
         cfg = self.config
         nxt, ok = _next_tokens(batch.input_ids), batch.next_target_ok
         if views is None:  # plain AR fine-tuning
-            hidden = model.hidden_states(batch.input_ids, layout=Packed(batch.doc_ids))
-            sum_ar, n_ar = _ce_sum(model, hidden[ok], nxt[ok])
-            return LossParts(hidden.sum() * 0.0, 0, sum_ar, n_ar, 1.0)
-        readout = "block" if cfg.kind == "block_diffusion" else "token"
-        B, V, L = views.xt.shape
-        if cfg.share_clean or V == 1:
-            clean, noisy = model.two_stream_hidden(batch.input_ids, views.xt, batch.doc_ids, cfg.block_size,
-                                                   readout)
+            ids, layout = batch.input_ids, Packed(batch.doc_ids)
+            diff_rows = diff_targets = ok.new_zeros(0, dtype=torch.long)
+            fraction = 0.0
         else:
-            # The batch-doubling formulation: each view in its own row with its own copy of the clean stream.
-            x0 = batch.input_ids.repeat_interleave(V, dim=0)
-            doc = batch.doc_ids.repeat_interleave(V, dim=0)
-            clean2, noisy2 = model.two_stream_hidden(x0, views.xt.reshape(B * V, 1, L), doc, cfg.block_size,
+            readout = "block" if cfg.kind == "block_diffusion" else "token"
+            B, V, L = views.xt.shape
+            if cfg.share_clean or V == 1:
+                ids, layout = model.two_stream_input(batch.input_ids, views.xt, batch.doc_ids, cfg.block_size,
                                                      readout)
-            # Every copy of the clean stream is the same function of x0: averaging them keeps the AR mean.
-            clean = clean2.view(B, V, L, -1).mean(1)
-            noisy = noisy2.view(B, V, L, -1)
+            else:
+                # The batch-doubling formulation: each view in its own row with its own copy of the clean stream.
+                ids, layout = model.two_stream_input(batch.input_ids.repeat_interleave(V, dim=0),
+                                                     views.xt.reshape(B * V, 1, L),
+                                                     batch.doc_ids.repeat_interleave(V, dim=0), cfg.block_size,
+                                                     readout)
+            diff_rows = (views.masked & ok[:, None]).flatten().nonzero().squeeze(1)
+            diff_targets = nxt[:, None].expand(B, V, L).flatten()[diff_rows]
+            maskable = int(batch.loss_mask.sum()) * V
+            fraction = int(views.masked.sum()) / maskable if maskable else 0.0
+        if self.ar_weight > 0:
+            ar_rows = ok.flatten().nonzero().squeeze(1)
+            ar_targets = nxt.flatten()[ar_rows]
+        else:
+            ar_rows = ar_targets = ok.new_zeros(0, dtype=torch.long)
+        return Prepared(ids, model.context(ids, layout=layout), ar_rows, ar_targets, diff_rows, diff_targets,
+                        fraction)
 
-        diff_ok = views.masked & ok[:, None]
-        sum_diff, n_diff = _ce_sum(model, noisy[diff_ok], nxt[:, None].expand(B, V, L)[diff_ok])
+    def parts(self, model: FlareModel, batch: PackedBatch, views: NoisyViews | None,
+              prepared: Prepared | None = None) -> LossParts:
+        """The summed losses of one batch; ``prepared`` is ``prepare``'s result for the same arguments."""
+        p = prepared or self.prepare(model, batch, views)
+        h = model.hidden_states(p.input_ids, context=p.context)
+        E = h.shape[-1]
+        if views is None:
+            clean, noisy = h, None
+        else:
+            B, V, L = views.xt.shape
+            if self.config.share_clean or V == 1:
+                clean, noisy = h[:, :L], h[:, L:]
+            else:
+                # Every copy of the clean stream is the same function of x0: averaging them keeps the AR mean.
+                h2 = h.view(B, V, 2 * L, E)
+                clean, noisy = h2[:, :, :L].mean(1), h2[:, :, L:]
         w = self.ar_weight
-        sum_ar, n_ar = _ce_sum(model, clean[ok], nxt[ok]) if w > 0 else (clean.sum() * 0.0, 0)
-        maskable = int(batch.loss_mask.sum()) * V
-        fraction = int(views.masked.sum()) / maskable if maskable else 0.0
-        return LossParts(sum_diff, n_diff, sum_ar, n_ar, w, fraction)
+        sum_ar, n_ar = _ce_sum(model, clean.reshape(-1, E).index_select(0, p.ar_rows), p.ar_targets)
+        if noisy is None:
+            return LossParts(h.sum() * 0.0, 0, sum_ar, n_ar, w)
+        sum_diff, n_diff = _ce_sum(model, noisy.reshape(-1, E).index_select(0, p.diff_rows), p.diff_targets)
+        return LossParts(sum_diff, n_diff, sum_ar, n_ar, w, p.masked_fraction)
 
 
 def _next_tokens(ids: torch.Tensor) -> torch.Tensor:
