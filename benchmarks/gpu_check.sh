@@ -4,6 +4,8 @@
 #   modes         bench_modes.py on the real-sized random model (Qwen3.5-0.8B-shaped) in bf16 at batch 1 and 8:
 #                 cost per forward of every mode vs causal, and causal ms/step vs transformers on the same weights
 #   memory_floor  memory_floor.py: causal decode ms/step vs (weight + state bytes) / copy bandwidth, batch 1 and 8
+#   train         bench_train_memory.py: one FLARE training step of a random Qwen3.5-2B-shaped model (24 layers, bf16
+#                 compute, fp32 masters) at L = 4,096: step time, tokens/s and peak memory
 #   env           python, torch, device, and the seconds each section took
 # Each section records its exit status and, when it failed, the tail of its log; the script exits non-zero when
 # any section failed. It installs nothing: it runs .venv/bin/python when present, else python.
@@ -36,11 +38,13 @@ done
 
 if [ "$DEVICE" = cpu ]; then
   SIZE=${SIZE:-tiny}; NEW=${NEW:-4}; REPEATS=1; DTYPE=auto; THREADS=1; STEPS=4
-  T_TESTS=120; T_MODES=240; T_FLOOR=120
+  T_TESTS=120; T_MODES=240; T_FLOOR=120; T_TRAIN=120
+  TRAIN_SHAPE="--hidden 64 --intermediate 128 --vocab 512 --layers 2 --length 96"
 else
   SIZE=${SIZE:-real}; NEW=${NEW:-32}; REPEATS=3; DTYPE=bfloat16; THREADS=4; STEPS=32
   # Together under 8 minutes, start-up included.
-  T_TESTS=90; T_MODES=270; T_FLOOR=90
+  T_TESTS=90; T_MODES=210; T_FLOOR=75; T_TRAIN=90
+  TRAIN_SHAPE="--layers 24 --length 4096"
 fi
 
 WORK=$(mktemp -d)
@@ -78,6 +82,10 @@ section modes "$T_MODES" "$PY" benchmarks/bench_modes.py --size "$SIZE" --batch 
 
 section memory_floor "$T_FLOOR" "$PY" benchmarks/memory_floor.py --size "$SIZE" --batch 1,8 --device "$DEVICE" \
   --dtype "$DTYPE" --steps "$STEPS" --repeats "$REPEATS" --threads "$THREADS" --json "$WORK/memory_floor.json"
+
+# shellcheck disable=SC2086
+section train "$T_TRAIN" "$PY" benchmarks/bench_train_memory.py --device "$DEVICE" --arms after $TRAIN_SHAPE \
+  --threads "$THREADS" --json "$WORK/train.json"
 
 "$PY" - "$WORK" "$OUT" "$DEVICE" "$SIZE" "$DTYPE" <<'EOF'
 import json
@@ -143,14 +151,15 @@ def env():
     return info
 
 
-report = {"env": env(), "tests": tests(), "modes": bench("modes"), "memory_floor": bench("memory_floor")}
+SECTIONS = ("tests", "modes", "memory_floor", "train")
+report = {"env": env(), "tests": tests(), "modes": bench("modes"), "memory_floor": bench("memory_floor"),
+          "train": bench("train")}
 if report["modes"]["result"]:
     report["env"]["describe"] = report["modes"]["result"]["describe"]  # the device and dtype the benchmark ran in
-report["env"]["seconds"] = {k: report[k]["seconds"] for k in ("tests", "modes", "memory_floor")}
-report["ok"] = all(report[k]["ok"] for k in ("tests", "modes", "memory_floor"))
+report["env"]["seconds"] = {k: report[k]["seconds"] for k in SECTIONS}
+report["ok"] = all(report[k]["ok"] for k in SECTIONS)
 out.parent.mkdir(parents=True, exist_ok=True)
 out.write_text(json.dumps(report, indent=1) + "\n")
-print(f"wrote {out}: " + ", ".join(f"{k} {'ok' if report[k]['ok'] else 'FAILED'}"
-                                   for k in ("tests", "modes", "memory_floor")))
+print(f"wrote {out}: " + ", ".join(f"{k} {'ok' if report[k]['ok'] else 'FAILED'}" for k in SECTIONS))
 sys.exit(0 if report["ok"] else 1)
 EOF

@@ -113,6 +113,11 @@ def _train(args: argparse.Namespace) -> int:
     from flare.train.loop import Trainer
 
     config = load_config(args.config, args.set or [])
+    if args.dry_run:
+        from flare.train.memory import report
+
+        print(report(config, world=int(os.environ.get("WORLD_SIZE", "1"))))
+        return 0
     history = Trainer(config).run()
     # Under torchrun every rank returns the same history; one line is enough.
     if history and os.environ.get("RANK", "0") == "0":
@@ -223,6 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", help="YAML or JSON config file (flare.train.config.TrainConfig)")
     train.add_argument("--set", action="append", metavar="KEY=VALUE",
                        help="override a config value, e.g. --set optim.lr=1e-4 --set objective.kind=ar")
+    train.add_argument("--dry-run", action="store_true",
+                       help="print the memory one training step will need (parameters, gradients, optimizer state, "
+                            "activations with and without checkpointing, one logits chunk) and the token budget, "
+                            "replayed on fake tensors: nothing is allocated and no data is read")
     train.set_defaults(func=_train)
 
     srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, streaming, metrics)",

@@ -26,8 +26,8 @@ def test_gpu_check_runs_on_the_cpu_and_writes_every_section(tmp_path):
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     report = json.loads(out.read_text())
-    assert {"env", "tests", "modes", "memory_floor"} <= set(report) and report["ok"]
-    assert set(report["env"]["seconds"]) == {"tests", "modes", "memory_floor"}
+    assert {"env", "tests", "modes", "memory_floor", "train"} <= set(report) and report["ok"]
+    assert set(report["env"]["seconds"]) == {"tests", "modes", "memory_floor", "train"}
 
     tests = report["tests"]
     assert tests["files"] and tests["cases"], "no CUDA-only test was found or selected"
@@ -43,6 +43,9 @@ def test_gpu_check_runs_on_the_cpu_and_writes_every_section(tmp_path):
     floor = report["memory_floor"]["result"]
     assert floor["bandwidth_GBps"] > 0 and [r["batch"] for r in floor["batches"]] == [1, 8]
     assert all(r["floor_ms"] > 0 and r["measured_ms"] > 0 and r["weight_bytes"] > 0 for r in floor["batches"])
+
+    train = report["train"]["result"]
+    assert train["length"] == 96 and train["after"]["peak"] > 0 and train["after"]["tokens_per_s"] > 0
 
 
 def test_bench_block_mask_runs_at_a_tiny_size(tmp_path):

@@ -14,7 +14,37 @@ INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 
 
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
 def read_tensors(directory: str | Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for path in _files(directory):
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                tensors[key] = f.get_tensor(key)
+    return tensors
+
+
+def stored_dtype(directory: str | Path) -> torch.dtype:
+    """The floating dtype most of a checkpoint's parameters are stored in, read from the file headers only."""
+    counts: dict[torch.dtype, int] = {}
+    for path in _files(directory):
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                sl = f.get_slice(key)
+                dtype = _DTYPES.get(sl.get_dtype())
+                if dtype is not None:
+                    n = 1
+                    for d in sl.get_shape():
+                        n *= d
+                    counts[dtype] = counts.get(dtype, 0) + n
+    if not counts:
+        raise ValueError(f"{directory} holds no floating-point tensors")
+    return max(counts, key=counts.get)
+
+
+def _files(directory: str | Path) -> list[Path]:
     directory = Path(directory)
     if (directory / INDEX).exists():
         index = json.loads((directory / INDEX).read_text())
@@ -28,12 +58,7 @@ def read_tensors(directory: str | Path) -> dict[str, torch.Tensor]:
                 f"{directory} holds only pickled weights; flare loads safetensors only (convert them first)"
             )
         raise FileNotFoundError(f"no {SINGLE} or {INDEX} in {directory}")
-    tensors: dict[str, torch.Tensor] = {}
-    for name in files:
-        with safe_open(str(directory / name), framework="pt") as f:
-            for key in f.keys():
-                tensors[key] = f.get_tensor(key)
-    return tensors
+    return [directory / name for name in files]
 
 
 def write_tensors(tensors: dict[str, torch.Tensor], directory: str | Path, max_shard_bytes: int = 4 << 30) -> None:

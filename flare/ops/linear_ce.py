@@ -3,9 +3,9 @@
 The loss ``sum_i CE(hidden_i @ weight.T, target_i)`` computed the plain way holds [N, V] logits, their fp32 copy
 and the gradients of both: at a 248,320-token vocabulary and thousands of supervised rows, tens of GB. Here the
 rows go through the head a chunk at a time. Forward keeps no logits (only its inputs are saved), and backward
-recomputes each chunk and differentiates it on the spot: gradient checkpointing, a chunk of rows at a time. Peak
-memory is O(chunk_rows * V) rather than O(N * V), for one extra head matmul per chunk. Each chunk runs the plain
-computation (``linear_cross_entropy_reference``), so one chunk gives exactly its value and gradients.
+recomputes each chunk's logits and writes its gradients directly (softmax minus one-hot), the head's into one fp32
+buffer, a slab of vocabulary rows at a time. Peak memory is O(chunk_rows * V) rather than O(N * V), with no
+[V, E] temporary, for one extra head matmul per chunk. Forward runs the plain computation (``linear_cross_entropy_reference``) per chunk.
 
 The [MASK] column (an input-only token, never predicted) is -inf, as in ``FlareModel.logits``. Under autocast
 the head matmul runs in the autocast dtype, as ``F.linear`` would; the softmax, the loss and the head's gradient
@@ -55,9 +55,10 @@ def _no_autocast(device_type: str):
 
 
 class _LinearCrossEntropySum(torch.autograd.Function):
-    """Forward sums the chunks' losses without a graph; backward reruns each chunk under autograd and
-    differentiates it (gradient checkpointing, one chunk of rows at a time). Each chunk is
-    ``linear_cross_entropy_reference`` itself, so a single chunk gives exactly the full-logits result."""
+    """Forward sums the chunks' losses without a graph (each chunk is ``linear_cross_entropy_reference``);
+    backward recomputes each chunk's logits and writes its gradients directly: softmax minus the target's one-hot,
+    into the chunk's rows of the hidden gradient and into one fp32 head gradient (from GEMMs in the compute
+    dtype, as ``F.linear``'s backward would run them)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, dtype, chunk_rows, masked_id, ignore_index):
@@ -78,22 +79,44 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         hidden, weight, targets = ctx.saved_tensors
         dtype, chunk_rows, masked_id, ignore_index = ctx.options
         need_h, need_w = ctx.needs_input_grad[:2]
-        grad_h = torch.zeros_like(hidden) if need_h else None
-        # The head's gradient sums over every chunk: accumulated in fp32 (fp64 for fp64), cast back at the end.
+        acc = accum_dtype(dtype)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        # The head's gradient sums over every chunk, accumulated in place in fp32 (fp64 for fp64): no [V, E]
+        # temporary per chunk, whatever the compute dtype.
         grad_w = torch.zeros(weight.shape, dtype=accum_dtype(weight.dtype), device=weight.device) if need_w else None
-        with _no_autocast(hidden.device.type), torch.enable_grad():
-            w = cast(weight.detach(), dtype).requires_grad_(need_w)
+        scale = grad_total.to(acc)
+        with _no_autocast(hidden.device.type):
+            w = cast(weight, dtype)
             for start in range(0, hidden.shape[0] if need_h or need_w else 0, chunk_rows):
                 rows = slice(start, start + chunk_rows)
-                h = cast(hidden[rows].detach(), dtype).requires_grad_(need_h)
-                loss = linear_cross_entropy_reference(h, w, targets[rows], masked_id=masked_id,
-                                                      ignore_index=ignore_index)
-                grads = torch.autograd.grad(loss, [x for x in (h, w) if x.requires_grad], grad_total)
+                h, t = cast(hidden[rows], dtype), targets[rows]
+                logits = F.linear(h, w)
+                if masked_id is not None:
+                    logits.index_fill_(-1, torch.tensor([masked_id], device=logits.device), float("-inf"))
+                # d(sum CE)/d logits = softmax - one_hot(target), zero for ignored rows, times the incoming grad.
+                d = torch.softmax(logits.to(acc), dim=-1)
+                del logits
+                keep = (t != ignore_index).to(acc)[:, None]
+                d.scatter_add_(1, t.clamp(min=0)[:, None], -keep)
+                d.mul_(keep * scale)
                 if need_h:
-                    grad_h[rows] = grads[0]
+                    grad_h[rows] = (d.to(dtype) @ w).to(hidden.dtype)
                 if need_w:
-                    grad_w += grads[-1]
+                    _accumulate_head_grad(grad_w, d, h)
         return grad_h, cast(grad_w, weight.dtype) if need_w else None, None, None, None, None, None
+
+
+def _accumulate_head_grad(grad_w: torch.Tensor, d: torch.Tensor, h: torch.Tensor) -> None:
+    """grad_w [V, E] += d.T [V, n] @ h [n, E]. In h's (compute) dtype when it is narrower than grad_w's, a slab
+    of vocabulary rows at a time (a bf16 GEMM, several times an fp32 one's speed on CPUs with AMX and on GPUs,
+    its temporary bounded by the slab), else in place in grad_w's dtype."""
+    if h.dtype == grad_w.dtype:
+        grad_w.addmm_(d.t(), h)
+        return
+    dt = d.t().to(h.dtype)
+    slab = max(1, CHUNK_BYTES // (h.element_size() * h.shape[1]))
+    for start in range(0, grad_w.shape[0], slab):
+        grad_w[start:start + slab] += dt[start:start + slab] @ h
 
 
 def linear_cross_entropy_sum(

@@ -56,12 +56,15 @@ def test_equals_full_logits(N, chunk, masked_id, dtype, rtol):
         assert not got[2][masked_id].any()
 
 
-def test_one_chunk_is_exactly_the_full_logits_path():
+def test_one_chunk_is_the_full_logits_path():
+    # The value is the reference computation itself; the gradients are written by hand (softmax - one-hot), so
+    # they agree to rounding.
     hidden, weight, targets = _data(37, 53, 8, torch.float32, seed=1, masked_id=3)
     got = _value_and_grads(linear_cross_entropy_sum, hidden, weight, targets, 0.3, masked_id=3, chunk_rows=37)
     want = _value_and_grads(linear_cross_entropy_reference, hidden, weight, targets, 0.3, masked_id=3)
-    for g, w in zip(got, want):
-        assert torch.equal(g, w)
+    assert torch.equal(got[0], want[0])
+    for g, w in zip(got[1:], want[1:]):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)
 
 
 def test_no_rows_is_a_zero_in_the_graph():
