@@ -39,7 +39,7 @@ from flare.checkpoint import load_model
 from flare.config import ModelConfig
 from flare.device import describe
 from flare.objective import FlareObjective
-from flare.ops.linear_ce import default_chunk_rows, linear_cross_entropy_reference
+from flare.ops.linear_ce import CHUNK_BYTES, linear_cross_entropy_reference
 from flare.testing.checkpoints import save_random_hybrid
 from flare.train.config import TrainConfig, from_dict
 from flare.train.loop import backward, make_optimizer, optimizer_step
@@ -69,7 +69,7 @@ def run_arm(args: argparse.Namespace) -> dict:
     """Two steps of one arm in this process; its peak RSS and step time."""
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    after = args.arm == "after"
+    after = args.arm in ("after", "estimate")  # the estimate is of the after arm's config
     cfg = train_config(args.model, args.length, args.block_size, after)
     runtime = resident_bytes() if device.type == "cpu" else 0
     if args.arm == "estimate":
@@ -77,8 +77,11 @@ def run_arm(args: argparse.Namespace) -> dict:
         return {"peak": est.peak, "runtime": runtime}
     if not after:
         # The loss as it was: full-vocabulary logits (and their fp32 copy) for every scored row.
-        loss_module.linear_cross_entropy_sum = (
-            lambda h, w, t, masked_id=None: linear_cross_entropy_reference(h, w, t, masked_id=masked_id))
+        def full_logits(h, w, t, groups, num_groups, masked_id=None):
+            return torch.stack([linear_cross_entropy_reference(h[groups == g], w, t[groups == g], masked_id=masked_id)
+                                for g in range(num_groups)])
+
+        loss_module.linear_cross_entropy_sums = full_logits
     model = load_model(args.model, device=device)
     if after:
         model.float()
@@ -117,7 +120,7 @@ def floor_bytes(config: ModelConfig, length: int, runtime: int) -> dict[str, int
     rows = 3 * length  # clean stream + two views
     parts = {
         "bf16 weights": 2 * n, "fp32 master": 4 * n, "fp32 gradients": 4 * n, "AdamW moments": 8 * n,
-        "one logits chunk": 4 * default_chunk_rows(config.vocab_size) * config.vocab_size,
+        "one logits chunk": CHUNK_BYTES,
         "checkpointed activations": 4 * rows * config.hidden_size * (config.num_hidden_layers + 1),
         "runtime": runtime,
     }

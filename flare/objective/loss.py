@@ -18,7 +18,7 @@ from flare.data.batch import PackedBatch
 from flare.model import FlareModel
 from flare.model.context import ForwardContext, Packed
 from flare.objective.noise import NoisyViews, sample_views
-from flare.ops.linear_ce import linear_cross_entropy_sum
+from flare.ops.linear_ce import linear_cross_entropy_sums
 
 KINDS = ("flare", "block_diffusion", "ar")
 
@@ -79,16 +79,20 @@ class LossParts:
         }
 
 
-def _ce_sum(model: FlareModel, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Summed CE of the selected rows [N, E] against [N] targets (0, still in the graph, when N = 0).
+def _ce_sums(model: FlareModel, *selected: tuple[torch.Tensor, torch.Tensor]) -> list[tuple[torch.Tensor, int]]:
+    """Summed CE of each (rows [N, E], targets [N]) pair: (sum, N) per pair, a 0 still in the graph for N = 0.
 
-    The head runs a chunk of rows at a time (``flare.ops.linear_ce``): no [N, V] logits are ever held. Same
-    value and gradients as ``model.logits`` followed by a summed fp32 cross-entropy."""
-    n = targets.numel()
-    if n == 0:
-        return hidden.sum() * 0.0, 0
-    return linear_cross_entropy_sum(hidden, model.lm_head.weight, targets,
-                                    masked_id=model.config.mask_token_id), n
+    All pairs go through the head in one chunked pass (``flare.ops.linear_ce``): no [N, V] logits are ever held,
+    and the head is cast and read once. Same value and gradients as ``model.logits`` followed by a summed fp32
+    cross-entropy per pair."""
+    hidden = torch.cat([h for h, _ in selected])
+    targets = torch.cat([t for _, t in selected])
+    groups = torch.cat([torch.full_like(t, i) for i, (_, t) in enumerate(selected)])
+    sums = linear_cross_entropy_sums(hidden, model.lm_head.weight, targets, groups, len(selected),
+                                     masked_id=model.config.mask_token_id)
+    if hidden.shape[0] == 0:
+        sums = sums + hidden.sum() * 0.0  # keep the hidden states in the graph
+    return [(sums[i], t.numel()) for i, (_, t) in enumerate(selected)]
 
 
 @dataclass
@@ -194,10 +198,12 @@ class FlareObjective:
                 h2 = h.view(B, V, 2 * L, E)
                 clean, noisy = h2[:, :, :L].mean(1), h2[:, :, L:]
         w = self.ar_weight
-        sum_ar, n_ar = _ce_sum(model, clean.reshape(-1, E).index_select(0, p.ar_rows), p.ar_targets)
+        ar = (clean.reshape(-1, E).index_select(0, p.ar_rows), p.ar_targets)
         if noisy is None:
+            ((sum_ar, n_ar),) = _ce_sums(model, ar)
             return LossParts(h.sum() * 0.0, 0, sum_ar, n_ar, w)
-        sum_diff, n_diff = _ce_sum(model, noisy.reshape(-1, E).index_select(0, p.diff_rows), p.diff_targets)
+        diff = (noisy.reshape(-1, E).index_select(0, p.diff_rows), p.diff_targets)
+        (sum_diff, n_diff), (sum_ar, n_ar) = _ce_sums(model, diff, ar)
         return LossParts(sum_diff, n_diff, sum_ar, n_ar, w, p.masked_fraction)
 
 

@@ -24,14 +24,16 @@ from torch.autograd.function import once_differentiable
 from flare.ops.precision import accum_dtype, cast
 
 IGNORE_INDEX = -100
-# A chunk's fp32 logits. Its [rows, V] temporaries (logits, the masked fp32 copy, log-softmax, their gradients)
-# come to a few times this at the peak of a chunk's backward.
+# One tile of fp32 logits: rows x vocabulary columns. A tile's temporaries (its logits in the compute dtype and in
+# fp32, their gradient in both) come to about three times this.
 CHUNK_BYTES = 256 * 2**20
+# Rows per block: the rows whose hidden states, cast to the compute dtype, and fp32 gradient are held at once.
+ROW_BLOCK = 8192
 
 
-def default_chunk_rows(vocab_size: int, budget_bytes: int = CHUNK_BYTES) -> int:
-    """Rows per chunk so that one chunk's fp32 logits take at most ``budget_bytes`` (at least one row)."""
-    return max(1, budget_bytes // (4 * max(vocab_size, 1)))
+def slab_columns(rows: int, vocab_size: int, budget_bytes: int = CHUNK_BYTES) -> int:
+    """Vocabulary columns per tile so that ``rows`` rows of fp32 logits take at most ``budget_bytes``."""
+    return min(vocab_size, max(1, budget_bytes // (4 * max(rows, 1))))
 
 
 def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -54,69 +56,136 @@ def _no_autocast(device_type: str):
     return torch.autocast(device_type, enabled=False) if _autocast_on(device_type) else nullcontext()
 
 
-class _LinearCrossEntropySum(torch.autograd.Function):
-    """Forward sums the chunks' losses without a graph (each chunk is ``linear_cross_entropy_reference``);
-    backward recomputes each chunk's logits and writes its gradients directly: softmax minus the target's one-hot,
-    into the chunk's rows of the hidden gradient and into one fp32 head gradient (from GEMMs in the compute
-    dtype, as ``F.linear``'s backward would run them)."""
+class _LinearCrossEntropySums(torch.autograd.Function):
+    """Rows in blocks, the vocabulary in slabs; every tile [rows, columns] is computed twice (forward for the
+    log-sum-exp, kept per row; backward for the softmax), never stored.
+
+    Forward: an online log-sum-exp over the slabs in fp32 and the target's logit give each row's loss, summed per
+    group. Backward: per tile, d = exp(logits - lse) minus the target's one-hot, times the group's incoming
+    gradient; the hidden rows' gradient accumulates over the slabs in fp32, and each slab of the head's gradient
+    is written once per row block (in place in fp32, from a GEMM in the compute dtype as ``F.linear``'s backward
+    would run it). Both passes compute a tile with the same GEMM shape, so they see the same logits."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, dtype, chunk_rows, masked_id, ignore_index):
-        ctx.save_for_backward(hidden, weight, targets)
-        ctx.options = dtype, chunk_rows, masked_id, ignore_index
-        total = torch.zeros((), dtype=accum_dtype(dtype), device=hidden.device)
+    def forward(ctx, hidden, weight, targets, groups, num_groups, dtype, chunk_rows, columns, masked_id,
+                ignore_index):
+        acc = accum_dtype(dtype)
+        N = hidden.shape[0]
+        lse = torch.empty(N, dtype=acc, device=hidden.device)
+        picked = torch.zeros(N, dtype=acc, device=hidden.device)
         with _no_autocast(hidden.device.type):
-            w = cast(weight, dtype)
-            for start in range(0, hidden.shape[0], chunk_rows):
-                rows = slice(start, start + chunk_rows)
-                total += linear_cross_entropy_reference(cast(hidden[rows], dtype), w, targets[rows],
-                                                        masked_id=masked_id, ignore_index=ignore_index)
-        return total
+            for rows in _blocks(N, chunk_rows):
+                h, t = cast(hidden[rows], dtype), targets[rows]
+                top = run = None
+                for start, stop in _slabs(h.shape[0], weight.shape[0], columns):
+                    logits = _tile(h, cast(weight[start:stop], dtype), start, masked_id).to(acc)
+                    m = logits.amax(dim=1)
+                    if top is None:
+                        top, run = m, torch.zeros_like(m)
+                    else:
+                        m = torch.maximum(top, m)
+                        run = run * torch.exp(top - m)
+                        top = m
+                    run += torch.exp(logits - top[:, None]).sum(dim=1)
+                    at, inside = _target_columns(t, start, stop)
+                    picked[rows] += logits.gather(1, at[:, None])[:, 0].masked_fill_(~inside, 0.0)
+                lse[rows] = top + torch.log(run)
+            losses = (lse - picked).masked_fill_(targets == ignore_index, 0.0)
+            sums = torch.zeros(num_groups, dtype=acc, device=hidden.device).index_add_(0, groups, losses)
+        ctx.save_for_backward(hidden, weight, targets, groups, lse)
+        ctx.options = dtype, chunk_rows, columns, masked_id, ignore_index
+        return sums
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_total):
-        hidden, weight, targets = ctx.saved_tensors
-        dtype, chunk_rows, masked_id, ignore_index = ctx.options
+    def backward(ctx, grad_sums):
+        hidden, weight, targets, groups, lse = ctx.saved_tensors
+        dtype, chunk_rows, columns, masked_id, ignore_index = ctx.options
         need_h, need_w = ctx.needs_input_grad[:2]
         acc = accum_dtype(dtype)
+        N, V = hidden.shape[0], weight.shape[0]
         grad_h = torch.empty_like(hidden) if need_h else None
-        # The head's gradient sums over every chunk, accumulated in place in fp32 (fp64 for fp64): no [V, E]
-        # temporary per chunk, whatever the compute dtype.
-        grad_w = torch.zeros(weight.shape, dtype=accum_dtype(weight.dtype), device=weight.device) if need_w else None
-        scale = grad_total.to(acc)
+        # Written by the first row block, accumulated by the others (no zero-filled [V, E] to start from).
+        grad_w = torch.empty(weight.shape, dtype=accum_dtype(weight.dtype), device=weight.device) if need_w else None
+        # d(sum CE)/d logits = softmax - one_hot(target), zero for ignored rows, times the group's gradient.
+        row_scale = grad_sums.to(acc)[groups].masked_fill_(targets == ignore_index, 0.0)
         with _no_autocast(hidden.device.type):
-            w = cast(weight, dtype)
-            for start in range(0, hidden.shape[0] if need_h or need_w else 0, chunk_rows):
-                rows = slice(start, start + chunk_rows)
+            for block, rows in enumerate(_blocks(N if need_h or need_w else 0, chunk_rows)):
                 h, t = cast(hidden[rows], dtype), targets[rows]
-                logits = F.linear(h, w)
-                if masked_id is not None:
-                    logits.index_fill_(-1, torch.tensor([masked_id], device=logits.device), float("-inf"))
-                # d(sum CE)/d logits = softmax - one_hot(target), zero for ignored rows, times the incoming grad.
-                d = torch.softmax(logits.to(acc), dim=-1)
-                del logits
-                keep = (t != ignore_index).to(acc)[:, None]
-                d.scatter_add_(1, t.clamp(min=0)[:, None], -keep)
-                d.mul_(keep * scale)
+                gh = torch.zeros(h.shape, dtype=acc, device=h.device) if need_h else None
+                for start, stop in _slabs(h.shape[0], V, columns):
+                    w = cast(weight[start:stop], dtype)
+                    d = _tile(h, w, start, masked_id).to(acc)
+                    d.sub_(lse[rows, None]).exp_()
+                    at, inside = _target_columns(t, start, stop)
+                    d.scatter_add_(1, at[:, None], -inside.to(acc)[:, None])
+                    d.mul_(row_scale[rows, None])
+                    d = cast(d, dtype)
+                    if need_h:
+                        gh += d @ w
+                    if need_w:
+                        part = d.t() @ h
+                        if block:
+                            grad_w[start:stop].add_(part)
+                        else:
+                            grad_w[start:stop].copy_(part)
                 if need_h:
-                    grad_h[rows] = (d.to(dtype) @ w).to(hidden.dtype)
-                if need_w:
-                    _accumulate_head_grad(grad_w, d, h)
-        return grad_h, cast(grad_w, weight.dtype) if need_w else None, None, None, None, None, None
+                    grad_h[rows] = gh
+        if need_w and N == 0:
+            grad_w.zero_()
+        return (grad_h, cast(grad_w, weight.dtype) if need_w else None, *([None] * 8))
 
 
-def _accumulate_head_grad(grad_w: torch.Tensor, d: torch.Tensor, h: torch.Tensor) -> None:
-    """grad_w [V, E] += d.T [V, n] @ h [n, E]. In h's (compute) dtype when it is narrower than grad_w's, a slab
-    of vocabulary rows at a time (a bf16 GEMM, several times an fp32 one's speed on CPUs with AMX and on GPUs,
-    its temporary bounded by the slab), else in place in grad_w's dtype."""
-    if h.dtype == grad_w.dtype:
-        grad_w.addmm_(d.t(), h)
-        return
-    dt = d.t().to(h.dtype)
-    slab = max(1, CHUNK_BYTES // (h.element_size() * h.shape[1]))
-    for start in range(0, grad_w.shape[0], slab):
-        grad_w[start:start + slab] += dt[start:start + slab] @ h
+def _blocks(n: int, size: int):
+    return [slice(i, i + size) for i in range(0, n, size)]
+
+
+def _slabs(rows: int, vocab: int, columns: int | None):
+    step = columns or slab_columns(rows, vocab)
+    return [(i, min(i + step, vocab)) for i in range(0, vocab, step)]
+
+
+def _tile(h: torch.Tensor, w: torch.Tensor, start: int, masked_id: int | None) -> torch.Tensor:
+    """Logits of rows h for the head's slab w (vocabulary rows from ``start``), in their dtype; [MASK] -inf."""
+    logits = F.linear(h, w)
+    if masked_id is not None and start <= masked_id < start + w.shape[0]:
+        logits[:, masked_id - start] = float("-inf")
+    return logits
+
+
+def _target_columns(t: torch.Tensor, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's target as a column of the slab [start, stop) (clamped into it) and whether it lies inside."""
+    inside = (t >= start) & (t < stop)
+    return (t - start).clamp(0, stop - start - 1), inside
+
+
+def linear_cross_entropy_sums(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    groups: torch.Tensor | None = None,
+    num_groups: int = 1,
+    *,
+    masked_id: int | None = None,
+    chunk_rows: int = ROW_BLOCK,
+    columns: int | None = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """Per-group sums of CE(hidden_i @ weight.T, targets_i) for hidden [N, E], weight [V, E], targets [N] and
+    ``groups`` [N] in [0, num_groups) (all 0 by default): a [num_groups] tensor in the accumulation dtype (fp32;
+    fp64 for fp64 inputs). Rows go ``chunk_rows`` at a time and the vocabulary ``columns`` at a time (default:
+    one tile of fp32 logits within ``CHUNK_BYTES``). One call serves several losses over the same head. Column
+    ``masked_id`` of the logits is -inf; ``ignore_index`` targets are skipped. N = 0 gives zeros still in the
+    graph."""
+    if chunk_rows < 1 or (columns is not None and columns < 1):
+        raise ValueError(f"chunk_rows and columns must be >= 1, got {chunk_rows} and {columns}")
+    if groups is None:
+        groups = torch.zeros_like(targets)
+    if groups.shape != targets.shape:
+        raise ValueError(f"groups {tuple(groups.shape)} must match targets {tuple(targets.shape)}")
+    dtype = _compute_dtype(hidden, weight)
+    return _LinearCrossEntropySums.apply(hidden, weight, targets, groups, num_groups, dtype, chunk_rows, columns,
+                                         masked_id, ignore_index)
 
 
 def linear_cross_entropy_sum(
@@ -125,19 +194,13 @@ def linear_cross_entropy_sum(
     targets: torch.Tensor,
     *,
     masked_id: int | None = None,
-    chunk_rows: int | None = None,
+    chunk_rows: int = ROW_BLOCK,
+    columns: int | None = None,
     ignore_index: int = IGNORE_INDEX,
 ) -> torch.Tensor:
-    """sum_i CE(hidden_i @ weight.T, targets_i) for hidden [N, E], weight [V, E], targets [N], as a scalar in the
-    accumulation dtype (fp32; fp64 for fp64 inputs), computed ``chunk_rows`` rows at a time (default: from
-    ``CHUNK_BYTES``). Column ``masked_id`` of the logits is -inf; ``ignore_index`` targets are skipped. N = 0 gives
-    a 0 that is still in the graph."""
-    if chunk_rows is None:
-        chunk_rows = default_chunk_rows(weight.shape[0])
-    if chunk_rows < 1:
-        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
-    dtype = _compute_dtype(hidden, weight)
-    return _LinearCrossEntropySum.apply(hidden, weight, targets, dtype, chunk_rows, masked_id, ignore_index)
+    """sum_i CE(hidden_i @ weight.T, targets_i) as a scalar: ``linear_cross_entropy_sums`` with one group."""
+    return linear_cross_entropy_sums(hidden, weight, targets, masked_id=masked_id, chunk_rows=chunk_rows,
+                                     columns=columns, ignore_index=ignore_index)[0]
 
 
 def linear_cross_entropy_reference(

@@ -25,7 +25,7 @@ from flare.config import ModelConfig
 from flare.data.batch import PackedBatch
 from flare.model import FlareModel
 from flare.objective import FlareObjective
-from flare.ops.linear_ce import default_chunk_rows
+from flare.ops.linear_ce import CHUNK_BYTES
 from flare.train.config import TrainConfig
 from flare.train.loop import backward, make_optimizer, optimizer_step
 
@@ -190,11 +190,10 @@ def estimate(cfg: TrainConfig, *, compare_checkpointing: bool = True) -> MemoryE
     without = None
     if cfg.checkpointing and compare_checkpointing:
         without = _replay_layers(cfg, config, dtype, False)[0] - parameters - optimizer - gradients
-    chunk_rows = default_chunk_rows(config.vocab_size)
     notes = [f"parameters {dtype} (stored {source}); compute {'bf16 autocast' if cfg.bf16 else str(dtype)}"]
     return MemoryEstimate(
         parameters=parameters, gradients=gradients, optimizer=optimizer,
-        activations=max(0, total - parameters - optimizer - gradients), logits_chunk=chunk_rows * config.vocab_size * 4,
+        activations=max(0, total - parameters - optimizer - gradients), logits_chunk=CHUNK_BYTES,
         context=context, runtime=runtime, checkpointing=cfg.checkpointing, without_checkpointing=without,
         notes=notes,
     )

@@ -10,7 +10,13 @@ from flare.data import PackedBatch
 from flare.model import FlareModel
 from flare.objective import FlareObjective, ObjectiveConfig
 from flare.objective import loss as loss_module
-from flare.ops.linear_ce import default_chunk_rows, linear_cross_entropy_reference, linear_cross_entropy_sum
+from flare.ops.linear_ce import (
+    CHUNK_BYTES,
+    linear_cross_entropy_reference,
+    linear_cross_entropy_sum,
+    linear_cross_entropy_sums,
+    slab_columns,
+)
 
 MASK = 95
 
@@ -42,11 +48,13 @@ def _close(got, want, rtol):
 
 @pytest.mark.parametrize("dtype, rtol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
 @pytest.mark.parametrize("masked_id", [None, 3])
-@pytest.mark.parametrize("N, chunk", [(37, 5), (37, 1), (7, 64), (1, 1), (37, None), (16, 8)])
-def test_equals_full_logits(N, chunk, masked_id, dtype, rtol):
+@pytest.mark.parametrize("N, chunk, columns", [(37, 5, None), (37, 1, 7), (7, 64, 53), (1, 1, 1), (37, 8192, 10),
+                                              (16, 8, 4), (16, 16, 52)])
+def test_equals_full_logits(N, chunk, columns, masked_id, dtype, rtol):
+    # Row blocks that do not divide N, vocabulary slabs that do not divide V (53), slabs of one column.
     hidden, weight, targets = _data(N, 53, 8, dtype, seed=N, masked_id=masked_id)
     got = _value_and_grads(linear_cross_entropy_sum, hidden, weight, targets, 0.7, masked_id=masked_id,
-                           chunk_rows=chunk)
+                           chunk_rows=chunk, columns=columns)
     want = _value_and_grads(linear_cross_entropy_reference, hidden, weight, targets, 0.7, masked_id=masked_id)
     assert got[0].dtype == dtype and got[0].ndim == 0
     assert abs(got[0].item() - want[0].item()) <= rtol * abs(want[0].item())
@@ -57,13 +65,12 @@ def test_equals_full_logits(N, chunk, masked_id, dtype, rtol):
 
 
 def test_one_chunk_is_the_full_logits_path():
-    # The value is the reference computation itself; the gradients are written by hand (softmax - one-hot), so
-    # they agree to rounding.
+    # One chunk computes what the reference computes, by other kernels (log-sum-exp minus the target's logit;
+    # softmax minus one-hot): equal to rounding.
     hidden, weight, targets = _data(37, 53, 8, torch.float32, seed=1, masked_id=3)
     got = _value_and_grads(linear_cross_entropy_sum, hidden, weight, targets, 0.3, masked_id=3, chunk_rows=37)
     want = _value_and_grads(linear_cross_entropy_reference, hidden, weight, targets, 0.3, masked_id=3)
-    assert torch.equal(got[0], want[0])
-    for g, w in zip(got[1:], want[1:]):
+    for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)
 
 
@@ -87,7 +94,7 @@ def test_ignored_targets_count_for_nothing():
 def test_bf16_autocast_matches_the_reference_under_the_same_autocast():
     hidden, weight, targets = _data(37, 53, 16, torch.float32, seed=3, masked_id=5)
     results = []
-    for fn, kw in ((linear_cross_entropy_sum, {"chunk_rows": 6}), (linear_cross_entropy_reference, {})):
+    for fn, kw in ((linear_cross_entropy_sum, {"chunk_rows": 6, "columns": 9}), (linear_cross_entropy_reference, {})):
         h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = fn(h, w, targets, masked_id=5, **kw)
@@ -121,14 +128,36 @@ def test_nothing_of_size_rows_times_vocab_is_saved():
 
     assert max(saved_sizes(linear_cross_entropy_reference)) >= N * V  # the check sees full logits where they are
     sizes = saved_sizes(linear_cross_entropy_sum, chunk_rows=4, masked_id=1)
-    assert sorted(sizes) == sorted([N * E, V * E, N])  # hidden, weight and targets: backward recomputes the rest
+    # hidden, weight, targets, their groups and each row's log-sum-exp: backward recomputes the rest
+    assert sorted(sizes) == sorted([N * E, V * E, N, N, N])
 
 
-def test_default_chunk_fits_the_budget():
-    assert default_chunk_rows(248_320) == 256 * 2**20 // (4 * 248_320)
-    assert default_chunk_rows(10**12) == 1
+def test_groups_sum_like_separate_calls():
+    hidden, weight, targets = _data(29, 41, 8, torch.float32, seed=4, masked_id=2)
+    groups = torch.randint(0, 3, (29,), generator=torch.Generator().manual_seed(5))
+    groups[:3] = torch.tensor([0, 1, 2])
+    scale = torch.tensor([0.5, -1.0, 2.0])
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    sums = linear_cross_entropy_sums(h, w, targets, groups, 3, masked_id=2, chunk_rows=4, columns=6)
+    (sums * scale).sum().backward()
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    want = torch.stack([linear_cross_entropy_reference(h2[groups == g], w2, targets[groups == g], masked_id=2)
+                        for g in range(3)])
+    (want * scale).sum().backward()
+    torch.testing.assert_close(sums, want.detach(), rtol=1e-5, atol=1e-6)
+    _close(h.grad, h2.grad, 1e-5)
+    _close(w.grad, w2.grad, 1e-5)
+    with pytest.raises(ValueError, match="groups"):
+        linear_cross_entropy_sums(hidden, weight, targets, groups[:-1], 3)
+
+
+def test_default_tile_fits_the_budget():
+    assert slab_columns(8192, 248_320) == CHUNK_BYTES // (4 * 8192)
+    assert slab_columns(10, 248_320) == 248_320 and slab_columns(10**12, 5) == 1
     with pytest.raises(ValueError, match="chunk_rows"):
         linear_cross_entropy_sum(*_data(3, 5, 2, torch.float32), chunk_rows=0)
+    with pytest.raises(ValueError, match="columns"):
+        linear_cross_entropy_sum(*_data(3, 5, 2, torch.float32), columns=0)
 
 
 # --- Through the objective: the FLARE, block-diffusion and AR losses of a tiny model, tied and untied ----------
@@ -153,12 +182,15 @@ def _batch() -> PackedBatch:
     return PackedBatch(ids, loss_mask, docs)
 
 
-def _old_path(hidden, weight, targets, *, masked_id=None, chunk_rows=None):
-    return linear_cross_entropy_reference(hidden, weight, targets, masked_id=masked_id)
+def _old_path(hidden, weight, targets, groups, num_groups, *, masked_id=None):
+    """The loss as it was: full logits of each group's rows, one call per group."""
+    return torch.stack([linear_cross_entropy_reference(hidden[groups == g], weight, targets[groups == g],
+                                                       masked_id=masked_id) for g in range(num_groups)])
 
 
-def _chunked(hidden, weight, targets, *, masked_id=None):
-    return linear_cross_entropy_sum(hidden, weight, targets, masked_id=masked_id, chunk_rows=3)
+def _chunked(hidden, weight, targets, groups, num_groups, *, masked_id=None):
+    return linear_cross_entropy_sums(hidden, weight, targets, groups, num_groups, masked_id=masked_id, chunk_rows=3,
+                                     columns=17)
 
 
 @pytest.mark.parametrize("kind", ["flare", "block_diffusion", "ar"])
@@ -169,7 +201,7 @@ def test_objective_loss_and_gradients_match_the_full_logits_path(monkeypatch, ki
     views = objective.views(batch, torch.Generator().manual_seed(2))
     results = []
     for ce in (_chunked, _old_path):
-        monkeypatch.setattr(loss_module, "linear_cross_entropy_sum", ce)
+        monkeypatch.setattr(loss_module, "linear_cross_entropy_sums", ce)
         model.zero_grad(set_to_none=True)
         parts = objective.parts(model, batch, views)
         parts.loss().backward()
@@ -190,12 +222,12 @@ def test_objective_uses_the_chunked_loss_by_default(monkeypatch):
     objective = FlareObjective(ObjectiveConfig(block_size=4), MASK)
     calls = []
 
-    def spy(hidden, weight, targets, **kw):
-        calls.append((weight, kw))
-        return linear_cross_entropy_sum(hidden, weight, targets, **kw)
+    def spy(hidden, weight, targets, groups, num_groups, **kw):
+        calls.append((weight, num_groups, kw))
+        return linear_cross_entropy_sums(hidden, weight, targets, groups, num_groups, **kw)
 
-    assert loss_module.linear_cross_entropy_sum is linear_cross_entropy_sum
-    monkeypatch.setattr(loss_module, "linear_cross_entropy_sum", spy)
+    assert loss_module.linear_cross_entropy_sums is linear_cross_entropy_sums
+    monkeypatch.setattr(loss_module, "linear_cross_entropy_sums", spy)
     objective.parts(model, batch, objective.views(batch, torch.Generator().manual_seed(3)))
-    assert len(calls) == 2  # the diffusion term and the AR term
-    assert all(w is model.lm_head.weight and kw == {"masked_id": MASK} for w, kw in calls)
+    # One pass over the head for the diffusion term and the AR term together.
+    assert calls == [(model.lm_head.weight, 2, {"masked_id": MASK})]

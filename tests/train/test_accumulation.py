@@ -17,9 +17,12 @@ def test_accumulation_equals_a_larger_batch(make_config, tmp_path):
         trainer = Trainer(cfg)
         runs[name] = (trainer.run(), {k: v.detach().clone() for k, v in trainer.model.state_dict().items()})
     (h1, w1), (h2, w2) = runs["one"], runs["two"]
-    for a, b in zip(h1, h2):
+    for step, (a, b) in enumerate(zip(h1, h2)):
         assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"])
-        assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * abs(a["grad_norm"])
+        # Exact up to round-off at step 1; later steps inherit Adam-amplified round-off of the earlier updates
+        # (as in the two-rank test).
+        rtol = 1e-5 if step == 0 else 1e-3
+        assert abs(a["grad_norm"] - b["grad_norm"]) <= rtol * abs(a["grad_norm"])
     for key in w1:
         # Adam divides by sqrt(v): round-off in tiny second moments moves a weight by up to ~lr * 1e-3.
         assert (w1[key] - w2[key]).abs().max() <= 1e-4, key
