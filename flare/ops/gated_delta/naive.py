@@ -49,8 +49,12 @@ def validate_inputs(
 
 
 def expand_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """[B, T, Hk, D] -> [B, T, heads, D]: each q/k head serves heads/Hk consecutive value heads."""
-    return x if x.shape[2] == heads else x.repeat_interleave(heads // x.shape[2], dim=2)
+    """[..., Hk, D] -> [..., heads, D] (heads on dim -2): each q/k head serves heads/Hk consecutive value heads.
+    (An expand and one copy: ``repeat_interleave`` costs several more op dispatches per call.)"""
+    Hk = x.shape[-2]
+    if Hk == heads:
+        return x
+    return x.unsqueeze(-2).expand(*x.shape[:-1], heads // Hk, x.shape[-1]).reshape(*x.shape[:-2], heads, x.shape[-1])
 
 
 @no_autocast

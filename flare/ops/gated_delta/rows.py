@@ -88,32 +88,32 @@ def gated_delta_rows(
     if initial_state is None:
         initial_state = torch.zeros(B, H, q.shape[-1], Dv, dtype=acc, device=v.device)
     s0 = cast(initial_state, acc)
-    # q and k side by side: one product with k^T and one with S0 serve both.
-    qk = cast(expand_heads(torch.cat([q, k], dim=2) if q.shape[2] == H else torch.cat(
-        [expand_heads(q, H), expand_heads(k, H)], dim=2), 2 * H), acc).transpose(1, 2)  # [B, 2H, T, Dk]: q heads, then k heads
+    # q (pre-scaled) and k side by side, [B, T, 2, Hk, Dk] -> [B, 2H, T, Dk]: one product with k^T and one with
+    # S0 serve both. Every product below is a plain 4-D matmul (a broadcast one costs several more dispatches).
+    qk = torch.stack([q * scale, k], dim=2)
+    qk = cast(expand_heads(qk, H), acc).reshape(B, T, 2 * H, -1).transpose(1, 2)
     kh = qk[:, H:]
-    qk = qk.view(B, 2, H, T, qk.shape[-1])
     vh = cast(v, acc).transpose(1, 2)  # [B, H, T, Dv]
-    b = cast(beta, acc).transpose(1, 2)[..., None]  # [B, H, T, 1]
+    b = cast(beta, acc).transpose(1, 2).unsqueeze(-1)  # [B, H, T, 1]
     if path is None:
         hidden, eye, eye_f = _chain(T, v.device)
         cum = cast(g, acc).cumsum(1).transpose(1, 2)  # [B, H, T]
     else:
         _, eye, eye_f = _chain(T, v.device)
-        hidden = ~path[:, None]  # [B, 1, T, T]
-        cum = (path[:, None].to(acc) @ cast(g, acc).transpose(1, 2)[..., None])[..., 0]  # G_i along i's path
+        hidden = ~path.unsqueeze(1)  # [B, 1, T, T]
+        cum = (path.unsqueeze(1).to(acc) @ cast(g, acc).transpose(1, 2).unsqueeze(-1)).squeeze(-1)  # G_i on i's path
     # exp(-inf) = 0 off the path: one mask, before the exponent (no overflow from j > i).
-    decay = (cum[..., :, None] - cum[..., None, :]).masked_fill(hidden, float("-inf")).exp()
-    e_g = cum.exp()[..., None]  # [B, H, T, 1]
-    dots = qk @ kh.transpose(-1, -2)[:, None]  # [B, 2, H, T, T]: q_i . k_j and k_i . k_j
-    reads_s0 = qk @ s0[:, None]  # [B, 2, H, T, Dv]
-    A = (b * decay * dots[:, 1]).masked_fill(eye, 0.0)  # strict ancestors only
-    u = torch.linalg.solve_triangular(A + eye_f, b * (vh - e_g * reads_s0[:, 1]), upper=False,
+    decay = (cum.unsqueeze(-1) - cum.unsqueeze(-2)).masked_fill(hidden, float("-inf")).exp()
+    e_g = cum.exp().unsqueeze(-1)  # [B, H, T, 1]
+    dots = qk @ torch.cat([kh, kh], dim=1).transpose(-1, -2)  # [B, 2H, T, T]: q_i . k_j, then k_i . k_j
+    reads_s0 = qk @ torch.cat([s0, s0], dim=1)  # [B, 2H, T, Dv]: q_i^T S0, then k_i^T S0
+    A = (b * decay * dots[:, H:]).masked_fill(eye, 0.0)  # strict ancestors only
+    u = torch.linalg.solve_triangular(A + eye_f, b * (vh - e_g * reads_s0[:, H:]), upper=False,
                                       unitriangular=True)
     if reads is None:
         decay_at, e_at = decay, e_g
     else:
         at = reads[:, None, :, None].expand(B, H, T, T)
         decay_at, e_at = decay.gather(2, at), e_g.gather(2, at[..., :1])
-    o = scale * (e_at * reads_s0[:, 0] + (dots[:, 0] * decay_at) @ u)
+    o = torch.addcmul(torch.matmul(dots[:, :H] * decay_at, u), e_at, reads_s0[:, :H])
     return RowsScan(cast(o.transpose(1, 2), v.dtype), s0, cum, decay, kh, u)
