@@ -101,10 +101,11 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
+    from flare.checkpoint.gguf import convert_command
     from flare.train.convert import convert
 
-    mask_id = convert(args.src, args.dst, args.mask_token_id)
-    print(f"wrote FLARE checkpoint {args.dst} (mask token id {mask_id})")
+    if not convert_command(args.src, args.dst, args.dtype, args.mask_token_id):  # not a GGUF file: a directory
+        print(f"wrote FLARE checkpoint {args.dst} (mask token id {convert(args.src, args.dst, args.mask_token_id)})")
     return 0
 
 
@@ -214,12 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print one JSON object with tokens and counters")
     gen.set_defaults(func=_generate)
 
-    conv = sub.add_parser("convert", help="turn an AR checkpoint into a FLARE checkpoint (adds the [MASK] row)",
-                          description="Turn an AR checkpoint into a FLARE checkpoint; AR behaviour is unchanged.")
-    conv.add_argument("--from", dest="src", required=True, help="AR checkpoint directory")
+    conv = sub.add_parser("convert", help="turn an AR checkpoint into a FLARE one, or import a GGUF file as AR",
+                          description="Turn an AR checkpoint into a FLARE one (adds the [MASK] row; AR behaviour is "
+                          "unchanged), or import a llama.cpp GGUF file as an AR checkpoint: convert that next.")
+    conv.add_argument("--from", dest="src", required=True, help="AR checkpoint directory, or a .gguf file to import")
     conv.add_argument("--to", dest="dst", required=True, help="output directory (new or empty)")
-    conv.add_argument("--mask-token-id", type=int, default=None,
-                      help="use this vocabulary row as [MASK] (default: a row the tokenizer never emits)")
+    conv.add_argument("--mask-token-id", type=int, help="the [MASK] row (default: a row the tokenizer never emits)")
+    conv.add_argument("--dtype", choices=DTYPES[2:], help="weights of a GGUF import (default: float32)")
     conv.set_defaults(func=_convert)
 
     train = sub.add_parser("train", help="train (AR, FLARE or block-diffusion objective); torchrun for several ranks",
