@@ -1,5 +1,5 @@
-"""What the benchmarks that load a model share: the ``--size`` / ``--device`` / ``--dtype`` flags, the seeded
-random checkpoints behind ``--size``, the stored dtype of a checkpoint, and a device sync for timers.
+"""What the benchmarks that load a model share: the ``--size`` / ``--device`` / ``--dtype`` flags (resolved for a
+checkpoint's stored dtype and size), the seeded random checkpoints behind ``--size``, and a device sync for timers.
 
 Sizes: ``tiny`` and ``small`` are built with transformers (flare.testing.checkpoints.save_tiny_checkpoint, fp32);
 ``real`` is Qwen3.5-0.8B's shape (flare.testing.checkpoints.REAL_QWEN3_5: hidden 1024, 24 layers of which 6
@@ -34,16 +34,26 @@ def add_device_args(ap: argparse.ArgumentParser, dtype: bool = True) -> None:
     if dtype:
         ap.add_argument("--dtype", choices=DTYPES, default="auto", help="weights and activations dtype; auto = "
                         "flare.device.pick_dtype: bf16 where the device computes it natively (CUDA, CPUs with "
-                        "AMX or AVX-512-BF16), else the checkpoint's stored dtype")
+                        "AMX or AVX-512-BF16; on a CPU for models of 32M parameters or more), else the "
+                        "checkpoint's stored dtype")
 
 
-def resolve(a: argparse.Namespace, stored: torch.dtype = torch.float32) -> tuple[torch.device, torch.dtype]:
-    """The device and dtype asked for by ``--device`` / ``--dtype`` (``auto`` resolved against ``stored``)."""
+def resolve(a: argparse.Namespace, stored: torch.dtype = torch.float32,
+            params: int | None = None) -> tuple[torch.device, torch.dtype]:
+    """The device and dtype asked for by ``--device`` / ``--dtype`` (``auto`` resolved against ``stored`` and the
+    model's parameter count, as ``flare.device.pick_dtype`` does)."""
     from flare.device import pick_device, pick_dtype
 
     device = pick_device(a.device)
     requested = getattr(a, "dtype", "auto")
-    return device, pick_dtype(device, None if requested == "auto" else requested, stored)
+    return device, pick_dtype(device, None if requested == "auto" else requested, stored, params)
+
+
+def resolve_checkpoint(a: argparse.Namespace, path: str | Path) -> tuple[torch.device, torch.dtype]:
+    """``resolve`` for a checkpoint directory: its stored dtype and size read from the safetensors headers."""
+    from flare.checkpoint import parameter_count, stored_dtype
+
+    return resolve(a, stored_dtype(path), parameter_count(path))
 
 
 def random_checkpoint(path: str | Path, size: str, seed: int = 0) -> Path:
@@ -54,23 +64,6 @@ def random_checkpoint(path: str | Path, size: str, seed: int = 0) -> Path:
         return save_random_hybrid(path, seed, dtype=torch.bfloat16)
     quiet_transformers()
     return save_tiny_checkpoint(path, "qwen3_5", seed=seed, tokenizer=False, **SIZES[size])
-
-
-def stored_dtype(path: str | Path) -> torch.dtype:
-    """The dtype of a checkpoint's floating-point tensors, read from a safetensors header (no tensor is read)."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no safetensors in {path}")
-    names = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
-    with safe_open(str(files[0]), framework="pt") as f:
-        for key in f.keys():
-            kind = f.get_slice(key).get_dtype()
-            if kind in names:
-                return names[kind]
-    return torch.float32
 
 
 def quiet_transformers() -> None:

@@ -23,7 +23,7 @@ import tempfile
 import time
 
 import torch
-from _models import SIZE_HELP, SIZES, add_device_args, random_checkpoint, resolve, stored_dtype, sync
+from _models import SIZE_HELP, SIZES, add_device_args, random_checkpoint, resolve_checkpoint, sync
 
 import flare
 from flare.decoding import ArTrustOptions, check_request
@@ -46,7 +46,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         random_checkpoint(tmp, args.size, seed=0)
-        device, dtype = resolve(args, stored_dtype(tmp))
+        device, dtype = resolve_checkpoint(args, tmp)
         model = flare.load_model(tmp, device=device, dtype=dtype)
     model.config.mask_token_id = model.config.vocab_size - 1
     mode = ArTrustOptions(gen_block=args.gen_block)

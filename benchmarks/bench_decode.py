@@ -29,7 +29,7 @@ import tempfile
 import time
 
 import torch
-from _models import (SIZE_HELP, SIZES, add_device_args, load_transformers, random_checkpoint, resolve, stored_dtype,
+from _models import (SIZE_HELP, SIZES, add_device_args, load_transformers, random_checkpoint, resolve_checkpoint,
                      sync)
 
 import flare
@@ -153,7 +153,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         random_checkpoint(tmp, args.size, seed=0)
-        device, dtype = resolve(args, stored_dtype(tmp))
+        device, dtype = resolve_checkpoint(args, tmp)
         fm = flare.load_model(tmp, device=device, dtype=dtype).eval()
         hf = load_transformers(tmp, device, dtype)
     cfg = fm.config

@@ -53,7 +53,7 @@ import time
 from contextlib import ExitStack
 
 import torch
-from _models import SIZE_HELP, SIZES, add_device_args, random_checkpoint, resolve, stored_dtype, sync
+from _models import SIZE_HELP, SIZES, add_device_args, random_checkpoint, resolve_checkpoint, sync
 
 import flare
 from flare.decoding import OPTIONS, CausalOptions, SamplingParams, parse_modes
@@ -249,7 +249,7 @@ def run(a: argparse.Namespace, ap: argparse.ArgumentParser, stack: ExitStack) ->
         t0 = time.perf_counter()
         ckpt = str(random_checkpoint(stack.enter_context(tempfile.TemporaryDirectory()), a.size, a.seed))
         build_s = time.perf_counter() - t0
-    device, dtype = resolve(a, stored_dtype(ckpt))
+    device, dtype = resolve_checkpoint(a, ckpt)
     t0 = time.perf_counter()
     model = flare.load_model(ckpt, device=device, dtype=dtype).eval()
     load_s = time.perf_counter() - t0

@@ -29,7 +29,7 @@ import time
 from contextlib import ExitStack
 
 import torch
-from _models import SIZE_HELP, SIZES, add_device_args, random_checkpoint, resolve, stored_dtype, sync
+from _models import SIZE_HELP, SIZES, add_device_args, random_checkpoint, resolve_checkpoint, sync
 from bench_decode import flare_prefill, flare_steps
 
 import flare
@@ -107,7 +107,7 @@ def main() -> None:
 
     with ExitStack() as stack:
         ckpt = a.model or str(random_checkpoint(stack.enter_context(tempfile.TemporaryDirectory()), a.size, a.seed))
-        device, dtype = resolve(a, stored_dtype(ckpt))
+        device, dtype = resolve_checkpoint(a, ckpt)
         model = flare.load_model(ckpt, device=device, dtype=dtype).eval()
     cfg = model.config
     mib = a.copy_mib or (2048 if device.type == "cuda" else 512)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flare.device import cpu_path, describe, native_bf16, pick_device, pick_dtype
+from flare.device import CPU_BF16_MIN_PARAMS, cpu_path, describe, native_bf16, pick_device, pick_dtype
 
 
 def test_cpu_path_and_dtype_choice_agree(monkeypatch):
@@ -14,9 +14,24 @@ def test_cpu_path_and_dtype_choice_agree(monkeypatch):
     assert cpu_path() in ("amx", "avx512_bf16", "avx512", "avx2", "generic")
     assert native_bf16(cpu) == (cpu_path() in ("amx", "avx512_bf16"))
     assert pick_dtype(cpu, None, torch.float32) == (torch.bfloat16 if native_bf16(cpu) else torch.float32)
+    big = CPU_BF16_MIN_PARAMS
+    assert pick_dtype(cpu, None, torch.float32, big) == (torch.bfloat16 if native_bf16(cpu) else torch.float32)
     assert pick_dtype(cpu, "float32", torch.bfloat16) == torch.float32  # asked for wins
     assert pick_dtype(cpu, torch.float16, torch.float32) == torch.float16
     assert describe(cpu, torch.bfloat16) == f"cpu ({cpu_path()}) bfloat16"
+
+
+def test_a_small_model_keeps_its_stored_dtype_on_a_cpu_even_with_native_bf16(monkeypatch):
+    # Measured: below CPU_BF16_MIN_PARAMS a CPU decode step is dispatch-bound and bf16 is slower.
+    import flare.device as device
+
+    monkeypatch.setenv("FLARE_DTYPE", "auto")
+    monkeypatch.setattr(device, "native_bf16", lambda d: True)
+    cpu = torch.device("cpu")
+    assert pick_dtype(cpu, None, torch.float32, CPU_BF16_MIN_PARAMS - 1) == torch.float32
+    assert pick_dtype(cpu, None, torch.float32, CPU_BF16_MIN_PARAMS) == torch.bfloat16
+    assert pick_dtype(cpu, "bfloat16", torch.float32, 10) == torch.bfloat16  # asked for wins
+    assert pick_dtype(torch.device("cuda"), None, torch.float32, 10) == torch.bfloat16  # GPUs: always
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback of a machine without CUDA")
@@ -37,9 +52,13 @@ def test_the_default_dtype_can_be_pinned(monkeypatch):
 
 
 def test_front_doors_load_in_the_chosen_dtype(tiny_dirs, monkeypatch):
+    import flare.device as device
     from flare.engine import LLM
 
     monkeypatch.setenv("FLARE_DTYPE", "auto")
+    llm = LLM.from_dir(tiny_dirs["llama"], device="cpu")
+    assert llm.model.dtype == torch.float32  # a tiny model: dispatch-bound, bf16 would only add casts
+    monkeypatch.setattr(device, "CPU_BF16_MIN_PARAMS", 0)
     llm = LLM.from_dir(tiny_dirs["llama"], device="cpu")
     assert llm.model.dtype == (torch.bfloat16 if native_bf16(torch.device("cpu")) else torch.float32)
     assert LLM.from_dir(tiny_dirs["llama"], device="cpu", dtype="float32").model.dtype == torch.float32

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from flare.checkpoint.io import read_tensors, stored_dtype, write_tensors
+from flare.checkpoint.io import parameter_count, read_tensors, stored_dtype, write_tensors
 from flare.checkpoint.keymaps import expected_hf_shapes, flare_to_hf, hf_to_flare, ignored
 from flare.config import ModelConfig
 from flare.model import FlareModel
@@ -75,4 +75,5 @@ def save_model(
                 shutil.copy2(src, path / name)
 
 
-__all__ = ["CheckpointError", "load_model", "save_model", "read_tensors", "stored_dtype", "write_tensors"]
+__all__ = ["CheckpointError", "load_model", "save_model", "parameter_count", "read_tensors", "stored_dtype",
+           "write_tensors"]

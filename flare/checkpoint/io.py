@@ -29,19 +29,31 @@ def read_tensors(directory: str | Path) -> dict[str, torch.Tensor]:
 def stored_dtype(directory: str | Path) -> torch.dtype:
     """The floating dtype most of a checkpoint's parameters are stored in, read from the file headers only."""
     counts: dict[torch.dtype, int] = {}
+    for dtype, n in _header(directory):
+        if dtype is not None:
+            counts[dtype] = counts.get(dtype, 0) + n
+    if not counts:
+        raise ValueError(f"{directory} holds no floating-point tensors")
+    return max(counts, key=counts.get)
+
+
+def parameter_count(directory: str | Path) -> int:
+    """How many numbers a checkpoint's tensors hold, read from the file headers only."""
+    return sum(n for _, n in _header(directory))
+
+
+def _header(directory: str | Path) -> list[tuple[torch.dtype | None, int]]:
+    """(floating dtype or None, element count) of every tensor in a checkpoint, from its safetensors headers."""
+    out = []
     for path in _files(directory):
         with safe_open(str(path), framework="pt") as f:
             for key in f.keys():
                 sl = f.get_slice(key)
-                dtype = _DTYPES.get(sl.get_dtype())
-                if dtype is not None:
-                    n = 1
-                    for d in sl.get_shape():
-                        n *= d
-                    counts[dtype] = counts.get(dtype, 0) + n
-    if not counts:
-        raise ValueError(f"{directory} holds no floating-point tensors")
-    return max(counts, key=counts.get)
+                n = 1
+                for d in sl.get_shape():
+                    n *= d
+                out.append((_DTYPES.get(sl.get_dtype()), n))
+    return out
 
 
 def _files(directory: str | Path) -> list[Path]:

@@ -122,13 +122,13 @@ class LLM:
     def from_dir(cls, path: str | Path, *, device: str | None = None, dtype=None,
                  config: EngineConfig | None = None) -> "LLM":
         """Load a checkpoint directory (and its tokenizer.json when present); ``device`` None: CUDA when
-        available, else the CPU; ``dtype`` None: bf16 where the hardware has it, else as stored
-        (``flare.device``)."""
+        available, else the CPU; ``dtype`` None: bf16 where the hardware has it and the model is large
+        enough to gain from it, else as stored (``flare.device.pick_dtype``)."""
         from flare.checkpoint import load_model
 
         path = Path(path)
         model = load_model(path, device=pick_device(device))
-        chosen = pick_dtype(model.device, dtype, model.dtype)
+        chosen = pick_dtype(model.device, dtype, model.dtype, sum(p.numel() for p in model.parameters()))
         if chosen != model.dtype:
             model = model.to(chosen)
         tokenizer = ChatTokenizer.from_dir(path) if (path / "tokenizer.json").exists() else None

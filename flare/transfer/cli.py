@@ -79,7 +79,7 @@ def _score(args: argparse.Namespace) -> int:
     from flare.transfer.score import score_rows, summarize
 
     model = load_model(args.model, device=pick_device(args.device)).eval()
-    model = model.to(pick_dtype(model.device, None, model.dtype))
+    model = model.to(pick_dtype(model.device, None, model.dtype, sum(p.numel() for p in model.parameters())))
     records = score_rows(model, ChatTokenizer.from_dir(args.model), _rows(args.data),
                          batch_tokens=args.batch_tokens)
     _write(records, args.out)
