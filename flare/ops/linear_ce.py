@@ -10,12 +10,18 @@ buffer, a slab of vocabulary rows at a time. Peak memory is O(chunk_rows * V) ra
 The [MASK] column (an input-only token, never predicted) is -inf, as in ``FlareModel.logits``. Under autocast
 the head matmul runs in the autocast dtype, as ``F.linear`` would; the softmax, the loss and the head's gradient
 accumulate in fp32 (fp64 stays fp64, see ``flare.ops.precision``). Targets equal to ``ignore_index`` count for
-nothing. There is no fused CUDA kernel: the chunks are plain torch ops on every device.
+nothing. On CUDA with Triton the tile math (casts, exponentials, reductions, the one-hot scatter, scaling) runs
+as fused kernels compiled from the same functions (``fused_available``; ``FLARE_FUSED_CE=0`` turns it off); the
+GEMMs are the device's own everywhere.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import os
 from contextlib import nullcontext
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -73,22 +79,19 @@ class _LinearCrossEntropySums(torch.autograd.Function):
         N = hidden.shape[0]
         lse = torch.empty(N, dtype=acc, device=hidden.device)
         picked = torch.zeros(N, dtype=acc, device=hidden.device)
+        kernels = _kernels(hidden.device)
         with _no_autocast(hidden.device.type):
             for rows in _blocks(N, chunk_rows):
                 h, t = cast(hidden[rows], dtype), targets[rows]
                 top = run = None
                 for start, stop in _slabs(h.shape[0], weight.shape[0], columns):
-                    logits = _tile(h, cast(weight[start:stop], dtype), start, masked_id).to(acc)
-                    m = logits.amax(dim=1)
-                    if top is None:
-                        top, run = m, torch.zeros_like(m)
-                    else:
-                        m = torch.maximum(top, m)
-                        run = run * torch.exp(top - m)
-                        top = m
-                    run += torch.exp(logits - top[:, None]).sum(dim=1)
+                    logits = _tile(h, cast(weight[start:stop], dtype), start, masked_id)
                     at, inside = _target_columns(t, start, stop)
-                    picked[rows] += logits.gather(1, at[:, None])[:, 0].masked_fill_(~inside, 0.0)
+                    if top is None:
+                        top, run, got = kernels.first_stats(logits, at, inside, acc)
+                    else:
+                        top, run, got = kernels.next_stats(logits, top, run, at, inside)
+                    picked[rows] += got
                 lse[rows] = top + torch.log(run)
             losses = (lse - picked).masked_fill_(targets == ignore_index, 0.0)
             sums = torch.zeros(num_groups, dtype=acc, device=hidden.device).index_add_(0, groups, losses)
@@ -109,18 +112,15 @@ class _LinearCrossEntropySums(torch.autograd.Function):
         grad_w = torch.empty(weight.shape, dtype=accum_dtype(weight.dtype), device=weight.device) if need_w else None
         # d(sum CE)/d logits = softmax - one_hot(target), zero for ignored rows, times the group's gradient.
         row_scale = grad_sums.to(acc)[groups].masked_fill_(targets == ignore_index, 0.0)
+        kernels = _kernels(hidden.device)
         with _no_autocast(hidden.device.type):
             for block, rows in enumerate(_blocks(N if need_h or need_w else 0, chunk_rows)):
                 h, t = cast(hidden[rows], dtype), targets[rows]
                 gh = torch.zeros(h.shape, dtype=acc, device=h.device) if need_h else None
                 for start, stop in _slabs(h.shape[0], V, columns):
                     w = cast(weight[start:stop], dtype)
-                    d = _tile(h, w, start, masked_id).to(acc)
-                    d.sub_(lse[rows, None]).exp_()
                     at, inside = _target_columns(t, start, stop)
-                    d.scatter_add_(1, at[:, None], -inside.to(acc)[:, None])
-                    d.mul_(row_scale[rows, None])
-                    d = cast(d, dtype)
+                    d = kernels.grad(_tile(h, w, start, masked_id), lse[rows], at, inside, row_scale[rows])
                     if need_h:
                         gh += d @ w
                     if need_w:
@@ -134,6 +134,60 @@ class _LinearCrossEntropySums(torch.autograd.Function):
         if need_w and N == 0:
             grad_w.zero_()
         return (grad_h, cast(grad_w, weight.dtype) if need_w else None, *([None] * 8))
+
+
+def _first_stats(logits, at, inside, acc: torch.dtype):
+    """The first slab of a row block: (row max, sum of exp(logit - max), the target's logit or 0), in ``acc``."""
+    x = logits.to(acc)
+    top = x.amax(dim=1)
+    run = torch.exp(x - top[:, None]).sum(dim=1)
+    return top, run, x.gather(1, at[:, None])[:, 0].masked_fill(~inside, 0.0)
+
+
+def _next_stats(logits, top, run, at, inside):
+    """A later slab: the online log-sum-exp's max and running sum updated, and the target's logit or 0."""
+    x = logits.to(top.dtype)
+    m = torch.maximum(top, x.amax(dim=1))
+    run = run * torch.exp(top - m) + torch.exp(x - m[:, None]).sum(dim=1)
+    return m, run, x.gather(1, at[:, None])[:, 0].masked_fill(~inside, 0.0)
+
+
+def _grad(logits, lse, at, inside, row_scale):
+    """A tile's gradient of the summed loss with respect to its logits, in the logits' dtype: (softmax minus the
+    target's one-hot) times each row's scale, computed in ``lse``'s dtype."""
+    d = torch.exp(logits.to(lse.dtype) - lse[:, None])
+    d = d.scatter_add(1, at[:, None], -inside.to(d.dtype)[:, None])
+    return (d * row_scale[:, None]).to(logits.dtype)
+
+
+class _Kernels(NamedTuple):
+    first_stats: Callable
+    next_stats: Callable
+    grad: Callable
+
+
+EAGER = _Kernels(_first_stats, _next_stats, _grad)
+FUSED_ENV = "FLARE_FUSED_CE"
+
+
+def fused_available(device: torch.device) -> bool:
+    """Whether the tile math runs as fused kernels: on CUDA with Triton (torch.compile's GPU backend) present,
+    unless ``FLARE_FUSED_CE=0``. Elsewhere the same functions run eagerly (on a CPU a compiled tile was no
+    faster: its time is the GEMMs)."""
+    if device.type != "cuda" or os.environ.get(FUSED_ENV, "1") == "0":
+        return False
+    return importlib.util.find_spec("triton") is not None
+
+
+@functools.lru_cache(maxsize=1)
+def fused_kernels() -> _Kernels:
+    """The tile functions under ``torch.compile`` (dynamic shapes: one kernel per function for every tile size):
+    each tile's casts, exponentials, reductions, scatter and scaling in one pass instead of one per op."""
+    return _Kernels(*(torch.compile(f, dynamic=True) for f in EAGER))
+
+
+def _kernels(device: torch.device) -> _Kernels:
+    return fused_kernels() if fused_available(device) else EAGER
 
 
 def _blocks(n: int, size: int):

@@ -231,3 +231,49 @@ def test_objective_uses_the_chunked_loss_by_default(monkeypatch):
     objective.parts(model, batch, objective.views(batch, torch.Generator().manual_seed(3)))
     # One pass over the head for the diffusion term and the AR term together.
     assert calls == [(model.lm_head.weight, 2, {"masked_id": MASK})]
+
+
+# --- The fused tile kernels (CUDA with Triton; compiled from the same functions) --------------------------------
+
+
+def _fused_matches_eager(device: str, monkeypatch) -> None:
+    import flare.ops.linear_ce as linear_ce
+
+    hidden, weight, targets = (t.to(device) for t in _data(29, 53, 16, torch.float32, seed=6, masked_id=4))
+    targets[3] = -100
+    want = _value_and_grads(linear_cross_entropy_sum, hidden, weight, targets, 0.7, masked_id=4, chunk_rows=8,
+                            columns=11)
+    monkeypatch.setattr(linear_ce, "fused_available", lambda d: True)
+    calls = []
+    real = linear_ce.fused_kernels
+    monkeypatch.setattr(linear_ce, "_kernels", lambda d: calls.append(d) or real())
+    got = _value_and_grads(linear_cross_entropy_sum, hidden, weight, targets, 0.7, masked_id=4, chunk_rows=8,
+                           columns=11)
+    assert calls  # the compiled kernels ran
+    assert abs(got[0].item() - want[0].item()) <= 1e-5 * abs(want[0].item())
+    for g, w in zip(got[1:], want[1:]):
+        _close(g.cpu(), w.cpu(), 1e-5)
+
+
+def test_fused_tile_kernels_match_the_eager_ones_on_the_cpu(monkeypatch):
+    # The same compiled functions CUDA runs, built by torch.compile's CPU backend here.
+    _fused_matches_eager("cpu", monkeypatch)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fused_tile_kernels_match_the_eager_ones_on_cuda(monkeypatch):
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    _fused_matches_eager("cuda", monkeypatch)
+
+
+def test_fused_kernels_are_chosen_only_on_cuda_with_triton(monkeypatch):
+    import flare.ops.linear_ce as linear_ce
+
+    assert not linear_ce.fused_available(torch.device("cpu"))
+    monkeypatch.setattr(linear_ce.importlib.util, "find_spec", lambda name: object())
+    assert linear_ce.fused_available(torch.device("cuda"))
+    monkeypatch.setenv("FLARE_FUSED_CE", "0")
+    assert not linear_ce.fused_available(torch.device("cuda"))
