@@ -171,7 +171,9 @@ class FlareModel(nn.Module):
         logits = self.lm_head(hidden)
         mask_id = self.config.mask_token_id
         if mask_id is not None:
-            logits = logits.index_fill(-1, torch.tensor([mask_id], device=logits.device), float("-inf"))
+            # In place: a copy would be another pass over [rows, vocabulary] (the head's backward needs only its
+            # input and weight, so autograd allows it).
+            logits[..., mask_id] = float("-inf")
         return logits
 
     def forward(
