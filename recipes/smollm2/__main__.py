@@ -1,0 +1,3 @@
+from recipes.smollm2.cli import main
+
+raise SystemExit(main())
