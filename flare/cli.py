@@ -259,10 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="accuracy, tokens per forward and speed per decoding mode",
                         description="Evaluate a checkpoint on a task in several decoding modes through the engine. "
-                                    "TASK: arithmetic[:DIGITS], reasoning_gym:NAME, or a JSONL file (GSM8K "
+                                    "TASK: arithmetic[:DIGITS], reasoning_gym:NAME[?k=v&...], or a JSONL file (GSM8K "
                                     "format {question, answer: '... #### N'}, or chat rows with an 'answer').")
     ev.add_argument("--model", required=True, help="checkpoint directory with tokenizer.json")
-    ev.add_argument("--task", required=True, help="arithmetic[:DIGITS] | reasoning_gym:NAME | path/to/file.jsonl")
+    ev.add_argument("--task", required=True, help="arithmetic[:DIGITS] | reasoning_gym:NAME[?k=v&...] | FILE.jsonl")
     ev.add_argument("--modes", default="causal,ar_trust,diffusion_trust",
                     help="comma-separated decoding modes, each with optional :key=value options, e.g. "
                          "low_confidence:block_size=3 (default: causal,ar_trust,diffusion_trust)")

@@ -4,8 +4,10 @@ A task spec names the source:
 
 - ``arithmetic`` (or ``arithmetic:DIGITS``): the project's seeded toy additions (``flare.data.arithmetic``),
   answered ``Answer: N`` or ``\\boxed{N}``;
-- ``reasoning_gym:TASK``: a ``reasoning-gym`` generator (e.g. ``basic_arithmetic``, ``chain_sum``,
-  ``gsm_symbolic``) scored by its own ``score_answer``;
+- ``reasoning_gym:TASK`` or ``reasoning_gym:TASK?key=value&key=value``: a ``reasoning-gym`` generator (e.g.
+  ``basic_arithmetic``, ``chain_sum``, ``gsm_symbolic``) with its default settings or the given ones (fields of
+  the task's config, e.g. ``reasoning_gym:products?min_digits=1&max_digits=1``; values read as JSON numbers and
+  booleans, else strings), scored by its own ``score_answer``;
 - a path to a JSONL file: GSM8K format (``{"question", "answer": "... #### N"}``, the question sent with the
   paper's zero-shot "reason step by step ... \\boxed{}" instruction and the final number scored), or chat rows
   with an ``answer`` key (``{"messages": [{"role": "user", ...}, ...], "answer": "N"}``, as the toy data is
@@ -67,12 +69,31 @@ def _arithmetic(spec: str, count: int, seed: int) -> Task:
     return Task(spec, [EvalItem(r["messages"][0]["content"], r["answer"], _strict(r["answer"])) for r in rows])
 
 
-def _reasoning_gym(name: str, count: int, seed: int) -> Task:
+def _settings(text: str) -> dict[str, object]:
+    """``key=value&key=value`` -> kwargs; values parsed as JSON scalars (1, 0.5, true), else kept as strings."""
+    settings: dict[str, object] = {}
+    for part in filter(None, text.split("&")):
+        key, sep, value = part.partition("=")
+        if not sep or not key:
+            raise ValueError(f"task setting {part!r} is not key=value")
+        try:
+            settings[key] = json.loads(value)
+        except json.JSONDecodeError:
+            settings[key] = value
+    return settings
+
+
+def _reasoning_gym(spec: str, count: int, seed: int) -> Task:
     try:
         import reasoning_gym
     except ImportError as e:
         raise ModuleNotFoundError("reasoning_gym is not installed: pip install 'flare-lm[eval]'") from e
-    data = reasoning_gym.create_dataset(name, size=count, seed=seed)
+    name, _, query = spec.partition("?")
+    settings = _settings(query)
+    try:
+        data = reasoning_gym.create_dataset(name, size=count, seed=seed, **settings)
+    except TypeError as e:  # a key the task's config does not have
+        raise ValueError(f"reasoning_gym:{name} does not take the settings {sorted(settings)}: {e}") from None
 
     def scorer(entry):
         def run(response: str) -> float:
@@ -85,7 +106,7 @@ def _reasoning_gym(name: str, count: int, seed: int) -> Task:
 
     items = [EvalItem(e["question"] + "\nGive the final answer as 'Answer: <answer>'.", str(e["answer"]), scorer(e))
              for e in data]
-    return Task(f"reasoning_gym:{name}", items)
+    return Task(f"reasoning_gym:{spec}", items)
 
 
 def _jsonl(path: Path) -> Task:

@@ -74,3 +74,17 @@ def test_answer_helpers():
     assert same_number("18.0", "18") and not same_number(None, "1") and same_number("abc", "abc")
     with pytest.raises(ValueError, match="####"):
         gsm8k_reference("42")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("reasoning_gym") is None, reason="reasoning_gym not installed")
+def test_reasoning_gym_task_settings_reach_its_generator():
+    task = load_task("reasoning_gym:products?min_digits=1&max_digits=1&allow_negation=false", limit=12, seed=3)
+    assert task.name == "reasoning_gym:products?min_digits=1&max_digits=1&allow_negation=false"
+    for item in task.items:  # one-digit factors only
+        product = item.question.split(":", 1)[1].split(".", 1)[0]
+        assert all(len(f.strip()) == 1 for f in product.split("*")), item.question
+    assert load_task("reasoning_gym:products", limit=12, seed=3).items[0].question != task.items[0].question
+    with pytest.raises(ValueError, match="does not take the settings"):
+        load_task("reasoning_gym:products?bogus=1", limit=2)
+    with pytest.raises(ValueError, match="not key=value"):
+        load_task("reasoning_gym:products?max_digits", limit=2)
