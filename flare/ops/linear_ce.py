@@ -20,14 +20,13 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
-from contextlib import nullcontext
 from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from flare.ops.precision import accum_dtype, cast
+from flare.ops.precision import accum_dtype, autocast_off, autocast_on, cast
 
 IGNORE_INDEX = -100
 # One tile of fp32 logits: rows x vocabulary columns. A tile's temporaries (its logits in the compute dtype and in
@@ -47,19 +46,7 @@ def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     autocast), else the inputs' common dtype."""
     dtype = torch.promote_types(hidden.dtype, weight.dtype)
     device = hidden.device.type
-    return torch.get_autocast_dtype(device) if dtype != torch.float64 and _autocast_on(device) else dtype
-
-
-def _autocast_on(device_type: str) -> bool:
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except RuntimeError:  # a device type autocast does not know (meta)
-        return False
-
-
-def _no_autocast(device_type: str):
-    """Autocast off on this device (the chunks cast to the compute dtype themselves)."""
-    return torch.autocast(device_type, enabled=False) if _autocast_on(device_type) else nullcontext()
+    return torch.get_autocast_dtype(device) if dtype != torch.float64 and autocast_on(device) else dtype
 
 
 class _LinearCrossEntropySums(torch.autograd.Function):
@@ -80,7 +67,7 @@ class _LinearCrossEntropySums(torch.autograd.Function):
         lse = torch.empty(N, dtype=acc, device=hidden.device)
         picked = torch.zeros(N, dtype=acc, device=hidden.device)
         kernels = _kernels(hidden.device)
-        with _no_autocast(hidden.device.type):
+        with autocast_off(hidden.device.type):
             for rows in _blocks(N, chunk_rows):
                 h, t = cast(hidden[rows], dtype), targets[rows]
                 top = run = None
@@ -113,7 +100,7 @@ class _LinearCrossEntropySums(torch.autograd.Function):
         # d(sum CE)/d logits = softmax - one_hot(target), zero for ignored rows, times the group's gradient.
         row_scale = grad_sums.to(acc)[groups].masked_fill_(targets == ignore_index, 0.0)
         kernels = _kernels(hidden.device)
-        with _no_autocast(hidden.device.type):
+        with autocast_off(hidden.device.type):
             for block, rows in enumerate(_blocks(N if need_h or need_w else 0, chunk_rows)):
                 h, t = cast(hidden[rows], dtype), targets[rows]
                 gh = torch.zeros(h.shape, dtype=acc, device=h.device) if need_h else None

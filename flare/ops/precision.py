@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Callable, TypeVar
 
@@ -35,11 +36,17 @@ def _first_device_type(args: tuple, kwargs: dict) -> str | None:
 _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)
 
 
-def _autocast_on(device_type: str) -> bool:
+def autocast_on(device_type: str) -> bool:
+    """Whether autocast is enabled for this device type (False for one autocast does not know, e.g. meta)."""
     try:
         return torch.is_autocast_enabled(device_type)
     except (RuntimeError, TypeError):  # a device type autocast does not know (meta) / an old signature
         return False
+
+
+def autocast_off(device_type: str):
+    """A context with autocast off on this device type (a no-op context where it is off already)."""
+    return torch.autocast(device_type, enabled=False) if autocast_on(device_type) else contextlib.nullcontext()
 
 
 def no_autocast(fn: _Fn) -> _Fn:
@@ -58,9 +65,9 @@ def no_autocast(fn: _Fn) -> _Fn:
         if _any_autocast is not None and not _any_autocast():
             return fn(*args, **kwargs)
         device_type = _first_device_type(args, kwargs)
-        if device_type is None or not _autocast_on(device_type):
+        if device_type is None:
             return fn(*args, **kwargs)
-        with torch.autocast(device_type, enabled=False):
+        with autocast_off(device_type):
             return fn(*args, **kwargs)
 
     return core  # type: ignore[return-value]

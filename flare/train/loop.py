@@ -58,7 +58,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, sharded: bool = Fal
     vocabulary the embedding's alone would be a GB), the default one over FSDP2 shards."""
     o = cfg.optim
     return torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                             weight_decay=o.weight_decay, fused=not sharded or None)
+                             weight_decay=o.weight_decay, fused=None if sharded else True)
 
 
 def backward(model: torch.nn.Module, objective: FlareObjective, batch: PackedBatch, views, cfg: TrainConfig,

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from flare.checkpoint import stored_dtype
+from flare.checkpoint import parameter_count, stored_dtype
 from flare.config import ModelConfig
 from flare.data.batch import PackedBatch
 from flare.model import FlareModel
@@ -208,9 +208,7 @@ def token_budget(cfg: TrainConfig, world: int = 1) -> str:
 
 def report(cfg: TrainConfig, world: int = 1) -> str:
     est = estimate(cfg)
-    config = ModelConfig.from_file(cfg.model)
-    with torch.device("meta"):
-        params = sum(p.numel() for p in FlareModel(config).parameters())
+    params = parameter_count(cfg.model)
     lines = [f"dry run: {cfg.model}: {params / 1e6:,.1f}M parameters, {cfg.objective.kind} objective, "
              f"{cfg.batch_size} x {cfg.data.seq_len} tokens per micro-batch ({cfg.row_tokens:,} per forward row)",
              *(f"  {n}" for n in est.notes),
