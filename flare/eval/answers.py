@@ -1,4 +1,5 @@
-"""Final-answer extraction and scoring: ``\\boxed{N}``, ``Answer: N``, GSM8K's ``#### N``."""
+"""Final-answer extraction and scoring: ``\\boxed{N}``, ``Answer: N``, GSM8K's ``#### N``, and a reader's reading
+of free-form replies (``stated_answer``)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,11 @@ def score(response: str, answer: int | str) -> bool:
 
 
 _ANY_NUMBER = re.compile(_NUMBER)
+
+
+def is_number(text: str) -> bool:
+    """``text`` is one number (``-12``, ``4,500``, ``0.5``), surrounding blanks aside."""
+    return _ANY_NUMBER.fullmatch(text.strip()) is not None
 
 
 def final_number(response: str) -> str | None:
@@ -55,3 +61,29 @@ def gsm8k_reference(answer: str) -> str:
     if not ref:
         raise ValueError("nothing follows '####' in the answer")
     return ref
+
+
+_ANSWER_IS = re.compile(r"answer is\s*:?\s*", re.IGNORECASE)
+_SENTENCE_END = re.compile(r"\n|\.(?:\s|$)")
+
+
+def stated_answer(response: str, numeric: bool) -> str:
+    """What a reader takes as a free-form response's answer, first match wins: ``\\boxed{N}`` or ``Answer: N``
+    (``extract_answer``); the text after the last ``Answer:``; the sentence after the last "answer is" (for a
+    ``numeric`` reference, the last number in it); for a ``numeric`` reference, the response's last number; the
+    whole response (after any think block). Small instruction-tuned models often write "The answer is 12." or
+    "4 * 7 = 28" however they are asked to format it."""
+    text = response.rsplit("</think>", 1)[-1]
+    if (found := extract_answer(text)) is not None:
+        return found
+    if "Answer:" in text:
+        return text.rsplit("Answer:", 1)[1].strip()
+    if said := list(_ANSWER_IS.finditer(text)):
+        sentence = _SENTENCE_END.split(text[said[-1].end():], 1)[0].strip().strip("'\"`*").strip()
+        if not numeric:
+            return sentence
+        if (number := final_number(sentence)) is not None:
+            return number
+    if numeric and (number := final_number(text)) is not None:
+        return number
+    return text.strip()

@@ -7,7 +7,9 @@ A task spec names the source:
 - ``reasoning_gym:TASK`` or ``reasoning_gym:TASK?key=value&key=value``: a ``reasoning-gym`` generator (e.g.
   ``basic_arithmetic``, ``chain_sum``, ``gsm_symbolic``) with its default settings or the given ones (fields of
   the task's config, e.g. ``reasoning_gym:products?min_digits=1&max_digits=1``; values read as JSON numbers and
-  booleans, else strings), scored by its own ``score_answer``;
+  booleans, else strings), scored by its own ``score_answer`` on the answer a reader would take
+  (``flare.eval.answers.stated_answer``: ``Answer: X`` / ``\\boxed{X}``, else "the answer is X", else the last
+  number when the reference is a number);
 - a path to a JSONL file: GSM8K format (``{"question", "answer": "... #### N"}``, the question sent with the
   paper's zero-shot "reason step by step ... \\boxed{}" instruction and the final number scored), or chat rows
   with an ``answer`` key (``{"messages": [{"role": "user", ...}, ...], "answer": "N"}``, as the toy data is
@@ -21,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from flare.eval.answers import extract_answer, final_number, gsm8k_reference, same_number, score
+from flare.eval.answers import final_number, gsm8k_reference, is_number, same_number, score, stated_answer
 
 GSM8K_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -69,7 +71,7 @@ def _arithmetic(spec: str, count: int, seed: int) -> Task:
     return Task(spec, [EvalItem(r["messages"][0]["content"], r["answer"], _strict(r["answer"])) for r in rows])
 
 
-def _settings(text: str) -> dict[str, object]:
+def task_settings(text: str) -> dict[str, object]:
     """``key=value&key=value`` -> kwargs; values parsed as JSON scalars (1, 0.5, true), else kept as strings."""
     settings: dict[str, object] = {}
     for part in filter(None, text.split("&")):
@@ -89,19 +91,17 @@ def _reasoning_gym(spec: str, count: int, seed: int) -> Task:
     except ImportError as e:
         raise ModuleNotFoundError("reasoning_gym is not installed: pip install 'flare-lm[eval]'") from e
     name, _, query = spec.partition("?")
-    settings = _settings(query)
+    settings = task_settings(query)
     try:
         data = reasoning_gym.create_dataset(name, size=count, seed=seed, **settings)
     except TypeError as e:  # a key the task's config does not have
         raise ValueError(f"reasoning_gym:{name} does not take the settings {sorted(settings)}: {e}") from None
 
     def scorer(entry):
+        numeric = is_number(str(entry["answer"]))
+
         def run(response: str) -> float:
-            stated = extract_answer(response)
-            if stated is None:  # non-numeric answers: the text after the last "Answer:"
-                tail = response.rsplit("</think>", 1)[-1]
-                stated = tail.rsplit("Answer:", 1)[1].strip() if "Answer:" in tail else tail.strip()
-            return float(data.score_answer(stated, entry) or 0.0)
+            return float(data.score_answer(stated_answer(response, numeric), entry) or 0.0)
         return run
 
     items = [EvalItem(e["question"] + "\nGive the final answer as 'Answer: <answer>'.", str(e["answer"]), scorer(e))

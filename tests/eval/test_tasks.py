@@ -88,3 +88,27 @@ def test_reasoning_gym_task_settings_reach_its_generator():
         load_task("reasoning_gym:products?bogus=1", limit=2)
     with pytest.raises(ValueError, match="not key=value"):
         load_task("reasoning_gym:products?max_digits", limit=2)
+
+
+def test_stated_answer_reads_free_form_replies():
+    from flare.eval.answers import is_number, stated_answer
+
+    assert stated_answer("so \\boxed{12}. The answer is 13", numeric=True) == "12"
+    assert stated_answer("Answer: 7", numeric=True) == "7"
+    assert stated_answer("Answer: anyone, format", numeric=False) == "anyone, format"
+    assert stated_answer("4 * 7 = 28\nThe answer is 28.", numeric=True) == "28"
+    assert stated_answer("The LCM of 5 and 4 is 20.", numeric=True) == "20"
+    assert stated_answer("The answer is: tnev.", numeric=False) == "tnev"
+    assert stated_answer("The answer is 'True'", numeric=False) == "True"
+    assert stated_answer("I cannot say", numeric=True) == "I cannot say"
+    assert stated_answer("<think>5</think>no idea", numeric=True) == "no idea"
+    assert is_number(" -4,500 ") and is_number("0.5") and not is_number("4 and 5") and not is_number("x")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("reasoning_gym") is None, reason="reasoning_gym not installed")
+def test_reasoning_gym_scores_what_a_reader_takes_as_the_answer():
+    task = load_task("reasoning_gym:products?max_digits=1", limit=3, seed=5)
+    for item in task.items:
+        assert item.scorer(f"3 * 3 = 9, so the answer is {item.reference}.") == 1.0
+        assert item.scorer(f"The product is {item.reference}") == 1.0
+        assert item.scorer(f"The answer is {int(item.reference) + 1}. ({item.reference} was a guess)") == 0.0
