@@ -11,7 +11,7 @@ number). Answers cut off by the length limit are dropped: they would teach trunc
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from flare.data.think import split_think, think_tag_problem
 from flare.decoding import SamplingParams
@@ -64,16 +64,18 @@ def _verified(response: str, answer: str, how: str) -> bool:
     return same_number(final_number(response), answer.rsplit("####", 1)[-1].strip().replace(",", ""))
 
 
-def distill_rows(llm: LLM, rows: Iterable[tuple[int, Any]], config: DistillConfig, *, progress: bool = True
+def distill_rows(llm: LLM, rows: Iterable[tuple[int, Any]], config: DistillConfig, *, progress: bool = True,
+                 check: Callable[[int, str], bool] | None = None
                  ) -> tuple[list[dict[str, Any]], dict[str, int], list[tuple[int, str]]]:
-    """Returns (output rows, counts of kept/dropped by reason, (line, why) of unusable prompt rows)."""
+    """Returns (output rows, counts of kept/dropped by reason, (line, why) of unusable prompt rows). ``check``
+    (line, response) -> keep, when given, replaces ``config.verify``: a task's own scorer, for instance."""
     items, bad = [], []
     for line, row in rows:
         try:
             items.append((line, row, prompt_messages(row)))
         except ValueError as e:
             bad.append((line, str(e)))
-    if config.verify != "none" and any("answer" not in row for _, row, _ in items):
+    if check is None and config.verify != "none" and any("answer" not in row for _, row, _ in items):
         raise ValueError(f"--verify {config.verify} needs an 'answer' in every prompt row")
     params = SamplingParams(temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
                             max_new_tokens=config.max_tokens, seed=config.seed)
@@ -93,7 +95,8 @@ def distill_rows(llm: LLM, rows: Iterable[tuple[int, Any]], config: DistillConfi
         if not content.strip():
             counts["empty"] += 1
             continue
-        if config.verify != "none" and not _verified(c.text, str(row["answer"]), config.verify):
+        if check is not None and not check(line, c.text) or check is None and config.verify != "none" and \
+                not _verified(c.text, str(row["answer"]), config.verify):
             counts["wrong_answer"] += 1
             continue
         turn = {"role": "assistant", "content": content.strip()}

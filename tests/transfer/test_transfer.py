@@ -101,6 +101,13 @@ def test_verification_keeps_only_correct_answers(toy):
     out, counts, _ = distill_rows(llm, list(enumerate(ROWS[:2], start=1)), DistillConfig(verify="strict"),
                                   progress=False)
     assert [r["answer"] for r in out] == ["3"] and counts["wrong_answer"] == 1
+    # A caller's own check (a task's scorer) replaces --verify, and needs no 'answer' in the rows.
+    seen = []
+    out, counts, _ = distill_rows(llm, [(7, {"question": "a"}), (9, {"question": "b"})],
+                                  DistillConfig(verify="strict"), progress=False,
+                                  check=lambda line, text: seen.append((line, text)) or line == 9)
+    assert seen == [(7, "Answer: 3"), (9, "Answer: 31")] and counts["wrong_answer"] == 1
+    assert [r["distill"]["source_line"] for r in out] == [9]
 
 
 def test_filter_reasons():
