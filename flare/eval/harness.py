@@ -30,6 +30,12 @@ class ModeResult:
     same_as_causal: float | None = None
     acceptance: float | None = None
     examples: list[dict[str, str]] = field(default_factory=list)
+    # Per question, when asked for (``evaluate(..., keep_outputs=True)``): score, forwards taken part in, new
+    # token ids, response text.
+    scores: list[float] | None = None
+    forwards: list[int] | None = None
+    token_ids: list[list[int]] | None = None
+    responses: list[str] | None = None
 
     @property
     def label(self) -> str:
@@ -54,7 +60,7 @@ class EvalReport:
 
 
 def evaluate(llm: LLM, task: Task, modes: list[ModeOptions], params: SamplingParams,
-             progress: bool = True) -> EvalReport:
+             progress: bool = True, keep_outputs: bool = False) -> EvalReport:
     if llm.tokenizer is None:
         raise ValueError("evaluation needs a model directory with a tokenizer.json")
     prompts = [llm.chat_ids([{"role": "user", "content": item.question}]) for item in task.items]
@@ -89,5 +95,6 @@ def evaluate(llm: LLM, task: Task, modes: list[ModeOptions], params: SamplingPar
             acceptance=accepted / drafted if drafted else None,
             examples=[{"question": task.items[i].question, "response": done[i].text,
                        "reference": task.items[i].reference} for i in range(min(2, len(done)))],
+            **(dict(scores=scores, forwards=[c.forwards for c in done], token_ids=ids, responses=[c.text for c in done]) if keep_outputs else {}),
         ))
     return report

@@ -65,6 +65,14 @@ def test_evaluate_modes(llm, tmp_path):
     assert json.loads(json.dumps(as_dict)) == as_dict  # JSON keeps every value
     assert [(r["mode"], r["accuracy"], r["tokens_per_forward"], r["new_tokens"]) for r in as_dict["results"]] == [
         (r.mode, r.accuracy, r.tokens_per_forward, r.new_tokens) for r in report.results]
+    assert causal.token_ids is None and causal.scores is None  # per-question outputs only when asked for
+    kept = evaluate(llm, task, parse_modes("causal,ar_trust"), params, progress=False, keep_outputs=True)
+    for r in kept.results:
+        assert r.scores == [1.0] * len(questions) and len(r.token_ids) == len(r.responses) == len(questions)
+        assert sum(map(len, r.token_ids)) == r.new_tokens
+        assert r.new_tokens / sum(r.forwards) == r.tokens_per_forward
+        assert r.responses == [llm.tokenizer.decode(ids) for ids in r.token_ids]
+    assert kept.result("ar_trust").token_ids == kept.result("causal").token_ids
 
 
 def test_ar_checkpoints_skip_parallel_modes(tiny_models, tiny_dirs):
