@@ -95,6 +95,7 @@ def evaluate(llm: LLM, task: Task, modes: list[ModeOptions], params: SamplingPar
             acceptance=accepted / drafted if drafted else None,
             examples=[{"question": task.items[i].question, "response": done[i].text,
                        "reference": task.items[i].reference} for i in range(min(2, len(done)))],
-            **(dict(scores=scores, forwards=[c.forwards for c in done], token_ids=ids, responses=[c.text for c in done]) if keep_outputs else {}),
+            **(dict(scores=scores, forwards=[c.forwards for c in done], token_ids=ids,
+                    responses=[c.text for c in done]) if keep_outputs else {}),
         ))
     return report
