@@ -1,9 +1,10 @@
 """Chat rendering: a Conversation -> ChatML text -> token ids with the label mask (method §5).
 
 Layout: ``<|im_start|>{role}\\n{content}<|im_end|>\\n`` per turn. Assistant reasoning is merged into
-``<think>\\n...\\n</think>\\n\\n`` before the content; the final assistant turn always carries a think block (empty
-when it has no reasoning). Supervised tokens: each assistant turn's content (think block included) and its
-``<|im_end|>``; never the ``<|im_start|>assistant\\n`` header, the newline after ``<|im_end|>``, or any
+``<think>\\n...\\n</think>\\n\\n`` before the content; for a tokenizer with think tokens (a model that thinks:
+``ChatTokenizer.thinks``) the final assistant turn always carries a think block (empty when it has no
+reasoning), for one without (SmolLM2, Llama) only turns with reasoning do. Supervised tokens: each assistant
+turn's content (think block included) and its ``<|im_end|>``; never the ``<|im_start|>assistant\\n`` header, the newline after ``<|im_end|>``, or any
 system/user token.
 
 The text comes from the tokenizer's chat template when it has one, else from the built-in renderer (the same
@@ -22,9 +23,11 @@ IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 ASSISTANT_HEADER = f"{IM_START}assistant\n"
 
 
-def chat_messages(conversation: Conversation) -> list[dict[str, str]]:
-    """Role/content dicts with reasoning already merged into think blocks (what a template receives)."""
-    final = conversation.final_assistant_index
+def chat_messages(conversation: Conversation, thinks: bool = True) -> list[dict[str, str]]:
+    """Role/content dicts with reasoning already merged into think blocks (what a template receives). ``thinks``:
+    the model writes a think block before every final answer, so a final turn without reasoning gets an empty
+    one; a model without think tokens never writes one, and its turns without reasoning stay plain content."""
+    final = conversation.final_assistant_index if thinks else -1
     return [
         {"role": m.role,
          "content": merge_reasoning(m.content, m.reasoning, i == final) if m.role == "assistant" else m.content}
@@ -37,9 +40,11 @@ def render_chatml(messages: list[dict[str, str]]) -> str:
     return "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)
 
 
-def render_text(conversation: Conversation, template: str | None = None, **variables: str) -> str:
-    """The conversation as text: through ``template`` (a Jinja chat template) if given, else built-in ChatML."""
-    messages = chat_messages(conversation)
+def render_text(conversation: Conversation, template: str | None = None, thinks: bool = True,
+                **variables: str) -> str:
+    """The conversation as text: through ``template`` (a Jinja chat template) if given, else built-in ChatML;
+    ``thinks`` as in ``chat_messages``."""
+    messages = chat_messages(conversation, thinks)
     if template is None:
         return render_chatml(messages)
     return render_template(template, messages, add_generation_prompt=False, **variables)
@@ -80,7 +85,7 @@ def render(conversation: Conversation, tokenizer: ChatTokenizer, *, use_template
         if any(s in m.content or s in (m.reasoning or "") for s in specials):
             raise RowRejected("special_token_in_content", f"a {m.role} turn spells a special token")
     template = tokenizer.chat_template if use_template else None
-    text = render_text(conversation, template, **tokenizer.template_variables)
+    text = render_text(conversation, template, tokenizer.thinks, **tokenizer.template_variables)
     spans = assistant_spans(text)
     if not spans:
         raise TemplateError(f"the chat template produced no '{ASSISTANT_HEADER!r}' turn: is it ChatML?")

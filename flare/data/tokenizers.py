@@ -82,6 +82,12 @@ class ChatTokenizer:
         return self.backend.token_to_id(token)
 
     @cached_property
+    def thinks(self) -> bool:
+        """Whether the vocabulary has ``<think>`` and ``</think>`` as tokens of their own: a model that writes a
+        think block before its answer (Qwen3.5, the toy tokenizer), unlike SmolLM2 or Llama."""
+        return all(self.token_id(tag) is not None for tag in ("<think>", "</think>"))
+
+    @cached_property
     def special_strings(self) -> frozenset[str]:
         """Every added token marked special (they must never come from message text)."""
         added = self.backend.get_added_tokens_decoder()

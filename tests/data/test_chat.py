@@ -196,3 +196,24 @@ def test_labels_hold_for_a_byte_level_bpe_tokenizer(tmp_path):
     assert tok.decode(doc.input_ids, skip_special_tokens=False) == render_text(conv)
     assert supervised_runs(tok, doc.input_ids, doc.loss_mask) == [
         "the answer 🚀<|im_end|>", "<think>\nthïnk\n</think>\n\nforty-two café<|im_end|>"]
+
+
+def test_a_model_without_think_tokens_gets_no_empty_think_block(char_tok):
+    """SmolLM2 or Llama never write a think block: training on one would teach them to open every answer with
+    '<think>' that they never write at inference. Reasoning given explicitly is still rendered."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(["What is 1+1? 2"], trainers.BpeTrainer(
+        vocab_size=300, show_progress=False, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    plain = ChatTokenizer(backend)
+    assert not plain.thinks and char_tok.thinks
+    conv = parse_row({"prompt": "What is 1+1?", "response": "2"})
+    doc = render(conv, plain)
+    assert plain.decode(doc.input_ids, skip_special_tokens=False).endswith("<|im_start|>assistant\n2<|im_end|>\n")
+    assert supervised_runs(plain, doc.input_ids, doc.loss_mask) == ["2<|im_end|>"]
+    reasoned = render(parse_row({"prompt": "1+1?", "response": "2", "reasoning_content": "add"}), plain)
+    assert supervised_runs(plain, reasoned.input_ids, reasoned.loss_mask) == ["<think>\nadd\n</think>\n\n2<|im_end|>"]
