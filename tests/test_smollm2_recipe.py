@@ -22,7 +22,7 @@ from tests.checkpoint.test_gguf import VOCAB, bpe_tokenizer, tokenizer_metadata,
 
 NO_GYM = importlib.util.find_spec("reasoning_gym") is None
 needs_gym = pytest.mark.skipif(NO_GYM, reason="reasoning_gym is not installed (pip install 'flare-lm[eval]')")
-ROW_KEYS = {"task", "problems", "seed", "max_new_tokens", "accuracy", "exact", "lenient_exact",
+ROW_KEYS = {"task", "problems", "seed", "max_new_tokens", "answer", "accuracy", "exact", "lenient_exact",
             "mean_answer_tokens", "capped", "seconds", "kept"}
 
 
@@ -71,7 +71,7 @@ def test_incomplete_seed_is_redone(tmp_path, tiny_gguf):
     assert (out / "seed" / "config.json").is_file()
 
 
-SMALL = {"gcd": 16, "spell_backward": 12}  # the full survey's plan, made small for the tiny model
+SMALL = {"gcd": 16, "products?max_digits=1": 12}  # the full survey's plan, made small for the tiny model
 
 
 @pytest.fixture
@@ -83,7 +83,7 @@ def small_plan(monkeypatch):
 @needs_gym
 def test_survey_writes_results_and_skips_when_done(tmp_path, tiny_gguf, small_plan, monkeypatch, capsys):
     out = tmp_path / "run"
-    assert run(out, tiny_gguf) == 0
+    assert run(out, tiny_gguf, "--stages", "import,survey") == 0
     printed = capsys.readouterr().out
     assert "| task | problems | accuracy |" in printed and "[survey] finished" in printed
     summary = json.loads((out / "survey.json").read_text())
@@ -95,7 +95,7 @@ def test_survey_writes_results_and_skips_when_done(tmp_path, tiny_gguf, small_pl
         assert row["max_new_tokens"] == SMALL[row["task"]] and 0 < row["mean_answer_tokens"] <= row["max_new_tokens"]
         assert all(0 <= row[k] <= 1 for k in ("accuracy", "exact", "lenient_exact", "capped"))
         assert row["exact"] <= row["lenient_exact"] and row["kept"] == (row["accuracy"] >= survey.KEEP)
-        detail = json.loads((out / "survey" / f"{row['task']}.json").read_text())
+        detail = json.loads((out / "survey" / f"{survey.file_name(row['task'])}.json").read_text())
         assert len(detail["responses"]) == row["problems"]
         assert {"question", "reference", "response", "score", "lenient", "tokens"} == set(detail["responses"][0])
         assert detail["responses"][0]["question"].endswith("Give the final answer as 'Answer: <answer>'.")
@@ -104,7 +104,7 @@ def test_survey_writes_results_and_skips_when_done(tmp_path, tiny_gguf, small_pl
     # Everything done: a second run skips both stages and computes nothing.
     forbid(monkeypatch, flare.checkpoint.gguf, "import_gguf")
     forbid(monkeypatch, survey, "survey_task")
-    assert run(out, tiny_gguf) == 0
+    assert run(out, tiny_gguf, "--stages", "import,survey") == 0
     printed = capsys.readouterr().out
     assert "[import] done already: skipped" in printed and "[survey] done already: skipped" in printed
 
@@ -112,8 +112,9 @@ def test_survey_writes_results_and_skips_when_done(tmp_path, tiny_gguf, small_pl
 @needs_gym
 def test_killed_survey_resumes_at_the_unfinished_task(tmp_path, tiny_gguf, small_plan, monkeypatch):
     out = tmp_path / "run"
-    assert run(out, tiny_gguf) == 0
-    first, second = SMALL
+    assert run(out, tiny_gguf, "--stages", "import,survey") == 0
+    first, second = map(survey.file_name, SMALL)
+    assert second == "products_max_digits=1"  # a spec's settings in a file name
     before = json.loads((out / "survey" / f"{first}.json").read_text())
     # As a kill while the second task's file was being written leaves it: no survey.json, a temporary.
     (out / "survey.json").unlink()
@@ -124,17 +125,17 @@ def test_killed_survey_resumes_at_the_unfinished_task(tmp_path, tiny_gguf, small
     real = survey.survey_task
     monkeypatch.setattr(survey, "survey_task", lambda llm, entry: ran.append(entry["task"]) or real(llm, entry))
     assert run(out, tiny_gguf, "--stages", "survey") == 0
-    assert ran == [second] and not leftover.exists()
+    assert ran == [list(SMALL)[1]] and not leftover.exists()
     assert json.loads((out / "survey" / f"{first}.json").read_text()) == before
-    assert [r["task"] for r in json.loads((out / "survey.json").read_text())["tasks"]] == [first, second]
+    assert [r["task"] for r in json.loads((out / "survey.json").read_text())["tasks"]] == list(SMALL)
 
 
 @needs_gym
 def test_quick_survey_is_kept_apart(tmp_path, tiny_gguf, small_plan):
     out = tmp_path / "run"
-    assert run(out, tiny_gguf) == 0
+    assert run(out, tiny_gguf, "--stages", "import,survey") == 0
     full = (out / "survey.json").read_text()
-    assert run(out, tiny_gguf, "--quick") == 0  # not the full plan: surveyed, into its own files
+    assert run(out, tiny_gguf, "--quick", "--stages", "survey") == 0  # not the full plan: surveyed, into its own files
     quick = json.loads((out / "survey-quick.json").read_text())
     assert quick["plan"] == survey.plan(common.Run(out, quick=True))
     assert [(r["task"], r["problems"]) for r in quick["tasks"]] == [(t, survey.QUICK_PROBLEMS)
@@ -167,10 +168,11 @@ def test_cli_help_and_unknown_stage(capsys):
         main(["--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
-    assert "--quick" in text and "--gguf" in text and "import,survey" in text
+    assert "--quick" in text and "--gguf" in text
+    assert "import,survey,distill,score,train,evaluate,speed,report" in text
     with pytest.raises(SystemExit) as e:
-        main(["--stages", "import,distill"])
-    assert e.value.code == 2 and "unknown stage(s) distill" in capsys.readouterr().err
+        main(["--stages", "import,distil"])
+    assert e.value.code == 2 and "unknown stage(s) distil" in capsys.readouterr().err
 
 
 def test_seed_ranges_are_disjoint():
@@ -186,3 +188,68 @@ def test_lenient_candidates():
     assert survey.lenient_candidates("<think>1</think>The letter appears 3 times.") == [
         "3", "The letter appears 3 times"]
     assert survey.lenient_candidates("") == []
+
+
+@needs_gym
+def test_quick_recipe_runs_every_stage_and_resumes(tmp_path, tiny_gguf, monkeypatch, capsys):
+    """--quick end to end on the tiny seed: a random model neither stops nor answers right, so here every answer
+    counts as finished and accepted; what is checked is the stages' outputs, their links and the exactness of
+    AR-Trust in float32."""
+    from recipes.smollm2 import distill, evaluate, report, tasks, train
+
+    real = distill.distill_task
+
+    def finished(llm, *args):
+        generate = llm.generate
+
+        def stopped(*a, **k):
+            done = generate(*a, **k)
+            for c in done:
+                c.finish_reason = "stop"
+            return done
+        llm.generate = stopped
+        return real(llm, *args)
+
+    monkeypatch.setattr(distill, "distill_task", finished)
+    monkeypatch.setattr(distill, "accepted", lambda item, response: True)
+    out = tmp_path / "run"
+    assert run(out, tiny_gguf, "--quick") == 0
+    work = common.Run(out, quick=True).work
+    rows = [json.loads(line) for line in (work / "transfer.jsonl").read_text().splitlines()]
+    made = json.loads((work / "transfer.json").read_text())
+    assert rows and made["rows"] == len(rows) and {r["task"] for r in rows} == set(tasks.TRANSFER[:1])
+    eval_questions = {i.question for i in tasks.eval_task(common.Run(out, quick=True), tasks.TRANSFER[0]).items}
+    assert not eval_questions & {r["messages"][0]["content"] for r in rows}  # no evaluation problem is trained on
+    assert len({(r["messages"][0]["content"], r["messages"][-1]["content"]) for r in rows}) == len(rows)
+    assert json.loads((work / "transfer.scores.json").read_text())["scored"] == len(rows)
+    steps = [p.name for p in train.checkpoints(common.Run(out, quick=True))]
+    assert steps == ["step-00000001", "step-00000002"]
+    summary = json.loads((work / "eval.json").read_text())
+    assert list(summary["results"]) == ["seed", *steps]
+    final = summary["results"][steps[-1]]
+    assert set(final) == {tasks.TRANSFER[0], tasks.HELD_OUT[0]}
+    for row in final.values():
+        assert set(row["results"]) == {"causal", "ar_trust", "diffusion_trust"}
+        assert row["results"]["ar_trust"]["same_as_causal"] == 1.0  # float32: AR-Trust gives the causal tokens
+        assert 0 <= row["agreement"]["identical"] <= 1 and row["nll"]["converted"] > 0
+    assert set(summary["results"][steps[0]]) == {tasks.TRANSFER[0]}  # the trend: transfer tasks only
+    cells = json.loads((work / "speed.json").read_text())["cells"]
+    assert {(c["batch"], c["mode"]) for c in cells} == {(b, m) for b in (1, 8) for m in
+                                                        ("causal", "ar_trust", "diffusion_trust")}
+    assert all(c["same_as_causal"] == 1.0 for c in cells if c["mode"] == "ar_trust" and c["dtype"] == "float32")
+    text = (work / "report.md").read_text()
+    assert "## Accuracy per mode" in text and tasks.HELD_OUT[0] in text and "conversion.png" in text
+    assert (work / "conversion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert set(json.loads((work / "stages.json").read_text())) >= {"distill", "score", "train", "evaluate",
+                                                                    "speed", "report"}
+
+    import flare.eval
+
+    for module, name in ((distill, "distill_task"), (evaluate, "evaluate_model"), (flare.eval, "evaluate"),
+                         (report, "plot")):
+        forbid(monkeypatch, module, name)
+    capsys.readouterr()
+    assert run(out, tiny_gguf, "--quick") == 0
+    printed = capsys.readouterr().out
+    assert all(f"[{s}] done already: skipped" in printed for s in ("distill", "score", "train", "evaluate",
+                                                                   "speed", "report"))

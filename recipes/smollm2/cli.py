@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Callable
 
 import recipes.smollm2
-from recipes.smollm2 import seed, survey
-from recipes.smollm2.common import Run
+from recipes.smollm2 import distill, evaluate, report, score, seed, speed, survey, train
+from recipes.smollm2.common import Run, read_json, write_json
 
 
 @dataclass(frozen=True)
@@ -20,8 +20,11 @@ class Stage:
     make: Callable[[Run], None]  # writes it
 
 
-# In order. Later stages (distill, score, convert-train, evaluate, speed, report) join this list.
-STAGES = [Stage("import", seed.done, seed.make), Stage("survey", survey.done, survey.make)]
+# In order.
+STAGES = [Stage("import", seed.done, seed.make), Stage("survey", survey.done, survey.make),
+          Stage("distill", distill.done, distill.make), Stage("score", score.done, score.make),
+          Stage("train", train.done, train.make), Stage("evaluate", evaluate.done, evaluate.make),
+          Stage("speed", speed.done, speed.make), Stage("report", report.done, report.make)]
 
 
 def parser() -> argparse.ArgumentParser:
@@ -32,9 +35,8 @@ def parser() -> argparse.ArgumentParser:
                "run resumes where it stopped.")
     ap.add_argument("--out", default="runs/smollm2", help="working directory (default runs/smollm2)")
     ap.add_argument("--quick", action="store_true",
-                    help=f"survey {len(survey.QUICK_TASKS)} tasks x {survey.QUICK_PROBLEMS} problems (seconds) "
-                         f"into OUT/survey-quick.json instead of {len(survey.TASKS)} x {survey.PROBLEMS} "
-                         "(~10 min on 2 cores) into OUT/survey.json")
+                    help=f"every stage at a few problems and {train.QUICK_STEPS} training steps (minutes), into "
+                         "OUT/survey-quick.json and OUT/quick/ (the seed is shared with the full run)")
     ap.add_argument("--stages", default=",".join(names),
                     help=f"comma-separated subset of: {','.join(names)} (default: all)")
     ap.add_argument("--gguf", type=Path, help=f"import this GGUF file instead of the {seed.PACKAGE} package's")
@@ -59,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{stage.name}] running", flush=True)
         began = time.perf_counter()
         stage.make(run)
-        print(f"[{stage.name}] finished in {time.perf_counter() - began:.1f} s", flush=True)
+        seconds = round(time.perf_counter() - began, 1)
+        print(f"[{stage.name}] finished in {seconds:.1f} s", flush=True)
+        run.work.mkdir(parents=True, exist_ok=True)
+        write_json(run.work / "stages.json", {**(read_json(run.work / "stages.json") or {}), stage.name: seconds})
     print(f"total {time.perf_counter() - start:.1f} s")
     return 0

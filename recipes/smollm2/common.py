@@ -37,6 +37,26 @@ class Run:
         """The survey's folder of per-task results; its summary is this path + ``.json``."""
         return self.out / ("survey-quick" if self.quick else "survey")
 
+    @property
+    def work(self) -> Path:
+        """Where the stages after the survey write: ``OUT`` (``OUT/quick`` for ``--quick``)."""
+        return self.out / "quick" if self.quick else self.out
+
+    @property
+    def transfer(self) -> Path:
+        """The distilled transfer data (JSONL); ``.json`` beside it: what was kept and dropped, per task."""
+        return self.work / "transfer.jsonl"
+
+    @property
+    def converted(self) -> Path:
+        """The seed with a [MASK] row (``flare convert``), before conversion training."""
+        return self.work / "converted"
+
+    @property
+    def train(self) -> Path:
+        """Conversion training's folder: its checkpoints ``step-*`` and ``metrics.jsonl``."""
+        return self.work / "flare"
+
 
 def write_json(path: Path, obj) -> None:
     """``path`` complete or not at all: written under a temporary name, then renamed."""

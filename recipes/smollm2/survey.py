@@ -1,13 +1,14 @@
 """Stage ``survey``: the seed's greedy (causal) accuracy on candidate reasoning-gym tasks, to choose the tasks
 (accuracy >= 30%) for later evaluation and transfer.
 
-Through the project's evaluation path: ``flare.eval.load_task("reasoning_gym:TASK", problems, seed)`` (the
-task's own question at its default difficulty, plus "Give the final answer as 'Answer: <answer>'.") and
-``flare.eval.evaluate`` (the chat template, the engine's batches, the task's ``score_answer`` on the extracted
-answer), in float32 with ``MAX_NUM_SEQS`` slots. Each task's result and responses go to ``OUT/survey/TASK.json``
-as it finishes (a killed survey resumes at the next task); ``OUT/survey.json`` collects them. Done when
-``OUT/survey.json`` exists for the same plan (tasks, problems, seeds, token budgets). ``--quick`` (2 tasks x 8
-problems) writes ``OUT/survey-quick.json`` and ``OUT/survey-quick/`` instead, leaving the full survey's alone.
+Through the project's evaluation path: ``flare.eval.load_task("reasoning_gym:SPEC", problems, seed)`` (the
+task's own question at its default difficulty or the spec's settings, plus "Give the final answer as 'Answer:
+<answer>'.") and ``flare.eval.evaluate`` (the chat template, the engine's batches, the task's ``score_answer`` on
+the answer a reader takes from the response: ``flare.eval.answers.stated_answer``), in float32 with
+``MAX_NUM_SEQS`` slots. Each task's result and responses go to ``OUT/survey/TASK.json`` (``file_name``) as it
+finishes (a killed survey resumes at the next task); ``OUT/survey.json`` collects them. Done when
+``OUT/survey.json`` exists for the same plan (tasks, problems, seeds, token budgets, answer reader). ``--quick`` (2
+tasks x 8 problems) writes ``OUT/survey-quick.json`` and ``OUT/survey-quick/`` instead, leaving the full survey's alone.
 
 ``accuracy`` is the harness's: the mean task score, which includes reasoning-gym's partial credit (by default a
 wrong answer that contains the reference scores len(reference) / len(answer)); ``exact``: the share scored 1;
@@ -26,21 +27,34 @@ from recipes.smollm2.common import DTYPE, SEEDS, Run, read_json, remove_temporar
 
 MAX_NUM_SEQS = 16  # engine slots; 32 basic_arithmetic problems on 2 busy cores: 16 ~87 new tok/s, 8 ~74, 32 ~21
 KEEP = 0.30
-# reasoning-gym task -> max_new_tokens, sized on the probe seeds to the seed's usual answer length.
+READER = "flare.eval.answers.stated_answer"  # how answers are read: in the plan, so a change of reader resurveys
+# reasoning-gym task spec -> max_new_tokens, sized on the probe seeds to the seed's usual answer length. First
+# every task at its default difficulty, then easier settings of the tasks where the seed came closest on the
+# probe seeds (a spec's settings go to the task's generator: flare.eval.load_task).
 TASKS = {"basic_arithmetic": 128, "chain_sum": 96, "products": 96, "gcd": 64, "lcm": 96, "simple_equations": 160,
          "gsm_symbolic": 256, "count_bits": 128, "base_conversion": 128, "fraction_simplification": 96,
          "leg_counting": 64, "letter_counting": 64, "number_sorting": 160, "spell_backward": 48,
          "word_sorting": 128, "word_sequence_reversal": 128, "isomorphic_strings": 32, "ransom_note": 32,
-         "calendar_arithmetic": 96, "family_relationships": 64, "syllogism": 128}
+         "calendar_arithmetic": 96, "family_relationships": 64, "syllogism": 128,
+         "products?max_digits=1": 48, "chain_sum?max_terms=2&max_digits=1": 48, "lcm?max_value=10": 64,
+         "gcd?max_value=20": 48, "letter_counting?min_words=1&max_words=1": 48, "count_bits?max_n=16": 64,
+         "basic_arithmetic?max_terms=2&max_digits=1&allow_parentheses=false&allow_negation=false"
+         '&operators=["+","-"]': 48,
+         "leg_counting?min_animals=1&max_animals=1&max_instances=3": 48}
 PROBLEMS = 40
 QUICK_TASKS, QUICK_PROBLEMS = {"gcd": 64, "spell_backward": 48}, 8
+
+
+def file_name(spec: str) -> str:
+    """A task spec as a file name: its settings' punctuation as ``_``."""
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", spec).strip("_")
 
 
 def plan(run: Run) -> list[dict]:
     """The survey's tasks as run: name, problems, generator seed, max_new_tokens."""
     tasks, count = (QUICK_TASKS, QUICK_PROBLEMS) if run.quick else (TASKS, PROBLEMS)
-    return [{"task": name, "problems": count, "seed": seed_for("survey", count), "max_new_tokens": tokens}
-            for name, tokens in tasks.items()]
+    return [{"task": spec, "problems": count, "seed": seed_for("survey", count), "max_new_tokens": tokens,
+             "answer": READER} for spec, tokens in tasks.items()]
 
 
 _ANSWER_IS = re.compile(r"answer is\s*:?\s*", re.IGNORECASE)
@@ -75,14 +89,16 @@ def survey_task(llm, entry: dict) -> dict:
 
     from flare.decoding import SamplingParams, parse_modes
     from flare.eval import evaluate, load_task
+    from flare.eval.tasks import task_settings
 
     task = load_task(f"reasoning_gym:{entry['task']}", entry["problems"], entry["seed"])
+    name, _, query = entry["task"].partition("?")
     scored: list = [None] * len(task.items)
     for i, item in enumerate(task.items):
         item.scorer = recorder(item.scorer, scored, i)
     params = SamplingParams(temperature=0, max_new_tokens=entry["max_new_tokens"])
     result = evaluate(llm, task, parse_modes("causal"), params, progress=True).results[0]
-    data = reasoning_gym.create_dataset(entry["task"], size=entry["problems"], seed=entry["seed"])
+    data = reasoning_gym.create_dataset(name, size=entry["problems"], seed=entry["seed"], **task_settings(query))
     rows = []
     for item, problem, (response, score) in zip(task.items, data, scored):
         lenient = max([score] + [float(data.score_answer(c, problem) or 0.0) for c in lenient_candidates(response)])
@@ -122,7 +138,7 @@ def make(run: Run) -> None:
     llm = LLM.from_dir(run.seed, dtype=DTYPE, config=EngineConfig(max_num_seqs=MAX_NUM_SEQS))
     rows = []
     for entry in tqdm(plan(run), desc="survey", unit="task"):
-        path = folder / f"{entry['task']}.json"
+        path = folder / f"{file_name(entry['task'])}.json"
         row = read_json(path)
         if row is None or {k: row.get(k) for k in entry} != entry:
             row = survey_task(llm, entry)

@@ -1,0 +1,77 @@
+"""Stage ``speed``: tokens per second of the final checkpoint per mode, at batch 1 and 8, per dtype.
+
+The same ``PROMPTS`` evaluation questions (taken in turn from each transfer task) in every cell, greedy, each
+task's token budget; one engine with ``max_num_seqs`` = batch per cell, through ``flare.eval.evaluate`` (an
+untimed warm-up per mode, then the timed run). Dtypes: float32, and bfloat16 where the CPU multiplies it
+natively (``flare.device.cpu_path``: AMX or AVX-512-BF16) or on CUDA. Speed-ups are against causal decoding in
+the same cell, so they are ratios measured in one run. Writes ``speed.json``.
+"""
+
+from __future__ import annotations
+
+import time
+
+from recipes.smollm2 import tasks, train
+from recipes.smollm2.common import Run, read_json, write_json
+from recipes.smollm2.evaluate import MODES
+
+PROMPTS, QUICK_PROMPTS = 16, 2
+BATCHES = (1, 8)
+
+
+def dtypes() -> list[str]:
+    import torch
+
+    from flare.device import cpu_path
+
+    native = torch.cuda.is_available() or cpu_path() in ("amx", "avx512_bf16")
+    return ["float32"] + (["bfloat16"] if native else [])
+
+
+def plan(run: Run) -> dict:
+    have = train.checkpoints(run)
+    return {"model": have[-1].name if have else None, "modes": MODES, "batches": list(BATCHES),
+            "dtypes": dtypes(), "prompts": QUICK_PROMPTS if run.quick else PROMPTS,
+            "tasks": tasks.chosen(run)["transfer"]}
+
+
+def done(run: Run) -> bool:
+    found = read_json(run.work / "speed.json")
+    return train.done(run) and found is not None and found.get("plan") == plan(run)
+
+
+def make(run: Run) -> None:
+    import torch
+
+    from flare.decoding import SamplingParams, parse_modes
+    from flare.device import cpu_path, describe
+    from flare.engine import EngineConfig
+    from flare.engine.llm import LLM
+    from flare.eval import Task, evaluate
+
+    if not train.done(run):
+        raise SystemExit(f"no trained checkpoints in {run.train}: run the train stage first")
+    p = plan(run)
+    per_task = [tasks.eval_task(run, spec).items for spec in p["tasks"]]
+    items = [per_task[i % len(per_task)][i // len(per_task)] for i in range(p["prompts"])]
+    budget = max(tasks.max_new_tokens(spec) for spec in p["tasks"])
+    cells, start = [], time.perf_counter()
+    for dtype in p["dtypes"]:
+        for batch in p["batches"]:
+            llm = LLM.from_dir(train.checkpoints(run)[-1], dtype=dtype, config=EngineConfig(max_num_seqs=batch))
+            report = evaluate(llm, Task("speed", items), parse_modes(p["modes"]),
+                              SamplingParams(temperature=0, max_new_tokens=budget), progress=False)
+            causal = report.result("causal").tokens_per_s
+            for r in report.results:
+                cells.append({"dtype": dtype, "device": describe(llm.model.device, llm.model.dtype),
+                              "batch": batch, "mode": r.mode, "label": r.label,
+                              "tokens_per_s": r.tokens_per_s, "tokens_per_forward": r.tokens_per_forward,
+                              "speedup": r.tokens_per_s / causal if causal else None, "new_tokens": r.new_tokens,
+                              "seconds": r.seconds, "same_as_causal": r.same_as_causal,
+                              "acceptance": r.acceptance})
+                print(f"  {dtype} batch {batch} {r.label}: {r.tokens_per_s:.1f} tok/s, "
+                      f"{r.tokens_per_forward:.2f} tok/fwd, {cells[-1]['speedup']:.2f}x causal", flush=True)
+    write_json(run.work / "speed.json", {
+        "plan": p, "cpu_path": cpu_path(),
+        "threads": torch.get_num_threads(), "max_new_tokens": budget, "cells": cells,
+        "seconds": round(time.perf_counter() - start, 1)})

@@ -1,0 +1,70 @@
+"""Stage ``train``: the seed with a [MASK] row (``flare convert``), trained with the FLARE objective on the
+transfer data (``flare.train.Trainer``; resumes from its last checkpoint after a kill).
+
+Block size ``BLOCK_SIZE``: the transfer answers are short (about 10 to 30 tokens), and a block of 4 leaves
+AR-Trust up to 5 tokens per forward while asking the MASK rows to guess no more than 3 tokens ahead of what they
+see. ``CHECKPOINTS`` checkpoints are kept along the run, for the evaluation's retention and tokens-per-forward
+trend. bf16 autocast with fp32 master weights where the CPU multiplies bf16 natively (``flare.device.cpu_path``),
+fp32 elsewhere.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+from recipes.smollm2.common import Run, read_json
+
+BLOCK_SIZE = 4
+SEQ_LEN = 256  # a multiple of BLOCK_SIZE; a transfer row with its chat template is ~60-120 tokens
+BATCH_SIZE = 4
+STEPS, QUICK_STEPS = 320, 2
+LR, WARMUP = 1e-4, 20
+CHECKPOINTS = 4
+
+
+def steps(run: Run) -> int:
+    return QUICK_STEPS if run.quick else STEPS
+
+
+def checkpoints(run: Run) -> list:
+    from flare.train.checkpointing import checkpoints as found
+
+    return found(run.train) if run.train.is_dir() else []
+
+
+def done(run: Run) -> bool:
+    have = checkpoints(run)
+    return bool(have) and int(have[-1].name.split("-")[1]) >= steps(run)
+
+
+def config(run: Run):
+    import torch
+
+    from flare.device import cpu_path
+    from flare.objective import ObjectiveConfig
+    from flare.train.config import DataConfig, OptimConfig, SourceConfig, TrainConfig
+
+    n = steps(run)
+    native_bf16 = torch.cuda.is_available() or cpu_path() in ("amx", "avx512_bf16")
+    return TrainConfig(
+        model=str(run.converted), out_dir=str(run.train),
+        objective=ObjectiveConfig(kind="flare", block_size=BLOCK_SIZE),
+        data=DataConfig(train=[SourceConfig(str(run.transfer))], seq_len=SEQ_LEN),
+        optim=OptimConfig(lr=LR, warmup_steps=min(WARMUP, n // 10), schedule="cosine"),
+        steps=n, batch_size=BATCH_SIZE, bf16=native_bf16, save_every=max(1, n // CHECKPOINTS),
+        keep_last=CHECKPOINTS, seed=0)
+
+
+def make(run: Run) -> None:
+    from flare.train.convert import convert
+    from flare.train.loop import Trainer
+
+    if read_json(run.transfer.with_suffix(".json")) is None:
+        raise SystemExit(f"no transfer data at {run.transfer}: run the distill stage first")
+    if not (run.converted / "config.json").is_file():
+        tmp = run.converted.with_name(f".{run.converted.name}.tmp-0")
+        shutil.rmtree(tmp, ignore_errors=True)
+        mask = convert(run.seed, tmp)
+        tmp.replace(run.converted)
+        print(f"  converted {run.seed} -> {run.converted} ([MASK] = token {mask})", flush=True)
+    Trainer(config(run)).run()
