@@ -59,7 +59,7 @@ def distill_task(llm, run: Run, spec: str, count: int, seed: int) -> tuple[list[
         DistillConfig(temperature=TEMPERATURE, seed=s) for s in range(1, SAMPLES + 1)]
     for config in passes:
         config.max_tokens = tasks.max_new_tokens(spec)
-        kept, why, _ = distill_rows(llm, rows, config, progress=False,
+        kept, why, _ = distill_rows(llm, rows, config, progress=True,
                                     check=lambda i, text: accepted(items[i], text))
         label = "greedy" if config.temperature == 0 else f"sampled_{config.seed}"
         counts[label] = why

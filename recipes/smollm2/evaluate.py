@@ -85,7 +85,7 @@ def evaluate_model(llm, run: Run, name: str, modes: str, specs: list[str], probl
             task = tasks.eval_task(run, spec)
             task.items = task.items[:problems]
             params = SamplingParams(temperature=0, max_new_tokens=tasks.max_new_tokens(spec))
-            report = evaluate(llm, task, parse_modes(modes), params, progress=False, keep_outputs=True)
+            report = evaluate(llm, task, parse_modes(modes), params, progress=True, keep_outputs=True)
             row = {"task": spec, "problems": problems, "modes": modes,
                    "results": {r.mode: r.__dict__ | {"label": r.label} for r in report.results},
                    "not_run": report.not_run}

@@ -145,6 +145,9 @@ def make(run: Run) -> None:
     cfg = train.config(run)
     found = read_json(run.work / "speed.json")
     stages = read_json(run.work / "stages.json") or {}
+    if "survey" not in stages and (surveyed := read_json(run.survey.with_suffix(".json"))):
+        stages["survey"] = surveyed["seconds"]  # a survey run on its own, before the other stages
+    stages["total"] = round(sum(stages.values()), 1)
     text = [
         "# SmolLM2-135M-Instruct through FLARE: the recipe's report", "",
         f"Stage wall times (s): {json.dumps(stages)}", "",
