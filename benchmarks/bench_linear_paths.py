@@ -15,6 +15,7 @@ import argparse
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -33,35 +34,36 @@ def layer_weights(path: str) -> list[torch.Tensor]:
 
 
 def paths(weights: list[torch.Tensor]) -> dict[str, object]:
-    """name -> (prepare(M) -> step callable) or the reason it is unavailable."""
+    """name -> prepare(M), which gives one step's calls (one per weight, inputs made), or why it is unavailable."""
     bf16 = [w.to(torch.bfloat16) for w in weights]
+
+    def rows(M: int, w: torch.Tensor) -> torch.Tensor:
+        return torch.randn(M, w.shape[1], dtype=w.dtype)
+
     out: dict[str, object] = {
-        "F.linear fp32": lambda M: [(torch.randn(M, w.shape[1]), w) for w in weights],
-        "F.linear bf16": lambda M: [(torch.randn(M, w.shape[1], dtype=torch.bfloat16), w) for w in bf16],
+        "F.linear fp32": lambda M: [partial(F.linear, rows(M, w), w) for w in weights],
+        "F.linear bf16": lambda M: [partial(F.linear, rows(M, w), w) for w in bf16],
     }
     try:
         packed = [torch.ops.mkldnn._reorder_linear_weight(w, None) for w in bf16]
         out["oneDNN packed bf16"] = lambda M: [
-            (torch.randn(M, w.shape[1], dtype=torch.bfloat16), p, "mkldnn") for w, p in zip(bf16, packed)]
+            partial(torch.ops.mkldnn._linear_pointwise, rows(M, w), p, None, "none", [], "")
+            for w, p in zip(bf16, packed)]
     except (RuntimeError, AttributeError) as e:
         out["oneDNN packed bf16"] = f"unavailable ({type(e).__name__}: {str(e)[:60]})"
     try:
         torch.ops.mkl._mkl_reorder_linear_weight(weights[0], 1)
         out["MKL packed fp32"] = lambda M: [
-            (torch.randn(M, w.shape[1]), torch.ops.mkl._mkl_reorder_linear_weight(w, M), w, "mkl") for w in weights]
+            partial(torch.ops.mkl._mkl_linear, rows(M, w), torch.ops.mkl._mkl_reorder_linear_weight(w, M), w, None, M)
+            for w in weights]
     except (RuntimeError, AttributeError) as e:
         out["MKL packed fp32"] = f"unavailable ({type(e).__name__}: {str(e)[:60]})"
     return out
 
 
 def run_step(calls: list) -> None:
-    for c in calls:
-        if c[-1] == "mkldnn":
-            torch.ops.mkldnn._linear_pointwise(c[0], c[1], None, "none", [], "")
-        elif c[-1] == "mkl":
-            torch.ops.mkl._mkl_linear(c[0], c[1], c[2], None, c[0].shape[0])
-        else:
-            F.linear(c[0], c[1])
+    for call in calls:
+        call()
 
 
 def best_ms(calls: list, repeats: int) -> float:

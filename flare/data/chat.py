@@ -4,8 +4,8 @@ Layout: ``<|im_start|>{role}\\n{content}<|im_end|>\\n`` per turn. Assistant reas
 ``<think>\\n...\\n</think>\\n\\n`` before the content; for a tokenizer with think tokens (a model that thinks:
 ``ChatTokenizer.thinks``) the final assistant turn always carries a think block (empty when it has no
 reasoning), for one without (SmolLM2, Llama) only turns with reasoning do. Supervised tokens: each assistant
-turn's content (think block included) and its ``<|im_end|>``; never the ``<|im_start|>assistant\\n`` header, the newline after ``<|im_end|>``, or any
-system/user token.
+turn's content (think block included) and its ``<|im_end|>``; never the ``<|im_start|>assistant\\n`` header, the
+newline after ``<|im_end|>``, or any system/user token.
 
 The text comes from the tokenizer's chat template when it has one, else from the built-in renderer (the same
 layout). Labels are found on the rendered text, by character span, so they hold for any ChatML template.

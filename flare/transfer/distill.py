@@ -95,8 +95,9 @@ def distill_rows(llm: LLM, rows: Iterable[tuple[int, Any]], config: DistillConfi
         if not content.strip():
             counts["empty"] += 1
             continue
-        if check is not None and not check(line, c.text) or check is None and config.verify != "none" and \
-                not _verified(c.text, str(row["answer"]), config.verify):
+        right = check(line, c.text) if check is not None else (
+            config.verify == "none" or _verified(c.text, str(row["answer"]), config.verify))
+        if not right:
             counts["wrong_answer"] += 1
             continue
         turn = {"role": "assistant", "content": content.strip()}

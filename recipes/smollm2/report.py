@@ -135,9 +135,9 @@ def make(run: Run) -> None:
     if not (evaluate.done(run) and speed.done(run)):
         raise SystemExit("the report needs the evaluate and speed stages first")
     results = per_problem_results(run)
-    kinds = read_json(run.work / "eval.json")["plan"]["tasks"]
-    final = list(results)[-1]
     plan = read_json(run.work / "eval.json")["plan"]
+    kinds = plan["tasks"]
+    final = list(results)[-1]
     points = trend(run, results, kinds["transfer"], plan["trend_problems"])
     plot(points, run.work / "conversion.png")
     transfer = read_json(run.transfer.with_suffix(".json"))

@@ -3,7 +3,7 @@
 The same ``PROMPTS`` evaluation questions (taken in turn from each transfer task) in every cell, greedy, each
 task's token budget; one engine with ``max_num_seqs`` = batch per cell, through ``flare.eval.evaluate`` (an
 untimed warm-up per mode, then the timed run). Dtypes: float32, and bfloat16 where the CPU multiplies it
-natively (``flare.device.cpu_path``: AMX or AVX-512-BF16) or on CUDA. Speed-ups are against causal decoding in
+natively (``flare.device.native_bf16``: AMX or AVX-512-BF16, or CUDA). Speed-ups are against causal decoding in
 the same cell, so they are ratios measured in one run. Writes ``speed.json``.
 """
 
@@ -20,12 +20,9 @@ BATCHES = (1, 8)
 
 
 def dtypes() -> list[str]:
-    import torch
+    from flare.device import native_bf16, pick_device
 
-    from flare.device import cpu_path
-
-    native = torch.cuda.is_available() or cpu_path() in ("amx", "avx512_bf16")
-    return ["float32"] + (["bfloat16"] if native else [])
+    return ["float32"] + (["bfloat16"] if native_bf16(pick_device()) else [])
 
 
 def plan(run: Run) -> dict:

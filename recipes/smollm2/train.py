@@ -4,8 +4,8 @@ transfer data (``flare.train.Trainer``; resumes from its last checkpoint after a
 Block size ``BLOCK_SIZE``: the transfer answers are short (about 10 to 30 tokens), and a block of 4 leaves
 AR-Trust up to 5 tokens per forward while asking the MASK rows to guess no more than 3 tokens ahead of what they
 see. ``CHECKPOINTS`` checkpoints are kept along the run, for the evaluation's retention and tokens-per-forward
-trend. bf16 autocast with fp32 master weights where the CPU multiplies bf16 natively (``flare.device.cpu_path``),
-fp32 elsewhere.
+trend. bf16 autocast with fp32 master weights where the device multiplies bf16 natively
+(``flare.device.native_bf16``), fp32 elsewhere.
 """
 
 from __future__ import annotations
@@ -38,21 +38,18 @@ def done(run: Run) -> bool:
 
 
 def config(run: Run):
-    import torch
-
-    from flare.device import cpu_path
+    from flare.device import native_bf16, pick_device
     from flare.objective import ObjectiveConfig
     from flare.train.config import DataConfig, OptimConfig, SourceConfig, TrainConfig
 
     n = steps(run)
-    native_bf16 = torch.cuda.is_available() or cpu_path() in ("amx", "avx512_bf16")
     return TrainConfig(
         model=str(run.converted), out_dir=str(run.train),
         objective=ObjectiveConfig(kind="flare", block_size=BLOCK_SIZE),
         data=DataConfig(train=[SourceConfig(str(run.transfer))], seq_len=SEQ_LEN),
         optim=OptimConfig(lr=LR, warmup_steps=min(WARMUP, n // 10), schedule="cosine"),
-        steps=n, batch_size=BATCH_SIZE, bf16=native_bf16, save_every=max(1, n // CHECKPOINTS),
-        keep_last=CHECKPOINTS, seed=0)
+        steps=n, batch_size=BATCH_SIZE, bf16=native_bf16(pick_device()),
+        save_every=max(1, n // CHECKPOINTS), keep_last=CHECKPOINTS, seed=0)
 
 
 def make(run: Run) -> None:
