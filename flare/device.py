@@ -4,6 +4,7 @@ checkpoint's own dtype."""
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 
@@ -27,6 +28,7 @@ def pick_device(requested: str | torch.device | None = None) -> torch.device:
     return device
 
 
+@functools.cache
 def cpu_path() -> str:
     """The fastest matmul path of this CPU for decoding: ``amx`` (AMX tiles with bf16), ``avx512_bf16``,
     ``avx512`` or ``avx2`` (no native bf16: bf16 matmuls are emulated and slower than fp32), else ``generic``."""
@@ -52,6 +54,19 @@ def native_bf16(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     return device.type == "cpu" and cpu_path() in ("amx", "avx512_bf16")
+
+
+# "0" turns packing off (every linear through F.linear), for A-B measurements: the outputs are the same.
+PACKED_LINEARS_ENV = "FLARE_PACKED_LINEARS"
+
+
+def pack_linears(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether decoding runs a model's linears on weights prepacked for oneDNN (``flare.ops.packed_linear``):
+    bf16 on a CPU that computes it natively, unless ``$FLARE_PACKED_LINEARS`` is 0."""
+    from flare.ops.packed_linear import available
+
+    return (os.environ.get(PACKED_LINEARS_ENV, "1") != "0" and device.type == "cpu" and dtype == torch.bfloat16
+            and native_bf16(device) and available())
 
 
 # Below this many parameters a CPU decode step is op dispatch, not arithmetic, and bf16 only adds casts. Measured

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from flare.device import pack_linears
 from flare.decoding.lane import Lane, RowLogits
 from flare.decoding.modes import LANES
 from flare.decoding.options import ModeOptions
@@ -26,6 +27,7 @@ from flare.decoding.params import SamplingParams
 from flare.decoding.slots import SlotBatch
 from flare.engine.runner import CachedRunner
 from flare.model import FlareModel
+from flare.ops.packed_linear import prepack
 
 
 @dataclass
@@ -50,6 +52,8 @@ class Admission:
 class Stepper:
     def __init__(self, model: FlareModel, num_slots: int, capacity: int, runner_cls: type = CachedRunner) -> None:
         self.model = model
+        if runner_cls is CachedRunner and pack_linears(model.device, model.dtype):
+            prepack(model)  # bf16 on the CPU: weights reordered for oneDNN once, not at every call
         self.runner = runner_cls(model, num_slots, capacity)
         self.slots = SlotBatch(num_slots, model.device)
         self.owner: list[Lane | None] = [None] * num_slots

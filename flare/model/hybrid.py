@@ -16,6 +16,7 @@ from flare.model.cache import CommitRecord, ModelCache
 from flare.model.context import ForwardContext, Layout, TwoStream
 from flare.model.gated_deltanet import GatedDeltaNet
 from flare.model.layers import RMSNorm, SwiGLU
+from flare.ops.packed_linear import linear_path
 
 
 class DecoderLayer(nn.Module):
@@ -189,8 +190,9 @@ class FlareModel(nn.Module):
         return self.logits(self.hidden_states(input_ids, cache=cache, valid=valid, layout=layout))
 
     def kernel_paths(self) -> dict[str, str]:
-        """Which op form each Gated DeltaNet layer ran last, and the attention backend."""
-        paths = {"attention": "sdpa"}
+        """Which op form each Gated DeltaNet layer ran last, the attention backend and the linears' path
+        (``flare.ops.packed_linear``)."""
+        paths = {"attention": "sdpa", "linear": linear_path(self)}
         for i, layer in enumerate(self.model.layers):
             if layer.kind != FULL_ATTENTION and layer.linear_attn.last_path:
                 paths[f"gdn.{i}"] = layer.linear_attn.last_path

@@ -1,0 +1,134 @@
+"""oneDNN-packed bf16 linears (``flare.ops.packed_linear``): the same outputs as ``F.linear`` bit for bit over
+awkward shapes, ``F.linear`` wherever the packed copy does not apply (gradients, other dtypes), a repack when
+the weight changes, and decoding tokens unchanged by packing."""
+
+from __future__ import annotations
+
+import tempfile
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import flare
+from flare.decoding import ArTrustOptions, SamplingParams
+from flare.engine import decode
+from flare.device import pack_linears
+from flare.ops.packed_linear import PACKED, PLAIN, PackedLinear, linear_path, prepack
+from flare.testing.checkpoints import save_tiny_checkpoint
+
+CPU = torch.device("cpu")
+needs_packing = pytest.mark.skipif(not pack_linears(CPU, torch.bfloat16),
+                                   reason="no native bf16 with oneDNN on this CPU: linears are never packed here")
+
+
+def packed_linear(n_in: int, n_out: int, bias: bool, seed: int = 0) -> tuple[nn.Linear, PackedLinear]:
+    torch.manual_seed(seed)
+    plain = nn.Linear(n_in, n_out, bias=bias).to(torch.bfloat16)
+    packed = nn.Linear(n_in, n_out, bias=bias).to(torch.bfloat16)
+    packed.load_state_dict(plain.state_dict())
+    prepack(packed)
+    assert isinstance(packed, PackedLinear)
+    return plain, packed
+
+
+@needs_packing
+@pytest.mark.parametrize("shape", [(1,), (5,), (3, 7), (2, 1, 9)])
+@pytest.mark.parametrize("n_in,n_out,bias", [(13, 7, True), (64, 96, False), (576, 1536, False), (1, 3, True)])
+def test_packed_equals_f_linear_bit_for_bit(shape, n_in, n_out, bias):
+    plain, packed = packed_linear(n_in, n_out, bias)
+    x = torch.randn(*shape, n_in).to(torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(packed(x), plain(x))
+        wide = torch.randn(*shape, 2 * n_in).to(torch.bfloat16)[..., ::2]  # a strided input
+        assert torch.equal(packed(wide), plain(wide.contiguous()))
+    with torch.inference_mode():
+        assert torch.equal(packed(x), plain(x))
+
+
+@needs_packing
+def test_gradients_and_other_dtypes_take_f_linear():
+    plain, packed = packed_linear(24, 40, True)
+    x = torch.randn(3, 24).to(torch.bfloat16).requires_grad_()
+    packed(x).float().square().sum().backward()
+    assert packed.weight.grad is not None and x.grad is not None
+    grad_w, grad_x = packed.weight.grad.clone(), x.grad.clone()
+    x.grad = None
+    plain(x).float().square().sum().backward()
+    assert torch.equal(grad_w, plain.weight.grad) and torch.equal(grad_x, x.grad)
+    packed.float()
+    with torch.no_grad():
+        x32 = torch.randn(2, 24)
+        assert torch.equal(packed(x32), F.linear(x32, packed.weight, packed.bias))
+
+
+@needs_packing
+def test_a_changed_weight_is_repacked():
+    plain, packed = packed_linear(32, 16, False)
+    x = torch.randn(4, 32).to(torch.bfloat16)
+    with torch.no_grad():
+        packed(x)
+        for change in (lambda m: m.weight.mul_(-0.5),  # in place: an optimizer step
+                       lambda m: m.load_state_dict({"weight": torch.randn(16, 32).to(torch.bfloat16)}),
+                       lambda m: setattr(m, "weight", nn.Parameter(torch.randn(16, 32).to(torch.bfloat16)))):
+            change(packed)
+            assert torch.equal(packed(x), F.linear(x, packed.weight))
+
+
+def test_prepack_keeps_parameters_and_state_dict():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4, bias=False))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert prepack(model) == 2 and prepack(model) == 2
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert linear_path(model) == PLAIN  # fp32: the packed copy does not apply
+
+
+@pytest.fixture(scope="module")
+def bf16_model():
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save_tiny_checkpoint(tmp, "qwen3_5", seed=3, tokenizer=False, hidden_size=96, intermediate_size=160,
+                                    num_hidden_layers=4, vocab_size=300, head_dim=24, linear_key_head_dim=24,
+                                    linear_value_head_dim=24)
+        model = flare.load_model(path, dtype=torch.bfloat16)
+    model.config.mask_token_id = 299
+    return model.eval()
+
+
+@needs_packing
+@pytest.mark.parametrize("mode", ["causal", ArTrustOptions(redraft="every"), "diffusion_trust"])
+def test_decoding_tokens_do_not_change_with_packing(bf16_model, mode, monkeypatch):
+    import copy
+
+    import flare.engine.stepper as stepper
+
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 299, (n,), generator=g).tolist() for n in (4, 17, 9)]
+    params = SamplingParams(temperature=0, max_new_tokens=16, ignore_eos=True)
+    plain_model = copy.deepcopy(bf16_model)
+    for module in plain_model.modules():  # packed by an earlier case
+        if isinstance(module, PackedLinear):
+            module.__class__ = nn.Linear
+    monkeypatch.setattr(stepper, "pack_linears", lambda device, dtype: False)
+    plain = decode(plain_model, prompts, params, mode)
+    monkeypatch.undo()
+    packed = decode(bf16_model, prompts, params, mode)
+    assert plain.kernel_paths["linear"] == PLAIN and packed.kernel_paths["linear"] == PACKED
+    assert packed.token_ids == plain.token_ids and packed.forwards == plain.forwards
+
+
+@needs_packing
+def test_a_packed_model_copies_and_pickles():
+    import copy
+    import io
+
+    plain, packed = packed_linear(16, 8, True)
+    x = torch.randn(2, 16).to(torch.bfloat16)
+    with torch.no_grad():
+        packed(x)
+        buffer = io.BytesIO()
+        torch.save(packed, buffer)
+        buffer.seek(0)
+        for twin in (copy.deepcopy(packed), torch.load(buffer, weights_only=False)):
+            assert isinstance(twin, PackedLinear) and torch.equal(twin(x), plain(x))
