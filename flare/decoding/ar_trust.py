@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from flare.decoding.lane import Lane, Plan, RowLogits
-from flare.ops.sampling import draw, filtered_probs, speculative_verify
+from flare.ops.sampling import argmax, draw, filtered_probs, speculative_verify
 
 
 class ArTrustLane(Lane):
@@ -90,7 +90,7 @@ class ArTrustLane(Lane):
         # p and q), so no vocabulary-sized tensor is built per round.
         greedy = s.all_greedy(live)
         if greedy:
-            target = logits.argmax(-1)  # [S, N]
+            target = argmax(logits)  # [S, N]
             accepted = (self.drafts == target[:, :M]).long().cumprod(-1).sum(-1)
             accepted = torch.where(cold, torch.zeros_like(accepted), accepted)
             nxt = target.gather(1, accepted[:, None])[:, 0]
@@ -114,12 +114,12 @@ class ArTrustLane(Lane):
             at = torch.where(cold, 1, N)[:, None] + torch.arange(M, device=s.device)
         draft_logits = row_logits.at(at)
         if greedy:
-            d_new, q_new = draft_logits.argmax(-1), None
+            d_new, q_new = argmax(draft_logits), None
         elif policy == "exact_truncated":
             q_new = self._laws(live, draft_logits)
             d_new = s.per_generator(live, lambda q_, g: draw(q_, g), q_new)
         else:
-            d_new = draft_logits.argmax(-1)
+            d_new = argmax(draft_logits)
             q_new = F.one_hot(d_new, V).float()
 
         emitted = torch.cat([self.drafts, nxt[:, None]], dim=1).scatter(1, accepted[:, None], nxt[:, None])

@@ -14,7 +14,7 @@ import torch
 
 from flare.decoding.slots import SlotBatch
 from flare.model import FlareModel
-from flare.ops.sampling import sample
+from flare.ops.sampling import argmax, sample
 
 
 class RowLogits:
@@ -98,7 +98,7 @@ class Lane:
         """One token per slot [S] from logits [S, V] (or [S, T] tokens from [S, T, V]) with each slot's own
         settings; zeros outside ``live``. Greedy batches never build a distribution."""
         if self.slots.all_greedy(live):
-            return logits.argmax(-1)
+            return argmax(logits)
         s = self.slots
 
         def draw_rows(lg, t, k, p, g):

@@ -9,6 +9,13 @@ from __future__ import annotations
 import torch
 
 
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """``logits.argmax(-1)``, the first of tied maxima included, through ``max(-1)``: on the CPU argmax over bf16
+    rows runs on one thread unvectorised, max does not (a [72, 49152] bf16 batch of logits, an AR-Trust round of 8
+    sequences of SmolLM2: 1.5 vs 6.8 ms on 2 threads, the same indices)."""
+    return logits.max(-1).indices
+
+
 def filtered_probs(
     logits_BV: torch.Tensor, temperature_B: torch.Tensor, top_k_B: torch.Tensor, top_p_B: torch.Tensor
 ) -> torch.Tensor:
@@ -17,8 +24,8 @@ def filtered_probs(
     ``top_k`` 0 and ``top_p`` 1.0 disable each filter. Rows with temperature 0 get a one-hot on the argmax.
     """
     logits = logits_BV.float()
-    greedy = temperature_B <= 0
-    t = torch.where(greedy, torch.ones_like(temperature_B), temperature_B).float()
+    cold = temperature_B <= 0
+    t = torch.where(cold, torch.ones_like(temperature_B), temperature_B).float()
     probs = torch.softmax(logits / t[:, None], dim=-1)
     sorted_p, order = probs.sort(dim=-1, descending=True)
     rank = torch.arange(probs.shape[-1], device=probs.device)
@@ -31,14 +38,14 @@ def filtered_probs(
     sorted_p = torch.where(keep, sorted_p, torch.zeros_like(sorted_p))
     probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
     probs = probs / probs.sum(-1, keepdim=True)
-    onehot = torch.zeros_like(probs).scatter(-1, logits.argmax(-1, keepdim=True), 1.0)
-    return torch.where(greedy[:, None], onehot, probs)
+    onehot = torch.zeros_like(probs).scatter(-1, argmax(logits)[..., None], 1.0)
+    return torch.where(cold[:, None], onehot, probs)
 
 
 def draw(probs_BV: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """One token per row from ``probs`` (rows sum to 1). Exponential race: argmax p / E with E ~ Exp(1)."""
     noise = torch.empty_like(probs_BV).exponential_(1.0, generator=generator)
-    return (probs_BV / noise).argmax(-1)
+    return argmax(probs_BV / noise)
 
 
 def sample(
@@ -50,7 +57,7 @@ def sample(
 ) -> torch.Tensor:
     """Token ids [B]: greedy where temperature is 0, else a draw from the filtered distribution."""
     drawn = draw(filtered_probs(logits_BV, temperature_B, top_k_B, top_p_B), generator)
-    return torch.where(temperature_B <= 0, logits_BV.argmax(-1), drawn)
+    return torch.where(temperature_B <= 0, argmax(logits_BV), drawn)
 
 
 def speculative_verify(

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from flare.ops.sampling import draw, filtered_probs, sample
+from flare.ops.sampling import argmax, draw, filtered_probs, sample
 
 
 def _rows(n, t=1.0, k=0, p=1.0):
@@ -40,3 +41,15 @@ def test_draws_follow_the_distribution():
     assert (freq - p).abs().max() < 0.01
     again = draw(p.expand(n, 4).contiguous(), torch.Generator().manual_seed(0))
     assert torch.equal(draws, again)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(1, 7), (72, 4099), (3, 2, 1000), (5, 1)])
+def test_argmax_equals_torch_argmax_ties_included(dtype, shape):
+    g = torch.Generator().manual_seed(sum(shape))
+    for high in (2, 5, 1000):  # few distinct values: many tied maxima, the first must win as in argmax
+        x = torch.randint(0, high, shape, generator=g).to(dtype)
+        x[..., -1] = float("-inf")
+        assert torch.equal(argmax(x), x.argmax(-1))
+        strided = x.transpose(0, -1).contiguous().transpose(0, -1)
+        assert torch.equal(argmax(strided), x.argmax(-1))
