@@ -253,3 +253,10 @@ def test_quick_recipe_runs_every_stage_and_resumes(tmp_path, tiny_gguf, monkeypa
     printed = capsys.readouterr().out
     assert all(f"[{s}] done already: skipped" in printed for s in ("distill", "score", "train", "evaluate",
                                                                    "speed", "report"))
+
+    # Other settings (or other transfer data) than the checkpoints were trained with: not done, and no silent
+    # resume on top of them.
+    monkeypatch.setattr(train, "LR", train.LR / 2)
+    assert not train.done(common.Run(out, quick=True))
+    with pytest.raises(SystemExit, match="other transfer data or settings"):
+        train.make(common.Run(out, quick=True))
