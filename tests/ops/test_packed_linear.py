@@ -132,3 +132,20 @@ def test_a_packed_model_copies_and_pickles():
         buffer.seek(0)
         for twin in (copy.deepcopy(packed), torch.load(buffer, weights_only=False)):
             assert isinstance(twin, PackedLinear) and torch.equal(twin(x), plain(x))
+
+
+@needs_packing
+def test_packing_happens_once_with_or_without_grad_mode(monkeypatch):
+    import flare.ops.packed_linear as module
+
+    plain, packed = packed_linear(16, 8, False)
+    packed.requires_grad_(False)
+    calls = []
+    reorder = torch.ops.mkldnn._reorder_linear_weight
+    monkeypatch.setattr(module.torch.ops.mkldnn, "_reorder_linear_weight", lambda *a: calls.append(1) or reorder(*a))
+    x = torch.randn(3, 16).to(torch.bfloat16)
+    for _ in range(3):
+        assert torch.equal(packed(x), plain(x).detach())  # grad mode on, nothing requires a gradient
+        with torch.no_grad():
+            assert torch.equal(packed(x), plain(x))
+    assert len(calls) == 1
