@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flare.ops.precision import accum_dtype, cast, constant
+from flare.ops.precision import accum_dtype, cast, constant, faking
 
 
 def normalize_last(h: torch.Tensor, eps: float, mean: bool = True) -> torch.Tensor:
@@ -130,10 +130,10 @@ class Rotary:
     def apply(self, x_BTHD: torch.Tensor) -> torch.Tensor:
         R = self.rotary_dim
         if R == x_BTHD.shape[-1]:
-            return torch.addcmul(x_BTHD * self.cos, x_BTHD.roll(R // 2, -1), self.sin)
-        out = x_BTHD * self.cos  # sin is 0 past R: those dims are x * 1
-        out[..., :R].addcmul_(x_BTHD[..., :R].roll(R // 2, -1), self.sin[..., :R])
-        return out
+            rotated = x_BTHD.roll(R // 2, -1)
+        else:  # the dims past R stay in place (sin is 0 there)
+            rotated = torch.cat([x_BTHD[..., :R].roll(R // 2, -1), x_BTHD[..., R:]], -1)
+        return torch.addcmul(x_BTHD * self.cos, rotated, self.sin)
 
 
 def rotary(
@@ -146,7 +146,10 @@ def rotary(
     device = torch.device(device)
     key = (rotary_dim, head_dim, theta, dtype, device)
     table = _ROPE.get(key)
-    if table is None or table.shape[0] < limit:
+    if faking():
+        # A dry run on fake tensors (flare train --dry-run): its table must not outlive it in the cache.
+        table = _rotary_table(max(limit, 1), rotary_dim, head_dim, theta, dtype, device)
+    elif table is None or table.shape[0] < limit:
         n = max(256, 1 << max(limit - 1, 0).bit_length())
         table = _ROPE[key] = _rotary_table(n, rotary_dim, head_dim, theta, dtype, device)
     rows = table[positions.start:positions.stop][None] if isinstance(positions, range) else table[positions]

@@ -76,9 +76,17 @@ def no_autocast(fn: _Fn) -> _Fn:
 _CONSTANTS: dict[tuple, torch.Tensor] = {}
 
 
+def faking() -> bool:
+    """Whether tensors made now are fake (a ``FakeTensorMode`` is active: ``flare train --dry-run``): what a
+    module-level cache must neither keep nor hand out, or a fake tensor outlives the dry run."""
+    return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
+
+
 def constant(value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A kept 0-d tensor of ``value``: multiplying by it is a plain tensor op, where a Python float is first
     wrapped into a new tensor on every call (three times the cost of the op itself on a small CPU tensor)."""
+    if faking():
+        return torch.tensor(value, dtype=dtype, device=device)
     key = (value, dtype, device)
     t = _CONSTANTS.get(key)
     if t is None:

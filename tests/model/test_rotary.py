@@ -64,3 +64,18 @@ def test_writing_at_a_shared_range_equals_writing_per_sequence(tiny_models, widt
         for name in vars(a):
             assert torch.equal(getattr(a, name), getattr(b, name)), name
     assert fast.lengths.tolist() == slow.lengths.tolist() == [9 + width] * 3
+
+
+def test_a_dry_run_leaves_no_fake_tensor_in_the_kept_tables():
+    """``flare train --dry-run`` runs the model on fake tensors; the RoPE tables and constants kept between
+    forwards must come out real afterwards (a fake one broke the next real forward in the same process)."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    from flare.ops.precision import constant
+
+    args = (range(0, 5), 8, 16, 12_345.0, torch.float32, "cpu")
+    with FakeTensorMode():
+        assert isinstance(rotary(*args, limit=5).cos, FakeTensor)
+        assert isinstance(constant(0.321, torch.float32, torch.device("cpu")), FakeTensor)
+    assert not isinstance(rotary(*args, limit=5).cos, FakeTensor)
+    assert not isinstance(constant(0.321, torch.float32, torch.device("cpu")), FakeTensor)
