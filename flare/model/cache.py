@@ -152,7 +152,7 @@ class ModelCache:
         for i, layer in enumerate(self.layers):
             if isinstance(layer, RecurrentState):
                 scan, inputs = record.gdn[i]
-                layer.ssm = scan.state_after(n_accept_B, last)
+                layer.ssm = scan.state_after(n_accept_B, last, in_place=True)
                 full = torch.cat([layer.conv, cast(inputs, layer.conv.dtype)], dim=1)  # [B, K-1+T, C]
                 if window is None:
                     K1 = layer.conv.shape[1]

@@ -92,3 +92,16 @@ def test_a_tree_of_rows_matches_the_rule_along_each_path(clean, prefixes, m):
                                      return_all_states=True)
     for n in range(1, clean + 1):
         torch.testing.assert_close(scan.state_after(torch.full((B,), n)), states[:, n - 1], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_commit_in_place_equals_the_new_state_and_keeps_n0_exactly(dtype):
+    q, k, v, g, beta, s0 = _inputs(4, 5, 2, 4, 8, 6, seed=3, dtype=dtype)
+    n = torch.tensor([0, 5, 2, 0])
+    scan = gated_delta_rows(q, k, v, g, beta, s0.clone(), 8**-0.5)
+    want = scan.state_after(n)
+    before = scan.initial.clone()
+    got = scan.state_after(n, in_place=True)
+    assert got.data_ptr() == scan.initial.data_ptr()  # written over the old state
+    assert torch.equal(got[n == 0], before[n == 0])  # untouched sequences keep their state bit for bit
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -44,18 +44,26 @@ class RowsScan(NamedTuple):
         return self.state_after(torch.full((B,), T, device=self.cum.device))
 
     @no_autocast
-    def state_after(self, n_B: torch.Tensor, last: torch.Tensor | None = None) -> torch.Tensor:
+    def state_after(self, n_B: torch.Tensor, last: torch.Tensor | None = None, *,
+                    in_place: bool = False) -> torch.Tensor:
         """The state after the first n[b] rows of each sequence [B, H, Dk, Dv] (n = 0: the initial state).
-        ``last``: (n - 1).clamp(min=0) as [B, 1, 1, 1], when the caller already has it (one per commit)."""
+        ``last``: (n - 1).clamp(min=0) as [B, 1, 1, 1], when the caller already has it (one per commit).
+        ``in_place``: written over ``initial`` (a commit's old state, read by nothing after it): two passes over
+        the states instead of a new tensor, a copy and a select (sequences with n = 0 are multiplied by
+        e^0 = 1 and given nothing, so they keep their state exactly)."""
         B, H, T = self.cum.shape
         if last is None:
             last = (n_B - 1).clamp(min=0).view(B, 1, 1, 1)
-        row = self.decay.gather(2, last.expand(B, H, 1, T))  # [B, H, 1, T]: e^{G_{n-1} - G_j} on the path
-        g_end = self.cum[..., None].gather(2, last.expand(B, H, 1, 1))  # [B, H, 1, 1]
-        state = torch.baddbmm(g_end.exp().view(B * H, 1, 1) * self.initial.reshape(B * H, *self.initial.shape[2:]),
-                              (self.k * row.transpose(-1, -2)).transpose(-1, -2).reshape(B * H, -1, T),
-                              self.u.reshape(B * H, T, -1)).view_as(self.initial)
-        return torch.where(n_B.view(B, 1, 1, 1) > 0, state, self.initial)
+        live = (n_B > 0).view(B, 1, 1, 1).to(self.cum.dtype)
+        row = self.decay.gather(2, last.expand(B, H, 1, T)) * live  # [B, H, 1, T]: e^{G_{n-1} - G_j} on the path
+        g_end = self.cum[..., None].gather(2, last.expand(B, H, 1, 1)) * live  # [B, H, 1, 1]
+        ku = ((self.k * row.transpose(-1, -2)).transpose(-1, -2).reshape(B * H, -1, T), self.u.reshape(B * H, T, -1))
+        if in_place and self.initial.is_contiguous():
+            state = self.initial.view(B * H, *self.initial.shape[2:])
+            state.mul_(g_end.exp().view(B * H, 1, 1)).baddbmm_(*ku)
+            return self.initial
+        s0 = self.initial.reshape(B * H, *self.initial.shape[2:])
+        return torch.baddbmm(g_end.exp().view(B * H, 1, 1) * s0, *ku).view_as(self.initial)
 
 
 @functools.lru_cache(maxsize=64)
