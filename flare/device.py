@@ -97,6 +97,8 @@ def pick_dtype(device: torch.device, requested: str | torch.dtype | None, stored
 
 
 def describe(device: torch.device, dtype: torch.dtype) -> str:
-    """``cpu (amx) bfloat16``: what benchmark headers, ``--json`` and ``/metrics`` print."""
+    """``cpu (amx) bfloat16, packed linears``: what benchmark headers, ``--json`` and ``/metrics`` print (the
+    last part where decoding runs the linears on oneDNN-packed weights, ``pack_linears``)."""
     where = f"cpu ({cpu_path()})" if device.type == "cpu" else str(device)
-    return f"{where} {str(dtype).removeprefix('torch.')}"
+    packed = ", packed linears" if pack_linears(device, dtype) else ""
+    return f"{where} {str(dtype).removeprefix('torch.')}{packed}"

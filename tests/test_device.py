@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flare.device import CPU_BF16_MIN_PARAMS, cpu_path, describe, native_bf16, pick_device, pick_dtype
+from flare.device import (CPU_BF16_MIN_PARAMS, cpu_path, describe, native_bf16, pack_linears, pick_device,
+                          pick_dtype)
 
 
 def test_cpu_path_and_dtype_choice_agree(monkeypatch):
@@ -18,7 +19,9 @@ def test_cpu_path_and_dtype_choice_agree(monkeypatch):
     assert pick_dtype(cpu, None, torch.float32, big) == (torch.bfloat16 if native_bf16(cpu) else torch.float32)
     assert pick_dtype(cpu, "float32", torch.bfloat16) == torch.float32  # asked for wins
     assert pick_dtype(cpu, torch.float16, torch.float32) == torch.float16
-    assert describe(cpu, torch.bfloat16) == f"cpu ({cpu_path()}) bfloat16"
+    packed = ", packed linears" if pack_linears(cpu, torch.bfloat16) else ""
+    assert describe(cpu, torch.bfloat16) == f"cpu ({cpu_path()}) bfloat16{packed}"
+    assert describe(cpu, torch.float32) == f"cpu ({cpu_path()}) float32"
 
 
 def test_a_small_model_keeps_its_stored_dtype_on_a_cpu_even_with_native_bf16(monkeypatch):
