@@ -61,12 +61,11 @@ PACKED_LINEARS_ENV = "FLARE_PACKED_LINEARS"
 
 
 def pack_linears(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether decoding runs a model's linears on weights prepacked for oneDNN (``flare.ops.packed_linear``):
+    """Whether decoding runs a model's linears on weights prepacked for oneDNN (``flare.model.packed_linear``):
     bf16 on a CPU that computes it natively, unless ``$FLARE_PACKED_LINEARS`` is 0."""
-    from flare.ops.packed_linear import available
-
     return (os.environ.get(PACKED_LINEARS_ENV, "1") != "0" and device.type == "cpu" and dtype == torch.bfloat16
-            and native_bf16(device) and available())
+            and native_bf16(device) and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
 # Below this many parameters a CPU decode step is op dispatch, not arithmetic, and bf16 only adds casts. Measured

@@ -27,7 +27,7 @@ from flare.decoding.params import SamplingParams
 from flare.decoding.slots import SlotBatch
 from flare.engine.runner import CachedRunner
 from flare.model import FlareModel
-from flare.ops.packed_linear import prepack
+from flare.model.packed_linear import prepack
 
 
 @dataclass

@@ -16,7 +16,7 @@ from flare.model.cache import CommitRecord, ModelCache
 from flare.model.context import ForwardContext, Layout, TwoStream
 from flare.model.gated_deltanet import GatedDeltaNet
 from flare.model.layers import RMSNorm, SwiGLU
-from flare.ops.packed_linear import linear_path
+from flare.model.packed_linear import linear_path
 
 
 class DecoderLayer(nn.Module):
@@ -191,7 +191,7 @@ class FlareModel(nn.Module):
 
     def kernel_paths(self) -> dict[str, str]:
         """Which op form each Gated DeltaNet layer ran last, the attention backend and the linears' path
-        (``flare.ops.packed_linear``)."""
+        (``flare.model.packed_linear``)."""
         paths = {"attention": "sdpa", "linear": linear_path(self)}
         for i, layer in enumerate(self.model.layers):
             if layer.kind != FULL_ATTENTION and layer.linear_attn.last_path:

@@ -35,6 +35,11 @@ def frozen_weights():
         _FROZEN[0] -= 1
 
 
+def weights_frozen() -> bool:
+    """Whether a ``frozen_weights()`` context is open."""
+    return _FROZEN[0] > 0
+
+
 def derived(owner: nn.Module, name: str, fn, *params: torch.Tensor, key: tuple = ()) -> torch.Tensor:
     """``fn(*params)``; inside ``frozen_weights()`` kept on ``owner`` while the parameters are unchanged (same
     storage, same version), so a decode step skips recomputing what only depends on the weights (a norm's

@@ -1,6 +1,7 @@
-"""oneDNN-packed bf16 linears (``flare.ops.packed_linear``): the same outputs as ``F.linear`` bit for bit over
+"""oneDNN-packed bf16 linears (``flare.model.packed_linear``): the same outputs as ``F.linear`` bit for bit over
 awkward shapes, ``F.linear`` wherever the packed copy does not apply (gradients, other dtypes), a repack when
-the weight changes, and decoding tokens unchanged by packing."""
+the weight changes, and decoding tokens unchanged by packing. The packed copy is kept only inside
+``frozen_weights()``, as decoding runs: every test here runs inside one."""
 
 from __future__ import annotations
 
@@ -15,12 +16,19 @@ import flare
 from flare.decoding import ArTrustOptions, SamplingParams
 from flare.engine import decode
 from flare.device import pack_linears
-from flare.ops.packed_linear import PACKED, PLAIN, PackedLinear, linear_path, prepack
+from flare.model import frozen_weights
+from flare.model.packed_linear import PACKED, PLAIN, PackedLinear, linear_path, prepack
 from flare.testing.checkpoints import save_tiny_checkpoint
 
 CPU = torch.device("cpu")
 needs_packing = pytest.mark.skipif(not pack_linears(CPU, torch.bfloat16),
                                    reason="no native bf16 with oneDNN on this CPU: linears are never packed here")
+
+
+@pytest.fixture(autouse=True)
+def decoding():
+    with frozen_weights():
+        yield
 
 
 def packed_linear(n_in: int, n_out: int, bias: bool, seed: int = 0) -> tuple[nn.Linear, PackedLinear]:
@@ -136,7 +144,7 @@ def test_a_packed_model_copies_and_pickles():
 
 @needs_packing
 def test_packing_happens_once_with_or_without_grad_mode(monkeypatch):
-    import flare.ops.packed_linear as module
+    import flare.model.packed_linear as module
 
     plain, packed = packed_linear(16, 8, False)
     packed.requires_grad_(False)
@@ -148,4 +156,9 @@ def test_packing_happens_once_with_or_without_grad_mode(monkeypatch):
         assert torch.equal(packed(x), plain(x).detach())  # grad mode on, nothing requires a gradient
         with torch.no_grad():
             assert torch.equal(packed(x), plain(x))
+    assert len(calls) == 1
+    monkeypatch.setattr(module, "weights_frozen", lambda: False)  # outside decoding: plain F.linear, no packing
+    fresh = packed_linear(16, 8, False)[1]
+    with torch.no_grad():
+        assert torch.equal(fresh(x), plain(x))
     assert len(calls) == 1

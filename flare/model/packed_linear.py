@@ -7,10 +7,10 @@ packed copy: the same oneDNN kernel on the same bf16 operands, so the outputs ar
 (tested), and faster (``benchmarks/bench_linear_paths.py``: the decoder linears of SmolLM2-135M, AMX Xeon, 2
 threads, 0.72x ``F.linear`` bf16 at 1 to 9 rows).
 
-A packed linear falls back to ``F.linear`` whenever the packed copy does not apply: gradients wanted, another
-dtype or device than the packed one, or an input of another dtype. It repacks when its weight was changed in place
-(an optimizer step, ``load_state_dict``) or replaced. The packed copy is extra memory: the size of the linears'
-bf16 weights again (the tied LM head included).
+The packed copy is a ``derived`` value (``flare.model.layers``): kept while the weight is unchanged (same
+storage, same version) inside ``frozen_weights()``, which the decoding runners enter; outside it, with
+gradients wanted, or for another dtype or device, the linear is plain ``F.linear``. The packed copy is extra
+memory: the size of the linears' bf16 weights again (the tied LM head included).
 """
 
 from __future__ import annotations
@@ -19,49 +19,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flare.model.layers import derived, weights_frozen
 
 PACKED, PLAIN = "onednn-packed-bf16", "aten"
-
-
-def available() -> bool:
-    """Whether this torch build has oneDNN's packed linear (the caller decides whether bf16 pays here:
-    ``flare.device.pack_linears``)."""
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 class PackedLinear(nn.Linear):
     """An ``nn.Linear`` with a oneDNN-packed copy of its weight (same parameters, same state dict)."""
 
-    _packed: torch.Tensor | None = None
-    _packed_from: tuple = (None, 0, None)  # (the weight, its data_ptr, its version; None: an inference tensor)
-
     def __getstate__(self) -> dict:
         # A copy or a pickle leaves the packed copy behind (oneDNN's opaque tensors have no storage to copy);
         # it is made again on first use.
         state = self.__dict__.copy()
-        state.pop("_packed", None)
-        state.pop("_packed_from", None)
+        state.pop("_derived", None)
         return state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        # The decoding path first, in as few checks as a step can afford (a step calls ~100 linears): the packed
-        # copy is of this very weight, unchanged since (same storage; same version, where it has one).
-        pw, ptr, version = self._packed_from
-        fresh = w is pw and w.data_ptr() == ptr and (version is None or w._version == version)
-        if fresh and x.dtype is torch.bfloat16 and not torch.is_grad_enabled():
-            return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
-        if (w.dtype != torch.bfloat16 or x.dtype != torch.bfloat16 or w.device.type != "cpu"
-                or (self.bias is not None and self.bias.dtype != torch.bfloat16)
+        w, b = self.weight, self.bias
+        if (not weights_frozen() or x.dtype != torch.bfloat16 or w.dtype != torch.bfloat16 or w.device.type != "cpu"
+                or (b is not None and b.dtype != torch.bfloat16)
                 or (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))):
-            return F.linear(x, w, self.bias)
-        if not fresh:
-            with torch.no_grad():
-                self._packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), None)
-            # Inference tensors (made under torch.inference_mode) keep no version counter and cannot change in
-            # place.
-            self._packed_from = (w, w.data_ptr(), None if w.is_inference() else w._version)
-        return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
+            return F.linear(x, w, b)
+        packed = derived(self, "packed", lambda w_: torch.ops.mkldnn._reorder_linear_weight(w_.detach(), None), w)
+        return torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
 
 
 def prepack(model: nn.Module) -> int:
