@@ -95,7 +95,7 @@ class GatedDeltaNet(nn.Module):
         q, k, v = self._qkv(mixed)
         g, beta = self._gates(b, a, valid)
         o, final, self.last_path = gated_delta(q, k, v, g, beta, initial_state=state.ssm if state else None,
-                                                 check=False)
+                                                 check=False, in_place=state is not None)
         if state is not None:
             state.conv, state.ssm = conv_state, final
         return self._out(o, z, x.dtype)

@@ -183,6 +183,25 @@ def test_step_matches_naive_small_and_large_states(dk, dv, with_state):
     assert_close(s, ref_s, what="state")
 
 
+@pytest.mark.parametrize("dk,dv", [(8, 16), (32, 64)])
+def test_step_in_place_writes_the_same_state_over_the_old_one(dk, dv):
+    """``in_place`` returns the given state tensor holding what the out-of-place step returns; a padding row
+    (g = 0, beta = 0) leaves it bit for bit; a state it cannot own (non-contiguous) is left untouched."""
+    q, k, v, g, beta, s0 = make_inputs(1, dk=dk, dv=dv, with_state=True, seed=3)
+    g[1], beta[1] = 0.0, 0.0  # sequence 1 is a padding row
+    ref_o, ref_s, _ = gated_delta(q, k, v, g, beta, s0, prefer="step")
+    state = s0.clone()
+    o, s, _ = gated_delta(q, k, v, g, beta, state, prefer="step", in_place=True)
+    assert s.data_ptr() == state.data_ptr()
+    assert torch.equal(o, ref_o) and torch.equal(s, ref_s)
+    assert torch.equal(s[1], s0[1])
+    strided = s0.transpose(-1, -2).contiguous().transpose(-1, -2)
+    kept = strided.clone()
+    _, s2, _ = gated_delta(q, k, v, g, beta, strided, prefer="step", in_place=True)
+    assert torch.equal(strided, kept)
+    assert_close(s2, ref_s, what="state from a strided one")
+
+
 def test_step_gradients_match_naive():
     xs = make_inputs(1, with_state=True, requires_grad=True)
     o, s, _ = gated_delta(*xs, prefer="step")

@@ -46,6 +46,7 @@ def gated_delta(
     *,
     prefer: str | None = None,
     check: bool = True,
+    in_place: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, str]:
     """Run the gated delta rule with the form suited to the sequence length.
 
@@ -55,7 +56,8 @@ def gated_delta(
     applies (CUDA, the package installed, 16-bit values, ``FLARE_GDN_BACKEND`` not ``torch``). ``prefer`` forces a
     torch form (one of ``FORMS``; ``"step"`` needs T == 1, anything else raises ``ValueError``). Shapes as in the
     module docstring. ``check=False`` skips the shape checks, for callers that built the tensors themselves (a
-    model layer in a decode loop).
+    model layer in a decode loop). ``in_place``: the step form writes the new state over ``initial_state`` (a
+    cache's own state, read by nothing else); the other forms return a new one either way.
 
     Returns:
         ``(o [B, T, H, Dv], final_state [B, H, Dk, Dv] fp32, name)`` where ``name`` is the form that ran
@@ -71,7 +73,8 @@ def gated_delta(
     name = prefer or ("step" if T == 1 else "naive" if T <= NAIVE_MAX_T else "chunk")
     if name == "step":
         o, state = gated_delta_step(
-            q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], initial_state, Dk**-0.5 if scale is None else scale
+            q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], initial_state, Dk**-0.5 if scale is None else scale,
+            in_place=in_place,
         )
         o = o[:, None]
     elif name == "naive":
