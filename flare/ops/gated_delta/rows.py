@@ -96,11 +96,11 @@ def gated_delta_rows(
     if initial_state is None:
         initial_state = torch.zeros(B, H, q.shape[-1], Dv, dtype=acc, device=v.device)
     s0 = cast(initial_state, acc)
-    # q (pre-scaled) and k side by side, [B, T, 2, Hk, Dk] -> [B, 2H, T, Dk]: one product with k^T and one with
-    # S0 serve both. Every product below is a plain 4-D matmul (a broadcast one costs several more dispatches).
-    qk = torch.stack([q * scale, k], dim=2)
-    qk = cast(expand_heads(qk, H), acc).reshape(B, T, 2 * H, -1).transpose(1, 2)
-    kh = qk[:, H:]
+    # q (pre-scaled) and k stacked along the rows, [B, H, 2T, Dk]: one product with k^T and one with S0 serve
+    # both, and S0 is read once as it is (no copy of a state-sized tensor).
+    qk = cast(expand_heads(torch.stack([q * scale, k], dim=1), H), acc)  # [B, 2, T, H, Dk]
+    qk = qk.permute(0, 3, 1, 2, 4).reshape(B, H, 2 * T, -1)
+    kh = qk[:, :, T:]
     vh = cast(v, acc).transpose(1, 2)  # [B, H, T, Dv]
     b = cast(beta, acc).transpose(1, 2).unsqueeze(-1)  # [B, H, T, 1]
     if path is None:
@@ -113,15 +113,15 @@ def gated_delta_rows(
     # exp(-inf) = 0 off the path: one mask, before the exponent (no overflow from j > i).
     decay = (cum.unsqueeze(-1) - cum.unsqueeze(-2)).masked_fill(hidden, float("-inf")).exp()
     e_g = cum.exp().unsqueeze(-1)  # [B, H, T, 1]
-    dots = qk @ torch.cat([kh, kh], dim=1).transpose(-1, -2)  # [B, 2H, T, T]: q_i . k_j, then k_i . k_j
-    reads_s0 = qk @ torch.cat([s0, s0], dim=1)  # [B, 2H, T, Dv]: q_i^T S0, then k_i^T S0
-    A = (b * decay * dots[:, H:]).masked_fill(eye, 0.0)  # strict ancestors only
-    u = torch.linalg.solve_triangular(A + eye_f, b * (vh - e_g * reads_s0[:, H:]), upper=False,
+    dots = qk @ kh.transpose(-1, -2)  # [B, H, 2T, T]: q_i . k_j, then k_i . k_j
+    reads_s0 = qk @ s0  # [B, H, 2T, Dv]: q_i^T S0, then k_i^T S0
+    A = (b * decay * dots[:, :, T:]).masked_fill(eye, 0.0)  # strict ancestors only
+    u = torch.linalg.solve_triangular(A + eye_f, b * (vh - e_g * reads_s0[:, :, T:]), upper=False,
                                       unitriangular=True)
     if reads is None:
         decay_at, e_at = decay, e_g
     else:
         at = reads[:, None, :, None].expand(B, H, T, T)
         decay_at, e_at = decay.gather(2, at), e_g.gather(2, at[..., :1])
-    o = torch.addcmul(torch.matmul(dots[:, :H] * decay_at, u), e_at, reads_s0[:, :H])
+    o = torch.addcmul(torch.matmul(dots[:, :, :T] * decay_at, u), e_at, reads_s0[:, :, :T])
     return RowsScan(cast(o.transpose(1, 2), v.dtype), s0, cum, decay, kh, u)
