@@ -5,7 +5,24 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from flare.ops.precision import cast
+from flare.ops.precision import accum_dtype, cast
+
+# From this many channels the K-tap window sum runs as K fused multiply-adds over contiguous [B, T, C] slices,
+# accumulated in fp32, instead of one product over the [B, T, K, C] windows and a sum: on the 6,144 channels of a
+# Qwen3.5-0.8B layer in bf16 (accumulating in fp32) (AMX Xeon, 2 threads) 0.56 vs 1.33 ms for 8 sequences x 7 rows, 0.03 vs 0.18 ms
+# for one row; below it (toy models) the two-op form dispatches less (6 vs 16 us at 192 channels).
+LOOP_MIN_CHANNELS = 1024
+
+
+def _window_sum(windows_BTKC: torch.Tensor, weight_CK: torch.Tensor) -> torch.Tensor:
+    """sum_j w[:, j] * windows[:, :, j] (oldest tap first): [B, T, C]."""
+    if windows_BTKC.shape[-1] < LOOP_MIN_CHANNELS:
+        return (windows_BTKC * weight_CK.t()).sum(2)
+    w = cast(weight_CK.t(), accum_dtype(weight_CK.dtype))
+    y = cast(windows_BTKC[:, :, 0], w.dtype) * w[0]
+    for j in range(1, w.shape[0]):
+        y.addcmul_(windows_BTKC[:, :, j], w[j])
+    return y
 
 
 def causal_conv1d(
@@ -26,7 +43,7 @@ def causal_conv1d(
     full = torch.cat([prev, x], dim=1)  # [B, K-1+T, C]
     if T <= 16:
         # Decode steps and verify blocks: a weighted sum over the K-window beats a conv launch on CPU.
-        y = (full.unfold(1, K, 1) * weight_CK).sum(-1)  # [B, T, C]
+        y = _window_sum(full.unfold(1, K, 1).transpose(-1, -2), weight_CK)  # [B, T, C]
     else:
         y = F.conv1d(full.transpose(1, 2), weight_CK[:, None, :], groups=C).transpose(1, 2)
     if lengths_B is None:
@@ -56,5 +73,4 @@ def tree_conv1d(x_BTC: torch.Tensor, weight_CK: torch.Tensor, state_BkC: torch.T
         window.append(at)
     idx = torch.stack(window[::-1], dim=-1)  # [B, T, K], oldest first
     rows = full.gather(1, idx.reshape(B, T * (K1 + 1), 1).expand(B, T * (K1 + 1), C)).view(B, T, K1 + 1, C)
-    y = (rows * weight_CK.t()).sum(2)
-    return cast(y, x_BTC.dtype)
+    return cast(_window_sum(rows, weight_CK), x_BTC.dtype)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flare.ops.conv import causal_conv1d, tree_conv1d
+import torch.nn.functional as F
+
+from flare.ops.conv import LOOP_MIN_CHANNELS, causal_conv1d, tree_conv1d
 
 
 def _data(B, T, C, K, seed):
@@ -14,9 +16,10 @@ def _data(B, T, C, K, seed):
             torch.randn(B, K - 1, C, generator=g, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("C", [6, LOOP_MIN_CHANNELS])  # both ways of summing the taps
 @pytest.mark.parametrize("T, K", [(1, 4), (5, 4), (9, 2), (3, 5)])
-def test_a_chain_is_the_causal_conv(T, K):
-    x, w, state = _data(2, T, 6, K, T)
+def test_a_chain_is_the_causal_conv(T, K, C):
+    x, w, state = _data(2, T, C, K, T)
     parent = torch.arange(T).expand(2, T) - 1
     y, _ = causal_conv1d(x, w, state)
     torch.testing.assert_close(tree_conv1d(x, w, state, parent), y, rtol=1e-12, atol=1e-12)
@@ -34,3 +37,17 @@ def test_each_group_convolves_its_own_path():
             a = parent[a]
         ref, _ = causal_conv1d(x[:, path[::-1]], w, state)
         torch.testing.assert_close(y[0, r], ref[0, -1], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("C", [6, LOOP_MIN_CHANNELS])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_short_rows_match_a_depthwise_conv(C, dtype):
+    """The window sums of short runs (decode steps, verify rows) == torch's depthwise conv1d over the carried
+    inputs and the new ones, within the dtype's rounding of the output."""
+    x, w, state = (t.to(dtype) for t in _data(3, 7, C, 4, 1))
+    y, new_state = causal_conv1d(x, w, state)
+    full = torch.cat([state, x], dim=1).double()
+    ref = F.conv1d(full.transpose(1, 2), w.double()[:, None, :], groups=C).transpose(1, 2)
+    tol = 1e-6 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol)
+    assert torch.equal(new_state, torch.cat([state, x], dim=1)[:, -3:])
