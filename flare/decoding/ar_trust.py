@@ -81,7 +81,11 @@ class ArTrustLane(Lane):
 
     def consume(self, live: list[int], row_logits: RowLogits) -> torch.Tensor:
         s, N, M = self.slots, self.N, self.M
-        logits = row_logits.rows(0, N)  # the clean rows: the target law of each draft and of the bonus token
+        # With one MASK group (last) the LM head runs once, over every row: a second pass over its weight (the
+        # largest matrix of a real model) for the drafts would cost more than the extra rows. With a group per
+        # acceptance point only the clean rows and, once the acceptance is known, the kept group are computed.
+        whole = None if self.every else row_logits.rows(0, N + M)
+        logits = row_logits.rows(0, N) if self.every else whole[:, :N]  # the target law of each draft and bonus
         S, V = logits.shape[0], logits.shape[-1]
         mask = s.mask(live)
         cold = self.cold
@@ -90,7 +94,8 @@ class ArTrustLane(Lane):
         # p and q), so no vocabulary-sized tensor is built per round.
         greedy = s.all_greedy(live)
         if greedy:
-            target = argmax(logits)  # [S, N]
+            picks = argmax(logits if whole is None else whole)  # [S, N] or [S, N + M]
+            target = picks[:, :N]
             accepted = (self.drafts == target[:, :M]).long().cumprod(-1).sum(-1)
             accepted = torch.where(cold, torch.zeros_like(accepted), accepted)
             nxt = target.gather(1, accepted[:, None])[:, 0]
@@ -112,15 +117,16 @@ class ArTrustLane(Lane):
             at = N + accepted[:, None] * M + torch.arange(M, device=s.device)
         else:
             at = torch.where(cold, 1, N)[:, None] + torch.arange(M, device=s.device)
-        draft_logits = row_logits.at(at)
         if greedy:
-            d_new, q_new = argmax(draft_logits), None
-        elif policy == "exact_truncated":
-            q_new = self._laws(live, draft_logits)
-            d_new = s.per_generator(live, lambda q_, g: draw(q_, g), q_new)
+            d_new, q_new = (argmax(row_logits.at(at)) if whole is None else picks.gather(1, at)), None
         else:
-            d_new = argmax(draft_logits)
-            q_new = F.one_hot(d_new, V).float()
+            draft_logits = row_logits.at(at) if whole is None else whole.gather(1, at[:, :, None].expand(S, M, V))
+            if policy == "exact_truncated":
+                q_new = self._laws(live, draft_logits)
+                d_new = s.per_generator(live, lambda q_, g: draw(q_, g), q_new)
+            else:
+                d_new = argmax(draft_logits)
+                q_new = F.one_hot(d_new, V).float()
 
         emitted = torch.cat([self.drafts, nxt[:, None]], dim=1).scatter(1, accepted[:, None], nxt[:, None])
         s.emit(emitted, n_commit)

@@ -26,7 +26,7 @@ from flare.decoding.options import ModeOptions
 from flare.decoding.params import SamplingParams
 from flare.decoding.slots import SlotBatch
 from flare.engine.runner import CachedRunner
-from flare.model import FlareModel
+from flare.model import FlareModel, frozen_weights
 from flare.model.packed_linear import prepack
 
 
@@ -66,7 +66,10 @@ class Stepper:
             self.lanes[options] = LANES[options.mode](self.model, self.slots, options)
         return self.lanes[options]
 
+    # Steps and admissions keep weight-derived values (packed linears, the LM head's included) for their whole
+    # length: the lanes read logits outside the runner's forward.
     @torch.no_grad()
+    @frozen_weights()
     def admit(self, admissions: list[Admission]) -> None:
         """Bind new sequences to free slots and prefill them, all in one forward."""
         if not admissions:
@@ -108,6 +111,7 @@ class Stepper:
         self.owner[slot] = None
 
     @torch.no_grad()
+    @frozen_weights()
     def step(self) -> bool:
         """One forward for every live slot; False when none is live (nothing ran)."""
         plans = []

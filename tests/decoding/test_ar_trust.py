@@ -169,3 +169,23 @@ def test_bad_options(flare_models, tiny_models):
         ArTrustOptions(redraft="sometimes")
     with pytest.raises(ValueError, match="mask token"):
         decode(tiny_models["qwen3_5"][0], [[1]], SamplingParams(), "ar_trust")
+
+
+@pytest.mark.parametrize("redraft, heads_per_round", [("last", 1), ("every", 2)])
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_lm_head_passes_per_round(flare_models, redraft, heads_per_round, temperature):
+    """The LM head is the largest matrix of a real model: with one MASK group a round reads it once (clean rows
+    and drafts together), with a group per acceptance point twice (the kept group is known after the verdict).
+    Every pass runs with the weights frozen, so its derived values (a packed copy of the weight) are kept."""
+    from flare.model.layers import weights_frozen
+
+    model = flare_models["qwen3_5"]
+    calls = []
+    hook = model.lm_head.register_forward_pre_hook(lambda m, args: calls.append(weights_frozen()))
+    try:
+        params = SamplingParams(temperature=temperature, max_new_tokens=12, ignore_eos=True, seed=3)
+        res = decode(model, _prompts([3, 9]), params, ArTrustOptions(gen_block=4, redraft=redraft))
+    finally:
+        hook.remove()
+    assert all(calls)
+    assert len(calls) == 1 + heads_per_round * (res.forwards - 1)  # the prefill, then each round
