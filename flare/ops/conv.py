@@ -18,7 +18,7 @@ def _window_sum(windows_BTKC: torch.Tensor, weight_CK: torch.Tensor) -> torch.Te
     """sum_j w[:, j] * windows[:, :, j] (oldest tap first): [B, T, C]."""
     if windows_BTKC.shape[-1] < LOOP_MIN_CHANNELS:
         return (windows_BTKC * weight_CK.t()).sum(2)
-    w = cast(weight_CK.t(), accum_dtype(weight_CK.dtype))
+    w = cast(weight_CK, accum_dtype(weight_CK.dtype)).t().contiguous()  # [K, C]: each tap read contiguously
     y = cast(windows_BTKC[:, :, 0], w.dtype) * w[0]
     for j in range(1, w.shape[0]):
         y.addcmul_(windows_BTKC[:, :, j], w[j])
