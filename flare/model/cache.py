@@ -172,13 +172,17 @@ class ModelCache:
         return sub
 
     def absorb(self, sub: "ModelCache") -> None:
-        """Take back the lengths and recurrent states of a ``narrow`` cache after it ran a forward."""
+        """Take back the lengths and recurrent states of a ``narrow`` cache after it ran a forward: states the
+        forward replaced are copied into the first rows; those it updated in place are there already (copying
+        or catenating every slot's state would cost a pass over all of them per step, however few are busy)."""
         n = sub.batch_size
         self.lengths = torch.cat([sub.lengths, self.lengths[n:]])
         for mine, theirs in zip(self.layers, sub.layers):
             if isinstance(mine, RecurrentState):
-                mine.conv = torch.cat([theirs.conv, mine.conv[n:]])
-                mine.ssm = torch.cat([theirs.ssm, mine.ssm[n:]])
+                for name in ("conv", "ssm"):
+                    full, part = getattr(mine, name), getattr(theirs, name)
+                    if part.data_ptr() != full.data_ptr() or part.stride() != full.stride():
+                        full[:n].copy_(part)
             elif theirs.k.data_ptr() != mine.k.data_ptr():
                 raise RuntimeError("a narrowed cache grew its KV slots: reserve on the full cache first")
         self.bound = max(self.bound, sub.bound)
