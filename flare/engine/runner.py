@@ -35,21 +35,36 @@ class CachedRunner:
         self.cache = model.new_cache(slots, capacity=capacity)
         self.record: CommitRecord | None = None
         self.forwards = 0
+        # Each slot's committed length where the host knows it (None: only the device does, until the next
+        # sync): a forward over slots that all have the same known length needs no per-row positions or masks.
+        self.known: list[int | None] = [0] * slots
 
     def _run(self, n: int, rows: int, forward):
         """``forward(cache)`` on the first n slots' cache, with weight-derived values kept between calls."""
         with frozen_weights():
-            if n == self.cache.batch_size:
-                return forward(self.cache)
-            self.cache.reserve(rows)
-            sub = self.cache.narrow(n)
-            out = forward(sub)
-            self.cache.absorb(sub)
+            cache = self.cache
+            if n < cache.batch_size:
+                cache.reserve(rows)
+                cache = cache.narrow(n)
+            same = set(self.known[:n])
+            if len(same) == 1 and None not in same:
+                cache.bound, cache.bound_exact = same.pop(), True
+            out = forward(cache)
+            if cache is not self.cache:
+                self.cache.absorb(cache)
             return out
+
+    def _advanced(self, n: int, by: list[int] | None) -> None:
+        """Slots below n committed ``by[s]`` more tokens (None: counts only the device knows)."""
+        for s in range(n):
+            k = self.known[s]
+            self.known[s] = None if by is None or k is None else k + by[s]
 
     def reset(self, slots: list[int]) -> None:
         """Empty the caches of ``slots`` (handed to new sequences)."""
         self.cache.reset(slots)
+        for s in slots:
+            self.known[s] = 0
 
     def prefill(self, tokens: list[list[int]]) -> torch.Tensor:
         """Commit ``tokens[s]`` to slot s (an empty list leaves the slot untouched); return the logits after the
@@ -58,6 +73,7 @@ class CachedRunner:
         valid &= torch.tensor([len(t) > 0 for t in tokens], device=valid.device)[:, None]
         hidden = self._run(len(tokens), ids.shape[1],
                            lambda cache: self.model.hidden_states(ids, cache=cache, valid=valid))
+        self._advanced(len(tokens), [len(t) for t in tokens])
         self.forwards += 1
         last = (valid.sum(1) - 1).clamp(min=0)
         return self.model.logits(hidden[torch.arange(len(tokens), device=ids.device), last])
@@ -70,6 +86,7 @@ class CachedRunner:
             valid = torch.arange(tokens.shape[1], device=tokens.device) < num_new[:, None]
         hidden = self._run(tokens.shape[0], tokens.shape[1],
                            lambda cache: self.model.hidden_states(tokens, cache=cache, valid=valid))
+        self._advanced(tokens.shape[0], None if num_new is not None else [tokens.shape[1]] * tokens.shape[0])
         self.forwards += 1
         return hidden
 
@@ -87,14 +104,17 @@ class CachedRunner:
     def commit_recorded(self, n_accept: torch.Tensor) -> None:
         """Commit the first n_accept[s] clean rows of the last recorded rows forward (no forward)."""
         self._run(n_accept.shape[0], 0, lambda cache: cache.commit(self.record, n_accept))
+        self._advanced(n_accept.shape[0], None)
         self.record = None
 
-    def extent(self) -> torch.Tensor:
-        """(longest, shortest) committed length [2] on the device, read in the caller's one sync per step."""
-        return torch.stack([self.cache.lengths.max(), self.cache.lengths.min()])
+    def lengths(self) -> torch.Tensor:
+        """Every slot's committed length [S] on the device, read in the caller's one sync per step."""
+        return self.cache.lengths
 
-    def tighten(self, longest: int, shortest: int) -> None:
-        self.cache.tighten(longest, shortest)
+    def synced(self, lengths: list[int]) -> None:
+        """The host values of ``lengths()``."""
+        self.known = list(lengths)
+        self.cache.tighten(max(lengths), min(lengths))
 
 
 class ReferenceRunner:
@@ -177,9 +197,8 @@ class ReferenceRunner:
         for s, n in enumerate(n_accept.tolist()):
             self.seqs[s] += self.pending[s, :n].tolist()
 
-    def extent(self) -> torch.Tensor:
-        lengths = [len(s) for s in self.seqs]
-        return torch.tensor([max(lengths), min(lengths)])
+    def lengths(self) -> torch.Tensor:
+        return torch.tensor([len(s) for s in self.seqs])
 
-    def tighten(self, longest: int, shortest: int) -> None:
+    def synced(self, lengths: list[int]) -> None:
         pass

@@ -147,7 +147,9 @@ class Stepper:
         n = max(live_all) + 1
         commits_all = all(p.commits_all for _, _, p in plans)
         if commits_all:
-            uniform = len(live_all) == S and all(p.same_clean == R for _, _, p in plans)
+            # Every slot the forward covers is live and commits all R rows: no per-row counts (the cache then
+            # writes one range of KV slots and keeps every conv window whole).
+            uniform = len(live_all) == n and all(p.same_clean == R for _, _, p in plans)
             hidden = self.runner.append(tokens[:n], None if uniform else clean[:n])
         else:
             hidden = self.runner.rows(tokens[:n], clean[:n], noisy[:n], record=True,
@@ -173,13 +175,13 @@ class Stepper:
         at = (start[:, None] + torch.arange(width, device=slots.device)).clamp(max=slots.out.shape[1] - 1)
         values = torch.cat([
             slots.finished.long(), slots.out_len, slots.active_forwards, slots.drafted, slots.accepted,
-            slots.out.gather(1, at).flatten(), self.runner.extent().to(slots.device),
+            slots.out.gather(1, at).flatten(), self.runner.lengths().to(slots.device),
             *[t.long() for _, t in extra]]).tolist()
         finished, out_len, forwards, drafted, accepted = (values[k * S:(k + 1) * S] for k in range(5))
         window, rest = values[5 * S: 5 * S + S * width], values[5 * S + S * width:]
-        longest, shortest = rest[0], rest[1]
+        self.runner.synced(rest[:S])
         for i, (lane, _) in enumerate(extra):
-            lane.synced(rest[2 + i * S: 2 + (i + 1) * S])
+            lane.synced(rest[(1 + i) * S: (2 + i) * S])
         for s in range(S):
             if self.owner[s] is None:
                 continue
@@ -187,7 +189,6 @@ class Stepper:
             e.tokens += window[s * width: s * width + out_len[s] - len(e.tokens)]
             e.forwards, e.drafted, e.accepted = forwards[s], drafted[s], accepted[s]
         slots.live = [self.owner[s] is not None and not finished[s] for s in range(S)]
-        self.runner.tighten(longest, shortest)
 
     def output(self, slot: int) -> tuple[list[int], str | None]:
         """A slot's output as of the last read, cut at its stop token and length limit, and why it ended (None

@@ -125,3 +125,24 @@ def test_stats_count_tokens_and_forwards(flare_models):
     assert engine.stats.accepted == sum(a.accepted for a in alone)
     assert 0 < engine.stats.accepted < engine.stats.drafted  # partial acceptance: the counts are exercised
     assert engine.free_slots == 16
+
+
+def test_a_lone_request_in_a_wide_engine_steps_without_masks(flare_models, monkeypatch):
+    """The host knows each slot's length after every read: a causal step over slots that all have the same
+    length (here the one busy slot of eight) writes one range of KV slots and builds no attention mask, as
+    decode() of that request alone does; and gives the same tokens."""
+    import flare.masks as masks
+
+    model = flare_models["qwen3_5"]
+    params = SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True)
+    prompt = _prompt(random.Random(5), 9)
+    engine = Engine(model, EngineConfig(max_num_seqs=8))
+    seq = engine.add_request(prompt, params, make_options("causal", {}))
+    engine.step()  # admission prefill and the first step
+    built = []
+    monkeypatch.setattr(masks, "materialize", lambda *a, **k: built.append(a))
+    while engine.has_work:
+        engine.step()
+    monkeypatch.undo()
+    assert not built
+    assert seq.output_ids == decode(model, [prompt], params).token_ids[0]
