@@ -12,6 +12,12 @@ forward: a cold row's block simply starts earlier and ends in padding (per-row `
 With ``redraft="every"`` (our extension, method §3) the round holds a MASK group after ``pending, d_1 .. d_k``
 for every k, each seeded at that clean boundary (``flare.model.row_tree``): whatever is accepted, the next
 round's drafts are conditioned on exactly the committed context, so only the first round is cold.
+
+Where drafting fails (two verify rounds in a row accept nothing) a sequence pauses it: for ``pause`` steps it
+decodes causally, one row and no MASK rows, then drafts again; each pause that ends in more failure is twice
+as long (up to 16x). The decision uses only the sequence's own verdicts, read in the stepper's one sync, so a
+request is decoded the same alone or in any batch; a step whose sequences are all paused is a plain causal
+forward. Every token still follows the AR law (a paused step is a causal step).
 """
 
 from __future__ import annotations
@@ -20,7 +26,12 @@ import torch
 import torch.nn.functional as F
 
 from flare.decoding.lane import Lane, Plan, RowLogits
+from flare.decoding.pacer import CAUSAL, Pacer
 from flare.ops.sampling import argmax, draw, filtered_probs, speculative_verify
+
+
+# The longest pause, in multiples of ``options.pause``.
+PAUSE_GROWTH = 16
 
 
 class ArTrustLane(Lane):
@@ -48,6 +59,15 @@ class ArTrustLane(Lane):
         if self.every:
             prefix = torch.arange(1, self.N + 1, device=dev).repeat_interleave(self.M)
             self.seeds = torch.cat([torch.zeros(self.N, dtype=torch.long, device=dev), prefix]).expand(S, -1)
+        # Pauses (host side, per slot): causal steps left, verify rounds in a row that accepted nothing, the
+        # next pause's length; and the last verify's accepted drafts per slot (-1: none), read at the sync.
+        self.pause_left, self.misses, self.next_pause = [0] * S, [0] * S, [options.pause] * S
+        self.verdict = torch.full((S,), -1, dtype=torch.long, device=dev)
+        self.paused: list[int] = []
+        # All-greedy batches: drafting rounds or causal steps, whichever commits faster (flare.decoding.pacer).
+        self.pacer = Pacer()
+        self.round: list[int] = []  # the slots of the round in flight
+        self.committed: int | None = None  # what the last round committed, from its verdicts
 
     def admit(self, slots: list[int], prompts: list[list[int]]) -> list[list[int]]:
         """Commit all but the last prompt token: that one is the first pending token."""
@@ -55,18 +75,50 @@ class ArTrustLane(Lane):
         idx = torch.tensor(slots, device=self.slots.device)
         self.pending[idx] = torch.tensor([p[-1] for p in prompts], device=self.slots.device)
         self.cold[idx] = True
+        for slot in slots:
+            self.pause_left[slot], self.misses[slot], self.next_pause[slot] = 0, 0, self.options.pause
+        self.pacer.skip()
         return [p[:-1] for p in prompts]
 
     def plan(self, live: list[int]) -> Plan:
+        self.paused = [i for i in live if self.pause_left[i] > 0]
+        for i in self.paused:
+            self.pause_left[i] -= 1
+        if self.options.pause:
+            self.verdict.fill_(-1)
+            if self.slots.all_greedy(live) and self.pacer.next(self.committed) == CAUSAL:
+                self.paused = list(live)
+            self.round, self.committed = live, None
+        mask = self.slots.mask(live)
+        if len(self.paused) == len(live):  # every sequence steps causally: a plain causal forward
+            return Plan(self.pending[:, None], mask.long(), torch.zeros_like(self.pending), commits_all=True,
+                        same_clean=1)
         middle = torch.where(self.cold[:, None], self.masks_row, self.drafts)
         rows = torch.cat([self.pending[:, None], middle, self.group_rows], dim=1)  # cold rows end in padding
-        mask = self.slots.mask(live)
-        if self.every:
-            # A cold round's drafts are placeholders: its verdict is "none accepted", read from group 0.
-            return Plan(rows, self.counts(mask, self.N), self.counts(mask, self.groups * self.M),
-                        commits_all=False, seeds=self.seeds)
-        n_clean = torch.where(self.cold, 1, self.N)
-        return Plan(rows, self.counts(mask, n_clean), self.counts(mask, self.M), commits_all=False)
+        # A cold round's drafts (every) are placeholders: its verdict is "none accepted", read from group 0.
+        clean = self.counts(mask, self.N if self.every else torch.where(self.cold, 1, self.N))
+        noisy = self.counts(mask, self.groups * self.M)
+        if self.paused:  # paused sequences: their pending token alone
+            held = self.slots.mask(self.paused)
+            clean, noisy = torch.where(held, 1, clean), torch.where(held, 0, noisy)
+        return Plan(rows, clean, noisy, commits_all=False, seeds=self.seeds)
+
+    def to_sync(self) -> torch.Tensor | None:
+        return self.verdict if self.options.pause else None
+
+    def synced(self, values: list[int]) -> None:
+        """Each slot's verdict: two verify rounds in a row without an accepted draft start a pause."""
+        self.committed = len(self.round) + sum(max(values[i], 0) for i in self.round)
+        for i in self.owned:
+            if values[i] < 0:
+                continue
+            if values[i] > 0:
+                self.misses[i], self.next_pause[i] = 0, self.options.pause
+                continue
+            self.misses[i] += 1
+            if self.misses[i] >= 2:
+                self.pause_left[i], self.misses[i] = self.next_pause[i], 0
+                self.next_pause[i] = min(2 * self.next_pause[i], PAUSE_GROWTH * self.options.pause)
 
     def _laws(self, live: list[int], logits: torch.Tensor) -> torch.Tensor:
         """The sampling law of every row [S, N, V]; the top-k/top-p sort only when a filter (or a greedy slot
@@ -81,18 +133,29 @@ class ArTrustLane(Lane):
 
     def consume(self, live: list[int], row_logits: RowLogits) -> torch.Tensor:
         s, N, M = self.slots, self.N, self.M
+        mask = s.mask(live)
+        if self.paused:
+            held = s.mask(self.paused)
+        if len(self.paused) == len(live):
+            nxt = self.sample(self.paused, row_logits.rows(0, 1)[:, 0])
+            n_commit = self.counts(mask, 1)
+            s.emit(nxt[:, None], n_commit)
+            self.pending = torch.where(mask, nxt, self.pending)
+            self.cold = self.cold | mask  # drafts made before these steps are stale
+            return n_commit
+        drafting = [i for i in live if i not in self.paused] if self.paused else live
+        dmask = s.mask(drafting) if self.paused else mask
         # With one MASK group (last) the LM head runs once, over every row: a second pass over its weight (the
         # largest matrix of a real model) for the drafts would cost more than the extra rows. With a group per
         # acceptance point only the clean rows and, once the acceptance is known, the kept group are computed.
         whole = None if self.every else row_logits.rows(0, N + M)
         logits = row_logits.rows(0, N) if self.every else whole[:, :N]  # the target law of each draft and bonus
         S, V = logits.shape[0], logits.shape[-1]
-        mask = s.mask(live)
         cold = self.cold
         policy = self.options.draft_policy
         # Greedy decoding needs no laws: a draft passes iff it is the argmax (speculative sampling with one-hot
         # p and q), so no vocabulary-sized tensor is built per round.
-        greedy = s.all_greedy(live)
+        greedy = s.all_greedy(drafting)
         if greedy:
             picks = argmax(logits if whole is None else whole)  # [S, N] or [S, N + M]
             target = picks[:, :N]
@@ -102,13 +165,17 @@ class ArTrustLane(Lane):
         else:
             if self.q is None:
                 self.q = torch.zeros(S, M, V, device=s.device)
-            p = self._laws(live, logits)
+            p = self._laws(drafting, logits)
             exact = policy != "argmax_truncated"
             accepted, nxt = s.per_generator(
-                live, lambda p_, q_, d_, g: speculative_verify(p_, q_, d_, g, exact=exact), p, self.q, self.drafts)
+                drafting, lambda p_, q_, d_, g: speculative_verify(p_, q_, d_, g, exact=exact), p, self.q,
+                self.drafts)
             accepted = torch.where(cold, torch.zeros_like(accepted), accepted)
-            first = s.per_generator(live, lambda p0, g: draw(p0, g), p[:, 0])
+            first = s.per_generator(drafting, lambda p0, g: draw(p0, g), p[:, 0])
             nxt = torch.where(cold, first, nxt)
+        if self.paused:  # their one token, drawn as a causal step draws it
+            accepted = torch.where(held, torch.zeros_like(accepted), accepted)
+            nxt = torch.where(held, self.sample(self.paused, logits[:, 0]), nxt)
         n_commit = self.counts(mask, accepted + 1)
 
         # The MASK rows draft the tokens after next (shifted logits): the group after all clean rows, or (every)
@@ -122,23 +189,28 @@ class ArTrustLane(Lane):
         else:
             draft_logits = row_logits.at(at) if whole is None else whole.gather(1, at[:, :, None].expand(S, M, V))
             if policy == "exact_truncated":
-                q_new = self._laws(live, draft_logits)
-                d_new = s.per_generator(live, lambda q_, g: draw(q_, g), q_new)
+                q_new = self._laws(drafting, draft_logits)
+                d_new = s.per_generator(drafting, lambda q_, g: draw(q_, g), q_new)
             else:
                 d_new = argmax(draft_logits)
                 q_new = F.one_hot(d_new, V).float()
 
         emitted = torch.cat([self.drafts, nxt[:, None]], dim=1).scatter(1, accepted[:, None], nxt[:, None])
         s.emit(emitted, n_commit)
-        s.drafted += self.counts(mask & ~cold, M)
-        s.accepted += self.counts(mask, accepted)
+        s.drafted += self.counts(dmask & ~cold, M)
+        s.accepted += self.counts(dmask, accepted)
+        if self.options.pause:
+            self.verdict = torch.where(dmask & ~cold, accepted, -1)
 
         # The MASK rows' drafts are valid for the next round after a cold round or a full acceptance (they
         # assumed exactly the context that was committed); a rejection sends the row to a cold round, unless
-        # every acceptance point had its own group.
-        self.cold = torch.where(mask, torch.zeros_like(cold) if self.every else ~cold & (accepted < M), cold)
-        self.drafts = torch.where(mask[:, None], d_new, self.drafts)
+        # every acceptance point had its own group. A paused sequence has none.
+        fresh = torch.zeros_like(cold) if self.every else ~cold & (accepted < M)
+        if self.paused:
+            fresh = fresh | held
+        self.cold = torch.where(mask, fresh, cold)
+        self.drafts = torch.where(dmask[:, None], d_new, self.drafts)
         if q_new is not None:
-            self.q = torch.where(mask[:, None, None], q_new, self.q)
+            self.q = torch.where(dmask[:, None, None], q_new, self.q)
         self.pending = torch.where(mask, nxt, self.pending)
         return n_commit

@@ -76,8 +76,13 @@ class ArTrustOptions(ModeOptions):
     redraft: str = _opt("last", "ar_trust: where the next round's drafts come from: last (one MASK group after "
                                 "all drafts; a rejection leaves the next round cold, 1 token) or every (a MASK "
                                 "group after each acceptance point, N groups: no cold rounds)")
+    pause: int = _opt(4, "ar_trust: after two verify rounds in a row that accept no draft, a sequence decodes "
+                         "causally (one row, no drafts) for this many steps before drafting again, twice as many "
+                         "each time drafting keeps failing (up to 16x); 0 = always draft")
 
     def __post_init__(self) -> None:
+        if self.pause < 0:
+            raise ValueError(f"pause must be >= 0, got {self.pause}")
         if self.gen_block is not None and self.gen_block < 2:
             raise ValueError(f"gen_block (N) must be >= 2, got {self.gen_block}")
         if self.draft_policy not in DRAFT_POLICIES:

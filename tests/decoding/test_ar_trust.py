@@ -39,7 +39,7 @@ def test_redrafting_from_every_acceptance_point_leaves_no_cold_round(flare_model
     model, N = flare_models["llama"], 4
     params = SamplingParams(temperature=0, max_new_tokens=16, ignore_eos=True)
     for redraft in ("last", "every"):
-        out = decode(model, [[3, 1, 4]], params, ArTrustOptions(gen_block=N, redraft=redraft))
+        out = decode(model, [[3, 1, 4]], params, ArTrustOptions(gen_block=N, redraft=redraft, pause=0))
         rounds = out.forwards - 1  # after the prefill
         if redraft == "every":
             assert out.drafted == (N - 1) * (rounds - 1)
@@ -184,8 +184,42 @@ def test_lm_head_passes_per_round(flare_models, redraft, heads_per_round, temper
     hook = model.lm_head.register_forward_pre_hook(lambda m, args: calls.append(weights_frozen()))
     try:
         params = SamplingParams(temperature=temperature, max_new_tokens=12, ignore_eos=True, seed=3)
-        res = decode(model, _prompts([3, 9]), params, ArTrustOptions(gen_block=4, redraft=redraft))
+        res = decode(model, _prompts([3, 9]), params, ArTrustOptions(gen_block=4, redraft=redraft, pause=0))
     finally:
         hook.remove()
     assert all(calls)
     assert len(calls) == 1 + heads_per_round * (res.forwards - 1)  # the prefill, then each round
+
+
+@pytest.mark.parametrize("redraft", ["last", "every"])
+def test_failed_drafting_pauses_into_causal_steps(flare_models, monkeypatch, redraft):
+    """Drafts that are always rejected (replaced by [MASK], which is never predicted): after two verify rounds
+    in a row with nothing accepted, the sequence takes `pause` plain causal steps (no rows forward), then drafts
+    again, pausing twice as long when that fails too; the tokens stay the causal ones."""
+    from flare.decoding.ar_trust import ArTrustLane
+    from flare.engine.runner import CachedRunner
+
+    model = flare_models["llama"]
+    consume = ArTrustLane.consume
+
+    def spoiled(self, live, logits):
+        n = consume(self, live, logits)
+        self.drafts = torch.full_like(self.drafts, model.config.mask_token_id)
+        return n
+
+    monkeypatch.setattr(ArTrustLane, "consume", spoiled)
+    monkeypatch.setattr("flare.decoding.pacer.Pacer.next", lambda self, tokens: "draft")  # no clock here
+    kinds = []
+    for name in ("rows", "append"):
+        inner = getattr(CachedRunner, name)
+        monkeypatch.setattr(CachedRunner, name, lambda self, *a, _f=inner, _n=name, **k: kinds.append(_n) or _f(
+            self, *a, **k))
+    params = SamplingParams(temperature=0, max_new_tokens=40, ignore_eos=True)
+    out = decode(model, [[3, 1, 4]], params, ArTrustOptions(gen_block=4, redraft=redraft, pause=2))
+    assert out.token_ids == decode(model, [[3, 1, 4]], params).token_ids
+    assert out.accepted == 0  # the premise: nothing is accepted on this model
+    runs = [len(r) for r in "".join("c" if k == "append" else "r" for k in kinds).split("r") if r]
+    # Rows forwards before the first pause: a cold round and two verify rounds (every: the first round and
+    # two verify rounds); then pauses of 2, 4, 8 causal steps, each followed by rows forwards again.
+    assert runs[:3] == [2, 4, 8], kinds
+    assert kinds.count("rows") < len(kinds) // 2

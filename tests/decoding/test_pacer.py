@@ -1,0 +1,65 @@
+"""The pacer: all-greedy AR-Trust batches run whichever of drafting rounds and causal steps commits faster."""
+
+from __future__ import annotations
+
+import pytest
+
+from flare.decoding import ArTrustOptions, SamplingParams
+from flare.decoding.pacer import CAUSAL, DRAFT, Pacer
+from flare.engine import decode
+
+
+def _drive(monkeypatch, seconds: dict[str, float], tokens: dict[str, int], rounds: int) -> list[str]:
+    """Kinds chosen over ``rounds`` rounds when a round of each kind takes ``seconds[kind]`` and commits
+    ``tokens[kind]``."""
+    clock = [0.0]
+    monkeypatch.setattr("flare.decoding.pacer.time.perf_counter", lambda: clock[0])
+    pacer, kinds, last = Pacer(), [], None
+    for _ in range(rounds):
+        kind = pacer.next(last)
+        kinds.append(kind)
+        clock[0] += seconds[kind]
+        last = tokens[kind]
+    return kinds
+
+
+def test_drafting_stays_while_it_commits_faster(monkeypatch):
+    kinds = _drive(monkeypatch, {DRAFT: 2.0, CAUSAL: 1.0}, {DRAFT: 3, CAUSAL: 1}, 60)
+    assert kinds[:Pacer.FIRST] == [DRAFT] * Pacer.FIRST
+    assert kinds[Pacer.FIRST:Pacer.FIRST + Pacer.TRIAL] == [CAUSAL] * Pacer.TRIAL  # the first trial
+    assert kinds.count(CAUSAL) <= 4 * Pacer.TRIAL and kinds[-1] == DRAFT
+
+
+def test_causal_steps_take_over_when_drafts_do_not_pay(monkeypatch):
+    kinds = _drive(monkeypatch, {DRAFT: 2.0, CAUSAL: 1.0}, {DRAFT: 1, CAUSAL: 1}, 60)
+    tail = kinds[20:]
+    assert tail.count(CAUSAL) > 0.75 * len(tail)
+    assert DRAFT in tail  # drafting is still tried now and then
+
+
+def test_a_round_with_an_admission_is_not_timed(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr("flare.decoding.pacer.time.perf_counter", lambda: clock[0])
+    pacer = Pacer()
+    pacer.next(None)
+    pacer.next(1)  # the first round of a kind is not timed; this one is
+    clock[0] += 100.0  # a prefill inside the round
+    pacer.skip()
+    pacer.next(1)
+    assert pacer.rate(DRAFT) is None
+    clock[0] += 2.0
+    pacer.next(4)
+    assert pacer.rate(DRAFT) == 0.5
+
+
+@pytest.mark.parametrize("redraft", ["last", "every"])
+def test_paced_rounds_keep_greedy_tokens_causal(flare_models, monkeypatch, redraft):
+    """Whatever the pacer picks, greedy AR-Trust gives the causal tokens (here it alternates)."""
+    flip = iter([DRAFT, CAUSAL] * 100)
+    monkeypatch.setattr(Pacer, "next", lambda self, tokens: next(flip))
+    model = flare_models["qwen3_5"]
+    prompts = [[3, 1, 4, 1, 5], [9, 2]]
+    params = SamplingParams(temperature=0, max_new_tokens=20, ignore_eos=True)
+    out = decode(model, prompts, params, ArTrustOptions(gen_block=4, redraft=redraft))
+    assert out.token_ids == decode(model, prompts, params).token_ids
+    assert out.forwards > 10  # both kinds ran
