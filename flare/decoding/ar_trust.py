@@ -86,7 +86,9 @@ class ArTrustLane(Lane):
             self.pause_left[i] -= 1
         if self.options.pause:
             self.verdict.fill_(-1)
-            if self.slots.all_greedy(live) and self.pacer.next(self.committed) == CAUSAL:
+            if not self.slots.all_greedy(live):
+                self.pacer.skip()  # sampled rounds are not paced, and not timed
+            elif self.pacer.next(self.committed) == CAUSAL:
                 self.paused = list(live)
             self.round, self.committed = live, None
         mask = self.slots.mask(live)
@@ -104,11 +106,12 @@ class ArTrustLane(Lane):
         return Plan(rows, clean, noisy, commits_all=False, seeds=self.seeds)
 
     def to_sync(self) -> torch.Tensor | None:
-        return self.verdict if self.options.pause else None
+        return self.verdict if self.options.pause and self.round else None  # once per round this lane ran
 
     def synced(self, values: list[int]) -> None:
         """Each slot's verdict: two verify rounds in a row without an accepted draft start a pause."""
         self.committed = len(self.round) + sum(max(values[i], 0) for i in self.round)
+        self.round = []
         for i in self.owned:
             if values[i] < 0:
                 continue

@@ -63,3 +63,15 @@ def test_paced_rounds_keep_greedy_tokens_causal(flare_models, monkeypatch, redra
     out = decode(model, prompts, params, ArTrustOptions(gen_block=4, redraft=redraft))
     assert out.token_ids == decode(model, prompts, params).token_ids
     assert out.forwards > 10  # both kinds ran
+
+
+def test_a_batch_with_sampled_sequences_is_not_paced(flare_models, monkeypatch):
+    """Sampled draws must not depend on the clock: a round with any sampled sequence never asks the pacer."""
+    def refuse(self, tokens):
+        raise AssertionError("paced a sampled round")
+
+    monkeypatch.setattr(Pacer, "next", refuse)
+    model = flare_models["qwen3_5"]
+    params = SamplingParams(temperature=0.8, max_new_tokens=12, ignore_eos=True, seed=1)
+    out = decode(model, [[3, 1, 4], [1, 5]], params, ArTrustOptions(gen_block=4))
+    assert len(out.token_ids[0]) == 12
