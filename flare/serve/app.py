@@ -108,8 +108,9 @@ def create_app(llm: LLM) -> FastAPI:
             raise APIError(400, "stop strings need a tokenizer; this model has none")
         params = _guard(lambda: body.sampling(min(DEFAULT_MAX_TOKENS[kind], llm.engine.config.max_new_tokens)))
         mode = _guard(lambda: body.mode(llm.engine.config.default_options))
+        final_only = not body.stream and not body.stop  # nothing to send or to watch before the end
         try:
-            rid, channel = await aengine.submit(prompt, params, mode)
+            rid, channel = await aengine.submit(prompt, params, mode, final_only)
         except RequestError as e:
             raise APIError(400, str(e)) from None
         except QueueFull as e:
@@ -119,7 +120,7 @@ def create_app(llm: LLM) -> FastAPI:
         metrics.prompt_tokens.inc(len(prompt))
         reply = _Reply(llm, body, kind, rid, len(prompt))
         events = _events(aengine, rid, channel, llm.stream(body.stop) if llm.tokenizer is not None else None,
-                         request)
+                         request, final_only)
         if body.stream:
             return _EventStream(_sse(reply, events), media_type="text/event-stream")
         return await _collect(reply, events)
@@ -150,11 +151,12 @@ async def _watch(request: Request, aengine: AsyncEngine, rid: str, channel: Chan
     channel.put(_GONE)
 
 
-async def _events(aengine: AsyncEngine, rid: str, channel: Channel, stream, request: Request
-                  ) -> AsyncIterator[tuple]:
+async def _events(aengine: AsyncEngine, rid: str, channel: Channel, stream, request: Request,
+                  final_only: bool = False) -> AsyncIterator[tuple]:
     """(text delta, new ids, finished, finish reason, sequence) per step that committed something for the
-    request, several steps merged when they were waiting together. Raises ClientGone when the client leaves
-    and EngineFailed when the engine cannot go on; a request left unfinished is aborted."""
+    request, several steps merged when they were waiting together (``final_only``: one event, every token).
+    Raises ClientGone when the client leaves and EngineFailed when the engine cannot go on; a request left
+    unfinished is aborted."""
     watcher = asyncio.ensure_future(_watch(request, aengine, rid, channel))
     finished, pending = False, []
     try:
@@ -170,7 +172,10 @@ async def _events(aengine: AsyncEngine, rid: str, channel: Channel, stream, requ
                 n += 1
             batch, pending = pending[:n], pending[n:]
             last = batch[-1]
-            new = batch[0].new_token_ids if n == 1 else [t for out in batch for t in out.new_token_ids]
+            if final_only:
+                new = list(last.sequence.output_ids)
+            else:
+                new = batch[0].new_token_ids if n == 1 else [t for out in batch for t in out.new_token_ids]
             delta = stream.push(new, last.finished) if stream is not None else ""
             stopped = stream is not None and stream.stopped
             if stopped and not last.finished:

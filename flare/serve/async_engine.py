@@ -8,7 +8,9 @@ committed something for it, or an ``EngineFailed`` if the engine could not go on
 
 Every hand-over to the event loop wakes it (a write to its self-pipe) and takes the interpreter lock from the
 engine thread, so a step's outputs for all requests go over in ONE ``call_soon_threadsafe`` per loop, and a
-consumer that has fallen behind takes every output waiting at once (``Channel.get``).
+consumer that has fallen behind takes every output waiting at once (``Channel.get``). A request that needs only
+its end (``submit(..., final_only=True)``: not streamed, no stop strings to watch) is handed its final output
+alone, so the event loop does nothing for it while it decodes.
 """
 
 from __future__ import annotations
@@ -61,8 +63,8 @@ class AsyncEngine:
         self.on_step = on_step
         self.inbox: queue_mod.SimpleQueue = queue_mod.SimpleQueue()
         self.wake = threading.Event()
-        # request id -> (its event loop, its output channel); touched only by the engine thread.
-        self.queues: dict[str, tuple[asyncio.AbstractEventLoop, Channel]] = {}
+        # request id -> (its event loop, its output channel, final output only); touched only by the engine thread.
+        self.queues: dict[str, tuple[asyncio.AbstractEventLoop, Channel, bool]] = {}
         self.stopping = False
         self.thread = threading.Thread(target=self._run, name="flare-engine", daemon=True)
 
@@ -80,14 +82,15 @@ class AsyncEngine:
             self._deliver(rid, EngineFailed("the server is shutting down"))
         self.queues.clear()
 
-    async def submit(self, prompt_ids: list[int], params: SamplingParams, mode: ModeOptions | None
-                     ) -> tuple[str, Channel]:
-        """Queue a request; raises what the engine raises for it (RequestError, QueueFull)."""
+    async def submit(self, prompt_ids: list[int], params: SamplingParams, mode: ModeOptions | None,
+                     final_only: bool = False) -> tuple[str, Channel]:
+        """Queue a request; raises what the engine raises for it (RequestError, QueueFull). ``final_only``: the
+        channel receives the request's final output only (its ``sequence`` holds every committed token)."""
         if self.stopping:
             raise EngineFailed("the server is shutting down")
         loop = asyncio.get_running_loop()
         accepted, outputs = loop.create_future(), Channel()
-        self.inbox.put(("add", (prompt_ids, params, mode), loop, accepted, outputs))
+        self.inbox.put(("add", (prompt_ids, params, mode), loop, accepted, outputs, final_only))
         self.wake.set()
         return await accepted, outputs
 
@@ -107,7 +110,7 @@ class AsyncEngine:
         for out in outputs:
             entry = self.queues.get(out.request_id)
             # A step that committed nothing for a request (a denoising step) is not worth a wake-up.
-            if entry is not None and (out.new_token_ids or out.finished):
+            if entry is not None and (out.finished or (out.new_token_ids and not entry[2])):
                 batches.setdefault(entry[0], []).append((entry[1], out))
             if out.finished:
                 self.queues.pop(out.request_id, None)
@@ -124,7 +127,7 @@ class AsyncEngine:
                 self.queues.pop(cmd[1], None)
                 self.engine.abort(cmd[1])
                 continue
-            _, args, loop, accepted, outputs = cmd
+            _, args, loop, accepted, outputs, final_only = cmd
             if self.stopping:
                 _call(loop, self._settle, accepted, None, EngineFailed("the server is shutting down"))
                 continue
@@ -133,7 +136,7 @@ class AsyncEngine:
             except Exception as e:  # noqa: BLE001 - the refusal goes back to the caller
                 _call(loop, self._settle, accepted, None, e)
                 continue
-            self.queues[seq.request_id] = (loop, outputs)
+            self.queues[seq.request_id] = (loop, outputs, final_only)
             _call(loop, self._settle, accepted, seq.request_id, None)
 
     def _run(self) -> None:

@@ -127,6 +127,33 @@ def test_one_hand_over_per_step_for_every_request(flare_models, monkeypatch):
     assert max(len(b) for b in batches) == 4  # ...carrying the four requests' outputs together
 
 
+def test_a_final_only_request_is_handed_its_end_alone(flare_models):
+    """A whole (not streamed) reply without stop strings needs nothing before its end: its channel gets one
+    output, the final one, whose sequence holds every committed token; a streamed one gets one per step."""
+    llm = LLM(copy.deepcopy(flare_models["qwen3_5"]), None, EngineConfig(max_num_seqs=4))
+    engine = ae.AsyncEngine(llm.engine)
+    engine.start()
+    params = SamplingParams(temperature=0, max_new_tokens=7, ignore_eos=True)
+
+    async def one(final_only):
+        _, ch = await engine.submit([4, 2, 9], params, None, final_only)
+        got = []
+        while not (got and got[-1].finished):
+            got += await ch.get()
+        return got
+
+    async def main():
+        return await asyncio.gather(one(True), one(False))
+
+    try:
+        whole, streamed = asyncio.run(main())
+    finally:
+        engine.shutdown()
+    assert len(whole) == 1 and whole[0].finished
+    assert len(streamed) > 1
+    assert list(whole[0].sequence.output_ids) == [t for out in streamed for t in out.new_token_ids]
+
+
 def test_flare_serve_leaves_a_core_to_the_http_side(monkeypatch):
     import torch
 
