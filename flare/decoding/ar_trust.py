@@ -64,6 +64,7 @@ class ArTrustLane(Lane):
         self.pause_left, self.misses, self.next_pause = [0] * S, [0] * S, [options.pause] * S
         self.verdict = torch.full((S,), -1, dtype=torch.long, device=dev)
         self.paused: list[int] = []
+        self.held: torch.Tensor | None = None  # [S] bool at the paused slots of a round that also drafts
         # All-greedy batches: drafting rounds or causal steps, whichever commits faster (flare.decoding.pacer).
         self.pacer = Pacer()
         self.round: list[int] = []  # the slots of the round in flight
@@ -100,9 +101,9 @@ class ArTrustLane(Lane):
         # A cold round's drafts (every) are placeholders: its verdict is "none accepted", read from group 0.
         clean = self.counts(mask, self.N if self.every else torch.where(self.cold, 1, self.N))
         noisy = self.counts(mask, self.groups * self.M)
-        if self.paused:  # paused sequences: their pending token alone
-            held = self.slots.mask(self.paused)
-            clean, noisy = torch.where(held, 1, clean), torch.where(held, 0, noisy)
+        self.held = self.slots.mask(self.paused) if self.paused else None
+        if self.held is not None:  # paused sequences: their pending token alone
+            clean, noisy = torch.where(self.held, 1, clean), torch.where(self.held, 0, noisy)
         return Plan(rows, clean, noisy, commits_all=False, seeds=self.seeds)
 
     def to_sync(self) -> torch.Tensor | None:
@@ -137,8 +138,6 @@ class ArTrustLane(Lane):
     def consume(self, live: list[int], row_logits: RowLogits) -> torch.Tensor:
         s, N, M = self.slots, self.N, self.M
         mask = s.mask(live)
-        if self.paused:
-            held = s.mask(self.paused)
         if len(self.paused) == len(live):
             nxt = self.sample(self.paused, row_logits.rows(0, 1)[:, 0])
             n_commit = self.counts(mask, 1)
@@ -147,7 +146,8 @@ class ArTrustLane(Lane):
             self.cold = self.cold | mask  # drafts made before these steps are stale
             return n_commit
         drafting = [i for i in live if i not in self.paused] if self.paused else live
-        dmask = s.mask(drafting) if self.paused else mask
+        held = self.held
+        dmask = mask if held is None else mask & ~held
         # With one MASK group (last) the LM head runs once, over every row: a second pass over its weight (the
         # largest matrix of a real model) for the drafts would cost more than the extra rows. With a group per
         # acceptance point only the clean rows and, once the acceptance is known, the kept group are computed.
@@ -176,7 +176,7 @@ class ArTrustLane(Lane):
             accepted = torch.where(cold, torch.zeros_like(accepted), accepted)
             first = s.per_generator(drafting, lambda p0, g: draw(p0, g), p[:, 0])
             nxt = torch.where(cold, first, nxt)
-        if self.paused:  # their one token, drawn as a causal step draws it
+        if held is not None:  # their one token, drawn as a causal step draws it
             accepted = torch.where(held, torch.zeros_like(accepted), accepted)
             nxt = torch.where(held, self.sample(self.paused, logits[:, 0]), nxt)
         n_commit = self.counts(mask, accepted + 1)
@@ -209,7 +209,7 @@ class ArTrustLane(Lane):
         # assumed exactly the context that was committed); a rejection sends the row to a cold round, unless
         # every acceptance point had its own group. A paused sequence has none.
         fresh = torch.zeros_like(cold) if self.every else ~cold & (accepted < M)
-        if self.paused:
+        if held is not None:
             fresh = fresh | held
         self.cold = torch.where(mask, fresh, cold)
         self.drafts = torch.where(dmask[:, None], d_new, self.drafts)

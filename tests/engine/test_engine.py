@@ -113,12 +113,13 @@ def test_stats_count_tokens_and_forwards(flare_models):
     engine = Engine(model)
     params = SamplingParams(temperature=0, max_new_tokens=8, ignore_eos=True)
     prompts = [[1, 2], [3, 4, 5]]
-    engine.generate(prompts, params, "ar_trust")
+    mode = make_options("ar_trust", {"pause": 0})  # always drafting: the pacer's choices follow the clock
+    engine.generate(prompts, params, mode)
     assert engine.stats.tokens == 16 and engine.stats.finished_tokens == 16
     # Each request alone, decoded directly: both requests run from the first step, so the engine runs as many
     # forwards as the longer one needs; each request takes part in as many forwards, and drafts and accepts as
     # many tokens, as it does alone.
-    alone = [decode(model, [p], params, "ar_trust") for p in prompts]
+    alone = [decode(model, [p], params, mode) for p in prompts]
     assert engine.stats.forwards == max(a.forwards for a in alone)
     assert engine.stats.active_forwards == sum(a.forwards for a in alone)
     assert engine.stats.drafted == sum(a.drafted for a in alone)
