@@ -5,9 +5,11 @@ law p for every draft (and a bonus row), the MASK rows draft the next round with
 at draft time. Speculative sampling accepts a prefix of the drafts; the cache then commits exactly the pending
 token and the accepted drafts (per-position GDN and conv states, no replay).
 
-After a rejection (and before the first round) a sequence has no drafts: its next round is a cold start
-``[pending, MASK x (N-1)]``, which yields one token and fresh drafts. Cold and warm sequences share one batched
-forward: a cold row's block simply starts earlier and ends in padding (per-row ``num_clean``).
+After a rejection a sequence has no drafts: its next round is a cold start ``[pending, MASK x (N-1)]``, which
+yields one token and fresh drafts. Cold and warm sequences share one batched forward: a cold row's block simply
+starts earlier and ends in padding (per-row ``num_clean``). The first round would be cold too; instead the
+admission prefill plays it (``prefilled_drafts``): the whole prompt as clean rows and a MASK group after it, so a
+request's first token and its first drafts come with its prefill, and its first round already verifies.
 
 With ``redraft="every"`` (our extension, method §3) the round holds a MASK group after ``pending, d_1 .. d_k``
 for every k, each seeded at that clean boundary (``flare.model.row_tree``): whatever is accepted, the next
@@ -44,6 +46,7 @@ class ArTrustLane(Lane):
         self.N = options.gen_block
         self.M = self.N - 1
         self.room = self.N
+        self.draft_rows = self.M
         self.pending = torch.zeros(S, dtype=torch.long, device=dev)
         # Cold rows (before the first round, after a rejection) have no drafts: their round is [pending, MASK x M]
         # (1 token + fresh drafts); warm rows verify their drafts: [pending, d_1..d_M, MASK x M].
@@ -80,6 +83,21 @@ class ArTrustLane(Lane):
             self.pause_left[slot], self.misses[slot], self.next_pause[slot] = 0, 0, self.options.pause
         self.pacer.skip()
         return [p[:-1] for p in prompts]
+
+    def prefilled_drafts(self, slots: list[int], hidden: torch.Tensor, prompt_len: torch.Tensor) -> None:
+        """The prefill's rows are a cold round's: the prompt's last row stands for the pending token (its causal
+        row) and the MASK group after it drafts. Consumed as that round, so every draw matches a cold round's."""
+        S, _, E = hidden.shape
+        N, M = self.N, self.M
+        at = (prompt_len - 1).clamp(min=0)[:, None] + torch.arange(1 + M, device=hidden.device)
+        at = at.clamp(max=hidden.shape[1] - 1)  # other lanes' slots may have fewer rows; they are not read
+        picked = hidden.gather(1, at[:, :, None].expand(S, 1 + M, E))
+        # A cold round's layout: [pending, MASK x M] (last), [pending, placeholders x M, group 0] (every).
+        start = N if self.every else 1
+        rows = hidden.new_zeros(S, N + self.groups * M, E)
+        rows[:, 0], rows[:, start:start + M] = picked[:, 0], picked[:, 1:]
+        self.paused, self.held = [], None
+        self.consume(slots, RowLogits(self.model, rows))
 
     def plan(self, live: list[int]) -> Plan:
         self.paused = [i for i in live if self.pause_left[i] > 0]

@@ -60,6 +60,8 @@ class Plan:
 class Lane:
     mode: str = ""
     room: int = 1  # the most tokens one step can emit for a slot
+    # MASK rows the admission prefill may append after a prompt (``prefilled_drafts``); 0: a plain prefill.
+    draft_rows: int = 0
 
     def __init__(self, model: FlareModel, slots: SlotBatch, options) -> None:
         self.model, self.slots, self.options = model, slots, options
@@ -78,6 +80,11 @@ class Lane:
 
     def prefilled(self, slots: list[int], logits: torch.Tensor) -> None:
         """The admission prefill ran; ``logits`` [S, V] after each slot's last prefilled token."""
+
+    def prefilled_drafts(self, slots: list[int], hidden: torch.Tensor, prompt_len: torch.Tensor) -> None:
+        """The admission prefill committed each slot's WHOLE prompt and ran ``draft_rows`` MASK rows after it:
+        ``hidden`` [S, R, E] holds the prompt's rows, then the MASK rows, then padding (``prompt_len`` [S])."""
+        raise NotImplementedError
 
     def plan(self, live: list[int]) -> Plan:
         raise NotImplementedError

@@ -29,6 +29,10 @@ from flare.engine.runner import CachedRunner
 from flare.model import FlareModel, frozen_weights
 from flare.model.packed_linear import prepack
 
+# The longest prompt plus MASK rows that a drafting lane's prefill runs as one rows forward (whose recurrence is
+# one closed-form chunk, quadratic in its length); longer prompts get a plain prefill and a cold first round.
+DRAFTING_PREFILL_MAX = 256
+
 
 @dataclass
 class Emitted:
@@ -71,7 +75,9 @@ class Stepper:
     @torch.no_grad()
     @frozen_weights()
     def admit(self, admissions: list[Admission]) -> None:
-        """Bind new sequences to free slots and prefill them, all in one forward."""
+        """Bind new sequences to free slots and prefill them in one forward: a plain causal one, or (for a lane
+        that drafts, e.g. AR-Trust, and prompts up to ``DRAFTING_PREFILL_MAX``) a rows forward that also runs
+        the lane's MASK rows after each prompt; two forwards when an admission holds both kinds."""
         if not admissions:
             return
         eos = self.model.config.eos_token_ids
@@ -86,20 +92,51 @@ class Stepper:
             groups.setdefault(id(lane), (lane, []))[1].append(a)
         self.runner.reset([a.slot for a in admissions])
         tokens: list[list[int]] = [[] for _ in range(self.slots.num_slots)]
-        for lane, group in groups.values():
+        drafting: dict[int, tuple[Lane, list[Admission]]] = {}
+        for key, (lane, group) in groups.items():
             for a, t in zip(group, lane.admit([a.slot for a in group], [a.prompt for a in group])):
                 tokens[a.slot] = list(t)
+            short = [a for a in group if lane.draft_rows and len(a.prompt) + lane.draft_rows <= DRAFTING_PREFILL_MAX]
+            if short:
+                drafting[key] = (lane, short)
+                for a in short:
+                    tokens[a.slot] = []
         filled = [s for s, t in enumerate(tokens) if t]
         if filled:
             logits = _pad_rows(self.runner.prefill(tokens[: max(filled) + 1]), self.slots.num_slots)
             self.slots.active_forwards += self.slots.mask(filled).long()
         else:
             logits = torch.zeros(self.slots.num_slots, self.model.config.vocab_size, device=self.model.device)
-        for lane, group in groups.values():
-            lane.prefilled([a.slot for a in group], logits)
+        for key, (lane, group) in groups.items():
+            short = {a.slot for a in drafting.get(key, (None, []))[1]}
+            lane.prefilled([a.slot for a in group if a.slot not in short], logits)
+        if drafting:
+            self._prefill_drafts(list(drafting.values()))
         for a in admissions:
             self.slots.live[a.slot] = True
             self.emitted[a.slot] = Emitted([])
+
+    def _prefill_drafts(self, groups: list[tuple[Lane, list[Admission]]]) -> None:
+        """One rows forward over each prompt (clean rows, all committed) and its lane's MASK rows after it."""
+        n = max(a.slot for _, group in groups for a in group) + 1
+        S, mask_id = self.slots.num_slots, self.model.config.mask_token_id
+        clean, noisy = [0] * n, [0] * n
+        rows: list[list[int]] = [[] for _ in range(n)]
+        for lane, group in groups:
+            for a in group:
+                rows[a.slot] = list(a.prompt) + [mask_id] * lane.draft_rows
+                clean[a.slot], noisy[a.slot] = len(a.prompt), lane.draft_rows
+        R = max(len(r) for r in rows)
+        dev = self.model.device
+        ids = torch.tensor([r + [0] * (R - len(r)) for r in rows], device=dev)
+        num_clean, num_noisy = torch.tensor(clean, device=dev), torch.tensor(noisy, device=dev)
+        hidden = _pad_rows(self.runner.rows(ids, num_clean, num_noisy, record=True), S)
+        self.runner.commit_recorded(num_clean)
+        slots = [a.slot for _, group in groups for a in group]
+        self.slots.active_forwards += self.slots.mask(slots).long()
+        prompt_len = F.pad(num_clean, (0, S - n))
+        for lane, group in groups:
+            lane.prefilled_drafts([a.slot for a in group], hidden, prompt_len)
 
     def release(self, slot: int) -> None:
         """Free a slot (its sequence finished or was aborted); the next admission may take it."""

@@ -35,16 +35,16 @@ def test_greedy_ar_trust_equals_greedy_causal(flare_models, family, gen_block, r
 
 def test_redrafting_from_every_acceptance_point_leaves_no_cold_round(flare_models):
     """A random model rejects almost every draft: with redraft=last every round after a rejection is cold (no
-    drafts to verify); with every, each round after the first verifies N-1 drafts."""
+    drafts to verify); with every, each round verifies N-1 drafts (the prefill drafted the first)."""
     model, N = flare_models["llama"], 4
     params = SamplingParams(temperature=0, max_new_tokens=16, ignore_eos=True)
     for redraft in ("last", "every"):
         out = decode(model, [[3, 1, 4]], params, ArTrustOptions(gen_block=N, redraft=redraft, pause=0))
         rounds = out.forwards - 1  # after the prefill
         if redraft == "every":
-            assert out.drafted == (N - 1) * (rounds - 1)
+            assert out.drafted == (N - 1) * rounds
         else:
-            assert out.drafted < (N - 1) * (rounds - 1)
+            assert 0 < out.drafted < (N - 1) * rounds
 
 
 @pytest.mark.parametrize("policy", ["exact_truncated", "argmax_full_verify", "argmax_truncated"])
@@ -188,7 +188,7 @@ def test_lm_head_passes_per_round(flare_models, redraft, heads_per_round, temper
     finally:
         hook.remove()
     assert all(calls)
-    assert len(calls) == 1 + heads_per_round * (res.forwards - 1)  # the prefill, then each round
+    assert len(calls) == heads_per_round * res.forwards  # the prefill plays the first round
 
 
 @pytest.mark.parametrize("redraft", ["last", "every"])
@@ -219,7 +219,30 @@ def test_failed_drafting_pauses_into_causal_steps(flare_models, monkeypatch, red
     assert out.token_ids == decode(model, [[3, 1, 4]], params).token_ids
     assert out.accepted == 0  # the premise: nothing is accepted on this model
     runs = [len(r) for r in "".join("c" if k == "append" else "r" for k in kinds).split("r") if r]
-    # Rows forwards before the first pause: a cold round and two verify rounds (every: the first round and
-    # two verify rounds); then pauses of 2, 4, 8 causal steps, each followed by rows forwards again.
+    # Rows forwards before the first pause: the prefill (which drafts) and two verify rounds; then pauses of
+    # 2, 4, 8 causal steps, each followed by rows forwards again.
     assert runs[:3] == [2, 4, 8], kinds
     assert kinds.count("rows") < len(kinds) // 2
+
+
+@pytest.mark.parametrize("redraft", ["last", "every"])
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_the_prefill_plays_the_first_round(flare_models, monkeypatch, redraft, temperature):
+    """A prompt's prefill also runs the MASK rows after it, so the first round already verifies: the same
+    tokens (the same draws, with a seed) as a plain prefill followed by a cold round, one forward fewer."""
+    model = flare_models["qwen3_5"]
+    params = SamplingParams(temperature=temperature, max_new_tokens=12, ignore_eos=True, seed=5)
+    opts = ArTrustOptions(gen_block=4, redraft=redraft, pause=0)
+    drafting = decode(model, _prompts([3, 9]), params, opts)
+    monkeypatch.setattr("flare.engine.stepper.DRAFTING_PREFILL_MAX", 0)  # every prompt "too long"
+    plain = decode(model, _prompts([3, 9]), params, opts)
+    assert drafting.token_ids == plain.token_ids
+    assert drafting.drafted == plain.drafted and drafting.accepted == plain.accepted
+    assert drafting.forwards == plain.forwards - 1
+    assert drafting.active_forwards == plain.active_forwards - 2  # one per sequence
+    if temperature:
+        return  # below, the batch's one random stream would be drawn from in another order
+    monkeypatch.setattr("flare.engine.stepper.DRAFTING_PREFILL_MAX", 8)  # the 9-token prompt alone too long
+    mixed = decode(model, _prompts([3, 9]), params, opts)
+    assert mixed.token_ids == plain.token_ids
+    assert mixed.active_forwards == plain.active_forwards - 1
