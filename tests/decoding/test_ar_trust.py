@@ -234,7 +234,7 @@ def test_the_prefill_plays_the_first_round(flare_models, monkeypatch, redraft, t
     params = SamplingParams(temperature=temperature, max_new_tokens=12, ignore_eos=True, seed=5)
     opts = ArTrustOptions(gen_block=4, redraft=redraft, pause=0)
     drafting = decode(model, _prompts([3, 9]), params, opts)
-    monkeypatch.setattr("flare.engine.stepper.DRAFTING_PREFILL_MAX", 0)  # every prompt "too long"
+    monkeypatch.setattr("flare.engine.stepper.DRAFTING_PREFILL_WORK", 0)  # every prompt "too long"
     plain = decode(model, _prompts([3, 9]), params, opts)
     assert drafting.token_ids == plain.token_ids
     assert drafting.drafted == plain.drafted and drafting.accepted == plain.accepted
@@ -242,7 +242,8 @@ def test_the_prefill_plays_the_first_round(flare_models, monkeypatch, redraft, t
     assert drafting.active_forwards == plain.active_forwards - 2  # one per sequence
     if temperature:
         return  # below, the batch's one random stream would be drawn from in another order
-    monkeypatch.setattr("flare.engine.stepper.DRAFTING_PREFILL_MAX", 8)  # the 9-token prompt alone too long
+    # 2 slots x 8 rows: the 9-token prompt (12 rows) is too long
+    monkeypatch.setattr("flare.engine.stepper.DRAFTING_PREFILL_WORK", 2 * 8**2)
     mixed = decode(model, _prompts([3, 9]), params, opts)
     assert mixed.token_ids == plain.token_ids
     assert mixed.active_forwards == plain.active_forwards - 1
