@@ -60,6 +60,14 @@ def causal_from(offsets_B: torch.Tensor) -> MaskMod:
     return mask_mod
 
 
+def after_committed(block_B1TT: torch.Tensor, committed: int) -> torch.Tensor:
+    """The dense mask [B, 1, T, committed + T] of a rows rule (``inference_rows``, ``inference_tree``) when every
+    sequence has exactly ``committed`` tokens in the cache: the committed columns are all visible, and the rows'
+    own columns are the rule's ``block`` [B, 1, T, T] evaluated after an empty cache."""
+    B, _, T, _ = block_B1TT.shape
+    return torch.cat([block_B1TT.new_ones(B, 1, T, committed), block_B1TT], dim=-1)
+
+
 def inference_rows(lengths_B: torch.Tensor, num_clean_B: torch.Tensor, num_rows_B: torch.Tensor) -> MaskMod:
     """Rows [clean x num_clean[b] ; noisy ; padding] after a cache, which they do not commit to (method §3).
 

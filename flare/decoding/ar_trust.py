@@ -122,7 +122,10 @@ class ArTrustLane(Lane):
         self.held = self.slots.mask(self.paused) if self.paused else None
         if self.held is not None:  # paused sequences: their pending token alone
             clean, noisy = torch.where(self.held, 1, clean), torch.where(self.held, 0, noisy)
-        return Plan(rows, clean, noisy, commits_all=False, seeds=self.seeds)
+        # With a group per acceptance point every round has the same layout (cold rounds included) for the same
+        # live and paused slots, so its row tree is built once per such set.
+        key = (self.mode, self.N, tuple(live), tuple(self.paused)) if self.every else None
+        return Plan(rows, clean, noisy, commits_all=False, seeds=self.seeds, layout_key=key)
 
     def to_sync(self) -> torch.Tensor | None:
         return self.verdict if self.options.pause and self.round else None  # once per round this lane ran

@@ -8,6 +8,7 @@ every slot of the stepper; a lane only ever reads or changes the rows of the slo
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 import torch
@@ -55,6 +56,9 @@ class Plan:
     # [S, R]: for each noisy row, the clean prefix its group is seeded after (flare.model.row_tree); None: one
     # group after all clean rows.
     seeds: torch.Tensor | None = None
+    # A host-side name of (num_clean, num_noisy, seeds): plans with equal keys have equal layouts, so what is
+    # derived from one (a row tree) serves the other. None: not known on the host.
+    layout_key: Hashable | None = None
 
 
 class Lane:

@@ -8,10 +8,14 @@ strategy on both and comparing is how the caches and commits are proven exact.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Hashable
+
 import torch
 
 from flare.model import CommitRecord, FlareModel
 from flare.model.context import Rows
+from flare.model.row_tree import RowTree
 from flare.model.layers import frozen_weights
 
 
@@ -26,6 +30,10 @@ def pad_prompts(prompts: list[list[int]], device: torch.device | str) -> tuple[t
     return ids.to(device), valid.to(device)
 
 
+# Row trees a runner keeps (a handful of layouts recur: each set of live and paused slots of a lane).
+TREES_KEPT = 32
+
+
 class CachedRunner:
     """Every call takes rows for the first n slots (n <= the slot count): a forward over fewer slots than the
     cache holds runs on a narrowed view of it, so idle slots past the last busy one cost nothing."""
@@ -38,6 +46,7 @@ class CachedRunner:
         # Each slot's committed length where the host knows it (None: only the device does, until the next
         # sync): a forward over slots that all have the same known length needs no per-row positions or masks.
         self.known: list[int | None] = [0] * slots
+        self.trees: dict[Hashable, RowTree] = {}  # row trees by layout key (``rows``)
 
     def _run(self, n: int, rows: int, forward):
         """``forward(cache)`` on the first n slots' cache, with weight-derived values kept between calls."""
@@ -91,13 +100,23 @@ class CachedRunner:
         return hidden
 
     def rows(self, tokens: torch.Tensor, num_clean, num_noisy=None, record: bool = False,
-             seeds: torch.Tensor | None = None) -> torch.Tensor:
+             seeds: torch.Tensor | None = None, layout_key: Hashable | None = None) -> torch.Tensor:
         """Final hidden states [S, R, E] of rows [clean x num_clean ; noisy x num_noisy ; padding] after the
         committed tokens (counts: ints or [S] tensors; ``seeds``: noisy groups, see ``flare.model.context.Rows``);
-        commits nothing."""
+        commits nothing. ``layout_key``: a host-side name of these counts and seeds (equal keys, equal layouts):
+        the row tree of a seeded layout is then built once and reused."""
         self.record = CommitRecord.empty() if record else None
+        layout = Rows(num_clean, num_noisy, seeds)
+        if seeds is not None and layout_key is not None:
+            key = (layout_key, tuple(tokens.shape))
+            if key not in self.trees:
+                if len(self.trees) >= TREES_KEPT:
+                    self.trees.clear()
+                S, R = tokens.shape
+                self.trees[key] = RowTree.build(*layout.counts(S, R, tokens.device), seeds)
+            layout = dataclasses.replace(layout, tree=self.trees[key])
         hidden = self._run(tokens.shape[0], tokens.shape[1], lambda cache: self.model.hidden_states(
-            tokens, cache=cache, layout=Rows(num_clean, num_noisy, seeds), record=self.record))
+            tokens, cache=cache, layout=layout, record=self.record))
         self.forwards += 1
         return hidden
 
@@ -165,7 +184,7 @@ class ReferenceRunner:
         return out
 
     def rows(self, tokens: torch.Tensor, num_clean, num_noisy=None, record: bool = False,
-             seeds: torch.Tensor | None = None) -> torch.Tensor:
+             seeds: torch.Tensor | None = None, layout_key: Hashable | None = None) -> torch.Tensor:
         self.pending = tokens
         self.forwards += 1
         S, R = tokens.shape

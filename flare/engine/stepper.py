@@ -200,8 +200,10 @@ class Stepper:
             uniform = len(live_all) == n and all(p.same_clean == R for _, _, p in plans)
             hidden = self.runner.append(tokens[:n], None if uniform else clean[:n])
         else:
+            keys = tuple(p.layout_key for _, _, p in plans)
             hidden = self.runner.rows(tokens[:n], clean[:n], noisy[:n], record=True,
-                                      seeds=None if seeds is None else seeds[:n])
+                                      seeds=None if seeds is None else seeds[:n],
+                                      layout_key=None if None in keys else keys)
         logits = RowLogits(self.model, _pad_rows(hidden, S))
         n_commit = torch.zeros_like(clean)
         for lane, live, _ in plans:

@@ -69,6 +69,7 @@ class Rows:
     num_clean: int | torch.Tensor
     num_noisy: int | torch.Tensor | None = None
     seeds: torch.Tensor | None = None
+    tree: RowTree | None = None  # built from these counts and seeds before (reused across forwards)
 
     def counts(self, batch: int, rows: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(num_clean [B], num_noisy [B]) as tensors. Counts given as ints are checked against the number of rows;
@@ -171,10 +172,13 @@ class ForwardContext:
                 positions = slots
                 rule = masks.inference_rows(cache.lengths, clean, clean + noisy)
             else:
-                tree = RowTree.build(clean, noisy, layout.seeds)
+                tree = layout.tree or RowTree.build(clean, noisy, layout.seeds)
                 positions = cache.lengths[:, None] + tree.depth  # a group row sits after its own prefix
                 rule = masks.inference_tree(cache.lengths, tree.sees(), tree.real)
-            mask = masks.materialize(rule, B, T, cache.bound + T, device)
+            if tree is not None and cache.bound_exact:
+                mask = masks.after_committed(tree.own_mask(), cache.bound)
+            else:
+                mask = masks.materialize(rule, B, T, cache.bound + T, device)
             rot = rope(positions, cache.bound + T)
             if record is not None:
                 record.rows = T

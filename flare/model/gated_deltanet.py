@@ -115,7 +115,8 @@ class GatedDeltaNet(nn.Module):
         if tree is None:
             mixed, _ = self._conv(qkv, state.conv)
         else:
-            mixed = F.silu(tree_conv1d(qkv, self.conv1d.weight[:, 0, :], state.conv, tree.parent))
+            weight = self.conv1d.weight[:, 0, :]
+            mixed = F.silu(tree_conv1d(qkv, weight, state.conv, windows=tree.windows(weight.shape[1])))
         q, k, v = self._qkv(mixed)
         g, beta = self._gates(b, a, idx < (clean_n + noisy_n)[:, None])
         if tree is not None:

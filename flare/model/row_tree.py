@@ -18,10 +18,13 @@ seeded after all clean rows.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from flare import masks
+from flare.ops.conv import tree_windows
 
 
 @dataclass
@@ -31,6 +34,9 @@ class RowTree:
     path: torch.Tensor  # [B, T, T] bool
     depth: torch.Tensor  # [B, T] long
     real: torch.Tensor  # [B, T] bool: clean or noisy (not padding)
+    # What the layout alone determines, built on first use: a tree reused by forwards of the same layout (the
+    # runner keeps it under a host-side key) builds it once.
+    _memo: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def build(cls, num_clean: torch.Tensor, num_noisy: torch.Tensor, seeds: torch.Tensor) -> "RowTree":
@@ -58,6 +64,24 @@ class RowTree:
             hops *= 2
         return cls(parent, reads, path, path.sum(-1) - 1, real)
 
+    def _once(self, key, build):
+        if key not in self._memo:
+            self._memo[key] = build()
+        return self._memo[key]
+
     def sees(self) -> torch.Tensor:
         """[B, T, T]: row i may attend to row j (the path of the row it reads, real rows only)."""
-        return self.path.gather(1, self.reads[..., None].expand_as(self.path)) & self.real[:, None, :]
+        return self._once("sees", lambda: self.path.gather(1, self.reads[..., None].expand_as(self.path))
+                          & self.real[:, None, :])
+
+    def own_mask(self) -> torch.Tensor:
+        """[B, 1, T, T]: what each row sees of the forward's own rows (``masks.inference_tree`` after an empty
+        cache); ``masks.after_committed`` widens it when every sequence has the same committed length."""
+        B, T = self.real.shape
+        return self._once("own", lambda: masks.materialize(
+            masks.inference_tree(torch.zeros(B, dtype=torch.long, device=self.real.device), self.sees(),
+                                 self.real), B, T, T, self.real.device))
+
+    def windows(self, K: int) -> torch.Tensor:
+        """Each row's short-conv window of width K [B, T, K] (``flare.ops.conv.tree_windows``)."""
+        return self._once(("windows", K), lambda: tree_windows(self.parent, K))

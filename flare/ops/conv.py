@@ -54,23 +54,32 @@ def causal_conv1d(
     return cast(y, x_BTC.dtype), cast(new_state, x_BTC.dtype)
 
 
-def tree_conv1d(x_BTC: torch.Tensor, weight_CK: torch.Tensor, state_BkC: torch.Tensor,
-                parent_BT: torch.Tensor) -> torch.Tensor:
-    """``causal_conv1d`` over rows that form a tree (``flare.model.row_tree``): row t's window is the K-1 rows
-    on its own path before it (``parent`` pointers; -1 continues into the carried ``state``) and itself.
-    Returns y [B, T, C] before any activation; the carried state is not advanced (read-only rows)."""
-    B, T, C = x_BTC.shape
-    K1 = weight_CK.shape[1] - 1
-    x = cast(x_BTC, weight_CK.dtype)
-    full = torch.cat([cast(state_BkC, x.dtype), x], dim=1)  # [B, K-1+T, C]
-    # Parent pointers in the coordinates of ``full``: carried input i -> i - 1, row t -> its parent's slot.
-    carried = torch.arange(-1, K1 - 1, device=x.device).expand(B, K1)
+def tree_windows(parent_BT: torch.Tensor, K: int) -> torch.Tensor:
+    """Row t's conv window over rows that form a tree (``flare.model.row_tree``) [B, T, K], oldest first, as
+    indices into ``[carried state (K-1) ; rows (T)]``: the K-1 rows on its own path before it (``parent``
+    pointers; -1 continues into the carried state) and itself. Depends on the layout only."""
+    B, T = parent_BT.shape
+    K1 = K - 1
+    carried = torch.arange(-1, K1 - 1, device=parent_BT.device).expand(B, K1)
     up = torch.cat([carried, torch.where(parent_BT >= 0, parent_BT + K1, K1 - 1)], dim=1)  # [B, K-1+T]
-    at = torch.arange(K1, K1 + T, device=x.device).expand(B, T)
+    at = torch.arange(K1, K1 + T, device=parent_BT.device).expand(B, T)
     window = [at]
     for _ in range(K1):
         at = up.gather(1, at)
         window.append(at)
-    idx = torch.stack(window[::-1], dim=-1)  # [B, T, K], oldest first
-    rows = full.gather(1, idx.reshape(B, T * (K1 + 1), 1).expand(B, T * (K1 + 1), C)).view(B, T, K1 + 1, C)
+    return torch.stack(window[::-1], dim=-1)
+
+
+def tree_conv1d(x_BTC: torch.Tensor, weight_CK: torch.Tensor, state_BkC: torch.Tensor,
+                parent_BT: torch.Tensor | None = None, windows: torch.Tensor | None = None) -> torch.Tensor:
+    """``causal_conv1d`` over rows that form a tree (``flare.model.row_tree``): row t's window is the K-1 rows
+    on its own path before it (``parent`` pointers; -1 continues into the carried ``state``) and itself; pass
+    ``windows`` (``tree_windows(parent, K)``) instead of ``parent`` where it is already built.
+    Returns y [B, T, C] before any activation; the carried state is not advanced (read-only rows)."""
+    B, T, C = x_BTC.shape
+    K = weight_CK.shape[1]
+    x = cast(x_BTC, weight_CK.dtype)
+    full = torch.cat([cast(state_BkC, x.dtype), x], dim=1)  # [B, K-1+T, C]
+    idx = tree_windows(parent_BT, K) if windows is None else windows
+    rows = full.gather(1, idx.reshape(B, T * K, 1).expand(B, T * K, C)).view(B, T, K, C)
     return cast(_window_sum(rows, weight_CK), x_BTC.dtype)

@@ -247,3 +247,17 @@ def test_the_prefill_plays_the_first_round(flare_models, monkeypatch, redraft, t
     mixed = decode(model, _prompts([3, 9]), params, opts)
     assert mixed.token_ids == plain.token_ids
     assert mixed.active_forwards == plain.active_forwards - 1
+
+
+def test_every_round_of_one_layout_reuses_its_row_tree(flare_models, monkeypatch):
+    """With a group per acceptance point every round of the same live slots has the same layout: its row tree
+    is built once per decode, not once per forward."""
+    from flare.model.row_tree import RowTree
+
+    built = []
+    build = RowTree.build.__func__
+    monkeypatch.setattr(RowTree, "build", classmethod(lambda cls, *a: built.append(1) or build(cls, *a)))
+    params = SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True)
+    out = decode(flare_models["qwen3_5"], [[3, 1, 4]], params, ArTrustOptions(gen_block=4, redraft="every", pause=0))
+    assert out.forwards > 3
+    assert len(built) == 1  # the rounds' tree (the prefill's rows have one group after the prompt: no tree)

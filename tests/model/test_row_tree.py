@@ -76,3 +76,41 @@ def test_groups_per_sequence_padding_and_a_changed_draft(models64):
         assert (out2[0, 3:3 + 2 * M] - out[0, 3:3 + 2 * M]).abs().max() <= 1e-12
         assert (out2[0, 3 + 2 * M:3 + 3 * M] - out[0, 3 + 2 * M:3 + 3 * M]).abs().max() > 1e-6
 
+
+
+def test_a_reused_tree_and_the_equal_lengths_mask_give_the_same_rows(models64):
+    """A tree built once and passed with the layout (what the runner does for a recurring layout), and the
+    mask widened from the rows' own block when every length is equal, change nothing: against the same forward
+    building its tree, over a cache whose lengths differ (generic mask) and one whose lengths are equal."""
+    from flare.model.row_tree import RowTree
+
+    model, N = models64["qwen3_5"], 3
+    M = N - 1
+    g = torch.Generator().manual_seed(1)
+    clean = torch.randint(0, 90, (2, N), generator=g)
+    rows = torch.cat([clean, torch.full((2, N * M), MASK)], 1)
+    seeds = _seeds(2, N, M, list(range(1, N + 1)))
+    for lengths in ([7, 7], [7, 4]):
+        prefix = torch.randint(0, 90, (2, 7), generator=g)
+        with torch.no_grad():
+            cache = model.new_cache(2)
+            valid = None if lengths[0] == lengths[1] else torch.arange(7) < torch.tensor(lengths)[:, None]
+            model.hidden_states(prefix, cache=cache, valid=valid)
+            assert cache.bound_exact == (lengths[0] == lengths[1])
+            fresh = model.hidden_states(rows, cache=cache.clone(), layout=Rows(N, N * M, seeds=seeds))
+            tree = RowTree.build(torch.full((2,), N), torch.full((2,), N * M), seeds)
+            for _ in range(2):
+                reused = model.hidden_states(rows, cache=cache.clone(), layout=Rows(N, N * M, seeds, tree=tree))
+                assert torch.equal(reused, fresh)
+
+
+def test_the_equal_lengths_mask_is_the_rule(models64):
+    from flare import masks
+    from flare.model.row_tree import RowTree
+
+    seeds = _seeds(3, 4, 3, [1, 2, 3, 4], pad=2)
+    tree = RowTree.build(torch.tensor([4, 4, 1]), torch.tensor([12, 12, 3]), seeds)
+    T = seeds.shape[1]
+    for L in (0, 5):
+        rule = masks.inference_tree(torch.full((3,), L), tree.sees(), tree.real)
+        assert torch.equal(masks.after_committed(tree.own_mask(), L), masks.materialize(rule, 3, T, L + T, "cpu"))
