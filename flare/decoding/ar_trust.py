@@ -87,17 +87,17 @@ class ArTrustLane(Lane):
     def prefilled_drafts(self, slots: list[int], hidden: torch.Tensor, prompt_len: torch.Tensor) -> None:
         """The prefill's rows are a cold round's: the prompt's last row stands for the pending token (its causal
         row) and the MASK group after it drafts. Consumed as that round, so every draw matches a cold round's."""
-        S, _, E = hidden.shape
+        n, _, E = hidden.shape
         N, M = self.N, self.M
         at = (prompt_len - 1).clamp(min=0)[:, None] + torch.arange(1 + M, device=hidden.device)
         at = at.clamp(max=hidden.shape[1] - 1)  # other lanes' slots may have fewer rows; they are not read
-        picked = hidden.gather(1, at[:, :, None].expand(S, 1 + M, E))
+        picked = hidden.gather(1, at[:, :, None].expand(n, 1 + M, E))
         # A cold round's layout: [pending, MASK x M] (last), [pending, placeholders x M, group 0] (every).
         start = N if self.every else 1
-        rows = hidden.new_zeros(S, N + self.groups * M, E)
+        rows = hidden.new_zeros(n, N + self.groups * M, E)
         rows[:, 0], rows[:, start:start + M] = picked[:, 0], picked[:, 1:]
         self.paused, self.held = [], None
-        self.consume(slots, RowLogits(self.model, rows))
+        self.consume(slots, RowLogits(self.model, rows, self.slots.num_slots))
 
     def plan(self, live: list[int]) -> Plan:
         self.paused = [i for i in live if self.pause_left[i] > 0]
@@ -172,21 +172,22 @@ class ArTrustLane(Lane):
         # With one MASK group (last) the LM head runs once, over every row: a second pass over its weight (the
         # largest matrix of a real model) for the drafts would cost more than the extra rows. With a group per
         # acceptance point only the clean rows and, once the acceptance is known, the kept group are computed.
-        whole = None if self.every else row_logits.rows(0, N + M)
-        logits = row_logits.rows(0, N) if self.every else whole[:, :N]  # the target law of each draft and bonus
-        S, V = logits.shape[0], logits.shape[-1]
+        head = (0, N) if self.every else (0, N + M)
         cold = self.cold
         policy = self.options.draft_policy
         # Greedy decoding needs no laws: a draft passes iff it is the argmax (speculative sampling with one-hot
-        # p and q), so no vocabulary-sized tensor is built per round.
+        # p and q), so no vocabulary-sized tensor is built per round, and none is padded to every slot.
         greedy = s.all_greedy(drafting)
         if greedy:
-            picks = argmax(logits if whole is None else whole)  # [S, N] or [S, N + M]
+            picks = row_logits.picks(*head)  # [S, N] or [S, N + M]
             target = picks[:, :N]
             accepted = (self.drafts == target[:, :M]).long().cumprod(-1).sum(-1)
             accepted = torch.where(cold, torch.zeros_like(accepted), accepted)
             nxt = target.gather(1, accepted[:, None])[:, 0]
         else:
+            whole = row_logits.rows(*head)
+            logits = whole[:, :N]  # the target law of each draft and bonus
+            S, V = logits.shape[0], logits.shape[-1]
             if self.q is None:
                 self.q = torch.zeros(S, M, V, device=s.device)
             p = self._laws(drafting, logits)
@@ -199,7 +200,11 @@ class ArTrustLane(Lane):
             nxt = torch.where(cold, first, nxt)
         if held is not None:  # their one token, drawn as a causal step draws it
             accepted = torch.where(held, torch.zeros_like(accepted), accepted)
-            nxt = torch.where(held, self.sample(self.paused, logits[:, 0]), nxt)
+            if greedy and s.all_greedy(self.paused):
+                first = picks[:, 0]
+            else:
+                first = self.sample(self.paused, row_logits.rows(*head)[:, 0])
+            nxt = torch.where(held, first, nxt)
         n_commit = self.counts(mask, accepted + 1)
 
         # The MASK rows draft the tokens after next (shifted logits): the group after all clean rows, or (every)
@@ -209,9 +214,9 @@ class ArTrustLane(Lane):
         else:
             at = torch.where(cold, 1, N)[:, None] + torch.arange(M, device=s.device)
         if greedy:
-            d_new, q_new = (argmax(row_logits.at(at)) if whole is None else picks.gather(1, at)), None
+            d_new, q_new = (row_logits.picks_at(at) if self.every else picks.gather(1, at)), None
         else:
-            draft_logits = row_logits.at(at) if whole is None else whole.gather(1, at[:, :, None].expand(S, M, V))
+            draft_logits = row_logits.at(at) if self.every else whole.gather(1, at[:, :, None].expand(S, M, V))
             if policy == "exact_truncated":
                 q_new = self._laws(drafting, draft_logits)
                 d_new = s.per_generator(drafting, lambda q_, g: draw(q_, g), q_new)

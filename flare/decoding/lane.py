@@ -19,26 +19,50 @@ from flare.ops.sampling import argmax, sample
 
 
 class RowLogits:
-    """The logits of a forward's rows [S, R, V], computed only for the rows a lane reads: the LM head is
-    vocabulary-sized, so AR-Trust drafting from every acceptance point pays for its N clean rows and the one
-    group it keeps, not for every group; a block commit pays for its last row."""
+    """The logits of a forward's rows, computed only for the rows a lane reads and only for the slots the forward
+    covered: the LM head is vocabulary-sized, so AR-Trust drafting from every acceptance point pays for its N
+    clean rows and the one group it keeps, not for every group; a block commit pays for its last row; one
+    request in a server of 8 slots pays for one slot's rows. Results span every slot (zeros past the covered
+    ones); greedy picks are taken before that padding."""
 
-    def __init__(self, model: FlareModel, hidden: torch.Tensor) -> None:
-        self.model, self.hidden = model, hidden  # [S, R, E]
+    def __init__(self, model: FlareModel, hidden: torch.Tensor, slots: int | None = None) -> None:
+        self.model, self.hidden = model, hidden  # [n, R, E]: the covered slots
+        self.slots = hidden.shape[0] if slots is None else slots
         self._rows: dict[tuple[int, int], torch.Tensor] = {}
 
-    def rows(self, start: int, stop: int) -> torch.Tensor:
-        """[S, stop - start, V]."""
+    def _logits(self, start: int, stop: int) -> torch.Tensor:
         key = (start, stop)
         if key not in self._rows:
             self._rows[key] = self.model.logits(self.hidden[:, start:stop])
         return self._rows[key]
 
+    def _gathered(self, index: torch.Tensor) -> torch.Tensor:
+        n, E = self.hidden.shape[0], self.hidden.shape[-1]
+        K = index.shape[1]
+        return self.model.logits(self.hidden.gather(1, index[:n, :, None].expand(n, K, E)))
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        """[S, stop - start, V]."""
+        return pad_slots(self._logits(start, stop), self.slots)
+
+    def picks(self, start: int, stop: int) -> torch.Tensor:
+        """The argmax of ``rows(start, stop)`` [S, stop - start] (padding slots pick 0)."""
+        return pad_slots(argmax(self._logits(start, stop)), self.slots)
+
     def at(self, index: torch.Tensor) -> torch.Tensor:
         """[S, K, V]: row index[s, k] of each slot."""
-        S, K = index.shape
-        picked = self.hidden.gather(1, index[:, :, None].expand(S, K, self.hidden.shape[-1]))
-        return self.model.logits(picked)
+        return pad_slots(self._gathered(index), self.slots)
+
+    def picks_at(self, index: torch.Tensor) -> torch.Tensor:
+        """The argmax of ``at(index)`` [S, K]."""
+        return pad_slots(argmax(self._gathered(index)), self.slots)
+
+
+def pad_slots(x: torch.Tensor, slots: int) -> torch.Tensor:
+    """Zero rows appended to reach ``slots`` (the slots a narrowed forward did not cover)."""
+    if x.shape[0] == slots:
+        return x
+    return torch.cat([x, x.new_zeros(slots - x.shape[0], *x.shape[1:])])
 
 
 @dataclass
@@ -87,7 +111,8 @@ class Lane:
 
     def prefilled_drafts(self, slots: list[int], hidden: torch.Tensor, prompt_len: torch.Tensor) -> None:
         """The admission prefill committed each slot's WHOLE prompt and ran ``draft_rows`` MASK rows after it:
-        ``hidden`` [S, R, E] holds the prompt's rows, then the MASK rows, then padding (``prompt_len`` [S])."""
+        ``hidden`` [n, R, E] (the first n slots, those the forward covered) holds the prompt's rows, then the MASK
+        rows, then padding (``prompt_len`` [n])."""
         raise NotImplementedError
 
     def plan(self, live: list[int]) -> Plan:

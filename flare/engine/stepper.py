@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from flare.device import pack_linears
-from flare.decoding.lane import Lane, RowLogits
+from flare.decoding.lane import Lane, RowLogits, pad_slots
 from flare.decoding.modes import LANES
 from flare.decoding.options import ModeOptions
 from flare.decoding.params import SamplingParams
@@ -114,7 +114,7 @@ class Stepper:
                     del drafting[key]
         filled = [s for s, t in enumerate(tokens) if t]
         if filled:
-            logits = _pad_rows(self.runner.prefill(tokens[: max(filled) + 1]), self.slots.num_slots)
+            logits = pad_slots(self.runner.prefill(tokens[: max(filled) + 1]), self.slots.num_slots)
             self.slots.active_forwards += self.slots.mask(filled).long()
         else:
             logits = torch.zeros(self.slots.num_slots, self.model.config.vocab_size, device=self.model.device)
@@ -130,7 +130,7 @@ class Stepper:
     def _prefill_drafts(self, groups: list[tuple[Lane, list[Admission]]]) -> None:
         """One rows forward over each prompt (clean rows, all committed) and its lane's MASK rows after it."""
         n = max(a.slot for _, group in groups for a in group) + 1
-        S, mask_id = self.slots.num_slots, self.model.config.mask_token_id
+        mask_id = self.model.config.mask_token_id
         clean, noisy = [0] * n, [0] * n
         rows: list[list[int]] = [[] for _ in range(n)]
         for lane, group in groups:
@@ -141,13 +141,12 @@ class Stepper:
         dev = self.model.device
         ids = torch.tensor([r + [0] * (R - len(r)) for r in rows], device=dev)
         num_clean, num_noisy = torch.tensor(clean, device=dev), torch.tensor(noisy, device=dev)
-        hidden = _pad_rows(self.runner.rows(ids, num_clean, num_noisy, record=True), S)
+        hidden = self.runner.rows(ids, num_clean, num_noisy, record=True)
         self.runner.commit_recorded(num_clean)
         slots = [a.slot for _, group in groups for a in group]
         self.slots.active_forwards += self.slots.mask(slots).long()
-        prompt_len = F.pad(num_clean, (0, S - n))
         for lane, group in groups:
-            lane.prefilled_drafts([a.slot for a in group], hidden, prompt_len)
+            lane.prefilled_drafts([a.slot for a in group], hidden, num_clean)
 
     def release(self, slot: int) -> None:
         """Free a slot (its sequence finished or was aborted); the next admission may take it."""
@@ -204,7 +203,7 @@ class Stepper:
             hidden = self.runner.rows(tokens[:n], clean[:n], noisy[:n], record=True,
                                       seeds=None if seeds is None else seeds[:n],
                                       layout_key=None if None in keys else keys)
-        logits = RowLogits(self.model, _pad_rows(hidden, S))
+        logits = RowLogits(self.model, hidden, S)
         n_commit = torch.zeros_like(clean)
         for lane, live, _ in plans:
             n_commit += lane.consume(live, logits)
@@ -246,9 +245,3 @@ class Stepper:
         e = self.emitted[slot]
         return self.slots.tokens(slot, e.tokens, len(e.tokens))
 
-
-def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
-    """Zero rows appended to reach ``rows`` (the slots a narrowed forward did not cover)."""
-    if x.shape[0] == rows:
-        return x
-    return torch.cat([x, x.new_zeros(rows - x.shape[0], *x.shape[1:])])

@@ -147,3 +147,25 @@ def test_a_lone_request_in_a_wide_engine_steps_without_masks(flare_models, monke
     monkeypatch.undo()
     assert not built
     assert seq.output_ids == decode(model, [prompt], params).token_ids[0]
+
+
+@pytest.mark.parametrize("mode, options", [("causal", {}), ("ar_trust", {"pause": 0}),
+                                           ("ar_trust", {"redraft": "every", "pause": 0})])
+def test_the_lm_head_reads_only_the_busy_slots(flare_models, mode, options):
+    """The LM head (the largest matrix of a real model) runs over the rows of the slots a forward covered: one
+    request in an engine of eight slots pays for its own rows alone, prefill included, and gets the tokens
+    decode() gives it."""
+    model = flare_models["qwen3_5"]
+    params = SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True)
+    prompt = _prompt(random.Random(6), 9)
+    engine = Engine(model, EngineConfig(max_num_seqs=8))
+    slots = []
+    hook = model.lm_head.register_forward_pre_hook(lambda m, args: slots.append(args[0].shape[0]))
+    try:
+        seq = engine.add_request(prompt, params, make_options(mode, options))
+        while engine.has_work:
+            engine.step()
+    finally:
+        hook.remove()
+    assert slots and set(slots) == {1}
+    assert seq.output_ids == decode(model, [prompt], params, make_options(mode, options)).token_ids[0]
