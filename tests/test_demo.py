@@ -10,7 +10,7 @@ from flare.demo import QUICK, run
 def test_quick_demo_writes_a_complete_report(tmp_path):
     results = run(tmp_path, QUICK)
     report = (tmp_path / "report.md").read_text()
-    for mode in ("causal", "ar_trust", "ar_trust:redraft=every", "diffusion_trust", "low_confidence:block_size=3"):
+    for mode in ("causal", "ar_trust", "ar_trust:redraft=last", "diffusion_trust", "low_confidence:block_size=3"):
         assert f"| {mode} |" in report, mode
     assert results["ar_trust_equals_causal"]  # AR-Trust at temperature 0 == causal, token for token
     saved = json.loads((tmp_path / "results.json").read_text())

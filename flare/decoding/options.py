@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
 
 DRAFT_POLICIES = ("exact_truncated", "argmax_full_verify", "argmax_truncated")
-REDRAFTS = ("last", "every")
+REDRAFTS = ("auto", "last", "every")
 
 
 def _opt(default: Any, help: str) -> Any:
@@ -73,9 +73,10 @@ class ArTrustOptions(ModeOptions):
     draft_policy: str = _opt("exact_truncated", "ar_trust: exact_truncated (drafts from the target's filtered "
                                                 "law, exact), argmax_full_verify (exact), argmax_truncated "
                                                 "(approximate, faster)")
-    redraft: str = _opt("last", "ar_trust: where the next round's drafts come from: last (one MASK group after "
-                                "all drafts; a rejection leaves the next round cold, 1 token) or every (a MASK "
-                                "group after each acceptance point, N groups: no cold rounds)")
+    redraft: str = _opt("auto", "ar_trust: where the next round's drafts come from: last (one MASK group after "
+                                "all drafts; a rejection leaves the next round cold, 1 token), every (a MASK "
+                                "group after each acceptance point, N groups: no cold rounds) or auto (every for "
+                                "greedy batches of up to 2 drafting sequences, else last)")
     pause: int = _opt(4, "ar_trust: after two verify rounds in a row that accept no draft, a sequence decodes "
                          "causally (one row, no drafts) for this many steps before drafting again, twice as many "
                          "each time drafting keeps failing (up to 16x); 0 = always draft")

@@ -261,3 +261,43 @@ def test_every_round_of_one_layout_reuses_its_row_tree(flare_models, monkeypatch
     out = decode(flare_models["qwen3_5"], [[3, 1, 4]], params, ArTrustOptions(gen_block=4, redraft="every", pause=0))
     assert out.forwards > 3
     assert len(built) == 1  # the rounds' tree (the prefill's rows have one group after the prompt: no tree)
+
+
+def test_auto_redraft_groups_every_acceptance_point_for_small_greedy_batches(flare_models, monkeypatch):
+    """redraft=auto (the default): a MASK group per acceptance point while at most AUTO_EVERY_SLOTS greedy
+    sequences draft, one group otherwise or when any sequence samples; a batch that shrinks switches between
+    rounds, and every sequence still gets its causal tokens."""
+    from flare.decoding.ar_trust import AUTO_EVERY_SLOTS
+    from flare.engine import Engine, EngineConfig
+    from flare.engine.runner import CachedRunner
+
+    model, N = flare_models["qwen3_5"], 4
+    M = N - 1
+    widths = []
+    rows = CachedRunner.rows
+    monkeypatch.setattr(CachedRunner, "rows", lambda self, tokens, *a, **k: widths.append(tokens.shape[1]) or rows(
+        self, tokens, *a, **k))
+    opts = ArTrustOptions(gen_block=N, pause=0)
+    assert opts.redraft == "auto" and AUTO_EVERY_SLOTS == 2
+
+    def first_round(prompts, params):
+        widths.clear()
+        decode(model, prompts, params, opts)
+        return widths[1]  # after the drafting prefill
+
+    greedy = SamplingParams(temperature=0, max_new_tokens=10, ignore_eos=True)
+    assert first_round(_prompts([5]), greedy) == N + N * M
+    assert first_round(_prompts([5, 7, 9]), greedy) == N + M
+    assert first_round(_prompts([5]), SamplingParams(temperature=0.8, max_new_tokens=10, seed=1)) == N + M
+
+    engine = Engine(model, EngineConfig(max_num_seqs=3))
+    prompts = _prompts([5, 7, 9], seed=2)
+    seqs = [engine.add_request(p, SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True), opts)
+            for p, n in zip(prompts, (4, 8, 16))]
+    widths.clear()
+    while engine.has_work:
+        engine.step()
+    assert {N + M, N + N * M} <= set(widths)  # three drafting, then one
+    for p, n, seq in zip(prompts, (4, 8, 16), seqs):
+        params = SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True)
+        assert seq.output_ids == decode(model, [p], params).token_ids[0]
