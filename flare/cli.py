@@ -78,15 +78,10 @@ def _generate(args: argparse.Namespace) -> int:
     text = done.text if llm.tokenizer is not None else None
     if args.json:
         out = {
-            "mode": done.options.mode,
-            "options": done.options.given(),
-            "prompt_ids": prompt,
-            "token_ids": done.token_ids,
-            "finish_reason": done.finish_reason,
-            "forwards": done.forwards,
-            "tokens_per_forward": done.tokens_per_forward,
-            "drafted": done.drafted,
-            "accepted": done.accepted,
+            "mode": done.options.mode, "options": done.options.given(),
+            "prompt_ids": prompt, "token_ids": done.token_ids, "finish_reason": done.finish_reason,
+            "forwards": done.forwards, "tokens_per_forward": done.tokens_per_forward,
+            "drafted": done.drafted, "accepted": done.accepted,
             "kernel_paths": llm.model.kernel_paths(),
             "device": str(llm.model.device),
             "dtype": str(llm.model.dtype).removeprefix("torch."),
@@ -183,7 +178,8 @@ def _bench(args: argparse.Namespace) -> int:
     else:
         target = HttpTarget(args.base_url, args.served_model)
     questions = [item.question for item in load_task(args.task, limit=max(concurrency) * 4).items]
-    runs = [run_waves(target, questions, mode, c, args.max_tokens, args.waves) for mode in modes for c in concurrency]
+    runs = [run_waves(target, questions, mode, c, args.max_tokens, args.waves, until_eos=args.until_eos)
+            for mode in modes for c in concurrency]
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "bench.json").write_text(json.dumps([r.to_dict() for r in runs], indent=2))
@@ -278,11 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print the report as one JSON object")
     ev.set_defaults(func=_eval)
 
-    bench = sub.add_parser("bench", help="fixed-output throughput waves (in-process or any OpenAI-compatible "
-                                         "server)",
+    bench = sub.add_parser("bench", help="fixed-output throughput waves (in-process or any OpenAI server)",
                            description="The fixed-output wave protocol: per mode and concurrency C, a warm-up "
                                        "wave of C requests, then measured waves; every completion must have "
-                                       "exactly --max-tokens tokens (ignore_eos).")
+                                       "exactly --max-tokens tokens (ignore_eos), or with --until-eos ends at EOS.")
     target = bench.add_mutually_exclusive_group(required=True)
     target.add_argument("--model", help="checkpoint directory: run the engine in this process")
     target.add_argument("--base-url", help="an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1")
@@ -292,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "sends no mode (another server, or the default)")
     bench.add_argument("--concurrency", default="1,4,8", help="comma-separated C values (default: 1,4,8)")
     bench.add_argument("--max-tokens", type=int, default=128, help="exact completion length (default: 128)")
+    bench.add_argument("--until-eos", action="store_true", help="answers end at EOS (--max-tokens caps them): "
+                       "tokens/s of answers as users get them, the text after them untimed")
     bench.add_argument("--waves", type=int, default=3, help="measured waves after the warm-up (default: 3)")
     bench.add_argument("--task", default="arithmetic", help="where the prompts come from (default: arithmetic)")
     bench.add_argument("--max-num-seqs", type=int, default=EngineConfig.max_num_seqs,

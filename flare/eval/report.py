@@ -38,8 +38,14 @@ def throughput_table(runs: list[WaveRun]) -> str:
         rows.append(f"| {r.mode} | {r.concurrency} | {r.tokens_per_s:.1f} | "
                     f"{_fmt(r.tokens_per_s / c if c else None)}{'x' if c else ''} | "
                     f"{_fmt(r.tokens_per_s / lc if lc else None)}{'x' if lc else ''} | "
-                    f"{_fmt(r.tokens_per_forward)} | {'yes' if r.valid else 'NO: ' + (r.problem or '')} |")
+                    f"{_fmt(r.tokens_per_forward)} | {_validity(r)} |")
     return "\n".join(rows)
+
+
+def _validity(r: WaveRun) -> str:
+    if r.until_eos:
+        return f"yes (until EOS: {r.tokens} tokens)"
+    return "yes" if r.valid else "NO: " + (r.problem or "")
 
 
 def scaling_lines(runs: list[WaveRun]) -> list[str]:

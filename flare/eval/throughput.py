@@ -4,6 +4,9 @@ For each mode and concurrency C: one warm-up wave of C requests, then ``waves`` 
 when the previous one has finished. Every request asks for exactly ``max_tokens`` tokens with ``ignore_eos``;
 a run counts only if every completion has exactly that length. Throughput = completion tokens of the measured
 waves / their wall time. Tokens per forward comes from the server's ``flare`` counters when it reports them.
+``until_eos`` measures answers as a user gets them instead: each ends at its EOS (``max_tokens`` caps it), so
+the text after an answer, which a drafting mode predicts badly and nobody reads, is not timed; compare tokens/s
+of servers that give the same answers (the same greedy model).
 """
 
 from __future__ import annotations
@@ -39,8 +42,9 @@ class WaveRun:
     tokens: int
     seconds: float
     tokens_per_forward: float | None
-    valid: bool  # every completion had exactly max_tokens tokens
+    valid: bool  # every completion had exactly max_tokens tokens (until_eos: always)
     problem: str | None = None
+    until_eos: bool = False
 
     @property
     def tokens_per_s(self) -> float:
@@ -51,7 +55,8 @@ class WaveRun:
 
 
 class Target(Protocol):
-    def wave(self, questions: list[str], mode: ModeOptions | None, max_tokens: int) -> list[tuple[int, int | None]]:
+    def wave(self, questions: list[str], mode: ModeOptions | None, max_tokens: int, ignore_eos: bool = True
+             ) -> list[tuple[int, int | None]]:
         """Run the questions concurrently; per request (completion tokens, forwards or None)."""
 
 
@@ -61,9 +66,9 @@ class EngineTarget:
     def __init__(self, llm: LLM) -> None:
         self.llm = llm
 
-    def wave(self, questions, mode, max_tokens):
+    def wave(self, questions, mode, max_tokens, ignore_eos=True):
         prompts = [self.llm.chat_ids([{"role": "user", "content": q}]) for q in questions]
-        params = SamplingParams(temperature=0, max_new_tokens=max_tokens, ignore_eos=True)
+        params = SamplingParams(temperature=0, max_new_tokens=max_tokens, ignore_eos=ignore_eos)
         return [(len(c.token_ids), c.forwards) for c in self.llm.generate(prompts, params, mode)]
 
 
@@ -95,19 +100,20 @@ class HttpTarget:
         except urllib.error.HTTPError as e:
             raise RuntimeError(f"HTTP {e.code}: {e.read()[:300]!r}") from None
 
-    def _one(self, question: str, mode: ModeOptions | None, max_tokens: int) -> tuple[int, int | None]:
-        reply = self.chat(question, mode, max_tokens)
+    def _one(self, question: str, mode: ModeOptions | None, max_tokens: int, ignore_eos: bool
+             ) -> tuple[int, int | None]:
+        reply = self.chat(question, mode, max_tokens, ignore_eos)
         forwards = (reply.get("flare") or {}).get("forwards")
         return reply["usage"]["completion_tokens"], forwards
 
-    def wave(self, questions, mode, max_tokens):
+    def wave(self, questions, mode, max_tokens, ignore_eos=True):
         with cf.ThreadPoolExecutor(len(questions)) as pool:
-            return list(pool.map(lambda q: self._one(q, mode, max_tokens), questions))
+            return list(pool.map(lambda q: self._one(q, mode, max_tokens, ignore_eos), questions))
 
 
 def run_waves(target: Target, questions: list[str], mode: ModeOptions | None, concurrency: int, max_tokens: int,
-              waves: int, warmup: int = 1) -> WaveRun:
-    """``mode`` None sends no mode (the server's default)."""
+              waves: int, warmup: int = 1, until_eos: bool = False) -> WaveRun:
+    """``mode`` None sends no mode (the server's default); ``until_eos``: answers end at EOS (module doc)."""
     if concurrency < 1 or waves < 1 or max_tokens < 1:
         raise ValueError("concurrency, waves and max_tokens must be >= 1")
     if not questions:
@@ -117,12 +123,12 @@ def run_waves(target: Target, questions: list[str], mode: ModeOptions | None, co
         return [questions[(i * concurrency + j) % len(questions)] for j in range(concurrency)]
 
     for w in range(warmup):
-        target.wave(batch(w), mode, max_tokens)
+        target.wave(batch(w), mode, max_tokens, not until_eos)
     tokens, forwards, lengths, seconds = 0, 0, [], 0.0
     known = True
     for w in range(waves):
         start = time.perf_counter()
-        out = target.wave(batch(warmup + w), mode, max_tokens)
+        out = target.wave(batch(warmup + w), mode, max_tokens, not until_eos)
         seconds += time.perf_counter() - start
         for n, f in out:
             tokens += n
@@ -131,8 +137,8 @@ def run_waves(target: Target, questions: list[str], mode: ModeOptions | None, co
                 known = False
             else:
                 forwards += f
-    bad = [n for n in lengths if n != max_tokens]
+    bad = [n for n in lengths if n != max_tokens and not until_eos]
     problem = f"{len(bad)} completions were not {max_tokens} tokens long (e.g. {bad[0]})" if bad else None
     label = "server default" if mode is None else mode.label()
     return WaveRun(label, concurrency, max_tokens, waves, tokens, seconds,
-                   tokens / forwards if known and forwards else None, not bad, problem)
+                   tokens / forwards if known and forwards else None, not bad, problem, until_eos)

@@ -149,3 +149,31 @@ def test_flare_eval_cli_on_a_gsm8k_file(tiny_dirs, tmp_path):
     assert report["questions"] == 2 and report["skipped_rows"] == [[2, "not JSON (Expecting value)"]]
     assert report["results"][0]["mode"] == "causal"
     assert (tmp_path / "out" / "accuracy_vs_tpf.png").exists()
+
+
+def test_waves_until_eos_time_the_answers_as_users_get_them(llm):
+    """--until-eos: each completion ends at its EOS (max_tokens only caps it), in process and over HTTP; the
+    tokens counted are those the same questions give decoded alone, and the table says what was measured."""
+    from tests.serve.conftest import LiveServer
+
+    questions = ["1+2", "30+4", "5+66"]
+    sent = [questions[(1 * 2 + j) % 3] for j in range(2)]  # wave 1 of C=2
+    # The random model never meets its EOS: make EOS a token its answer to the first question holds.
+    model = copy.deepcopy(llm.model)
+    first = decode(model, [llm.chat_ids([{"role": "user", "content": sent[0]}])],
+                   SamplingParams(temperature=0, max_new_tokens=40, ignore_eos=True)).token_ids[0]
+    model.config.eos_token_id = first[5]
+    llm = LLM(model, llm.tokenizer, EngineConfig(max_num_seqs=8), name="tiny")
+    natural = SamplingParams(temperature=0, max_new_tokens=40)
+    tokens, _, _, _ = _alone(llm, sent, natural, "causal")
+    assert tokens < 2 * 40  # the premise: an answer ends at its EOS
+    run = run_waves(EngineTarget(llm), questions, parse_mode("ar_trust"), 2, max_tokens=40, waves=1, until_eos=True)
+    assert run.valid and run.until_eos and run.tokens == tokens
+    assert f"until EOS: {tokens} tokens" in throughput_table([run])
+    live = LiveServer(llm)
+    try:
+        http = run_waves(HttpTarget(live.base_url), questions, parse_mode("causal"), 2, max_tokens=40, waves=1,
+                         until_eos=True)
+    finally:
+        live.stop()
+    assert http.valid and http.tokens == tokens
