@@ -15,7 +15,7 @@ With ``redraft="every"`` (our extension, method §3) the round holds a MASK grou
 for every k, each seeded at that clean boundary (``flare.model.row_tree``): whatever is accepted, the next
 round's drafts are conditioned on exactly the committed context, so no round is cold. Those rows pay where rows
 are cheap (a GPU) or the batch is small; ``redraft="auto"`` (the default) takes them for greedy batches of up to
-``AUTO_EVERY_SLOTS`` drafting sequences and one group otherwise.
+``AUTO_EVERY_SLOTS`` sequences and one group otherwise.
 
 Where drafting fails (two verify rounds in a row accept nothing) a sequence pauses it: for ``pause`` steps it
 decodes causally, one row and no MASK rows, then drafts again; each pause that ends in more failure is twice
@@ -121,10 +121,10 @@ class ArTrustLane(Lane):
             return Plan(self.pending[:, None], mask.long(), torch.zeros_like(self.pending), commits_all=True,
                         same_clean=1)
         if self.options.redraft == "auto":
-            # A group per acceptance point costs rows that pay at a batch of one or two; greedy batches only, so
-            # that a seeded sampled request's draws never depend on its batch.
-            drafting = len(live) - len(self.paused)
-            self.every = drafting <= AUTO_EVERY_SLOTS and self.slots.all_greedy(live)
+            # A group per acceptance point costs rows that pay at a batch of one or two (every slot of the
+            # forward pays for its width, paused ones too); greedy batches only, so that a seeded sampled
+            # request's draws never depend on its batch.
+            self.every = len(live) <= AUTO_EVERY_SLOTS and self.slots.all_greedy(live)
         middle = torch.where(self.cold[:, None], self.masks_row, self.drafts)
         groups = self.every_rows if self.every else self.masks_row
         rows = torch.cat([self.pending[:, None], middle, groups], dim=1)  # cold rows end in padding
