@@ -21,7 +21,9 @@ Where drafting fails (two verify rounds in a row accept nothing) a sequence paus
 decodes causally, one row and no MASK rows, then drafts again; each pause that ends in more failure is twice
 as long (up to 16x). The decision uses only the sequence's own verdicts, read in the stepper's one sync, so a
 request is decoded the same alone or in any batch; a step whose sequences are all paused is a plain causal
-forward. Every token still follows the AR law (a paused step is a causal step).
+forward. In a round that drafts anyway a paused greedy sequence drafts along (its rows cost nothing more, and
+its tokens are the causal ones either way); a sampled one stays held. Every token still follows the AR law (a
+paused step is a causal step).
 """
 
 from __future__ import annotations
@@ -120,6 +122,9 @@ class ArTrustLane(Lane):
         if len(self.paused) == len(live):  # every sequence steps causally: a plain causal forward
             return Plan(self.pending[:, None], mask.long(), torch.zeros_like(self.pending), commits_all=True,
                         same_clean=1)
+        # The round drafts: a paused greedy sequence drafts along, since its rows are in the forward either way
+        # (held out it would only lose its drafts); a sampled one stays held, so its draws follow its own verdicts.
+        self.paused = [i for i in self.paused if not self.slots.params[i].greedy]
         if self.options.redraft == "auto":
             # A group per acceptance point costs rows that pay at a batch of one or two (every slot of the
             # forward pays for its width, paused ones too); greedy batches only, so that a seeded sampled

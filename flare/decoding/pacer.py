@@ -5,7 +5,9 @@ enough drafts are accepted; how much more it costs depends on the model, the bat
 from 1.2x to 2.2x, benchmarks/README.md). For a lane whose sequences are all greedy, whose tokens are the causal
 ones whatever kind of round produced them, the pacer times each round from one plan to the next, keeps the
 seconds per committed token of each kind (decayed sums of seconds and of tokens, so a round that commits more
-weighs more), and runs the faster kind, trying the other for a few rounds now and then. The first round after
+weighs more), and runs the faster kind, trying the other for a few rounds now and then: a trial that confirms the
+faster kind doubles the rounds until the next one (up to ``LONGEST``), any switch brings them back to ``EVERY``,
+so a clear winner costs few trials and a close race is watched closely. The first round after
 a switch is not timed: a drafting stint starts with a cold round (one token, no drafts to verify) whose cost is
 paid once per switch, not per round. Sampled sequences are not paced: their random draws would then depend on the
 clock (they keep the per-sequence pause, ``ArTrustOptions.pause``, which depends on their own verdicts only).
@@ -19,9 +21,10 @@ DRAFT, CAUSAL = "draft", "causal"
 
 
 class Pacer:
-    TRIAL = 4  # rounds of the other kind per trial
-    FIRST = 4  # drafting rounds before the first causal trial
-    EVERY = 16  # rounds of the faster kind between trials
+    TRIAL = 3  # rounds of the other kind per trial (the first untimed)
+    FIRST = 16  # drafting rounds before the first causal trial
+    EVERY = 16  # rounds of the faster kind between trials, at first and after a switch
+    LONGEST = 256  # the most rounds between trials, after trials that kept confirming the faster kind
     KEEP = 0.8  # of the sums per timed round of the same kind
 
     def __init__(self) -> None:
@@ -29,6 +32,8 @@ class Pacer:
         self.best = DRAFT
         self.trial_left = 0
         self.since = 0
+        self.gap = self.EVERY  # rounds between trials
+        self.trialled = False  # a trial ran since the last comparison
         self.open: tuple[str, float] | None = None  # the timed round in flight: its kind and start
         self.last: str | None = None
 
@@ -55,11 +60,17 @@ class Pacer:
             kind = other
         else:
             mine, theirs = self.rate(self.best), self.rate(other)
-            if theirs is not None and mine is not None and theirs < mine:
+            switch = theirs is not None and mine is not None and theirs < mine
+            if switch:
                 self.best, other = other, self.best
+            if switch:  # conditions changed: watch closely
+                self.gap = self.EVERY
+            elif self.trialled:  # a trial confirmed the faster kind: the next one later
+                self.gap = min(2 * self.gap, self.LONGEST)
+            self.trialled = False
             self.since += 1
-            if self.since > (self.FIRST if theirs is None else self.EVERY):
-                self.since, self.trial_left = 0, self.TRIAL - 1
+            if self.since > (self.FIRST if theirs is None else self.gap):
+                self.since, self.trial_left, self.trialled = 0, self.TRIAL - 1, True
                 kind = other
             else:
                 kind = self.best

@@ -75,3 +75,29 @@ def test_a_batch_with_sampled_sequences_is_not_paced(flare_models, monkeypatch):
     params = SamplingParams(temperature=0.8, max_new_tokens=12, ignore_eos=True, seed=1)
     out = decode(model, [[3, 1, 4], [1, 5]], params, ArTrustOptions(gen_block=4))
     assert len(out.token_ids[0]) == 12
+
+
+def test_trials_that_confirm_the_faster_kind_grow_rarer(monkeypatch):
+    """Drafting clearly faster: each causal trial that confirms it doubles the rounds to the next (up to
+    LONGEST), so over a long run the trials cost a few percent of the rounds, not TRIAL / EVERY."""
+    kinds = _drive(monkeypatch, {DRAFT: 2.0, CAUSAL: 1.0}, {DRAFT: 3, CAUSAL: 1}, 2000)
+    starts = [i for i in range(1, len(kinds)) if kinds[i] == CAUSAL and kinds[i - 1] == DRAFT]
+    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    assert gaps == sorted(gaps) and gaps[-1] >= Pacer.LONGEST
+    assert kinds.count(CAUSAL) < 0.05 * len(kinds)
+
+
+def test_a_switch_brings_trials_back_to_every(monkeypatch):
+    """After trials grew rare, drafts that stop paying are seen at once (the running kind is timed every round)
+    and the switch brings the trials back to EVERY rounds apart."""
+    clock = [0.0]
+    monkeypatch.setattr("flare.decoding.pacer.time.perf_counter", lambda: clock[0])
+    pacer, best, last = Pacer(), [], None
+    for i in range(1000):
+        kind = pacer.next(last)
+        best.append((pacer.best, pacer.gap))
+        clock[0] += {DRAFT: 2.0, CAUSAL: 1.0}[kind]
+        last = {DRAFT: 3 if i < 700 else 1, CAUSAL: 1}[kind]  # drafts stop paying after round 700
+    assert best[699] == (DRAFT, Pacer.LONGEST)
+    switched = next(i for i in range(700, 1000) if best[i][0] == CAUSAL)
+    assert switched < 710 and best[switched][1] == Pacer.EVERY
