@@ -301,3 +301,30 @@ def test_auto_redraft_groups_every_acceptance_point_for_small_greedy_batches(fla
     for p, n, seq in zip(prompts, (4, 8, 16), seqs):
         params = SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True)
         assert seq.output_ids == decode(model, [p], params).token_ids[0]
+
+
+def test_a_paused_greedy_sequence_drafts_along_in_a_drafting_round(flare_models, monkeypatch):
+    """A paused sequence in a round that drafts anyway: a greedy one drafts along (its rows are in the forward
+    either way), a sampled one is held to its causal step (its draws follow its own verdicts only)."""
+    from flare.decoding.ar_trust import ArTrustLane
+
+    model = flare_models["qwen3_5"]
+    plan = ArTrustLane.plan
+    held = []
+
+    def first_paused(self, live):
+        self.pause_left[live[0]] = max(self.pause_left[live[0]], 1)  # the first sequence is always paused
+        out = plan(self, live)
+        held.append(self.held is not None)
+        return out
+
+    monkeypatch.setattr(ArTrustLane, "plan", first_paused)
+    monkeypatch.setattr("flare.decoding.pacer.Pacer.next", lambda self, tokens: "draft")
+    prompts = [[3, 1, 4], [1, 5, 9, 2]]
+    for temperature, expect in ((0.0, False), (0.8, True)):
+        held.clear()
+        params = SamplingParams(temperature=temperature, max_new_tokens=10, ignore_eos=True, seed=1)
+        out = decode(model, prompts, params, ArTrustOptions(gen_block=4, pause=2, redraft="last"))
+        assert held and set(held) == {expect}
+        if not temperature:
+            assert out.token_ids == decode(model, prompts, params).token_ids
