@@ -22,7 +22,7 @@ DRAFT, CAUSAL = "draft", "causal"
 
 class Pacer:
     TRIAL = 3  # rounds of the other kind per trial (the first untimed)
-    FIRST = 16  # drafting rounds before the first causal trial
+    FIRST = 8  # drafting rounds before the first causal trial
     EVERY = 16  # rounds of the faster kind between trials, at first and after a switch
     LONGEST = 256  # the most rounds between trials, after trials that kept confirming the faster kind
     KEEP = 0.8  # of the sums per timed round of the same kind
