@@ -30,6 +30,11 @@ class RowLogits:
         self.slots = hidden.shape[0] if slots is None else slots
         self._rows: dict[tuple[int, int], torch.Tensor] = {}
 
+    @property
+    def covered(self) -> int:
+        """The slots the forward covered (the head's rows are this many times the rows read per slot)."""
+        return self.hidden.shape[0]
+
     def _logits(self, start: int, stop: int) -> torch.Tensor:
         key = (start, stop)
         if key not in self._rows:

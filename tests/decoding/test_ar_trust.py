@@ -171,12 +171,13 @@ def test_bad_options(flare_models, tiny_models):
         decode(tiny_models["qwen3_5"][0], [[1]], SamplingParams(), "ar_trust")
 
 
-@pytest.mark.parametrize("redraft, heads_per_round", [("last", 1), ("every", 2)])
+@pytest.mark.parametrize("redraft, batch, heads_per_round", [("last", 2, 1), ("every", 2, 1), ("every", 5, 2)])
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
-def test_lm_head_passes_per_round(flare_models, redraft, heads_per_round, temperature):
+def test_lm_head_passes_per_round(flare_models, redraft, batch, heads_per_round, temperature):
     """The LM head is the largest matrix of a real model: with one MASK group a round reads it once (clean rows
-    and drafts together), with a group per acceptance point twice (the kept group is known after the verdict).
-    Every pass runs with the weights frozen, so its derived values (a packed copy of the weight) are kept."""
+    and drafts together); with a group per acceptance point once while the rows are few (2 x 16 here), else
+    twice (5 x 16: the kept group is known after the verdict). Every pass runs with the weights frozen, so its
+    derived values (a packed copy of the weight) are kept."""
     from flare.model.layers import weights_frozen
 
     model = flare_models["qwen3_5"]
@@ -184,7 +185,8 @@ def test_lm_head_passes_per_round(flare_models, redraft, heads_per_round, temper
     hook = model.lm_head.register_forward_pre_hook(lambda m, args: calls.append(weights_frozen()))
     try:
         params = SamplingParams(temperature=temperature, max_new_tokens=12, ignore_eos=True, seed=3)
-        res = decode(model, _prompts([3, 9]), params, ArTrustOptions(gen_block=4, redraft=redraft, pause=0))
+        res = decode(model, _prompts([3, 9, 4, 6, 8][:batch]), params,
+                     ArTrustOptions(gen_block=4, redraft=redraft, pause=0))
     finally:
         hook.remove()
     assert all(calls)
