@@ -24,6 +24,10 @@ request is decoded the same alone or in any batch; a step whose sequences are al
 forward. In a round that drafts anyway a paused greedy sequence drafts along (its rows cost nothing more, and
 its tokens are the causal ones either way); a sampled one stays held. Every token still follows the AR law (a
 paused step is a causal step).
+
+An all-greedy batch is paced (``flare.decoding.pacer``): full rounds, short rounds of m = (N-1) // 2 drafts and
+MASK rows, or causal steps. A slot holds the drafts its last round made (``have``); a round verifies as many of
+them as it has rows for, and its MASK group starts right after the drafts it verified.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from flare.decoding.lane import Lane, Plan, RowLogits
-from flare.decoding.pacer import CAUSAL, Pacer
+from flare.decoding.pacer import CAUSAL, DRAFT, SHORT, Pacer
 from flare.ops.sampling import argmax, draw, filtered_probs, speculative_verify
 
 
@@ -58,9 +62,10 @@ class ArTrustLane(Lane):
         self.room = self.N
         self.draft_rows = self.M
         self.pending = torch.zeros(S, dtype=torch.long, device=dev)
-        # Cold rows (before the first round, after a rejection) have no drafts: their round is [pending, MASK x M]
-        # (1 token + fresh drafts); warm rows verify their drafts: [pending, d_1..d_M, MASK x M].
-        self.cold = torch.ones(S, dtype=torch.bool, device=dev)
+        # The drafts each slot holds for its next round (0: cold, after a rejection; its round is
+        # [pending, MASK x m], 1 token and fresh drafts); a warm round verifies v of them: [pending, d_1..d_v,
+        # MASK x m], where m is the round's length (M, or fewer in a short round).
+        self.have = torch.zeros(S, dtype=torch.long, device=dev)
         self.drafts = torch.zeros(S, self.M, dtype=torch.long, device=dev)
         self.q: torch.Tensor | None = None  # [S, M, V] proposal laws, built once a slot samples
         self.masks_row = torch.full((S, self.M), self.mask_id, dtype=torch.long, device=dev)
@@ -76,8 +81,16 @@ class ArTrustLane(Lane):
         self.verdict = torch.full((S,), -1, dtype=torch.long, device=dev)
         self.paused: list[int] = []
         self.held: torch.Tensor | None = None  # [S] bool at the paused slots of a round that also drafts
-        # All-greedy batches: drafting rounds or causal steps, whichever commits faster (flare.decoding.pacer).
-        self.pacer = Pacer()
+        # All-greedy batches: full drafting rounds, short ones (fewer drafts and MASK rows: cheaper where rows
+        # cost, as at a larger batch of a real model) or causal steps, whichever commits faster
+        # (flare.decoding.pacer); one pacer per kind of round (a group after all drafts, or one per acceptance
+        # point), whose costs differ.
+        self.short = max(1, self.M // 2)
+        self.pacers = {False: Pacer((DRAFT, SHORT, CAUSAL) if self.short < self.M else (DRAFT, CAUSAL)),
+                       True: Pacer()}
+        self.ran: Pacer | None = None  # the pacer of the last round
+        self.m = self.M  # drafts verified and MASK rows of the round in flight
+        self.v = self.have  # [S] the drafts each slot verifies in the round in flight
         self.round: list[int] = []  # the slots of the round in flight
         self.committed: int | None = None  # what the last round committed, from its verdicts
 
@@ -86,10 +99,11 @@ class ArTrustLane(Lane):
         self.owned += slots
         idx = torch.tensor(slots, device=self.slots.device)
         self.pending[idx] = torch.tensor([p[-1] for p in prompts], device=self.slots.device)
-        self.cold[idx] = True
+        self.have[idx] = 0
         for slot in slots:
             self.pause_left[slot], self.misses[slot], self.next_pause[slot] = 0, 0, self.options.pause
-        self.pacer.skip()
+        for pacer in self.pacers.values():
+            pacer.skip()
         return [p[:-1] for p in prompts]
 
     def prefilled_drafts(self, slots: list[int], hidden: torch.Tensor, prompt_len: torch.Tensor) -> None:
@@ -103,7 +117,7 @@ class ArTrustLane(Lane):
         # A cold round's layout: [pending, MASK x M] (last), [pending, placeholders x M, group 0] (every).
         # A cold round's drafts are the same in both layouts (one group seeded after the pending token): auto
         # plays it as one group.
-        self.every = self.options.redraft == "every"
+        self.every, self.m, self.v = self.options.redraft == "every", M, torch.zeros_like(self.have)
         start = N if self.every else 1
         rows = hidden.new_zeros(n, N + (N if self.every else 1) * M, E)
         rows[:, 0], rows[:, start:start + M] = picked[:, 0], picked[:, 1:]
@@ -114,12 +128,30 @@ class ArTrustLane(Lane):
         self.paused = [i for i in live if self.pause_left[i] > 0]
         for i in self.paused:
             self.pause_left[i] -= 1
+        greedy = self.slots.all_greedy(live)
+        every = self.options.redraft == "every"
+        if self.options.redraft == "auto":
+            # A group per acceptance point costs rows that pay at a batch of one or two (every slot of the
+            # forward pays for its width, paused ones too); greedy batches only, so that a seeded sampled
+            # request's draws never depend on its batch.
+            every = len(live) <= AUTO_EVERY_SLOTS and greedy
+        m = self.M
         if self.options.pause:
             self.verdict.fill_(-1)
-            if not self.slots.all_greedy(live):
-                self.pacer.skip()  # sampled rounds are not paced, and not timed
-            elif self.pacer.next(self.committed) == CAUSAL:
-                self.paused = list(live)
+            pacer = self.pacers[every]
+            if self.ran is not pacer:  # the last round was the other pacer's; this one's clock is stale
+                pacer.skip()
+                if self.ran is not None:
+                    self.ran.skip()
+            if not greedy:
+                pacer.skip()  # sampled rounds are not paced, and not timed
+            else:
+                kind = pacer.next(self.committed)
+                if kind == CAUSAL:
+                    self.paused = list(live)
+                elif kind == SHORT and not every:
+                    m = self.short
+            self.ran = pacer
             self.round, self.committed = live, None
         mask = self.slots.mask(live)
         if len(self.paused) == len(live):  # every sequence steps causally: a plain causal forward
@@ -128,24 +160,24 @@ class ArTrustLane(Lane):
         # The round drafts: a paused greedy sequence drafts along, since its rows are in the forward either way
         # (held out it would only lose its drafts); a sampled one stays held, so its draws follow its own verdicts.
         self.paused = [i for i in self.paused if not self.slots.params[i].greedy]
-        if self.options.redraft == "auto":
-            # A group per acceptance point costs rows that pay at a batch of one or two (every slot of the
-            # forward pays for its width, paused ones too); greedy batches only, so that a seeded sampled
-            # request's draws never depend on its batch.
-            self.every = len(live) <= AUTO_EVERY_SLOTS and self.slots.all_greedy(live)
-        middle = torch.where(self.cold[:, None], self.masks_row, self.drafts)
-        groups = self.every_rows if self.every else self.masks_row
+        self.every, self.m = every, m
+        v = self.have.clamp(max=m)  # the drafts this round verifies
+        if not greedy:  # sampled rounds are full (m = M): drafts left by a short round are dropped (a cold round)
+            v = torch.where(self.have < self.M, 0, v)
+        self.v = v
+        middle = torch.where(torch.arange(m, device=v.device) < v[:, None], self.drafts[:, :m], self.masks_row[:, :m])
+        groups = self.every_rows if every else self.masks_row[:, :m]
         rows = torch.cat([self.pending[:, None], middle, groups], dim=1)  # cold rows end in padding
         # A cold round's drafts (every) are placeholders: its verdict is "none accepted", read from group 0.
-        clean = self.counts(mask, self.N if self.every else torch.where(self.cold, 1, self.N))
+        clean = self.counts(mask, self.N if every else 1 + v)
         noisy = self.counts(mask, groups.shape[1])
         self.held = self.slots.mask(self.paused) if self.paused else None
         if self.held is not None:  # paused sequences: their pending token alone
             clean, noisy = torch.where(self.held, 1, clean), torch.where(self.held, 0, noisy)
         # With a group per acceptance point every round has the same layout (cold rounds included) for the same
         # live and paused slots, so its row tree is built once per such set.
-        key = (self.mode, self.N, tuple(live), tuple(self.paused)) if self.every else None
-        return Plan(rows, clean, noisy, commits_all=False, seeds=self.every_seeds if self.every else None,
+        key = (self.mode, self.N, tuple(live), tuple(self.paused)) if every else None
+        return Plan(rows, clean, noisy, commits_all=False, seeds=self.every_seeds if every else None,
                     layout_key=key)
 
     def to_sync(self) -> torch.Tensor | None:
@@ -185,7 +217,7 @@ class ArTrustLane(Lane):
             n_commit = self.counts(mask, 1)
             s.emit(nxt[:, None], n_commit)
             self.pending = torch.where(mask, nxt, self.pending)
-            self.cold = self.cold | mask  # drafts made before these steps are stale
+            self.have = torch.where(mask, 0, self.have)  # drafts made before these steps are stale
             return n_commit
         drafting = [i for i in live if i not in self.paused] if self.paused else live
         held = self.held
@@ -195,18 +227,23 @@ class ArTrustLane(Lane):
         # acceptance point too, while the rows are few (``ONE_PASS_ROWS``; AMX, bf16, 49,152 x 576: 25 rows
         # 1.5 ms, 5 + 4 rows in two passes 2.5 ms); beyond, only the clean rows and, once the acceptance is
         # known, the kept group are computed.
-        whole_pass = not self.every or row_logits.covered * (N + N * M) <= ONE_PASS_ROWS
-        head = (0, N + (N if self.every else 1) * M) if whole_pass else (0, N)
-        cold = self.cold
+        m = self.m  # this round's drafts and MASK rows (M, or fewer in a short round of a greedy batch)
+        if self.every:
+            whole_pass = row_logits.covered * (N + N * M) <= ONE_PASS_ROWS
+            head = (0, N + N * M) if whole_pass else (0, N)
+        else:
+            whole_pass, head = True, (0, 1 + 2 * m)
+        v = self.v  # the drafts verified (0: a cold round)
+        cold = v == 0
         policy = self.options.draft_policy
         # Greedy decoding needs no laws: a draft passes iff it is the argmax (speculative sampling with one-hot
         # p and q), so no vocabulary-sized tensor is built per round, and none is padded to every slot.
         greedy = s.all_greedy(drafting)
         if greedy:
-            picks = row_logits.picks(*head)  # [S, N] or [S, N + M]
-            target = picks[:, :N]
-            accepted = (self.drafts == target[:, :M]).long().cumprod(-1).sum(-1)
-            accepted = torch.where(cold, torch.zeros_like(accepted), accepted)
+            picks = row_logits.picks(*head)  # [S, N] or [S, 1 + 2m]
+            target = picks[:, :1 + m]
+            verified = torch.arange(m, device=s.device) < v[:, None]
+            accepted = ((self.drafts[:, :m] == target[:, :m]) & verified).long().cumprod(-1).sum(-1)
             nxt = target.gather(1, accepted[:, None])[:, 0]
         else:
             whole = row_logits.rows(*head)
@@ -236,7 +273,7 @@ class ArTrustLane(Lane):
         if self.every:
             at = N + accepted[:, None] * M + torch.arange(M, device=s.device)
         else:
-            at = torch.where(cold, 1, N)[:, None] + torch.arange(M, device=s.device)
+            at = (1 + v)[:, None] + torch.arange(m, device=s.device)
         if greedy:
             d_new, q_new = (picks.gather(1, at) if whole_pass else row_logits.picks_at(at)), None
         else:
@@ -248,21 +285,22 @@ class ArTrustLane(Lane):
                 d_new = argmax(draft_logits)
                 q_new = F.one_hot(d_new, V).float()
 
-        emitted = torch.cat([self.drafts, nxt[:, None]], dim=1).scatter(1, accepted[:, None], nxt[:, None])
+        emitted = torch.cat([self.drafts[:, :m], nxt[:, None]], dim=1).scatter(1, accepted[:, None], nxt[:, None])
         s.emit(emitted, n_commit)
-        s.drafted += self.counts(dmask & ~cold, M)
+        s.drafted += self.counts(dmask, v)
         s.accepted += self.counts(dmask, accepted)
         if self.options.pause:
             self.verdict = torch.where(dmask & ~cold, accepted, -1)
 
-        # The MASK rows' drafts are valid for the next round after a cold round or a full acceptance (they
-        # assumed exactly the context that was committed); a rejection sends the row to a cold round, unless
-        # every acceptance point had its own group. A paused sequence has none.
-        fresh = torch.zeros_like(cold) if self.every else ~cold & (accepted < M)
+        # The MASK rows' drafts are valid for the next round after a cold round or a full acceptance of the
+        # verified drafts (they assumed exactly the context that was committed); a rejection sends the row to a
+        # cold round, unless every acceptance point had its own group. A paused sequence has none.
+        fresh = torch.full_like(v, m) if self.every else torch.where(accepted == v, m, 0)
         if held is not None:
-            fresh = fresh | held
-        self.cold = torch.where(mask, fresh, cold)
-        self.drafts = torch.where(dmask[:, None], d_new, self.drafts)
+            fresh = torch.where(held, 0, fresh)
+        self.have = torch.where(mask, fresh, self.have)
+        kept = torch.where(dmask[:, None], d_new, self.drafts[:, :m])
+        self.drafts = kept if m == M else torch.cat([kept, self.drafts[:, m:]], dim=1)
         if q_new is not None:
             self.q = torch.where(dmask[:, None, None], q_new, self.q)
         self.pending = torch.where(mask, nxt, self.pending)

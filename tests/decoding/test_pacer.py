@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from flare.decoding import ArTrustOptions, SamplingParams
-from flare.decoding.pacer import CAUSAL, DRAFT, Pacer
+from flare.decoding.pacer import CAUSAL, DRAFT, SHORT, Pacer
 from flare.engine import decode
 
 
@@ -101,3 +101,40 @@ def test_a_switch_brings_trials_back_to_every(monkeypatch):
     assert best[699] == (DRAFT, Pacer.LONGEST)
     switched = next(i for i in range(700, 1000) if best[i][0] == CAUSAL)
     assert switched < 710 and best[switched][1] == Pacer.EVERY
+
+
+@pytest.mark.parametrize("gen_block", [3, 5])
+def test_short_rounds_keep_greedy_tokens_causal(flare_models, monkeypatch, gen_block):
+    """Short rounds (fewer drafts and MASK rows) between full ones and causal steps, in any order: the drafts a
+    short round leaves are verified by a longer one only as far as they go, and the tokens stay the causal ones
+    for a batch whose sequences accept different amounts."""
+    from flare.engine.runner import CachedRunner
+
+    order = iter([DRAFT, SHORT, SHORT, DRAFT, CAUSAL, SHORT, DRAFT, DRAFT, SHORT, CAUSAL, CAUSAL] * 20)
+    monkeypatch.setattr(Pacer, "next", lambda self, tokens: next(order))
+    widths = []
+    rows = CachedRunner.rows
+    monkeypatch.setattr(CachedRunner, "rows", lambda self, t, *a, **k: widths.append(t.shape[1]) or rows(
+        self, t, *a, **k))
+    model = flare_models["qwen3_5"]
+    prompts = [[3, 1, 4, 1, 5], [9, 2], [6, 5, 3, 5, 8, 9, 7]]
+    params = SamplingParams(temperature=0, max_new_tokens=24, ignore_eos=True)
+    out = decode(model, prompts, params, ArTrustOptions(gen_block=gen_block, redraft="last"))
+    assert out.token_ids == decode(model, prompts, params).token_ids
+    M = gen_block - 1
+    assert {1 + 2 * M, 1 + 2 * (M // 2)} <= set(widths)  # full and short rounds both ran
+
+
+def test_a_pacer_over_three_kinds_tries_each_and_keeps_the_fastest(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr("flare.decoding.pacer.time.perf_counter", lambda: clock[0])
+    seconds, tokens = {DRAFT: 2.0, SHORT: 1.2, CAUSAL: 1.0}, {DRAFT: 2.4, SHORT: 1.8, CAUSAL: 1}
+    pacer, kinds, last = Pacer((DRAFT, SHORT, CAUSAL)), [], None
+    for _ in range(300):
+        kind = pacer.next(last)
+        kinds.append(kind)
+        clock[0] += seconds[kind]
+        last = tokens[kind]
+    assert kinds[Pacer.FIRST:Pacer.FIRST + Pacer.TRIAL] == [SHORT] * Pacer.TRIAL  # untried kinds first
+    assert CAUSAL in kinds[:40]
+    assert pacer.best == SHORT and kinds[-50:].count(SHORT) > 40  # 0.67 s per token against 0.83 and 1.0
