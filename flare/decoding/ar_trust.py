@@ -165,7 +165,8 @@ class ArTrustLane(Lane):
         if not greedy:  # sampled rounds are full (m = M): drafts left by a short round are dropped (a cold round)
             v = torch.where(self.have < self.M, 0, v)
         self.v = v
-        middle = torch.where(torch.arange(m, device=v.device) < v[:, None], self.drafts[:, :m], self.masks_row[:, :m])
+        verified = torch.arange(m, device=v.device) < v[:, None]
+        middle = torch.where(verified, self.drafts[:, :m], self.masks_row[:, :m])
         groups = self.every_rows if every else self.masks_row[:, :m]
         rows = torch.cat([self.pending[:, None], middle, groups], dim=1)  # cold rows end in padding
         # A cold round's drafts (every) are placeholders: its verdict is "none accepted", read from group 0.
@@ -259,13 +260,9 @@ class ArTrustLane(Lane):
             accepted = torch.where(cold, torch.zeros_like(accepted), accepted)
             first = s.per_generator(drafting, lambda p0, g: draw(p0, g), p[:, 0])
             nxt = torch.where(cold, first, nxt)
-        if held is not None:  # their one token, drawn as a causal step draws it
+        if held is not None:  # (sampled sequences only: ``plan``) their one token, drawn as a causal step draws it
             accepted = torch.where(held, torch.zeros_like(accepted), accepted)
-            if greedy and s.all_greedy(self.paused):
-                first = picks[:, 0]
-            else:
-                first = self.sample(self.paused, row_logits.rows(*head)[:, 0])
-            nxt = torch.where(held, first, nxt)
+            nxt = torch.where(held, self.sample(self.paused, row_logits.rows(*head)[:, 0]), nxt)
         n_commit = self.counts(mask, accepted + 1)
 
         # The MASK rows draft the tokens after next (shifted logits): the group after all clean rows, or (every)

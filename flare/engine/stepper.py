@@ -95,34 +95,29 @@ class Stepper:
             groups.setdefault(id(lane), (lane, []))[1].append(a)
         self.runner.reset([a.slot for a in admissions])
         tokens: list[list[int]] = [[] for _ in range(self.slots.num_slots)]
-        drafting: dict[int, tuple[Lane, list[Admission]]] = {}
-        for key, (lane, group) in groups.items():
+        for lane, group in groups.values():
             for a, t in zip(group, lane.admit([a.slot for a in group], [a.prompt for a in group])):
                 tokens[a.slot] = list(t)
-            if lane.draft_rows:
-                drafting[key] = (lane, group)
-        if drafting:
-            n = max(a.slot for _, group in drafting.values() for a in group) + 1
-            longest = math.isqrt(DRAFTING_PREFILL_WORK // n)
-            for key, (lane, group) in list(drafting.items()):
-                short = [a for a in group if len(a.prompt) + lane.draft_rows <= longest]
-                for a in short:
-                    tokens[a.slot] = []
-                if short:
-                    drafting[key] = (lane, short)
-                else:
-                    del drafting[key]
+        # Drafting lanes' prompts that fit DRAFTING_PREFILL_WORK take the rows prefill instead of the plain one.
+        wanting = [(lane, group) for lane, group in groups.values() if lane.draft_rows]
+        drafting: list[tuple[Lane, list[Admission]]] = []
+        if wanting:
+            longest = math.isqrt(DRAFTING_PREFILL_WORK // (max(a.slot for _, g in wanting for a in g) + 1))
+            drafting = [(lane, short) for lane, group in wanting
+                        if (short := [a for a in group if len(a.prompt) + lane.draft_rows <= longest])]
+        drafted = {a.slot for _, group in drafting for a in group}
+        for slot in drafted:
+            tokens[slot] = []
         filled = [s for s, t in enumerate(tokens) if t]
         if filled:
             logits = pad_slots(self.runner.prefill(tokens[: max(filled) + 1]), self.slots.num_slots)
             self.slots.active_forwards += self.slots.mask(filled).long()
         else:
             logits = torch.zeros(self.slots.num_slots, self.model.config.vocab_size, device=self.model.device)
-        for key, (lane, group) in groups.items():
-            short = {a.slot for a in drafting.get(key, (None, []))[1]}
-            lane.prefilled([a.slot for a in group if a.slot not in short], logits)
+        for lane, group in groups.values():
+            lane.prefilled([a.slot for a in group if a.slot not in drafted], logits)
         if drafting:
-            self._prefill_drafts(list(drafting.values()))
+            self._prefill_drafts(drafting)
         for a in admissions:
             self.slots.live[a.slot] = True
             self.emitted[a.slot] = Emitted([])
