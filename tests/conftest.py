@@ -56,3 +56,12 @@ def flare_models(tiny_models):
         model.config.mask_token_id = MASK
         out[fam] = model
     return out
+
+
+@pytest.fixture(autouse=True)
+def _fresh_pacing(request):
+    """What AR-Trust's pacers learn stays with a model (``FlareModel.pacing``); each test starts without it."""
+    yield
+    if "flare_models" in request.fixturenames:
+        for model in request.getfixturevalue("flare_models").values():
+            model.pacing.clear()

@@ -25,9 +25,10 @@ forward. In a round that drafts anyway a paused greedy sequence drafts along (it
 its tokens are the causal ones either way); a sampled one stays held. Every token still follows the AR law (a
 paused step is a causal step).
 
-An all-greedy batch is paced (``flare.decoding.pacer``): full rounds, short rounds of m = (N-1) // 2 drafts and
-MASK rows, or causal steps. A slot holds the drafts its last round made (``have``); a round verifies as many of
-them as it has rows for, and its MASK group starts right after the drafts it verified.
+An all-greedy batch is paced (``flare.decoding.pacer``): each round verifies and makes m drafts, 1 <= m <= N-1
+(m MASK rows), or is a causal step, whichever the lane's acceptance and the clock say commits fastest. A slot
+holds the drafts its last round made (``have``); a round verifies as many of them as it has rows for, and its
+MASK group starts right after the drafts it verified.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from flare.decoding.lane import Lane, Plan, RowLogits
-from flare.decoding.pacer import CAUSAL, DRAFT, SHORT, Pacer
+from flare.decoding.pacer import CAUSAL, Pacer
 from flare.ops.sampling import argmax, draw, filtered_probs, speculative_verify
 
 
@@ -53,8 +54,8 @@ AUTO_EVERY_SLOTS = 2
 class ArTrustLane(Lane):
     mode = "ar_trust"
 
-    def __init__(self, model, slots, options) -> None:
-        super().__init__(model, slots, options)
+    def __init__(self, model, slots, options, pacing: dict | None = None) -> None:
+        super().__init__(model, slots, options, pacing)
         self.mask_id = model.config.mask_token_id
         S, dev = slots.num_slots, slots.device
         self.N = options.gen_block
@@ -81,18 +82,20 @@ class ArTrustLane(Lane):
         self.verdict = torch.full((S,), -1, dtype=torch.long, device=dev)
         self.paused: list[int] = []
         self.held: torch.Tensor | None = None  # [S] bool at the paused slots of a round that also drafts
-        # All-greedy batches: full drafting rounds, short ones (fewer drafts and MASK rows: cheaper where rows
-        # cost, as at a larger batch of a real model) or causal steps, whichever commits faster
-        # (flare.decoding.pacer); one pacer per kind of round (a group after all drafts, or one per acceptance
-        # point), whose costs differ.
-        self.short = max(1, self.M // 2)
-        self.pacers = {False: Pacer((DRAFT, SHORT, CAUSAL) if self.short < self.M else (DRAFT, CAUSAL)),
-                       True: Pacer()}
+        # All-greedy batches: rounds of m <= M drafts and MASK rows (fewer are cheaper where rows cost, as at a
+        # larger batch of a real model) or causal steps, whichever commits faster (flare.decoding.pacer); one
+        # pacer per kind of round (a group after all drafts, or one per acceptance point: M drafts, no cold
+        # rounds), whose costs differ. They outlive the lane (``self.pacing``: the model's, with caches): the
+        # next batch in this mode, in another engine or ``decode`` call, starts from what they learned.
+        self.pacers = self.pacing.setdefault(options, {
+            False: Pacer(self.M), True: Pacer(self.M, cold_after_reject=False, lengths=(self.M,))})
+        for pacer in self.pacers.values():
+            pacer.skip()
         self.ran: Pacer | None = None  # the pacer of the last round
         self.m = self.M  # drafts verified and MASK rows of the round in flight
         self.v = self.have  # [S] the drafts each slot verifies in the round in flight
         self.round: list[int] = []  # the slots of the round in flight
-        self.committed: int | None = None  # what the last round committed, from its verdicts
+        self.served: int | None = None  # the sequences the last paced round served
 
     def admit(self, slots: list[int], prompts: list[list[int]]) -> list[list[int]]:
         """Commit all but the last prompt token: that one is the first pending token."""
@@ -146,13 +149,13 @@ class ArTrustLane(Lane):
             if not greedy:
                 pacer.skip()  # sampled rounds are not paced, and not timed
             else:
-                kind = pacer.next(self.committed)
+                kind = pacer.next(self.served)
                 if kind == CAUSAL:
                     self.paused = list(live)
-                elif kind == SHORT and not every:
-                    m = self.short
+                else:
+                    m = kind
             self.ran = pacer
-            self.round, self.committed = live, None
+            self.round, self.served = live, len(live)
         mask = self.slots.mask(live)
         if len(self.paused) == len(live):  # every sequence steps causally: a plain causal forward
             return Plan(self.pending[:, None], mask.long(), torch.zeros_like(self.pending), commits_all=True,
@@ -185,13 +188,14 @@ class ArTrustLane(Lane):
         return self.verdict if self.options.pause and self.round else None  # once per round this lane ran
 
     def synced(self, values: list[int]) -> None:
-        """Each slot's verdict: two verify rounds in a row without an accepted draft start a pause."""
-        self.committed = len(self.round) + sum(max(values[i], 0) for i in self.round)
+        """Each slot's verdict: two verify rounds in a row without an accepted draft start a pause; the pacer
+        learns each draft position's acceptance."""
+        verdicts = {i: divmod(values[i], self.M + 1) for i in self.owned if values[i] >= 0}  # (verified, accepted)
+        if self.ran is not None and self.round:
+            self.ran.observe([verdicts[i] for i in self.round if i in verdicts])
         self.round = []
-        for i in self.owned:
-            if values[i] < 0:
-                continue
-            if values[i] > 0:
+        for i, (_, accepted) in verdicts.items():
+            if accepted > 0:
                 self.misses[i], self.next_pause[i] = 0, self.options.pause
                 continue
             self.misses[i] += 1
@@ -286,8 +290,8 @@ class ArTrustLane(Lane):
         s.emit(emitted, n_commit)
         s.drafted += self.counts(dmask, v)
         s.accepted += self.counts(dmask, accepted)
-        if self.options.pause:
-            self.verdict = torch.where(dmask & ~cold, accepted, -1)
+        if self.options.pause:  # per verifying slot: accepted + (M + 1) x verified, one number for the sync
+            self.verdict = torch.where(dmask & ~cold, accepted + (M + 1) * v, -1)
 
         # The MASK rows' drafts are valid for the next round after a cold round or a full acceptance of the
         # verified drafts (they assumed exactly the context that was committed); a rejection sends the row to a

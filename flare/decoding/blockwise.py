@@ -55,8 +55,8 @@ def row_inputs(block: torch.Tensor, undecided: torch.Tensor, mask_id: int) -> tu
 
 
 class BlockLane(Lane):
-    def __init__(self, model, slots, options: BlockOptions) -> None:
-        super().__init__(model, slots, options)
+    def __init__(self, model, slots, options: BlockOptions, pacing: dict | None = None) -> None:
+        super().__init__(model, slots, options, pacing)
         self.mode, self.seeded = options.mode, options.seeded
         self.mask_id = model.config.mask_token_id
         S, T, dev = slots.num_slots, options.block_size, slots.device

@@ -10,8 +10,8 @@ from flare.decoding.lane import Lane, Plan, RowLogits
 class CausalLane(Lane):
     mode, room = "causal", 1
 
-    def __init__(self, model, slots, options) -> None:
-        super().__init__(model, slots, options)
+    def __init__(self, model, slots, options, pacing: dict | None = None) -> None:
+        super().__init__(model, slots, options, pacing)
         self.pending = torch.zeros(slots.num_slots, dtype=torch.long, device=slots.device)
 
     def prefilled(self, slots: list[int], logits: torch.Tensor) -> None:

@@ -96,8 +96,11 @@ class Lane:
     # MASK rows the admission prefill may append after a prompt (``prefilled_drafts``); 0: a plain prefill.
     draft_rows: int = 0
 
-    def __init__(self, model: FlareModel, slots: SlotBatch, options) -> None:
+    def __init__(self, model: FlareModel, slots: SlotBatch, options, pacing: dict | None = None) -> None:
+        """``pacing``: where a lane paced by the clock keeps what it learned, across lanes (the stepper gives
+        ``FlareModel.pacing`` with caches, a dict of its own without)."""
         self.model, self.slots, self.options = model, slots, options
+        self.pacing = {} if pacing is None else pacing
         self.owned: list[int] = []
 
     def live(self) -> list[int]:

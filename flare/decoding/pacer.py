@@ -1,64 +1,139 @@
-"""When drafting pays: AR-Trust's drafting rounds against plain causal steps, on the wall clock.
+"""When drafting pays, and how many drafts: AR-Trust's rounds against causal steps, on the wall clock.
 
-A drafting round costs more than a causal step (N-1 draft rows and N-1 MASK rows per sequence) and pays only when
+A drafting round costs more than a causal step (m draft rows and m MASK rows per sequence) and pays only when
 enough drafts are accepted; how much more it costs depends on the model, the batch and the machine (on a CPU
-from 1.2x to 2.2x, benchmarks/README.md). For a lane whose sequences are all greedy, whose tokens are the causal
-ones whatever kind of round produced them, the pacer times each round from one plan to the next, keeps the
-seconds per committed token of each kind (decayed sums of seconds and of tokens, so a round that commits more
-weighs more), and runs the fastest kind, trying the others in turn for a few rounds now and then: a trial that
-confirms the fastest kind doubles the rounds until the next one (up to ``LONGEST``), any switch brings them back
-to ``EVERY``, so a clear winner costs few trials and a close race is watched closely. The kinds are full drafting
-rounds, short ones (half the drafts and MASK rows: where rows cost, as at a larger batch of a real model, they
-can commit faster) and causal steps. The first round after a switch is not timed: a drafting stint starts with a
-cold round (one token, no drafts to verify) whose cost is paid once per switch, not per round. Sampled sequences
-are not paced: their random draws would then depend on the clock (they keep the per-sequence pause,
-``ArTrustOptions.pause``, which depends on their own verdicts only).
+from 1.2x to 2.2x, benchmarks/README.md), and how many of its drafts are accepted depends on the text. For a
+lane whose sequences are all greedy, whose tokens are the causal ones whatever kind of round produced them, the
+pacer picks each round's kind: a number of drafts m (and MASK rows) from the lane's longest down to 1, or a
+causal step (``CAUSAL``, 0).
+
+It picks the kind with the fewest seconds per committed token, the quotient of two estimates:
+
+- **seconds per sequence** in a round of the kind: each round is timed from one plan to the next (decayed sums
+  of seconds and of the sequences served). The longest and a short length (half of it) are timed in trials;
+  the others are read off the straight line through the timed lengths' costs until they run themselves.
+- **tokens per sequence** in a round of m drafts, from the acceptance the lane observed at each draft position
+  (draft k accepted, given drafts 1 .. k-1 were): a round commits 1 + sum_k prod_{j<=k} alpha_j tokens in
+  expectation, and with one MASK group (``cold_after_reject``) a round that rejects a draft leaves its sequence
+  a cold round (one token, fresh drafts), which the expected rate includes. Acceptance at every position comes
+  from every verify round, so a length is judged by far more rounds than its own.
+
+The kinds not running are tried in turn for a few rounds now and then: a trial that confirms the fastest kind
+doubles the rounds until the next one (up to ``LONGEST``), any switch brings them back to ``EVERY``, so a clear
+winner costs few trials and a close race is watched closely. The first round after a switch is not timed: a
+drafting stint after causal steps starts with a cold round whose cost is paid once per switch, not per round.
+Sampled sequences are not paced: their random draws would then depend on the clock (they keep the per-sequence
+pause, ``ArTrustOptions.pause``, which depends on their own verdicts only).
 """
 
 from __future__ import annotations
 
 import time
 
-DRAFT, SHORT, CAUSAL = "draft", "short", "causal"
+CAUSAL = 0  # a kind is the number of drafts a round verifies and makes; 0: a causal step
 
 
 class Pacer:
     TRIAL = 3  # rounds of another kind per trial (the first untimed)
-    FIRST = 8  # rounds of the first kind before each kind not yet tried gets its first trial
+    FIRST = 8  # rounds of the first kind before each kind not yet timed gets its first trial
     EVERY = 16  # rounds of the faster kind between trials, at first and after a switch
     LONGEST = 256  # the most rounds between trials, after trials that kept confirming the faster kind
-    KEEP = 0.8  # of the sums per timed round of the same kind
+    KEEP = 0.8  # of a kind's cost sums per timed round of it
+    KEEP_SEEN = 0.97  # of the acceptance counts per verify round
+    PRIOR = 2.0  # sequences' worth of a draft position's prior
 
-    def __init__(self, kinds: tuple[str, ...] = (DRAFT, CAUSAL)) -> None:
-        self.kinds = kinds
-        self.sums: dict[str, list[float]] = {k: [0.0, 0.0] for k in kinds}  # seconds, tokens
-        self.best = kinds[0]
+    def __init__(self, longest: int, cold_after_reject: bool = True, lengths: tuple[int, ...] | None = None
+                 ) -> None:
+        """``longest``: the most drafts a round holds; ``lengths``: the drafting kinds (default 1 .. longest)."""
+        self.longest = longest
+        self.cold_after_reject = cold_after_reject
+        self.kinds = tuple(sorted(lengths or range(1, longest + 1), reverse=True)) + (CAUSAL,)
+        short = max(1, longest // 2)
+        # Timed in trials: the longest, a short length and causal steps; the other lengths' costs are read
+        # off the line through the drafting lengths timed so far.
+        self.timed_first = tuple(k for k in self.kinds if k in (longest, short, CAUSAL))
+        self.cost: dict[int, list[float]] = {k: [0.0, 0.0] for k in self.kinds}  # seconds, sequences
+        self.tested = [0.0] * (longest + 1)  # [k]: rounds x sequences that verified draft k after k-1 passed
+        self.passed = [0.0] * (longest + 1)  # [k]: ... and accepted it
+        self.best = self.kinds[0]
         self.trial_left = 0
         self.trying = self.best
         self.turn = 0  # which of the other kinds the next trial tries, in turn
         self.since = 0
         self.gap = self.EVERY  # rounds between trials
         self.trialled = False  # a trial ran since the last comparison
-        self.open: tuple[str, float] | None = None  # the timed round in flight: its kind and start
-        self.last: str | None = None
+        self.open: tuple[int, float] | None = None  # the timed round in flight: its kind and start
+        self.last: int | None = None
 
-    def rate(self, kind: str) -> float | None:
-        """Seconds per committed token of ``kind`` (None before a timed round of it)."""
-        seconds, tokens = self.sums[kind]
-        return seconds / tokens if tokens else None
+    # ------------------------------------------------------------------------------------------ estimates
+    def observe(self, verdicts: list[tuple[int, int]]) -> None:
+        """One verify round's (drafts verified, drafts accepted) per sequence that verified any. Every position's
+        counts fade per round, seen or not: a position the running length does not reach drifts back to its
+        prior, so a longer length is tried again once what was seen of it grows old."""
+        self.tested = [self.KEEP_SEEN * n for n in self.tested]
+        self.passed = [self.KEEP_SEEN * n for n in self.passed]
+        for verified, accepted in verdicts:
+            for k in range(1, min(verified, accepted + 1) + 1):
+                self.tested[k] += 1
+                self.passed[k] += accepted >= k
 
+    def acceptance(self, k: int) -> float:
+        """Draft k's chance to pass once drafts 1 .. k-1 have: what was seen, after a prior worth ``PRIOR``
+        sequences at draft k-1's chance (a draft further ahead taken as good as the one before it until seen;
+        one half for the first)."""
+        return self._chances(k)[-1]
+
+    def _chances(self, n: int) -> list[float]:
+        out, prior = [], 0.5
+        for k in range(1, n + 1):
+            prior = (self.passed[k] + self.PRIOR * prior) / (self.tested[k] + self.PRIOR)
+            out.append(prior)
+        return out
+
+    def tokens(self, kind: int) -> float:
+        """Expected tokens a sequence commits per round, over a run of rounds of ``kind``."""
+        run, extra = 1.0, 0.0  # the chance all drafts so far passed; the expected accepted drafts
+        for chance in self._chances(kind):
+            run *= chance
+            extra += run
+        if kind == CAUSAL or not self.cold_after_reject:
+            return 1.0 + extra
+        # A warm round commits 1 + extra tokens and, unless every draft passed (chance ``run``), leaves a cold
+        # round of one token after it: over many rounds, (1 + extra + (1 - run)) tokens per (2 - run) rounds.
+        return (2.0 + extra - run) / (2.0 - run)
+
+    def seconds(self, kind: int) -> float | None:
+        """Seconds per sequence in a round of ``kind``: timed, or for an untimed drafting length, on the line
+        through the timed lengths (None while nothing to read it from)."""
+        seconds, sequences = self.cost[kind]
+        if sequences:
+            return seconds / sequences
+        if kind == CAUSAL:
+            return None
+        timed = [(k, self.cost[k][0] / self.cost[k][1]) for k in self.kinds if k != CAUSAL and self.cost[k][1]]
+        if len(timed) < 2:
+            return None
+        (k0, c0), (k1, c1) = timed[-1], timed[0]  # the shortest and the longest timed
+        return max(c0 + (c1 - c0) * (kind - k0) / (k1 - k0), 0.0)
+
+    def rate(self, kind: int) -> float | None:
+        """Seconds per committed token of ``kind`` (None before it can be estimated)."""
+        seconds = self.seconds(kind)
+        return None if seconds is None else seconds / self.tokens(kind)
+
+    # --------------------------------------------------------------------------------------------- choice
     def skip(self) -> None:
         """Do not time the round in flight (an admission's prefill ran inside it, or another pacer ran it)."""
         self.open = None
 
-    def next(self, tokens: int | None) -> str:
-        """The kind of the next round; ``tokens``: what the last round committed (None: unknown)."""
+    def next(self, sequences: int | None) -> int:
+        """The kind of the next round; ``sequences``: how many the last round served (None: unknown)."""
         now = time.perf_counter()
-        if self.open is not None and tokens:
+        if self.open is not None and sequences:
             kind, start = self.open
-            sums = self.sums[kind]
-            sums[0] = self.KEEP * sums[0] + (now - start)
-            sums[1] = self.KEEP * sums[1] + tokens
+            cost = self.cost[kind]
+            cost[0] = self.KEEP * cost[0] + (now - start)
+            cost[1] = self.KEEP * cost[1] + sequences
         if self.trial_left:
             self.trial_left -= 1
             kind = self.trying
@@ -67,16 +142,17 @@ class Pacer:
             known = [k for k in self.kinds if rates[k] is not None]
             fastest = min(known, key=lambda k: rates[k]) if known else self.best
             switch = rates[self.best] is not None and fastest != self.best
-            if switch:  # conditions changed: watch closely
-                self.best = fastest
-                self.gap = self.EVERY
-            elif self.trialled:  # a trial confirmed the faster kind: the next one later
+            if switch and (fastest == CAUSAL) != (self.best == CAUSAL):  # drafting stopped or started paying:
+                self.gap = self.EVERY  # watch closely
+            elif self.trialled and not switch:  # a trial confirmed the faster kind: the next one later
                 self.gap = min(2 * self.gap, self.LONGEST)
+            if switch:
+                self.best = fastest
             self.trialled = False
             self.since += 1
-            others = [k for k in self.kinds if k != self.best]
-            untried = [k for k in others if rates[k] is None]
-            if self.since > (self.FIRST if untried else self.gap):
+            others = [k for k in self.kinds if k != self.best and (k in self.timed_first or self.cost[k][1])]
+            untried = [k for k in others if not self.cost[k][1]]
+            if others and self.since > (self.FIRST if untried else self.gap):
                 self.trying = untried[0] if untried else others[self.turn % len(others)]
                 self.turn += not untried
                 self.since, self.trial_left, self.trialled = 0, self.TRIAL - 1, True

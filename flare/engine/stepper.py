@@ -66,11 +66,13 @@ class Stepper:
         self.owner: list[Lane | None] = [None] * num_slots
         self.lanes: dict[ModeOptions, Lane] = {}
         self.emitted: list[Emitted] = [Emitted([]) for _ in range(num_slots)]
+        # What clock-paced lanes learn is the model's on the cached path; a reference run's costs are not its.
+        self.pacing = model.pacing if runner_cls is CachedRunner else {}
 
     def lane(self, options: ModeOptions) -> Lane:
         """The lane that runs these (resolved) options: one per distinct options, created on first use."""
         if options not in self.lanes:
-            self.lanes[options] = LANES[options.mode](self.model, self.slots, options)
+            self.lanes[options] = LANES[options.mode](self.model, self.slots, options, self.pacing)
         return self.lanes[options]
 
     # Steps and admissions keep weight-derived values (packed linears, the LM head's included) for their whole

@@ -56,6 +56,9 @@ class FlareModel(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         # Recompute each decoder layer in the backward pass instead of keeping its activations.
         self.gradient_checkpointing = False
+        # What AR-Trust's pacers learned decoding with this model, per mode's options (flare.decoding.pacer):
+        # a later batch starts from it instead of trying every kind of round again.
+        self.pacing: dict = {}
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0, std: float = 0.02) -> "FlareModel":

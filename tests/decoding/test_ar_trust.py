@@ -210,7 +210,7 @@ def test_failed_drafting_pauses_into_causal_steps(flare_models, monkeypatch, red
         return n
 
     monkeypatch.setattr(ArTrustLane, "consume", spoiled)
-    monkeypatch.setattr("flare.decoding.pacer.Pacer.next", lambda self, tokens: "draft")  # no clock here
+    monkeypatch.setattr("flare.decoding.pacer.Pacer.next", lambda self, served: self.kinds[0])  # no clock here
     kinds = []
     for name in ("rows", "append"):
         inner = getattr(CachedRunner, name)
@@ -321,7 +321,7 @@ def test_a_paused_greedy_sequence_drafts_along_in_a_drafting_round(flare_models,
         return out
 
     monkeypatch.setattr(ArTrustLane, "plan", first_paused)
-    monkeypatch.setattr("flare.decoding.pacer.Pacer.next", lambda self, tokens: "draft")
+    monkeypatch.setattr("flare.decoding.pacer.Pacer.next", lambda self, served: self.kinds[0])
     prompts = [[3, 1, 4], [1, 5, 9, 2]]
     for temperature, expect in ((0.0, False), (0.8, True)):
         held.clear()

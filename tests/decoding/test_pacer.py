@@ -5,58 +5,120 @@ from __future__ import annotations
 import pytest
 
 from flare.decoding import ArTrustOptions, SamplingParams
-from flare.decoding.pacer import CAUSAL, DRAFT, SHORT, Pacer
+from flare.decoding.pacer import CAUSAL, Pacer
 from flare.engine import decode
 
 
-def _drive(monkeypatch, seconds: dict[str, float], tokens: dict[str, int], rounds: int) -> list[str]:
-    """Kinds chosen over ``rounds`` rounds when a round of each kind takes ``seconds[kind]`` and commits
-    ``tokens[kind]``."""
+def _drive(monkeypatch, seconds, accept, rounds: int, pacer: Pacer | None = None, sequences: int = 4,
+           seed: int = 0) -> tuple[Pacer, list[int]]:
+    """Kinds chosen over ``rounds`` rounds when a round of kind m takes ``seconds(m, i)`` (round i) and each of
+    ``sequences`` sequences accepts draft k (after k-1) with chance ``accept(i)[k - 1]``."""
+    import random
+
+    rng = random.Random(seed)
     clock = [0.0]
     monkeypatch.setattr("flare.decoding.pacer.time.perf_counter", lambda: clock[0])
-    pacer, kinds, last = Pacer(), [], None
-    for _ in range(rounds):
-        kind = pacer.next(last)
+    pacer = pacer or Pacer(4)
+    kinds, served = [], None
+    for i in range(rounds):
+        kind = pacer.next(served)
         kinds.append(kind)
-        clock[0] += seconds[kind]
-        last = tokens[kind]
-    return kinds
+        clock[0] += seconds(kind, i)
+        served = sequences
+        if kind != CAUSAL:
+            verdicts = []
+            for _ in range(sequences):
+                a = 0
+                while a < kind and rng.random() < accept(i)[a]:
+                    a += 1
+                verdicts.append((kind, a))
+            pacer.observe(verdicts)
+    return pacer, kinds
 
 
-def test_drafting_stays_while_it_commits_faster(monkeypatch):
-    kinds = _drive(monkeypatch, {DRAFT: 2.0, CAUSAL: 1.0}, {DRAFT: 3, CAUSAL: 1}, 60)
-    assert kinds[:Pacer.FIRST] == [DRAFT] * Pacer.FIRST
-    assert kinds[Pacer.FIRST:Pacer.FIRST + Pacer.TRIAL] == [CAUSAL] * Pacer.TRIAL  # the first trial
-    assert kinds.count(CAUSAL) <= 4 * Pacer.TRIAL and kinds[-1] == DRAFT
+def test_expected_tokens_per_round():
+    pacer = Pacer(4)
+    pacer.observe([(4, 4)] * 200)  # every draft passes
+    assert pacer.tokens(CAUSAL) == 1.0 and 4.8 < pacer.tokens(4) <= 5.0 and 2.9 < pacer.tokens(2) <= 3.0
+    pacer = Pacer(4)
+    pacer.observe([(4, 0)] * 200)  # none does: a warm round and the cold one after it, one token each
+    assert 1.0 <= pacer.tokens(4) < 1.01
+    every = Pacer(4, cold_after_reject=False)
+    every.observe([(3, 1)] * 400)  # draft 1 passes, draft 2 never: no cold rounds with a group per point
+    assert abs(every.tokens(4) - 2.0) < 0.01 and abs(every.acceptance(2)) < 0.01
+    assert every.acceptance(3) == every.acceptance(2)  # never verified after draft 2 passed: the prior
 
 
-def test_causal_steps_take_over_when_drafts_do_not_pay(monkeypatch):
-    kinds = _drive(monkeypatch, {DRAFT: 2.0, CAUSAL: 1.0}, {DRAFT: 1, CAUSAL: 1}, 60)
-    tail = kinds[20:]
-    assert tail.count(CAUSAL) > 0.75 * len(tail)
-    assert DRAFT in tail  # drafting is still tried now and then
+def test_acceptance_counts_only_the_drafts_a_round_reached():
+    pacer = Pacer(4)
+    pacer.observe([(2, 2), (4, 1), (3, 0)])
+    assert pacer.tested[1:] == [3, 2, 0, 0] and pacer.passed[1:] == [2, 1, 0, 0]
+
+
+def test_untimed_lengths_are_read_off_the_timed_ones(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr("flare.decoding.pacer.time.perf_counter", lambda: clock[0])
+    pacer = Pacer(5)
+    assert pacer.timed_first == (5, 2, CAUSAL)
+    pacer.cost[5], pacer.cost[2] = [3.0, 2.0], [3.0, 3.0]  # 1.5 s and 1.0 s per sequence
+    assert pacer.seconds(5) == 1.5 and pacer.seconds(2) == 1.0
+    assert abs(pacer.seconds(3) - 1.5 * 1 / 3 - 1.0 * 2 / 3) < 1e-9 and abs(pacer.seconds(1) - 5 / 6) < 1e-9
+    assert pacer.seconds(CAUSAL) is None
 
 
 def test_a_round_with_an_admission_is_not_timed(monkeypatch):
     clock = [0.0]
     monkeypatch.setattr("flare.decoding.pacer.time.perf_counter", lambda: clock[0])
-    pacer = Pacer()
+    pacer = Pacer(1)
     pacer.next(None)
     pacer.next(1)  # the first round of a kind is not timed; this one is
     clock[0] += 100.0  # a prefill inside the round
     pacer.skip()
     pacer.next(1)
-    assert pacer.rate(DRAFT) is None
+    assert pacer.seconds(1) is None
     clock[0] += 2.0
     pacer.next(4)
-    assert pacer.rate(DRAFT) == 0.5
+    assert pacer.seconds(1) == 0.5
+
+
+def test_drafting_stays_while_it_commits_faster(monkeypatch):
+    pacer, kinds = _drive(monkeypatch, lambda m, i: 1.4 if m else 1.0, lambda i: [0.9], 60, Pacer(1))
+    assert kinds[:Pacer.FIRST] == [1] * Pacer.FIRST
+    assert kinds[Pacer.FIRST:Pacer.FIRST + Pacer.TRIAL] == [CAUSAL] * Pacer.TRIAL  # the first trial
+    assert kinds.count(CAUSAL) <= 4 * Pacer.TRIAL and kinds[-1] == 1
+
+
+def test_causal_steps_take_over_when_drafts_do_not_pay(monkeypatch):
+    pacer, kinds = _drive(monkeypatch, lambda m, i: 1.0 + 0.2 * m, lambda i: [0.05] * 4, 80)
+    tail = kinds[30:]
+    assert tail.count(CAUSAL) > 0.75 * len(tail)
+    assert set(tail) - {CAUSAL}  # drafting is still tried now and then
+
+
+def test_the_length_with_the_fewest_seconds_per_token_wins(monkeypatch):
+    """Rows cost (1 + 0.1 m s per round) and the drafts far ahead rarely pass (0.9, 0.8, 0.3, 0.2): two drafts
+    commit fastest (0.53 s per token against 0.61, 0.64, 0.71 and causal 1.0). It is found from acceptance
+    seen in every round and costs on the line through the timed lengths; three drafts run only now and then,
+    once what was seen of the third draft has faded."""
+    pacer, kinds = _drive(monkeypatch, lambda m, i: 1.0 + 0.1 * m, lambda i: [0.9, 0.8, 0.3, 0.2], 300)
+    assert pacer.best == 2 and kinds[-100:].count(2) > 90
+    assert kinds[40:].count(3) < 10
+
+
+@pytest.mark.parametrize("sequences", [1, 8])
+def test_texts_that_draft_better_move_to_longer_rounds(monkeypatch, sequences):
+    """The drafts far ahead start passing (new requests): what was seen of them fades while the short length
+    runs, a longer length is tried and kept within some tens of rounds."""
+    texts = lambda i: [0.9, 0.8, 0.3, 0.2] if i < 300 else [0.95] * 4  # noqa: E731
+    pacer, kinds = _drive(monkeypatch, lambda m, i: 1.0 + 0.1 * m, texts, 600, sequences=sequences)
+    assert kinds[200:300].count(2) > 90 and pacer.best == 4 and kinds[400:].count(4) > 190
 
 
 @pytest.mark.parametrize("redraft", ["last", "every"])
 def test_paced_rounds_keep_greedy_tokens_causal(flare_models, monkeypatch, redraft):
     """Whatever the pacer picks, greedy AR-Trust gives the causal tokens (here it alternates)."""
-    flip = iter([DRAFT, CAUSAL] * 100)
-    monkeypatch.setattr(Pacer, "next", lambda self, tokens: next(flip))
+    flip = iter([3, CAUSAL] * 100)
+    monkeypatch.setattr(Pacer, "next", lambda self, served: next(flip))
     model = flare_models["qwen3_5"]
     prompts = [[3, 1, 4, 1, 5], [9, 2]]
     params = SamplingParams(temperature=0, max_new_tokens=20, ignore_eos=True)
@@ -67,7 +129,7 @@ def test_paced_rounds_keep_greedy_tokens_causal(flare_models, monkeypatch, redra
 
 def test_a_batch_with_sampled_sequences_is_not_paced(flare_models, monkeypatch):
     """Sampled draws must not depend on the clock: a round with any sampled sequence never asks the pacer."""
-    def refuse(self, tokens):
+    def refuse(self, served):
         raise AssertionError("paced a sampled round")
 
     monkeypatch.setattr(Pacer, "next", refuse)
@@ -80,38 +142,47 @@ def test_a_batch_with_sampled_sequences_is_not_paced(flare_models, monkeypatch):
 def test_trials_that_confirm_the_faster_kind_grow_rarer(monkeypatch):
     """Drafting clearly faster: each causal trial that confirms it doubles the rounds to the next (up to
     LONGEST), so over a long run the trials cost a few percent of the rounds, not TRIAL / EVERY."""
-    kinds = _drive(monkeypatch, {DRAFT: 2.0, CAUSAL: 1.0}, {DRAFT: 3, CAUSAL: 1}, 2000)
-    starts = [i for i in range(1, len(kinds)) if kinds[i] == CAUSAL and kinds[i - 1] == DRAFT]
+    pacer, kinds = _drive(monkeypatch, lambda m, i: 1.4 if m else 1.0, lambda i: [0.9], 2000, Pacer(1))
+    starts = [i for i in range(1, len(kinds)) if kinds[i] == CAUSAL and kinds[i - 1] == 1]
     gaps = [b - a for a, b in zip(starts, starts[1:])]
     assert gaps == sorted(gaps) and gaps[-1] >= Pacer.LONGEST
     assert kinds.count(CAUSAL) < 0.05 * len(kinds)
 
 
 def test_a_switch_brings_trials_back_to_every(monkeypatch):
-    """After trials grew rare, drafts that stop paying are seen at once (the running kind is timed every round)
+    """After trials grew rare, drafts that stop paying are seen at once (acceptance is observed every round)
     and the switch brings the trials back to EVERY rounds apart."""
-    clock = [0.0]
-    monkeypatch.setattr("flare.decoding.pacer.time.perf_counter", lambda: clock[0])
-    pacer, best, last = Pacer(), [], None
-    for i in range(1000):
-        kind = pacer.next(last)
-        best.append((pacer.best, pacer.gap))
-        clock[0] += {DRAFT: 2.0, CAUSAL: 1.0}[kind]
-        last = {DRAFT: 3 if i < 700 else 1, CAUSAL: 1}[kind]  # drafts stop paying after round 700
-    assert best[699] == (DRAFT, Pacer.LONGEST)
+    best = []
+    pacer = Pacer(1)
+    real_next = Pacer.next
+
+    def watched(self, served):
+        kind = real_next(self, served)
+        best.append((self.best, self.gap))
+        return kind
+
+    monkeypatch.setattr(Pacer, "next", watched)
+    _drive(monkeypatch, lambda m, i: 1.4 if m else 1.0, lambda i: [0.9] if i < 700 else [0.02], 1000, pacer)
+    assert best[699] == (1, Pacer.LONGEST)
     switched = next(i for i in range(700, 1000) if best[i][0] == CAUSAL)
-    assert switched < 710 and best[switched][1] == Pacer.EVERY
+    assert switched < 730 and best[switched][1] == Pacer.EVERY
 
 
 @pytest.mark.parametrize("gen_block", [3, 5])
-def test_short_rounds_keep_greedy_tokens_causal(flare_models, monkeypatch, gen_block):
-    """Short rounds (fewer drafts and MASK rows) between full ones and causal steps, in any order: the drafts a
-    short round leaves are verified by a longer one only as far as they go, and the tokens stay the causal ones
-    for a batch whose sequences accept different amounts."""
+def test_rounds_of_any_length_keep_greedy_tokens_causal(flare_models, monkeypatch, gen_block):
+    """Rounds of every length between causal steps, in any order: the drafts a shorter round leaves are
+    verified by a longer one only as far as they go, and the tokens stay the causal ones for a batch whose
+    sequences accept different amounts."""
+    from flare.decoding.ar_trust import ArTrustLane
     from flare.engine.runner import CachedRunner
 
-    order = iter([DRAFT, SHORT, SHORT, DRAFT, CAUSAL, SHORT, DRAFT, DRAFT, SHORT, CAUSAL, CAUSAL] * 20)
-    monkeypatch.setattr(Pacer, "next", lambda self, tokens: next(order))
+    M = gen_block - 1
+    order = iter([M, 1, 1, M, CAUSAL, M // 2 or 1, M, M, 1, CAUSAL, CAUSAL, max(1, M - 1)] * 20)
+    monkeypatch.setattr(Pacer, "next", lambda self, served: next(order))
+    synced = ArTrustLane.synced
+    # A random model accepts few drafts: no per-sequence pauses here, every round is the pacer's.
+    monkeypatch.setattr(ArTrustLane, "synced", lambda self, values: synced(self, values) or self.pause_left.__init__(
+        [0] * len(self.pause_left)))
     widths = []
     rows = CachedRunner.rows
     monkeypatch.setattr(CachedRunner, "rows", lambda self, t, *a, **k: widths.append(t.shape[1]) or rows(
@@ -121,20 +192,20 @@ def test_short_rounds_keep_greedy_tokens_causal(flare_models, monkeypatch, gen_b
     params = SamplingParams(temperature=0, max_new_tokens=24, ignore_eos=True)
     out = decode(model, prompts, params, ArTrustOptions(gen_block=gen_block, redraft="last"))
     assert out.token_ids == decode(model, prompts, params).token_ids
-    M = gen_block - 1
-    assert {1 + 2 * M, 1 + 2 * (M // 2)} <= set(widths)  # full and short rounds both ran
+    assert {1 + 2 * m for m in range(1, M + 1)} <= set(widths)  # rounds of every length ran
 
 
-def test_a_pacer_over_three_kinds_tries_each_and_keeps_the_fastest(monkeypatch):
-    clock = [0.0]
-    monkeypatch.setattr("flare.decoding.pacer.time.perf_counter", lambda: clock[0])
-    seconds, tokens = {DRAFT: 2.0, SHORT: 1.2, CAUSAL: 1.0}, {DRAFT: 2.4, SHORT: 1.8, CAUSAL: 1}
-    pacer, kinds, last = Pacer((DRAFT, SHORT, CAUSAL)), [], None
-    for _ in range(300):
-        kind = pacer.next(last)
-        kinds.append(kind)
-        clock[0] += seconds[kind]
-        last = tokens[kind]
-    assert kinds[Pacer.FIRST:Pacer.FIRST + Pacer.TRIAL] == [SHORT] * Pacer.TRIAL  # untried kinds first
-    assert CAUSAL in kinds[:40]
-    assert pacer.best == SHORT and kinds[-50:].count(SHORT) > 40  # 0.67 s per token against 0.83 and 1.0
+def test_what_the_pacer_learned_stays_with_the_model(flare_models):
+    """A later batch in the same mode (another ``decode`` call or engine) starts from the pacers' estimates."""
+    import copy
+
+    model = copy.deepcopy(flare_models["llama"])
+    assert not model.pacing
+    params = SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True)
+    mode = ArTrustOptions(gen_block=4, redraft="last")
+    decode(model, [[3, 1, 4]], params, mode)
+    (options, pacers), = model.pacing.items()
+    seen = pacers[False].tested[1]
+    assert options.gen_block == 4 and seen > 0
+    decode(model, [[1, 5, 9]], params, mode)
+    assert model.pacing[options] is pacers and pacers[False].tested[1] != seen
