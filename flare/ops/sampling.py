@@ -9,11 +9,29 @@ from __future__ import annotations
 import torch
 
 
+# On the CPU the vocabulary is searched in chunks of this many logits (``argmax``).
+ARGMAX_CHUNK = 512
+
+
 def argmax(logits: torch.Tensor) -> torch.Tensor:
-    """``logits.argmax(-1)``, the first of tied maxima included, through ``max(-1)``: on the CPU argmax over bf16
-    rows runs on one thread unvectorised, max does not (a [72, 49152] bf16 batch of logits, an AR-Trust round of 8
-    sequences of SmolLM2: 1.5 vs 6.8 ms on 2 threads, the same indices)."""
-    return logits.max(-1).indices
+    """``logits.argmax(-1)``, the first of tied maxima included. On the CPU, argmax over bf16 rows runs on one
+    thread unvectorised and ``max(-1)``, which also returns indices, runs at a third of the speed of ``amax``; so
+    the maximum of each chunk of ``ARGMAX_CHUNK`` logits comes from ``amax``, and indices only from the first
+    chunk holding the row's maximum (2 threads, bf16, 49,153 logits: 25 rows 441 -> 254 us, 72 rows
+    1,234 -> 651 us; 9 rows of 248,320: 855 -> 372 us; against argmax, 4-5x more)."""
+    V = logits.shape[-1]
+    n = V // ARGMAX_CHUNK
+    if n < 2 or logits.device.type != "cpu":
+        return logits.max(-1).indices
+    W = ARGMAX_CHUNK
+    chunk = logits[..., :n * W].unflatten(-1, (n, W)).amax(-1).max(-1).indices  # the first chunk with the max
+    start = chunk * W
+    value, at = logits.gather(-1, start[..., None] + torch.arange(W, device=logits.device)).max(-1)
+    best = start + at
+    if V > n * W:  # the logits after the last whole chunk
+        value_tail, at_tail = logits[..., n * W:].max(-1)
+        best = torch.where(value_tail > value, at_tail + n * W, best)
+    return best
 
 
 def filtered_probs(

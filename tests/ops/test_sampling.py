@@ -44,7 +44,7 @@ def test_draws_follow_the_distribution():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("shape", [(1, 7), (72, 4099), (3, 2, 1000), (5, 1)])
+@pytest.mark.parametrize("shape", [(1, 7), (72, 4099), (3, 2, 1000), (5, 1), (2, 1024), (2, 3, 1537), (9, 49153)])
 def test_argmax_equals_torch_argmax_ties_included(dtype, shape):
     g = torch.Generator().manual_seed(sum(shape))
     for high in (2, 5, 1000):  # few distinct values: many tied maxima, the first must win as in argmax
