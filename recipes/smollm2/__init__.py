@@ -30,8 +30,9 @@ of seed ``s`` from ``Random(s + i)``, so seed ``s`` with ``n`` problems uses ite
 1000 and 1001 share all but one problem): purposes get non-overlapping ranges, and a stage may draw at most
 its range's size (``common.seed_for``).
 
-  probe     10_000 + [0, 1_000)         used while writing this recipe (8 problems per task) to choose the
-                                        candidate tasks and their max_new_tokens; never scored for a decision
+  probe     10_000 + [0, 1_000)         used while writing this recipe to choose the candidate tasks, their
+                                        max_new_tokens (8 problems per task) and settings (16 from 10,300), and to
+                                        keep Diffusion-Trust's threshold (16 from 10,500); never evaluated
   survey    20_000 + [0, 1_000)         the survey
   eval      30_000 + [0, 10_000)        later stages: evaluating the seed and the converted model
   transfer  1_000_000 + [0, 1_000_000)  later stages: problems to distill transfer data from

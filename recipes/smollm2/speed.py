@@ -13,7 +13,8 @@ import time
 
 from recipes.smollm2 import tasks, train
 from recipes.smollm2.common import Run, read_json, write_json
-from recipes.smollm2.evaluate import MODES
+# The default AR-Trust (paced: draft lengths or causal steps by the clock) and always drafting full rounds.
+MODES = "causal,ar_trust,ar_trust:pause=0,diffusion_trust"
 
 PROMPTS, QUICK_PROMPTS = 16, 2
 BATCHES = (1, 8)
