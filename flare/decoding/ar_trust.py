@@ -14,8 +14,9 @@ request's first token and its first drafts come with its prefill, and its first 
 With ``redraft="every"`` (our extension, method §3) the round holds a MASK group after ``pending, d_1 .. d_k``
 for every k, each seeded at that clean boundary (``flare.model.row_tree``): whatever is accepted, the next
 round's drafts are conditioned on exactly the committed context, so no round is cold. Those rows pay where rows
-are cheap (a GPU) or the batch is small; ``redraft="auto"`` (the default) takes them for greedy batches of up to
-``AUTO_EVERY_SLOTS`` sequences and one group otherwise.
+are cheap (a GPU) or the batch is small; with ``redraft="auto"`` (the default) the pacer (below) weighs them
+against one group for greedy batches, and sampled rounds take one group (unpaced, ``pause=0``: a group per
+acceptance point for greedy batches of up to ``AUTO_EVERY_SLOTS`` sequences).
 
 Where drafting fails (two verify rounds in a row accept nothing) a sequence pauses it: for ``pause`` steps it
 decodes causally, one row and no MASK rows, then drafts again; each pause that ends in more failure is twice
@@ -26,7 +27,8 @@ its tokens are the causal ones either way); a sampled one stays held. Every toke
 paused step is a causal step).
 
 An all-greedy batch is paced (``flare.decoding.pacer``): each round verifies and makes m drafts, 1 <= m <= N-1
-(m MASK rows), or is a causal step, whichever the lane's acceptance and the clock say commits fastest. A slot
+(m MASK rows), or N-1 drafts with a group per acceptance point (``redraft`` auto or every), or is a causal step,
+whichever the lane's acceptance and the clock say commits fastest. A slot
 holds the drafts its last round made (``have``); a round verifies as many of them as it has rows for, and its
 MASK group starts right after the drafts it verified.
 """
@@ -37,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from flare.decoding.lane import Lane, Plan, RowLogits
-from flare.decoding.pacer import CAUSAL, Pacer
+from flare.decoding.pacer import CAUSAL, EVERY, Pacer
 from flare.ops.sampling import argmax, draw, filtered_probs, speculative_verify
 
 
@@ -46,8 +48,9 @@ PAUSE_GROWTH = 16
 # With a group per acceptance point the LM head reads every row in one pass up to this many rows (covered slots
 # x rows per slot), else the clean rows and then the kept group.
 ONE_PASS_ROWS = 64
-# redraft=auto: a group per acceptance point while at most this many sequences draft (demo checkpoint, 64
-# arithmetic prompts, pause=0, tokens/s against last: batch 1 1.13x, 2 1.02x, 4 0.90-0.93x, 8 0.88-0.97x).
+# redraft=auto without the pacer (pause=0): a group per acceptance point while at most this many greedy sequences
+# draft (demo checkpoint, 64 arithmetic prompts, tokens/s against last: batch 1 1.13x, 2 1.02x, 4 0.90-0.93x;
+# the converted SmolLM2 in bf16, batch 1: 0.85x, which is why the pacer chooses where it runs).
 AUTO_EVERY_SLOTS = 2
 
 
@@ -83,15 +86,14 @@ class ArTrustLane(Lane):
         self.paused: list[int] = []
         self.held: torch.Tensor | None = None  # [S] bool at the paused slots of a round that also drafts
         # All-greedy batches: rounds of m <= M drafts and MASK rows (fewer are cheaper where rows cost, as at a
-        # larger batch of a real model) or causal steps, whichever commits faster (flare.decoding.pacer); one
-        # pacer per kind of round (a group after all drafts, or one per acceptance point: M drafts, no cold
-        # rounds), whose costs differ. They outlive the lane (``self.pacing``: the model's, with caches): the
-        # next batch in this mode, in another engine or ``decode`` call, starts from what they learned.
-        self.pacers = self.pacing.setdefault(options, {
-            False: Pacer(self.M), True: Pacer(self.M, cold_after_reject=False, lengths=(self.M,))})
-        for pacer in self.pacers.values():
-            pacer.skip()
-        self.ran: Pacer | None = None  # the pacer of the last round
+        # larger batch of a real model), M drafts with a group per acceptance point (redraft auto or every), or
+        # causal steps, whichever commits faster (flare.decoding.pacer). The pacer outlives the lane
+        # (``self.pacing``: the model's, with caches): the next batch in this mode, in another engine or
+        # ``decode`` call, starts from what it learned.
+        redraft = options.redraft
+        self.pacer = self.pacing.setdefault(options, Pacer(
+            self.M, lengths=() if redraft == "every" else None, every=redraft != "last"))
+        self.pacer.skip()
         self.m = self.M  # drafts verified and MASK rows of the round in flight
         self.v = self.have  # [S] the drafts each slot verifies in the round in flight
         self.round: list[int] = []  # the slots of the round in flight
@@ -105,8 +107,7 @@ class ArTrustLane(Lane):
         self.have[idx] = 0
         for slot in slots:
             self.pause_left[slot], self.misses[slot], self.next_pause[slot] = 0, 0, self.options.pause
-        for pacer in self.pacers.values():
-            pacer.skip()
+        self.pacer.skip()
         return [p[:-1] for p in prompts]
 
     def prefilled_drafts(self, slots: list[int], hidden: torch.Tensor, prompt_len: torch.Tensor) -> None:
@@ -134,27 +135,20 @@ class ArTrustLane(Lane):
         greedy = self.slots.all_greedy(live)
         every = self.options.redraft == "every"
         if self.options.redraft == "auto":
-            # A group per acceptance point costs rows that pay at a batch of one or two (every slot of the
-            # forward pays for its width, paused ones too); greedy batches only, so that a seeded sampled
-            # request's draws never depend on its batch.
-            every = len(live) <= AUTO_EVERY_SLOTS and greedy
+            # Greedy batches only, so that a seeded sampled request's draws never depend on its batch; without
+            # the pacer, while the batch is small (every slot of the forward pays for its width, paused ones too).
+            every = greedy and len(live) <= AUTO_EVERY_SLOTS
         m = self.M
         if self.options.pause:
             self.verdict.fill_(-1)
-            pacer = self.pacers[every]
-            if self.ran is not pacer:  # the last round was the other pacer's; this one's clock is stale
-                pacer.skip()
-                if self.ran is not None:
-                    self.ran.skip()
             if not greedy:
-                pacer.skip()  # sampled rounds are not paced, and not timed
+                self.pacer.skip()  # sampled rounds are not paced, and not timed
             else:
-                kind = pacer.next(self.served)
+                kind = self.pacer.next(self.served)
                 if kind == CAUSAL:
                     self.paused = list(live)
                 else:
-                    m = kind
-            self.ran = pacer
+                    every, m = kind == EVERY, (self.M if kind == EVERY else kind)
             self.round, self.served = live, len(live)
         mask = self.slots.mask(live)
         if len(self.paused) == len(live):  # every sequence steps causally: a plain causal forward
@@ -191,8 +185,8 @@ class ArTrustLane(Lane):
         """Each slot's verdict: two verify rounds in a row without an accepted draft start a pause; the pacer
         learns each draft position's acceptance."""
         verdicts = {i: divmod(values[i], self.M + 1) for i in self.owned if values[i] >= 0}  # (verified, accepted)
-        if self.ran is not None and self.round:
-            self.ran.observe([verdicts[i] for i in self.round if i in verdicts])
+        if self.round:
+            self.pacer.observe([verdicts[i] for i in self.round if i in verdicts])
         self.round = []
         for i, (_, accepted) in verdicts.items():
             if accepted > 0:

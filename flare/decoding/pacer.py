@@ -4,8 +4,9 @@ A drafting round costs more than a causal step (m draft rows and m MASK rows per
 enough drafts are accepted; how much more it costs depends on the model, the batch and the machine (on a CPU
 from 1.2x to 2.2x, benchmarks/README.md), and how many of its drafts are accepted depends on the text. For a
 lane whose sequences are all greedy, whose tokens are the causal ones whatever kind of round produced them, the
-pacer picks each round's kind: a number of drafts m (and MASK rows) from the lane's longest down to 1, or a
-causal step (``CAUSAL``, 0).
+pacer picks each round's kind: a number of drafts m (and MASK rows) from the lane's longest down to 1, the
+longest with a MASK group per acceptance point (``EVERY``: no cold rounds, many more rows), or a causal step
+(``CAUSAL``, 0).
 
 It picks the kind with the fewest seconds per committed token, the quotient of two estimates:
 
@@ -14,8 +15,8 @@ It picks the kind with the fewest seconds per committed token, the quotient of t
   the others are read off the straight line through the timed lengths' costs until they run themselves.
 - **tokens per sequence** in a round of m drafts, from the acceptance the lane observed at each draft position
   (draft k accepted, given drafts 1 .. k-1 were): a round commits 1 + sum_k prod_{j<=k} alpha_j tokens in
-  expectation, and with one MASK group (``cold_after_reject``) a round that rejects a draft leaves its sequence
-  a cold round (one token, fresh drafts), which the expected rate includes. Acceptance at every position comes
+  expectation, and with one MASK group a round that rejects a draft leaves its sequence a cold round (one token,
+  fresh drafts), which the expected rate includes (``EVERY`` has none). Acceptance at every position comes
   from every verify round, so a length is judged by far more rounds than its own.
 
 The kinds not running are tried in turn for a few rounds now and then: a trial that confirms the fastest kind
@@ -31,6 +32,7 @@ from __future__ import annotations
 import time
 
 CAUSAL = 0  # a kind is the number of drafts a round verifies and makes; 0: a causal step
+EVERY = -1  # the longest, with a MASK group after each acceptance point
 
 
 class Pacer:
@@ -42,16 +44,16 @@ class Pacer:
     KEEP_SEEN = 0.97  # of the acceptance counts per verify round
     PRIOR = 2.0  # sequences' worth of a draft position's prior
 
-    def __init__(self, longest: int, cold_after_reject: bool = True, lengths: tuple[int, ...] | None = None
-                 ) -> None:
-        """``longest``: the most drafts a round holds; ``lengths``: the drafting kinds (default 1 .. longest)."""
+    def __init__(self, longest: int, lengths: tuple[int, ...] | None = None, every: bool = False) -> None:
+        """``longest``: the most drafts a round holds; ``lengths``: the kinds with one MASK group (default
+        1 .. longest); ``every``: ``EVERY`` is a kind too. The first kind is the first one run."""
         self.longest = longest
-        self.cold_after_reject = cold_after_reject
-        self.kinds = tuple(sorted(lengths or range(1, longest + 1), reverse=True)) + (CAUSAL,)
+        lengths = range(1, longest + 1) if lengths is None else lengths
+        self.kinds = tuple(sorted(lengths, reverse=True)) + ((EVERY,) if every else ()) + (CAUSAL,)
         short = max(1, longest // 2)
-        # Timed in trials: the longest, a short length and causal steps; the other lengths' costs are read
-        # off the line through the drafting lengths timed so far.
-        self.timed_first = tuple(k for k in self.kinds if k in (longest, short, CAUSAL))
+        # Timed in trials: the longest, a short length, EVERY and causal steps; the other lengths' costs are
+        # read off the line through the lengths timed so far.
+        self.timed_first = tuple(k for k in self.kinds if k in (longest, short, EVERY, CAUSAL))
         self.cost: dict[int, list[float]] = {k: [0.0, 0.0] for k in self.kinds}  # seconds, sequences
         self.tested = [0.0] * (longest + 1)  # [k]: rounds x sequences that verified draft k after k-1 passed
         self.passed = [0.0] * (longest + 1)  # [k]: ... and accepted it
@@ -93,24 +95,24 @@ class Pacer:
     def tokens(self, kind: int) -> float:
         """Expected tokens a sequence commits per round, over a run of rounds of ``kind``."""
         run, extra = 1.0, 0.0  # the chance all drafts so far passed; the expected accepted drafts
-        for chance in self._chances(kind):
+        for chance in self._chances(self.longest if kind == EVERY else kind):
             run *= chance
             extra += run
-        if kind == CAUSAL or not self.cold_after_reject:
+        if kind in (CAUSAL, EVERY):
             return 1.0 + extra
         # A warm round commits 1 + extra tokens and, unless every draft passed (chance ``run``), leaves a cold
         # round of one token after it: over many rounds, (1 + extra + (1 - run)) tokens per (2 - run) rounds.
         return (2.0 + extra - run) / (2.0 - run)
 
     def seconds(self, kind: int) -> float | None:
-        """Seconds per sequence in a round of ``kind``: timed, or for an untimed drafting length, on the line
-        through the timed lengths (None while nothing to read it from)."""
+        """Seconds per sequence in a round of ``kind``: timed, or for an untimed length (one MASK group), on the
+        line through the timed lengths (None while nothing to read it from)."""
         seconds, sequences = self.cost[kind]
         if sequences:
             return seconds / sequences
-        if kind == CAUSAL:
+        if kind <= 0:
             return None
-        timed = [(k, self.cost[k][0] / self.cost[k][1]) for k in self.kinds if k != CAUSAL and self.cost[k][1]]
+        timed = [(k, self.cost[k][0] / self.cost[k][1]) for k in self.kinds if k > 0 and self.cost[k][1]]
         if len(timed) < 2:
             return None
         (k0, c0), (k1, c1) = timed[-1], timed[0]  # the shortest and the longest timed

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from flare.decoding import ArTrustOptions, SamplingParams
-from flare.decoding.pacer import CAUSAL, Pacer
+from flare.decoding.pacer import CAUSAL, EVERY, Pacer
 from flare.engine import decode
 
 
@@ -43,9 +43,10 @@ def test_expected_tokens_per_round():
     pacer = Pacer(4)
     pacer.observe([(4, 0)] * 200)  # none does: a warm round and the cold one after it, one token each
     assert 1.0 <= pacer.tokens(4) < 1.01
-    every = Pacer(4, cold_after_reject=False)
-    every.observe([(3, 1)] * 400)  # draft 1 passes, draft 2 never: no cold rounds with a group per point
-    assert abs(every.tokens(4) - 2.0) < 0.01 and abs(every.acceptance(2)) < 0.01
+    every = Pacer(4, every=True)
+    every.observe([(3, 1)] * 400)  # draft 1 passes, draft 2 never
+    assert abs(every.tokens(EVERY) - 2.0) < 0.01 and abs(every.acceptance(2)) < 0.01  # no cold rounds
+    assert abs(every.tokens(4) - 1.5) < 0.01  # one group: a cold round of one token after each round of two
     assert every.acceptance(3) == every.acceptance(2)  # never verified after draft 2 passed: the prior
 
 
@@ -117,8 +118,8 @@ def test_texts_that_draft_better_move_to_longer_rounds(monkeypatch, sequences):
 @pytest.mark.parametrize("redraft", ["last", "every"])
 def test_paced_rounds_keep_greedy_tokens_causal(flare_models, monkeypatch, redraft):
     """Whatever the pacer picks, greedy AR-Trust gives the causal tokens (here it alternates)."""
-    flip = iter([3, CAUSAL] * 100)
-    monkeypatch.setattr(Pacer, "next", lambda self, served: next(flip))
+    flip = iter([True, False] * 100)
+    monkeypatch.setattr(Pacer, "next", lambda self, served: self.kinds[0] if next(flip) else CAUSAL)
     model = flare_models["qwen3_5"]
     prompts = [[3, 1, 4, 1, 5], [9, 2]]
     params = SamplingParams(temperature=0, max_new_tokens=20, ignore_eos=True)
@@ -204,8 +205,28 @@ def test_what_the_pacer_learned_stays_with_the_model(flare_models):
     params = SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True)
     mode = ArTrustOptions(gen_block=4, redraft="last")
     decode(model, [[3, 1, 4]], params, mode)
-    (options, pacers), = model.pacing.items()
-    seen = pacers[False].tested[1]
+    (options, pacer), = model.pacing.items()
+    seen = pacer.tested[1]
     assert options.gen_block == 4 and seen > 0
     decode(model, [[1, 5, 9]], params, mode)
-    assert model.pacing[options] is pacers and pacers[False].tested[1] != seen
+    assert model.pacing[options] is pacer and pacer.tested[1] != seen
+
+
+def test_a_group_per_acceptance_point_is_a_kind_where_rows_are_cheap(monkeypatch):
+    """redraft=auto: EVERY (no cold rounds, more rows) against one group of each length. Rows nearly free (every
+    round 1.05 s against 1.0 s): EVERY wins; rows costly (every 1.6 s): four drafts with one group win."""
+    accept = lambda i: [0.7] * 4  # noqa: E731
+    for every_cost, best in ((1.05, EVERY), (1.6, 4)):
+        seconds = lambda m, i: {EVERY: every_cost, CAUSAL: 0.8}.get(m, 0.95 + 0.01 * m)  # noqa: E731
+        pacer, kinds = _drive(monkeypatch, seconds, accept, 300, Pacer(4, every=True), sequences=1)
+        assert pacer.best == best and kinds[-100:].count(best) > 90, (every_cost, pacer.best)
+
+
+@pytest.mark.parametrize("redraft", ["auto", "last", "every"])
+def test_the_rounds_a_lane_may_be_paced_into(flare_models, redraft):
+    model = flare_models["llama"]
+    decode(model, [[3, 1, 4]], SamplingParams(temperature=0, max_new_tokens=4, ignore_eos=True),
+           ArTrustOptions(gen_block=4, redraft=redraft))
+    (pacer,) = model.pacing.values()
+    kinds = {"auto": (3, 2, 1, EVERY, CAUSAL), "last": (3, 2, 1, CAUSAL), "every": (EVERY, CAUSAL)}
+    assert pacer.kinds == kinds[redraft]
