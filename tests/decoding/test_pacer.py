@@ -166,7 +166,7 @@ def test_a_switch_brings_trials_back_to_every(monkeypatch):
     _drive(monkeypatch, lambda m, i: 1.4 if m else 1.0, lambda i: [0.9] if i < 700 else [0.02], 1000, pacer)
     assert best[699] == (1, Pacer.LONGEST)
     switched = next(i for i in range(700, 1000) if best[i][0] == CAUSAL)
-    assert switched < 730 and best[switched][1] == Pacer.EVERY
+    assert switched < 730 and best[switched][1] == Pacer.GAP
 
 
 @pytest.mark.parametrize("gen_block", [3, 5])
