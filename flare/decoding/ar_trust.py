@@ -28,9 +28,9 @@ paused step is a causal step).
 
 An all-greedy batch is paced (``flare.decoding.pacer``): each round verifies and makes m drafts, 1 <= m <= N-1
 (m MASK rows), or N-1 drafts with a group per acceptance point (``redraft`` auto or every), or is a causal step,
-whichever the lane's acceptance and the clock say commits fastest. A slot
-holds the drafts its last round made (``have``); a round verifies as many of them as it has rows for, and its
-MASK group starts right after the drafts it verified.
+whichever the lane's acceptance and the clock say commits fastest. A slot holds the drafts its last round made
+(``have``); a round verifies as many of them as it has rows for, and its MASK group starts right after the
+drafts it verified.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ class ArTrustLane(Lane):
         self.pending = torch.zeros(S, dtype=torch.long, device=dev)
         # The drafts each slot holds for its next round (0: cold, after a rejection; its round is
         # [pending, MASK x m], 1 token and fresh drafts); a warm round verifies v of them: [pending, d_1..d_v,
-        # MASK x m], where m is the round's length (M, or fewer in a short round).
+        # MASK x m], where m is the round's length (M, or fewer in a shorter paced round).
         self.have = torch.zeros(S, dtype=torch.long, device=dev)
         self.drafts = torch.zeros(S, self.M, dtype=torch.long, device=dev)
         self.q: torch.Tensor | None = None  # [S, M, V] proposal laws, built once a slot samples
@@ -93,7 +93,6 @@ class ArTrustLane(Lane):
         redraft = options.redraft
         self.pacer = self.pacing.setdefault(options, Pacer(
             self.M, lengths=() if redraft == "every" else None, every=redraft != "last"))
-        self.pacer.skip()
         self.m = self.M  # drafts verified and MASK rows of the round in flight
         self.v = self.have  # [S] the drafts each slot verifies in the round in flight
         self.round: list[int] = []  # the slots of the round in flight
@@ -159,7 +158,7 @@ class ArTrustLane(Lane):
         self.paused = [i for i in self.paused if not self.slots.params[i].greedy]
         self.every, self.m = every, m
         v = self.have.clamp(max=m)  # the drafts this round verifies
-        if not greedy:  # sampled rounds are full (m = M): drafts left by a short round are dropped (a cold round)
+        if not greedy:  # sampled rounds are full (m = M): drafts left by a shorter round are dropped (a cold round)
             v = torch.where(self.have < self.M, 0, v)
         self.v = v
         verified = torch.arange(m, device=v.device) < v[:, None]
@@ -226,7 +225,7 @@ class ArTrustLane(Lane):
         # acceptance point too, while the rows are few (``ONE_PASS_ROWS``; AMX, bf16, 49,152 x 576: 25 rows
         # 1.5 ms, 5 + 4 rows in two passes 2.5 ms); beyond, only the clean rows and, once the acceptance is
         # known, the kept group are computed.
-        m = self.m  # this round's drafts and MASK rows (M, or fewer in a short round of a greedy batch)
+        m = self.m  # this round's drafts and MASK rows (M, or fewer in a paced round of a greedy batch)
         if self.every:
             whole_pass = row_logits.covered * (N + N * M) <= ONE_PASS_ROWS
             head = (0, N + N * M) if whole_pass else (0, N)

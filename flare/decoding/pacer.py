@@ -129,7 +129,7 @@ class Pacer:
 
     # --------------------------------------------------------------------------------------------- choice
     def skip(self) -> None:
-        """Do not time the round in flight (an admission's prefill ran inside it, or another pacer ran it)."""
+        """Do not time the round in flight (an admission's prefill ran inside it, or it was not paced)."""
         self.open = None
 
     def next(self, sequences: int | None) -> int:
