@@ -85,6 +85,8 @@ def main() -> int:
     ap.add_argument("--task", default="arithmetic:2", help="prompts and the accuracy task")
     ap.add_argument("--accuracy-limit", type=int, default=40, help="questions for the accuracy column (0: skip)")
     ap.add_argument("--threads", type=int, default=0, help="OMP threads of the server process (0: default)")
+    ap.add_argument("--engine", default="process", choices=("process", "thread"),
+                    help="flare serve --engine: the engine in a process of its own or in the server's thread")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
 
@@ -99,7 +101,7 @@ def main() -> int:
             model_dir = train_models(Path(args.demo_out) / "cache", Budget())[1]
         # The server runs in its own process, as it would in production: the client's threads never share its
         # interpreter lock.
-        server, base_url = start_server(str(model_dir), max(concurrency), args.threads)
+        server, base_url = start_server(str(model_dir), max(concurrency), args.threads, ("--engine", args.engine))
         print(f"serving {model_dir} at {base_url} (pid {server.pid})")
     else:
         base_url = args.base_url.rstrip("/")

@@ -251,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="largest max_tokens accepted (default: %(default)s)")
     srv.add_argument("--device", default=None, help=DEVICE_HELP)
     srv.add_argument("--dtype", default=None, choices=DTYPES, help=DTYPE_HELP)
+    srv.add_argument("--engine", default="process", choices=("process", "thread"),
+                     help="engine in a process of its own, or in a thread of the server's (default: %(default)s)")
     srv.set_defaults(func=_serve)
 
     ev = sub.add_parser("eval", help="accuracy, tokens per forward and speed per decoding mode",
@@ -322,7 +324,8 @@ def _serve(args: argparse.Namespace) -> int:
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_waiting=args.max_waiting,
                           max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_tokens,
                           default_mode=args.mode)
-    serve(args.model, host=args.host, port=args.port, config=config, device=args.device, dtype=args.dtype)
+    serve(args.model, host=args.host, port=args.port, config=config, device=args.device, dtype=args.dtype,
+          engine=args.engine)
     return 0
 
 

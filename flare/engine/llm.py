@@ -111,37 +111,13 @@ class Completion:
         return len(self.token_ids) / self.forwards if self.forwards else 0.0
 
 
-class LLM:
-    def __init__(self, model: FlareModel, tokenizer: ChatTokenizer | None, config: EngineConfig | None = None,
+class Prompter:
+    """The text side of a served model: prompts and chat messages to ids, ids to text. An ``LLM`` is one; a
+    server whose engine runs in another process builds one from what that process reports."""
+
+    def __init__(self, tokenizer: ChatTokenizer | None, config: EngineConfig, modes: list[str],
                  name: str = "flare") -> None:
-        self.engine = Engine(model, config)
-        self.tokenizer = tokenizer
-        self.name = name
-
-    @classmethod
-    def from_dir(cls, path: str | Path, *, device: str | None = None, dtype=None,
-                 config: EngineConfig | None = None) -> "LLM":
-        """Load a checkpoint directory (and its tokenizer.json when present); ``device`` None: CUDA when
-        available, else the CPU; ``dtype`` None: bf16 where the hardware has it and the model is large
-        enough to gain from it, else as stored (``flare.device.pick_dtype``)."""
-        from flare.checkpoint import load_model
-
-        path = Path(path)
-        model = load_model(path, device=pick_device(device))
-        chosen = pick_dtype(model.device, dtype, model.dtype, sum(p.numel() for p in model.parameters()))
-        if chosen != model.dtype:
-            model = model.to(chosen)
-        tokenizer = ChatTokenizer.from_dir(path) if (path / "tokenizer.json").exists() else None
-        return cls(model, tokenizer, config, name=path.name)
-
-    @property
-    def model(self) -> FlareModel:
-        return self.engine.model
-
-    @property
-    def modes(self) -> list[str]:
-        """The decoding modes this checkpoint can run (the parallel ones need a FLARE checkpoint)."""
-        return [m for m, cls in OPTIONS.items() if not cls.needs_mask or self.model.config.mask_token_id is not None]
+        self.tokenizer, self.config, self.modes, self.name = tokenizer, config, modes, name
 
     def _need_tokenizer(self) -> ChatTokenizer:
         if self.tokenizer is None:
@@ -179,6 +155,39 @@ class LLM:
 
     def stream(self, stop: list[str] | None = None) -> TextStream:
         return TextStream(self._need_tokenizer(), stop)
+
+
+def servable_modes(config) -> list[str]:
+    """The decoding modes a checkpoint of this ``ModelConfig`` can run (the parallel ones need a FLARE
+    checkpoint: a [MASK] token)."""
+    return [m for m, cls in OPTIONS.items() if not cls.needs_mask or config.mask_token_id is not None]
+
+
+class LLM(Prompter):
+    def __init__(self, model: FlareModel, tokenizer: ChatTokenizer | None, config: EngineConfig | None = None,
+                 name: str = "flare") -> None:
+        self.engine = Engine(model, config)
+        super().__init__(tokenizer, self.engine.config, servable_modes(model.config), name)
+
+    @classmethod
+    def from_dir(cls, path: str | Path, *, device: str | None = None, dtype=None,
+                 config: EngineConfig | None = None) -> "LLM":
+        """Load a checkpoint directory (and its tokenizer.json when present); ``device`` None: CUDA when
+        available, else the CPU; ``dtype`` None: bf16 where the hardware has it and the model is large
+        enough to gain from it, else as stored (``flare.device.pick_dtype``)."""
+        from flare.checkpoint import load_model
+
+        path = Path(path)
+        model = load_model(path, device=pick_device(device))
+        chosen = pick_dtype(model.device, dtype, model.dtype, sum(p.numel() for p in model.parameters()))
+        if chosen != model.dtype:
+            model = model.to(chosen)
+        tokenizer = ChatTokenizer.from_dir(path) if (path / "tokenizer.json").exists() else None
+        return cls(model, tokenizer, config, name=path.name)
+
+    @property
+    def model(self) -> FlareModel:
+        return self.engine.model
 
     def generate(
         self,

@@ -1,7 +1,8 @@
 """The OpenAI-compatible server: ``flare serve MODEL_DIR`` (FastAPI + uvicorn over one engine).
 
-``create_app(llm)`` builds the app (tests mount it on a live uvicorn server); ``serve(...)`` loads a checkpoint,
-warms the model up, logs what it serves and runs until SIGTERM/SIGINT, finishing the requests in flight.
+``create_app(llm)`` builds the app (tests mount it on a live uvicorn server); ``serve(...)`` starts the engine in
+a process of its own (``flare.serve.engine_process``; or in a thread of the server's), which loads the checkpoint
+and warms the model up, logs what it serves and runs until SIGTERM/SIGINT, finishing the requests in flight.
 """
 
 from __future__ import annotations
@@ -15,21 +16,23 @@ from flare.engine.llm import LLM
 log = logging.getLogger("flare.serve")
 
 
-def create_app(llm: LLM):
+def create_app(llm, engine=None):
+    """The app over ``llm`` (an ``LLM``, whose engine then runs in a thread, or a ``Prompter`` with ``engine``,
+    e.g. an ``EngineProcess``)."""
     try:
         from flare.serve.app import create_app as build
     except ImportError as e:
         raise ModuleNotFoundError(f"the server needs its extra ({e.name} is missing): "
                                   "pip install 'flare-lm[serve]'") from e
 
-    return build(llm)
+    return build(llm, engine)
 
 
 class ServerThread:
     """A live server on ``host`` (a free port by default) in a background thread: for tests, benchmarks and
     notebooks. ``stop()`` shuts it down as SIGTERM would."""
 
-    def __init__(self, llm: LLM, host: str = "127.0.0.1", port: int = 0, timeout: float = 30.0) -> None:
+    def __init__(self, llm, host: str = "127.0.0.1", port: int = 0, timeout: float = 30.0, engine=None) -> None:
         import socket
         import threading
         import time
@@ -41,7 +44,7 @@ class ServerThread:
                 s.bind((host, 0))
                 port = s.getsockname()[1]
         self.llm, self.host, self.port = llm, host, port
-        self.app = create_app(llm)
+        self.app = create_app(llm, engine)
         self.server = uvicorn.Server(uvicorn.Config(self.app, host=host, port=port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, name="flare-http", daemon=True)
         self.thread.start()
@@ -87,24 +90,35 @@ def leave_a_core(device) -> int:
 
 
 def serve(model_dir: str, *, host: str = "127.0.0.1", port: int = 8000, config: EngineConfig | None = None,
-          device: str | None = None, dtype=None, graceful_timeout: float = 30.0) -> None:
+          device: str | None = None, dtype=None, graceful_timeout: float = 30.0, engine: str = "process") -> None:
+    """Serve ``model_dir`` until SIGTERM/SIGINT. ``engine``: "process" (the engine in a process of its own,
+    with every core's threads) or "thread" (in this process, leaving a core to the event loop)."""
     try:
         import uvicorn
     except ImportError as e:
         raise ModuleNotFoundError("the server needs its extra: pip install 'flare-lm[serve]'") from e
 
-    from flare.device import describe
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    llm = LLM.from_dir(model_dir, device=device, dtype=dtype, config=config)
-    threads = leave_a_core(llm.model.device)
-    paths = warm_up(llm)
-    cfg = llm.engine.config
-    m = llm.model
-    log.info("model %s: %s, %d layers, vocab %d, running on %s, %d intra-op threads", llm.name, m.config.family,
-             m.config.num_hidden_layers, m.config.vocab_size, describe(m.device, m.dtype), threads)
-    log.info("modes %s (default %s); max_num_seqs %d, max_waiting %d", ", ".join(llm.modes), cfg.default_mode,
+    if engine == "process":
+        from flare.serve.engine_process import EngineProcess
+
+        backend = EngineProcess(model_dir, device=device, dtype=dtype, config=config)
+        front, info = backend.prompter(), backend.info
+    elif engine == "thread":
+        from flare.device import describe
+
+        front, backend = LLM.from_dir(model_dir, device=device, dtype=dtype, config=config), None
+        m = front.model
+        info = {"family": m.config.family, "layers": m.config.num_hidden_layers, "vocab": m.config.vocab_size,
+                "device": describe(m.device, m.dtype), "threads": leave_a_core(m.device), "kernels": warm_up(front)}
+    else:
+        raise ValueError(f"engine must be 'process' or 'thread', got {engine!r}")
+    cfg = front.config
+    log.info("model %s: %s, %d layers, vocab %d, running on %s, %d intra-op threads in %s", front.name,
+             info["family"], info["layers"], info["vocab"], info["device"], info["threads"],
+             "a process of its own" if engine == "process" else "a thread of the server's process")
+    log.info("modes %s (default %s); max_num_seqs %d, max_waiting %d", ", ".join(front.modes), cfg.default_mode,
              cfg.max_num_seqs, cfg.max_waiting)
-    log.info("kernel paths: %s", ", ".join(f"{k}={v}" for k, v in sorted(paths.items())) or "n/a")
-    uvicorn.run(create_app(llm), host=host, port=port, log_level="info",
+    log.info("kernel paths: %s", ", ".join(f"{k}={v}" for k, v in sorted(info["kernels"].items())) or "n/a")
+    uvicorn.run(create_app(front, backend), host=host, port=port, log_level="info",
                 timeout_graceful_shutdown=graceful_timeout)

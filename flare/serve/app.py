@@ -1,4 +1,4 @@
-"""The OpenAI-compatible HTTP API over one ``LLM``: completions, chat, models, health, metrics.
+"""The OpenAI-compatible HTTP API over one model: completions, chat, models, health, metrics.
 
 Only committed tokens are ever sent: each stream chunk carries the text of whatever tokens the engine committed
 for the request in one step (several at once for AR-Trust and block-wise modes, or for several steps when the
@@ -21,7 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from flare.engine import QueueFull, RequestError, RequestOutput
-from flare.engine.llm import LLM
+from flare.engine.llm import Prompter
 from flare.serve.async_engine import AsyncEngine, Channel, EngineFailed
 from flare.serve.metrics import Metrics
 from flare.serve.protocol import ChatRequest, CompletionRequest
@@ -48,9 +48,12 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
-def create_app(llm: LLM) -> FastAPI:
-    metrics = Metrics(llm.engine)
-    aengine = AsyncEngine(llm.engine, on_step=metrics.on_step)
+def create_app(llm: Prompter, engine=None) -> FastAPI:
+    """The app over ``llm``'s text side and ``engine``: an ``AsyncEngine`` or an ``EngineProcess``; None: the
+    engine of ``llm`` (an ``LLM``) in a thread of this process."""
+    aengine = engine if engine is not None else AsyncEngine(llm.engine)
+    metrics = Metrics(aengine.snapshot)
+    aengine.on_step = metrics.record
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -73,7 +76,7 @@ def create_app(llm: LLM) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        if not aengine.thread.is_alive():
+        if not aengine.alive:
             return _error(503, "the engine is not running", "server_error")
         return {"status": "ok"}
 
@@ -82,7 +85,7 @@ def create_app(llm: LLM) -> FastAPI:
         return {"object": "list", "data": [{
             "id": llm.name, "object": "model", "created": 0, "owned_by": "flare",
             "modes": llm.modes,
-            "default_mode": llm.engine.config.default_mode,
+            "default_mode": llm.config.default_mode,
         }]}
 
     @app.get("/metrics")
@@ -106,8 +109,8 @@ def create_app(llm: LLM) -> FastAPI:
                            "not_found_error")
         if body.stop and llm.tokenizer is None:
             raise APIError(400, "stop strings need a tokenizer; this model has none")
-        params = _guard(lambda: body.sampling(min(DEFAULT_MAX_TOKENS[kind], llm.engine.config.max_new_tokens)))
-        mode = _guard(lambda: body.mode(llm.engine.config.default_options))
+        params = _guard(lambda: body.sampling(min(DEFAULT_MAX_TOKENS[kind], llm.config.max_new_tokens)))
+        mode = _guard(lambda: body.mode(llm.config.default_options))
         final_only = not body.stream and not body.stop  # nothing to send or to watch before the end
         try:
             rid, channel = await aengine.submit(prompt, params, mode, final_only)
@@ -143,7 +146,7 @@ class ClientGone(Exception):
 _GONE = object()  # put in a request's channel by its watcher
 
 
-async def _watch(request: Request, aengine: AsyncEngine, rid: str, channel: Channel) -> None:
+async def _watch(request: Request, aengine, rid: str, channel: Channel) -> None:
     """Wait for the client to disconnect, then abort its request and end its output."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
@@ -151,7 +154,7 @@ async def _watch(request: Request, aengine: AsyncEngine, rid: str, channel: Chan
     channel.put(_GONE)
 
 
-async def _events(aengine: AsyncEngine, rid: str, channel: Channel, stream, request: Request,
+async def _events(aengine, rid: str, channel: Channel, stream, request: Request,
                   final_only: bool = False) -> AsyncIterator[tuple]:
     """(text delta, new ids, finished, finish reason, sequence) per step that committed something for the
     request, several steps merged when they were waiting together (``final_only``: one event, every token).
@@ -193,7 +196,7 @@ async def _events(aengine: AsyncEngine, rid: str, channel: Channel, stream, requ
 class _Reply:
     """Builds the OpenAI-shaped bodies of one request."""
 
-    def __init__(self, llm: LLM, body, kind: str, rid: str, prompt_tokens: int) -> None:
+    def __init__(self, llm: Prompter, body, kind: str, rid: str, prompt_tokens: int) -> None:
         self.llm, self.body, self.kind, self.prompt_tokens = llm, body, kind, prompt_tokens
         self.id = ("cmpl-" if kind == "completion" else "chatcmpl-") + uuid.uuid4().hex
         self.created = int(time.time())

@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 from flare.decoding import ModeOptions, SamplingParams
 from flare.engine import Engine, RequestOutput
+from flare.serve.metrics import Tally, snapshot
 
 log = logging.getLogger("flare.serve")
 
@@ -58,7 +59,9 @@ class Channel:
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine, on_step: Callable[[list[RequestOutput], float], None] | None = None) -> None:
+    """The engine in a thread of the server's process (``flare.serve.engine_process`` runs it in its own)."""
+
+    def __init__(self, engine: Engine, on_step: Callable[[Tally], None] | None = None) -> None:
         self.engine = engine
         self.on_step = on_step
         self.inbox: queue_mod.SimpleQueue = queue_mod.SimpleQueue()
@@ -70,6 +73,14 @@ class AsyncEngine:
 
     def start(self) -> None:
         self.thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self.thread.is_alive()
+
+    def snapshot(self) -> dict:
+        """The engine's gauges for /metrics (read from the event loop: counters, a moment old at worst)."""
+        return snapshot(self.engine)
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop stepping; requests still in flight are aborted and told so."""
@@ -157,7 +168,9 @@ class AsyncEngine:
                 continue
             self._publish(outputs)
             if self.on_step is not None:
-                self.on_step(outputs, self.engine.stats.step_seconds)
+                tally = Tally()
+                tally.add(outputs, self.engine.stats.step_seconds)
+                self.on_step(tally)
 
     def _settle(self, fut: asyncio.Future, result, error) -> None:
         """(event loop) Resolve a submission; one whose caller has gone is aborted at once."""

@@ -1,15 +1,52 @@
-"""Prometheus metrics of one server: requests, tokens, tokens per forward, acceptance, queue, step latency."""
+"""Prometheus metrics of one server: requests, tokens, tokens per forward, acceptance, queue, step latency.
+
+The engine's side (in its thread or its own process) sums each step into a ``Tally``; the server records it
+and asks the engine for a ``snapshot`` of its gauges when /metrics is read.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 
-from flare.engine import Engine, RequestOutput
+
+@dataclass
+class Tally:
+    """What steps did, summed: their latencies, committed tokens per mode, requests ended (mode, reason)."""
+
+    seconds: list[float] = field(default_factory=list)
+    tokens: dict[str, int] = field(default_factory=dict)
+    ended: list[tuple[str, str]] = field(default_factory=list)
+
+    def add(self, outputs, seconds: float) -> None:
+        """One engine step's ``RequestOutput``s."""
+        self.seconds.append(seconds)
+        for out in outputs:
+            if out.new_token_ids:
+                mode = out.sequence.mode
+                self.tokens[mode] = self.tokens.get(mode, 0) + len(out.new_token_ids)
+            if out.finished:
+                self.ended.append((out.sequence.mode, out.finish_reason or "stop"))
+
+
+def counts(engine) -> dict:
+    """An engine's gauges but the kernel paths."""
+    stats = engine.stats
+    return {"waiting": engine.num_waiting, "running": engine.num_running,
+            "tpf": stats.finished_tokens / stats.active_forwards if stats.active_forwards else 0.0,
+            "acceptance": stats.accepted / stats.drafted if stats.drafted else 0.0}
+
+
+def snapshot(engine) -> dict:
+    """An engine's gauges, as /metrics shows them."""
+    return {**counts(engine), "kernels": {k: str(v) for k, v in engine.model.kernel_paths().items()}}
 
 
 class Metrics:
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+    def __init__(self, snapshot) -> None:
+        """``snapshot``: a callable returning the engine's gauges (``flare.serve.metrics.snapshot``'s dict)."""
+        self.snapshot = snapshot
         self.registry = r = CollectorRegistry()
         self.requests = Counter("flare_requests", "Requests ended, by mode and outcome", ["mode", "outcome"],
                                 registry=r)
@@ -25,25 +62,20 @@ class Metrics:
         self.acceptance = Gauge("flare_draft_acceptance_rate", "AR-Trust accepted drafts / drafted", registry=r)
         self.kernels = Info("flare_kernel_path", "The kernel each layer kind ran last", registry=r)
 
-    def on_step(self, outputs: list[RequestOutput], seconds: float) -> None:
-        """(engine thread, every step) Counts per mode summed first: one counter update per mode a step."""
-        self.step_latency.observe(seconds)
-        tokens: dict[str, int] = {}
-        for out in outputs:
-            if out.new_token_ids:
-                mode = out.sequence.mode
-                tokens[mode] = tokens.get(mode, 0) + len(out.new_token_ids)
-            if out.finished:
-                self.requests.labels(out.sequence.mode, out.finish_reason or "stop").inc()
-        for mode, n in tokens.items():
+    def record(self, tally: Tally) -> None:
+        """Steps' sums: one counter update per mode."""
+        for s in tally.seconds:
+            self.step_latency.observe(s)
+        for mode, n in tally.tokens.items():
             self.tokens.labels(mode).inc(n)
+        for mode, reason in tally.ended:
+            self.requests.labels(mode, reason).inc()
 
     def render(self) -> bytes:
-        e = self.engine
-        stats = e.stats
-        self.waiting.set(e.num_waiting)
-        self.running.set(e.num_running)
-        self.tpf.set(stats.finished_tokens / stats.active_forwards if stats.active_forwards else 0.0)
-        self.acceptance.set(stats.accepted / stats.drafted if stats.drafted else 0.0)
-        self.kernels.info({k: str(v) for k, v in e.model.kernel_paths().items()})
+        s = self.snapshot()
+        self.waiting.set(s["waiting"])
+        self.running.set(s["running"])
+        self.tpf.set(s["tpf"])
+        self.acceptance.set(s["acceptance"])
+        self.kernels.info(s["kernels"])
         return generate_latest(self.registry)
