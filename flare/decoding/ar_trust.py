@@ -15,8 +15,8 @@ With ``redraft="every"`` (our extension, method §3) the round holds a MASK grou
 for every k, each seeded at that clean boundary (``flare.model.row_tree``): whatever is accepted, the next
 round's drafts are conditioned on exactly the committed context, so no round is cold. Those rows pay where rows
 are cheap (a GPU) or the batch is small; with ``redraft="auto"`` (the default) the pacer (below) weighs them
-against one group for greedy batches, and sampled rounds take one group (unpaced, ``pause=0``: a group per
-acceptance point for greedy batches of up to ``AUTO_EVERY_SLOTS`` sequences).
+against one group for greedy batches of up to ``AUTO_EVERY_SLOTS`` sequences, and sampled rounds take one group
+(unpaced, ``pause=0``: a group per acceptance point for greedy batches of up to ``AUTO_EVERY_SLOTS`` sequences).
 
 Where drafting fails (two verify rounds in a row accept nothing) a sequence pauses it: for ``pause`` steps it
 decodes causally, one row and no MASK rows, then drafts again; each pause that ends in more failure is twice
@@ -48,9 +48,11 @@ PAUSE_GROWTH = 16
 # With a group per acceptance point the LM head reads every row in one pass up to this many rows (covered slots
 # x rows per slot), else the clean rows and then the kept group.
 ONE_PASS_ROWS = 64
-# redraft=auto without the pacer (pause=0): a group per acceptance point while at most this many greedy sequences
-# draft (demo checkpoint, 64 arithmetic prompts, tokens/s against last: batch 1 1.13x, 2 1.02x, 4 0.90-0.93x;
-# the converted SmolLM2 in bf16, batch 1: 0.85x, which is why the pacer chooses where it runs).
+# redraft=auto: a group per acceptance point is a kind only while at most this many greedy sequences draft; without
+# the pacer (pause=0) it is then the kind (demo checkpoint, 64 arithmetic prompts, tokens/s against last: batch 1
+# 1.13x, 2 1.02x, 4 0.90-0.93x; the converted SmolLM2 in bf16, batch 1: 0.85x, which is why the pacer chooses
+# where it runs). At 8 sequences its rounds cost 2.9x a causal step on the demo model: even its rare trials
+# there left the paced default behind one MASK group always (benchmarks/README.md).
 AUTO_EVERY_SLOTS = 2
 
 
@@ -92,7 +94,8 @@ class ArTrustLane(Lane):
         # ``decode`` call, starts from what it learned.
         redraft = options.redraft
         self.pacer = self.pacing.setdefault(options, Pacer(
-            self.M, lengths=() if redraft == "every" else None, every=redraft != "last"))
+            self.M, lengths=() if redraft == "every" else None, every=redraft != "last",
+            every_slots=AUTO_EVERY_SLOTS if redraft == "auto" else None))
         self.m = self.M  # drafts verified and MASK rows of the round in flight
         self.v = self.have  # [S] the drafts each slot verifies in the round in flight
         self.round: list[int] = []  # the slots of the round in flight

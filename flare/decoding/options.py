@@ -76,7 +76,8 @@ class ArTrustOptions(ModeOptions):
     redraft: str = _opt("auto", "ar_trust: where the next round's drafts come from: last (one MASK group after "
                                 "all drafts; a rejection leaves the next round cold, 1 token), every (a MASK "
                                 "group after each acceptance point, N groups: no cold rounds) or auto (greedy "
-                                "batches: whichever commits faster on the clock, with pause > 0; else last)")
+                                "batches of up to 2: whichever commits faster on the clock, with pause > 0; "
+                                "else last)")
     pause: int = _opt(4, "ar_trust: after two verify rounds in a row that accept no draft, a sequence decodes "
                          "causally (one row, no drafts) for this many steps before drafting again, twice as many "
                          "each time drafting keeps failing (up to 16x); 0 = always draft")

@@ -48,12 +48,16 @@ class Pacer:
     KEEP_SEEN = 0.97  # of the acceptance counts per verify round
     PRIOR = 2.0  # sequences' worth of a draft position's prior
 
-    def __init__(self, longest: int, lengths: tuple[int, ...] | None = None, every: bool = False) -> None:
+    def __init__(self, longest: int, lengths: tuple[int, ...] | None = None, every: bool = False,
+                 every_slots: int | None = None) -> None:
         """``longest``: the most drafts a round holds; ``lengths``: the kinds with one MASK group (default
-        1 .. longest); ``every``: ``EVERY`` is a kind too. The first kind is the first one run."""
+        1 .. longest); ``every``: ``EVERY`` is a kind too, while the last round served at most ``every_slots``
+        sequences (None: at any batch). The first kind is the first one run."""
         self.longest = longest
         lengths = range(1, longest + 1) if lengths is None else lengths
         self.kinds = tuple(sorted(lengths, reverse=True)) + ((EVERY,) if every else ()) + (CAUSAL,)
+        self.every_slots = every_slots
+        self.narrow = tuple(k for k in self.kinds if k != EVERY)  # the kinds past ``every_slots``
         short = max(1, longest // 2)
         # Timed in trials: the longest, a short length, EVERY and causal steps; the other lengths' costs are
         # read off the line through the lengths timed so far.
@@ -140,14 +144,18 @@ class Pacer:
             cost = self.cost[kind]
             cost[0] = self.KEEP * cost[0] + (now - start)
             cost[1] = self.KEEP * cost[1] + sequences
+        wide = self.every_slots is None or not sequences or sequences <= self.every_slots
+        kinds = self.kinds if wide else self.narrow
+        if self.trial_left and self.trying not in kinds:
+            self.trial_left = 0
         if self.trial_left:
             self.trial_left -= 1
             kind = self.trying
         else:
-            rates = {k: self.rate(k) for k in self.kinds}
-            known = [k for k in self.kinds if rates[k] is not None]
-            fastest = min(known, key=lambda k: rates[k]) if known else self.best
-            switch = rates[self.best] is not None and fastest != self.best
+            rates = {k: self.rate(k) for k in kinds}
+            known = [k for k in kinds if rates[k] is not None]
+            fastest = min(known, key=lambda k: rates[k]) if known else (self.best if self.best in kinds else kinds[0])
+            switch = fastest != self.best and (self.best not in kinds or rates[self.best] is not None)
             if switch and (fastest == CAUSAL) != (self.best == CAUSAL):  # drafting stopped or started paying:
                 self.gap = self.GAP  # watch closely
             elif self.trialled and not switch:  # a trial confirmed the faster kind: the next one later
@@ -156,7 +164,7 @@ class Pacer:
                 self.best = fastest
             self.trialled = False
             self.since += 1
-            others = [k for k in self.kinds if k != self.best and (k in self.timed_first or self.cost[k][1])]
+            others = [k for k in kinds if k != self.best and (k in self.timed_first or self.cost[k][1])]
             untried = [k for k in others if not self.cost[k][1]]
             if others and self.since > (self.FIRST if untried else self.gap):
                 self.trying = untried[0] if untried else others[self.turn % len(others)]

@@ -222,6 +222,17 @@ def test_a_group_per_acceptance_point_is_a_kind_where_rows_are_cheap(monkeypatch
         assert pacer.best == best and kinds[-100:].count(best) > 90, (every_cost, pacer.best)
 
 
+def test_a_group_per_acceptance_point_is_left_out_past_its_batch_limit(monkeypatch):
+    """With ``every_slots`` EVERY is neither run nor tried while rounds serve more sequences (where its rows cost
+    most), even when its estimate would win; at or below the limit it runs."""
+    seconds = lambda m, i: {EVERY: 1.05, CAUSAL: 0.8}.get(m, 0.95 + 0.01 * m)  # noqa: E731
+    accept = lambda i: [0.7] * 4  # noqa: E731
+    for sequences, runs in ((3, False), (2, True)):
+        pacer, kinds = _drive(monkeypatch, seconds, accept, 300, Pacer(4, every=True, every_slots=2),
+                              sequences=sequences)
+        assert (EVERY in kinds) == runs and (pacer.best == EVERY) == runs
+
+
 @pytest.mark.parametrize("redraft", ["auto", "last", "every"])
 def test_the_rounds_a_lane_may_be_paced_into(flare_models, redraft):
     model = flare_models["llama"]
@@ -230,3 +241,4 @@ def test_the_rounds_a_lane_may_be_paced_into(flare_models, redraft):
     (pacer,) = model.pacing.values()
     kinds = {"auto": (3, 2, 1, EVERY, CAUSAL), "last": (3, 2, 1, CAUSAL), "every": (EVERY, CAUSAL)}
     assert pacer.kinds == kinds[redraft]
+    assert pacer.every_slots == (2 if redraft == "auto" else None)
