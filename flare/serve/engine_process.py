@@ -12,7 +12,7 @@ One duplex pipe of pickled tuples joins them:
 - engine -> server: ``("ready", info)`` once the model is loaded and warmed up (``("error", kind, message)`` if
   it could not be); ``("added", tag, request_id, options)`` or ``("refused", tag, kind, message)`` per submission;
   ``("step", deliveries, tally, gauges)`` after a step that committed something a client waits for (else at most
-  every ``QUIET`` seconds); ``("failed", message)`` when a step raised (the requests in flight end with it).
+  every ``QUIET`` seconds, and when the engine goes idle or a request is aborted, so the gauges stay true); ``("failed", message)`` when a step raised (the requests in flight end with it).
 
 The server's event loop reads the pipe when it is readable (``loop.add_reader``): no thread on that side. A
 delivery is ``(request_id, new_ids, finish_reason, forwards, drafted, accepted, output_ids)``, the whole
@@ -255,12 +255,16 @@ class _Stepping:
         self.final_only: dict[str, bool] = {}  # request id -> only its final output is wanted
         self.tally, self.sent, self.kernels_read = Tally(), time.monotonic(), 0.0
         self.gauges = snapshot(engine)
+        self.aborted = False  # a request was aborted since the last report
 
     def run(self) -> None:
         engine, conn = self.engine, self.conn
         while True:
             if conn.poll(0 if engine.has_work else None) and not self._commands():
                 return
+            if self.aborted:  # the gauges change without a step: /metrics must not show the request still running
+                self.aborted = False
+                self._send([])
             if not engine.has_work:
                 continue
             try:
@@ -293,7 +297,7 @@ class _Stepping:
                 conn.send(("added", tag, seq.request_id, seq.options))
             elif msg[0] == "abort":
                 if self.final_only.pop(msg[1], None) is not None:
-                    engine.abort(msg[1])
+                    self.aborted |= engine.abort(msg[1])
             elif msg[0] == "stop":
                 for rid in list(self.final_only):
                     engine.abort(rid)
@@ -313,13 +317,16 @@ class _Stepping:
                                        seq.accepted, list(seq.output_ids)))
             elif out.new_token_ids and final_only is False:
                 deliveries.append((rid, out.new_token_ids, None, seq.forwards, seq.drafted, seq.accepted, None))
-        now = time.monotonic()
-        if deliveries or now - self.sent > QUIET or not engine.has_work:
-            if now - self.kernels_read > KERNELS_EVERY:
-                self.gauges = snapshot(engine)
-                self.kernels_read = now
-            else:
-                self.gauges = {**counts(engine), "kernels": self.gauges["kernels"]}
-            self.conn.send(("step", deliveries, self.tally, self.gauges))
-            self.tally, self.sent = Tally(), now
+        if deliveries or time.monotonic() - self.sent > QUIET or not engine.has_work:
+            self._send(deliveries)
 
+    def _send(self, deliveries: list) -> None:
+        """What the steps since the last report did, and the engine's gauges now."""
+        engine, now = self.engine, time.monotonic()
+        if now - self.kernels_read > KERNELS_EVERY:
+            self.gauges = snapshot(engine)
+            self.kernels_read = now
+        else:
+            self.gauges = {**counts(engine), "kernels": self.gauges["kernels"]}
+        self.conn.send(("step", deliveries, self.tally, self.gauges))
+        self.tally, self.sent = Tally(), now

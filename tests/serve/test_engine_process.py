@@ -133,3 +133,23 @@ def test_stop_ends_the_engine_process(model_dir):
 def test_a_checkpoint_that_cannot_load_is_the_loading_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         EngineProcess(tmp_path / "missing", threads=1)
+
+
+def test_a_stop_string_ends_the_request_in_the_engine_process(server, flare_models, tiny_dirs):
+    """The server finds the stop string in the text and aborts the request across the pipe: the reply is cut
+    before it, and the engine holds no request afterwards."""
+    llm = LLM(copy.deepcopy(flare_models["qwen3_5"]), ChatTokenizer.from_dir(tiny_dirs["qwen3_5"]), CONFIG)
+    params = SamplingParams(temperature=0, max_new_tokens=40, ignore_eos=True)
+    text = llm.generate(["12+34="], params, "causal")[0].text
+    stop = text[5:7]
+    assert stop and stop in text
+    body = {"prompt": "12+34=", "max_tokens": 40, "temperature": 0, "ignore_eos": True, "stop": [stop]}
+    status, whole = server.post("/v1/completions", body)
+    assert status == 200 and whole["choices"][0]["finish_reason"] == "stop"
+    assert whole["choices"][0]["text"] == text[:text.index(stop)]
+    streamed = _sse(server, body)
+    assert streamed[1:] == (text[:text.index(stop)], "stop")
+    deadline = time.time() + 5
+    while b"flare_running_requests 0.0" not in server.get("/metrics")[1]:
+        assert time.time() < deadline, "the engine still holds the stopped request"
+        time.sleep(0.05)
