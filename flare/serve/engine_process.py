@@ -48,7 +48,7 @@ LOAD_ERRORS = (FileNotFoundError, ModuleNotFoundError, ValueError)  # raised aga
 class EngineProcess:
     """Spawn the engine over ``model_dir`` and wait until it is ready (raises what loading raised). The same
     interface as ``AsyncEngine``: ``start`` (in the event loop), ``submit``, ``abort``, ``alive``, ``snapshot``,
-    ``shutdown``; ``info`` holds what the child reported (name, modes, device, kernels)."""
+    ``shutdown``; ``info`` holds what the child reported (modes, family, device, threads, kernel paths)."""
 
     def __init__(self, model_dir: str | Path, *, device: str | None = None, dtype=None,
                  config: EngineConfig | None = None, threads: int | None = None, timeout: float = 900.0) -> None:
@@ -61,7 +61,7 @@ class EngineProcess:
         child.close()
         self.on_step: Callable[[Tally], None] | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.pending: dict[int, tuple] = {}  # tag -> (future, channel, final_only, prompt_ids, params)
+        self.pending: dict[int, tuple] = {}  # tag -> (future, channel, prompt_ids, params)
         self.live: dict[str, tuple[Channel, Sequence]] = {}  # request id -> (its channel, its mirror)
         self.dead: str | None = None  # why the engine cannot take requests any more
         self.stopping = False
@@ -113,7 +113,7 @@ class EngineProcess:
             raise EngineFailed(self.dead or "the server is shutting down")
         tag = next(self._tags)
         accepted, channel = asyncio.get_running_loop().create_future(), Channel()
-        self.pending[tag] = (accepted, channel, final_only, list(prompt_ids), params)
+        self.pending[tag] = (accepted, channel, list(prompt_ids), params)
         self._send(("add", tag, list(prompt_ids), params, mode, final_only))
         return await accepted, channel
 
@@ -162,7 +162,7 @@ class EngineProcess:
                 channel.put(RequestOutput(rid, new, reason is not None, reason, seq))
         elif kind == "added":
             _, tag, rid, options = msg
-            fut, channel, final_only, prompt_ids, params = self.pending.pop(tag)
+            fut, channel, prompt_ids, params = self.pending.pop(tag)
             if fut.cancelled():  # the caller has gone
                 self._send(("abort", rid))
                 return
@@ -252,7 +252,8 @@ class _Stepping:
 
     def __init__(self, conn, engine) -> None:
         self.conn, self.engine = conn, engine
-        self.final_only: dict[str, bool] = {}  # request id -> only its final output is wanted
+        # Every request in flight: request id -> only its final output is wanted.
+        self.in_flight: dict[str, bool] = {}
         self.tally, self.sent, self.kernels_read = Tally(), time.monotonic(), 0.0
         self.gauges = snapshot(engine)
         self.aborted = False  # a request was aborted since the last report
@@ -271,9 +272,9 @@ class _Stepping:
                 outputs = engine.step()
             except Exception as e:  # noqa: BLE001 - every waiting client must hear of it
                 log.exception("engine step failed; ending the requests in flight")
-                for rid in list(self.final_only):
+                for rid in list(self.in_flight):
                     engine.abort(rid)
-                self.final_only.clear()
+                self.in_flight.clear()
                 conn.send(("failed", f"engine step failed: {type(e).__name__}: {e}"))
                 continue
             self._report(outputs)
@@ -293,13 +294,13 @@ class _Stepping:
                 except ValueError as e:  # RequestError, or a request the engine's checks let through
                     conn.send(("refused", tag, "request", str(e)))
                     continue
-                self.final_only[seq.request_id] = final_only
+                self.in_flight[seq.request_id] = final_only
                 conn.send(("added", tag, seq.request_id, seq.options))
             elif msg[0] == "abort":
-                if self.final_only.pop(msg[1], None) is not None:
+                if self.in_flight.pop(msg[1], None) is not None:
                     self.aborted |= engine.abort(msg[1])
             elif msg[0] == "stop":
-                for rid in list(self.final_only):
+                for rid in list(self.in_flight):
                     engine.abort(rid)
                 return False
         return True
@@ -310,9 +311,9 @@ class _Stepping:
         deliveries = []
         for out in outputs:
             seq, rid = out.sequence, out.request_id
-            final_only = self.final_only.get(rid)
+            final_only = self.in_flight.get(rid)
             if out.finished:
-                if self.final_only.pop(rid, None) is not None:
+                if self.in_flight.pop(rid, None) is not None:
                     deliveries.append((rid, out.new_token_ids, out.finish_reason, seq.forwards, seq.drafted,
                                        seq.accepted, list(seq.output_ids)))
             elif out.new_token_ids and final_only is False:
