@@ -74,6 +74,16 @@ def warm_up(llm: LLM) -> dict[str, str]:
     return llm.model.kernel_paths()
 
 
+def ready(llm: LLM, threads: int) -> dict:
+    """Warm ``llm`` up (``warm_up``) and say what is served, as ``serve`` logs it: family, layers, vocabulary,
+    device and dtype, intra-op ``threads``, kernel paths."""
+    from flare.device import describe
+
+    kernels, m = warm_up(llm), llm.model
+    return {"family": m.config.family, "layers": m.config.num_hidden_layers, "vocab": m.config.vocab_size,
+            "device": describe(m.device, m.dtype), "threads": threads, "kernels": kernels}
+
+
 def leave_a_core(device) -> int:
     """On the CPU, let the engine's intra-op threads leave one core to the event loop and the HTTP work; returns
     the number of threads the engine then uses. An OpenMP team that shares every core with a busy thread waits
@@ -105,12 +115,8 @@ def serve(model_dir: str, *, host: str = "127.0.0.1", port: int = 8000, config: 
         backend = EngineProcess(model_dir, device=device, dtype=dtype, config=config)
         front, info = backend.prompter(), backend.info
     elif engine == "thread":
-        from flare.device import describe
-
         front, backend = LLM.from_dir(model_dir, device=device, dtype=dtype, config=config), None
-        m = front.model
-        info = {"family": m.config.family, "layers": m.config.num_hidden_layers, "vocab": m.config.vocab_size,
-                "device": describe(m.device, m.dtype), "threads": leave_a_core(m.device), "kernels": warm_up(front)}
+        info = ready(front, leave_a_core(front.model.device))
     else:
         raise ValueError(f"engine must be 'process' or 'thread', got {engine!r}")
     cfg = front.config

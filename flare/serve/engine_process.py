@@ -12,7 +12,8 @@ One duplex pipe of pickled tuples joins them:
 - engine -> server: ``("ready", info)`` once the model is loaded and warmed up (``("error", kind, message)`` if
   it could not be); ``("added", tag, request_id, options)`` or ``("refused", tag, kind, message)`` per submission;
   ``("step", deliveries, tally, gauges)`` after a step that committed something a client waits for (else at most
-  every ``QUIET`` seconds, and when the engine goes idle or a request is aborted, so the gauges stay true); ``("failed", message)`` when a step raised (the requests in flight end with it).
+  every ``QUIET`` seconds, and when the engine goes idle or a request is aborted, so the gauges stay true);
+  ``("failed", message)`` when a step raised (the requests in flight end with it).
 
 The server's event loop reads the pipe when it is readable (``loop.add_reader``): no thread on that side. A
 delivery is ``(request_id, new_ids, finish_reason, forwards, drafted, accepted, output_ids)``, the whole
@@ -48,7 +49,7 @@ LOAD_ERRORS = (FileNotFoundError, ModuleNotFoundError, ValueError)  # raised aga
 class EngineProcess:
     """Spawn the engine over ``model_dir`` and wait until it is ready (raises what loading raised). The same
     interface as ``AsyncEngine``: ``start`` (in the event loop), ``submit``, ``abort``, ``alive``, ``snapshot``,
-    ``shutdown``; ``info`` holds what the child reported (modes, family, device, threads, kernel paths)."""
+    ``shutdown``; ``info`` holds what the child reported (``flare.serve.ready``'s, its modes and gauges)."""
 
     def __init__(self, model_dir: str | Path, *, device: str | None = None, dtype=None,
                  config: EngineConfig | None = None, threads: int | None = None, timeout: float = 900.0) -> None:
@@ -221,19 +222,14 @@ def _child(conn, model_dir: str, device, dtype, config: EngineConfig, threads: i
     try:
         import torch
 
-        from flare.device import describe
         from flare.engine.llm import LLM
-        from flare.serve import warm_up
+        from flare.serve import ready
 
         if threads:
             torch.set_num_threads(threads)
         llm = LLM.from_dir(model_dir, device=device, dtype=dtype, config=config)
-        kernels = warm_up(llm)
-        m = llm.model
-        conn.send(("ready", {"modes": llm.modes, "family": m.config.family, "layers": m.config.num_hidden_layers,
-                             "vocab": m.config.vocab_size, "device": describe(m.device, m.dtype),
-                             "threads": torch.get_num_threads(), "kernels": kernels,
-                             "gauges": snapshot(llm.engine)}))
+        info = ready(llm, torch.get_num_threads())
+        conn.send(("ready", {**info, "modes": llm.modes, "gauges": snapshot(llm.engine)}))
     except BaseException as e:  # noqa: BLE001 - the server reports it and exits
         kind = next((c.__name__ for c in LOAD_ERRORS if isinstance(e, c)), "RuntimeError")
         try:
