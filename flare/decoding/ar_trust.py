@@ -18,13 +18,16 @@ are cheap (a GPU) or the batch is small; with ``redraft="auto"`` (the default) t
 against one group for greedy batches of up to ``AUTO_EVERY_SLOTS`` sequences, and sampled rounds take one group
 (unpaced, ``pause=0``: a group per acceptance point for greedy batches of up to ``AUTO_EVERY_SLOTS`` sequences).
 
-Where drafting fails (two verify rounds in a row accept nothing) a sequence pauses it: for ``pause`` steps it
-decodes causally, one row and no MASK rows, then drafts again; each pause that ends in more failure is twice
-as long (up to 16x). The decision uses only the sequence's own verdicts, read in the stepper's one sync, so a
-request is decoded the same alone or in any batch; a step whose sequences are all paused is a plain causal
-forward. In a round that drafts anyway a paused greedy sequence drafts along (its rows cost nothing more, and
-its tokens are the causal ones either way); a sampled one stays held. Every token still follows the AR law (a
-paused step is a causal step).
+Where drafting fails (two verify rounds in a row accept nothing) a sequence of a batch with sampled sequences
+pauses it: for ``pause`` steps it decodes causally, one row and no MASK rows, then drafts again; each pause that
+ends in more failure is twice as long (up to 16x). The decision uses only the sequence's own verdicts, read in
+the stepper's one sync, so a request is decoded the same alone or in any batch; a step whose sequences are all
+paused is a plain causal forward. In a round that drafts anyway a paused greedy sequence drafts along (its rows
+cost nothing more, and its tokens are the causal ones either way); a sampled one stays held. Every token still
+follows the AR law (a paused step is a causal step). An all-greedy batch does not pause: the pacer (below)
+chooses its causal steps, and a pause inside a stint it times as drafting would make drafting look cheaper
+(demo model, one sequence: 12% of the rounds it counted as drafting were such pauses, and its forwards rose
+from 795 to about 910 against drafting always).
 
 An all-greedy batch is paced (``flare.decoding.pacer``): each round verifies and makes m drafts, 1 <= m <= N-1
 (m MASK rows), or N-1 drafts with a group per acceptance point (``redraft`` auto or every), or is a causal step,
@@ -149,7 +152,8 @@ class ArTrustLane(Lane):
                 kind = self.pacer.next(self.served)
                 if kind == CAUSAL:
                     self.paused = list(live)
-                else:
+                else:  # the pacer's choice, not each sequence's pause: a pause is a causal step it never timed
+                    self.paused = []
                     every, m = kind == EVERY, (self.M if kind == EVERY else kind)
             self.round, self.served = live, len(live)
         mask = self.slots.mask(live)

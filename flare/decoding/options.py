@@ -78,9 +78,11 @@ class ArTrustOptions(ModeOptions):
                                 "group after each acceptance point, N groups: no cold rounds) or auto (greedy "
                                 "batches of up to 2: whichever commits faster on the clock, with pause > 0; "
                                 "else last)")
-    pause: int = _opt(4, "ar_trust: after two verify rounds in a row that accept no draft, a sequence decodes "
-                         "causally (one row, no drafts) for this many steps before drafting again, twice as many "
-                         "each time drafting keeps failing (up to 16x); 0 = always draft")
+    pause: int = _opt(4, "ar_trust: after two verify rounds in a row that accept no draft, a sequence of a batch "
+                         "with sampled sequences decodes causally (one row, no drafts) for this many steps before "
+                         "drafting again, twice as many each time drafting keeps failing (up to 16x); an all-greedy "
+                         "batch is paced on the clock instead (drafting rounds or causal steps, whichever commits "
+                         "faster); 0 = always draft, unpaced")
 
     def __post_init__(self) -> None:
         if self.pause < 0:

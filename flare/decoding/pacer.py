@@ -10,10 +10,11 @@ longest with a MASK group per acceptance point (``EVERY``: no cold rounds, many 
 
 It picks the kind with the fewest seconds per committed token, the quotient of two estimates:
 
-- **seconds per sequence** in a round of the kind: each round is timed from one plan to the next (decayed sums
-  of seconds and of the sequences served). The longest, a short length (half of it), ``EVERY`` and causal steps
-  are timed in trials; the other lengths are read off the straight line through the timed lengths' costs until
-  they run themselves.
+- **seconds per sequence** in a round of the kind: each round is timed from one plan to the next, and a kind's
+  cost is the median of its last ``WINDOW`` timed rounds, so that a burst of load from elsewhere (a shared CPU:
+  rounds of the same kind 8-26 ms on the demo model) does not decide for long which kind wins. The longest, a
+  short length (half of it), ``EVERY`` and causal steps are timed in trials; the other lengths are read off the
+  straight line through the timed lengths' costs until they run themselves.
 - **tokens per sequence** in a round of m drafts, from the acceptance the lane observed at each draft position
   (draft k accepted, given drafts 1 .. k-1 were): a round commits 1 + sum_k prod_{j<=k} alpha_j tokens in
   expectation, and with one MASK group a round that rejects a draft leaves its sequence a cold round (one token,
@@ -33,7 +34,9 @@ keep the per-sequence pause, ``ArTrustOptions.pause``, which depends on their ow
 
 from __future__ import annotations
 
+import statistics
 import time
+from collections import deque
 
 CAUSAL = 0  # a kind is the number of drafts a round verifies and makes; 0: a causal step
 EVERY = -1  # the longest, with a MASK group after each acceptance point
@@ -44,7 +47,7 @@ class Pacer:
     FIRST = 8  # rounds of the first kind before each kind not yet timed gets its first trial
     GAP = 16  # rounds of the faster kind between trials, at first and after a switch between drafting and causal
     LONGEST = 256  # the most rounds between trials, after trials that kept confirming the faster kind
-    KEEP = 0.8  # of a kind's cost sums per timed round of it
+    WINDOW = 7  # a kind's timed rounds its cost is the median of
     KEEP_SEEN = 0.97  # of the acceptance counts per verify round
     PRIOR = 2.0  # sequences' worth of a draft position's prior
 
@@ -62,7 +65,8 @@ class Pacer:
         # Timed in trials: the longest, a short length, EVERY and causal steps; the other lengths' costs are
         # read off the line through the lengths timed so far.
         self.timed_first = tuple(k for k in self.kinds if k in (longest, short, EVERY, CAUSAL))
-        self.cost: dict[int, list[float]] = {k: [0.0, 0.0] for k in self.kinds}  # seconds, sequences
+        # Seconds per sequence of each kind's last timed rounds.
+        self.cost: dict[int, deque[float]] = {k: deque(maxlen=self.WINDOW) for k in self.kinds}
         self.tested = [0.0] * (longest + 1)  # [k]: rounds x sequences that verified draft k after k-1 passed
         self.passed = [0.0] * (longest + 1)  # [k]: ... and accepted it
         self.best = self.kinds[0]
@@ -115,12 +119,11 @@ class Pacer:
     def seconds(self, kind: int) -> float | None:
         """Seconds per sequence in a round of ``kind``: timed, or for an untimed length (one MASK group), on the
         line through the timed lengths (None while nothing to read it from)."""
-        seconds, sequences = self.cost[kind]
-        if sequences:
-            return seconds / sequences
+        if self.cost[kind]:
+            return statistics.median(self.cost[kind])
         if kind <= 0:
             return None
-        timed = [(k, self.cost[k][0] / self.cost[k][1]) for k in self.kinds if k > 0 and self.cost[k][1]]
+        timed = [(k, statistics.median(self.cost[k])) for k in self.kinds if k > 0 and self.cost[k]]
         if len(timed) < 2:
             return None
         (k0, c0), (k1, c1) = timed[-1], timed[0]  # the shortest and the longest timed
@@ -141,9 +144,7 @@ class Pacer:
         now = time.perf_counter()
         if self.open is not None and sequences:
             kind, start = self.open
-            cost = self.cost[kind]
-            cost[0] = self.KEEP * cost[0] + (now - start)
-            cost[1] = self.KEEP * cost[1] + sequences
+            self.cost[kind].append((now - start) / sequences)
         wide = self.every_slots is None or not sequences or sequences <= self.every_slots
         kinds = self.kinds if wide else self.narrow
         if self.trial_left and self.trying not in kinds:
@@ -164,8 +165,8 @@ class Pacer:
                 self.best = fastest
             self.trialled = False
             self.since += 1
-            others = [k for k in kinds if k != self.best and (k in self.timed_first or self.cost[k][1])]
-            untried = [k for k in others if not self.cost[k][1]]
+            others = [k for k in kinds if k != self.best and (k in self.timed_first or self.cost[k])]
+            untried = [k for k in others if not self.cost[k]]
             if others and self.since > (self.FIRST if untried else self.gap):
                 self.trying = untried[0] if untried else others[self.turn % len(others)]
                 self.turn += not untried

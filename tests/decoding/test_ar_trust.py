@@ -193,15 +193,12 @@ def test_lm_head_passes_per_round(flare_models, redraft, batch, heads_per_round,
     assert len(calls) == heads_per_round * res.forwards  # the prefill plays the first round
 
 
-@pytest.mark.parametrize("redraft", ["last", "every"])
-def test_failed_drafting_pauses_into_causal_steps(flare_models, monkeypatch, redraft):
-    """Drafts that are always rejected (replaced by [MASK], which is never predicted): after two verify rounds
-    in a row with nothing accepted, the sequence takes `pause` plain causal steps (no rows forward), then drafts
-    again, pausing twice as long when that fails too; the tokens stay the causal ones."""
+def _spoiled_drafts(monkeypatch, model) -> list[str]:
+    """Drafts that are always rejected (replaced by [MASK], which is never predicted); returns the forwards run,
+    "rows" (a drafting round or a drafting prefill) or "append" (a causal step or a plain prefill), in order."""
     from flare.decoding.ar_trust import ArTrustLane
     from flare.engine.runner import CachedRunner
 
-    model = flare_models["llama"]
     consume = ArTrustLane.consume
 
     def spoiled(self, live, logits):
@@ -210,21 +207,44 @@ def test_failed_drafting_pauses_into_causal_steps(flare_models, monkeypatch, red
         return n
 
     monkeypatch.setattr(ArTrustLane, "consume", spoiled)
-    monkeypatch.setattr("flare.decoding.pacer.Pacer.next", lambda self, served: self.kinds[0])  # no clock here
     kinds = []
     for name in ("rows", "append"):
         inner = getattr(CachedRunner, name)
         monkeypatch.setattr(CachedRunner, name, lambda self, *a, _f=inner, _n=name, **k: kinds.append(_n) or _f(
             self, *a, **k))
-    params = SamplingParams(temperature=0, max_new_tokens=40, ignore_eos=True)
+    return kinds
+
+
+@pytest.mark.parametrize("redraft", ["last", "every"])
+def test_failed_drafting_pauses_into_causal_steps(flare_models, monkeypatch, redraft):
+    """A sampled sequence (not paced) whose drafts always fail: after two verify rounds in a row with nothing
+    accepted it takes `pause` plain causal steps (no rows forward), then drafts again, pausing twice as long when
+    that fails too. top_k=1 makes its draws the greedy tokens, so they must be the causal ones."""
+    model = flare_models["llama"]
+    kinds = _spoiled_drafts(monkeypatch, model)
+    params = SamplingParams(temperature=0.8, top_k=1, max_new_tokens=40, ignore_eos=True, seed=3)
     out = decode(model, [[3, 1, 4]], params, ArTrustOptions(gen_block=4, redraft=redraft, pause=2))
-    assert out.token_ids == decode(model, [[3, 1, 4]], params).token_ids
+    greedy = SamplingParams(temperature=0, max_new_tokens=40, ignore_eos=True)
+    assert out.token_ids == decode(model, [[3, 1, 4]], greedy).token_ids
     assert out.accepted == 0  # the premise: nothing is accepted on this model
     runs = [len(r) for r in "".join("c" if k == "append" else "r" for k in kinds).split("r") if r]
     # Rows forwards before the first pause: the prefill (which drafts) and two verify rounds; then pauses of
     # 2, 4, 8 causal steps, each followed by rows forwards again.
     assert runs[:3] == [2, 4, 8], kinds
     assert kinds.count("rows") < len(kinds) // 2
+
+
+def test_a_greedy_batch_pauses_only_where_the_pacer_says(flare_models, monkeypatch):
+    """All-greedy: the pacer picks causal steps, so failing drafts pause nothing by themselves (a pause inside a
+    stint the pacer times as drafting would make drafting look cheaper than it is)."""
+    model = flare_models["llama"]
+    kinds = _spoiled_drafts(monkeypatch, model)
+    monkeypatch.setattr("flare.decoding.pacer.Pacer.next", lambda self, served: self.kinds[0])  # always drafting
+    params = SamplingParams(temperature=0, max_new_tokens=20, ignore_eos=True)
+    out = decode(model, [[3, 1, 4], [2, 7]], params, ArTrustOptions(gen_block=4, pause=2))
+    ran = list(kinds)
+    assert out.accepted == 0 and out.token_ids == decode(model, [[3, 1, 4], [2, 7]], params).token_ids
+    assert set(ran) == {"rows"} and len(ran) == 20  # the drafting prefill, then 19 rounds of one token
 
 
 @pytest.mark.parametrize("redraft", ["last", "every"])

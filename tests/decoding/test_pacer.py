@@ -61,7 +61,7 @@ def test_untimed_lengths_are_read_off_the_timed_ones(monkeypatch):
     monkeypatch.setattr("flare.decoding.pacer.time.perf_counter", lambda: clock[0])
     pacer = Pacer(5)
     assert pacer.timed_first == (5, 2, CAUSAL)
-    pacer.cost[5], pacer.cost[2] = [3.0, 2.0], [3.0, 3.0]  # 1.5 s and 1.0 s per sequence
+    pacer.cost[5].append(1.5), pacer.cost[2].append(1.0)  # seconds per sequence
     assert pacer.seconds(5) == 1.5 and pacer.seconds(2) == 1.0
     assert abs(pacer.seconds(3) - 1.5 * 1 / 3 - 1.0 * 2 / 3) < 1e-9 and abs(pacer.seconds(1) - 5 / 6) < 1e-9
     assert pacer.seconds(CAUSAL) is None
@@ -80,6 +80,20 @@ def test_a_round_with_an_admission_is_not_timed(monkeypatch):
     clock[0] += 2.0
     pacer.next(4)
     assert pacer.seconds(1) == 0.5
+
+
+def test_a_burst_of_load_does_not_decide_the_race(monkeypatch):
+    """Drafting at 1.2 s per round beats causal steps at 1.0 s; a few rounds slowed 20-fold by load from elsewhere
+    (a shared CPU) move a kind's cost, the median of its last rounds, not at all: drafting keeps running."""
+    best = []
+    real_next = Pacer.next
+    monkeypatch.setattr(Pacer, "next", lambda self, served: real_next(self, served) if best.append(self.best) is None
+                        else None)
+    slow = {30, 31, 33}
+    pacer, kinds = _drive(monkeypatch, lambda m, i: (20.0 if i in slow else 1.0) * (1.2 if m else 1.0),
+                          lambda i: [0.9], 60, Pacer(1))
+    assert set(best) == {1} and abs(pacer.seconds(1) - 1.2 / 4) < 1e-9
+    assert kinds[30:].count(CAUSAL) == Pacer.TRIAL  # one trial, as without the burst
 
 
 def test_drafting_stays_while_it_commits_faster(monkeypatch):
