@@ -111,21 +111,37 @@ def packed_causal(doc_ids_BL: torch.Tensor) -> MaskMod:
     return mask_mod
 
 
-def two_stream(doc_ids_BL: torch.Tensor, block_size: int, clean_readout: str = "token") -> MaskMod:
+def two_stream(doc_ids_BL: torch.Tensor, block_size: int, clean_readout: str = "token",
+               noisy_view_BN: torch.Tensor | None = None, noisy_pos_BN: torch.Tensor | None = None) -> MaskMod:
     """The training mask over ``[x0 ; xt_1 ; ... ; xt_V]`` (length (1+V)L): stream = idx // L, pos = idx % L.
 
     clean q, clean k: pos_k <= pos_q (``clean_readout="block"``: blk_k <= blk_q, the block-causal clean stream of
     plain block diffusion); clean q, noisy k: never; noisy q, clean k: blk_k < blk_q; noisy q, noisy k: same
     view and blk_k == blk_q. Everything ANDed with "same document". Document starts must be block-aligned so
     that pos // block_size numbers each document's own blocks.
+
+    With ``noisy_view_BN`` and ``noisy_pos_BN`` the noisy stream after the L clean rows holds only some blocks
+    (``flare.model.noisy_blocks``): noisy row i is position ``noisy_pos[b, i]`` of view ``noisy_view[b, i]``
+    (view -1: a padding row, which sees only itself). Same rule.
     """
     if clean_readout not in CLEAN_READOUTS:
         raise ValueError(f"clean_readout must be one of {CLEAN_READOUTS}, got {clean_readout!r}")
     L = doc_ids_BL.shape[1]
+    if noisy_view_BN is None:
+        def stream_pos(b, i):
+            return i // L, i % L
+    else:
+        B, dev = doc_ids_BL.shape[0], doc_ids_BL.device
+        noisy_stream = torch.where(noisy_view_BN < 0, -1, noisy_view_BN + 1)
+        stream_of = torch.cat([torch.zeros(B, L, dtype=torch.long, device=dev), noisy_stream], 1)
+        pos_of = torch.cat([torch.arange(L, device=dev).expand(B, L), noisy_pos_BN], 1)
+
+        def stream_pos(b, i):
+            return stream_of[b, i], pos_of[b, i]
 
     def mask_mod(b, h, q, kv):
-        sq, sk = q // L, kv // L
-        pq, pk = q % L, kv % L
+        sq, pq = stream_pos(b, q)
+        sk, pk = stream_pos(b, kv)
         bq, bk = pq // block_size, pk // block_size
         if clean_readout == "token":
             clean_clean = pk <= pq
@@ -136,6 +152,7 @@ def two_stream(doc_ids_BL: torch.Tensor, block_size: int, clean_readout: str = "
             (sk == 0) & clean_clean,
             torch.where(sk == 0, bk < bq, (sk == sq) & (bk == bq)),
         )
-        return visible & (doc_ids_BL[b, pq] == doc_ids_BL[b, pk])
+        visible = visible & (doc_ids_BL[b, pq] == doc_ids_BL[b, pk])
+        return (visible & (sq >= 0) & (sk >= 0)) | ((sq < 0) & (q == kv))
 
     return mask_mod

@@ -70,3 +70,13 @@ def test_linear_paths_benchmark_measures_every_path_it_has():
     assert set(results) == {"F.linear fp32", "F.linear bf16", "oneDNN packed bf16", "MKL packed fp32"}
     for name, r in results.items():  # a path this torch lacks says why; every other one has a time per M
         assert isinstance(r, str) and r.startswith("unavailable") or set(r) == {1, 5} and min(r.values()) > 0, name
+
+
+def test_bench_idle_blocks_runs_at_a_tiny_size(tmp_path):
+    """Both layouts timed on the synthetic prompt-heavy batch; the dropped one runs fewer rows."""
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_idle_blocks.py"), "--batch", "1",
+                          "--seq-len", "96", "--block-size", "4", "--repeats", "1", "--threads", "1"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    ratio = float(res.stdout.split("dropped / full: rows ")[1].split("x")[0])
+    assert 0 < ratio < 0.7 and "| full | 288 |" in res.stdout

@@ -68,8 +68,8 @@ def _per_stream(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: StreamMask
     """Two-stream attention one stream at a time, each over the keys its mask can let through."""
     L = m.L
     outs = [attention(q[:, :L], k[:, :L], v[:, :L], m.clean, scale)]
-    for i, mask in enumerate(m.views):
-        view = slice((i + 1) * L, (i + 2) * L)
-        keys, vals = torch.cat([k[:, :L], k[:, view]], 1), torch.cat([v[:, :L], v[:, view]], 1)
-        outs.append(attention(q[:, view], keys, vals, mask, scale))
+    for span, mask in zip(m.spans, m.noisy):
+        rows = slice(span.start, span.stop)
+        keys, vals = torch.cat([k[:, :L], k[:, rows]], 1), torch.cat([v[:, :L], v[:, rows]], 1)
+        outs.append(attention(q[:, rows], keys, vals, mask, scale))
     return torch.cat(outs, 1)

@@ -18,6 +18,7 @@ import torch
 from flare import block_mask, masks
 from flare.model.cache import CommitRecord, ModelCache
 from flare.model.layers import Rotary, rotary
+from flare.model.noisy_blocks import NoisyBlocks
 from flare.model.row_tree import RowTree
 from flare.model.segments import Segments
 
@@ -31,19 +32,23 @@ def use_flex(device: torch.device | str) -> bool:
 
 @dataclass
 class StreamMasks:
-    """Two-stream attention split by stream: clean rows over clean keys, each view over [clean ; its own]."""
+    """Two-stream attention split by stream: clean rows over clean keys, each noisy span of rows over
+    [clean ; the span] (a span per view, or one span of kept blocks: ``flare.model.noisy_blocks``)."""
 
     L: int
     clean: torch.Tensor  # [B, 1, L, L]
-    views: list[torch.Tensor]  # per view [B, 1, L, 2L]
+    noisy: list[torch.Tensor]  # per span [B, 1, n, L + n]
+    spans: list[range]  # the rows of each span
 
 
-def _stream_masks(rule, B: int, L: int, views: int, device) -> StreamMasks:
+def _stream_masks(rule, B: int, L: int, spans: list[range], device) -> StreamMasks:
     pos = torch.arange(L, device=device)
     clean = masks.materialize_at(rule, B, pos, pos)
-    per_view = [masks.materialize_at(rule, B, (v + 1) * L + pos, torch.cat([pos, (v + 1) * L + pos]))
-                for v in range(views)]
-    return StreamMasks(L, clean, per_view)
+    per_span = []
+    for span in spans:
+        rows = torch.arange(span.start, span.stop, device=device)
+        per_span.append(masks.materialize_at(rule, B, rows, torch.cat([pos, rows])))
+    return StreamMasks(L, clean, per_span, spans)
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,8 @@ class TwoStream:
     block_size: int
     views: int = 1
     clean_readout: str = "token"
+    # The noisy stream holds only these blocks (None: every block of every view, V * L rows).
+    noisy: NoisyBlocks | None = None
 
 
 @dataclass(frozen=True)
@@ -137,18 +144,28 @@ class ForwardContext:
                 rule, positions = masks.packed_causal(layout.doc_ids), segments.positions
                 mode = "packed"
             else:
-                L = layout.doc_ids.shape[1]
-                if layout.views < 1 or T != (1 + layout.views) * L:
-                    raise ValueError(f"a two-stream row holds (1 + views) * L = {(1 + layout.views) * L} tokens "
+                L, kept = layout.doc_ids.shape[1], layout.noisy
+                rows = layout.views * L if kept is None else kept.rows
+                if layout.views < 1 or T != L + rows:
+                    raise ValueError(f"a two-stream row holds L + {rows} = {L + rows} tokens "
                                      f"(L={L}, views={layout.views}), got {T}")
-                rule = masks.two_stream(layout.doc_ids, layout.block_size, layout.clean_readout)
-                positions = segments.positions.repeat(1, 1 + layout.views)
+                if kept is None:
+                    rule = masks.two_stream(layout.doc_ids, layout.block_size, layout.clean_readout)
+                    positions = segments.positions.repeat(1, 1 + layout.views)
+                    spans = [range((v + 1) * L, (v + 2) * L) for v in range(layout.views)]
+                else:
+                    rule = masks.two_stream(layout.doc_ids, layout.block_size, layout.clean_readout,
+                                            kept.row_view, kept.row_pos)
+                    positions = torch.cat([segments.positions, segments.positions.gather(1, kept.row_pos)], 1)
+                    spans = [range(L, T)]
                 mode = "two_stream"
             rot = rope(positions, T)  # positions count from each document's start
             if use_flex(device):
                 # GPU: a sparse BlockMask of the same rule, built tile by tile from the layout (never a dense
                 # [T, T] mask, cached per layout); flex attention skips every fully masked tile.
-                if mode == "two_stream":
+                if mode == "two_stream" and layout.noisy is not None:
+                    mask = masks.block_mask(rule, B, T, T, device)
+                elif mode == "two_stream":
                     mask = block_mask.two_stream(layout.doc_ids, layout.block_size, layout.views,
                                                  layout.clean_readout)
                 else:
@@ -156,7 +173,7 @@ class ForwardContext:
             elif mode == "two_stream":
                 # CPU: no stream ever sees another view, and clean rows never see noisy ones, so attention runs
                 # per stream over only the keys it can see ((1 + 2V) L^2 scores instead of (1 + V)^2 L^2).
-                mask = _stream_masks(rule, B, layout.doc_ids.shape[1], layout.views, device)
+                mask = _stream_masks(rule, B, layout.doc_ids.shape[1], spans, device)
             else:
                 mask = masks.materialize(rule, B, T, T, device)
             return cls(mode, rot, mask, segments=segments, layout=layout)

@@ -134,12 +134,25 @@ class GatedDeltaNet(nn.Module):
 
     def _two_stream(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """[x0 ; xt_1 .. xt_V] rows: clean recurrence per document; each noisy block seeded by the clean state
-        before it (method §2.2). The short conv of a noisy block starts from the K-1 clean inputs before it."""
+        before it (method §2.2). The short conv of a noisy block starts from the K-1 clean inputs before it.
+
+        A noisy stream of kept blocks only (``flare.model.noisy_blocks``) has its projections placed into the
+        full layout (zeros elsewhere: the dropped blocks are computed and read by no one) and read back out."""
         layout, seg = ctx.layout, ctx.segments
         B, L, V, bs = x.shape[0], seg.length, layout.views, layout.block_size
-        proj = self.in_proj(x)  # [B, (1+V)L, P]
-        clean = seg.unpack(proj[:, :L])  # [S, Ls, P]
-        noisy = seg.unpack(proj[:, L:].reshape(B, V, L, -1).transpose(1, 2))  # [S, Ls, V, P]
+        proj = self.in_proj(x)  # [B, (1+V)L, P], or [B, L + kept rows, P]
+        if layout.noisy is not None:
+            idx = layout.noisy.full_index(V, L)[..., None]
+            full = proj.new_zeros(B, V * L + 1, proj.shape[-1]).scatter(1, idx.expand(-1, -1, proj.shape[-1]),
+                                                                         proj[:, L:])
+            out = self._two_stream_full(proj[:, :L], full[:, :-1], B, L, V, bs, layout, seg, x.dtype)
+            noisy = F.pad(out[:, L:], (0, 0, 0, 1)).gather(1, idx.expand(-1, -1, out.shape[-1]))
+            return torch.cat([out[:, :L], noisy], dim=1)
+        return self._two_stream_full(proj[:, :L], proj[:, L:], B, L, V, bs, layout, seg, x.dtype)
+
+    def _two_stream_full(self, proj_c, proj_n, B, L, V, bs, layout, seg, dtype) -> torch.Tensor:
+        clean = seg.unpack(proj_c)  # [S, Ls, P]
+        noisy = seg.unpack(proj_n.reshape(B, V, L, -1).transpose(1, 2))  # [S, Ls, V, P]
         noisy = noisy.transpose(1, 2)  # [S, V, Ls, P]
         S, Ls = clean.shape[:2]
         nb = Ls // bs
@@ -164,8 +177,8 @@ class GatedDeltaNet(nn.Module):
             q_c, k_c, v_c, g_c, beta_c, q_n, k_n, v_n, g_n, beta_n, bs, clean_readout=layout.clean_readout
         )
         self.last_path = "two_stream"
-        out_c = seg.pack(self._out(o_c, z_c, x.dtype))  # [B, L, E]
-        out_n = seg.pack(self._out(o_n, z_n, x.dtype).transpose(1, 2))  # [B, L, V, E]
+        out_c = seg.pack(self._out(o_c, z_c, dtype))  # [B, L, E]
+        out_n = seg.pack(self._out(o_n, z_n, dtype).transpose(1, 2))  # [B, L, V, E]
         return torch.cat([out_c, out_n.transpose(1, 2).reshape(B, V * L, -1)], dim=1)
 
 

@@ -14,6 +14,7 @@ from flare.config import FULL_ATTENTION, ModelConfig
 from flare.model.attention import Attention
 from flare.model.cache import CommitRecord, ModelCache
 from flare.model.context import ForwardContext, Layout, TwoStream
+from flare.model.noisy_blocks import NoisyBlocks
 from flare.model.gated_deltanet import GatedDeltaNet
 from flare.model.layers import RMSNorm, SwiGLU
 from flare.model.packed_linear import linear_path
@@ -150,12 +151,17 @@ class FlareModel(nn.Module):
 
     @staticmethod
     def two_stream_input(x0: torch.Tensor, xt: torch.Tensor, doc_ids: torch.Tensor, block_size: int,
-                         clean_readout: str = "token") -> tuple[torch.Tensor, TwoStream]:
-        """The FLARE training row ``[x0 ; xt_1 ; ... ; xt_V]`` [B, (1 + V) L] and its layout."""
+                         clean_readout: str = "token", noisy: NoisyBlocks | None = None,
+                         ) -> tuple[torch.Tensor, TwoStream]:
+        """The FLARE training row ``[x0 ; xt_1 ; ... ; xt_V]`` [B, (1 + V) L] and its layout; with ``noisy``,
+        ``[x0 ; the kept blocks of xt]`` [B, L + noisy.rows] (``flare.model.noisy_blocks``)."""
         if xt.ndim != 3 or xt.shape[0] != x0.shape[0] or xt.shape[2] != x0.shape[1]:
             raise ValueError(f"xt must be [batch, views, L] matching x0 {tuple(x0.shape)}, got {tuple(xt.shape)}")
         B, V, L = xt.shape
-        return torch.cat([x0, xt.reshape(B, V * L)], dim=1), TwoStream(doc_ids, block_size, V, clean_readout)
+        layout = TwoStream(doc_ids, block_size, V, clean_readout, noisy)
+        if noisy is not None:
+            return torch.cat([x0, noisy.select(xt)], dim=1), layout
+        return torch.cat([x0, xt.reshape(B, V * L)], dim=1), layout
 
     def two_stream_hidden(
         self, x0: torch.Tensor, xt: torch.Tensor, doc_ids: torch.Tensor, block_size: int,

@@ -16,7 +16,8 @@ import torch
 from flare.config import DEFAULT_BLOCK_SIZE
 from flare.data.batch import PackedBatch
 from flare.model import FlareModel
-from flare.model.context import ForwardContext, Packed
+from flare.model.context import ForwardContext, Packed, use_flex
+from flare.model.noisy_blocks import NoisyBlocks
 from flare.objective.noise import NoisyViews, sample_views
 from flare.ops.linear_ce import linear_cross_entropy_sums
 
@@ -115,6 +116,9 @@ class FlareObjective:
             raise ValueError(f"the {config.kind} objective needs a mask token id (run `flare convert` first)")
         self.config = config
         self.mask_token_id = mask_token_id
+        # Run only the noisy blocks some scored row sees (``flare.model.noisy_blocks``): the same losses and
+        # gradients as the full layout, which tests compare it with by turning this off.
+        self.drop_idle_blocks = True
 
     def __call__(
         self, model: FlareModel, batch: PackedBatch, generator: torch.Generator | None = None
@@ -160,17 +164,28 @@ class FlareObjective:
         else:
             readout = "block" if cfg.kind == "block_diffusion" else "token"
             B, V, L = views.xt.shape
+            scored = views.masked & ok[:, None]
             if cfg.share_clean or V == 1:
+                # Only the noisy blocks with a masked row are run (the others are seen by no scored row): on
+                # supervised data, where prompts fill most blocks, that is a fraction of the V * L noisy rows.
+                # Flex attention (CUDA) keeps the full layout, whose tile masks are built without a dense mask.
+                kept = None
+                if self.drop_idle_blocks and L % cfg.block_size == 0 and not use_flex(batch.input_ids.device):
+                    kept = NoisyBlocks.active(views.masked, cfg.block_size)
                 ids, layout = model.two_stream_input(batch.input_ids, views.xt, batch.doc_ids, cfg.block_size,
-                                                     readout)
+                                                     readout, kept)
+                if kept is not None:
+                    scored = kept.select(scored) & kept.real
             else:
                 # The batch-doubling formulation: each view in its own row with its own copy of the clean stream.
+                kept = None
                 ids, layout = model.two_stream_input(batch.input_ids.repeat_interleave(V, dim=0),
                                                      views.xt.reshape(B * V, 1, L),
                                                      batch.doc_ids.repeat_interleave(V, dim=0), cfg.block_size,
                                                      readout)
-            diff_rows = (views.masked & ok[:, None]).flatten().nonzero().squeeze(1)
-            diff_targets = nxt[:, None].expand(B, V, L).flatten()[diff_rows]
+            diff_rows = scored.flatten().nonzero().squeeze(1)
+            targets = nxt[:, None].expand(B, V, L)
+            diff_targets = (targets if kept is None else kept.select(targets)).flatten()[diff_rows]
             maskable = int(batch.loss_mask.sum()) * V
             fraction = int(views.masked.sum()) / maskable if maskable else 0.0
         if self.ar_weight > 0:

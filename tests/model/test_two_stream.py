@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from flare.model.context import Packed, Rows
+from flare.model.noisy_blocks import NoisyBlocks
 from flare.testing.checkpoints import FAMILIES
 
 MASK = 95  # any id works as [MASK] for these invariants (the tiny vocabulary has 96 rows)
@@ -183,5 +184,13 @@ def test_per_stream_attention_equals_the_full_mask():
     q = torch.randn(1, (1 + V) * L, 4, 8, dtype=torch.float64)
     k, v = torch.randn(2, 1, (1 + V) * L, 2, 8, dtype=torch.float64)
     full = attention(q, k, v, masks.materialize(rule, 1, (1 + V) * L, (1 + V) * L, "cpu"), 0.3)
-    split = _per_stream(q, k, v, _stream_masks(rule, 1, L, V, "cpu"), 0.3)
+    spans = [range((i + 1) * L, (i + 2) * L) for i in range(V)]
+    split = _per_stream(q, k, v, _stream_masks(rule, 1, L, spans, "cpu"), 0.3)
+    assert (full - split).abs().max() <= 1e-12
+    # A noisy stream of kept blocks only (one span of them, padded): same rule, same split.
+    kept = NoisyBlocks(torch.tensor([[0, 1, 0]]), torch.tensor([[1, 3, -1]]), 3)
+    rule = masks.two_stream(doc_ids, 3, "token", kept.row_view, kept.row_pos)
+    T = L + kept.rows
+    full = attention(q[:, :T], k[:, :T], v[:, :T], masks.materialize(rule, 1, T, T, "cpu"), 0.3)
+    split = _per_stream(q[:, :T], k[:, :T], v[:, :T], _stream_masks(rule, 1, L, [range(L, T)], "cpu"), 0.3)
     assert (full - split).abs().max() <= 1e-12
