@@ -136,28 +136,33 @@ class GatedDeltaNet(nn.Module):
         """[x0 ; xt_1 .. xt_V] rows: clean recurrence per document; each noisy block seeded by the clean state
         before it (method §2.2). The short conv of a noisy block starts from the K-1 clean inputs before it.
 
-        A noisy stream of kept blocks only (``flare.model.noisy_blocks``) has its projections placed into the
-        full layout (zeros elsewhere: the dropped blocks are computed and read by no one) and read back out."""
+        A noisy stream of kept blocks only (``flare.model.noisy_blocks``): the projections in and out run on its
+        rows; the recurrence runs on the full layout, the kept rows' inputs placed in it (zeros elsewhere: the
+        dropped blocks are computed and read by no one) and their outputs read back out."""
         layout, seg = ctx.layout, ctx.segments
-        B, L, V, bs = x.shape[0], seg.length, layout.views, layout.block_size
-        proj = self.in_proj(x)  # [B, (1+V)L, P], or [B, L + kept rows, P]
+        B, L, V = x.shape[0], seg.length, layout.views
+        proj = self.in_proj(x)  # [B, L + noisy rows, P]
+        z = proj.split(self.split, dim=-1)[1]
+        proj_n = proj[:, L:]
         if layout.noisy is not None:
             idx = layout.noisy.full_index(V, L)[..., None]
-            full = proj.new_zeros(B, V * L + 1, proj.shape[-1]).scatter(1, idx.expand(-1, -1, proj.shape[-1]),
-                                                                         proj[:, L:])
-            out = self._two_stream_full(proj[:, :L], full[:, :-1], B, L, V, bs, layout, seg, x.dtype)
-            noisy = F.pad(out[:, L:], (0, 0, 0, 1)).gather(1, idx.expand(-1, -1, out.shape[-1]))
-            return torch.cat([out[:, :L], noisy], dim=1)
-        return self._two_stream_full(proj[:, :L], proj[:, L:], B, L, V, bs, layout, seg, x.dtype)
+            proj_n = proj.new_zeros(B, V * L + 1, proj.shape[-1]).scatter(1, idx.expand_as(proj_n), proj_n)[:, :-1]
+        o_c, o_n = self._two_stream_mix(proj[:, :L], proj_n, layout, seg)
+        if layout.noisy is not None:
+            o_n = F.pad(o_n, (0, 0, 0, 1)).gather(1, idx.expand(-1, -1, o_n.shape[-1]))
+        o = torch.cat([o_c, o_n], dim=1)
+        return self._out(o.view(*o.shape[:2], self.num_v_heads, self.dv), z, x.dtype)
 
-    def _two_stream_full(self, proj_c, proj_n, B, L, V, bs, layout, seg, dtype) -> torch.Tensor:
+    def _two_stream_mix(self, proj_c, proj_n, layout, seg) -> tuple[torch.Tensor, torch.Tensor]:
+        """The recurrence's outputs before the output gate: clean [B, L, H * Dv], noisy [B, V * L, H * Dv]."""
+        B, L, V, bs = proj_c.shape[0], seg.length, layout.views, layout.block_size
         clean = seg.unpack(proj_c)  # [S, Ls, P]
         noisy = seg.unpack(proj_n.reshape(B, V, L, -1).transpose(1, 2))  # [S, Ls, V, P]
         noisy = noisy.transpose(1, 2)  # [S, V, Ls, P]
         S, Ls = clean.shape[:2]
         nb = Ls // bs
-        qkv_c, z_c, b_c, a_c = clean.split(self.split, dim=-1)
-        qkv_n, z_n, b_n, a_n = noisy.split(self.split, dim=-1)
+        qkv_c, _, b_c, a_c = clean.split(self.split, dim=-1)
+        qkv_n, _, b_n, a_n = noisy.split(self.split, dim=-1)
 
         mixed_c, _ = self._conv(qkv_c, None)
         K1 = self.conv1d.weight.shape[-1] - 1
@@ -177,9 +182,9 @@ class GatedDeltaNet(nn.Module):
             q_c, k_c, v_c, g_c, beta_c, q_n, k_n, v_n, g_n, beta_n, bs, clean_readout=layout.clean_readout
         )
         self.last_path = "two_stream"
-        out_c = seg.pack(self._out(o_c, z_c, dtype))  # [B, L, E]
-        out_n = seg.pack(self._out(o_n, z_n, dtype).transpose(1, 2))  # [B, L, V, E]
-        return torch.cat([out_c, out_n.transpose(1, 2).reshape(B, V * L, -1)], dim=1)
+        o_c = seg.pack(o_c.flatten(2))  # [B, L, H * Dv]
+        o_n = seg.pack(o_n.flatten(3).transpose(1, 2))  # [B, L, V, H * Dv]
+        return o_c, o_n.transpose(1, 2).reshape(B, V * L, -1)
 
 
 def _no_noisy_rows(layout, rows: int) -> bool:
