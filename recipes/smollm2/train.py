@@ -19,7 +19,8 @@ SEQ_LEN = 256  # a multiple of BLOCK_SIZE; a transfer row with its chat template
 BATCH_SIZE = 4
 STEPS, QUICK_STEPS = 320, 2
 # --quick only shows that training runs and checkpoints: one row of 128 tokens a step (1/8 of a full step's work;
-# a full step takes 25-31 s in fp32 on 2 AVX2 cores, ~4.6 s in bf16 on 2 AMX cores).
+# a full step takes about 12 s in fp32 on 2 AVX2 cores, ~4.6 s in bf16 on 2 AMX cores before the idle noisy blocks
+# were dropped).
 QUICK_SEQ_LEN, QUICK_BATCH_SIZE = 128, 1
 # 1e-4: tokens per forward grow with the MASK rows' training signal. The first full run (1e-4, 162 rows) and the
 # second (3e-5, 304 rows) drifted from the seed alike (greedy agreement 0-33% / 0-38%: the scorer's filter, not the
