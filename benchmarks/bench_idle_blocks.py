@@ -90,6 +90,8 @@ def main() -> None:
                                       block_size=a.block_size)
         batches = [ds[list(range(i, i + a.batch))] for i in range(0, min(len(ds), a.batch * 4) - a.batch + 1,
                                                                      a.batch)]
+        if not batches:
+            raise SystemExit(f"{a.data} packs into {len(ds)} rows, fewer than --batch {a.batch}")
     else:
         batches = [synthetic(a.batch, a.seq_len, a.block_size, model.config.vocab_size, a.seed + i)
                    for i in range(4)]

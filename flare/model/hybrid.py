@@ -14,9 +14,9 @@ from flare.config import FULL_ATTENTION, ModelConfig
 from flare.model.attention import Attention
 from flare.model.cache import CommitRecord, ModelCache
 from flare.model.context import ForwardContext, Layout, TwoStream
-from flare.model.noisy_blocks import NoisyBlocks
 from flare.model.gated_deltanet import GatedDeltaNet
 from flare.model.layers import RMSNorm, SwiGLU
+from flare.model.noisy_blocks import NoisyBlocks
 from flare.model.packed_linear import linear_path
 
 

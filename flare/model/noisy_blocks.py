@@ -10,6 +10,7 @@ the blocks with at least one masked position; the noisy stream is then those blo
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -42,17 +43,19 @@ class NoisyBlocks:
     def _per_row(self, t: torch.Tensor) -> torch.Tensor:
         return t.repeat_interleave(self.block_size, dim=1)
 
-    @property
+    # The per-row tables below are read by the mask, the positions and every Gated DeltaNet layer of a forward:
+    # built once per layout.
+    @cached_property
     def real(self) -> torch.Tensor:
         """[B, rows] whether each noisy row belongs to a kept block (False: padding)."""
         return self._per_row(self.block >= 0)
 
-    @property
+    @cached_property
     def row_view(self) -> torch.Tensor:
         """[B, rows] each noisy row's view (-1 for padding)."""
         return torch.where(self.real, self._per_row(self.view), -1)
 
-    @property
+    @cached_property
     def row_pos(self) -> torch.Tensor:
         """[B, rows] each noisy row's position in the clean row (0 for padding)."""
         offs = torch.arange(self.block_size, device=self.block.device).repeat(self.block.shape[1])
