@@ -62,9 +62,11 @@ PACKED_LINEARS_ENV = "FLARE_PACKED_LINEARS"
 
 def pack_linears(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether decoding runs a model's linears on weights prepacked for oneDNN (``flare.model.packed_linear``):
-    bf16 on a CPU that computes it natively, unless ``$FLARE_PACKED_LINEARS`` is 0."""
-    return (os.environ.get(PACKED_LINEARS_ENV, "1") != "0" and device.type == "cpu" and dtype == torch.bfloat16
-            and native_bf16(device) and torch.backends.mkldnn.is_available()
+    fp32 on any CPU (the linears large enough to gain), bf16 on a CPU that computes it natively, unless
+    ``$FLARE_PACKED_LINEARS`` is 0."""
+    return (os.environ.get(PACKED_LINEARS_ENV, "1") != "0" and device.type == "cpu"
+            and (dtype == torch.float32 or (dtype == torch.bfloat16 and native_bf16(device)))
+            and torch.backends.mkldnn.is_available()
             and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 

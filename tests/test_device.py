@@ -21,7 +21,9 @@ def test_cpu_path_and_dtype_choice_agree(monkeypatch):
     assert pick_dtype(cpu, torch.float16, torch.float32) == torch.float16
     packed = ", packed linears" if pack_linears(cpu, torch.bfloat16) else ""
     assert describe(cpu, torch.bfloat16) == f"cpu ({cpu_path()}) bfloat16{packed}"
-    assert describe(cpu, torch.float32) == f"cpu ({cpu_path()}) float32"
+    packed = ", packed linears" if pack_linears(cpu, torch.float32) else ""
+    assert describe(cpu, torch.float32) == f"cpu ({cpu_path()}) float32{packed}"
+    assert pack_linears(cpu, torch.float32) == torch.backends.mkldnn.is_available()  # fp32: on any such CPU
 
 
 def test_a_small_model_keeps_its_stored_dtype_on_a_cpu_even_with_native_bf16(monkeypatch):

@@ -1,16 +1,19 @@
-"""Linears with their weights prepacked once for oneDNN, for bf16 decoding on the CPU.
+"""Linears with their weights prepacked once for oneDNN, for decoding on the CPU (bf16 and fp32).
 
-``F.linear`` on bf16 CPU tensors reorders the weight into oneDNN's blocked layout on every call; a decoding step
-calls each linear once with a few rows, so that reorder is a large part of the step. ``prepack(model)`` does it
-once per weight and routes each ``nn.Linear`` of the model through ``torch.ops.mkldnn._linear_pointwise`` on the
-packed copy: the same oneDNN kernel on the same bf16 operands, so the outputs are bit-identical to ``F.linear``'s
-(tested), and faster (``benchmarks/bench_linear_paths.py``: the decoder linears of SmolLM2-135M, AMX Xeon, 2
-threads, 0.72x ``F.linear`` bf16 at 1 to 9 rows).
+``F.linear`` on bf16 CPU tensors reorders the weight into oneDNN's blocked layout on every call, and on fp32 it
+runs MKL's GEMM, whose few-row cases are slow on some CPUs; a decoding step calls each linear once with a few
+rows. ``prepack(model)`` reorders each weight once and routes each ``nn.Linear`` of the model through
+``torch.ops.mkldnn._linear_pointwise`` on the packed copy. bf16: the same oneDNN kernel on the same operands, so
+the outputs are bit-identical to ``F.linear``'s (tested), and faster (``benchmarks/bench_linear_paths.py``: the
+decoder linears of SmolLM2-135M, AMX Xeon, 2 threads, 0.72x ``F.linear`` bf16 at 1 to 9 rows). fp32: another
+kernel than MKL's, equal to ``F.linear`` to fp32 rounding (tested), and on an AVX2-only EPYC 0.60x its time at
+1 row and 0.55x at 9 (the same weights). A oneDNN call costs ~18 us of fixed overhead against ~3 us for
+``F.linear``, so an fp32 weight is packed only from ``FP32_MIN_NUMEL`` elements (the measured break-even).
 
 The packed copy is a ``derived`` value (``flare.model.layers``): kept while the weight is unchanged (same
 storage, same version) inside ``frozen_weights()``, which the decoding runners enter; outside it, with
 gradients wanted, or for another dtype or device, the linear is plain ``F.linear``. The packed copy is extra
-memory: the size of the linears' bf16 weights again (the tied LM head included).
+memory: the size of the packed linears' weights again (the tied LM head included).
 """
 
 from __future__ import annotations
@@ -19,9 +22,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flare.device import native_bf16
 from flare.model.layers import derived, weights_frozen
 
-PACKED, PLAIN = "onednn-packed-bf16", "aten"
+PLAIN = "aten"
+PACKABLE = (torch.bfloat16, torch.float32)
+# Below this many weight elements an fp32 linear is faster through F.linear (AVX2 EPYC, 2 threads: 256x256 is
+# even, 128x128 2x slower packed, 512x512 1.4x faster packed at 1 row).
+FP32_MIN_NUMEL = 65_536
+
+
+def packs(w: torch.Tensor) -> bool:
+    """Whether a linear with weight ``w`` runs on a packed copy when decoding."""
+    if w.device.type != "cpu":
+        return False
+    if w.dtype == torch.float32:
+        return w.numel() >= FP32_MIN_NUMEL
+    return w.dtype == torch.bfloat16 and native_bf16(w.device)
 
 
 class PackedLinear(nn.Linear):
@@ -36,8 +53,7 @@ class PackedLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.weight, self.bias
-        if (not weights_frozen() or x.dtype != torch.bfloat16 or w.dtype != torch.bfloat16 or w.device.type != "cpu"
-                or (b is not None and b.dtype != torch.bfloat16)
+        if (not weights_frozen() or x.dtype != w.dtype or not packs(w) or (b is not None and b.dtype != w.dtype)
                 or (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))):
             return F.linear(x, w, b)
         packed = derived(self, "packed", lambda w_: torch.ops.mkldnn._reorder_linear_weight(w_.detach(), None), w)
@@ -55,9 +71,13 @@ def prepack(model: nn.Module) -> int:
     return count
 
 
+def packed_path(dtype: torch.dtype) -> str:
+    """The name of the packed path for ``dtype``: ``onednn-packed-bf16`` or ``onednn-packed-fp32``."""
+    return "onednn-packed-" + {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+
+
 def linear_path(model: nn.Module) -> str:
-    """``onednn-packed-bf16`` when ``model``'s linears run packed (``prepack``, bf16 on the CPU), else ``aten``."""
-    p = next((m for m in model.modules() if isinstance(m, nn.Linear)), None)
-    if isinstance(p, PackedLinear) and p.weight.dtype == torch.bfloat16 and p.weight.device.type == "cpu":
-        return PACKED
-    return PLAIN
+    """``onednn-packed-bf16`` / ``-fp32`` when ``model``'s linears run packed (``prepack``, on the CPU), else
+    ``aten``."""
+    p = next((m for m in model.modules() if isinstance(m, PackedLinear) and packs(m.weight)), None)
+    return PLAIN if p is None else packed_path(p.weight.dtype)
