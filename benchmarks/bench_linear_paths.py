@@ -3,8 +3,9 @@
 Every linear of every decoder layer of a checkpoint (the LM head aside), each applied once to M rows, as one
 decoding step applies them: so the weights stream from memory as in a real step instead of staying in cache,
 as they would in a loop over one weight. M = 1 is a causal step, M = 5 or 9 an AR-Trust round's verify and draft
-rows. Paths: ``F.linear`` in float32 and in bfloat16; oneDNN's prepacked bf16 linear
-(``torch.ops.mkldnn._reorder_linear_weight`` once, then ``_linear_pointwise``); MKL's prepacked fp32 linear
+rows. Paths: ``F.linear`` in float32 and in bfloat16; oneDNN's prepacked bf16 and fp32 linears
+(``torch.ops.mkldnn._reorder_linear_weight`` once, then ``_linear_pointwise``: what decoding runs,
+``flare.model.packed_linear``); MKL's prepacked fp32 linear
 (``torch.ops.mkl._mkl_reorder_linear_weight`` for each M, then ``_mkl_linear``); a path this torch build lacks is
 reported as such. Ratios are to float32 ``F.linear`` at M = 1 and to the same path at M = 1, in one run.
 """
@@ -44,13 +45,14 @@ def paths(weights: list[torch.Tensor]) -> dict[str, object]:
         "F.linear fp32": lambda M: [partial(F.linear, rows(M, w), w) for w in weights],
         "F.linear bf16": lambda M: [partial(F.linear, rows(M, w), w) for w in bf16],
     }
-    try:
-        packed = [torch.ops.mkldnn._reorder_linear_weight(w, None) for w in bf16]
-        out["oneDNN packed bf16"] = lambda M: [
-            partial(torch.ops.mkldnn._linear_pointwise, rows(M, w), p, None, "none", [], "")
-            for w, p in zip(bf16, packed)]
-    except (RuntimeError, AttributeError) as e:
-        out["oneDNN packed bf16"] = f"unavailable ({type(e).__name__}: {str(e)[:60]})"
+    for name, ws in (("oneDNN packed bf16", bf16), ("oneDNN packed fp32", weights)):
+        try:
+            packed = [torch.ops.mkldnn._reorder_linear_weight(w, None) for w in ws]
+            out[name] = partial(lambda ws_, packed_, M: [
+                partial(torch.ops.mkldnn._linear_pointwise, rows(M, w), p, None, "none", [], "")
+                for w, p in zip(ws_, packed_)], ws, packed)
+        except (RuntimeError, AttributeError) as e:
+            out[name] = f"unavailable ({type(e).__name__}: {str(e)[:60]})"
     try:
         torch.ops.mkl._mkl_reorder_linear_weight(weights[0], 1)
         out["MKL packed fp32"] = lambda M: [
