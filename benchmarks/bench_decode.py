@@ -159,7 +159,7 @@ def main() -> None:
     cfg = fm.config
     n_params = sum(p.numel() for p in hf.parameters())
     print(f"flare vs transformers {transformers.__version__} | torch {torch.__version__} | threads "
-          f"{torch.get_num_threads()} | {describe(device, dtype)} | size {args.size}: {n_params / 1e6:.2f}M params, "
+          f"{torch.get_num_threads()} | {describe(device, dtype, fm)} | size {args.size}: {n_params / 1e6:.2f}M params, "
           f"hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers "
           f"({sum(t != 'full_attention' for t in cfg.layer_types)} GDN), vocab {cfg.vocab_size}")
     print("both run pure-PyTorch kernels (transformers: its torch fallbacks for the GDN conv and recurrence)")

@@ -281,7 +281,7 @@ def run(a: argparse.Namespace, ap: argparse.ArgumentParser, stack: ExitStack) ->
                                    a.seed)
 
     print(f"decoding modes vs causal | torch {torch.__version__} | threads {torch.get_num_threads()} | "
-          f"{describe(device, dtype)}")
+          f"{describe(device, dtype, model)}")
     n_gdn = sum(t != "full_attention" for t in cfg.layer_types)
     print(f"model: {what}, {n_params / 1e6:.2f}M params, hidden {cfg.hidden_size}, {cfg.num_hidden_layers} "
           f"layers ({n_gdn} GDN, {cfg.num_hidden_layers - n_gdn} attention), vocab {cfg.vocab_size}, "
@@ -477,7 +477,7 @@ def run(a: argparse.Namespace, ap: argparse.ArgumentParser, stack: ExitStack) ->
                 "ratio_cpu", "prefill_ms", "round_ms", "fwd_ms", "fwd_cost", "fwd_ms_with_prefill",
                 "fwd_cost_with_prefill")
         record = dict(
-            benchmark="bench_modes", describe=describe(device, dtype), device=str(device),
+            benchmark="bench_modes", describe=describe(device, dtype, model), device=str(device),
             dtype=str(dtype).removeprefix("torch."), torch=torch.__version__, threads=torch.get_num_threads(),
             model=dict(what=what, size=None if a.model else a.size, params=n_params, hidden=cfg.hidden_size,
                        layers=cfg.num_hidden_layers, gdn_layers=n_gdn, vocab=cfg.vocab_size,
@@ -522,7 +522,7 @@ def transformers_comparison(model, ckpt: str, device: torch.device, dtype: torch
     del hf
     gc.collect()
     print(f"\ncausal decode ms/step, flare vs transformers {transformers.__version__} ({hf_name} with "
-          f"its pure-PyTorch GDN fallback), same weights, {describe(device, dtype)}: {steps - 1} cached greedy steps "
+          f"its pure-PyTorch GDN fallback), same weights, {describe(device, dtype, model)}: {steps - 1} cached greedy steps "
           f"after a {a.prompt_len}-token prompt, prefill excluded, paired runs (bench_decode.causal_step_ms)")
     print(f"  {'batch':>5}{'flare ms':>11}{'transformers ms':>17}{'flare/hf':>10}  greedy tokens")
     for r in rows:

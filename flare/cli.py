@@ -85,7 +85,7 @@ def _generate(args: argparse.Namespace) -> int:
             "kernel_paths": llm.model.kernel_paths(),
             "device": str(llm.model.device),
             "dtype": str(llm.model.dtype).removeprefix("torch."),
-            "path": describe(llm.model.device, llm.model.dtype),
+            "path": describe(llm.model.device, llm.model.dtype, llm.model),
         }
         if text is not None:
             out["text"] = text

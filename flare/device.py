@@ -60,6 +60,12 @@ def native_bf16(device: torch.device) -> bool:
 PACKED_LINEARS_ENV = "FLARE_PACKED_LINEARS"
 
 
+# Below this many weight elements an fp32 linear is faster through F.linear than packed (a oneDNN call's fixed cost,
+# ~18 us against ~3 us; AVX2 EPYC, 2 threads: 256 x 256 is even, 128 x 128 2x slower packed, 512 x 512 1.4x faster
+# packed at 1 row). bf16 weights are packed at any size (F.linear reorders them at every call).
+FP32_MIN_NUMEL = 65_536
+
+
 def pack_linears(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether decoding runs a model's linears on weights prepacked for oneDNN (``flare.model.packed_linear``):
     fp32 on any CPU (the linears large enough to gain), bf16 on a CPU that computes it natively, unless
@@ -97,9 +103,13 @@ def pick_dtype(device: torch.device, requested: str | torch.dtype | None, stored
     return dtype
 
 
-def describe(device: torch.device, dtype: torch.dtype) -> str:
+def describe(device: torch.device, dtype: torch.dtype, model: torch.nn.Module | None = None) -> str:
     """``cpu (amx) bfloat16, packed linears``: what benchmark headers, ``--json`` and ``/metrics`` print (the
-    last part where decoding runs the linears on oneDNN-packed weights, ``pack_linears``)."""
+    last part where decoding runs the linears on oneDNN-packed weights, ``pack_linears``; in fp32, with
+    ``model`` given, only when one of its linears is large enough, ``FP32_MIN_NUMEL``)."""
     where = f"cpu ({cpu_path()})" if device.type == "cpu" else str(device)
-    packed = ", packed linears" if pack_linears(device, dtype) else ""
+    packed = pack_linears(device, dtype) and (
+        model is None or dtype != torch.float32
+        or any(isinstance(m, torch.nn.Linear) and m.weight.numel() >= FP32_MIN_NUMEL for m in model.modules()))
+    packed = ", packed linears" if packed else ""
     return f"{where} {str(dtype).removeprefix('torch.')}{packed}"

@@ -26,6 +26,19 @@ def test_cpu_path_and_dtype_choice_agree(monkeypatch):
     assert pack_linears(cpu, torch.float32) == torch.backends.mkldnn.is_available()  # fp32: on any such CPU
 
 
+def test_describe_names_packed_fp32_linears_only_where_a_model_has_one_large_enough():
+    from torch import nn
+
+    from flare.device import FP32_MIN_NUMEL
+
+    cpu = torch.device("cpu")
+    small = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, FP32_MIN_NUMEL // 16 - 1))
+    large = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, FP32_MIN_NUMEL // 16))
+    packed = ", packed linears" if pack_linears(cpu, torch.float32) else ""
+    assert describe(cpu, torch.float32, small) == f"cpu ({cpu_path()}) float32"
+    assert describe(cpu, torch.float32, large) == describe(cpu, torch.float32) == f"cpu ({cpu_path()}) float32{packed}"
+
+
 def test_a_small_model_keeps_its_stored_dtype_on_a_cpu_even_with_native_bf16(monkeypatch):
     # Measured: below CPU_BF16_MIN_PARAMS a CPU decode step is dispatch-bound and bf16 is slower.
     import flare.device as device

@@ -22,14 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flare.device import native_bf16
+from flare.device import FP32_MIN_NUMEL, native_bf16
 from flare.model.layers import derived, weights_frozen
 
 PLAIN = "aten"
 PACKABLE = (torch.bfloat16, torch.float32)
-# Below this many weight elements an fp32 linear is faster through F.linear (AVX2 EPYC, 2 threads: 256x256 is
-# even, 128x128 2x slower packed, 512x512 1.4x faster packed at 1 row).
-FP32_MIN_NUMEL = 65_536
 
 
 def packs(w: torch.Tensor) -> bool:

@@ -81,7 +81,7 @@ def ready(llm: LLM, threads: int) -> dict:
 
     kernels, m = warm_up(llm), llm.model
     return {"family": m.config.family, "layers": m.config.num_hidden_layers, "vocab": m.config.vocab_size,
-            "device": describe(m.device, m.dtype), "threads": threads, "kernels": kernels}
+            "device": describe(m.device, m.dtype, m), "threads": threads, "kernels": kernels}
 
 
 def leave_a_core(device) -> int:

@@ -61,7 +61,7 @@ def make(run: Run) -> None:
                               SamplingParams(temperature=0, max_new_tokens=budget), progress=False)
             causal = report.result("causal").tokens_per_s
             for r in report.results:
-                cells.append({"dtype": dtype, "device": describe(llm.model.device, llm.model.dtype),
+                cells.append({"dtype": dtype, "device": describe(llm.model.device, llm.model.dtype, llm.model),
                               "batch": batch, "mode": r.mode, "label": r.label,
                               "tokens_per_s": r.tokens_per_s, "tokens_per_forward": r.tokens_per_forward,
                               "speedup": r.tokens_per_s / causal if causal else None, "new_tokens": r.new_tokens,

@@ -146,7 +146,7 @@ def make(run: Run) -> None:
         rows.append({k: v for k, v in row.items() if k != "responses"})
         tqdm.write(f"  {entry['task']}: accuracy {row['accuracy']:.3f} ({row['seconds']:.0f} s)")
     write_json(folder.with_suffix(".json"), {
-        "seed_checkpoint": str(run.seed), "device": describe(llm.model.device, llm.model.dtype),
+        "seed_checkpoint": str(run.seed), "device": describe(llm.model.device, llm.model.dtype, llm.model),
         "threads": torch.get_num_threads(), "max_num_seqs": MAX_NUM_SEQS, "keep_threshold": KEEP,
         "seed_ranges": SEEDS, "plan": plan(run), "tasks": rows, "kept": [r["task"] for r in rows if r["kept"]],
         "seconds": round(time.perf_counter() - start, 1)})
