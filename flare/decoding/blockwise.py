@@ -67,11 +67,29 @@ class BlockLane(Lane):
         self.last = torch.zeros(S, model.config.vocab_size, device=dev, dtype=model.dtype)
         self.step_of = [DECIDED] * S  # host: each slot's denoising step, or DECIDED
         self._denoised: list[int] = []  # slots that ran a denoising step this forward (advanced at the sync)
+        # With a look-ahead the admission prefill runs the first block's MASK rows too (its first denoising step).
+        self.draft_rows = T if options.lookahead and T > int(self.seeded) else 0
 
     def prefilled(self, slots: list[int], logits: torch.Tensor) -> None:
         mask = self.slots.mask(slots)
         self.last = torch.where(mask[:, None], logits.to(self.last.dtype), self.last)
         self._new_block(slots)
+
+    def prefilled_drafts(self, slots: list[int], hidden: torch.Tensor, prompt_len: torch.Tensor) -> None:
+        """The prefill ran the first block as MASK rows after each prompt: the prompt's last row gives ``last``
+        (and the seed), the MASK rows the block's look-ahead step. Its slots count that step on the host (no
+        read here): a block it decided whole costs one forward that finds nothing undecided."""
+        n, _, E = hidden.shape
+        T = self.T
+        at = ((prompt_len - 1).clamp(min=0)[:, None] + torch.arange(T, device=hidden.device))
+        at = at.clamp(max=hidden.shape[1] - 1)  # other lanes' slots may have fewer rows; they are not read
+        logits = RowLogits(self.model, hidden.gather(1, at[:, :, None].expand(n, T, E)), self.slots.num_slots)
+        rows = logits.rows(0, T)
+        self.last = torch.where(self.slots.mask(slots)[:, None], rows[:, 0].to(self.last.dtype), self.last)
+        self._new_block(slots)
+        self._denoise(slots, rows[:, 1:], seedless=self.seeded, record=False)
+        for i in slots:
+            self.step_of[i] = 1
 
     def _new_block(self, slots: list[int]) -> None:
         mask = self.slots.mask(slots)[:, None]
@@ -89,12 +107,18 @@ class BlockLane(Lane):
         committing = [s for s in live if self.step_of[s] == DECIDED]
         denoising = [s for s in live if self.step_of[s] != DECIDED]
         cm, dm = self.slots.mask(committing), self.slots.mask(denoising)
-        if not denoising:
-            return Plan(self.block, self.counts(cm, self.T), self.counts(cm, 0), commits_all=True, same_clean=self.T)
+        T, ahead = self.T, self.options.lookahead and committing
+        if not denoising and not ahead:
+            return Plan(self.block, self.counts(cm, T), self.counts(cm, 0), commits_all=True, same_clean=T)
         tokens, prefix = row_inputs(self.block, self.undecided, self.mask_id)
         tokens = torch.where(dm[:, None], tokens, self.block)
-        clean = self.counts(cm, self.T) + self.counts(dm, prefix)
-        noisy = self.counts(dm, self.T - prefix)
+        clean = self.counts(cm, T) + self.counts(dm, prefix)
+        noisy = self.counts(dm, T - prefix)
+        if ahead:
+            # A committing block's rows, then the next block as T MASK rows: a fully masked training block
+            # seeded after the committed one.
+            tokens = torch.cat([tokens, torch.full_like(tokens, self.mask_id)], dim=1)
+            noisy = noisy + self.counts(cm, T)
         return Plan(tokens, clean, noisy, commits_all=False)
 
     def to_sync(self) -> torch.Tensor | None:
@@ -108,27 +132,44 @@ class BlockLane(Lane):
                 self.step_of[i] = DECIDED
         self._denoised = []
 
+    def _denoise(self, slots: list[int], rows: torch.Tensor, seedless: bool = False, record: bool = True) -> None:
+        """One denoising step of these slots' blocks from the logits of the rows before each block position
+        [S, T - 1, V] (position 0 is predicted by ``last``). ``seedless``: a look-ahead step of a seeded block,
+        whose rows did not see the seed: it commits only positions above the threshold, none forced."""
+        pred = torch.cat([self.last[:, None], rows.to(self.last.dtype)], dim=1)  # position j <- row j - 1
+        cand = self.sample(slots, pred)
+        conf = torch.softmax(pred.float(), -1).gather(-1, cand[..., None])[..., 0]
+        undecided = self.undecided & self.slots.mask(slots)[:, None]
+        if seedless:
+            commit = undecided & (conf > self.options.threshold)
+        else:
+            step = torch.tensor(self.step_of, device=self.slots.device)
+            commit = choose(conf, undecided, self.options, step, self.max_steps)
+        self.block = torch.where(commit, cand, self.block)
+        self.undecided &= ~commit
+        if record:
+            self._denoised += slots  # their next phase is decided at the stepper's sync (to_sync)
+
     def consume(self, live: list[int], row_logits: RowLogits) -> torch.Tensor:
         s, T = self.slots, self.T
         committing = [i for i in live if self.step_of[i] == DECIDED]
         denoising = [i for i in live if self.step_of[i] != DECIDED]
-        # A commit reads the block's last row only; a denoising step every row before it.
-        logits = row_logits.rows(0, T) if denoising else row_logits.rows(T - 1, T)
+        ahead = bool(self.options.lookahead and committing)
+        # A denoising step reads every row before its last; a commit its last row (and with a look-ahead the
+        # next block's rows before its last).
+        lo, hi = (0 if denoising else T - 1), (2 * T - 1 if ahead else T)
+        logits = row_logits.rows(lo, hi)
         if denoising:
-            dm = s.mask(denoising)
-            pred = torch.cat([self.last[:, None], logits[:, : T - 1].to(self.last.dtype)], dim=1)  # j <- row j-1
-            cand = self.sample(denoising, pred)
-            conf = torch.softmax(pred.float(), -1).gather(-1, cand[..., None])[..., 0]
-            step = torch.tensor(self.step_of, device=s.device)
-            commit = choose(conf, self.undecided & dm[:, None], self.options, step, self.max_steps)
-            self.block = torch.where(commit, cand, self.block)
-            self.undecided &= ~commit
-            self._denoised = denoising  # their next phase is decided at the stepper's sync (to_sync)
+            self._denoise(denoising, logits[:, : T - 1])
         if not committing:
             return torch.zeros(s.num_slots, dtype=torch.long, device=s.device)
         cm = s.mask(committing)
         n_commit = self.counts(cm, T)
         s.emit(self.block, n_commit)
-        self.last = torch.where(cm[:, None], logits[:, -1].to(self.last.dtype), self.last)
+        self.last = torch.where(cm[:, None], logits[:, T - 1 - lo].to(self.last.dtype), self.last)
         self._new_block(committing)
+        if ahead:
+            started = [i for i in committing if self.step_of[i] != DECIDED]
+            if started:
+                self._denoise(started, logits[:, T - lo: 2 * T - 1 - lo], seedless=self.seeded)
         return n_commit

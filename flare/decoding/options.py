@@ -112,6 +112,10 @@ class BlockOptions(ModeOptions):
     threshold: float | None = _opt(None, "block modes: commit positions whose confidence is above this, in (0, 1]")
     steps: int | None = _opt(None, "block modes: a fixed number of denoising steps per block instead of a "
                                    "threshold")
+    lookahead: int = _opt(0, "block modes: 1 = the forward that commits a block also runs the next block as MASK "
+                             "rows and takes it as that block's first denoising step (one forward fewer per "
+                             "block; with a seed, which that step cannot see yet, it commits only positions "
+                             "above the threshold); 0 = a commit forward of its own (the method's)")
 
     def __post_init__(self) -> None:
         if self.block_size is not None and self.block_size < 1:
@@ -122,6 +126,11 @@ class BlockOptions(ModeOptions):
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.threshold is not None and self.steps is not None:
             raise ValueError("give one of threshold and steps, not both")
+        if self.lookahead not in (0, 1):
+            raise ValueError(f"lookahead must be 0 or 1, got {self.lookahead}")
+        if self.lookahead and self.seeded and self.threshold is None:
+            raise ValueError(f"{self.mode}: lookahead needs a threshold (a seeded block's look-ahead step commits "
+                             "only confident positions)")
 
     def resolve(self, trained_block: int) -> "BlockOptions":
         if self.block_size is not None:
@@ -130,7 +139,7 @@ class BlockOptions(ModeOptions):
 
     @property
     def mask_rows(self) -> int:
-        return self.block_size - int(self.seeded)
+        return self.block_size - int(self.seeded and not self.lookahead)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,9 @@ from flare.engine.runner import CachedRunner
 MODES = [
     ("diffusion_trust", {}),
     ("diffusion_trust", {"block_size": 4, "threshold": 0.5}),
+    ("diffusion_trust", {"block_size": 4, "threshold": 0.5, "lookahead": 1}),
+    ("low_confidence", {"lookahead": 1}),
+    ("llada", {"block_size": 8, "steps": 4, "lookahead": 1}),
     ("low_confidence", {}),
     ("llada", {"block_size": 8, "steps": 4}),
     ("ar_trust", {"gen_block": 3}),
@@ -65,9 +68,73 @@ def test_counters_and_stops(flare_models):
     assert cut.finish_reasons == ["stop"]
 
 
+@pytest.mark.parametrize("mode, options", [("low_confidence", {"threshold": 0.5}), ("llada", {"block_size": 4}),
+                                           ("diffusion_trust", {"threshold": 1.0})])
+def test_a_look_ahead_that_is_the_next_step_changes_no_token(flare_models, mode, options):
+    """Unseeded blocks: the look-ahead rows ARE the next block's first denoising step (the same rows after the
+    same committed context), so the tokens are the same, greedy or sampled, in one forward fewer per block after
+    the first. A seeded block whose look-ahead can commit nothing (threshold 1) decodes greedily as without it
+    (sampled, its look-ahead draws move the request's generator on)."""
+    model = flare_models["qwen3_5"]
+    prompts = [[5, 17, 33, 8], [9, 2]]
+    runs = [SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True),
+            SamplingParams(temperature=0.9, max_new_tokens=12, seed=3, ignore_eos=True)]
+    for params in runs[: 1 if mode == "diffusion_trust" else 2]:
+        plain = decode(model, prompts, params, make_options(mode, options))
+        ahead = decode(model, prompts, params, make_options(mode, {**options, "lookahead": 1}))
+        assert ahead.token_ids == plain.token_ids
+        if mode == "diffusion_trust":
+            assert ahead.forwards == plain.forwards
+        else:
+            assert ahead.forwards < plain.forwards
+
+
+def test_look_ahead_rows_are_the_training_noisy_block_after_the_committed_one(flare_models):
+    """The forward that commits a block also runs the next block as T MASK rows: their logits are a fully
+    masked noisy block seeded after the committed block (the layout training supervises), and the clean rows
+    are the causal ones."""
+    from flare.decoding.options import DiffusionTrustOptions
+    from flare.engine.stepper import Admission, Stepper
+    from flare.model.context import Rows
+
+    model = flare_models["qwen3_5"]
+    prompt, block = [5, 17, 33, 8], [40, 41, 42]
+    stepper = Stepper(model, 1, 64)
+    stepper.admit([Admission(0, DiffusionTrustOptions(block_size=3, lookahead=1), prompt,
+                             SamplingParams(temperature=0, max_new_tokens=8))])
+    lane = stepper.owner[0]
+    lane.block[0], lane.undecided[0] = torch.tensor(block), False
+    lane.step_of[0] = -1  # decided: the next forward commits it
+    plan = lane.plan([0])
+    mask = model.config.mask_token_id
+    assert plan.tokens[0].tolist() == block + [mask] * 3
+    assert plan.num_clean.tolist() == [3] and plan.num_noisy.tolist() == [3] and not plan.commits_all
+    with torch.no_grad():
+        hidden = stepper.runner.rows(plan.tokens, plan.num_clean, plan.num_noisy)
+        cache = model.new_cache(1)
+        clean = model.hidden_states(torch.tensor([prompt + block]), cache=cache)[:, -3:]
+        noisy = model.hidden_states(torch.full((1, 3), mask), cache=cache, layout=Rows(0))
+    torch.testing.assert_close(hidden[:, :3], clean, rtol=0, atol=1e-5)
+    torch.testing.assert_close(hidden[:, 3:], noisy, rtol=0, atol=1e-5)
+
+
+def test_look_ahead_commits_only_confident_positions_of_a_seeded_block(flare_models, monkeypatch):
+    """Diffusion-Trust's look-ahead step did not see the block's seed: nothing is forced, so a threshold no
+    prediction passes leaves every MASK position undecided; a low one commits the confident ones at once, and
+    the block then needs fewer forwards."""
+    model = flare_models["llama"]
+    params = SamplingParams(temperature=0, max_new_tokens=24, ignore_eos=True)
+    low = decode(model, [[3, 4, 5]], params, make_options("diffusion_trust", {"threshold": 1e-6, "lookahead": 1}))
+    plain = decode(model, [[3, 4, 5]], params, make_options("diffusion_trust", {"threshold": 1e-6}))
+    # Everything passes: each block is decided by its look-ahead, one forward per block after the first.
+    assert low.forwards < plain.forwards
+    assert len(low.token_ids[0]) == 24
+
+
 @pytest.mark.parametrize(
     "mode, options, message",
     [
+        ("diffusion_trust", {"lookahead": 2}, "lookahead"),
         ("diffusion_trust", {"block_size": 0}, "block_size"),
         ("low_confidence", {"threshold": 0.0}, "threshold"),
         ("low_confidence", {"threshold": 1.5}, "threshold"),

@@ -15,6 +15,7 @@ MIXED = [
     ("ar_trust", {"gen_block": 3}),
     ("ar_trust", {"redraft": "every"}),
     ("diffusion_trust", {}),
+    ("diffusion_trust", {"lookahead": 1}),
     ("low_confidence", {}),
     ("llada", {"block_size": 8, "steps": 4}),
 ]
