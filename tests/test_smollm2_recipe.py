@@ -229,13 +229,15 @@ def test_quick_recipe_runs_every_stage_and_resumes(tmp_path, tiny_gguf, monkeypa
     final = summary["results"][steps[-1]]
     assert set(final) == {tasks.TRANSFER[0], tasks.HELD_OUT[0]}
     for row in final.values():
-        assert set(row["results"]) == {"causal", "ar_trust", "diffusion_trust"}
+        assert set(row["results"]) == {"causal", "ar_trust", "diffusion_trust", evaluate.LOOKAHEAD}
+        assert row["results"][evaluate.LOOKAHEAD]["options"]["lookahead"] == 1
         assert row["results"]["ar_trust"]["same_as_causal"] == 1.0  # float32: AR-Trust gives the causal tokens
         assert 0 <= row["agreement"]["identical"] <= 1 and row["nll"]["converted"] > 0
     assert set(summary["results"][steps[0]]) == {tasks.TRANSFER[0]}  # the trend: transfer tasks only
     cells = json.loads((work / "speed.json").read_text())["cells"]
     assert {(c["batch"], c["mode"]) for c in cells} == {(b, m) for b in (1, 8) for m in
                                                         ("causal", "ar_trust", "diffusion_trust")}
+    assert sum(c["label"].endswith("lookahead=1") for c in cells) == 2 * len({c["dtype"] for c in cells})
     assert all(c["same_as_causal"] == 1.0 for c in cells if c["mode"] == "ar_trust" and c["dtype"] == "float32")
     text = (work / "report.md").read_text()
     assert "## Accuracy per mode" in text and tasks.HELD_OUT[0] in text and "conversion.png" in text

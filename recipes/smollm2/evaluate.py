@@ -28,7 +28,10 @@ from recipes.smollm2.survey import file_name
 # greedy batch is paced by the clock (flare.decoding.pacer), and in float32 on a CPU, where a round of 9 rows
 # costs nearly twice a causal step, it runs causal steps on tasks the drafts rarely fit; the speed stage
 # measures that default.
-MODES = "causal,ar_trust:pause=0,diffusion_trust"
+# Diffusion-Trust twice: the method's (a commit forward per block) and with look-ahead (the commit forward also
+# runs the next block's MASK rows as its first denoising step), kept apart as ``LOOKAHEAD``.
+MODES = "causal,ar_trust:pause=0,diffusion_trust,diffusion_trust:lookahead=1"
+LOOKAHEAD = "diffusion_trust:lookahead=1"
 TREND_PROBLEMS, QUICK_TREND_PROBLEMS = 16, 2
 MAX_NUM_SEQS = 16
 
@@ -48,6 +51,11 @@ def plan(run: Run) -> dict:
 def done(run: Run) -> bool:
     summary = read_json(run.work / "eval.json")
     return train.done(run) and summary is not None and summary.get("plan") == plan(run)
+
+
+def result_key(result) -> str:
+    """A mode's key in a task's results: its mode name (``LOOKAHEAD`` for Diffusion-Trust with look-ahead)."""
+    return LOOKAHEAD if result.mode == "diffusion_trust" and result.options.get("lookahead") else result.mode
 
 
 def agreement(ours: list[list[int]], seed: list[list[int]]) -> dict:
@@ -91,7 +99,7 @@ def evaluate_model(llm, run: Run, name: str, modes: str, specs: list[str], probl
             params = SamplingParams(temperature=0, max_new_tokens=tasks.max_new_tokens(spec))
             report = evaluate(llm, task, parse_modes(modes), params, progress=True, keep_outputs=True)
             row = {"task": spec, "problems": problems, "modes": modes,
-                   "results": {r.mode: r.__dict__ | {"label": r.label} for r in report.results},
+                   "results": {result_key(r): r.__dict__ | {"label": r.label} for r in report.results},
                    "not_run": report.not_run}
             seed_texts = row["results"]["causal"]["responses"] if seed_rows is None else \
                 seed_rows[spec]["results"]["causal"]["responses"][:problems]

@@ -12,7 +12,7 @@ import json
 from recipes.smollm2 import evaluate, speed, train
 from recipes.smollm2.common import Run, read_json
 
-PARALLEL = ("ar_trust", "diffusion_trust")
+PARALLEL = ("ar_trust", "diffusion_trust", evaluate.LOOKAHEAD)
 
 
 def retention(model: float, seed: float) -> float | None:
@@ -45,6 +45,8 @@ def trend(run: Run, results: dict, transfer: list[str], k: int) -> list[dict]:
         step = int(name.split("-")[1])
         point = {"checkpoint": name, "step": step, "tokens": seen.get(step)}
         for mode in ("causal", *PARALLEL):
+            if any(mode not in rows[t]["results"] for t in transfer):
+                continue  # a run evaluated before that mode was
             ours = [rows[t]["results"][mode] for t in transfer]
             accuracy = sum(s for r in ours for s in r["scores"][:k]) / len(seed)
             point[f"{mode}_accuracy"] = accuracy
@@ -77,9 +79,11 @@ def plot(points: list[dict], path) -> None:
     left.set_ylabel("retention of the seed's accuracy (%)")
     left.grid(alpha=0.3)
     right = left.twinx()
-    for mode, style in (("ar_trust", "^--"), ("diffusion_trust", "v--")):
-        right.plot(x, [p[f"{mode}_tokens_per_forward"] for p in points], style, color="tab:red" if mode ==
-                   "ar_trust" else "tab:purple", label=f"{mode} tokens/forward")
+    for mode, style, color in (("ar_trust", "^--", "tab:red"), ("diffusion_trust", "v--", "tab:purple"),
+                               (evaluate.LOOKAHEAD, "x:", "tab:brown")):
+        if all(f"{mode}_tokens_per_forward" in p for p in points):
+            right.plot(x, [p[f"{mode}_tokens_per_forward"] for p in points], style, color=color,
+                       label=f"{mode} tokens/forward")
     right.set_ylabel("tokens per forward")
     lines = left.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
     labels = left.get_legend_handles_labels()[1] + right.get_legend_handles_labels()[1]
@@ -92,17 +96,24 @@ def plot(points: list[dict], path) -> None:
 
 def accuracy_table(results: dict, final: str, kinds: dict[str, list[str]]) -> list[str]:
     lines = ["| task | kind | problems | seed causal | causal (retention) | AR-Trust (tok/fwd, acceptance, "
-             "= causal) | Diffusion-Trust (retention, tok/fwd) |", "|---|---|---|---|---|---|---|"]
+             "= causal) | Diffusion-Trust (retention, tok/fwd) | Diffusion-Trust, look-ahead (retention, "
+             "tok/fwd) |", "|---|---|---|---|---|---|---|---|"]
+
+    def block(d: dict | None, seed: float) -> str:
+        if d is None:
+            return "-"
+        return f"{pct(d['accuracy'])} ({pct(retention(d['accuracy'], seed))}, {d['tokens_per_forward']:.2f})"
+
     for kind, specs in kinds.items():
         for spec in specs:
             seed = results["seed"][spec]["results"]["causal"]["accuracy"]
             r = results[final][spec]["results"]
-            c, a, d = r["causal"], r["ar_trust"], r["diffusion_trust"]
+            c, a = r["causal"], r["ar_trust"]
             lines.append(
                 f"| {spec} | {kind} | {results[final][spec]['problems']} | {pct(seed)} | {pct(c['accuracy'])} "
                 f"({pct(retention(c['accuracy'], seed))}) | {pct(a['accuracy'])} ({a['tokens_per_forward']:.2f}, "
-                f"{pct(a['acceptance'])}, {pct(a['same_as_causal'])}) | {pct(d['accuracy'])} "
-                f"({pct(retention(d['accuracy'], seed))}, {d['tokens_per_forward']:.2f}) |")
+                f"{pct(a['acceptance'])}, {pct(a['same_as_causal'])}) | {block(r['diffusion_trust'], seed)} | "
+                f"{block(r.get(evaluate.LOOKAHEAD), seed)} |")
     return lines
 
 
@@ -123,6 +134,13 @@ def speed_table(found: dict) -> list[str]:
         lines.append(f"| {c['dtype']} | {c['batch']} | {c['label']} | {c['tokens_per_s']:.1f} | "
                      f"{c['speedup']:.2f}x | {c['tokens_per_forward']:.2f} | {pct(c['same_as_causal'])} |")
     return lines
+
+
+def lookahead_cell(point: dict) -> str:
+    key = evaluate.LOOKAHEAD
+    if f"{key}_tokens_per_forward" not in point:
+        return "-"
+    return f"{pct(point.get(f'{key}_retention'))}, {point[f'{key}_tokens_per_forward']:.2f}"
 
 
 def done(run: Run) -> bool:
@@ -163,10 +181,10 @@ def make(run: Run) -> None:
         *independent_table(results, final), "",
         "## Trend along conversion (transfer tasks, first problems of each)", "",
         "| checkpoint | tokens | causal retention | Diffusion-Trust retention | AR-Trust tok/fwd | "
-        "Diffusion-Trust tok/fwd |", "|---|---|---|---|---|---|",
+        "Diffusion-Trust tok/fwd | look-ahead retention, tok/fwd |", "|---|---|---|---|---|---|---|",
         *[f"| {p['checkpoint']} | {p['tokens']} | {pct(p.get('causal_retention'))} | "
           f"{pct(p.get('diffusion_trust_retention'))} | {p['ar_trust_tokens_per_forward']:.2f} | "
-          f"{p['diffusion_trust_tokens_per_forward']:.2f} |" for p in points], "",
+          f"{p['diffusion_trust_tokens_per_forward']:.2f} | {lookahead_cell(p)} |" for p in points], "",
         "![retention and tokens per forward against conversion tokens](conversion.png)", "",
         f"## Speed (final checkpoint, {found['cpu_path']}, {found['threads']} threads, "
         f"{found['plan']['prompts']} prompts, up to {found['max_new_tokens']} new tokens)", "",

@@ -13,8 +13,9 @@ import time
 
 from recipes.smollm2 import tasks, train
 from recipes.smollm2.common import Run, read_json, write_json
-# The default AR-Trust (paced: draft lengths or causal steps by the clock) and always drafting full rounds.
-MODES = "causal,ar_trust,ar_trust:pause=0,diffusion_trust"
+# The default AR-Trust (paced: draft lengths or causal steps by the clock) and always drafting full rounds;
+# Diffusion-Trust without and with look-ahead.
+MODES = "causal,ar_trust,ar_trust:pause=0,diffusion_trust,diffusion_trust:lookahead=1"
 
 PROMPTS, QUICK_PROMPTS = 16, 2
 BATCHES = (1, 8)
