@@ -18,8 +18,9 @@ BLOCK_SIZE = 4
 SEQ_LEN = 256  # a multiple of BLOCK_SIZE; a transfer row with its chat template is ~60-120 tokens
 BATCH_SIZE = 4
 # 320: twice as many (640, about 25 epochs of the 304 rows, measured on an AMX Xeon) raised AR-Trust's tokens per
-# forward only a little (per task 2.42 / 1.90 / 3.29 against 2.24 / 1.74 / 3.17 on the transfer tasks) and cost
-# the held-out one-digit arithmetic 19 points (33.3% against the seed's 52.1%; 54.2% after 320 steps).
+# forward only a little (per task 2.42 / 1.90 / 3.29 against 2.24 / 1.74 / 3.17 on the transfer tasks; bf16 batch 1
+# 1.97x causal against 1.87x) and cost the held-out one-digit arithmetic 19 points (33.3% against the seed's 52.1%;
+# 54.2% after 320 steps).
 STEPS, QUICK_STEPS = 320, 2
 # --quick only shows that training runs and checkpoints: one row of 128 tokens a step (1/8 of a full step's work;
 # a full step takes about 12 s in fp32 on 2 AVX2 cores and 2.9 s in bf16 on 2 AMX cores, where it took 4.6 s before
