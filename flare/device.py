@@ -103,13 +103,21 @@ def pick_dtype(device: torch.device, requested: str | torch.dtype | None, stored
     return dtype
 
 
+def packs(w: torch.Tensor) -> bool:
+    """Whether a linear with weight ``w`` runs on a packed copy when decoding (``flare.model.packed_linear``)."""
+    if w.device.type != "cpu":
+        return False
+    if w.dtype == torch.float32:
+        return w.numel() >= FP32_MIN_NUMEL
+    return w.dtype == torch.bfloat16 and native_bf16(w.device)
+
+
 def describe(device: torch.device, dtype: torch.dtype, model: torch.nn.Module | None = None) -> str:
     """``cpu (amx) bfloat16, packed linears``: what benchmark headers, ``--json`` and ``/metrics`` print (the
     last part where decoding runs the linears on oneDNN-packed weights, ``pack_linears``; in fp32, with
     ``model`` given, only when one of its linears is large enough, ``FP32_MIN_NUMEL``)."""
     where = f"cpu ({cpu_path()})" if device.type == "cpu" else str(device)
     packed = pack_linears(device, dtype) and (
-        model is None or dtype != torch.float32
-        or any(isinstance(m, torch.nn.Linear) and m.weight.numel() >= FP32_MIN_NUMEL for m in model.modules()))
+        model is None or any(isinstance(m, torch.nn.Linear) and packs(m.weight) for m in model.modules()))
     packed = ", packed linears" if packed else ""
     return f"{where} {str(dtype).removeprefix('torch.')}{packed}"

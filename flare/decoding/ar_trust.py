@@ -41,7 +41,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from flare.decoding.lane import Lane, Plan, RowLogits
+from flare.decoding.lane import Lane, Plan, RowLogits, after_prompt
 from flare.decoding.pacer import CAUSAL, EVERY, Pacer
 from flare.ops.sampling import argmax, draw, filtered_probs, speculative_verify
 
@@ -120,9 +120,7 @@ class ArTrustLane(Lane):
         row) and the MASK group after it drafts. Consumed as that round, so every draw matches a cold round's."""
         n, _, E = hidden.shape
         N, M = self.N, self.M
-        at = (prompt_len - 1).clamp(min=0)[:, None] + torch.arange(1 + M, device=hidden.device)
-        at = at.clamp(max=hidden.shape[1] - 1)  # other lanes' slots may have fewer rows; they are not read
-        picked = hidden.gather(1, at[:, :, None].expand(n, 1 + M, E))
+        picked = after_prompt(hidden, prompt_len, 1 + M)
         # A cold round's layout: [pending, MASK x M] (last), [pending, placeholders x M, group 0] (every).
         # A cold round's drafts are the same in both layouts (one group seeded after the pending token): auto
         # plays it as one group.

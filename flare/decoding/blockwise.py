@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from flare.decoding.lane import Lane, Plan, RowLogits
+from flare.decoding.lane import Lane, Plan, RowLogits, after_prompt
 from flare.decoding.options import BlockOptions
 
 DECIDED = -1  # a slot's step counter once its block is decided: the next forward commits it
@@ -79,12 +79,8 @@ class BlockLane(Lane):
         """The prefill ran the first block as MASK rows after each prompt: the prompt's last row gives ``last``
         (and the seed), the MASK rows the block's look-ahead step. Its slots count that step on the host (no
         read here): a block it decided whole costs one forward that finds nothing undecided."""
-        n, _, E = hidden.shape
         T = self.T
-        at = ((prompt_len - 1).clamp(min=0)[:, None] + torch.arange(T, device=hidden.device))
-        at = at.clamp(max=hidden.shape[1] - 1)  # other lanes' slots may have fewer rows; they are not read
-        logits = RowLogits(self.model, hidden.gather(1, at[:, :, None].expand(n, T, E)), self.slots.num_slots)
-        rows = logits.rows(0, T)
+        rows = RowLogits(self.model, after_prompt(hidden, prompt_len, T), self.slots.num_slots).rows(0, T)
         self.last = torch.where(self.slots.mask(slots)[:, None], rows[:, 0].to(self.last.dtype), self.last)
         self._new_block(slots)
         self._denoise(slots, rows[:, 1:], seedless=self.seeded, record=False)

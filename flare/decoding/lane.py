@@ -63,6 +63,14 @@ class RowLogits:
         return pad_slots(argmax(self._gathered(index)), self.slots)
 
 
+def after_prompt(hidden: torch.Tensor, prompt_len: torch.Tensor, k: int) -> torch.Tensor:
+    """[n, k, E]: a drafting prefill's rows from each prompt's last row on (its MASK rows after it); ``hidden``
+    [n, R, E], ``prompt_len`` [n]. Slots of other lanes may have fewer rows: theirs are clamped, never read."""
+    n, R, E = hidden.shape
+    at = ((prompt_len - 1).clamp(min=0)[:, None] + torch.arange(k, device=hidden.device)).clamp(max=R - 1)
+    return hidden.gather(1, at[:, :, None].expand(n, k, E))
+
+
 def pad_slots(x: torch.Tensor, slots: int) -> torch.Tensor:
     """Zero rows appended to reach ``slots`` (the slots a narrowed forward did not cover)."""
     if x.shape[0] == slots:

@@ -8,7 +8,7 @@ the outputs are bit-identical to ``F.linear``'s (tested), and faster (``benchmar
 decoder linears of SmolLM2-135M, AMX Xeon, 2 threads, 0.72x ``F.linear`` bf16 at 1 to 9 rows). fp32: another
 kernel than MKL's, equal to ``F.linear`` to fp32 rounding (tested), and on an AVX2-only EPYC 0.60x its time at
 1 row and 0.55x at 9 (the same weights). A oneDNN call costs ~18 us of fixed overhead against ~3 us for
-``F.linear``, so an fp32 weight is packed only from ``FP32_MIN_NUMEL`` elements (the measured break-even).
+``F.linear``, so an fp32 weight is packed only from ``flare.device.FP32_MIN_NUMEL`` elements (the measured break-even).
 
 The packed copy is a ``derived`` value (``flare.model.layers``): kept while the weight is unchanged (same
 storage, same version) inside ``frozen_weights()``, which the decoding runners enter; outside it, with
@@ -22,20 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flare.device import FP32_MIN_NUMEL, native_bf16
+from flare.device import packs
 from flare.model.layers import derived, weights_frozen
 
 PLAIN = "aten"
 PACKABLE = (torch.bfloat16, torch.float32)
-
-
-def packs(w: torch.Tensor) -> bool:
-    """Whether a linear with weight ``w`` runs on a packed copy when decoding."""
-    if w.device.type != "cpu":
-        return False
-    if w.dtype == torch.float32:
-        return w.numel() >= FP32_MIN_NUMEL
-    return w.dtype == torch.bfloat16 and native_bf16(w.device)
 
 
 class PackedLinear(nn.Linear):

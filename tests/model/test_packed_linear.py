@@ -17,10 +17,11 @@ from torch import nn
 import flare
 from flare.decoding import ArTrustOptions, SamplingParams
 from flare.engine import decode
-from flare.device import pack_linears
+import flare.device as device_module
+from flare.device import FP32_MIN_NUMEL, pack_linears
 from flare.model import frozen_weights
 import flare.model.packed_linear as packed_linear_module
-from flare.model.packed_linear import FP32_MIN_NUMEL, PLAIN, PackedLinear, linear_path, packed_path, prepack
+from flare.model.packed_linear import PLAIN, PackedLinear, linear_path, packed_path, prepack
 from flare.testing.checkpoints import save_tiny_checkpoint
 
 CPU = torch.device("cpu")
@@ -34,7 +35,7 @@ DTYPES = [pytest.param(torch.bfloat16, marks=needs_packing, id="bf16"),
 
 @pytest.fixture(autouse=True)
 def decoding(monkeypatch):
-    monkeypatch.setattr(packed_linear_module, "FP32_MIN_NUMEL", 0)
+    monkeypatch.setattr(device_module, "FP32_MIN_NUMEL", 0)
     with frozen_weights():
         yield
 
@@ -75,7 +76,7 @@ def test_packed_equals_f_linear(shape, n_in, n_out, bias, dtype):
 @needs_onednn
 def test_fp32_weights_below_the_threshold_take_f_linear(monkeypatch):
     monkeypatch.undo()  # the real threshold
-    assert packed_linear_module.FP32_MIN_NUMEL == FP32_MIN_NUMEL > 0
+    assert device_module.FP32_MIN_NUMEL == FP32_MIN_NUMEL > 0
     calls = []
     pointwise = torch.ops.mkldnn._linear_pointwise
     monkeypatch.setattr(packed_linear_module.torch.ops.mkldnn, "_linear_pointwise",
