@@ -96,6 +96,7 @@ class Engine:
                                f"{self.config.max_new_tokens}")
         request_id = request_id or f"req-{next(self._ids)}"
         seq = Sequence(request_id, list(prompt_ids), params.max_new_tokens, options, params)
+        seq.arrived = time.perf_counter()
         self.scheduler.add(seq)
         return seq
 
@@ -146,11 +147,15 @@ class Engine:
 
     def _collect(self, running: list[Sequence]) -> list[RequestOutput]:
         """What the step committed for each running sequence, from the stepper's host mirrors (its one read)."""
-        outputs = []
+        outputs, now = [], time.perf_counter()
         for seq in running:
             tokens, reason = self.stepper.output(seq.slot)
             e = self.stepper.emitted[seq.slot]
             new = seq.update(tokens, reason)
+            if new and seq.first_token_at is None:
+                seq.first_token_at, seq.first_output = now, len(new)
+            if reason is not None:
+                seq.finished_at = now
             self.stats.drafted += e.drafted - seq.drafted
             self.stats.accepted += e.accepted - seq.accepted
             seq.forwards, seq.drafted, seq.accepted = e.forwards, e.drafted, e.accepted

@@ -105,6 +105,8 @@ class Completion:
     drafted: int = 0
     accepted: int = 0
     options: ModeOptions | None = None  # the mode as it ran: resolved against the checkpoint
+    ttft: float | None = None  # seconds to the first output (``Sequence.ttft``)
+    tpot: float | None = None  # seconds per output token after the first output (``Sequence.tpot``)
 
     @property
     def tokens_per_forward(self) -> float:
@@ -223,7 +225,8 @@ class LLM(Prompter):
                     reason = "stop" if ts is not None and ts.stopped else out.finish_reason
                     done[out.request_id] = Completion(
                         out.request_id, ts.text if ts is not None else "", list(seq.output_ids), reason,
-                        len(seq.prompt_ids), seq.forwards, seq.drafted, seq.accepted, seq.options)
+                        len(seq.prompt_ids), seq.forwards, seq.drafted, seq.accepted, seq.options, seq.ttft,
+                        seq.tpot)
                     bar.update()
         bar.close()
         return [done[rid] for rid in seqs]

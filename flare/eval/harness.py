@@ -30,6 +30,10 @@ class ModeResult:
     same_as_causal: float | None = None
     acceptance: float | None = None
     examples: list[dict[str, str]] = field(default_factory=list)
+    # Means over the questions (seconds): to the first output, and per output token after it (``Sequence.ttft``
+    # and ``.tpot``: a speed-up in TPOT is the decoding's alone, the prompt's prefill left out).
+    ttft: float | None = None
+    tpot: float | None = None
     # Per question, when asked for (``evaluate(..., keep_outputs=True)``): score, forwards taken part in, new
     # token ids, response text.
     scores: list[float] | None = None
@@ -92,10 +96,16 @@ def evaluate(llm: LLM, task: Task, modes: list[ModeOptions], params: SamplingPar
             tokens_per_forward=tokens / forwards if forwards else 0.0,
             tokens_per_s=tokens / seconds if seconds > 0 else 0.0, new_tokens=tokens, seconds=seconds,
             same_as_causal=None if causal_ids is None else sum(a == b for a, b in zip(ids, causal_ids)) / len(ids),
-            acceptance=accepted / drafted if drafted else None,
+            acceptance=accepted / drafted if drafted else None, ttft=_mean([c.ttft for c in done]),
+            tpot=_mean([c.tpot for c in done]),
             examples=[{"question": task.items[i].question, "response": done[i].text,
                        "reference": task.items[i].reference} for i in range(min(2, len(done)))],
             **(dict(scores=scores, forwards=[c.forwards for c in done], token_ids=ids,
                     responses=[c.text for c in done]) if keep_outputs else {}),
         ))
     return report
+
+
+def _mean(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return sum(known) / len(known) if known else None

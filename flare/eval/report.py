@@ -12,16 +12,17 @@ def _fmt(x, spec: str = ".2f", none: str = "-") -> str:
 
 def accuracy_table(report: EvalReport) -> str:
     causal = report.result("causal")
-    rows = ["| mode | accuracy | tokens/forward | tokens/s | speed-up vs causal | same tokens as causal | "
-            "accepted/drafted |", "|---|---|---|---|---|---|---|"]
+    rows = ["| mode | accuracy | tokens/forward | tokens/s | speed-up vs causal | ms/token after the first (TPOT) | "
+            "same tokens as causal | accepted/drafted |", "|---|---|---|---|---|---|---|---|"]
     for r in report.results:
         speedup = r.tokens_per_s / causal.tokens_per_s if causal and causal.tokens_per_s else None
         rows.append(f"| {r.label} | {100 * r.accuracy:.1f}% | {r.tokens_per_forward:.2f} | {r.tokens_per_s:.1f} | "
                     f"{_fmt(speedup, '.2f')}{'x' if speedup is not None else ''} | "
+                    f"{_fmt(None if r.tpot is None else 1e3 * r.tpot, '.1f')} | "
                     f"{_fmt(None if r.same_as_causal is None else 100 * r.same_as_causal, '.0f')}"
                     f"{'%' if r.same_as_causal is not None else ''} | {_fmt(r.acceptance)} |")
     for mode, why in report.not_run.items():
-        rows.append(f"| {mode} | not run: {why} | | | | | |")
+        rows.append(f"| {mode} | not run: {why} | | | | | | |")
     return "\n".join(rows)
 
 

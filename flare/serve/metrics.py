@@ -1,4 +1,5 @@
-"""Prometheus metrics of one server: requests, tokens, tokens per forward, acceptance, queue, step latency.
+"""Prometheus metrics of one server: requests, tokens, tokens per forward, acceptance, queue, step latency, time
+to first token and time per output token (vLLM's TTFT and TPOT) per mode.
 
 The engine's side (in its thread or its own process) sums each step into a ``Tally``; the server records it
 and asks the engine for a ``snapshot`` of its gauges when /metrics is read.
@@ -13,21 +14,28 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 @dataclass
 class Tally:
-    """What steps did, summed: their latencies, committed tokens per mode, requests ended (mode, reason)."""
+    """What steps did, summed: their latencies, committed tokens per mode, requests ended (mode, reason), and the
+first outputs' and ended requests' latencies (mode, seconds)."""
 
     seconds: list[float] = field(default_factory=list)
     tokens: dict[str, int] = field(default_factory=dict)
     ended: list[tuple[str, str]] = field(default_factory=list)
+    ttft: list[tuple[str, float]] = field(default_factory=list)
+    tpot: list[tuple[str, float]] = field(default_factory=list)
 
     def add(self, outputs, seconds: float) -> None:
         """One engine step's ``RequestOutput``s."""
         self.seconds.append(seconds)
         for out in outputs:
+            seq = out.sequence
             if out.new_token_ids:
-                mode = out.sequence.mode
-                self.tokens[mode] = self.tokens.get(mode, 0) + len(out.new_token_ids)
+                self.tokens[seq.mode] = self.tokens.get(seq.mode, 0) + len(out.new_token_ids)
+                if len(seq.output_ids) == len(out.new_token_ids) and seq.ttft is not None:  # its first output
+                    self.ttft.append((seq.mode, seq.ttft))
             if out.finished:
-                self.ended.append((out.sequence.mode, out.finish_reason or "stop"))
+                self.ended.append((seq.mode, out.finish_reason or "stop"))
+                if seq.tpot is not None:
+                    self.tpot.append((seq.mode, seq.tpot))
 
 
 def counts(engine) -> dict:
@@ -55,6 +63,11 @@ class Metrics:
         self.rejected = Counter("flare_rejected_requests", "Requests refused, by reason", ["reason"], registry=r)
         self.step_latency = Histogram("flare_step_seconds", "Engine step latency", registry=r,
                                       buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+        latency = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+        self.ttft = Histogram("flare_time_to_first_token_seconds", "Seconds from a request's arrival to its first "
+                              "output, by mode", ["mode"], registry=r, buckets=latency)
+        self.tpot = Histogram("flare_time_per_output_token_seconds", "A finished request's seconds per output "
+                              "token after its first output, by mode", ["mode"], registry=r, buckets=latency[:10])
         self.waiting = Gauge("flare_queue_depth", "Requests waiting for a slot", registry=r)
         self.running = Gauge("flare_running_requests", "Requests decoding in a slot", registry=r)
         self.tpf = Gauge("flare_tokens_per_forward", "Finished requests' tokens per forward they took part in",
@@ -70,6 +83,10 @@ class Metrics:
             self.tokens.labels(mode).inc(n)
         for mode, reason in tally.ended:
             self.requests.labels(mode, reason).inc()
+        for mode, seconds in tally.ttft:
+            self.ttft.labels(mode).observe(seconds)
+        for mode, seconds in tally.tpot:
+            self.tpot.labels(mode).observe(seconds)
 
     def render(self) -> bytes:
         s = self.snapshot()

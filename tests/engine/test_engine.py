@@ -129,6 +129,27 @@ def test_stats_count_tokens_and_forwards(flare_models):
     assert engine.free_slots == 16
 
 
+def test_requests_time_their_first_output_and_the_tokens_after_it(flare_models, monkeypatch):
+    """TTFT: arrival to the step that first showed tokens; TPOT: (end - first output) / the tokens after it."""
+    clock = [0.0]
+    monkeypatch.setattr("flare.engine.engine.time.perf_counter", lambda: clock[0])
+    engine = Engine(flare_models["llama"])
+    long = engine.add_request([1, 2, 3], SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True), "causal")
+    one = engine.add_request([4, 5], SamplingParams(temperature=0, max_new_tokens=1, ignore_eos=True), "causal")
+    assert long.ttft is None and long.tpot is None
+    steps = 0
+    while engine.has_work:
+        clock[0] += 0.5  # every step ends half a second later
+        engine.step()
+        steps += 1
+    # Causal: the prefill's token and the first step's in the first step's outputs, one token per step after.
+    assert steps == 5 and long.ttft == 0.5 and long.first_output == 2 and long.tpot == 0.5
+    assert one.ttft == 0.5 and one.tpot is None  # one token: nothing after the first output
+    aborted = engine.add_request([1, 2], SamplingParams(temperature=0, max_new_tokens=6), "causal")
+    engine.abort(aborted.request_id)
+    assert aborted.ttft is None and aborted.tpot is None
+
+
 def test_a_lone_request_in_a_wide_engine_steps_without_masks(flare_models, monkeypatch):
     """The host knows each slot's length after every read: a causal step over slots that all have the same
     length (here the one busy slot of eight) writes one range of KV slots and builds no attention mask, as

@@ -61,6 +61,10 @@ def test_evaluate_modes(llm, tmp_path, monkeypatch):
     # Each row names the options as they ran: unset ones filled from the checkpoint's training block.
     assert trust.label == f"ar_trust:gen_block={llm.model.config.trained_block + 1}"
     assert f"| {trust.label} | 100.0% |" in table and "speed-up" in table
+    # Mean latencies over the questions: to the first output, and per token after it (answers of several tokens).
+    for result in (causal, trust):
+        assert 0 < result.ttft < result.seconds and 0 < result.tpot < result.seconds
+        assert f"| {1e3 * result.tpot:.1f} |" in table
     png = accuracy_plot(report, tmp_path / "acc.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     as_dict = report.to_dict()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import concurrent.futures as cf
 import random
 
@@ -117,3 +119,15 @@ def test_models_health_and_metrics(server, client):
                  "flare_kernel_path_info"):
         assert name in text, name
     assert 'flare_requests_total{mode="ar_trust"' in text
+    # Latency histograms per mode, as vLLM has them: each request adds a first output, and a causal one of 12
+    # tokens (at most 2 in its first output) tokens after it. (The server serves other tests too: counts grow.)
+    def count(name: str, mode: str) -> float:
+        found = re.search(rf'{name}_count{{mode="{mode}"}} ([0-9.]+)', server.get("/metrics")[1].decode())
+        return float(found.group(1)) if found else 0.0
+
+    assert count("flare_time_to_first_token_seconds", "ar_trust") >= 1
+    before = [count(n, "causal") for n in ("flare_time_to_first_token_seconds", "flare_time_per_output_token_seconds")]
+    client.completions.create(model="tiny", prompt="1", max_tokens=12, temperature=0,
+                              extra_body={"ignore_eos": True, "flare": {"mode": "causal"}})
+    after = [count(n, "causal") for n in ("flare_time_to_first_token_seconds", "flare_time_per_output_token_seconds")]
+    assert after == [b + 1 for b in before]
