@@ -135,6 +135,9 @@ def random_ids(gen: torch.Generator, vocab: int, batch: int, length: int, device
 
 
 def main() -> None:
+    from flare.device import flush_denormals
+
+    flush_denormals()  # as flare's own processes do, before torch starts its intra-op threads
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--size", choices=list(SIZES), default="tiny", help=SIZE_HELP)

@@ -7,8 +7,9 @@ import json
 import os
 import sys
 
-from flare.cliargs import add_dataclass_flags, dataclass_from_args
+from flare.cliargs import add_dataclass_flags, dataclass_from_args, token_ids
 from flare.decoding.params import SamplingParams
+from flare.device import flush_denormals
 
 SAMPLING_HELP = {
     "temperature": "sampling temperature; 0 is greedy",
@@ -203,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", required=True, help="checkpoint directory (config.json + safetensors)")
     src = gen.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text (needs tokenizer.json in the model directory)")
-    src.add_argument("--prompt-ids", type=_prompt_ids, help="prompt as comma-separated token ids")
+    src.add_argument("--prompt-ids", type=token_ids, help="prompt as comma-separated token ids")
     _add_mode_flags(gen)
     add_dataclass_flags(gen, SamplingParams, SAMPLING_HELP)
     gen.add_argument("--device", default=None, help=DEVICE_HELP)
@@ -329,15 +330,8 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _prompt_ids(text: str) -> list[int]:
-    try:
-        ids = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--prompt-ids takes comma-separated integers, got {text!r}") from None
-    return ids
-
-
 def main(argv: list[str] | None = None) -> int:
+    flush_denormals()  # first: torch's intra-op threads take the flag from this thread when they start
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

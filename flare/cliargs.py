@@ -1,4 +1,4 @@
-"""CLI flags derived from dataclass fields, so each default is defined once (in the dataclass)."""
+"""CLI flags derived from dataclass fields, so each default is defined once (in the dataclass), and argument types."""
 
 from __future__ import annotations
 
@@ -41,3 +41,11 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, help: dict[s
 
 def dataclass_from_args(cls: type, args: argparse.Namespace) -> Any:
     return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+def token_ids(text: str) -> list[int]:
+    """``--prompt-ids``: comma-separated token ids."""
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--prompt-ids takes comma-separated integers, got {text!r}") from None

@@ -80,3 +80,39 @@ def test_front_doors_load_in_the_chosen_dtype(tiny_dirs, monkeypatch):
     llm = LLM.from_dir(tiny_dirs["llama"], device="cpu")
     assert llm.model.dtype == (torch.bfloat16 if native_bf16(torch.device("cpu")) else torch.float32)
     assert LLM.from_dir(tiny_dirs["llama"], device="cpu", dtype="float32").model.dtype == torch.float32
+
+
+_DENORMALS = """
+import sys, torch
+if sys.argv[1] == "cli":  # the flare command, as its first act
+    import flare.cli
+    try:
+        flare.cli.main(["--help"])
+    except SystemExit:
+        pass
+    import platform
+    flushed = platform.machine() in ("x86_64", "AMD64")  # where the CPU has the flag for certain
+else:
+    import flare.device
+    flushed = flare.device.flush_denormals()
+torch.set_num_threads(2)
+x = torch.full((1 << 21,), 1e-39)  # denormal in fp32; the product runs in chunks on every intra-op thread
+print(flushed, int((x * 1.0).count_nonzero()), int((x[:4] * 1.0).count_nonzero()))
+"""
+
+
+@pytest.mark.parametrize("how, env", [("call", "1"), ("call", "0"), ("cli", "1")])
+def test_denormals_are_flushed_on_every_intra_op_thread(how, env):
+    """``flush_denormals`` before torch starts its intra-op threads flushes denormals to zero on every one of them
+    (``FLARE_FLUSH_DENORMAL=0`` keeps them), and the flare command calls it first; a fresh interpreter each, since
+    the flag is the process's."""
+    import os
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _DENORMALS, how], capture_output=True, text=True, check=True,
+                         env={**os.environ, "FLARE_FLUSH_DENORMAL": env}).stdout.split()
+    if env == "0":
+        assert out == ["False", str(1 << 21), "4"]
+    elif out[0] == "True":  # a CPU that has the flag
+        assert out[1:] == ["0", "0"]
