@@ -94,8 +94,13 @@ def test_a_tree_of_rows_matches_the_rule_along_each_path(clean, prefixes, m):
         torch.testing.assert_close(scan.state_after(torch.full((B,), n)), states[:, n - 1], rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("chunk_heads", [None, 1, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_a_commit_in_place_equals_the_new_state_and_keeps_n0_exactly(dtype):
+def test_a_commit_in_place_equals_the_new_state_and_keeps_n0_exactly(dtype, chunk_heads, monkeypatch):
+    """Also when the state is committed piece by piece (``STATE_CHUNK_BYTES`` of 1 or 3 heads' states, so
+    that pieces cross sequences and the last one is short)."""
+    if chunk_heads is not None:
+        monkeypatch.setattr("flare.ops.gated_delta.rows.STATE_CHUNK_BYTES", chunk_heads * 8 * 6 * dtype.itemsize)
     q, k, v, g, beta, s0 = _inputs(4, 5, 2, 4, 8, 6, seed=3, dtype=dtype)
     n = torch.tensor([0, 5, 2, 0])
     scan = gated_delta_rows(q, k, v, g, beta, s0.clone(), 8**-0.5)

@@ -29,6 +29,11 @@ from flare.ops.gated_delta.naive import expand_heads
 from flare.ops.precision import accum_dtype, cast, no_autocast
 
 
+# The in-place commit scales the state and adds the accepted rows' update piece by piece, this many bytes of
+# state at a time (about a core's L2 cache).
+STATE_CHUNK_BYTES = 1 << 20
+
+
 class RowsScan(NamedTuple):
     o: torch.Tensor  # [B, T, H, Dv] in v's dtype
     initial: torch.Tensor  # [B, H, Dk, Dv] S0
@@ -60,7 +65,11 @@ class RowsScan(NamedTuple):
         ku = ((self.k * row.transpose(-1, -2)).transpose(-1, -2).reshape(B * H, -1, T), self.u.reshape(B * H, T, -1))
         if in_place and self.initial.is_contiguous():
             state = self.initial.view(B * H, *self.initial.shape[2:])
-            state.mul_(g_end.exp().view(B * H, 1, 1)).baddbmm_(*ku)
+            scale = g_end.exp().view(B * H, 1, 1)
+            # Both passes over a cache-sized piece before the next: the second reads it from cache.
+            step = max(1, STATE_CHUNK_BYTES // (state[0].numel() * state.element_size()))
+            for i in range(0, B * H, step):
+                state[i:i + step].mul_(scale[i:i + step]).baddbmm_(ku[0][i:i + step], ku[1][i:i + step])
             return self.initial
         s0 = self.initial.reshape(B * H, *self.initial.shape[2:])
         return torch.baddbmm(g_end.exp().view(B * H, 1, 1) * s0, *ku).view_as(self.initial)
