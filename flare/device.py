@@ -19,9 +19,9 @@ def flush_denormals() -> bool:
     does so (False with ``FLARE_FLUSH_DENORMAL=0``). An x86 core takes a slow path for every operation on a
     denormal, and the gated delta rule makes them: decays e^{G_i - G_j} of a fast-forgetting head and the state
     entries they shrink (2-3% of what its rows pass reads on the demo checkpoint and on a random Qwen3.5-shaped
-    0.75B model). There one triangular solve of a verify round took 1 ms instead of 0.14, an AR-Trust round at 8
-    sequences 202 instead of 219 ms, the demo model's at 8 sequences 99 instead of 110 ms. Values that small
-    change nothing a model computes.
+    0.75B model). There one triangular solve of a verify round took 1 ms instead of 0.14 and an AR-Trust round of
+    8 sequences 207 instead of 224 ms (bf16, AMX); an AR-Trust decode of 8 sequences on the demo model 99 instead
+    of 110 ms. Values that small change nothing a model computes.
 
     The flag is the CPU's, per thread: torch's intra-op threads copy it from the thread that starts them and
     cannot be reached after, so call this first thing in a process, before torch runs a parallel op (called
