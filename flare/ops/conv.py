@@ -7,11 +7,18 @@ import torch.nn.functional as F
 
 from flare.ops.precision import accum_dtype, cast
 
-# From this many channels the K-tap window sum runs as K fused multiply-adds over contiguous [B, T, C] slices,
-# accumulated in fp32, instead of one product over the [B, T, K, C] windows and a sum: on the 6,144 channels of a
-# Qwen3.5-0.8B layer in bf16 (accumulating in fp32) (AMX Xeon, 2 threads) 0.56 vs 1.33 ms for 8 sequences x 7 rows, 0.03 vs 0.18 ms
-# for one row; below it (toy models) the two-op form dispatches less (6 vs 16 us at 192 channels).
+# From this many channels the K-tap window sum runs as K fused multiply-adds over [B, T, C] slices, accumulated in
+# fp32, instead of one product over the [B, T, K, C] windows and a sum: on the 6,144 channels of a Qwen3.5-0.8B
+# layer in bf16 (AMX Xeon, 2 threads) 0.56 vs 1.33 ms for 8 sequences x 7 rows, 0.03 vs 0.18 ms for one row;
+# below it (toy models) the two-op form dispatches less (6 vs 16 us at 192 channels). The inputs are cast to fp32
+# once, before the windows are cut: a multiply-add that converts a bf16 operand converts it into a temporary
+# first, one more pass per tap (a verify forward of 8 x 7 rows: 13.1 -> 10.9 ms over 18 layers; the same values).
 LOOP_MIN_CHANNELS = 1024
+
+
+def _loop_form(x: torch.Tensor, weight_CK: torch.Tensor) -> torch.Tensor:
+    """``x`` [B, L, C] as the window sum takes it: in the accumulation dtype where the multiply-add loop runs."""
+    return cast(x, accum_dtype(weight_CK.dtype)) if x.shape[-1] >= LOOP_MIN_CHANNELS else x
 
 
 def _window_sum(windows_BTKC: torch.Tensor, weight_CK: torch.Tensor) -> torch.Tensor:
@@ -43,7 +50,7 @@ def causal_conv1d(
     full = torch.cat([prev, x], dim=1)  # [B, K-1+T, C]
     if T <= 16:
         # Decode steps and verify blocks: a weighted sum over the K-window beats a conv launch on CPU.
-        y = _window_sum(full.unfold(1, K, 1).transpose(-1, -2), weight_CK)  # [B, T, C]
+        y = _window_sum(_loop_form(full, weight_CK).unfold(1, K, 1).transpose(-1, -2), weight_CK)  # [B, T, C]
     else:
         y = F.conv1d(full.transpose(1, 2), weight_CK[:, None, :], groups=C).transpose(1, 2)
     if lengths_B is None:
@@ -79,7 +86,7 @@ def tree_conv1d(x_BTC: torch.Tensor, weight_CK: torch.Tensor, state_BkC: torch.T
     B, T, C = x_BTC.shape
     K = weight_CK.shape[1]
     x = cast(x_BTC, weight_CK.dtype)
-    full = torch.cat([cast(state_BkC, x.dtype), x], dim=1)  # [B, K-1+T, C]
+    full = _loop_form(torch.cat([cast(state_BkC, x.dtype), x], dim=1), weight_CK)  # [B, K-1+T, C]
     idx = tree_windows(parent_BT, K) if windows is None else windows
     rows = full.gather(1, idx.reshape(B, T * K, 1).expand(B, T * K, C)).view(B, T, K, C)
     return cast(_window_sum(rows, weight_CK), x_BTC.dtype)
