@@ -187,8 +187,9 @@ def _markdown(report, source_accuracy: float, runs, results: dict, b: Budget) ->
         "their confidence threshold, so their accuracy is the MASK rows' quality: close to causal where the "
         "rows are confident and right, lower where a confident row is wrong. Every mode sizes its blocks from the "
         "checkpoint's training block (recorded in its config.json), so no mode runs MASK rows training never "
-        "saw. A drafting round of AR-Trust costs more than a causal step (on this model it is op dispatch: about "
-        "1.8x a step at one sequence, 2x at eight, `benchmarks/bench_modes.py`), so where its accepted drafts "
+        "saw. A drafting round of AR-Trust costs more than a causal step (about 1.8x a step at one sequence, where "
+        "this model's time is op dispatch, and 2x at eight, where a round's seven rows per sequence cost fp32 "
+        "arithmetic: `benchmarks/bench_modes.py`), so where its accepted drafts "
         "do not make up for that, AR-Trust takes causal steps instead (a sequence whose drafts keep failing "
         "pauses drafting; a greedy batch runs whichever kind of round has been faster): its tokens per forward "
         "count both kinds.",
