@@ -31,7 +31,9 @@ class ModeResult:
     acceptance: float | None = None
     examples: list[dict[str, str]] = field(default_factory=list)
     # Means over the questions (seconds): to the first output, and per output token after it (``Sequence.ttft``
-    # and ``.tpot``: a speed-up in TPOT is the decoding's alone, the prompt's prefill left out).
+    # and ``.tpot``). TPOT leaves the prompt's prefill out, and with it the first step or round: on answers of a
+    # few rounds its ratios are not the decoding's alone (converted SmolLM2, ~12-token answers: AR-Trust 1.5-1.6x
+    # causal in TPOT where it was 1.8-1.9x in tokens/s).
     ttft: float | None = None
     tpot: float | None = None
     # Per question, when asked for (``evaluate(..., keep_outputs=True)``): score, forwards taken part in, new

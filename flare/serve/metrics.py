@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 @dataclass
 class Tally:
     """What steps did, summed: their latencies, committed tokens per mode, requests ended (mode, reason), and the
-first outputs' and ended requests' latencies (mode, seconds)."""
+    first outputs' and ended requests' latencies (mode, seconds)."""
 
     seconds: list[float] = field(default_factory=list)
     tokens: dict[str, int] = field(default_factory=dict)
@@ -61,9 +61,8 @@ class Metrics:
         self.tokens = Counter("flare_generated_tokens", "Committed tokens, by mode", ["mode"], registry=r)
         self.prompt_tokens = Counter("flare_prompt_tokens", "Prompt tokens admitted", registry=r)
         self.rejected = Counter("flare_rejected_requests", "Requests refused, by reason", ["reason"], registry=r)
-        self.step_latency = Histogram("flare_step_seconds", "Engine step latency", registry=r,
-                                      buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
         latency = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+        self.step_latency = Histogram("flare_step_seconds", "Engine step latency", registry=r, buckets=latency[:12])
         self.ttft = Histogram("flare_time_to_first_token_seconds", "Seconds from a request's arrival to its first "
                               "output, by mode", ["mode"], registry=r, buckets=latency)
         self.tpot = Histogram("flare_time_per_output_token_seconds", "A finished request's seconds per output "
