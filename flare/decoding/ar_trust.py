@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from flare.decoding.lane import Lane, Plan, RowLogits, after_prompt
 from flare.decoding.pacer import CAUSAL, EVERY, Pacer
 from flare.ops.sampling import argmax, draw, filtered_probs, speculative_verify
+from flare.ops.take import take_rows
 
 
 # The longest pause, in multiples of ``options.pause``.
@@ -180,7 +181,7 @@ class ArTrustLane(Lane):
         # live and paused slots, so its row tree is built once per such set.
         key = (self.mode, self.N, tuple(live), tuple(self.paused)) if every else None
         return Plan(rows, clean, noisy, commits_all=False, seeds=self.every_seeds if every else None,
-                    layout_key=key)
+                    layout_key=key, clean_bound=self.N if every else 1 + m)
 
     def to_sync(self) -> torch.Tensor | None:
         return self.verdict if self.options.pause and self.round else None  # once per round this lane ran
@@ -276,7 +277,7 @@ class ArTrustLane(Lane):
         if greedy:
             d_new, q_new = (picks.gather(1, at) if whole_pass else row_logits.picks_at(at)), None
         else:
-            draft_logits = whole.gather(1, at[:, :, None].expand(S, M, V)) if whole_pass else row_logits.at(at)
+            draft_logits = take_rows(whole, at) if whole_pass else row_logits.at(at)
             if policy == "exact_truncated":
                 q_new = self._laws(drafting, draft_logits)
                 d_new = s.per_generator(drafting, lambda q_, g: draw(q_, g), q_new)

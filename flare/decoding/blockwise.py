@@ -115,7 +115,7 @@ class BlockLane(Lane):
             # seeded after the committed one.
             tokens = torch.cat([tokens, torch.full_like(tokens, self.mask_id)], dim=1)
             noisy = noisy + self.counts(cm, T)
-        return Plan(tokens, clean, noisy, commits_all=False)
+        return Plan(tokens, clean, noisy, commits_all=False, clean_bound=T)
 
     def to_sync(self) -> torch.Tensor | None:
         return self.undecided.any(1) if self._denoised else None

@@ -16,6 +16,7 @@ import torch
 from flare.decoding.slots import SlotBatch
 from flare.model import FlareModel
 from flare.ops.sampling import argmax, sample
+from flare.ops.take import take_rows
 
 
 class RowLogits:
@@ -42,9 +43,7 @@ class RowLogits:
         return self._rows[key]
 
     def _gathered(self, index: torch.Tensor) -> torch.Tensor:
-        n, E = self.hidden.shape[0], self.hidden.shape[-1]
-        K = index.shape[1]
-        return self.model.logits(self.hidden.gather(1, index[:n, :, None].expand(n, K, E)))
+        return self.model.logits(take_rows(self.hidden, index[:self.hidden.shape[0]]))
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
         """[S, stop - start, V]."""
@@ -66,9 +65,8 @@ class RowLogits:
 def after_prompt(hidden: torch.Tensor, prompt_len: torch.Tensor, k: int) -> torch.Tensor:
     """[n, k, E]: a drafting prefill's rows from each prompt's last row on (its MASK rows after it); ``hidden``
     [n, R, E], ``prompt_len`` [n]. Slots of other lanes may have fewer rows: theirs are clamped, never read."""
-    n, R, E = hidden.shape
-    at = ((prompt_len - 1).clamp(min=0)[:, None] + torch.arange(k, device=hidden.device)).clamp(max=R - 1)
-    return hidden.gather(1, at[:, :, None].expand(n, k, E))
+    at = (prompt_len - 1).clamp(min=0)[:, None] + torch.arange(k, device=hidden.device)
+    return take_rows(hidden, at.clamp(max=hidden.shape[1] - 1))
 
 
 def pad_slots(x: torch.Tensor, slots: int) -> torch.Tensor:
@@ -96,6 +94,9 @@ class Plan:
     # A host-side name of (num_clean, num_noisy, seeds): plans with equal keys have equal layouts, so what is
     # derived from one (a row tree) serves the other. None: not known on the host.
     layout_key: Hashable | None = None
+    # The most clean rows any slot has (host side; None: the row width): only these can be committed, so a
+    # commit keeps no more rows (flare.ops.gated_delta.pending).
+    clean_bound: int | None = None
 
 
 class Lane:

@@ -48,10 +48,14 @@ class CachedRunner:
         self.known: list[int | None] = [0] * slots
         self.trees: dict[Hashable, RowTree] = {}  # row trees by layout key (``rows``)
 
-    def _run(self, n: int, rows: int, forward):
-        """``forward(cache)`` on the first n slots' cache, with weight-derived values kept between calls."""
+    def _run(self, n: int, rows: int, forward, whole: bool = False):
+        """``forward(cache)`` on the first n slots' cache, with weight-derived values kept between calls.
+        ``whole``: a causal forward, which reads and writes the recurrent states whole: their kept commits are
+        written first (a narrowed cache cannot write them, ``ModelCache.settle``)."""
         with frozen_weights():
             cache = self.cache
+            if whole:
+                cache.settle()
             if n < cache.batch_size:
                 cache.reserve(rows)
                 cache = cache.narrow(n)
@@ -81,7 +85,7 @@ class CachedRunner:
         ids, valid = pad_prompts([t or [0] for t in tokens], self.model.device)
         valid &= torch.tensor([len(t) > 0 for t in tokens], device=valid.device)[:, None]
         hidden = self._run(len(tokens), ids.shape[1],
-                           lambda cache: self.model.hidden_states(ids, cache=cache, valid=valid))
+                           lambda cache: self.model.hidden_states(ids, cache=cache, valid=valid), whole=True)
         self._advanced(len(tokens), [len(t) for t in tokens])
         self.forwards += 1
         last = (valid.sum(1) - 1).clamp(min=0)
@@ -94,17 +98,19 @@ class CachedRunner:
         if num_new is not None:
             valid = torch.arange(tokens.shape[1], device=tokens.device) < num_new[:, None]
         hidden = self._run(tokens.shape[0], tokens.shape[1],
-                           lambda cache: self.model.hidden_states(tokens, cache=cache, valid=valid))
+                           lambda cache: self.model.hidden_states(tokens, cache=cache, valid=valid), whole=True)
         self._advanced(tokens.shape[0], None if num_new is not None else [tokens.shape[1]] * tokens.shape[0])
         self.forwards += 1
         return hidden
 
     def rows(self, tokens: torch.Tensor, num_clean, num_noisy=None, record: bool = False,
-             seeds: torch.Tensor | None = None, layout_key: Hashable | None = None) -> torch.Tensor:
+             seeds: torch.Tensor | None = None, layout_key: Hashable | None = None,
+             clean_rows: int | None = None) -> torch.Tensor:
         """Final hidden states [S, R, E] of rows [clean x num_clean ; noisy x num_noisy ; padding] after the
         committed tokens (counts: ints or [S] tensors; ``seeds``: noisy groups, see ``flare.model.context.Rows``);
         commits nothing. ``layout_key``: a host-side name of these counts and seeds (equal keys, equal layouts):
-        the row tree of a seeded layout is then built once and reused."""
+        the row tree of a seeded layout is then built once and reused. ``clean_rows``: at most this many clean
+        rows per slot (host side), so a commit of the recorded forward keeps no more."""
         self.record = CommitRecord.empty() if record else None
         layout = Rows(num_clean, num_noisy, seeds)
         if seeds is not None and layout_key is not None:
@@ -117,11 +123,15 @@ class CachedRunner:
             layout = dataclasses.replace(layout, tree=self.trees[key])
         hidden = self._run(tokens.shape[0], tokens.shape[1], lambda cache: self.model.hidden_states(
             tokens, cache=cache, layout=layout, record=self.record))
+        if self.record is not None and clean_rows is not None:
+            self.record.rows = min(self.record.rows, clean_rows)
         self.forwards += 1
         return hidden
 
     def commit_recorded(self, n_accept: torch.Tensor) -> None:
         """Commit the first n_accept[s] clean rows of the last recorded rows forward (no forward)."""
+        if self.cache.pending_room() < self.record.rows:
+            self.cache.settle()  # before narrowing: the kept commits of slots past the busy ones are written too
         self._run(n_accept.shape[0], 0, lambda cache: cache.commit(self.record, n_accept))
         self._advanced(n_accept.shape[0], None)
         self.record = None
@@ -184,11 +194,14 @@ class ReferenceRunner:
         return out
 
     def rows(self, tokens: torch.Tensor, num_clean, num_noisy=None, record: bool = False,
-             seeds: torch.Tensor | None = None, layout_key: Hashable | None = None) -> torch.Tensor:
+             seeds: torch.Tensor | None = None, layout_key: Hashable | None = None,
+             clean_rows: int | None = None) -> torch.Tensor:
         self.pending = tokens
         self.forwards += 1
         S, R = tokens.shape
         clean = torch.as_tensor(num_clean).expand(S).tolist()
+        if clean_rows is not None and max(clean) > clean_rows:  # the bound a cached commit relies on
+            raise AssertionError(f"{max(clean)} clean rows, more than the plan's bound {clean_rows}")
         noisy = [R - c for c in clean] if num_noisy is None else torch.as_tensor(num_noisy).expand(S).tolist()
         out = self._zeros(S, R)
         for s in range(S):

@@ -197,9 +197,10 @@ class Stepper:
             hidden = self.runner.append(tokens[:n], None if uniform else clean[:n])
         else:
             keys = tuple(p.layout_key for _, _, p in plans)
+            bound = max(R if p.clean_bound is None else p.clean_bound for _, _, p in plans)
             hidden = self.runner.rows(tokens[:n], clean[:n], noisy[:n], record=True,
                                       seeds=None if seeds is None else seeds[:n],
-                                      layout_key=None if None in keys else keys)
+                                      layout_key=None if None in keys else keys, clean_rows=bound)
         logits = RowLogits(self.model, hidden, S)
         n_commit = torch.zeros_like(clean)
         for lane, live, _ in plans:

@@ -1,8 +1,9 @@
 """Per-sequence decoding state: a KV cache for attention layers, conv + recurrent state for Gated DeltaNet layers.
 
 Row b of every tensor belongs to sequence b. ``lengths[b]`` counts the tokens committed for that sequence; the
-KV slots past it hold nothing meaningful and are masked out. The recurrent and conv states are always exactly
-the state after ``lengths[b]`` tokens. Read-only rows forwards use the KV slots past the length as scratch.
+KV slots past it hold nothing meaningful and are masked out. The conv state, and the recurrent state with the
+commits it keeps applied (``RecurrentState.pending``), are always exactly the state after ``lengths[b]``
+tokens. Read-only rows forwards use the KV slots past the length as scratch.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from dataclasses import dataclass
 import torch
 
 from flare.config import FULL_ATTENTION, ModelConfig
+from flare.ops.gated_delta.pending import PendingCommits
 from flare.ops.gated_delta.rows import RowsScan
 from flare.ops.precision import accum_dtype, cast
+from flare.ops.take import take_rows
 
 
 @dataclass
@@ -25,7 +28,12 @@ class AttentionState:
 @dataclass
 class RecurrentState:
     conv: torch.Tensor  # [B, K-1, C]: the last K-1 conv inputs
-    ssm: torch.Tensor  # [B, H, Dk, Dv], fp32
+    ssm: torch.Tensor  # [B, H, Dk, Dv], fp32: the recurrent state, once ``pending`` is applied to it
+    pending: PendingCommits  # commits not yet written to ``ssm`` (ops.gated_delta.pending)
+
+    def settle(self) -> None:
+        """Write the kept commits into ``ssm``, for a pass that reads or writes the state whole."""
+        self.ssm = self.pending.settle(self.ssm)
 
 
 @dataclass
@@ -81,7 +89,7 @@ class ModelCache:
                     batch_size, config.linear_num_value_heads, config.linear_key_head_dim,
                     config.linear_value_head_dim, device=device, dtype=accum_dtype(dtype),
                 )
-                layers.append(RecurrentState(conv, ssm))
+                layers.append(RecurrentState(conv, ssm, PendingCommits.empty(ssm)))
         lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         return cls(lengths, layers, 0)
 
@@ -143,8 +151,9 @@ class ModelCache:
     def commit(self, record: "CommitRecord", n_accept_B: torch.Tensor) -> None:
         """Advance every sequence by its first ``n_accept[b]`` recorded clean rows, exactly as a causal pass
         over those tokens would: their keys/values (already in the slots after the length), the recurrent state
-        after the last of them, and the conv inputs that end there. The rejected rows' KV slots lie past the new
-        length, where nothing reads them."""
+        after the last of them (kept as an update of the stored one until a causal forward or the update's room
+        asks for it to be written), and the conv inputs that end there. The rejected rows' KV slots lie past the
+        new length, where nothing reads them."""
         T = record.rows
         B = self.batch_size
         last = (n_accept_B - 1).clamp(min=0).view(B, 1, 1, 1)  # shared by every layer
@@ -152,20 +161,33 @@ class ModelCache:
         for i, layer in enumerate(self.layers):
             if isinstance(layer, RecurrentState):
                 scan, inputs = record.gdn[i]
-                layer.ssm = scan.state_after(n_accept_B, last, in_place=True)
+                # Kept as a low-rank update of the state, which the next rows pass reads as it is.
+                layer.ssm = layer.pending.commit(layer.ssm, *scan.update_after(n_accept_B, last, rows=T))
                 full = torch.cat([layer.conv, cast(inputs, layer.conv.dtype)], dim=1)  # [B, K-1+T, C]
                 if window is None:
                     K1 = layer.conv.shape[1]
-                    window = (n_accept_B[:, None] + torch.arange(K1, device=full.device))[:, :, None]
-                layer.conv = full.gather(1, window.expand(B, window.shape[1], full.shape[-1]))
+                    window = n_accept_B[:, None] + torch.arange(K1, device=full.device)
+                layer.conv = take_rows(full, window)
         self.advance(n_accept_B, T)
+
+    def pending_room(self) -> int:
+        """Rows a commit can add to the recurrent states before they must be written (``settle``)."""
+        return min((layer.pending.room for layer in self.layers if isinstance(layer, RecurrentState)),
+                   default=1 << 62)
+
+    def settle(self) -> None:
+        """Write every recurrent state's kept commits (before a causal forward, which reads and writes the
+        states whole). A narrowed cache cannot: settle the cache it came from before narrowing."""
+        for layer in self.layers:
+            if isinstance(layer, RecurrentState):
+                layer.settle()
 
     def narrow(self, n: int) -> "ModelCache":
         """The first ``n`` sequences as a cache of views (KV writes land in this cache); ``absorb`` takes the
         rest of a forward's changes back. Call ``reserve`` on this cache first, so the views never regrow."""
         layers: list[AttentionState | RecurrentState] = [
             AttentionState(layer.k[:n], layer.v[:n]) if isinstance(layer, AttentionState)
-            else RecurrentState(layer.conv[:n], layer.ssm[:n]) for layer in self.layers
+            else RecurrentState(layer.conv[:n], layer.ssm[:n], layer.pending.narrow(n)) for layer in self.layers
         ]
         sub = ModelCache(self.lengths[:n], layers, self.bound)
         sub.bound_exact = False
@@ -179,6 +201,7 @@ class ModelCache:
         self.lengths = torch.cat([sub.lengths, self.lengths[n:]])
         for mine, theirs in zip(self.layers, sub.layers):
             if isinstance(mine, RecurrentState):
+                mine.pending.absorb(theirs.pending)
                 for name in ("conv", "ssm"):
                     full, part = getattr(mine, name), getattr(theirs, name)
                     if part.data_ptr() != full.data_ptr() or part.stride() != full.stride():
@@ -198,6 +221,7 @@ class ModelCache:
             if isinstance(layer, RecurrentState):
                 layer.conv = layer.conv.index_fill(0, idx, 0)
                 layer.ssm = layer.ssm.index_fill(0, idx, 0)
+                layer.pending.clear(idx)
         self.bound_exact = False
 
     def clone(self) -> "ModelCache":
@@ -206,7 +230,7 @@ class ModelCache:
             if isinstance(layer, AttentionState):
                 layers.append(AttentionState(layer.k.clone(), layer.v.clone()))
             else:
-                layers.append(RecurrentState(layer.conv.clone(), layer.ssm.clone()))
+                layers.append(RecurrentState(layer.conv.clone(), layer.ssm.clone(), layer.pending.clone()))
         out = ModelCache(self.lengths.clone(), layers, self.bound)
         out.bound_exact = self.bound_exact
         return out

@@ -90,6 +90,8 @@ class GatedDeltaNet(nn.Module):
         return self._causal(x_BTE, ctx.cache.layers[self.layer_idx] if ctx.cache else None, ctx.valid, ctx.n_new)
 
     def _causal(self, x, state: RecurrentState | None, valid, n_new) -> torch.Tensor:
+        if state is not None:
+            state.settle()  # a causal pass reads and writes the state whole
         qkv, z, b, a = self.in_proj(x).split(self.split, dim=-1)
         mixed, conv_state = self._conv(qkv, state.conv if state else None, n_new)
         q, k, v = self._qkv(mixed)
@@ -121,11 +123,12 @@ class GatedDeltaNet(nn.Module):
         g, beta = self._gates(b, a, idx < (clean_n + noisy_n)[:, None])
         if tree is not None:
             # Each noisy group continues from the state after its own clean prefix and reads its end state.
-            scan = gated_delta_rows(q, k, v, g, beta, state.ssm, self.dk**-0.5, path=tree.path, reads=tree.reads)
+            scan = gated_delta_rows(q, k, v, g, beta, state.ssm, self.dk**-0.5, path=tree.path, reads=tree.reads,
+                                    pending=state.pending)
         else:
             # Noisy rows read the block-end state: that of the last row (padding rows leave it unchanged).
             reads = None if _no_noisy_rows(ctx.layout, T) else torch.where(is_clean, idx, T - 1)
-            scan = gated_delta_rows(q, k, v, g, beta, state.ssm, self.dk**-0.5, reads=reads)
+            scan = gated_delta_rows(q, k, v, g, beta, state.ssm, self.dk**-0.5, reads=reads, pending=state.pending)
         o = scan.o
         self.last_path = "rows"
         if ctx.record is not None:

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from flare.ops.precision import accum_dtype, cast
+from flare.ops.take import take_rows
 
 # From this many channels the K-tap window sum runs as K fused multiply-adds over [B, T, C] slices, accumulated in
 # fp32, instead of one product over the [B, T, K, C] windows and a sum: on the 6,144 channels of a Qwen3.5-0.8B
@@ -56,8 +57,7 @@ def causal_conv1d(
     if lengths_B is None:
         new_state = full[:, T:]
     else:
-        idx = lengths_B[:, None] + torch.arange(K - 1, device=x_BTC.device)
-        new_state = full.gather(1, idx[:, :, None].expand(B, K - 1, C))
+        new_state = take_rows(full, lengths_B[:, None] + torch.arange(K - 1, device=x_BTC.device))
     return cast(y, x_BTC.dtype), cast(new_state, x_BTC.dtype)
 
 
@@ -88,5 +88,4 @@ def tree_conv1d(x_BTC: torch.Tensor, weight_CK: torch.Tensor, state_BkC: torch.T
     x = cast(x_BTC, weight_CK.dtype)
     full = _loop_form(torch.cat([cast(state_BkC, x.dtype), x], dim=1), weight_CK)  # [B, K-1+T, C]
     idx = tree_windows(parent_BT, K) if windows is None else windows
-    rows = full.gather(1, idx.reshape(B, T * K, 1).expand(B, T * K, C)).view(B, T, K, C)
-    return cast(_window_sum(rows, weight_CK), x_BTC.dtype)
+    return cast(_window_sum(take_rows(full, idx), weight_CK), x_BTC.dtype)

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from flare.ops.gated_delta import gated_delta_naive
+from flare.ops.gated_delta.pending import PendingCommits
 from flare.ops.gated_delta.rows import gated_delta_rows
 
 
@@ -96,17 +97,53 @@ def test_a_tree_of_rows_matches_the_rule_along_each_path(clean, prefixes, m):
 
 @pytest.mark.parametrize("chunk_heads", [None, 1, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_a_commit_in_place_equals_the_new_state_and_keeps_n0_exactly(dtype, chunk_heads, monkeypatch):
-    """Also when the state is committed piece by piece (``STATE_CHUNK_BYTES`` of 1 or 3 heads' states, so
-    that pieces cross sequences and the last one is short)."""
+def test_kept_commits_read_and_settle_to_the_new_states(dtype, chunk_heads, monkeypatch):
+    """Rounds of rows whose commits are kept as a low-rank update (``pending.py``): every later rows pass reads
+    the state they make, and writing them (piece by piece: ``STATE_CHUNK_BYTES`` of 1 or 3 heads' states, so
+    pieces cross sequences and the last one is short) gives the state of the sequential rule; sequences that
+    commit nothing keep their state bit for bit."""
     if chunk_heads is not None:
-        monkeypatch.setattr("flare.ops.gated_delta.rows.STATE_CHUNK_BYTES", chunk_heads * 8 * 6 * dtype.itemsize)
-    q, k, v, g, beta, s0 = _inputs(4, 5, 2, 4, 8, 6, seed=3, dtype=dtype)
-    n = torch.tensor([0, 5, 2, 0])
-    scan = gated_delta_rows(q, k, v, g, beta, s0.clone(), 8**-0.5)
-    want = scan.state_after(n)
-    before = scan.initial.clone()
-    got = scan.state_after(n, in_place=True)
-    assert got.data_ptr() == scan.initial.data_ptr()  # written over the old state
-    assert torch.equal(got[n == 0], before[n == 0])  # untouched sequences keep their state bit for bit
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
+        monkeypatch.setattr("flare.ops.gated_delta.pending.STATE_CHUNK_BYTES", chunk_heads * 8 * 6 * dtype.itemsize)
+    B, H, dk, dv = 4, 4, 8, 6
+    state = _inputs(B, 1, 2, H, dk, dv, seed=0, dtype=dtype)[-1]
+    before = state.clone()
+    pending = PendingCommits.empty(state, rows=12)
+    truth = state.clone()
+    counts = [torch.tensor([0, 5, 2, 0]), torch.tensor([0, 3, 5, 0]), torch.tensor([0, 1, 4, 0])]
+    for r, n in enumerate(counts):
+        q, k, v, g, beta, _ = _inputs(B, 5, 2, H, dk, dv, seed=10 + r, dtype=dtype)
+        scan = gated_delta_rows(q, k, v, g, beta, state, dk**-0.5, pending=pending)
+        want = gated_delta_rows(q, k, v, g, beta, truth, dk**-0.5)
+        tol = 1e-5 if dtype == torch.float32 else 1e-12
+        torch.testing.assert_close(scan.o, want.o, rtol=tol, atol=tol)
+        truth = want.state_after(n)
+        torch.testing.assert_close(scan.state_after(n), truth, rtol=tol, atol=tol)
+        if pending.room < 5:
+            state = pending.settle(state)
+            torch.testing.assert_close(state, want.initial, rtol=tol, atol=tol)
+        pending.add(*scan.update_after(n, rows=5))
+    written = pending.settle(state)
+    assert written.data_ptr() == state.data_ptr() and pending.used == 0  # in place, nothing kept after
+    torch.testing.assert_close(written, truth, rtol=tol, atol=tol)
+    assert torch.equal(written[[0, 3]], before[[0, 3]])  # untouched sequences keep their state bit for bit
+
+
+def test_a_narrowed_update_adds_but_only_the_whole_batch_settles():
+    B, H, dk, dv = 3, 2, 4, 4
+    state = _inputs(B, 1, 2, H, dk, dv, seed=5)[-1]
+    pending = PendingCommits.empty(state, rows=8)
+    q, k, v, g, beta, _ = _inputs(2, 3, 2, H, dk, dv, seed=6)
+    part = pending.narrow(2)
+    scan = gated_delta_rows(q, k, v, g, beta, state[:2], 0.5, pending=part)
+    n = torch.tensor([3, 1])
+    want = torch.cat([scan.state_after(n), state[2:]])  # (read before the update changes)
+    part.add(*scan.update_after(n))
+    with pytest.raises(RuntimeError, match="whole batch"):
+        part.settle(state[:2])
+    pending.absorb(part)
+    assert (pending.used, pending.span) == (3, 2)
+    written = pending.settle(state.clone())
+    torch.testing.assert_close(written, want, rtol=1e-12, atol=1e-12)
+    with pytest.raises(RuntimeError, match="settle"):  # more rows than it has room for
+        pending.add(torch.ones(B, H, 1, 1, dtype=state.dtype), torch.zeros(B, H, 9, dk, dtype=state.dtype),
+                    torch.zeros(B, H, 9, dv, dtype=state.dtype))

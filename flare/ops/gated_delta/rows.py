@@ -9,7 +9,8 @@ dozen small ops per row; here the whole run is one chunk of the WY form (see ``c
     S_n       = e^{G_{n-1}} S0 + sum_{j<n} e^{G_{n-1} - G_j} k_j u_j^T      (the state after n rows)
 
 so the outputs, the final state and every prefix state come from a few batched matmuls, and keeping the deltas
-U makes a later commit of any prefix one more product (no per-row states are stored).
+U makes a later commit of any prefix one more product (no per-row states are stored), or, without writing the
+state at all, a few rows appended to its kept low-rank update (``pending.py``), which the next pass reads.
 
 Rows may also form a tree (``path``): each row continues the recurrence of its ancestors only, e.g. several
 noisy groups each seeded after a different clean prefix (AR-Trust drafting from every acceptance point). The
@@ -26,21 +27,18 @@ from typing import NamedTuple
 import torch
 
 from flare.ops.gated_delta.naive import expand_heads
+from flare.ops.gated_delta.pending import PendingCommits
 from flare.ops.precision import accum_dtype, cast, no_autocast
-
-
-# The in-place commit scales the state and adds the accepted rows' update piece by piece, this many bytes of
-# state at a time (about a core's L2 cache).
-STATE_CHUNK_BYTES = 1 << 20
 
 
 class RowsScan(NamedTuple):
     o: torch.Tensor  # [B, T, H, Dv] in v's dtype
-    initial: torch.Tensor  # [B, H, Dk, Dv] S0
+    initial: torch.Tensor  # [B, H, Dk, Dv] S0 as stored (the state is S0 with ``pending`` applied)
     cum: torch.Tensor  # [B, H, T] G_i
     decay: torch.Tensor  # [B, H, T, T] e^{G_i - G_j} on j <= i (j on i's path), else 0
     k: torch.Tensor  # [B, H, T, Dk]
     u: torch.Tensor  # [B, H, T, Dv]
+    pending: PendingCommits | None = None  # commits not yet written to ``initial``
 
     @property
     def final_state(self) -> torch.Tensor:
@@ -49,30 +47,31 @@ class RowsScan(NamedTuple):
         return self.state_after(torch.full((B,), T, device=self.cum.device))
 
     @no_autocast
-    def state_after(self, n_B: torch.Tensor, last: torch.Tensor | None = None, *,
-                    in_place: bool = False) -> torch.Tensor:
-        """The state after the first n[b] rows of each sequence [B, H, Dk, Dv] (n = 0: the initial state).
+    def update_after(self, n_B: torch.Tensor, last: torch.Tensor | None = None,
+                     rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The state after the first n[b] rows of each sequence as an update of the state before them:
+        ``S_n = decay * S + k^T u``, returned as (decay [B, H, 1, 1], k [B, H, rows, Dk], u [B, H, rows, Dv]).
+        ``rows``: only the first rows can lie on an accepted prefix's path (the clean rows; default: all).
         ``last``: (n - 1).clamp(min=0) as [B, 1, 1, 1], when the caller already has it (one per commit).
-        ``in_place``: written over ``initial`` (a commit's old state, read by nothing after it): two passes over
-        the states instead of a new tensor, a copy and a select (sequences with n = 0 are multiplied by
-        e^0 = 1 and given nothing, so they keep their state exactly)."""
+        Sequences with n = 0 get decay e^0 = 1 and zero rows: their state stays exactly as it was."""
         B, H, T = self.cum.shape
+        rows = T if rows is None else rows
         if last is None:
             last = (n_B - 1).clamp(min=0).view(B, 1, 1, 1)
         live = (n_B > 0).view(B, 1, 1, 1).to(self.cum.dtype)
-        row = self.decay.gather(2, last.expand(B, H, 1, T)) * live  # [B, H, 1, T]: e^{G_{n-1} - G_j} on the path
+        weight = self.decay[..., :rows].gather(2, last.expand(B, H, 1, rows)) * live  # e^{G_{n-1} - G_j} on the path
         g_end = self.cum[..., None].gather(2, last.expand(B, H, 1, 1)) * live  # [B, H, 1, 1]
-        ku = ((self.k * row.transpose(-1, -2)).transpose(-1, -2).reshape(B * H, -1, T), self.u.reshape(B * H, T, -1))
-        if in_place and self.initial.is_contiguous():
-            state = self.initial.view(B * H, *self.initial.shape[2:])
-            scale = g_end.exp().view(B * H, 1, 1)
-            # Both passes over a cache-sized piece before the next: the second reads it from cache.
-            step = max(1, STATE_CHUNK_BYTES // (state[0].numel() * state.element_size()))
-            for i in range(0, B * H, step):
-                state[i:i + step].mul_(scale[i:i + step]).baddbmm_(ku[0][i:i + step], ku[1][i:i + step])
-            return self.initial
-        s0 = self.initial.reshape(B * H, *self.initial.shape[2:])
-        return torch.baddbmm(g_end.exp().view(B * H, 1, 1) * s0, *ku).view_as(self.initial)
+        return g_end.exp(), self.k[:, :, :rows] * weight.transpose(-1, -2), self.u[:, :, :rows]
+
+    @no_autocast
+    def state_after(self, n_B: torch.Tensor) -> torch.Tensor:
+        """The state after the first n[b] rows of each sequence [B, H, Dk, Dv], as a new tensor (n = 0: the
+        initial state)."""
+        decay, k, u = self.update_after(n_B)
+        s0 = self.initial if self.pending is None else self.pending.state(self.initial)
+        B, H, Dk, Dv = s0.shape
+        return torch.baddbmm((decay * s0).reshape(B * H, Dk, Dv), k.reshape(B * H, -1, Dk).transpose(1, 2),
+                             u.reshape(B * H, -1, Dv)).view_as(s0)
 
 
 @functools.lru_cache(maxsize=64)
@@ -94,12 +93,14 @@ def gated_delta_rows(
     scale: float,
     path: torch.Tensor | None = None,
     reads: torch.Tensor | None = None,
+    pending: PendingCommits | None = None,
 ) -> RowsScan:
     """q, k ``[B, T, Hk, Dk]`` (H % Hk == 0), v ``[B, T, H, Dv]``, g, beta ``[B, T, H]``; rows with g = 0 and
     beta = 0 (padding) leave the state as it is. All math in the accumulation dtype, under autocast too.
 
     ``path`` [B, T, T] bool: path[b, i, j] when row j is row i or one of its ancestors (None: a chain, row j
-    <= i). ``reads`` [B, T] long: the row whose state row i reads, on i's path and at or after i (None: i)."""
+    <= i). ``reads`` [B, T] long: the row whose state row i reads, on i's path and at or after i (None: i).
+    ``pending``: commits not yet written to ``initial_state`` (the rows start from the state with them)."""
     B, T, H, Dv = v.shape
     acc = accum_dtype(v.dtype)
     if initial_state is None:
@@ -123,7 +124,7 @@ def gated_delta_rows(
     decay = (cum.unsqueeze(-1) - cum.unsqueeze(-2)).masked_fill(hidden, float("-inf")).exp()
     e_g = cum.exp().unsqueeze(-1)  # [B, H, T, 1]
     dots = qk @ kh.transpose(-1, -2)  # [B, H, 2T, T]: q_i . k_j, then k_i . k_j
-    reads_s0 = qk @ s0  # [B, H, 2T, Dv]: q_i^T S0, then k_i^T S0
+    reads_s0 = qk @ s0 if pending is None else pending.read(qk, s0)  # [B, H, 2T, Dv]: q_i^T S0, then k_i^T S0
     A = (b * decay * dots[:, :, T:]).masked_fill(eye, 0.0)  # strict ancestors only
     u = torch.linalg.solve_triangular(A + eye_f, b * (vh - e_g * reads_s0[:, :, T:]), upper=False,
                                       unitriangular=True)
@@ -133,4 +134,4 @@ def gated_delta_rows(
         at = reads[:, None, :, None].expand(B, H, T, T)
         decay_at, e_at = decay.gather(2, at), e_g.gather(2, at[..., :1])
     o = torch.addcmul(torch.matmul(dots[:, :, :T] * decay_at, u), e_at, reads_s0[:, :, :T])
-    return RowsScan(cast(o.transpose(1, 2), v.dtype), s0, cum, decay, kh, u)
+    return RowsScan(cast(o.transpose(1, 2), v.dtype), s0, cum, decay, kh, u, pending)

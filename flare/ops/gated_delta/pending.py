@@ -1,0 +1,134 @@
+"""A recurrent state's commits kept as a low-rank update until something has to read the state whole.
+
+After a read-only rows forward (AR-Trust's verify, a denoising block) the state after an accepted prefix of n
+rows is (``rows.py``)
+
+    S_n = e^{G_{n-1}} S + sum_{j<n} e^{G_{n-1} - G_j} k_j u_j^T.
+
+Written at once, that is a pass that reads and writes every state: on a Qwen3.5-0.8B-shaped model at 8
+sequences, 18 layers x 8 MB a round, a tenth of the round's time. The next rows forward reads the state only
+through products x^T S with a few rows x, which the update gives without the state being written:
+
+    x^T (c S + K^T U) = c (x^T S) + (x^T K^T) U,
+
+so a commit multiplies c and the K rows already kept by its decay and appends its own rows to K and U; the
+state is written once their room (``PENDING_ROWS``) is used up, or before a causal forward reads it whole
+(``settle``). Sequences that commit nothing keep c = 1 and zero rows, so their state is exactly what it was.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Rows of K and U a state keeps before it is written (an AR-Trust commit appends gen_block rows: 4 commits of 4).
+PENDING_ROWS = 16
+# A settle scales the states and adds the update piece by piece, this many bytes of state at a time (about a
+# core's L2 cache): both passes over a piece run before the next, so the second reads it from cache.
+STATE_CHUNK_BYTES = 1 << 20
+
+
+class PendingCommits:
+    """The commits not yet written to a state ``S`` [B, H, Dk, Dv]: the state is ``scale * S + K^T U`` over the
+    first ``used`` rows of ``k`` [B, H, R, Dk] and ``u`` [B, H, R, Dv] (``scale`` [B, H, 1, 1]).
+
+    ``whole`` is False for the first sequences of a larger batch (``narrow``): they may add commits, but not
+    write them (the rows of the other sequences share ``used``), so the caller settles the whole batch first.
+    ``span``: the sequences, from the first, that may hold rows (a settle touches only their states)."""
+
+    def __init__(self, scale: torch.Tensor, k: torch.Tensor, u: torch.Tensor, used: int = 0,
+                 whole: bool = True, span: int = 0) -> None:
+        self.scale, self.k, self.u, self.used, self.whole, self.span = scale, k, u, used, whole, span
+
+    @classmethod
+    def empty(cls, state: torch.Tensor, rows: int = PENDING_ROWS) -> "PendingCommits":
+        B, H, Dk, Dv = state.shape
+        return cls(state.new_ones(B, H, 1, 1), state.new_zeros(B, H, rows, Dk), state.new_zeros(B, H, rows, Dv))
+
+    @property
+    def room(self) -> int:
+        """Rows that can still be added before the state must be written."""
+        return self.k.shape[2] - self.used
+
+    def add(self, decay: torch.Tensor, k: torch.Tensor, u: torch.Tensor) -> None:
+        """Commit ``S <- decay * S + k^T u``: ``decay`` [B, H, 1, 1], ``k`` [B, H, T, Dk], ``u`` [B, H, T, Dv]."""
+        T = k.shape[2]
+        if T > self.room:
+            raise RuntimeError(f"{T} rows do not fit the {self.room} left: settle the state first")
+        self.scale.mul_(decay)
+        if self.used:
+            self.k[:, :, :self.used].mul_(decay)
+        self.k[:, :, self.used:self.used + T] = k
+        self.u[:, :, self.used:self.used + T] = u
+        self.used += T
+        self.span = self.k.shape[0]
+
+    def read(self, x: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """x^T of the committed state, for rows ``x`` [B, H, R, Dk]: [B, H, R, Dv]."""
+        out = x @ state
+        if not self.used:
+            return out  # (scale is 1 whenever no rows are kept)
+        k, u = self.k[:, :, :self.used], self.u[:, :, :self.used]
+        return torch.addcmul((x @ k.transpose(-1, -2)) @ u, out, self.scale)
+
+    def state(self, state: torch.Tensor) -> torch.Tensor:
+        """The committed state as a new tensor (``state`` untouched)."""
+        if not self.used:
+            return state
+        used = self.used
+        return _write(state.clone(), self.k.shape[0], self.scale, self.k[:, :, :used], self.u[:, :, :used])
+
+    def commit(self, state: torch.Tensor, decay: torch.Tensor, k: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """``add``, writing the kept rows first when there is no room for these; more rows than the update holds
+        (a prefill's drafting rows) are written straight into the state. Returns the state tensor."""
+        if k.shape[2] > self.room:
+            state = self.settle(state)
+            if k.shape[2] > self.room:
+                return _write(state, k.shape[0], decay, k, u)
+        self.add(decay, k, u)
+        return state
+
+    def settle(self, state: torch.Tensor) -> torch.Tensor:
+        """Write the kept commits into ``state`` (in place when it is contiguous) and return it; nothing is kept
+        after. ``state`` must be the tensor this update belongs to (the state of the same sequences)."""
+        if not self.used:
+            return state
+        if not self.whole:
+            raise RuntimeError("the first sequences of a batch cannot write their kept commits alone: settle the "
+                               "whole batch's cache first")
+        used, span = self.used, self.span
+        state = _write(state, span, self.scale[:span], self.k[:span, :, :used], self.u[:span, :, :used])
+        self.scale[:span].fill_(1.0)
+        self.k[:span, :, :used].zero_()
+        self.used = self.span = 0
+        return state
+
+    def clear(self, rows: torch.Tensor) -> None:
+        """Forget the kept commits of sequences ``rows`` (their state is being emptied)."""
+        self.scale.index_fill_(0, rows, 1.0)
+        self.k.index_fill_(0, rows, 0.0)  # (rows of k are zero wherever nothing is kept)
+
+    def narrow(self, n: int) -> "PendingCommits":
+        """The first ``n`` sequences, as views (commits added to them land here; ``used`` is taken back by the
+        caller, as ``ModelCache.absorb`` does)."""
+        return PendingCommits(self.scale[:n], self.k[:n], self.u[:n], self.used,
+                              self.whole and n == self.k.shape[0], min(self.span, n))
+
+    def absorb(self, part: "PendingCommits") -> None:
+        """Take back what a ``narrow`` view of this update added (its rows were written here already)."""
+        self.used, self.span = part.used, max(self.span, part.span)
+
+    def clone(self) -> "PendingCommits":
+        return PendingCommits(self.scale.clone(), self.k.clone(), self.u.clone(), self.used, self.whole, self.span)
+
+
+def _write(state: torch.Tensor, span: int, scale: torch.Tensor, k: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """``S <- scale * S + k^T u`` for the first ``span`` sequences of ``state``, in place (in a contiguous copy
+    when it is not; returned): ``scale`` [span, H, 1, 1], ``k`` [span, H, T, Dk], ``u`` [span, H, T, Dv]."""
+    B, (H, Dk, Dv), T = span, state.shape[1:], k.shape[2]
+    state = state.contiguous()
+    s = state[:B].view(B * H, Dk, Dv)
+    kt, uf, sc = k.reshape(B * H, T, Dk).transpose(1, 2), u.reshape(B * H, T, Dv), scale.reshape(B * H, 1, 1)
+    step = max(1, STATE_CHUNK_BYTES // (s[0].numel() * s.element_size()))
+    for i in range(0, B * H, step):
+        s[i:i + step].mul_(sc[i:i + step]).baddbmm_(kt[i:i + step], uf[i:i + step])
+    return state
