@@ -10,6 +10,8 @@ import warnings
 
 import torch
 
+from flare.ops import precision
+
 # "0" keeps denormal floats (see ``flush_denormals``), for A-B measurements.
 FLUSH_DENORMAL_ENV = "FLARE_FLUSH_DENORMAL"
 
@@ -31,7 +33,9 @@ def flush_denormals() -> bool:
     (hypothesis's float strategies refuse to run) sees them flushed."""
     if os.environ.get(FLUSH_DENORMAL_ENV, "1") == "0":
         return False
-    return torch.set_flush_denormal(True)
+    flushed = torch.set_flush_denormal(True)
+    precision.DENORMALS_FLUSHED[0] = flushed  # (what the ops that zero tiny values themselves look at)
+    return flushed
 
 # Pins the default decoding dtype where no --dtype is given: "auto" (the hardware's choice), "stored" (the
 # checkpoint's own), or a dtype name. The test suite sets "stored" so that it runs alike on every CPU.

@@ -81,3 +81,13 @@ def test_bench_idle_blocks_runs_at_a_tiny_size(tmp_path):
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     ratio = float(res.stdout.split("dropped / full: rows ")[1].split("x")[0])
     assert 0 < ratio < 0.7 and "| full | 288 |" in res.stdout
+
+
+def test_bench_commit_runs_its_three_arms_at_a_tiny_size(tmp_path):
+    """Kept as an update, written every round, replayed: the same caches (checked by the script), a time each."""
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_commit.py"), "--size", "tiny",
+                          "--rounds", "6", "--batch", "3"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    rows = [line for line in res.stdout.splitlines() if line.endswith("x")]
+    assert [r.split()[0] for r in rows] == ["kept", "states", "replay"]
+    assert all(float(r.split()[-2]) > 0 for r in rows) and "SUMMARY: a round with the commit kept" in res.stdout

@@ -97,7 +97,9 @@ else:
     flushed = flare.device.flush_denormals()
 torch.set_num_threads(2)
 x = torch.full((1 << 21,), 1e-39)  # denormal in fp32; the product runs in chunks on every intra-op thread
-print(flushed, int((x * 1.0).count_nonzero()), int((x[:4] * 1.0).count_nonzero()))
+import flare.ops.precision
+print(flushed, int((x * 1.0).count_nonzero()), int((x[:4] * 1.0).count_nonzero()),
+      flare.ops.precision.DENORMALS_FLUSHED[0])
 """
 
 
@@ -105,7 +107,7 @@ print(flushed, int((x * 1.0).count_nonzero()), int((x[:4] * 1.0).count_nonzero()
 def test_denormals_are_flushed_on_every_intra_op_thread(how, env):
     """``flush_denormals`` before torch starts its intra-op threads flushes denormals to zero on every one of them
     (``FLARE_FLUSH_DENORMAL=0`` keeps them), and the flare command calls it first; a fresh interpreter each, since
-    the flag is the process's."""
+    the flag is the process's. ``flare.ops.precision.DENORMALS_FLUSHED`` says whether it is set."""
     import os
     import subprocess
     import sys
@@ -113,6 +115,6 @@ def test_denormals_are_flushed_on_every_intra_op_thread(how, env):
     out = subprocess.run([sys.executable, "-c", _DENORMALS, how], capture_output=True, text=True, check=True,
                          env={**os.environ, "FLARE_FLUSH_DENORMAL": env}).stdout.split()
     if env == "0":
-        assert out == ["False", str(1 << 21), "4"]
-    elif out[0] == "True":  # a CPU that has the flag
-        assert out[1:] == ["0", "0"]
+        assert out == ["False", str(1 << 21), "4", "False"]
+    elif out[0] == "True":  # a CPU that has the flag (and the ops that zero tiny values know it)
+        assert out[1:] == ["0", "0", "True"]

@@ -10,6 +10,10 @@ import torch
 
 _Fn = TypeVar("_Fn", bound=Callable)
 
+# Whether this process treats denormal floats as zero (set by flare.device.flush_denormals): ops that would
+# otherwise zero tiny values themselves, to keep them from turning denormal, skip that work.
+DENORMALS_FLUSHED = [False]
+
 
 def accum_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 for every training/serving dtype; fp64 stays fp64, so a float64 model is float64 end to end and

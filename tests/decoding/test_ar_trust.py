@@ -61,6 +61,23 @@ def test_every_policy_is_greedy_at_temperature_zero_and_matches_its_reference(fl
     assert cached.token_ids == decode(model, prompts, sampled, options, reference=True).token_ids
 
 
+@pytest.mark.parametrize("redraft", ["last", "every"])
+def test_commits_kept_as_updates_decode_the_same(flare_models, redraft, monkeypatch):
+    """With every commit kept as an update of the recurrent states (the tiny model's states are below the size
+    that keeps them by default): greedy AR-Trust == greedy causal, sampled == the cache-free reference."""
+    import flare.ops.gated_delta.pending as pending
+
+    monkeypatch.setattr(pending, "KEEP_MIN_STATE_BYTES", 0)
+    model = flare_models["qwen3_5"]
+    prompts = _prompts([3, 9, 5])
+    options = ArTrustOptions(redraft=redraft, pause=0)
+    greedy = SamplingParams(temperature=0, max_new_tokens=20)
+    assert decode(model, prompts, greedy, options).token_ids == decode(model, prompts, greedy).token_ids
+    sampled = SamplingParams(temperature=1.0, top_k=20, max_new_tokens=20, seed=3)
+    assert (decode(model, prompts, sampled, options).token_ids
+            == decode(model, prompts, sampled, options, reference=True).token_ids)
+
+
 @pytest.mark.parametrize("family", ["qwen3_5", "llama"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_commit_of_any_prefix_equals_causal_prefill(flare_models, family, dtype):

@@ -147,3 +147,18 @@ def test_a_narrowed_update_adds_but_only_the_whole_batch_settles():
     with pytest.raises(RuntimeError, match="settle"):  # more rows than it has room for
         pending.add(torch.ones(B, H, 1, 1, dtype=state.dtype), torch.zeros(B, H, 9, dk, dtype=state.dtype),
                     torch.zeros(B, H, 9, dv, dtype=state.dtype))
+
+
+@pytest.mark.parametrize("flushed", [False, True])
+def test_kept_keys_that_decay_to_nothing_are_zeroed_unless_the_cpu_flushes(flushed, monkeypatch):
+    """Where denormal floats are not flushed, kept keys and decays below ``TINY`` become zero (their next
+    products would be denormal, an x86 slow path each); where the CPU flushes them, nothing is spent on it."""
+    from flare.ops import precision
+
+    monkeypatch.setattr(precision, "DENORMALS_FLUSHED", [flushed])
+    state = torch.zeros(1, 1, 2, 2, dtype=torch.float32)
+    kept = PendingCommits.empty(state, rows=4)
+    k = torch.tensor([[[[1.0, 2.0 ** -90]]]])
+    kept.add(torch.full((1, 1, 1, 1), 2.0 ** -90), k, torch.ones(1, 1, 1, 2))
+    assert kept.k[0, 0, 0, 0] == 1.0 and (kept.k[0, 0, 0, 1] == 0.0) != flushed
+    assert (kept.scale.item() == 0.0) != flushed

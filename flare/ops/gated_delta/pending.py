@@ -20,11 +20,21 @@ from __future__ import annotations
 
 import torch
 
+from flare.ops import precision
+
 # Rows of K and U a state keeps before it is written (an AR-Trust commit appends gen_block rows: 4 commits of 4).
 PENDING_ROWS = 16
+# Only states of at least this many bytes per sequence keep their commits; smaller ones are written at once, as a
+# write of them costs less than the products kept rows add to every rows pass (``benchmarks/bench_commit.py``,
+# a verify round of 8 sequences, kept / written: 1.03x and 1.05x on the tiny and small random models, 16 and 32
+# KiB a state; 0.94x on the 0.75B one, 1 MiB).
+KEEP_MIN_STATE_BYTES = 256 << 10
 # A settle scales the states and adds the update piece by piece, this many bytes of state at a time (about a
 # core's L2 cache): both passes over a piece run before the next, so the second reads it from cache.
 STATE_CHUNK_BYTES = 1 << 20
+# Kept keys and decays below this are set to zero: far below anything they could change (fp32 resolves 2^-24
+# of a value), and still far above the denormal floats (below 2^-126) their next products would make.
+TINY = 2.0 ** -80
 
 
 class PendingCommits:
@@ -40,8 +50,12 @@ class PendingCommits:
         self.scale, self.k, self.u, self.used, self.whole, self.span = scale, k, u, used, whole, span
 
     @classmethod
-    def empty(cls, state: torch.Tensor, rows: int = PENDING_ROWS) -> "PendingCommits":
+    def empty(cls, state: torch.Tensor, rows: int | None = None) -> "PendingCommits":
+        """Nothing kept yet, room for ``rows`` (default: ``PENDING_ROWS`` for a state of at least
+        ``KEEP_MIN_STATE_BYTES`` per sequence, else 0: every commit is written at once)."""
         B, H, Dk, Dv = state.shape
+        if rows is None:
+            rows = PENDING_ROWS if H * Dk * Dv * state.element_size() >= KEEP_MIN_STATE_BYTES else 0
         return cls(state.new_ones(B, H, 1, 1), state.new_zeros(B, H, rows, Dk), state.new_zeros(B, H, rows, Dv))
 
     @property
@@ -60,6 +74,13 @@ class PendingCommits:
         self.k[:, :, self.used:self.used + T] = k
         self.u[:, :, self.used:self.used + T] = u
         self.used += T
+        if not precision.DENORMALS_FLUSHED[0]:
+            # Decayed to nothing: zero, not denormal (every operation on a denormal takes an x86 slow path; a
+            # random 0.75B model's verify round of 8 sequences without flushing: 1.10x the time of one that
+            # writes the states at once, 1.02x with this).
+            kept = self.k[:, :, :self.used]
+            kept.masked_fill_(kept.abs() < TINY, 0.0)
+            self.scale.masked_fill_(self.scale < TINY, 0.0)
         self.span = self.k.shape[0]
 
     def read(self, x: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
