@@ -40,10 +40,10 @@ class RecurrentState:
 class CommitRecord:
     """What the clean rows of a read-only rows forward would write to the recurrent layers, kept so that an
     accepted prefix of them can be committed without another forward (no replay of the accepted tokens:
-    benchmarks/bench_commit.py, both arms with the same reserved cache and bound, measured a verify round's
-    commit at 0.61x the time of replaying on the tiny model at batch 8, N 4): per GDN layer, the closed-form rows pass, whose deltas give the state after
-    any prefix in one product, and the conv inputs. Their keys/values already sit in the scratch KV slots
-    right after each sequence's length."""
+    ``benchmarks/bench_commit.py`` measured a verify round with its commit at 0.59x the time of one with a
+    replay on the tiny model at batch 8, N 4, and 0.41x on the 0.75B one): per GDN layer, the closed-form rows
+    pass, whose deltas give the state after any prefix in one product, and the conv inputs. Their keys/values
+    already sit in the scratch KV slots right after each sequence's length."""
 
     rows: int
     # GDN layer -> (its rows pass, which gives the state after any prefix: ops.gated_delta.RowsScan),

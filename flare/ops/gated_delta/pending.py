@@ -85,11 +85,11 @@ class PendingCommits:
 
     def read(self, x: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
         """x^T of the committed state, for rows ``x`` [B, H, R, Dk]: [B, H, R, Dv]."""
-        out = x @ state
+        out = bmm4(x, state)
         if not self.used:
             return out  # (scale is 1 whenever no rows are kept)
         k, u = self.k[:, :, :self.used], self.u[:, :, :self.used]
-        return torch.addcmul((x @ k.transpose(-1, -2)) @ u, out, self.scale)
+        return torch.addcmul(bmm4(bmm4(x, k.transpose(-1, -2)), u), out, self.scale)
 
     def state(self, state: torch.Tensor) -> torch.Tensor:
         """The committed state as a new tensor (``state`` untouched)."""
@@ -140,6 +140,14 @@ class PendingCommits:
 
     def clone(self) -> "PendingCommits":
         return PendingCommits(self.scale.clone(), self.k.clone(), self.u.clone(), self.used, self.whole, self.span)
+
+
+def bmm4(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` for [B, H, m, k] and [B, H, k, n] as one ``bmm`` over B * H (``matmul`` on 4-d operands copies
+    those that are not contiguous, e.g. a transposed slice, and dispatches a few more ops: a decode step is
+    priced in op dispatches)."""
+    B, H = a.shape[:2]
+    return torch.bmm(a.reshape(B * H, *a.shape[2:]), b.reshape(B * H, *b.shape[2:])).view(B, H, a.shape[2], b.shape[3])
 
 
 def _write(state: torch.Tensor, span: int, scale: torch.Tensor, k: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

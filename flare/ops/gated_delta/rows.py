@@ -27,7 +27,7 @@ from typing import NamedTuple
 import torch
 
 from flare.ops.gated_delta.naive import expand_heads
-from flare.ops.gated_delta.pending import PendingCommits
+from flare.ops.gated_delta.pending import PendingCommits, bmm4
 from flare.ops.precision import accum_dtype, cast, no_autocast
 
 
@@ -120,8 +120,8 @@ def gated_delta_rows(
     # exp(-inf) = 0 off the path: one mask, before the exponent (no overflow from j > i).
     decay = (cum.unsqueeze(-1) - cum.unsqueeze(-2)).masked_fill(hidden, float("-inf")).exp()
     e_g = cum.exp().unsqueeze(-1)  # [B, H, T, 1]
-    dots = qk @ kh.transpose(-1, -2)  # [B, H, 2T, T]: q_i . k_j, then k_i . k_j
-    reads_s0 = qk @ s0 if pending is None else pending.read(qk, s0)  # [B, H, 2T, Dv]: q_i^T S0, then k_i^T S0
+    dots = bmm4(qk, kh.transpose(-1, -2))  # [B, H, 2T, T]: q_i . k_j, then k_i . k_j
+    reads_s0 = bmm4(qk, s0) if pending is None else pending.read(qk, s0)  # [B, H, 2T, Dv]: q_i^T S0, then k_i^T S0
     # A on the strict ancestors: the unit-triangular solve reads neither the diagonal (taken as 1) nor what lies
     # above it, so neither is masked or set (two ops a layer fewer; the same values).
     A = b * decay * dots[:, :, T:]
@@ -132,5 +132,5 @@ def gated_delta_rows(
     else:
         at = reads[:, None, :, None].expand(B, H, T, T)
         decay_at, e_at = decay.gather(2, at), e_g.gather(2, at[..., :1])
-    o = torch.addcmul(torch.matmul(dots[:, :, :T] * decay_at, u), e_at, reads_s0[:, :, :T])
+    o = torch.addcmul(bmm4(dots[:, :, :T] * decay_at, u), e_at, reads_s0[:, :, :T])
     return RowsScan(cast(o.transpose(1, 2), v.dtype), s0, cum, decay, kh, u, pending)
