@@ -24,13 +24,13 @@ from flare.ops import precision
 
 # Rows of K and U a state keeps before it is written (an AR-Trust commit appends gen_block rows: 4 commits of 4).
 PENDING_ROWS = 16
-# Only states of at least this many bytes per sequence keep their commits; smaller ones are written at once, as a
-# write of them costs less than the products kept rows add to every rows pass (``benchmarks/bench_commit.py``,
-# a verify round of 8 sequences, kept / written: 1.03x and 1.05x on the tiny and small random models, 16 and 32
-# KiB a state; 0.94x on the 0.75B one, 1 MiB).
+# Only states of at least this many bytes per sequence keep their commits; smaller ones are written at once: a
+# write of them costs about what the kept rows' products add to every rows pass (``benchmarks/bench_commit.py``,
+# a verify round and its commit at 8 sequences, kept / written, one thread: 1.03-1.04x on the tiny random model,
+# 16 KiB a state, 0.98-1.02x on the small one, 32 KiB; two threads: 0.97-0.98x on the 0.75B one, 1 MiB).
 KEEP_MIN_STATE_BYTES = 256 << 10
-# A settle scales the states and adds the update piece by piece, this many bytes of state at a time (about a
-# core's L2 cache): both passes over a piece run before the next, so the second reads it from cache.
+# On a CPU a write scales the states and adds the update piece by piece, this many bytes of state at a time
+# (about a core's L2 cache): both passes over a piece run before the next, so the second reads it from cache.
 STATE_CHUNK_BYTES = 1 << 20
 # Kept keys and decays below this are set to zero: far below anything they could change (fp32 resolves 2^-24
 # of a value), and still far above the denormal floats (below 2^-126) their next products would make.
@@ -157,6 +157,9 @@ def _write(state: torch.Tensor, span: int, scale: torch.Tensor, k: torch.Tensor,
     state = state.contiguous()
     s = state[:B].view(B * H, Dk, Dv)
     kt, uf, sc = k.reshape(B * H, T, Dk).transpose(1, 2), u.reshape(B * H, T, Dv), scale.reshape(B * H, 1, 1)
+    if s.device.type != "cpu" or B * H * s[0].numel() * s.element_size() <= STATE_CHUNK_BYTES:
+        s.mul_(sc).baddbmm_(kt, uf)  # one piece (a GPU has no use for cache-sized ones: two launches, not 2n)
+        return state
     step = max(1, STATE_CHUNK_BYTES // (s[0].numel() * s.element_size()))
     for i in range(0, B * H, step):
         s[i:i + step].mul_(sc[i:i + step]).baddbmm_(kt[i:i + step], uf[i:i + step])
