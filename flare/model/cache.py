@@ -47,7 +47,7 @@ class CommitRecord:
 
     rows: int
     # GDN layer -> (its rows pass, which gives the state after any prefix: ops.gated_delta.RowsScan),
-    # conv inputs [B, T, C]
+    # the conv's inputs [carried state ; rows] [B, K-1+T, C] (ops.conv.conv_inputs)
     gdn: dict[int, tuple[RowsScan, torch.Tensor]]
 
     @classmethod
@@ -163,11 +163,9 @@ class ModelCache:
                 scan, inputs = record.gdn[i]
                 # Kept as a low-rank update of the state, which the next rows pass reads as it is.
                 layer.ssm = layer.pending.commit(layer.ssm, *scan.update_after(n_accept_B, last, rows=T))
-                full = torch.cat([layer.conv, cast(inputs, layer.conv.dtype)], dim=1)  # [B, K-1+T, C]
-                if window is None:
-                    K1 = layer.conv.shape[1]
-                    window = n_accept_B[:, None] + torch.arange(K1, device=full.device)
-                layer.conv = take_rows(full, window)
+                if window is None:  # the K-1 inputs that end after the accepted rows
+                    window = n_accept_B[:, None] + torch.arange(layer.conv.shape[1], device=inputs.device)
+                layer.conv = cast(take_rows(inputs, window), layer.conv.dtype)
         self.advance(n_accept_B, T)
 
     def pending_room(self) -> int:

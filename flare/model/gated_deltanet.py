@@ -19,7 +19,7 @@ from flare.config import ModelConfig
 from flare.model.cache import RecurrentState
 from flare.model.context import ForwardContext
 from flare.model.layers import GatedRMSNorm, derived, normalize_last
-from flare.ops.conv import causal_conv1d, tree_conv1d
+from flare.ops.conv import causal_conv1d, conv_inputs, tree_conv1d
 from flare.ops.gated_delta import gated_delta, gated_delta_rows, gated_delta_two_stream
 from flare.ops.precision import accum_dtype, cast
 
@@ -52,8 +52,9 @@ class GatedDeltaNet(nn.Module):
         self.last_path = ""
 
     # ------------------------------------------------------------------------------------------------ pieces
-    def _conv(self, qkv: torch.Tensor, state: torch.Tensor | None, lengths: torch.Tensor | None = None):
-        y, new_state = causal_conv1d(qkv, self.conv1d.weight[:, 0, :], state, lengths)
+    def _conv(self, qkv: torch.Tensor, state: torch.Tensor | None, lengths: torch.Tensor | None = None,
+              full: torch.Tensor | None = None):
+        y, new_state = causal_conv1d(qkv, self.conv1d.weight[:, 0, :], state, lengths, full=full)
         return F.silu(y), new_state
 
     def _qkv(self, mixed: torch.Tensor):
@@ -114,11 +115,12 @@ class GatedDeltaNet(nn.Module):
         is_clean = idx < clean_n[:, None]
         qkv, z, b, a = self.in_proj(x).split(self.split, dim=-1)
         tree = ctx.tree
+        weight = self.conv1d.weight[:, 0, :]
+        full = conv_inputs(qkv, state.conv, weight.shape[1])  # what the conv reads, and a commit keeps
         if tree is None:
-            mixed, _ = self._conv(qkv, state.conv)
+            mixed, _ = self._conv(qkv, state.conv, full=full)
         else:
-            weight = self.conv1d.weight[:, 0, :]
-            mixed = F.silu(tree_conv1d(qkv, weight, state.conv, windows=tree.windows(weight.shape[1])))
+            mixed = F.silu(tree_conv1d(qkv, weight, state.conv, windows=tree.windows(weight.shape[1]), full=full))
         q, k, v = self._qkv(mixed)
         g, beta = self._gates(b, a, idx < (clean_n + noisy_n)[:, None])
         if tree is not None:
@@ -132,7 +134,7 @@ class GatedDeltaNet(nn.Module):
         o = scan.o
         self.last_path = "rows"
         if ctx.record is not None:
-            ctx.record.gdn[self.layer_idx] = (scan, qkv)
+            ctx.record.gdn[self.layer_idx] = (scan, full)
         return self._out(o, z, x.dtype)
 
     def _two_stream(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:

@@ -33,22 +33,30 @@ def _window_sum(windows_BTKC: torch.Tensor, weight_CK: torch.Tensor) -> torch.Te
     return y
 
 
+def conv_inputs(x_BTC: torch.Tensor, state_BkC: torch.Tensor | None, K: int) -> torch.Tensor:
+    """[state ; x] [B, K-1+T, C] in x's dtype (zeros for a missing state): every input a row's window reads."""
+    if state_BkC is None:
+        return torch.cat([x_BTC.new_zeros(x_BTC.shape[0], K - 1, x_BTC.shape[2]), x_BTC], dim=1)
+    return torch.cat([cast(state_BkC, x_BTC.dtype), x_BTC], dim=1)
+
+
 def causal_conv1d(
     x_BTC: torch.Tensor,
     weight_CK: torch.Tensor,
     state_BkC: torch.Tensor | None = None,
     lengths_B: torch.Tensor | None = None,
+    *,
+    full: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """y_t = sum_j w[:, j] * x_{t-K+1+j}, with the K-1 inputs before x_0 taken from ``state`` (zeros when None).
 
     Returns (y [B, T, C] before any activation, new_state [B, K-1, C]). The new state holds the K-1 inputs that
     end at position ``lengths[b]`` of row b (all T when None), so right-padded rows carry the right state.
+    ``full``: ``conv_inputs(x, state)``, when the caller has it already.
     """
     B, T, C = x_BTC.shape
     K = weight_CK.shape[1]
-    x = cast(x_BTC, weight_CK.dtype)
-    prev = cast(state_BkC, x.dtype) if state_BkC is not None else x.new_zeros(B, K - 1, C)
-    full = torch.cat([prev, x], dim=1)  # [B, K-1+T, C]
+    full = cast(conv_inputs(x_BTC, state_BkC, K) if full is None else full, weight_CK.dtype)  # [B, K-1+T, C]
     if T <= 16:
         # Decode steps and verify blocks: a weighted sum over the K-window beats a conv launch on CPU.
         y = _window_sum(_loop_form(full, weight_CK).unfold(1, K, 1).transpose(-1, -2), weight_CK)  # [B, T, C]
@@ -78,14 +86,15 @@ def tree_windows(parent_BT: torch.Tensor, K: int) -> torch.Tensor:
 
 
 def tree_conv1d(x_BTC: torch.Tensor, weight_CK: torch.Tensor, state_BkC: torch.Tensor,
-                parent_BT: torch.Tensor | None = None, windows: torch.Tensor | None = None) -> torch.Tensor:
+                parent_BT: torch.Tensor | None = None, windows: torch.Tensor | None = None, *,
+                full: torch.Tensor | None = None) -> torch.Tensor:
     """``causal_conv1d`` over rows that form a tree (``flare.model.row_tree``): row t's window is the K-1 rows
     on its own path before it (``parent`` pointers; -1 continues into the carried ``state``) and itself; pass
-    ``windows`` (``tree_windows(parent, K)``) instead of ``parent`` where it is already built.
+    ``windows`` (``tree_windows(parent, K)``) instead of ``parent`` where it is already built, and ``full``
+    (``conv_inputs(x, state)``) where that is.
     Returns y [B, T, C] before any activation; the carried state is not advanced (read-only rows)."""
-    B, T, C = x_BTC.shape
     K = weight_CK.shape[1]
-    x = cast(x_BTC, weight_CK.dtype)
-    full = _loop_form(torch.cat([cast(state_BkC, x.dtype), x], dim=1), weight_CK)  # [B, K-1+T, C]
+    full = conv_inputs(x_BTC, state_BkC, K) if full is None else full
+    full = _loop_form(cast(full, weight_CK.dtype), weight_CK)  # [B, K-1+T, C]
     idx = tree_windows(parent_BT, K) if windows is None else windows
     return cast(_window_sum(take_rows(full, idx), weight_CK), x_BTC.dtype)

@@ -54,3 +54,19 @@ def test_short_rows_match_a_depthwise_conv(C, dtype):
     tol = 1e-6 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol)
     assert torch.equal(new_state, torch.cat([state, x], dim=1)[:, -3:])
+
+
+def test_the_inputs_a_caller_already_has_give_the_same_conv():
+    """``full=conv_inputs(x, state)`` (what a rows forward keeps for its commit) changes nothing."""
+    from flare.ops.conv import conv_inputs
+
+    g = torch.Generator().manual_seed(7)
+    x, w, state = torch.randn(2, 5, 6, generator=g), torch.randn(6, 4, generator=g), torch.randn(2, 3, 6, generator=g)
+    full = conv_inputs(x, state, 4)
+    assert full.shape == (2, 8, 6) and torch.equal(full[:, :3], state) and torch.equal(full[:, 3:], x)
+    y, s = causal_conv1d(x, w, state)
+    y2, s2 = causal_conv1d(x, w, state, full=full)
+    assert torch.equal(y, y2) and torch.equal(s, s2)
+    parent = torch.tensor([[-1, 0, 1, 1, 3]] * 2)
+    assert torch.equal(tree_conv1d(x, w, state, parent), tree_conv1d(x, w, state, parent, full=full))
+    assert torch.equal(conv_inputs(x, None, 4)[:, :3], torch.zeros(2, 3, 6))
