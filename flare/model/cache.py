@@ -157,12 +157,16 @@ class ModelCache:
         T = record.rows
         B = self.batch_size
         last = (n_accept_B - 1).clamp(min=0).view(B, 1, 1, 1)  # shared by every layer
+        live = None
         window = None
         for i, layer in enumerate(self.layers):
             if isinstance(layer, RecurrentState):
                 scan, inputs = record.gdn[i]
+                if live is None:
+                    live = (n_accept_B > 0).view(B, 1, 1, 1).to(layer.ssm.dtype)
                 # Kept as a low-rank update of the state, which the next rows pass reads as it is.
-                layer.ssm = layer.pending.commit(layer.ssm, *scan.update_after(n_accept_B, last, rows=T))
+                update = scan.update_after(n_accept_B, last, rows=T, live=live)
+                layer.ssm = layer.pending.commit(layer.ssm, *update)
                 if window is None:  # the K-1 inputs that end after the accepted rows
                     window = n_accept_B[:, None] + torch.arange(layer.conv.shape[1], device=inputs.device)
                 layer.conv = cast(take_rows(inputs, window), layer.conv.dtype)

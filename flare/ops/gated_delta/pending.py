@@ -84,7 +84,7 @@ class PendingCommits:
         self.span = self.k.shape[0]
 
     def read(self, x: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
-        """x^T of the committed state, for rows ``x`` [B, H, R, Dk]: [B, H, R, Dv]."""
+        """x^T S for rows ``x`` [B, H, R, Dk] against the committed state S: [B, H, R, Dv]."""
         out = bmm4(x, state)
         if not self.used:
             return out  # (scale is 1 whenever no rows are kept)
@@ -93,10 +93,8 @@ class PendingCommits:
 
     def state(self, state: torch.Tensor) -> torch.Tensor:
         """The committed state as a new tensor (``state`` untouched)."""
-        if not self.used:
-            return state
         used = self.used
-        return _write(state.clone(), self.k.shape[0], self.scale, self.k[:, :, :used], self.u[:, :, :used])
+        return write_update(state.clone(), self.k.shape[0], self.scale, self.k[:, :, :used], self.u[:, :, :used])
 
     def commit(self, state: torch.Tensor, decay: torch.Tensor, k: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """``add``, writing the kept rows first when there is no room for these; more rows than the update holds
@@ -104,7 +102,7 @@ class PendingCommits:
         if k.shape[2] > self.room:
             state = self.settle(state)
             if k.shape[2] > self.room:
-                return _write(state, k.shape[0], decay, k, u)
+                return write_update(state, k.shape[0], decay, k, u)
         self.add(decay, k, u)
         return state
 
@@ -117,7 +115,7 @@ class PendingCommits:
             raise RuntimeError("the first sequences of a batch cannot write their kept commits alone: settle the "
                                "whole batch's cache first")
         used, span = self.used, self.span
-        state = _write(state, span, self.scale[:span], self.k[:span, :, :used], self.u[:span, :, :used])
+        state = write_update(state, span, self.scale[:span], self.k[:span, :, :used], self.u[:span, :, :used])
         self.scale[:span].fill_(1.0)
         self.k[:span, :, :used].zero_()
         self.used = self.span = 0
@@ -150,7 +148,8 @@ def bmm4(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.bmm(a.reshape(B * H, *a.shape[2:]), b.reshape(B * H, *b.shape[2:])).view(B, H, a.shape[2], b.shape[3])
 
 
-def _write(state: torch.Tensor, span: int, scale: torch.Tensor, k: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+def write_update(state: torch.Tensor, span: int, scale: torch.Tensor, k: torch.Tensor,
+                 u: torch.Tensor) -> torch.Tensor:
     """``S <- scale * S + k^T u`` for the first ``span`` sequences of ``state``, in place (in a contiguous copy
     when it is not; returned): ``scale`` [span, H, 1, 1], ``k`` [span, H, T, Dk], ``u`` [span, H, T, Dv]."""
     B, (H, Dk, Dv), T = span, state.shape[1:], k.shape[2]

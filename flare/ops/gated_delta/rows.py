@@ -27,7 +27,7 @@ from typing import NamedTuple
 import torch
 
 from flare.ops.gated_delta.naive import expand_heads
-from flare.ops.gated_delta.pending import PendingCommits, bmm4
+from flare.ops.gated_delta.pending import PendingCommits, bmm4, write_update
 from flare.ops.precision import accum_dtype, cast, no_autocast
 
 
@@ -47,18 +47,20 @@ class RowsScan(NamedTuple):
         return self.state_after(torch.full((B,), T, device=self.cum.device))
 
     @no_autocast
-    def update_after(self, n_B: torch.Tensor, last: torch.Tensor | None = None,
-                     rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def update_after(self, n_B: torch.Tensor, last: torch.Tensor | None = None, rows: int | None = None,
+                     live: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The state after the first n[b] rows of each sequence as an update of the state before them:
         ``S_n = decay * S + k^T u``, returned as (decay [B, H, 1, 1], k [B, H, rows, Dk], u [B, H, rows, Dv]).
         ``rows``: only the first rows can lie on an accepted prefix's path (the clean rows; default: all).
-        ``last``: (n - 1).clamp(min=0) as [B, 1, 1, 1], when the caller already has it (one per commit).
+        ``last`` ((n - 1).clamp(min=0)) and ``live`` (n > 0, in the state's dtype), as [B, 1, 1, 1], when the
+        caller already has them (once per commit, for every layer).
         Sequences with n = 0 get decay e^0 = 1 and zero rows: their state stays exactly as it was."""
         B, H, T = self.cum.shape
         rows = T if rows is None else rows
         if last is None:
             last = (n_B - 1).clamp(min=0).view(B, 1, 1, 1)
-        live = (n_B > 0).view(B, 1, 1, 1).to(self.cum.dtype)
+        if live is None:
+            live = (n_B > 0).view(B, 1, 1, 1).to(self.cum.dtype)
         weight = self.decay[..., :rows].gather(2, last.expand(B, H, 1, rows)) * live  # e^{G_{n-1} - G_j} on the path
         g_end = self.cum[..., None].gather(2, last.expand(B, H, 1, 1)) * live  # [B, H, 1, 1]
         return g_end.exp(), self.k[:, :, :rows] * weight.transpose(-1, -2), self.u[:, :, :rows]
@@ -67,11 +69,8 @@ class RowsScan(NamedTuple):
     def state_after(self, n_B: torch.Tensor) -> torch.Tensor:
         """The state after the first n[b] rows of each sequence [B, H, Dk, Dv], as a new tensor (n = 0: the
         initial state)."""
-        decay, k, u = self.update_after(n_B)
-        s0 = self.initial if self.pending is None else self.pending.state(self.initial)
-        B, H, Dk, Dv = s0.shape
-        return torch.baddbmm((decay * s0).reshape(B * H, Dk, Dv), k.reshape(B * H, -1, Dk).transpose(1, 2),
-                             u.reshape(B * H, -1, Dv)).view_as(s0)
+        s0 = self.initial.clone() if self.pending is None else self.pending.state(self.initial)
+        return write_update(s0, s0.shape[0], *self.update_after(n_B))
 
 
 @functools.lru_cache(maxsize=64)
