@@ -91,3 +91,17 @@ def test_bench_commit_runs_its_three_arms_at_a_tiny_size(tmp_path):
     rows = [line for line in res.stdout.splitlines() if line.endswith("x")]
     assert [r.split()[0] for r in rows] == ["kept", "states", "replay"]
     assert all(float(r.split()[-2]) > 0 for r in rows) and "SUMMARY: a round with the commit kept" in res.stdout
+
+
+def test_bench_static_step_traces_each_forward_as_one_graph(tmp_path):
+    """Both static forwards of the tiny model through dynamo with fullgraph (no code generated, so no compiler
+    needed): one graph each, the same picks as eager."""
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_static_step.py"), "--size", "tiny",
+                          "--batch", "1,3", "--backend", "eager", "--iters", "2", "--repeats", "1", "--prompt", "6"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    rows = [line.split() for line in res.stdout.splitlines() if line.strip().startswith(("1 ", "3 "))]
+    assert [(r[0], r[1], r[3]) for r in rows] == [("1", "causal", "1"), ("1", "verify", "7"), ("3", "causal", "1"),
+                                                 ("3", "verify", "7")]
+    assert all(r[-1].split("/")[0] == r[-1].split("/")[1] for r in rows)
+    assert "SUMMARY: compiled / eager:" in res.stdout

@@ -43,8 +43,8 @@ def weights_frozen() -> bool:
 def derived(owner: nn.Module, name: str, fn, *params: torch.Tensor, key: tuple = ()) -> torch.Tensor:
     """``fn(*params)``; inside ``frozen_weights()`` kept on ``owner`` while the parameters are unchanged (same
     storage, same version), so a decode step skips recomputing what only depends on the weights (a norm's
-    1 + w, a decay rate)."""
-    if not _FROZEN[0] or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
+    1 + w, a decay rate). Where tensors are fake or traced (``faking``) it is computed, never kept."""
+    if not _FROZEN[0] or faking() or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
         return fn(*params)
     stamp = (*((p.data_ptr(), p._version) for p in params), *key)
     cache = owner.__dict__.setdefault("_derived", {})

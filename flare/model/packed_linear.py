@@ -12,8 +12,9 @@ kernel than MKL's, equal to ``F.linear`` to fp32 rounding (tested), and on an AV
 
 The packed copy is a ``derived`` value (``flare.model.layers``): kept while the weight is unchanged (same
 storage, same version) inside ``frozen_weights()``, which the decoding runners enter; outside it, with
-gradients wanted, or for another dtype or device, the linear is plain ``F.linear``. The packed copy is extra
-memory: the size of the packed linears' weights again (the tied LM head included).
+gradients wanted, for another dtype or device, or under ``torch.compile`` (inductor packs frozen weights
+itself), the linear is plain ``F.linear``. The packed copy is extra memory: the size of the packed linears'
+weights again (the tied LM head included).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torch import nn
 
 from flare.device import packs
 from flare.model.layers import derived, weights_frozen
+from flare.ops.precision import faking
 
 PLAIN = "aten"
 PACKABLE = (torch.bfloat16, torch.float32)
@@ -41,7 +43,8 @@ class PackedLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.weight, self.bias
-        if (not weights_frozen() or x.dtype != w.dtype or not packs(w) or (b is not None and b.dtype != w.dtype)
+        if (not weights_frozen() or faking() or x.dtype != w.dtype or not packs(w)
+                or (b is not None and b.dtype != w.dtype)
                 or (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))):
             return F.linear(x, w, b)
         packed = derived(self, "packed", lambda w_: torch.ops.mkldnn._reorder_linear_weight(w_.detach(), None), w)

@@ -81,9 +81,11 @@ _CONSTANTS: dict[tuple, torch.Tensor] = {}
 
 
 def faking() -> bool:
-    """Whether tensors made now are fake (a ``FakeTensorMode`` is active: ``flare train --dry-run``): what a
-    module-level cache must neither keep nor hand out, or a fake tensor outlives the dry run."""
-    return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
+    """Whether tensors made now are fake: a ``FakeTensorMode`` is active (``flare train --dry-run``), or
+    ``torch.compile`` is tracing. What a module-level cache must neither keep nor hand out (a fake tensor would
+    outlive the dry run), and what a traced graph must not look up by identity or data pointer (dynamo breaks the
+    graph there; the value is made in the graph instead)."""
+    return torch.compiler.is_compiling() or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
 
 
 def constant(value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

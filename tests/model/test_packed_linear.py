@@ -221,3 +221,18 @@ def test_packing_happens_once_with_or_without_grad_mode(monkeypatch):
     with torch.no_grad():
         assert torch.equal(fresh(x), plain(x))
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_traced_packed_linear_is_f_linear_in_one_graph(dtype):
+    """Under torch.compile a packed linear is plain F.linear (inductor packs frozen weights itself): one graph, no
+    break at the packed copy's data-pointer memo or the CPU probe, and the packed copy is neither made nor kept."""
+    plain, packed = packed_linear(24, 40, True, dtype=dtype)
+    x = torch.randn(3, 24).to(dtype)
+    graph = torch.compile(packed, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        traced = graph(x)
+        assert "_derived" not in packed.__dict__
+        torch.testing.assert_close(traced, plain(x), rtol=0, atol=0)
+        same(dtype, packed(x), plain(x))  # eager still runs packed, as before
+    assert "packed" in packed.__dict__["_derived"]

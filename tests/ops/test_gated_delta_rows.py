@@ -162,3 +162,22 @@ def test_kept_keys_that_decay_to_nothing_are_zeroed_unless_the_cpu_flushes(flush
     kept.add(torch.full((1, 1, 1, 1), 2.0 ** -90), k, torch.ones(1, 1, 1, 2))
     assert kept.k[0, 0, 0, 0] == 1.0 and (kept.k[0, 0, 0, 1] == 0.0) != flushed
     assert (kept.scale.item() == 0.0) != flushed
+
+
+def test_the_rows_pass_traces_as_one_graph():
+    """torch.compile sees the rows pass whole (its kept constants are made in the graph while tracing, where a kept
+    tensor would be looked up by identity) and computes what eager does."""
+    from flare.ops.precision import constant, faking
+
+    torch.manual_seed(0)
+    B, T, H, Dk, Dv = 2, 5, 2, 8, 8
+    q, k = (torch.nn.functional.normalize(torch.randn(B, T, H, Dk), dim=-1) for _ in range(2))
+    v, g, beta, s0 = torch.randn(B, T, H, Dv), -torch.rand(B, T, H), torch.rand(B, T, H), torch.randn(B, H, Dk, Dv)
+
+    def f(q, k, v, g, beta, s0):
+        assert faking()
+        return gated_delta_rows(q, k, v, g, beta, s0, Dk**-0.5).o * constant(2.0, torch.float32, q.device)
+
+    traced = torch.compile(f, backend="eager", fullgraph=True)(q, k, v, g, beta, s0)
+    assert not faking()
+    torch.testing.assert_close(traced, 2 * gated_delta_rows(q, k, v, g, beta, s0, Dk**-0.5).o)

@@ -28,7 +28,7 @@ import torch
 
 from flare.ops.gated_delta.naive import expand_heads
 from flare.ops.gated_delta.pending import PendingCommits, bmm4, write_update
-from flare.ops.precision import accum_dtype, cast, no_autocast
+from flare.ops.precision import accum_dtype, cast, faking, no_autocast
 
 
 class RowsScan(NamedTuple):
@@ -73,10 +73,17 @@ class RowsScan(NamedTuple):
         return write_update(s0, s0.shape[0], *self.update_after(n_B))
 
 
-@functools.lru_cache(maxsize=64)
 def _after(T: int, device: torch.device) -> torch.Tensor:
-    """j > i for T rows [T, T]: what a chain's row never reads (a constant of every chain pass of that length)."""
+    """j > i for T rows [T, T]: what a chain's row never reads (a constant of every chain pass of that length,
+    kept per length; made afresh where tensors are fake or traced)."""
+    return _after_made(T, device) if faking() else _after_kept(T, device)
+
+
+def _after_made(T: int, device: torch.device) -> torch.Tensor:
     return ~torch.ones(T, T, dtype=torch.bool, device=device).tril()
+
+
+_after_kept = functools.lru_cache(maxsize=64)(_after_made)
 
 
 @no_autocast
