@@ -13,6 +13,7 @@ from collections.abc import Hashable
 
 import torch
 
+from flare.engine.compiled import decoding_forward
 from flare.model import CommitRecord, FlareModel
 from flare.model.context import Rows
 from flare.model.row_tree import RowTree
@@ -41,6 +42,7 @@ class CachedRunner:
     def __init__(self, model: FlareModel, slots: int, capacity: int) -> None:
         self.model = model
         self.cache = model.new_cache(slots, capacity=capacity)
+        self.hidden_states = decoding_forward(model)  # the model's, compiled where FLARE_COMPILE asks
         self.record: CommitRecord | None = None
         self.forwards = 0
         # Each slot's committed length where the host knows it (None: only the device does, until the next
@@ -85,7 +87,7 @@ class CachedRunner:
         ids, valid = pad_prompts([t or [0] for t in tokens], self.model.device)
         valid &= torch.tensor([len(t) > 0 for t in tokens], device=valid.device)[:, None]
         hidden = self._run(len(tokens), ids.shape[1],
-                           lambda cache: self.model.hidden_states(ids, cache=cache, valid=valid), whole=True)
+                           lambda cache: self.hidden_states(ids, cache=cache, valid=valid), whole=True)
         self._advanced(len(tokens), [len(t) for t in tokens])
         self.forwards += 1
         last = (valid.sum(1) - 1).clamp(min=0)
@@ -98,7 +100,7 @@ class CachedRunner:
         if num_new is not None:
             valid = torch.arange(tokens.shape[1], device=tokens.device) < num_new[:, None]
         hidden = self._run(tokens.shape[0], tokens.shape[1],
-                           lambda cache: self.model.hidden_states(tokens, cache=cache, valid=valid), whole=True)
+                           lambda cache: self.hidden_states(tokens, cache=cache, valid=valid), whole=True)
         self._advanced(tokens.shape[0], None if num_new is not None else [tokens.shape[1]] * tokens.shape[0])
         self.forwards += 1
         return hidden
@@ -121,7 +123,7 @@ class CachedRunner:
                 S, R = tokens.shape
                 self.trees[key] = RowTree.build(*layout.counts(S, R, tokens.device), seeds)
             layout = dataclasses.replace(layout, tree=self.trees[key])
-        hidden = self._run(tokens.shape[0], tokens.shape[1], lambda cache: self.model.hidden_states(
+        hidden = self._run(tokens.shape[0], tokens.shape[1], lambda cache: self.hidden_states(
             tokens, cache=cache, layout=layout, record=self.record))
         if self.record is not None and clean_rows is not None:
             self.record.rows = min(self.record.rows, clean_rows)

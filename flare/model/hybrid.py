@@ -60,6 +60,8 @@ class FlareModel(nn.Module):
         # What AR-Trust's pacers learned decoding with this model, per mode's options (flare.decoding.pacer):
         # a later batch starts from it instead of trying every kind of round again.
         self.pacing: dict = {}
+        # The torch.compile backend decoding's forwards last ran under (flare.engine.compiled; "" for eager).
+        self.compiled_with = ""
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0, std: float = 0.02) -> "FlareModel":
@@ -199,9 +201,12 @@ class FlareModel(nn.Module):
         return self.logits(self.hidden_states(input_ids, cache=cache, valid=valid, layout=layout))
 
     def kernel_paths(self) -> dict[str, str]:
-        """Which op form each Gated DeltaNet layer ran last, the attention backend and the linears' path
-        (``flare.model.packed_linear``)."""
+        """Which op form each Gated DeltaNet layer ran last, the attention backend, the linears' path
+        (``flare.model.packed_linear``) and, where decoding's forwards ran compiled, the backend
+        (``flare.engine.compiled``)."""
         paths = {"attention": "sdpa", "linear": linear_path(self)}
+        if self.compiled_with:
+            paths["compile"] = self.compiled_with
         for i, layer in enumerate(self.model.layers):
             if layer.kind != FULL_ATTENTION and layer.linear_attn.last_path:
                 paths[f"gdn.{i}"] = layer.linear_attn.last_path

@@ -1,0 +1,87 @@
+"""Decoding's short forwards under ``torch.compile``: opt-in with ``FLARE_COMPILE=inductor`` (or ``eager``: dynamo
+alone, no code generated, what the tests run).
+
+A decode step and a verify round run the same few shapes over and over (slots x rows, a cache that grows by one
+committed length at a time), so dynamo's automatic dynamic shapes settle on a bounded set of graphs (19 for both
+modes of ``bench_modes.py`` at batch 1 and 8 on the demo model): the first compile of a kind specialises, a
+recompile makes the sizes that changed (the cache's length bound, the kept commits' count) symbolic.
+The context of each forward (masks, positions, the row tree) is built eagerly beforehand (``FlareModel.context``)
+and the graph holds the decoder stack (``FlareModel.hidden_states`` with that context): its cache writes and commit
+records are the same side effects as eagerly. Prefills (more than ``MAX_ROWS`` rows a sequence) stay eager: their
+lengths vary too much for a graph each. A compile that fails warns once and leaves the runner eager for good.
+
+Measured: ``benchmarks/bench_static_step.py`` (one forward of each kind, static shapes): inductor halves a toy
+model's forwards and takes a quarter off SmolLM2's; on a 0.75B Qwen3.5 shape the verify forward gains most (0.78x)
+while the causal step at 8 sequences does not (1.17x). ``bench_modes.py`` on the demo checkpoint (fp32, one
+thread, AMX Xeon) with ``FLARE_COMPILE=inductor``: causal 789 / 3,499 tokens/s at batch 1 / 8 and AR-Trust 854 /
+3,226, against 392 / 2,138 and 578 / 2,106 eagerly (another run), 19 graphs; every mode faster, AR-Trust's ratio to
+causal lower (its rounds' eager bookkeeping weighs more). Compiling costs seconds per graph (the first decodes of
+the demo model took 4-25 s), so it is off by default.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+from flare.model import FlareModel
+
+COMPILE_ENV = "FLARE_COMPILE"
+BACKENDS = ("inductor", "eager")
+MAX_ROWS = 16  # forwards of more rows a sequence (prefills) run eagerly
+RECOMPILE_LIMIT = 64
+
+
+def compile_backend() -> str | None:
+    """The backend ``FLARE_COMPILE`` asks for (None: off, the default)."""
+    value = os.environ.get(COMPILE_ENV, "0").strip().lower()
+    if value in ("", "0", "off", "false", "no"):
+        return None
+    if value in ("1", "on", "true", "yes"):
+        return "inductor"
+    if value not in BACKENDS:
+        raise ValueError(f"{COMPILE_ENV}={value!r}: use 0, 1, inductor or eager")
+    return value
+
+
+class CompiledForward:
+    """``model.hidden_states`` for a decoding runner, through one compiled graph family where it applies."""
+
+    def __init__(self, model: FlareModel, backend: str) -> None:
+        self.model, self.backend = model, backend
+        # Inductor with freezing: the weights are constants of the graph, and its linears are packed by inductor
+        # (a packed linear traces as F.linear, flare.model.packed_linear).
+        options = {"freezing": True} if backend == "inductor" else None
+        # Decoding's forwards differ in kind (causal steps, chains and trees of rows, with and without a commit
+        # record) and in size: more graphs than dynamo's default limit of 8 a function, past which it runs eagerly.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+        self.graph = torch.compile(self._stack, backend=backend, dynamic=None, options=options)
+        self.failed = False
+
+    def _stack(self, input_ids: torch.Tensor, ctx) -> torch.Tensor:
+        # The class's method: a wrapper put on the instance (a benchmark's timer) stays out of the graph.
+        return type(self.model).hidden_states(self.model, input_ids, cache=ctx.cache, context=ctx)
+
+    def __call__(self, input_ids: torch.Tensor, *, cache, valid=None, layout=None, record=None) -> torch.Tensor:
+        model = self.model
+        if self.failed or input_ids.shape[1] > MAX_ROWS:
+            return model.hidden_states(input_ids, cache=cache, valid=valid, layout=layout, record=record)
+        ctx = model.context(input_ids, cache=cache, valid=valid, layout=layout, record=record)
+        try:
+            out = self.graph(input_ids, ctx)
+        except Exception as e:  # a compile error happens before the graph runs: nothing was written yet
+            self.failed = True
+            warnings.warn(f"torch.compile ({self.backend}) of the decoding forward failed, decoding eagerly from "
+                          f"now on: {type(e).__name__}: {e}", RuntimeWarning, stacklevel=2)
+            return model.hidden_states(input_ids, cache=cache, context=ctx)
+        model.compiled_with = self.backend
+        return out
+
+
+def decoding_forward(model: FlareModel):
+    """What a cached runner calls for a forward: the compiled one where ``FLARE_COMPILE`` asks, else
+    ``model.hidden_states``."""
+    backend = compile_backend()
+    return model.hidden_states if backend is None else CompiledForward(model, backend)

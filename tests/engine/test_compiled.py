@@ -1,0 +1,104 @@
+"""Decoding's forwards under torch.compile (``FLARE_COMPILE``): the same tokens as eager, every mode and family, and
+an eager fallback when a compile fails. The tests trace with dynamo's ``eager`` backend (the graphs, guards and side
+effects of compiled decoding, without generating code: fast, and no C++ compiler needed)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import flare.engine.compiled as compiled
+from flare.decoding import SamplingParams
+from flare.engine import decode
+from flare.engine.compiled import COMPILE_ENV, CompiledForward, compile_backend
+
+from tests.conftest import MASK
+
+# Every kind of forward on the hybrid (causal steps, a group per acceptance point for one sequence, one group for
+# three, blocks), and the verify rounds of a dense family; (family, mode, sequences).
+CASES = [("qwen3_5", "causal", 3), ("qwen3_5", "ar_trust:redraft=every", 1), ("qwen3_5", "ar_trust:redraft=last", 3),
+         ("qwen3_5", "diffusion_trust", 3), ("llama", "ar_trust:redraft=last", 3)]
+PROMPTS = [[3, 4, 5, 6, 7], [8, 9, 10], [11, 12, 13, 14, 15, 16, 17]]
+
+
+@pytest.mark.parametrize("value,backend", [(None, None), ("0", None), ("1", "inductor"), ("inductor", "inductor"),
+                                           ("eager", "eager"), (" Eager ", "eager")])
+def test_flare_compile_names_the_backend(monkeypatch, value, backend):
+    if value is None:
+        monkeypatch.delenv(COMPILE_ENV, raising=False)
+    else:
+        monkeypatch.setenv(COMPILE_ENV, value)
+    assert compile_backend() == backend
+
+
+def test_an_unknown_backend_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv(COMPILE_ENV, "tvm")
+    with pytest.raises(ValueError, match="FLARE_COMPILE='tvm'"):
+        compile_backend()
+
+
+def _tokens(model, mode, prompts, monkeypatch, backend):
+    if backend is None:
+        monkeypatch.delenv(COMPILE_ENV, raising=False)
+    else:
+        monkeypatch.setenv(COMPILE_ENV, backend)
+    model.compiled_with = ""
+    model.pacing.clear()
+    result = decode(model, prompts, SamplingParams(max_new_tokens=10, temperature=0.0, ignore_eos=True), mode)
+    return result.token_ids, result.kernel_paths
+
+
+@pytest.mark.parametrize("fam,mode,n", CASES)
+def test_compiled_decoding_gives_the_eager_tokens(flare_models, fam, mode, n, monkeypatch):
+    """Causal steps and rows forwards through graphs: the caches they write, the commits they record and the
+    tokens are eager's (fp32: exact up to rounding, greedy: the same picks)."""
+    torch._dynamo.reset()
+    model = flare_models[fam]
+    assert model.config.mask_token_id == MASK
+    mode += ":pause=0" if mode.startswith("ar_trust") else ""  # always drafting: every round a rows forward
+    want, eager_paths = _tokens(model, mode, PROMPTS[:n], monkeypatch, None)
+    got, paths = _tokens(model, mode, PROMPTS[:n], monkeypatch, "eager")
+    assert got == want
+    assert paths.get("compile") == "eager" and "compile" not in eager_paths
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+
+
+def test_a_failed_compile_warns_once_and_decodes_eagerly(flare_models, monkeypatch):
+    model = flare_models["qwen3_5"]
+    want, _ = _tokens(model, "ar_trust", PROMPTS, monkeypatch, None)
+    calls = []
+
+    def broken(self, input_ids, ctx):
+        calls.append(1)
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(CompiledForward, "__init__", _init_with(broken))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got, paths = _tokens(model, "ar_trust", PROMPTS, monkeypatch, "inductor")
+    assert got == want and "compile" not in paths
+    assert len(calls) == 1  # the runner stops trying after the first failure
+    msgs = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(msgs) == 1 and "decoding eagerly from now on" in msgs[0] and "no C++ compiler" in msgs[0]
+
+
+def _init_with(graph):
+    def init(self, model, backend):
+        self.model, self.backend, self.failed = model, backend, False
+        self.graph = graph.__get__(self)
+    return init
+
+
+def test_prefills_stay_eager(flare_models, monkeypatch):
+    """Forwards of more than MAX_ROWS rows a sequence never reach the graph."""
+    model = flare_models["qwen3_5"]
+    seen = []
+    monkeypatch.setattr(CompiledForward, "__init__", _init_with(lambda self, ids, ctx: seen.append(ids.shape[1])
+                                                                or self.model.hidden_states(ids, cache=ctx.cache,
+                                                                                            context=ctx)))
+    long_prompt = [list(range(3, 3 + compiled.MAX_ROWS + 5))]
+    got, _ = _tokens(model, "causal", long_prompt, monkeypatch, "inductor")
+    want, _ = _tokens(model, "causal", long_prompt, monkeypatch, None)
+    assert got == want and seen and max(seen) <= compiled.MAX_ROWS
