@@ -15,9 +15,10 @@ model's forwards and takes a quarter off SmolLM2's; on a 0.75B Qwen3.5 shape the
 while the causal step at 8 sequences does not (1.17x). ``bench_modes.py`` on the demo checkpoint (fp32, one
 thread, AMX Xeon) with ``FLARE_COMPILE=inductor``: causal 789 / 3,499 tokens/s at batch 1 / 8 and AR-Trust 854 /
 3,226, against 392 / 2,138 and 578 / 2,106 eagerly (another run), 19 graphs; every mode faster, AR-Trust's ratio to
-causal lower (its rounds' eager bookkeeping weighs more). On the converted SmolLM2 (bf16, two threads, batch 1) it
-buys nothing in decoding (causal 36.7 against 38.7 tokens/s eagerly, AR-Trust 40.8 against 44.2), where the static
-shapes of ``bench_static_step.py`` took 0.73x: over a growing cache the graph's shapes are symbolic. Compiling
+causal lower (its rounds' eager bookkeeping weighs more). On the converted SmolLM2 (bf16, two threads, batch 1)
+causal decoding gains nothing (36.7-39.5 tokens/s compiled, 37.0-38.8 eagerly, where the static shapes of
+``bench_static_step.py`` took 0.73x: over a growing cache the graph's shapes are symbolic) and AR-Trust 1.15x in two
+runs of three (51.5-51.8 against 44.2-45.3; 40.8 in the other); 7 graphs, no break. Compiling
 costs seconds per graph (the first decodes of the demo model took 4-25 s, of SmolLM2 about 2 min), so it is off by
 default.
 """
