@@ -88,4 +88,5 @@ def decoding_forward(model: FlareModel):
     """What a cached runner calls for a forward: the compiled one where ``FLARE_COMPILE`` asks, else
     ``model.hidden_states``."""
     backend = compile_backend()
+    model.compiled_with = ""  # until this runner's first compiled forward
     return model.hidden_states if backend is None else CompiledForward(model, backend)

@@ -44,7 +44,6 @@ def _tokens(model, mode, prompts, monkeypatch, backend):
         monkeypatch.delenv(COMPILE_ENV, raising=False)
     else:
         monkeypatch.setenv(COMPILE_ENV, backend)
-    model.compiled_with = ""
     model.pacing.clear()
     result = decode(model, prompts, SamplingParams(max_new_tokens=10, temperature=0.0, ignore_eos=True), mode)
     return result.token_ids, result.kernel_paths
