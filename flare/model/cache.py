@@ -221,8 +221,13 @@ class ModelCache:
         self.lengths = self.lengths.index_fill(0, idx, 0)
         for layer in self.layers:
             if isinstance(layer, RecurrentState):
-                layer.conv = layer.conv.index_fill(0, idx, 0)
-                layer.ssm = layer.ssm.index_fill(0, idx, 0)
+                # In place: a fresh state-sized tensor per layer is an allocation the CPU pays in page faults
+                # (18 x 8 MB on a 0.75B model at 8 slots: 25-600 ms a reset here, ~1 ms in place). A state
+                # that is a view of a forward's output (a prefill's last conv window) is copied first.
+                if not layer.conv.is_contiguous():
+                    layer.conv = layer.conv.contiguous()
+                layer.conv.index_fill_(0, idx, 0)
+                layer.ssm.index_fill_(0, idx, 0)
                 layer.pending.clear(idx)
         self.bound_exact = False
 

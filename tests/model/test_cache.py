@@ -118,3 +118,28 @@ def test_weight_derived_values_follow_the_weights(tiny_models):
         fresh = model(ids)
     assert not torch.allclose(before, after)
     torch.testing.assert_close(after, fresh, rtol=0, atol=0)
+
+
+def test_reset_empties_chosen_slots_in_place(tiny_models):
+    """A reset zeroes the chosen slots' recurrent states in the tensors the cache already holds (no state-sized
+    allocation per admitted request) and leaves the other slots' states as they were; the emptied slot then
+    decodes as a fresh cache would."""
+    model, _ = tiny_models["qwen3_5"]
+    ids = torch.randint(0, model.config.vocab_size, (3, 6))
+    with torch.no_grad():
+        cache = model.new_cache(3)
+        model(ids, cache=cache)
+        gdn = [layer for layer in cache.layers if hasattr(layer, "ssm")]
+        before = [(layer.ssm.clone(), layer.conv.clone(), layer.ssm.data_ptr()) for layer in gdn]
+        cache.reset([1])
+        for layer, (ssm, conv, ptr) in zip(gdn, before):
+            assert layer.ssm.data_ptr() == ptr
+            assert torch.equal(layer.ssm[1], torch.zeros_like(ssm[1]))
+            assert torch.equal(layer.conv[1], torch.zeros_like(conv[1]))
+            assert torch.equal(layer.ssm[[0, 2]], ssm[[0, 2]]) and torch.equal(layer.conv[[0, 2]], conv[[0, 2]])
+        assert cache.lengths.tolist() == [6, 0, 6]
+        fresh = model.new_cache(1)
+        new = torch.randint(0, model.config.vocab_size, (1, 4))
+        want = model(new, cache=fresh)
+        mixed = model(torch.cat([ids[:1, :4], new, ids[2:, :4]]), cache=cache)
+    assert (mixed[1] - want[0]).abs().max() <= 1e-5
