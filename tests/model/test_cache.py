@@ -143,3 +143,17 @@ def test_reset_empties_chosen_slots_in_place(tiny_models):
         want = model(new, cache=fresh)
         mixed = model(torch.cat([ids[:1, :4], new, ids[2:, :4]]), cache=cache)
     assert (mixed[1] - want[0]).abs().max() <= 1e-5
+
+
+def test_reset_outside_inference_mode_of_states_made_inside_it(tiny_models):
+    """States a forward made under ``torch.inference_mode`` cannot be written in place outside it: a reset there
+    replaces them, with the same result."""
+    model, _ = tiny_models["qwen3_5"]
+    ids = torch.randint(0, model.config.vocab_size, (2, 5))
+    cache = model.new_cache(2)
+    with torch.inference_mode():
+        model(ids, cache=cache)
+    cache.reset([0])
+    for layer in cache.layers:
+        if hasattr(layer, "ssm"):
+            assert not layer.ssm[0].any() and layer.ssm[1].any() and not layer.conv[0].any()

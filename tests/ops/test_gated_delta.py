@@ -139,6 +139,31 @@ def test_selector_picks_form(T, expected):
     assert_close(s, ref_s, what="state")
 
 
+@pytest.mark.parametrize("T,chunk", [(17, 32), (30, 32), (32, 32), (33, 64), (64, 64), (100, 64), (200, 32),
+                                     (1000, 64), (4000, 32)])
+def test_dispatch_chunks_pad_least(T, chunk, monkeypatch):
+    """The chunk form runs in the chunk size that pads T least (64 on a tie), and equals the naive form."""
+    from flare.ops import gated_delta as module
+    from flare.ops.gated_delta.chunk import chunk_size_for
+
+    assert chunk_size_for(T) == chunk
+    if T > 200:
+        return
+    seen = []
+
+    def spy(*args):
+        seen.append(args[-1])
+        return gated_delta_chunk(*args)
+
+    monkeypatch.setattr(module, "gated_delta_chunk", spy)
+    xs = make_inputs(T, with_state=True)
+    o, s, name = gated_delta(*xs)
+    assert name == "chunk" and seen == [chunk]
+    ref_o, ref_s = gated_delta_naive(*xs)
+    assert_close(o, ref_o, what="o")
+    assert_close(s, ref_s, what="state")
+
+
 def test_selector_override_and_bad_prefer():
     xs = make_inputs(4)
     assert gated_delta(*xs, prefer="chunk")[2] == "chunk"

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from flare.ops.gated_delta import fla
-from flare.ops.gated_delta.chunk import gated_delta_chunk
+from flare.ops.gated_delta.chunk import chunk_size_for, gated_delta_chunk
 from flare.ops.gated_delta.naive import gated_delta_naive, validate_inputs
 from flare.ops.gated_delta.rows import RowsScan, gated_delta_rows
 from flare.ops.gated_delta.step import gated_delta_step, read_state
@@ -51,7 +51,7 @@ def gated_delta(
     """Run the gated delta rule with the form suited to the sequence length.
 
     Picks ``gated_delta_step`` when ``T == 1``, ``gated_delta_naive`` when ``T <= 16`` and
-    ``gated_delta_chunk`` otherwise, except that with ``prefer=None`` the chunk choice runs on
+    ``gated_delta_chunk`` otherwise (in chunks of ``chunk_size_for(T)``), except that with ``prefer=None`` the chunk choice runs on
     flash-linear-attention's fused kernel (name ``"fla"``) where :func:`flare.ops.gated_delta.fla.selected` says it
     applies (CUDA, the package installed, 16-bit values, ``FLARE_GDN_BACKEND`` not ``torch``). ``prefer`` forces a
     torch form (one of ``FORMS``; ``"step"`` needs T == 1, anything else raises ``ValueError``). Shapes as in the
@@ -83,5 +83,5 @@ def gated_delta(
         o, state = fla.gated_delta_fla(q, k, v, g, beta, initial_state, scale)
         name = "fla"
     else:
-        o, state = gated_delta_chunk(q, k, v, g, beta, initial_state, scale)
+        o, state = gated_delta_chunk(q, k, v, g, beta, initial_state, scale, chunk_size_for(T))
     return o, state, name
