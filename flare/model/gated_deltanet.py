@@ -88,17 +88,22 @@ class GatedDeltaNet(nn.Module):
         if ctx.mode == "packed":
             seg = ctx.segments
             return seg.pack(self._causal(seg.unpack(x_BTE), None, seg.valid, None))
-        return self._causal(x_BTE, ctx.cache.layers[self.layer_idx] if ctx.cache else None, ctx.valid, ctx.n_new)
+        cache = ctx.cache
+        # Caches in which nothing is committed yet (a host-side bound of 0) hold zero states: the prefill's
+        # recurrence starts from none, which it neither reads nor decays.
+        return self._causal(x_BTE, cache.layers[self.layer_idx] if cache else None, ctx.valid, ctx.n_new,
+                            empty=cache is not None and cache.bound == 0)
 
-    def _causal(self, x, state: RecurrentState | None, valid, n_new) -> torch.Tensor:
+    def _causal(self, x, state: RecurrentState | None, valid, n_new, empty: bool = False) -> torch.Tensor:
         if state is not None:
             state.settle()  # a causal pass reads and writes the state whole
         qkv, z, b, a = self.in_proj(x).split(self.split, dim=-1)
         mixed, conv_state = self._conv(qkv, state.conv if state else None, n_new)
         q, k, v = self._qkv(mixed)
         g, beta = self._gates(b, a, valid)
-        o, final, self.last_path = gated_delta(q, k, v, g, beta, initial_state=state.ssm if state else None,
-                                                 check=False, in_place=state is not None)
+        initial = None if state is None or empty else state.ssm
+        o, final, self.last_path = gated_delta(q, k, v, g, beta, initial_state=initial, check=False,
+                                                 in_place=initial is not None)
         if state is not None:
             state.conv, state.ssm = conv_state, final
         return self._out(o, z, x.dtype)

@@ -157,3 +157,18 @@ def test_reset_outside_inference_mode_of_states_made_inside_it(tiny_models):
     for layer in cache.layers:
         if hasattr(layer, "ssm"):
             assert not layer.ssm[0].any() and layer.ssm[1].any() and not layer.conv[0].any()
+
+
+@pytest.mark.parametrize("family", ["qwen3_5", "qwen3_next"])
+def test_long_extension_of_a_filled_cache_matches_full_forward(tiny_models, family):
+    """A prefill into empty caches starts the chunked recurrence from no state; a second long chunk (chunked
+    form again) must start from the committed one."""
+    if family not in tiny_models:
+        pytest.skip(f"no {family} model")
+    model = copy.deepcopy(tiny_models[family][0]).to(torch.float64)
+    ids = torch.randint(0, model.config.vocab_size, (2, 50))
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_cache(2)
+        stepped = torch.cat([model(ids[:, :20], cache=cache), model(ids[:, 20:], cache=cache)], dim=1)
+    assert (stepped - full).abs().max().item() <= TOLERANCE[torch.float64]
