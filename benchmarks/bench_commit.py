@@ -31,7 +31,7 @@ from _models import SIZE_HELP, SIZES, add_device_args, random_checkpoint, resolv
 
 import flare
 from flare.decoding import ArTrustOptions, check_request
-from flare.device import describe, flush_denormals
+from flare.device import describe, prepare_process
 from flare.model import CommitRecord, frozen_weights
 from flare.model.cache import AttentionState, RecurrentState
 from flare.model.context import Rows
@@ -50,7 +50,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     add_device_args(ap)
     args = ap.parse_args()
-    flush_denormals()  # as decoding's own processes do (before torch starts its threads)
+    prepare_process()  # first, before torch starts its intra-op threads (flare.device)
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         random_checkpoint(tmp, args.size, seed=0)

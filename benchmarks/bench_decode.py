@@ -5,12 +5,15 @@ is Qwen3.5-0.8B-shaped), both sides in the same ``--dtype`` on the same ``--devi
 
 * ms per greedy decode step, batch 1 and batch ``--batch`` (``--steps`` new tokens after a 64-token prompt).
   Like-for-like measure: a manual loop on each side, one forward of the new token against the model's cache
-  plus an argmax (flare: ``model.hidden_states(tok, cache=cache)`` + ``model.logits``; transformers:
+  plus an argmax (``flare.ops.sampling.argmax`` on both sides: decoding's, where ``torch.argmax`` over a bf16
+  row of 248,320 logits runs on one thread; flare: ``model.hidden_states(tok, cache=cache)`` + ``model.logits``
+  under ``frozen_weights`` as decoding's runners; transformers:
   ``model(tok, cache=cache)`` reading ``out.cache``). Prefill is excluded; only the decode steps are timed.
   ``generate()`` is not the primary measure because its per-step logits processors / stopping criteria are
   overhead flare's loop does not have; the end-to-end ``flare.engine.decode`` vs ``model.generate`` time
   (prefill included, per new token) is printed as an extra row.
-* prefill tokens/s, batch 1, a 512-token prompt (one forward filling a fresh cache, logits of the last row only).
+* prefill tokens/s, batch 1, a 512-token prompt (one forward filling a fresh cache, logits of the last row only;
+  flare's under ``frozen_weights``, as a decoding runner prefills).
 
 Each ratio is flare / transformers *time* (so < 1 means flare is faster); the goal printed next to the decode
 rows is flare <= 0.5x transformers' time per step. Every number is the median of ``--repeats`` timed runs after
@@ -34,9 +37,11 @@ from _models import (SIZE_HELP, SIZES, add_device_args, load_transformers, rando
 
 import flare
 from flare.decoding import SamplingParams
-from flare.device import describe
+from flare.device import describe, pack_linears
 from flare.engine import decode
 from flare.model import frozen_weights
+from flare.model.packed_linear import prepack
+from flare.ops.sampling import argmax
 
 PROMPT_LEN, PREFILL_LEN, DECODE_GOAL = 64, 512, 0.5
 
@@ -74,8 +79,9 @@ def _device(result) -> torch.device:
 # -- flare ------------------------------------------------------------------------------------------------------
 def flare_prefill(model, ids, steps):
     cache = model.new_cache(ids.shape[0], capacity=ids.shape[1] + steps)
-    last = model.hidden_states(ids, cache=cache)[:, -1]
-    return model.logits(last).argmax(-1), cache
+    with frozen_weights():  # as decoding's runners prefill: packed linears, weight-derived values kept
+        last = model.hidden_states(ids, cache=cache)[:, -1]
+        return argmax(model.logits(last)), cache
 
 
 def flare_steps(model, tok, cache, steps):
@@ -84,7 +90,7 @@ def flare_steps(model, tok, cache, steps):
     t0 = time.perf_counter()
     with frozen_weights():  # what flare's decoding runners run under: weight-derived values kept across steps
         for _ in range(steps - 1):
-            tok = model.logits(model.hidden_states(tok[:, None], cache=cache)[:, 0]).argmax(-1)
+            tok = argmax(model.logits(model.hidden_states(tok[:, None], cache=cache)[:, 0]))
             out.append(tok)
     sync(tok.device)
     return time.perf_counter() - t0, torch.stack(out, 1)
@@ -93,7 +99,7 @@ def flare_steps(model, tok, cache, steps):
 # -- transformers ------------------------------------------------------------------------------------------------
 def hf_prefill(model, ids, steps):
     out = model(ids, use_cache=True, logits_to_keep=1)
-    return out.logits[:, -1].argmax(-1), out.cache
+    return argmax(out.logits[:, -1]), out.cache
 
 
 def hf_steps(model, tok, cache, steps):
@@ -102,7 +108,7 @@ def hf_steps(model, tok, cache, steps):
     for _ in range(steps - 1):
         res = model(tok[:, None], cache=cache, use_cache=True)
         cache = res.cache
-        tok = res.logits[:, -1].argmax(-1)
+        tok = argmax(res.logits[:, -1])
         out.append(tok)
     sync(tok.device)
     return time.perf_counter() - t0, torch.stack(out, 1)
@@ -135,9 +141,9 @@ def random_ids(gen: torch.Generator, vocab: int, batch: int, length: int, device
 
 
 def main() -> None:
-    from flare.device import flush_denormals
+    from flare.device import prepare_process
 
-    flush_denormals()  # as flare's own processes do, before torch starts its intra-op threads
+    prepare_process()  # first, before torch starts its intra-op threads (flare.device)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--size", choices=list(SIZES), default="tiny", help=SIZE_HELP)
@@ -158,6 +164,8 @@ def main() -> None:
         random_checkpoint(tmp, args.size, seed=0)
         device, dtype = resolve_checkpoint(args, tmp)
         fm = flare.load_model(tmp, device=device, dtype=dtype).eval()
+        if pack_linears(device, dtype):
+            prepack(fm)  # as decoding's runners do (the engine's Stepper); the manual loops below run on it
         hf = load_transformers(tmp, device, dtype)
     cfg = fm.config
     n_params = sum(p.numel() for p in hf.parameters())
@@ -166,7 +174,7 @@ def main() -> None:
           f"hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers "
           f"({sum(t != 'full_attention' for t in cfg.layer_types)} GDN), vocab {cfg.vocab_size}")
     print("both run pure-PyTorch kernels (transformers: its torch fallbacks for the GDN conv and recurrence)")
-    print("decode measure: manual greedy loop, one cached forward + argmax per step on both sides, "
+    print("decode measure: manual greedy loop, one cached forward + argmax (decoding's, flare.ops.sampling) per step on both sides, "
           "prefill excluded (the like-for-like measure; generate()/decode() end-to-end shown separately)\n")
 
     gen = torch.Generator().manual_seed(0)

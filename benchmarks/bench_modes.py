@@ -201,9 +201,9 @@ def near_ties(model, prompts, causal_ids, other_ids) -> list[int | None]:
 
 
 def main() -> None:
-    from flare.device import flush_denormals
+    from flare.device import prepare_process
 
-    flush_denormals()  # as flare's own processes do, before torch starts its intra-op threads
+    prepare_process()  # first, before torch starts its intra-op threads (flare.device)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--model", help="FLARE checkpoint directory (needs flare.mask_token_id in config.json); "

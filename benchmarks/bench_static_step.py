@@ -28,7 +28,7 @@ from _models import SIZE_HELP, SIZES, add_device_args, random_checkpoint, resolv
 
 import flare
 from flare import masks
-from flare.device import describe, flush_denormals, pack_linears
+from flare.device import describe, pack_linears, prepare_process
 from flare.model.cache import CommitRecord, ModelCache
 from flare.model.context import ForwardContext, Rows
 from flare.model.layers import frozen_weights, rotary
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     "linears not prepacked by inductor)")
     add_device_args(ap)
     args = ap.parse_args(argv)
-    flush_denormals()  # as decoding's own processes do (before torch starts its threads)
+    prepare_process()  # first, before torch starts its intra-op threads (flare.device)
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         path = args.model or random_checkpoint(tmp, args.size, seed=args.seed)

@@ -9,7 +9,7 @@ import sys
 
 from flare.cliargs import add_dataclass_flags, dataclass_from_args, token_ids
 from flare.decoding.params import SamplingParams
-from flare.device import flush_denormals
+from flare.device import prepare_process
 
 SAMPLING_HELP = {
     "temperature": "sampling temperature; 0 is greedy",
@@ -331,7 +331,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    flush_denormals()  # first: torch's intra-op threads take the flag from this thread when they start
+    prepare_process()  # first, before torch starts its intra-op threads (flare.device)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -27,8 +27,8 @@ def flush_denormals() -> bool:
 
     The flag is the CPU's, per thread: torch's intra-op threads copy it from the thread that starts them and
     cannot be reached after, so call this first thing in a process, before torch runs a parallel op (called
-    later, only the calling thread flushes). flare's own processes do (the ``flare`` command, the server's
-    engine process, the SmolLM2 recipe, the decode benchmarks); an ``Engine`` made in another program leaves the
+    later, only the calling thread flushes). flare's own processes do, through ``prepare_process`` (the ``flare``
+    command, the server's engine process, the SmolLM2 recipe, the decode benchmarks); an ``Engine`` made in another program leaves the
     process's floating-point state alone. It is global: a library in the same process that needs denormals
     (hypothesis's float strategies refuse to run) sees them flushed."""
     if os.environ.get(FLUSH_DENORMAL_ENV, "1") == "0":
@@ -36,6 +36,15 @@ def flush_denormals() -> bool:
     flushed = torch.set_flush_denormal(True)
     precision.DENORMALS_FLUSHED[0] = flushed  # (what the ops that zero tiny values themselves look at)
     return flushed
+
+def prepare_process() -> dict[str, bool]:
+    """What flare's own processes do first (the ``flare`` command, the server's engine process, the recipe, the
+    decode benchmarks): flush denormals (``flush_denormals``, before torch starts its intra-op threads) and keep
+    freed memory for reuse (``flare.heap.keep_freed_memory``). Returns which took effect."""
+    from flare.heap import keep_freed_memory
+
+    return {"flush_denormals": flush_denormals(), "keep_freed_memory": keep_freed_memory()}
+
 
 # Pins the default decoding dtype where no --dtype is given: "auto" (the hardware's choice), "stored" (the
 # checkpoint's own), or a dtype name. The test suite sets "stored" so that it runs alike on every CPU.

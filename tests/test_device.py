@@ -118,3 +118,44 @@ def test_denormals_are_flushed_on_every_intra_op_thread(how, env):
         assert out == ["False", str(1 << 21), "4", "False"]
     elif out[0] == "True":  # a CPU that has the flag (and the ops that zero tiny values know it)
         assert out[1:] == ["0", "0", "True"]
+
+
+_HEAP = """
+import ctypes, json, sys, torch
+import flare.heap
+
+kept = flare.heap.keep_freed_memory()
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+info = ctypes.CDLL(None).mallinfo2
+info.restype = MallInfo2
+x = torch.ones(5 << 20)  # 20 MiB: above glibc's first mmap threshold, below the one set
+del x
+print(json.dumps({"kept": kept, "free_in_heap": info().fordblks}))
+"""
+
+
+@pytest.mark.parametrize("env", ["1", "0"])
+def test_freed_memory_is_kept_for_reuse(env):
+    """With the settings, a freed 20 MiB tensor's memory stays in the heap for the next one (no fresh pages to
+    fault in); with FLARE_KEEP_FREED_MEMORY=0, glibc's default hands it back."""
+    import json
+    import os
+    import platform
+    import subprocess
+    import sys
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc only")
+    env_vars = dict(os.environ, FLARE_KEEP_FREED_MEMORY=env)
+    out = subprocess.run([sys.executable, "-c", _HEAP], capture_output=True, text=True, env=env_vars, check=True)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["kept"] == (env == "1")
+    if env == "1":
+        assert got["free_in_heap"] >= 20 << 20
+    else:
+        assert got["free_in_heap"] < 20 << 20

@@ -222,11 +222,11 @@ def _child(conn, model_dir: str, device, dtype, config: EngineConfig, threads: i
     try:
         import torch
 
-        from flare.device import flush_denormals
+        from flare.device import prepare_process
         from flare.engine.llm import LLM
         from flare.serve import ready
 
-        flush_denormals()  # a fresh interpreter: before torch starts its intra-op threads
+        prepare_process()  # first, before torch starts its intra-op threads (flare.device)
         if threads:
             torch.set_num_threads(threads)
         llm = LLM.from_dir(model_dir, device=device, dtype=dtype, config=config)

@@ -44,9 +44,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from flare.device import flush_denormals
+    from flare.device import prepare_process
 
-    flush_denormals()  # before torch starts its intra-op threads, which copy the flag
+    prepare_process()  # first, before torch starts its intra-op threads (flare.device)
     ap = parser()
     args = ap.parse_args(argv)
     names = [s.name for s in STAGES]
