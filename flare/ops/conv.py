@@ -15,6 +15,13 @@ from flare.ops.take import take_rows
 # once, before the windows are cut: a multiply-add that converts a bf16 operand converts it into a temporary
 # first, one more pass per tap (a verify forward of 8 x 7 rows: 13.1 -> 10.9 ms over 18 layers; the same values).
 LOOP_MIN_CHANNELS = 1024
+# Forwards that need no gradient (decoding, prefills included) always take the window sum; training's longer rows
+# take F.conv1d above this many. oneDNN's depthwise conv wants [B, C, T]: a transposing copy in, and an output
+# whose channels lie T apart, which every op after it reads slowly (the q/k norm of a 512-token prefill of a
+# Qwen3.5-0.8B-shaped layer: 8.6 ms; AMX Xeon, 2 threads). Conv and the norm after it, conv path -> window sum:
+# 15.2 -> 4.2 ms (1 x 512 tokens, 6,144 channels, bf16), 3.6 -> 2.2 (8 x 32), 77.5 -> 27.4 (1 x 2,000); toy
+# sizes (192 channels, fp32) 0.67 -> 0.24 ms (1 x 512), 0.28 -> 0.14 (8 x 30). The same values in bf16.
+WINDOW_MAX_T = 16
 
 
 def _loop_form(x: torch.Tensor, weight_CK: torch.Tensor) -> torch.Tensor:
@@ -57,8 +64,8 @@ def causal_conv1d(
     B, T, C = x_BTC.shape
     K = weight_CK.shape[1]
     full = cast(conv_inputs(x_BTC, state_BkC, K) if full is None else full, weight_CK.dtype)  # [B, K-1+T, C]
-    if T <= 16:
-        # Decode steps and verify blocks: a weighted sum over the K-window beats a conv launch on CPU.
+    if T <= WINDOW_MAX_T or not (torch.is_grad_enabled() and (x_BTC.requires_grad or weight_CK.requires_grad)):
+        # Decode steps, verify blocks and prefills: a weighted sum over the K-window, in [B, T, C] throughout.
         y = _window_sum(_loop_form(full, weight_CK).unfold(1, K, 1).transpose(-1, -2), weight_CK)  # [B, T, C]
     else:
         y = F.conv1d(full.transpose(1, 2), weight_CK[:, None, :], groups=C).transpose(1, 2)

@@ -70,3 +70,25 @@ def test_the_inputs_a_caller_already_has_give_the_same_conv():
     parent = torch.tensor([[-1, 0, 1, 1, 3]] * 2)
     assert torch.equal(tree_conv1d(x, w, state, parent), tree_conv1d(x, w, state, parent, full=full))
     assert torch.equal(conv_inputs(x, None, 4)[:, :3], torch.zeros(2, 3, 6))
+
+
+@pytest.mark.parametrize("C", [6, LOOP_MIN_CHANNELS])
+@pytest.mark.parametrize("T", [17, 40])
+def test_long_rows_without_gradients_take_the_window_sum_and_equal_the_conv(T, C, monkeypatch):
+    """Past WINDOW_MAX_T rows a forward that needs no gradient sums the K-window (no conv call) and equals
+    F.conv1d's causal conv, which training's rows still take (with gradients that match)."""
+    import flare.ops.conv as conv
+
+    x, w, state = _data(2, T, C, 4, T)
+    with torch.no_grad():
+        want = F.conv1d(torch.cat([state, x], 1).transpose(1, 2), w[:, None, :], groups=C).transpose(1, 2)
+        calls, real = [], F.conv1d
+        monkeypatch.setattr(conv.F, "conv1d", lambda *a, **k: calls.append(1) or real(*a, **k))
+        y, new_state = causal_conv1d(x, w, state)
+    assert calls == [] and y.is_contiguous()
+    torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
+    assert torch.equal(new_state, x[:, -3:])
+    xg = x.clone().requires_grad_()
+    yg, _ = causal_conv1d(xg, w, state)
+    assert calls == [1]
+    torch.testing.assert_close(yg, want, rtol=1e-12, atol=1e-12)
