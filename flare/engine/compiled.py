@@ -19,8 +19,9 @@ causal lower (its rounds' eager bookkeeping weighs more). On the converted SmolL
 causal decoding gains nothing (36.7-39.5 tokens/s compiled, 37.0-38.8 eagerly, where the static shapes of
 ``bench_static_step.py`` took 0.73x: over a growing cache the graph's shapes are symbolic) and AR-Trust 1.15x in two
 runs of three (51.5-51.8 against 44.2-45.3; 40.8 in the other); 7 graphs, no break. Compiling
-costs seconds per graph (the first decodes of the demo model took 4-25 s, of SmolLM2 about 2 min), so it is off by
-default.
+costs seconds per graph (the first decodes of the demo model took 4-25 s, of SmolLM2 about 2 min; on a 0.75B Qwen3.5
+shape ``bench_modes.py --size real`` had compiled 11 graphs in 13 minutes without reaching its timed rounds), so it
+is off by default.
 """
 
 from __future__ import annotations
