@@ -145,11 +145,16 @@ class FlareModel(nn.Module):
         record: CommitRecord | None = None,
     ) -> ForwardContext:
         """What a forward over ``input_ids`` needs besides its weights (positions, masks, segments, cache slots)."""
-        return ForwardContext.build(
+        ctx = ForwardContext.build(
             input_ids, rotary_dim=self.config.rotary_dim, head_dim=self.config.head_dim,
             rope_theta=self.config.rope_theta,
             dtype=self.dtype, cache=cache, valid_BT=valid, layout=layout, record=record,
         )
+        if ctx.tree is not None and any(t != FULL_ATTENTION for t in self.config.layer_types):
+            # The short conv's windows, made here rather than by the first GDN layer: a compiled forward then
+            # finds them made (made inside it, the next call's guards saw a changed memo and recompiled).
+            ctx.tree.windows(self.config.linear_conv_kernel_dim)
+        return ctx
 
     @staticmethod
     def two_stream_input(x0: torch.Tensor, xt: torch.Tensor, doc_ids: torch.Tensor, block_size: int,

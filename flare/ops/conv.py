@@ -70,7 +70,10 @@ def causal_conv1d(
     else:
         y = F.conv1d(full.transpose(1, 2), weight_CK[:, None, :], groups=C).transpose(1, 2)
     if lengths_B is None:
-        new_state = full[:, T:]
+        # Its own tensor with its own strides, not a view of ``full`` (whose strides differ with T, even at one
+        # sequence, where .contiguous() keeps the view): a compiled step guards on
+        # the cache's strides and would recompile (flare.engine.compiled).
+        new_state = full[:, T:].clone(memory_format=torch.contiguous_format)
     else:
         new_state = take_rows(full, lengths_B[:, None] + torch.arange(K - 1, device=x_BTC.device))
     return cast(y, x_BTC.dtype), cast(new_state, x_BTC.dtype)

@@ -114,3 +114,16 @@ def test_the_equal_lengths_mask_is_the_rule(models64):
     for L in (0, 5):
         rule = masks.inference_tree(torch.full((3,), L), tree.sees(), tree.real)
         assert torch.equal(masks.after_committed(tree.own_mask(), L), masks.materialize(rule, 3, T, L + T, "cpu"))
+
+
+def test_the_context_makes_the_conv_windows_before_the_layers_run(models64):
+    """A compiled forward must find the tree's conv windows made (made inside it, the memo changes under the
+    graph's guards and the next call recompiles): the context builds them."""
+    model, N, B = models64["qwen3_5"], 3, 2
+    M = N - 1
+    rows = torch.cat([torch.randint(0, 90, (B, N)), torch.full((B, N * M), MASK)], 1)
+    with torch.no_grad():
+        cache = model.new_cache(B)
+        model.hidden_states(torch.randint(0, 90, (B, 5)), cache=cache)
+        ctx = model.context(rows, cache=cache, layout=Rows(N, N * M, seeds=_seeds(B, N, M, list(range(1, N + 1)))))
+    assert ("windows", model.config.linear_conv_kernel_dim) in ctx.tree._memo

@@ -92,3 +92,12 @@ def test_long_rows_without_gradients_take_the_window_sum_and_equal_the_conv(T, C
     yg, _ = causal_conv1d(xg, w, state)
     assert calls == [1]
     torch.testing.assert_close(yg, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("B, T", [(1, 1), (1, 5), (3, 1), (2, 40)])
+def test_the_new_state_has_its_own_standard_strides(B, T):
+    """The carried state is never a view of the inputs: its strides are the same whatever T (a compiled decode
+    step guards on them), at one sequence too."""
+    x, w, state = _data(B, T, 8, 4, 0)
+    _, new_state = causal_conv1d(x, w, state)
+    assert new_state.stride() == (3 * 8, 8, 1)
