@@ -267,3 +267,20 @@ def test_bad_chunk_size_raises():
     xs = make_inputs(5)
     with pytest.raises(ValueError, match="chunk_size"):
         gated_delta_chunk(*xs, chunk_size=0)
+
+
+@pytest.mark.parametrize("T", [7, 40])
+def test_fast_forgetting_heads_match_naive(T):
+    """Decays far below EXP_FLOOR (g of -30 a row: e^(G_i - G_j) down to e^-1170) are floored in the chunked and
+    rows forms, which still equal the sequential form."""
+    from flare.ops.gated_delta import gated_delta_rows
+
+    q, k, v, g, beta, s0 = make_inputs(T, with_state=True, seed=3)
+    g = g * 30
+    ref_o, ref_s = gated_delta_naive(q, k, v, g, beta, s0)
+    o, s = gated_delta_chunk(q, k, v, g, beta, s0)
+    assert_close(o, ref_o, what="chunk o")
+    assert_close(s, ref_s, what="chunk state")
+    scan = gated_delta_rows(q, k, v, g, beta, s0, DK**-0.5)
+    assert_close(scan.o, ref_o, what="rows o")
+    assert_close(scan.final_state, ref_s, what="rows state")

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from flare.ops.gated_delta.naive import expand_heads, validate_inputs
-from flare.ops.precision import accum_dtype, no_autocast
+from flare.ops.precision import EXP_FLOOR, accum_dtype, no_autocast
 
 __all__ = ["ChunkScan", "chunk_scan", "gated_delta_chunk"]
 
@@ -177,8 +177,8 @@ def chunk_scan(
     cum = gc.cumsum(dim=-1)  # G_i
     incl = torch.ones(C, C, dtype=torch.bool, device=dev).tril()  # j <= i
     strict = incl.tril(-1)  # j < i
-    # e^{G_i - G_j} on j <= i, 0 elsewhere (masked before exp: no overflow).
-    diff = (cum[..., :, None] - cum[..., None, :]).masked_fill(~incl, 0.0)
+    # e^{G_i - G_j} on j <= i, 0 elsewhere (masked before exp: no overflow; floored: no slow underflow).
+    diff = (cum[..., :, None] - cum[..., None, :]).masked_fill(~incl, 0.0).clamp_(min=EXP_FLOOR)
     decay = diff.exp().masked_fill(~incl, 0.0)  # [B, H, N, C, C]
 
     kk = kc @ kc.transpose(-1, -2)

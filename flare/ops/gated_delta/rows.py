@@ -28,7 +28,7 @@ import torch
 
 from flare.ops.gated_delta.naive import expand_heads
 from flare.ops.gated_delta.pending import PendingCommits, bmm4, write_update
-from flare.ops.precision import accum_dtype, cast, faking, no_autocast
+from flare.ops.precision import EXP_FLOOR, accum_dtype, cast, faking, no_autocast
 
 
 class RowsScan(NamedTuple):
@@ -123,8 +123,9 @@ def gated_delta_rows(
     else:
         hidden = ~path.unsqueeze(1)  # [B, 1, T, T]
         cum = (path.unsqueeze(1).to(acc) @ cast(g, acc).transpose(1, 2).unsqueeze(-1)).squeeze(-1)  # G_i on i's path
-    # exp(-inf) = 0 off the path: one mask, before the exponent (no overflow from j > i).
-    decay = (cum.unsqueeze(-1) - cum.unsqueeze(-2)).masked_fill(hidden, float("-inf")).exp()
+    # On the path G_i - G_j <= 0, floored (an exponent under EXP_FLOOR is an x86 slow path, exp(-inf) too);
+    # off it exactly 0, masked after the exponent (clamped to 0 first: no overflow from j > i).
+    decay = (cum.unsqueeze(-1) - cum.unsqueeze(-2)).clamp_(EXP_FLOOR, 0.0).exp().masked_fill(hidden, 0.0)
     e_g = cum.exp().unsqueeze(-1)  # [B, H, T, 1]
     dots = bmm4(qk, kh.transpose(-1, -2))  # [B, H, 2T, T]: q_i . k_j, then k_i . k_j
     reads_s0 = bmm4(qk, s0) if pending is None else pending.read(qk, s0)  # [B, H, 2T, Dv]: q_i^T S0, then k_i^T S0
