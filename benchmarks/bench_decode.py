@@ -174,8 +174,9 @@ def main() -> None:
           f"hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers "
           f"({sum(t != 'full_attention' for t in cfg.layer_types)} GDN), vocab {cfg.vocab_size}")
     print("both run pure-PyTorch kernels (transformers: its torch fallbacks for the GDN conv and recurrence)")
-    print("decode measure: manual greedy loop, one cached forward + argmax (decoding's, flare.ops.sampling) per step on both sides, "
-          "prefill excluded (the like-for-like measure; generate()/decode() end-to-end shown separately)\n")
+    print("decode measure: manual greedy loop, one cached forward + argmax (decoding's, flare.ops.sampling) per "
+          "step on both sides, prefill excluded (the like-for-like measure; generate()/decode() end-to-end shown "
+          "separately)\n")
 
     gen = torch.Generator().manual_seed(0)
     rows, checks, decode_ratios = [], [], []

@@ -25,17 +25,18 @@ def flush_denormals() -> bool:
     8 sequences 207 instead of 224 ms (bf16, AMX); an AR-Trust decode of 8 sequences on the demo model 99 instead
     of 110 ms. Values that small change nothing a model computes.
 
-    The flag is the CPU's, per thread: torch's intra-op threads copy it from the thread that starts them and
-    cannot be reached after, so call this first thing in a process, before torch runs a parallel op (called
-    later, only the calling thread flushes). flare's own processes do, through ``prepare_process`` (the ``flare``
-    command, the server's engine process, the SmolLM2 recipe, the decode benchmarks); an ``Engine`` made in another program leaves the
-    process's floating-point state alone. It is global: a library in the same process that needs denormals
-    (hypothesis's float strategies refuse to run) sees them flushed."""
+    The flag is the CPU's, per thread: torch's intra-op threads copy it from the thread that starts them and cannot
+    be reached after, so call this first thing in a process, before torch runs a parallel op (called later, only the
+    calling thread flushes). flare's own processes do, through ``prepare_process`` (the ``flare`` command, the
+    server's engine process, the SmolLM2 recipe, the decode benchmarks); an ``Engine`` made in another program
+    leaves the process's floating-point state alone. It is global: a library in the same process that needs
+    denormals (hypothesis's float strategies refuse to run) sees them flushed."""
     if os.environ.get(FLUSH_DENORMAL_ENV, "1") == "0":
         return False
     flushed = torch.set_flush_denormal(True)
     precision.DENORMALS_FLUSHED[0] = flushed  # (what the ops that zero tiny values themselves look at)
     return flushed
+
 
 def prepare_process() -> dict[str, bool]:
     """What flare's own processes do first (the ``flare`` command, the server's engine process, the recipe, the

@@ -222,9 +222,9 @@ class ModelCache:
         for layer in self.layers:
             if isinstance(layer, RecurrentState):
                 # In place: a fresh state-sized tensor per layer is an allocation the CPU pays in page faults
-                # (18 x 8 MB on a 0.75B model at 8 slots: 25-600 ms a reset here, ~12 ms in place). A state
-                # that is a view of a forward's output (a prefill's last conv window) is copied first, and
-                # tensors made under inference mode, which only it may change in place, are replaced.
+                # (18 x 8 MB on a 0.75B model at 8 slots: 25-600 ms a reset here, ~12 ms in place). The states
+                # are the cache's own tensors (never views of a forward's outputs); those made under inference
+                # mode, which only it may change in place, are replaced.
                 layer.conv = _emptied(layer.conv, idx)
                 layer.ssm = _emptied(layer.ssm, idx)
                 layer.pending.clear(idx)
@@ -243,7 +243,7 @@ class ModelCache:
 
 
 def _emptied(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """``x`` with ``rows`` (dim 0) zeroed: in place where it may be written (a contiguous tensor of its own)."""
-    if not x.is_contiguous() or (x.is_inference() and not torch.is_inference_mode_enabled()):
+    """``x`` with ``rows`` (dim 0) zeroed: in place unless ``x`` is an inference tensor outside inference mode."""
+    if x.is_inference() and not torch.is_inference_mode_enabled():
         return x.index_fill(0, rows, 0)
     return x.index_fill_(0, rows, 0)

@@ -50,8 +50,8 @@ def gated_delta(
 ) -> tuple[torch.Tensor, torch.Tensor, str]:
     """Run the gated delta rule with the form suited to the sequence length.
 
-    Picks ``gated_delta_step`` when ``T == 1``, ``gated_delta_naive`` when ``T <= 16`` and
-    ``gated_delta_chunk`` otherwise (in chunks of ``chunk_size_for(T)``), except that with ``prefer=None`` the chunk choice runs on
+    Picks ``gated_delta_step`` when ``T == 1``, ``gated_delta_naive`` when ``T <= 16`` and ``gated_delta_chunk``
+    otherwise (in chunks of ``chunk_size_for(T)``), except that with ``prefer=None`` the chunk choice runs on
     flash-linear-attention's fused kernel (name ``"fla"``) where :func:`flare.ops.gated_delta.fla.selected` says it
     applies (CUDA, the package installed, 16-bit values, ``FLARE_GDN_BACKEND`` not ``torch``). ``prefer`` forces a
     torch form (one of ``FORMS``; ``"step"`` needs T == 1, anything else raises ``ValueError``). Shapes as in the

@@ -210,9 +210,9 @@ def chunk_scan(
     outs: list[torch.Tensor] = []
     us: list[torch.Tensor] = []
     starts: list[torch.Tensor] = []
+    if state is None and (keep or block_states is not None):  # these read the state before each chunk
+        state = torch.zeros(B, H, Dk, Dv, dtype=f32, device=dev)
     for n in range(N):
-        if state is None and (keep or block_states is not None):
-            state = torch.zeros(B, H, Dk, Dv, dtype=f32, device=dev)
         u = u_base[:, :, n] if state is None else u_base[:, :, n] - w[:, :, n] @ state  # deltas u_i [B, H, C, Dv]
         if keep:
             starts.append(state)
