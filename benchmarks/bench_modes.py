@@ -9,9 +9,10 @@ What it measures, all in one run on one model and one set of prompts:
   included). Fixed-length outputs, as in the paper's protocol: ``SamplingParams(temperature=0,
   max_new_tokens=N, ignore_eos=True)``; a run counts only if every completion has exactly N tokens.
   tokens/s = completion tokens / wall time of the whole ``decode()`` call (prefill included), timed with
-  time.perf_counter; after one warm-up call per mode, ``--repeats`` interleaved rounds (causal, ar_trust, ...,
-  causal, ...) so that background load drifts hit every mode alike; medians reported. Every ratio is to causal
-  decoding at the same batch size, measured in the same run.
+  time.perf_counter; after one warm-up call per mode (with ``FLARE_COMPILE``, whole decodes until one compiles no
+  graph, at most ``COMPILE_WARMUPS``; their time is printed apart), ``--repeats`` interleaved rounds (causal,
+  ar_trust, ..., causal, ...) so that background load drifts hit every mode alike; medians reported. Every ratio
+  is to causal decoding at the same batch size, measured in the same run.
 * AR-Trust counters: drafted and accepted draft tokens (acceptance rate), and an exactness check: at
   temperature 0 AR-Trust must emit exactly the causal (greedy AR) tokens.
 * goal (printed beside the AR-Trust rows): AR-Trust >= 2.5x causal tokens/s with TPF >= 3.0 (of gen block 4), on
@@ -60,8 +61,10 @@ import flare
 from flare.decoding import OPTIONS, ArTrustOptions, CausalOptions, SamplingParams, parse_modes
 from flare.device import describe
 from flare.engine import decode
+from flare.engine.compiled import compile_backend, graphs_compiled
 
 GOAL_SPEED, GOAL_TPF = 2.5, 3.0
+COMPILE_WARMUPS = 6  # compiled: the most whole warm-up decodes per mode and batch
 
 
 def task_prompts(model_dir: str, spec: str, n: int) -> list[list[int]]:
@@ -307,10 +310,21 @@ def run(a: argparse.Namespace, ap: argparse.ArgumentParser, stack: ExitStack) ->
     results = {}
     # Warm-ups are short (4-token prompts, 2 new tokens): they only need each mode's code path to have run once.
     warm = SamplingParams(temperature=0, max_new_tokens=min(a.new_tokens, 2), ignore_eos=True)
+    compiling = compile_backend() is not None
     for B in sorted({1, a.batch}):
         prompts = prompts_all[:B]
         for mode in modes:
+            t0 = time.perf_counter()
             timed_decode(model, [p[:4] for p in prompts], warm, spec[mode])
+            # Compiled (FLARE_COMPILE): whole decodes until one compiles no graph, so that no timed round waits
+            # for the compiler (AR-Trust's pacer meets new kinds of rounds, and sizes turn dynamic, over several).
+            for _ in range(COMPILE_WARMUPS if compiling else 0):
+                compiles = model.compiles
+                timed_decode(model, prompts, params, spec[mode])
+                if model.compiles == compiles:
+                    break
+            if compiling:
+                sections["compile warm-up"] = sections.get("compile warm-up", 0.0) + time.perf_counter() - t0
         times: dict[str, list[float]] = {m: [] for m in modes}
         cpu: dict[str, list[float]] = {m: [] for m in modes}
         prefill: dict[str, list[float]] = {m: [] for m in modes}
@@ -336,7 +350,11 @@ def run(a: argparse.Namespace, ap: argparse.ArgumentParser, stack: ExitStack) ->
                                     prefill_ms=statistics.median(prefill[mode]) * 1e3 if prefill[mode] else None,
                                     round_ms=statistics.median(rounds[mode]) * 1e3 if rounds[mode] else None)
 
-    sections["modes"] = time.perf_counter() - t_modes
+    sections["modes"] = time.perf_counter() - t_modes - sections.get("compile warm-up", 0.0)
+    if compiling:
+        print(f"compiled ({compile_backend()}): {graphs_compiled()} graphs, {sections['compile warm-up']:.0f} s of "
+              f"warm-ups (per mode and batch: a short decode, then whole ones until one compiled nothing, at most "
+              f"{COMPILE_WARMUPS})\n")
     hdr = (f"{'mode':<28}{'batch':>6}{'tok/s':>10}{'x causal':>10}{'cpu x':>8}{'TPF':>7}{'forwards':>10}"
            f"{'ms (min-max)':>20}{'drafted':>9}{'accepted':>10}  goal")
     print(hdr)
@@ -426,6 +444,8 @@ def run(a: argparse.Namespace, ap: argparse.ArgumentParser, stack: ExitStack) ->
     skip_real = not a.model and a.size == "real" and not a.profile
     if unmet and not a.no_profile and device.type == "cpu" and skip_real:
         print("  (profile skipped at --size real: --profile runs it)")
+    elif unmet and not a.no_profile and device.type == "cpu" and compiling:
+        print("  (profile skipped when compiled: its forward hooks would break the graphs)")
     elif unmet and not a.no_profile and device.type == "cpu":
         B = max(unmet)
         prompts = prompts_all[:B]

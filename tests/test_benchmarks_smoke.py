@@ -105,3 +105,13 @@ def test_bench_static_step_traces_each_forward_as_one_graph(tmp_path):
                                                  ("3", "verify", "7")]
     assert all(r[-1].split("/")[0] == r[-1].split("/")[1] for r in rows)
     assert "SUMMARY: compiled / eager:" in res.stdout
+
+
+def test_bench_modes_warms_compiled_decoding_up_before_timing(tmp_path):
+    """With FLARE_COMPILE the warm-up runs whole decodes until one compiles no graph, and says what it cost."""
+    env = {**os.environ, "FLARE_COMPILE": "eager"}
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_modes.py"), "--size", "tiny", "--modes",
+                          "causal,ar_trust", "--batch", "2", "--new-tokens", "4", "--repeats", "1", "--no-transformers",
+                          "--no-profile"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "compiled (eager): " in res.stdout and "compile warm-up" in res.stdout

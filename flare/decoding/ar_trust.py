@@ -104,6 +104,7 @@ class ArTrustLane(Lane):
         self.v = self.have  # [S] the drafts each slot verifies in the round in flight
         self.round: list[int] = []  # the slots of the round in flight
         self.served: int | None = None  # the sequences the last paced round served
+        self.compiles_seen = model.compiles
 
     def admit(self, slots: list[int], prompts: list[list[int]]) -> list[list[int]]:
         """Commit all but the last prompt token: that one is the first pending token."""
@@ -148,6 +149,10 @@ class ArTrustLane(Lane):
             if not greedy:
                 self.pacer.skip()  # sampled rounds are not paced, and not timed
             else:
+                if self.model.compiles != self.compiles_seen:
+                    # A graph compiled in the round in flight (FLARE_COMPILE): its seconds are the compiler's.
+                    self.compiles_seen = self.model.compiles
+                    self.pacer.skip()
                 kind = self.pacer.next(self.served)
                 if kind == CAUSAL:
                     self.paused = list(live)

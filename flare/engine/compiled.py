@@ -10,18 +10,23 @@ and the graph holds the decoder stack (``FlareModel.hidden_states`` with that co
 records are the same side effects as eagerly. Prefills (more than ``MAX_ROWS`` rows a sequence) stay eager: their
 lengths vary too much for a graph each. A compile that fails warns once and leaves the runner eager for good.
 
+A forward that compiled a graph counts in ``model.compiles``; AR-Trust's pacer does not time its round (a kind
+priced at the compiler's seconds, a recompile when a size turns dynamic, was avoided long after), and
+``bench_modes.py`` warms up with whole decodes until one compiles nothing (before, its AR-Trust rounds at batch 1
+waited on compiles: 22-28 tokens/s against 1,091 now).
+
 Measured: ``benchmarks/bench_static_step.py`` (one forward of each kind, static shapes): inductor halves a toy
 model's forwards and takes a quarter off SmolLM2's; on a 0.75B Qwen3.5 shape the verify forward gains most (0.78x)
 while the causal step at 8 sequences does not (1.17x). ``bench_modes.py`` on the demo checkpoint (fp32, one
-thread, AMX Xeon) with ``FLARE_COMPILE=inductor``: causal 789 / 3,499 tokens/s at batch 1 / 8 and AR-Trust 854 /
-3,226, against 392 / 2,138 and 578 / 2,106 eagerly (another run), 19 graphs; every mode faster, AR-Trust's ratio to
-causal lower (its rounds' eager bookkeeping weighs more). On the converted SmolLM2 (bf16, two threads, batch 1)
-causal decoding gains nothing (36.7-39.5 tokens/s compiled, 37.0-38.8 eagerly, where the static shapes of
-``bench_static_step.py`` took 0.73x: over a growing cache the graph's shapes are symbolic) and AR-Trust 1.15x in two
-runs of three (51.5-51.8 against 44.2-45.3; 40.8 in the other); 7 graphs, no break. Compiling
-costs seconds per graph (the first decodes of the demo model took 4-25 s, of SmolLM2 about 2 min; on a 0.75B Qwen3.5
-shape ``bench_modes.py --size real`` had compiled 11 graphs in 13 minutes without reaching its timed rounds), so it
-is off by default.
+thread, AMX Xeon, 5 repeats) with ``FLARE_COMPILE=inductor``: causal 836 / 4,376 tokens/s at batch 1 / 8 and
+AR-Trust 1,091 / 3,685, against 498 / 2,872 and 699 / 2,658 eagerly (the same session), 17 graphs; every mode
+faster, AR-Trust's ratio to causal lower (its rounds' eager bookkeeping weighs more). On the converted SmolLM2
+(bf16, two threads, batch 1) causal decoding gains nothing (36.7-39.5 tokens/s compiled, 37.0-38.8 eagerly, where
+the static shapes of ``bench_static_step.py`` took 0.73x: over a growing cache the graph's shapes are symbolic)
+and AR-Trust 1.15x in two runs of three (51.5-51.8 against 44.2-45.3; 40.8 in the other); 7 graphs, no break.
+Compiling costs seconds per graph (the first decodes of the demo model took 4-25 s, of SmolLM2 about 2 min; on a
+0.75B Qwen3.5 shape ``bench_modes.py --size real`` had compiled 11 graphs in 13 minutes without reaching its timed
+rounds), so it is off by default.
 """
 
 from __future__ import annotations
@@ -74,6 +79,7 @@ class CompiledForward:
         if self.failed or input_ids.shape[1] > MAX_ROWS:
             return model.hidden_states(input_ids, cache=cache, valid=valid, layout=layout, record=record)
         ctx = model.context(input_ids, cache=cache, valid=valid, layout=layout, record=record)
+        graphs = graphs_compiled()
         try:
             out = self.graph(input_ids, ctx)
         except Exception as e:  # a compile error happens before the graph runs: nothing was written yet
@@ -82,7 +88,13 @@ class CompiledForward:
                           f"now on: {type(e).__name__}: {e}", RuntimeWarning, stacklevel=2)
             return model.hidden_states(input_ids, cache=cache, context=ctx)
         model.compiled_with = self.backend
+        model.compiles += graphs_compiled() != graphs
         return out
+
+
+def graphs_compiled() -> int:
+    """Graphs dynamo has compiled in this process so far (recompiles included)."""
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
 def decoding_forward(model: FlareModel):

@@ -62,6 +62,9 @@ class FlareModel(nn.Module):
         self.pacing: dict = {}
         # The torch.compile backend decoding's forwards last ran under (flare.engine.compiled; "" for eager).
         self.compiled_with = ""
+        # How many of decoding's forwards compiled a graph (flare.engine.compiled): a pacer does not time the round
+        # of one, whose seconds are the compiler's.
+        self.compiles = 0
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0, std: float = 0.02) -> "FlareModel":

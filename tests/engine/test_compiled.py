@@ -11,6 +11,7 @@ import torch
 
 import flare.engine.compiled as compiled
 from flare.decoding import SamplingParams
+from flare.decoding.pacer import Pacer
 from flare.engine import decode
 from flare.engine.compiled import COMPILE_ENV, CompiledForward, compile_backend
 
@@ -101,3 +102,26 @@ def test_prefills_stay_eager(flare_models, monkeypatch):
     got, _ = _tokens(model, "causal", long_prompt, monkeypatch, "inductor")
     want, _ = _tokens(model, "causal", long_prompt, monkeypatch, None)
     assert got == want and seen and max(seen) <= compiled.MAX_ROWS
+
+
+def test_a_round_that_compiled_a_graph_is_not_timed(flare_models, monkeypatch):
+    """The pacer prices each kind of round on the clock: a round whose forward compiled a graph (a first kind, or a
+    recompile when a size turns dynamic) would price it at the compiler's seconds."""
+    torch._dynamo.reset()
+    model = flare_models["qwen3_5"]
+    monkeypatch.setenv(COMPILE_ENV, "eager")
+    model.pacing.clear()
+    rounds, seen = [], [model.compiles]
+    next_kind = Pacer.next
+
+    def next_(self, sequences):
+        timed_before = sum(len(c) for c in self.cost.values())
+        kind = next_kind(self, sequences)
+        compiled, seen[0] = model.compiles != seen[0], model.compiles
+        rounds.append((compiled, sum(len(c) for c in self.cost.values()) > timed_before))
+        return kind
+
+    monkeypatch.setattr(Pacer, "next", next_)
+    decode(model, PROMPTS[:1], SamplingParams(max_new_tokens=24, temperature=0.0, ignore_eos=True), "ar_trust")
+    assert any(c for c, _ in rounds) and any(t for _, t in rounds)  # rounds compiled, and rounds were timed
+    assert not any(c and t for c, t in rounds)
