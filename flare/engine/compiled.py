@@ -7,8 +7,8 @@ modes of ``bench_modes.py`` at batch 1 and 8 on the demo model): the first compi
 recompile makes the sizes that changed (the cache's length bound, the kept commits' count) symbolic.
 The context of each forward (masks, positions, the row tree) is built eagerly beforehand (``FlareModel.context``)
 and the graph holds the decoder stack (``FlareModel.hidden_states`` with that context): its cache writes and commit
-records are the same side effects as eagerly. Prefills (more than ``MAX_ROWS`` rows a sequence) stay eager: their
-lengths vary too much for a graph each. A compile that fails warns once and leaves the runner eager for good.
+records are the same side effects as eagerly. Prefills (more than ``MAX_ROWS`` rows a sequence, or any forward into an
+empty cache) stay eager: their lengths vary too much for a graph each. A compile that fails warns once and leaves the runner eager for good.
 
 A forward that compiled a graph counts in ``model.compiles``; AR-Trust's pacer does not time its round (a kind
 priced at the compiler's seconds, a recompile when a size turns dynamic, was avoided long after), and
@@ -18,15 +18,18 @@ waited on compiles: 22-28 tokens/s against 1,091 now).
 Measured: ``benchmarks/bench_static_step.py`` (one forward of each kind, static shapes): inductor halves a toy
 model's forwards and takes a quarter off SmolLM2's; on a 0.75B Qwen3.5 shape the verify forward gains most (0.78x)
 while the causal step at 8 sequences does not (1.17x). ``bench_modes.py`` on the demo checkpoint (fp32, one
-thread, AMX Xeon, 5 repeats) with ``FLARE_COMPILE=inductor``: causal 836 / 4,376 tokens/s at batch 1 / 8 and
-AR-Trust 1,091 / 3,685, against 498 / 2,872 and 699 / 2,658 eagerly (the same session), 17 graphs; every mode
-faster, AR-Trust's ratio to causal lower (its rounds' eager bookkeeping weighs more). On the converted SmolLM2
-(bf16, two threads, batch 1) causal decoding gains nothing (36.7-39.5 tokens/s compiled, 37.0-38.8 eagerly, where
-the static shapes of ``bench_static_step.py`` took 0.73x: over a growing cache the graph's shapes are symbolic)
-and AR-Trust 1.15x in two runs of three (51.5-51.8 against 44.2-45.3; 40.8 in the other); 7 graphs, no break.
-Compiling costs seconds per graph (the first decodes of the demo model took 4-25 s, of SmolLM2 about 2 min; on a
-0.75B Qwen3.5 shape ``bench_modes.py --size real`` had compiled 11 graphs in 13 minutes without reaching its timed
-rounds), so it is off by default.
+thread, AMX Xeon, 5 repeats) with ``FLARE_COMPILE=inductor``: causal 829 / 4,875 tokens/s at batch 1 / 8 and
+AR-Trust 1,106 / 4,309, against 498 / 2,872 and 699 / 2,658 eagerly (the same session), 10 graphs (17 before the
+forwards into empty caches stayed eager, the write positions were always a tensor, kept commits were read whole and
+the lengths advanced after the graph); every mode faster, AR-Trust's ratio to causal lower (its rounds' eager
+bookkeeping weighs more). On the converted SmolLM2 (bf16, two threads, batch 1) causal decoding gains nothing
+(36.7-39.5 tokens/s compiled, 37.0-38.8 eagerly, where the static shapes of ``bench_static_step.py`` took 0.73x:
+over a growing cache the graph's shapes are symbolic) and AR-Trust 1.15x in two runs of three (51.5-51.8 against
+44.2-45.3; 40.8 in the other); 7 graphs, no break. Compiling costs seconds per graph (the first decodes of the demo
+model took 4-25 s, of SmolLM2 about 2 min), and on a 0.75B Qwen3.5 shape it loses: ``bench_modes.py --size real
+--threads 2 --modes ar_trust:redraft=last:pause=0`` compiled 15 graphs in 21 minutes of warm-up (before the
+reductions above), then took 91.7 / 142.4 ms a causal step at batch 1 / 8 and 101.1 / 192.7 a round, against 86.3 /
+112.9 and 100.6 / 179.2 eagerly (packed oneDNN linears; another run, the same session). So it is off by default.
 """
 
 from __future__ import annotations
@@ -72,13 +75,21 @@ class CompiledForward:
 
     def _stack(self, input_ids: torch.Tensor, ctx) -> torch.Tensor:
         # The class's method: a wrapper put on the instance (a benchmark's timer) stays out of the graph.
-        return type(self.model).hidden_states(self.model, input_ids, cache=ctx.cache, context=ctx)
+        # The cache's lengths advance after the graph (``advance_cache``): inside it, the host-side bound's
+        # flags would be guards, a graph each.
+        return type(self.model).hidden_states(self.model, input_ids, cache=ctx.cache, context=ctx, advance=False)
 
     def __call__(self, input_ids: torch.Tensor, *, cache, valid=None, layout=None, record=None) -> torch.Tensor:
         model = self.model
-        if self.failed or input_ids.shape[1] > MAX_ROWS:
+        if self.failed or input_ids.shape[1] > MAX_ROWS or cache is None or cache.bound == 0:
             return model.hidden_states(input_ids, cache=cache, valid=valid, layout=layout, record=record)
-        ctx = model.context(input_ids, cache=cache, valid=valid, layout=layout, record=record)
+        # Per-sequence write positions and masks, even where every length equals the bound (eagerly a range and
+        # no mask, cheaper): one kind of graph for both, not a graph each (a compile of the 0.75B shape: 1-2 min).
+        exact, cache.bound_exact = cache.bound_exact, False
+        try:
+            ctx = model.context(input_ids, cache=cache, valid=valid, layout=layout, record=record)
+        finally:
+            cache.bound_exact = exact
         graphs = graphs_compiled()
         try:
             out = self.graph(input_ids, ctx)
@@ -87,6 +98,7 @@ class CompiledForward:
             warnings.warn(f"torch.compile ({self.backend}) of the decoding forward failed, decoding eagerly from "
                           f"now on: {type(e).__name__}: {e}", RuntimeWarning, stacklevel=2)
             return model.hidden_states(input_ids, cache=cache, context=ctx)
+        model.advance_cache(ctx, input_ids.shape[1])
         model.compiled_with = self.backend
         model.compiles += graphs_compiled() != graphs
         return out

@@ -116,6 +116,7 @@ class FlareModel(nn.Module):
         layout: Layout = None,
         record: CommitRecord | None = None,
         context: ForwardContext | None = None,
+        advance: bool = True,
     ) -> torch.Tensor:
         """Final-norm hidden states [B, T, E].
 
@@ -123,20 +124,26 @@ class FlareModel(nn.Module):
         padding (False) in a ragged batch, computed but ignored. ``layout`` selects the packed-training,
         two-stream or read-only inference-rows forward (see ``flare.model.context``). ``context``: the forward's
         context built beforehand by ``context`` from the same arguments (what a dry run does outside its fake
-        tensors), instead of building it here.
+        tensors), instead of building it here. ``advance=False``: a causal forward's cache is written but its
+        lengths are left for ``advance_cache`` (what a compiled forward does after its graph).
         """
         ctx = context or self.context(input_ids, cache=cache, valid=valid, layout=layout, record=record)
         x = self.model.embed_tokens(input_ids)
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.model.layers:
             x = checkpoint(layer, x, ctx, use_reentrant=False) if recompute else layer(x, ctx)
-        if ctx.mode == "causal" and cache is not None:
-            T = input_ids.shape[1]
-            if ctx.n_new is None:
-                cache.advance(T, T, uniform=True)
-            else:
-                cache.advance(ctx.n_new, T)
+        if advance:
+            self.advance_cache(ctx, input_ids.shape[1])
         return self.model.norm(x)
+
+    @staticmethod
+    def advance_cache(ctx: ForwardContext, T: int) -> None:
+        """Count a causal forward's T rows (its valid ones: ``n_new``) as committed in its cache."""
+        if ctx.mode == "causal" and ctx.cache is not None:
+            if ctx.n_new is None:
+                ctx.cache.advance(T, T, uniform=True)
+            else:
+                ctx.cache.advance(ctx.n_new, T)
 
     def context(
         self,

@@ -91,17 +91,23 @@ def _init_with(graph):
     return init
 
 
-def test_prefills_stay_eager(flare_models, monkeypatch):
-    """Forwards of more than MAX_ROWS rows a sequence never reach the graph."""
+@pytest.mark.parametrize("length", [3, compiled.MAX_ROWS + 5])
+def test_prefills_stay_eager(flare_models, monkeypatch, length):
+    """Forwards of more than MAX_ROWS rows a sequence, and any into an empty cache (a prefill, short or long), never
+    reach the graph; the graph's forwards see per-sequence write positions, never a range (one kind of graph)."""
     model = flare_models["qwen3_5"]
     seen = []
-    monkeypatch.setattr(CompiledForward, "__init__", _init_with(lambda self, ids, ctx: seen.append(ids.shape[1])
-                                                                or self.model.hidden_states(ids, cache=ctx.cache,
-                                                                                            context=ctx)))
-    long_prompt = [list(range(3, 3 + compiled.MAX_ROWS + 5))]
-    got, _ = _tokens(model, "causal", long_prompt, monkeypatch, "inductor")
-    want, _ = _tokens(model, "causal", long_prompt, monkeypatch, None)
-    assert got == want and seen and max(seen) <= compiled.MAX_ROWS
+
+    def graph(self, ids, ctx):
+        seen.append((ids.shape[1], ctx.cache.bound, type(ctx.write_pos)))
+        return self.model.hidden_states(ids, cache=ctx.cache, context=ctx, advance=False)
+
+    monkeypatch.setattr(CompiledForward, "__init__", _init_with(graph))
+    prompt = [list(range(3, 3 + length))]
+    got, _ = _tokens(model, "causal", prompt, monkeypatch, "inductor")
+    want, _ = _tokens(model, "causal", prompt, monkeypatch, None)
+    assert got == want and seen
+    assert all(rows <= compiled.MAX_ROWS and bound > 0 and pos is torch.Tensor for rows, bound, pos in seen)
 
 
 def test_a_round_that_compiled_a_graph_is_not_timed(flare_models, monkeypatch):

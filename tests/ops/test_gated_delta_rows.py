@@ -181,3 +181,23 @@ def test_the_rows_pass_traces_as_one_graph():
     traced = torch.compile(f, backend="eager", fullgraph=True)(q, k, v, g, beta, s0)
     assert not faking()
     torch.testing.assert_close(traced, 2 * gated_delta_rows(q, k, v, g, beta, s0, Dk**-0.5).o)
+
+
+def test_a_compiled_read_of_kept_commits_equals_the_eager_one():
+    """Traced, a read takes every row of the update, so one graph serves every count kept (not a graph each): the
+    rows past the kept ones, zero keys even after a settle, add nothing."""
+    B, H, dk, dv = 2, 2, 4, 4
+    state = _inputs(B, 1, 2, H, dk, dv, seed=7)[-1]
+    pending = PendingCommits.empty(state, rows=8)
+    graphs = []
+    read = torch.compile(lambda x, s: pending.read(x, s), fullgraph=True,
+                         backend=lambda gm, inputs: graphs.append(gm) or gm.forward)
+    x = torch.randn(B, H, 3, dk, generator=torch.Generator().manual_seed(8), dtype=state.dtype)
+    for r, n in enumerate([torch.tensor([2, 3]), torch.tensor([0, 3]), torch.tensor([3, 1])]):
+        q, k, v, g, beta, _ = _inputs(B, 3, 2, H, dk, dv, seed=20 + r)
+        pending.add(*gated_delta_rows(q, k, v, g, beta, state, dk**-0.5, pending=pending).update_after(n, rows=3))
+        torch.testing.assert_close(read(x, state), pending.read(x, state), rtol=1e-6, atol=1e-6)
+        if r == 1:
+            state = pending.settle(state)
+            torch.testing.assert_close(read(x, state), pending.read(x, state), rtol=0, atol=0)
+    assert len(graphs) == 1  # 3, 6, 0 and 3 rows kept: one graph

@@ -86,9 +86,14 @@ class PendingCommits:
     def read(self, x: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
         """x^T S for rows ``x`` [B, H, R, Dk] against the committed state S: [B, H, R, Dv]."""
         out = bmm4(x, state)
-        if not self.used:
+        if torch.compiler.is_compiling():
+            # Every row, kept or not (zero keys past ``used``: the same sum): a graph that depends on ``used``
+            # would be compiled again for each count.
+            k, u = self.k, self.u
+        elif not self.used:
             return out  # (scale is 1 whenever no rows are kept)
-        k, u = self.k[:, :, :self.used], self.u[:, :, :self.used]
+        else:
+            k, u = self.k[:, :, :self.used], self.u[:, :, :self.used]
         return torch.addcmul(bmm4(bmm4(x, k.transpose(-1, -2)), u), out, self.scale)
 
     def state(self, state: torch.Tensor) -> torch.Tensor:
