@@ -131,3 +131,28 @@ def test_a_round_that_compiled_a_graph_is_not_timed(flare_models, monkeypatch):
     decode(model, PROMPTS[:1], SamplingParams(max_new_tokens=24, temperature=0.0, ignore_eos=True), "ar_trust")
     assert any(c for c, _ in rounds) and any(t for _, t in rounds)  # rounds compiled, and rounds were timed
     assert not any(c and t for c, t in rounds)
+
+
+def test_a_compiled_server_warms_its_graphs_up_before_serving(flare_models, monkeypatch):
+    """``flare serve`` with FLARE_COMPILE compiles what its first requests would (the default mode and causal
+    decoding, alone and a full batch) before it takes any; eagerly it compiles nothing."""
+    from flare.engine import EngineConfig
+    from flare.engine.llm import LLM
+    from flare.serve import warm_up
+
+    torch._dynamo.reset()
+    model = flare_models["qwen3_5"]
+    llm = LLM(model, None, EngineConfig(max_num_seqs=2, default_mode="ar_trust"))
+    monkeypatch.delenv(COMPILE_ENV, raising=False)
+    before = model.compiles
+    warm_up(llm)
+    assert model.compiles == before
+    monkeypatch.setenv(COMPILE_ENV, "eager")
+    llm = LLM(model, None, EngineConfig(max_num_seqs=2, default_mode="ar_trust"))
+    warm_up(llm)
+    assert model.compiles > before and not model.pacing
+    warmed = model.compiles
+    params = SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True)
+    llm.engine.generate([PROMPTS[0]], params, "causal")
+    llm.engine.generate(PROMPTS[:2], params, "causal")
+    assert model.compiles == warmed
