@@ -2,18 +2,20 @@
 alone, no code generated, what the tests run).
 
 A decode step and a verify round run the same few shapes over and over (slots x rows, a cache that grows by one
-committed length at a time), so dynamo's automatic dynamic shapes settle on a bounded set of graphs (19 for both
+committed length at a time), so dynamo's automatic dynamic shapes settle on a bounded set of graphs (10 for both
 modes of ``bench_modes.py`` at batch 1 and 8 on the demo model): the first compile of a kind specialises, a
-recompile makes the sizes that changed (the cache's length bound, the kept commits' count) symbolic.
-The context of each forward (masks, positions, the row tree) is built eagerly beforehand (``FlareModel.context``)
-and the graph holds the decoder stack (``FlareModel.hidden_states`` with that context): its cache writes and commit
-records are the same side effects as eagerly. Prefills (more than ``MAX_ROWS`` rows a sequence, or any forward into an
-empty cache) stay eager: their lengths vary too much for a graph each. A compile that fails warns once and leaves the runner eager for good.
+recompile makes the sizes that changed (the cache's length bound, the rows, the batch) symbolic. The context of
+each forward (masks, positions, the row tree) is built eagerly beforehand (``FlareModel.context``), with
+per-sequence positions and masks always, and the graph holds the decoder stack (``FlareModel.hidden_states`` with
+that context): its cache writes and commit records are the same side effects as eagerly; the cache's lengths
+advance after it. Prefills (more than ``MAX_ROWS`` rows a sequence, or any forward into an empty cache) stay eager:
+their lengths vary too much for a graph each. A compile that fails warns once and leaves the runner eager for good.
 
 A forward that compiled a graph counts in ``model.compiles``; AR-Trust's pacer does not time its round (a kind
 priced at the compiler's seconds, a recompile when a size turns dynamic, was avoided long after), and
 ``bench_modes.py`` warms up with whole decodes until one compiles nothing (before, its AR-Trust rounds at batch 1
-waited on compiles: 22-28 tokens/s against 1,091 now).
+waited on compiles: 22-28 tokens/s against 1,091 now), as ``flare serve`` does before it takes requests
+(``flare.serve.warm_up``).
 
 Measured: ``benchmarks/bench_static_step.py`` (one forward of each kind, static shapes): inductor halves a toy
 model's forwards and takes a quarter off SmolLM2's; on a 0.75B Qwen3.5 shape the verify forward gains most (0.78x)
