@@ -145,6 +145,13 @@ class Stepper:
         for lane, group in groups:
             lane.prefilled_drafts([a.slot for a in group], hidden, num_clean)
 
+    def forget_pacing(self) -> None:
+        """Forget what clock-paced lanes learned (e.g. on warm-up prompts): the lanes are made afresh on next use."""
+        if any(lane is not None for lane in self.owner):
+            raise RuntimeError("sequences are decoding: finish or release them before forgetting the pacing")
+        self.lanes.clear()
+        self.pacing.clear()
+
     def release(self, slot: int) -> None:
         """Free a slot (its sequence finished or was aborted); the next admission may take it."""
         lane = self.owner[slot]

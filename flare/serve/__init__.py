@@ -91,7 +91,7 @@ def warm_up(llm: LLM) -> dict[str, str]:
                     engine.generate(prompts, params, mode)
                     if model.compiles == compiles:
                         break
-        model.pacing.clear()
+        engine.stepper.forget_pacing()
         log.info("compiled decoding (%s): %d forwards compiled a graph in %.0f s of warm-up", compile_backend(),
                  model.compiles - before, time.perf_counter() - start)
     if llm.tokenizer is not None:

@@ -191,3 +191,21 @@ def test_the_lm_head_reads_only_the_busy_slots(flare_models, mode, options):
         hook.remove()
     assert slots and set(slots) == {1}
     assert seq.output_ids == decode(model, [prompt], params, make_options(mode, options)).token_ids[0]
+
+
+def test_forgetting_the_pacing_makes_lanes_afresh_and_waits_for_running_sequences(flare_models):
+    model = flare_models["qwen3_5"]
+    engine = Engine(model, EngineConfig(max_num_seqs=2))
+    params = SamplingParams(temperature=0.0, max_new_tokens=6, ignore_eos=True)
+    engine.generate([[3, 4, 5]], params, "ar_trust")
+    (pacer,) = [lane.pacer for lane in engine.stepper.lanes.values()]
+    engine.add_request([3, 4, 5], params, "ar_trust")
+    engine.step()
+    with pytest.raises(RuntimeError, match="sequences are decoding"):
+        engine.stepper.forget_pacing()
+    while engine.has_work:
+        engine.step()
+    engine.stepper.forget_pacing()
+    assert not engine.stepper.lanes and not model.pacing
+    engine.generate([[3, 4, 5]], params, "ar_trust")
+    assert [lane.pacer is pacer for lane in engine.stepper.lanes.values()] == [False]
