@@ -10,9 +10,9 @@ What it measures, all in one run on one model and one set of prompts:
   max_new_tokens=N, ignore_eos=True)``; a run counts only if every completion has exactly N tokens.
   tokens/s = completion tokens / wall time of the whole ``decode()`` call (prefill included), timed with
   time.perf_counter; after one warm-up call per mode (with ``FLARE_COMPILE``, whole decodes until one compiles no
-  graph, at most ``COMPILE_WARMUPS``; their time is printed apart), ``--repeats`` interleaved rounds (causal,
-  ar_trust, ..., causal, ...) so that background load drifts hit every mode alike; medians reported. Every ratio
-  is to causal decoding at the same batch size, measured in the same run.
+  graph, at most ``flare.engine.compiled.WARMUPS``; their time is printed apart), ``--repeats`` interleaved rounds
+  (causal, ar_trust, ..., causal, ...) so that background load drifts hit every mode alike; medians reported. Every
+  ratio is to causal decoding at the same batch size, measured in the same run.
 * AR-Trust counters: drafted and accepted draft tokens (acceptance rate), and an exactness check: at
   temperature 0 AR-Trust must emit exactly the causal (greedy AR) tokens.
 * goal (printed beside the AR-Trust rows): AR-Trust >= 2.5x causal tokens/s with TPF >= 3.0 (of gen block 4), on
@@ -61,10 +61,9 @@ import flare
 from flare.decoding import OPTIONS, ArTrustOptions, CausalOptions, SamplingParams, parse_modes
 from flare.device import describe
 from flare.engine import decode
-from flare.engine.compiled import compile_backend, graphs_compiled
+from flare.engine.compiled import WARMUPS, compile_backend, graphs_compiled, warm_until_compiled
 
 GOAL_SPEED, GOAL_TPF = 2.5, 3.0
-COMPILE_WARMUPS = 6  # compiled: the most whole warm-up decodes per mode and batch
 
 
 def task_prompts(model_dir: str, spec: str, n: int) -> list[list[int]]:
@@ -318,11 +317,7 @@ def run(a: argparse.Namespace, ap: argparse.ArgumentParser, stack: ExitStack) ->
             timed_decode(model, [p[:4] for p in prompts], warm, spec[mode])
             # Compiled (FLARE_COMPILE): whole decodes until one compiles no graph, so that no timed round waits
             # for the compiler (AR-Trust's pacer meets new kinds of rounds, and sizes turn dynamic, over several).
-            for _ in range(COMPILE_WARMUPS if compiling else 0):
-                compiles = model.compiles
-                timed_decode(model, prompts, params, spec[mode])
-                if model.compiles == compiles:
-                    break
+            warm_until_compiled(model, lambda: timed_decode(model, prompts, params, spec[mode]))
             if compiling:
                 sections["compile warm-up"] = sections.get("compile warm-up", 0.0) + time.perf_counter() - t0
         times: dict[str, list[float]] = {m: [] for m in modes}
@@ -354,7 +349,7 @@ def run(a: argparse.Namespace, ap: argparse.ArgumentParser, stack: ExitStack) ->
     if compiling:
         print(f"compiled ({compile_backend()}): {graphs_compiled()} graphs, {sections['compile warm-up']:.0f} s of "
               f"warm-ups (per mode and batch: a short decode, then whole ones until one compiled nothing, at most "
-              f"{COMPILE_WARMUPS})\n")
+              f"{WARMUPS})\n")
     hdr = (f"{'mode':<28}{'batch':>6}{'tok/s':>10}{'x causal':>10}{'cpu x':>8}{'TPF':>7}{'forwards':>10}"
            f"{'ms (min-max)':>20}{'drafted':>9}{'accepted':>10}  goal")
     print(hdr)

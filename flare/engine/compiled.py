@@ -47,6 +47,7 @@ COMPILE_ENV = "FLARE_COMPILE"
 BACKENDS = ("inductor", "eager")
 MAX_ROWS = 16  # forwards of more rows a sequence (prefills) run eagerly
 RECOMPILE_LIMIT = 64
+WARMUPS = 6  # the most whole warm-up decodes of one kind (``warm_until_compiled``)
 
 
 def compile_backend() -> str | None:
@@ -109,6 +110,18 @@ class CompiledForward:
 def graphs_compiled() -> int:
     """Graphs dynamo has compiled in this process so far (recompiles included)."""
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def warm_until_compiled(model: FlareModel, run, most: int = WARMUPS) -> None:
+    """Where decoding is compiled, call ``run()`` (a whole decode) until a call compiles no graph, at most ``most``
+    times, so that no timed or served round waits for the compiler; eagerly, nothing."""
+    if compile_backend() is None:
+        return
+    for _ in range(most):
+        compiles = model.compiles
+        run()
+        if model.compiles == compiles:
+            return
 
 
 def decoding_forward(model: FlareModel):

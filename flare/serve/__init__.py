@@ -63,20 +63,20 @@ class ServerThread:
         self.thread.join(30)
 
 
-# Compiled decoding (FLARE_COMPILE): the most warm-up batches per mode and batch size, each until one compiles no
-# graph, and the tokens each request of them decodes.
-COMPILE_WARMUPS, COMPILE_WARMUP_TOKENS = 6, 24
+# Compiled decoding (FLARE_COMPILE): the tokens each warm-up request decodes.
+COMPILE_WARMUP_TOKENS = 24
 
 
 def warm_up(llm: LLM) -> dict[str, str]:
     """One tiny request through the engine (and the chat template compiled), so the first client does not pay
     for it; the kernel paths used. Where decoding is compiled, whole requests of the default mode and of causal
-    decoding, one alone and a full batch, until a batch compiles no graph: the graphs a server's first minutes
-    would otherwise compile while clients wait (what the pacer learned on these made-up prompts is forgotten)."""
+    decoding, one alone and a full batch with one more, until a batch compiles no graph: the graphs a server's
+    first minutes would otherwise compile while clients wait (what the pacer learned on these made-up prompts is
+    forgotten)."""
     import time
 
     from flare.decoding import SamplingParams
-    from flare.engine.compiled import compile_backend
+    from flare.engine.compiled import compile_backend, warm_until_compiled
 
     engine, model = llm.engine, llm.model
     engine.generate([[0]], SamplingParams(temperature=0, max_new_tokens=2, ignore_eos=True), "causal")
@@ -84,13 +84,9 @@ def warm_up(llm: LLM) -> dict[str, str]:
         start, before = time.perf_counter(), model.compiles
         params = SamplingParams(temperature=0, max_new_tokens=COMPILE_WARMUP_TOKENS, ignore_eos=True)
         for mode in dict.fromkeys([engine.config.default_mode, "causal"]):
-            for n in sorted({1, engine.config.max_num_seqs}):
+            for n in (1, engine.config.max_num_seqs + 1):  # alone; a full batch, and one admitted after it
                 prompts = [[1 + (i + j) % 7 for j in range(5 + i % 4)] for i in range(n)]
-                for _ in range(COMPILE_WARMUPS):
-                    compiles = model.compiles
-                    engine.generate(prompts, params, mode)
-                    if model.compiles == compiles:
-                        break
+                warm_until_compiled(model, lambda: engine.generate(prompts, params, mode))
         engine.stepper.forget_pacing()
         log.info("compiled decoding (%s): %d forwards compiled a graph in %.0f s of warm-up", compile_backend(),
                  model.compiles - before, time.perf_counter() - start)

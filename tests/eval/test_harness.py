@@ -183,3 +183,31 @@ def test_waves_until_eos_time_the_answers_as_users_get_them(llm):
     finally:
         live.stop()
     assert http.valid and http.tokens == tokens
+
+
+def test_a_compiled_evaluation_times_no_compile(flare_models, tiny_dirs, monkeypatch):
+    """With FLARE_COMPILE the untimed warm-up runs whole requests until they compile nothing: the timed run of each
+    mode then waits for no graph (dynamo's eager backend here)."""
+    import torch
+
+    def make():
+        return LLM(copy.deepcopy(flare_models["qwen3_5"]), ChatTokenizer.from_dir(tiny_dirs["qwen3_5"]),
+                   EngineConfig(max_num_seqs=2), name="tiny")
+
+    monkeypatch.delenv("FLARE_COMPILE", raising=False)
+    task, params = _task(make(), ["1+1=", "2+2=", "3+3="])
+    monkeypatch.setenv("FLARE_COMPILE", "eager")
+    torch._dynamo.reset()
+    llm = make()
+    compiled = []
+    generate = LLM.generate
+
+    def timed(self, prompts, params, mode=None, stop=None, progress=None):
+        before = self.model.compiles
+        out = generate(self, prompts, params, mode, stop, progress)
+        compiled.append((len(prompts), self.model.compiles - before))
+        return out
+
+    monkeypatch.setattr(LLM, "generate", timed)
+    evaluate(llm, task, parse_modes("causal"), params, progress=False)
+    assert compiled[-1] == (3, 0) and sum(n for _, n in compiled) > 0  # the warm-up compiled, the timed run not
