@@ -1,13 +1,15 @@
-"""AR-Trust's commit after partial acceptance: three ways, each a verify forward plus its commit per round.
+"""AR-Trust's commit after partial acceptance: four ways, each a verify forward plus its commit per round.
 
-Kept (what decoding does): the verify forward records every clean row's KV, GDN deltas and conv inputs, and the
-commit selects the accepted prefix with no forward; the recurrent states are not written but keep the commit as a
-low-rank update that the next verify forward reads (``flare.ops.gated_delta.pending``), written every 16 kept
-rows. Written: the same, but every commit writes the states at once (one pass over them per round, as decoding
-did before). Replaying: the verify forward records nothing, and a causal forward over the accepted tokens writes
-the caches. All leave identical caches (tested in tests/decoding/test_ar_trust.py and tests/engine/
-test_runner.py, and checked here after the warm-up); this prints the time of each per round, measured in one
-run, as ratios.
+Stacked (what decoding does for states of ``KEEP_MIN_STATE_BYTES`` or more): the verify forward records every
+clean row's KV, GDN deltas and conv inputs, and the commit selects the accepted prefix with no forward; the
+recurrent states are not written but keep the commit as a low-rank update that the next verify forward reads
+(``flare.ops.gated_delta.pending``), written every 16 kept rows, all layers' updates in one stack
+(``pending_stack``: a commit is a few ops, not a few per layer). Kept: the same, layer by layer. Written: every
+commit writes the states at once (one pass over them per round; what decoding does for smaller states).
+Replaying: the verify forward records nothing, and a causal forward over the accepted tokens writes the caches.
+All leave identical caches (tested in tests/decoding/test_ar_trust.py and tests/engine/
+test_runner.py, and checked here after the warm-up); this prints the time of each per round and of its commit alone,
+measured in one run, as ratios.
 
 Like for like: both arms start from a cache whose KV slots are reserved for every round before timing (so neither
 regrows inside the timed region, checked after each run), run under ``frozen_weights`` as decoding's runners
@@ -36,8 +38,9 @@ from flare.model import CommitRecord, frozen_weights
 from flare.model.cache import AttentionState, RecurrentState
 from flare.model.context import Rows
 from flare.ops.gated_delta.pending import PENDING_ROWS, PendingCommits
+from flare.ops.gated_delta.pending_stack import PendingStack
 
-ARMS = ("kept", "written", "replay")
+ARMS = ("stacked", "kept", "written", "replay")
 
 
 def main() -> None:
@@ -79,12 +82,17 @@ def main() -> None:
     def run(arm: str):
         keep = arm != "replay"
         cache = model.new_cache(B, capacity=capacity)
-        for layer in cache.layers:  # written: no room for kept rows, every commit writes the states
-            if isinstance(layer, RecurrentState) and keep:
+        recurrent = [layer for layer in cache.layers if isinstance(layer, RecurrentState)]
+        for layer in recurrent:  # written: no room for kept rows, every commit writes the states
+            if keep:
                 layer.pending = PendingCommits.empty(layer.ssm, rows=PENDING_ROWS if arm == "kept" else 0)
+        if arm == "stacked":
+            cache.stack = PendingStack.empty([layer.ssm for layer in recurrent], rows=PENDING_ROWS)
+            for layer, view in zip(recurrent, cache.stack.views):
+                layer.pending = view
         model.hidden_states(prefix, cache=cache)
         storage = kv_storage(cache)
-        times = []
+        times, commits = [], []
         sync(device)
         for rows, clean, n, valid in zip(rows_in, rounds, accepts, valids):
             start = time.perf_counter()
@@ -92,7 +100,11 @@ def main() -> None:
                 record = CommitRecord.empty()
                 model.hidden_states(rows, cache=cache, layout=Rows(N), record=record)
                 record.rows = N  # only the clean rows can be accepted (the runner's ``clean_rows``)
+                sync(device)
+                begin = time.perf_counter()
                 cache.commit(record, n)
+                sync(device)
+                commits.append(time.perf_counter() - begin)
             else:
                 model.hidden_states(rows, cache=cache, layout=Rows(N))
                 # Replay: a causal forward over the accepted tokens (right-padded per row) writes the caches.
@@ -103,33 +115,40 @@ def main() -> None:
             times.append(time.perf_counter() - start)
         if kv_storage(cache) != storage:
             raise RuntimeError("the KV cache regrew inside the timed region: raise the reserved capacity")
-        return times, cache
+        return times, commits, cache
 
     with torch.no_grad(), frozen_weights():
-        caches = [run(arm)[1] for arm in ARMS]  # warm-up, and a check that all do the same work
+        caches = [run(arm)[2] for arm in ARMS]  # warm-up, and a check that all do the same work
         for arm, other in zip(ARMS[1:], caches[1:]):
             # (bf16: a replay's GEMMs round otherwise than a verify forward's, which random weights amplify over
             # the rounds; the exact equality is tested in fp32 and fp64)
             _same_caches(caches[0], other, 1e-4 if dtype == torch.float32 else 0.1)
         times: dict[str, list[float]] = {arm: [] for arm in ARMS}
-        for i in range(3):  # rotate which arm runs first
+        commits: dict[str, list[float]] = {arm: [] for arm in ARMS}
+        for i in range(len(ARMS)):  # rotate which arm runs first
             for arm in ARMS[i:] + ARMS[:i]:
-                times[arm] += run(arm)[0]
+                round_times, commit_times, _ = run(arm)
+                times[arm] += round_times
+                commits[arm] += commit_times
     # Means: a kept arm's rounds that write the states are a few among many (a median would hide them).
     ms = {arm: statistics.fmean(t) * 1e3 for arm, t in times.items()}
-    print(f"size {args.size}, batch {B}, gen block {N}, {args.rounds} rounds x 3, torch threads {args.threads}, "
-          f"{describe(device, dtype)}")
-    print(f"{'strategy (verify forward + commit)':<44}{'ms/round':>10}{'x kept':>8}")
-    # Which of the first two decoding runs for this model's states (flare.ops.gated_delta.pending).
-    default = next((PendingCommits.empty(layer.ssm).room > 0 for layer in model.new_cache(1).layers
-                    if isinstance(layer, RecurrentState)), False)
-    names = {"kept": "kept as an update" + (" (decoding's)" if default else ""),
+    commit_ms = {arm: statistics.fmean(t) * 1e3 if t else None for arm, t in commits.items()}
+    print(f"size {args.size}, batch {B}, gen block {N}, {args.rounds} rounds x {len(ARMS)}, torch threads "
+          f"{args.threads}, {describe(device, dtype)}")
+    print(f"{'strategy (verify forward + commit)':<44}{'ms/round':>10}{'x stacked':>10}{'commit ms':>11}")
+    # Which of the first three decoding runs for this model's states (flare.ops.gated_delta.pending).
+    default = model.new_cache(1).stack is not None
+    names = {"stacked": "kept, all layers at once" + (" (decoding's)" if default else ""),
+             "kept": "kept as an update, layer by layer",
              "written": "states written every round" + ("" if default else " (decoding's)"),
              "replay": "replay accepted tokens"}
     for arm in ARMS:
-        print(f"{names[arm]:<44}{ms[arm]:>10.2f}{ms[arm] / ms['kept']:>7.2f}x")
-    print(f"SUMMARY: a round with the commit kept as an update costs {ms['kept'] / ms['written']:.2f}x one that "
-          f"writes the states and {ms['kept'] / ms['replay']:.2f}x one that replays the accepted tokens")
+        commit = f"{commit_ms[arm]:>11.2f}" if commit_ms[arm] is not None else f"{'-':>11}"
+        print(f"{names[arm]:<44}{ms[arm]:>10.2f}{ms[arm] / ms['stacked']:>9.2f}x{commit}")
+    print(f"SUMMARY: a round with the commits kept all layers at once costs {ms['stacked'] / ms['kept']:.2f}x one "
+          f"that keeps them layer by layer (its commit {commit_ms['stacked'] / commit_ms['kept']:.2f}x), "
+          f"{ms['stacked'] / ms['written']:.2f}x one that writes the states and "
+          f"{ms['stacked'] / ms['replay']:.2f}x one that replays the accepted tokens")
 
 
 def _same_caches(a, b, tol: float = 1e-4) -> None:

@@ -83,14 +83,16 @@ def test_bench_idle_blocks_runs_at_a_tiny_size(tmp_path):
     assert 0 < ratio < 0.7 and "| full | 288 |" in res.stdout
 
 
-def test_bench_commit_runs_its_three_arms_at_a_tiny_size(tmp_path):
-    """Kept as an update, written every round, replayed: the same caches (checked by the script), a time each."""
+def test_bench_commit_runs_its_four_arms_at_a_tiny_size(tmp_path):
+    """Kept all layers at once and layer by layer, written every round, replayed: the same caches (checked by the
+    script), a time each, and the commit's own where there is one."""
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_commit.py"), "--size", "tiny",
                           "--rounds", "6", "--batch", "3"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
-    rows = [line for line in res.stdout.splitlines() if line.endswith("x")]
-    assert [r.split()[0] for r in rows] == ["kept", "states", "replay"]
-    assert all(float(r.split()[-2]) > 0 for r in rows) and "SUMMARY: a round with the commit kept" in res.stdout
+    table = res.stdout.split("commit ms\n")[1].split("SUMMARY")[0].splitlines()
+    assert [" ".join(r.split()[:2]) for r in table] == ["kept, all", "kept as", "states written", "replay accepted"]
+    assert all(float(r.split()[-3]) > 0 for r in table) and table[-1].split()[-1] == "-"
+    assert all(float(r.split()[-1]) > 0 for r in table[:2]) and "SUMMARY: a round with the commits kept" in res.stdout
 
 
 def test_bench_static_step_traces_each_forward_as_one_graph(tmp_path):

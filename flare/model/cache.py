@@ -14,9 +14,10 @@ import torch
 
 from flare.config import FULL_ATTENTION, ModelConfig
 from flare.ops.gated_delta.pending import PendingCommits
-from flare.ops.gated_delta.rows import RowsScan
+from flare.ops.gated_delta.pending_stack import PendingStack
+from flare.ops.gated_delta.rows import RowsScan, updates_after
 from flare.ops.precision import accum_dtype, cast
-from flare.ops.take import take_rows
+from flare.ops.take import row_index, take_flat
 
 
 @dataclass
@@ -56,9 +57,13 @@ class CommitRecord:
 
 
 class ModelCache:
-    def __init__(self, lengths: torch.Tensor, layers: list[AttentionState | RecurrentState], bound: int) -> None:
+    def __init__(self, lengths: torch.Tensor, layers: list[AttentionState | RecurrentState], bound: int,
+                 stack: PendingStack | None = None) -> None:
         self.lengths = lengths  # [B] int64
         self.layers = layers
+        # The recurrent layers' kept commits as one stack (their ``pending`` are its views), None where states
+        # are written at once: a commit adds to all layers in a few ops.
+        self.stack = stack
         # Host-side upper bound of lengths.max(), so that growing and slicing never sync with the device;
         # bound_exact says every sequence's length is known to equal it (all advanced alike since the last check).
         self.bound = bound
@@ -90,8 +95,12 @@ class ModelCache:
                     config.linear_value_head_dim, device=device, dtype=accum_dtype(dtype),
                 )
                 layers.append(RecurrentState(conv, ssm, PendingCommits.empty(ssm)))
+        recurrent = [layer for layer in layers if isinstance(layer, RecurrentState)]
+        stack = PendingStack.empty([layer.ssm for layer in recurrent])
+        for layer, view in zip(recurrent, stack.views if stack else []):
+            layer.pending = view
         lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
-        return cls(lengths, layers, 0)
+        return cls(lengths, layers, 0, stack)
 
     @property
     def batch_size(self) -> int:
@@ -157,19 +166,29 @@ class ModelCache:
         T = record.rows
         B = self.batch_size
         last = (n_accept_B - 1).clamp(min=0).view(B, 1, 1, 1)  # shared by every layer
-        live = None
-        window = None
-        for i, layer in enumerate(self.layers):
-            if isinstance(layer, RecurrentState):
-                scan, inputs = record.gdn[i]
-                if live is None:
-                    live = (n_accept_B > 0).view(B, 1, 1, 1).to(layer.ssm.dtype)
-                # Kept as a low-rank update of the state, which the next rows pass reads as it is.
-                update = scan.update_after(n_accept_B, last, rows=T, live=live)
-                layer.ssm = layer.pending.commit(layer.ssm, *update)
-                if window is None:  # the K-1 inputs that end after the accepted rows
-                    window = n_accept_B[:, None] + torch.arange(layer.conv.shape[1], device=inputs.device)
-                layer.conv = cast(take_rows(inputs, window), layer.conv.dtype)
+        recurrent = [(i, layer) for i, layer in enumerate(self.layers) if isinstance(layer, RecurrentState)]
+        if not recurrent:
+            self.advance(n_accept_B, T)
+            return
+        live = (n_accept_B > 0).view(B, 1, 1, 1).to(recurrent[0][1].ssm.dtype)
+        stack, stacked = self._held_stack(), False
+        if stack is not None:
+            if T > stack.room:
+                for _, layer in recurrent:
+                    layer.settle()
+            if T <= stack.room:  # every layer's update at once
+                stack.add(*updates_after([record.gdn[i][0] for i, _ in recurrent], last, live, T))
+                stacked = True
+        for i, layer in recurrent if not stacked else ():
+            # Kept as a low-rank update of the state, which the next rows pass reads as it is (or written).
+            update = record.gdn[i][0].update_after(n_accept_B, last, rows=T, live=live)
+            layer.ssm = layer.pending.commit(layer.ssm, *update)
+        # The K-1 conv inputs that end after the accepted rows, one index for every layer.
+        inputs = record.gdn[recurrent[0][0]][1]
+        rows = row_index(n_accept_B[:, None] + torch.arange(recurrent[0][1].conv.shape[1], device=inputs.device),
+                         inputs.shape[1])
+        for i, layer in recurrent:
+            layer.conv = cast(take_flat(record.gdn[i][1], rows), layer.conv.dtype)
         self.advance(n_accept_B, T)
 
     def pending_room(self) -> int:
@@ -187,11 +206,15 @@ class ModelCache:
     def narrow(self, n: int) -> "ModelCache":
         """The first ``n`` sequences as a cache of views (KV writes land in this cache); ``absorb`` takes the
         rest of a forward's changes back. Call ``reserve`` on this cache first, so the views never regrow."""
+        stack = self._held_stack()
+        stack = stack.narrow(n) if stack is not None else None
+        views = iter(stack.views if stack is not None else [])
         layers: list[AttentionState | RecurrentState] = [
             AttentionState(layer.k[:n], layer.v[:n]) if isinstance(layer, AttentionState)
-            else RecurrentState(layer.conv[:n], layer.ssm[:n], layer.pending.narrow(n)) for layer in self.layers
+            else RecurrentState(layer.conv[:n], layer.ssm[:n], next(views) if stack else layer.pending.narrow(n))
+            for layer in self.layers
         ]
-        sub = ModelCache(self.lengths[:n], layers, self.bound)
+        sub = ModelCache(self.lengths[:n], layers, self.bound, stack)
         sub.bound_exact = False
         return sub
 
@@ -219,6 +242,7 @@ class ModelCache:
             return
         idx = torch.tensor(rows, device=self.lengths.device)
         self.lengths = self.lengths.index_fill(0, idx, 0)
+        stack = self._held_stack()
         for layer in self.layers:
             if isinstance(layer, RecurrentState):
                 # In place: a fresh state-sized tensor per layer is an allocation the CPU pays in page faults
@@ -227,19 +251,32 @@ class ModelCache:
                 # mode, which only it may change in place, are replaced.
                 layer.conv = _emptied(layer.conv, idx)
                 layer.ssm = _emptied(layer.ssm, idx)
-                layer.pending.clear(idx)
+                if stack is None:
+                    layer.pending.clear(idx)
+        if stack is not None:
+            stack.clear(idx)
         self.bound_exact = False
 
     def clone(self) -> "ModelCache":
+        stack = self._held_stack()
+        stack = stack.clone() if stack is not None else None
+        views = iter(stack.views if stack is not None else [])
         layers: list[AttentionState | RecurrentState] = []
         for layer in self.layers:
             if isinstance(layer, AttentionState):
                 layers.append(AttentionState(layer.k.clone(), layer.v.clone()))
             else:
-                layers.append(RecurrentState(layer.conv.clone(), layer.ssm.clone(), layer.pending.clone()))
-        out = ModelCache(self.lengths.clone(), layers, self.bound)
+                pending = next(views) if stack is not None else layer.pending.clone()
+                layers.append(RecurrentState(layer.conv.clone(), layer.ssm.clone(), pending))
+        out = ModelCache(self.lengths.clone(), layers, self.bound, stack)
         out.bound_exact = self.bound_exact
         return out
+
+    def _held_stack(self) -> PendingStack | None:
+        """The stack of kept commits, if the recurrent layers' updates are still its views (a caller may have
+        given a layer an update of its own: then every layer goes its own way)."""
+        recurrent = [layer.pending for layer in self.layers if isinstance(layer, RecurrentState)]
+        return self.stack if self.stack is not None and self.stack.holds(recurrent) else None
 
 
 def _emptied(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

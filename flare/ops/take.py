@@ -13,9 +13,19 @@ import torch
 def take_rows(x_BLC: torch.Tensor, index_BT: torch.Tensor) -> torch.Tensor:
     """Row ``index[b, t]`` of sequence b, ``[B, T, C]`` (``index`` any shape ``[B, ...]``: the result has that
     shape plus C). Indices must lie in ``[0, L)``; equal to the gather above, gradients included."""
+    if index_BT.shape[0] != x_BLC.shape[0]:
+        raise ValueError(f"index has {index_BT.shape[0]} sequences, x has {x_BLC.shape[0]}")
+    return take_flat(x_BLC, row_index(index_BT, x_BLC.shape[1]))
+
+
+def row_index(index_BT: torch.Tensor, L: int) -> torch.Tensor:
+    """``index`` [B, ...] into rows of sequences of ``L`` rows, as indices into their ``B * L`` rows (made once,
+    ``take_flat`` takes the rows of any tensor of that layout)."""
+    B = index_BT.shape[0]
+    return index_BT + torch.arange(0, B * L, L, device=index_BT.device).view(B, *[1] * (index_BT.dim() - 1))
+
+
+def take_flat(x_BLC: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """``take_rows`` with the index from ``row_index``: [*flat.shape, C]."""
     B, L, C = x_BLC.shape
-    if index_BT.shape[0] != B:
-        raise ValueError(f"index has {index_BT.shape[0]} sequences, x has {B}")
-    offset = torch.arange(0, B * L, L, device=index_BT.device).view(B, *[1] * (index_BT.dim() - 1))
-    flat = (index_BT + offset).reshape(-1)
-    return x_BLC.reshape(B * L, C).index_select(0, flat).view(*index_BT.shape, C)
+    return x_BLC.reshape(B * L, C).index_select(0, flat.reshape(-1)).view(*flat.shape, C)

@@ -54,8 +54,7 @@ class PendingCommits:
         """Nothing kept yet, room for ``rows`` (default: ``PENDING_ROWS`` for a state of at least
         ``KEEP_MIN_STATE_BYTES`` per sequence, else 0: every commit is written at once)."""
         B, H, Dk, Dv = state.shape
-        if rows is None:
-            rows = PENDING_ROWS if H * Dk * Dv * state.element_size() >= KEEP_MIN_STATE_BYTES else 0
+        rows = kept_rows(state) if rows is None else rows
         return cls(state.new_ones(B, H, 1, 1), state.new_zeros(B, H, rows, Dk), state.new_zeros(B, H, rows, Dv))
 
     @property
@@ -143,6 +142,12 @@ class PendingCommits:
 
     def clone(self) -> "PendingCommits":
         return PendingCommits(self.scale.clone(), self.k.clone(), self.u.clone(), self.used, self.whole, self.span)
+
+
+def kept_rows(state: torch.Tensor) -> int:
+    """Rows of commits a recurrent state [B, H, Dk, Dv] keeps: ``PENDING_ROWS`` for a state of at least
+    ``KEEP_MIN_STATE_BYTES`` per sequence, else 0 (every commit is written at once)."""
+    return PENDING_ROWS if state[0].numel() * state.element_size() >= KEEP_MIN_STATE_BYTES else 0
 
 
 def bmm4(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -73,6 +73,23 @@ class RowsScan(NamedTuple):
         return write_update(s0, s0.shape[0], *self.update_after(n_B))
 
 
+@no_autocast
+def updates_after(scans: list[RowsScan], last: torch.Tensor, live: torch.Tensor, rows: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``RowsScan.update_after`` of passes of one shape (a model's recurrent layers), at once, stacked along a new
+    first dimension L: (decay [L, B, H, 1, 1], weight [L, B, H, rows, 1], k [L, B, H, rows, Dk], u [L, B, H, rows,
+    Dv]), the update's keys being ``weight * k`` (``PendingStack.add`` multiplies them into place). ``last`` and
+    ``live`` [B, 1, 1, 1] as ``update_after`` takes them."""
+    L, (B, H, _) = len(scans), scans[0].cum.shape
+    at = last.view(1, B, 1, 1, 1).expand(L, B, H, 1, rows)
+    # (the small decays stacked whole and sliced once: a slice per layer costs more than the rows it saves)
+    weight = torch.stack([s.decay for s in scans])[..., :rows].gather(3, at) * live  # [L, B, H, 1, rows]
+    g_end = torch.stack([s.cum for s in scans]).unsqueeze(-1).gather(3, at[..., :1]) * live
+    k = torch.stack([s.k[:, :, :rows] for s in scans])
+    u = torch.stack([s.u[:, :, :rows] for s in scans])
+    return g_end.exp(), weight.transpose(-1, -2), k, u
+
+
 def _after(T: int, device: torch.device) -> torch.Tensor:
     """j > i for T rows [T, T]: what a chain's row never reads (a constant of every chain pass of that length,
     kept per length; made afresh where tensors are fake or traced)."""
