@@ -62,6 +62,7 @@ from flare.decoding import OPTIONS, ArTrustOptions, CausalOptions, SamplingParam
 from flare.device import describe
 from flare.engine import decode
 from flare.engine.compiled import WARMUPS, compile_backend, graphs_compiled, warm_until_compiled
+from flare.testing.ties import divergences
 
 GOAL_SPEED, GOAL_TPF = 2.5, 3.0
 
@@ -184,22 +185,6 @@ def top_ops(model, prompts, params, mode, n=6):
     ev = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
     total = sum(e.self_cpu_time_total for e in ev)
     return total / 1e6, sum(e.count for e in ev), [(e.key, e.self_cpu_time_total / 1e6, e.count) for e in ev[:n]]
-
-
-def near_ties(model, prompts, causal_ids, other_ids) -> list[int | None]:
-    """For each sequence whose tokens differ from causal's: the first differing position when the causal top-2
-    logits there are a near-tie (``flare.ops.precision.near_tie``), else None."""
-    from flare.ops.precision import near_tie
-
-    out = []
-    for prompt, a, b in zip(prompts, causal_ids, other_ids):
-        cut = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
-        if cut is None:
-            continue
-        with torch.no_grad():
-            logits = model(torch.tensor([prompt + a[:cut]], device=model.device))[0, -1]
-        out.append(cut if near_tie(logits) else None)
-    return out
 
 
 def main() -> None:
@@ -381,7 +366,9 @@ def run(a: argparse.Namespace, ap: argparse.ArgumentParser, stack: ExitStack) ->
             same = r["exact"] = r["ids"] == results[B, "causal"]["ids"]
             verdict = "identical to greedy causal decoding (exact, as required at temperature 0)"
             if not same:
-                ties = near_ties(model, prompts_all[:B], results[B, "causal"]["ids"], r["ids"])
+                # The first differing position of each sequence that differs, None where it is no near-tie.
+                ties = [cut if tie else None for cut, tie in
+                        divergences(model, prompts_all[:B], results[B, "causal"]["ids"], r["ids"])]
                 r["near_ties"] = ties
                 verdict = (f"identical to greedy causal decoding up to a near-tie in every differing sequence "
                            f"({len(ties)}: two tokens within {model.dtype}'s logit tolerance, where greedy may "

@@ -11,6 +11,7 @@ import flare
 from flare.data import ChatTokenizer
 from flare.decoding import ArTrustOptions, SamplingParams
 from flare.engine import decode
+from flare.testing.ties import divergences
 from flare.testing.toy import toy_data, toy_flare_checkpoint, toy_train_config
 from flare.train.config import TrainConfig, from_dict
 from flare.train.loop import Trainer
@@ -56,10 +57,11 @@ def test_ar_trust_on_a_trained_model_is_greedy_causal(trained, gen_block):
 
 @pytest.mark.parametrize("redraft", ["last", "every"])
 def test_in_bf16_a_trained_model_still_decodes_causal_tokens(trained, redraft):
-    """bf16 verify rows and causal steps differ in the last bits (tests/decoding/test_bf16.py); a trained
-    model's greedy choices in its answers are far from ties, so AR-Trust's answers are causal's, token for token.
-    (Past the end of its turn a toy model's text is untrained, and near-ties there may go either way: decoding
-    stops at the end-of-turn token, as a server does.)"""
+    """bf16 verify rows and causal steps differ in the last bits (tests/decoding/test_bf16.py); most of a trained
+    model's greedy choices in its answers are far from ties, so AR-Trust's answers are causal's, token for token,
+    up to the first near-tie, where either token is greedy (this toy, trained for 60 steps, has a few: top-3 logits
+    3.828 / 3.812 / 3.812, a bf16 unit apart, two tokens before its turn's end). (Past the end of its turn a toy
+    model's text is untrained: decoding stops at the end-of-turn token, as a server does.)"""
     import copy
 
     model, prompts, end = trained
@@ -67,4 +69,6 @@ def test_in_bf16_a_trained_model_still_decodes_causal_tokens(trained, redraft):
     params = SamplingParams(temperature=0, max_new_tokens=40, stop_token_ids=[end])
     causal = decode(model, prompts, params)
     trust = decode(model, prompts, params, ArTrustOptions(redraft=redraft))
-    assert trust.token_ids == causal.token_ids and trust.accepted > 0.3 * trust.drafted
+    parted = divergences(model, prompts, causal.token_ids, trust.token_ids)
+    assert all(tie for _, tie in parted) and len(parted) <= len(prompts) // 4, parted
+    assert trust.accepted > 0.3 * trust.drafted

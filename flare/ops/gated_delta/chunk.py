@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from flare.ops.gated_delta.naive import expand_heads, validate_inputs
 from flare.ops.precision import EXP_FLOOR, accum_dtype, no_autocast
+from flare.ops.triangular import solve_unit_lower
 
 __all__ = ["ChunkScan", "chunk_scan", "gated_delta_chunk"]
 
@@ -184,7 +185,7 @@ def chunk_scan(
     kk = kc @ kc.transpose(-1, -2)
     A = (bc[..., :, None] * decay * kk).masked_fill(~strict, 0.0)
     rhs = torch.cat([bc[..., None] * vc, (bc * cum.exp())[..., None] * kc], dim=-1)
-    sol = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)
+    sol = solve_unit_lower(A, rhs)
     u_base, w = sol.split([Dv, Dk], dim=-1)  # Ut [.., C, Dv], W [.., C, Dk]
 
     attn = (qc @ kc.transpose(-1, -2)) * decay  # intra-chunk, scaled q

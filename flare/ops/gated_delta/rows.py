@@ -29,6 +29,7 @@ import torch
 from flare.ops.gated_delta.naive import expand_heads
 from flare.ops.gated_delta.pending import PendingCommits, bmm4, write_update
 from flare.ops.precision import EXP_FLOOR, accum_dtype, cast, faking, no_autocast
+from flare.ops.triangular import solve_unit_lower
 
 
 class RowsScan(NamedTuple):
@@ -149,8 +150,7 @@ def gated_delta_rows(
     # A on the strict ancestors: the unit-triangular solve reads neither the diagonal (taken as 1) nor what lies
     # above it, so neither is masked or set (two ops a layer fewer; the same values).
     A = b * decay * dots[:, :, T:]
-    u = torch.linalg.solve_triangular(A, b * torch.addcmul(vh, e_g, reads_s0[:, :, T:], value=-1.0), upper=False,
-                                      unitriangular=True)
+    u = solve_unit_lower(A, b * torch.addcmul(vh, e_g, reads_s0[:, :, T:], value=-1.0))
     if reads is None:
         decay_at, e_at = decay, e_g
     else:
