@@ -94,11 +94,11 @@ class ModelCache:
                     batch_size, config.linear_num_value_heads, config.linear_key_head_dim,
                     config.linear_value_head_dim, device=device, dtype=accum_dtype(dtype),
                 )
-                layers.append(RecurrentState(conv, ssm, PendingCommits.empty(ssm)))
+                layers.append(RecurrentState(conv, ssm, None))  # (its kept commits below)
         recurrent = [layer for layer in layers if isinstance(layer, RecurrentState)]
         stack = PendingStack.empty([layer.ssm for layer in recurrent])
-        for layer, view in zip(recurrent, stack.views if stack else []):
-            layer.pending = view
+        for i, layer in enumerate(recurrent):
+            layer.pending = stack.views[i] if stack is not None else PendingCommits.empty(layer.ssm)
         lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         return cls(lengths, layers, 0, stack)
 
