@@ -30,7 +30,7 @@ import flare
 from flare import masks
 from flare.device import describe, pack_linears, prepare_process
 from flare.model.cache import CommitRecord, ModelCache
-from flare.model.context import ForwardContext, Rows
+from flare.model.context import ForwardContext, RowMeta, Rows
 from flare.model.layers import frozen_weights, rotary
 from flare.model.packed_linear import prepack
 from flare.ops.sampling import argmax
@@ -77,7 +77,7 @@ class Forwards:
         rule = masks.inference_rows(cache.lengths, self.clean, self.clean + self.noisy)
         mask = masks.materialize(rule, self.B, T, self.capacity, self.model.device)
         return ForwardContext("rows", self._rope(pos), mask, cache=cache, write_pos=pos, layout=Rows(self.N, self.M),
-                              record=CommitRecord(T, {}), row_counts=(self.clean, self.noisy))
+                              record=CommitRecord(T, {}), row_meta=RowMeta.of(self.clean, self.noisy, T))
 
 
 def picks(model, ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:

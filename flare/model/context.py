@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -96,6 +97,32 @@ class Rows:
 Layout = Packed | TwoStream | Rows | None
 
 
+class RowMeta(NamedTuple):
+    """What every recurrent layer of a rows forward needs of its layout, made once per forward (a few small ops
+    each, which 18 layers would otherwise repeat)."""
+
+    valid: torch.Tensor  # [B, T] bool: the clean and noisy rows (the rest is padding)
+    reads: torch.Tensor | None  # [B, T] long: the row whose recurrent state a row reads (None: its own)
+
+    @classmethod
+    def of(cls, clean: torch.Tensor, noisy: torch.Tensor, rows: int, layout: "Rows | None" = None,
+           tree: RowTree | None = None) -> "RowMeta":
+        """From the per-sequence counts [B]: noisy rows read the block-end state, that of the last row (padding
+        rows leave it unchanged); with a tree, each group's reads are the tree's own (``reads`` None here)."""
+        idx = torch.arange(rows, device=clean.device)
+        valid = idx < (clean + noisy)[:, None]
+        if tree is not None or (layout is not None and _no_noisy_rows(layout, rows)):
+            return cls(valid, None)
+        return cls(valid, torch.where(idx < clean[:, None], idx, rows - 1))
+
+
+def _no_noisy_rows(layout: "Rows", rows: int) -> bool:
+    """Whether the layout says, without reading the device, that no sequence has a noisy row."""
+    if isinstance(layout.num_noisy, int):
+        return layout.num_noisy == 0
+    return layout.num_noisy is None and isinstance(layout.num_clean, int) and layout.num_clean == rows
+
+
 @dataclass
 class ForwardContext:
     mode: str
@@ -109,7 +136,7 @@ class ForwardContext:
     segments: Segments | None = None  # packed / two_stream: documents as segments
     layout: Layout = None
     record: CommitRecord | None = None  # rows mode: keep what the clean rows would commit
-    row_counts: tuple[torch.Tensor, torch.Tensor] | None = None  # rows mode: (num_clean, num_noisy) per sequence
+    row_meta: RowMeta | None = None  # rows mode: which rows are real, which state each reads
     tree: RowTree | None = None  # rows mode with seeded groups
 
     @classmethod
@@ -200,7 +227,7 @@ class ForwardContext:
             if record is not None:
                 record.rows = T
             return cls("rows", rot, mask, cache=cache, write_pos=slots, layout=layout,
-                       record=record, row_counts=(clean, noisy), tree=tree)
+                       record=record, row_meta=RowMeta.of(clean, noisy, T, layout, tree), tree=tree)
 
         if layout is not None:
             raise TypeError(f"unknown layout {layout!r}")

@@ -114,10 +114,7 @@ class GatedDeltaNet(nn.Module):
         clean rows) is read from the state at its end. One causal conv serves both (a noisy row's window holds
         the clean inputs before the block). With a record, the pass keeps what commits any clean prefix."""
         state = ctx.cache.layers[self.layer_idx]
-        B, T, _ = x.shape
-        clean_n, noisy_n = ctx.row_counts
-        idx = torch.arange(T, device=x.device)
-        is_clean = idx < clean_n[:, None]
+        meta = ctx.row_meta
         qkv, z, b, a = self.in_proj(x).split(self.split, dim=-1)
         tree = ctx.tree
         weight = self.conv1d.weight[:, 0, :]
@@ -127,15 +124,15 @@ class GatedDeltaNet(nn.Module):
         else:
             mixed = F.silu(tree_conv1d(qkv, weight, state.conv, windows=tree.windows(weight.shape[1]), full=full))
         q, k, v = self._qkv(mixed)
-        g, beta = self._gates(b, a, idx < (clean_n + noisy_n)[:, None])
+        g, beta = self._gates(b, a, meta.valid)
         if tree is not None:
             # Each noisy group continues from the state after its own clean prefix and reads its end state.
             scan = gated_delta_rows(q, k, v, g, beta, state.ssm, self.dk**-0.5, path=tree.path, reads=tree.reads,
                                     pending=state.pending)
         else:
-            # Noisy rows read the block-end state: that of the last row (padding rows leave it unchanged).
-            reads = None if _no_noisy_rows(ctx.layout, T) else torch.where(is_clean, idx, T - 1)
-            scan = gated_delta_rows(q, k, v, g, beta, state.ssm, self.dk**-0.5, reads=reads, pending=state.pending)
+            # Noisy rows read the block-end state (ForwardContext.row_meta).
+            scan = gated_delta_rows(q, k, v, g, beta, state.ssm, self.dk**-0.5, reads=meta.reads,
+                                    pending=state.pending)
         o = scan.o
         self.last_path = "rows"
         if ctx.record is not None:
@@ -196,9 +193,3 @@ class GatedDeltaNet(nn.Module):
         o_n = seg.pack(o_n.flatten(3).transpose(1, 2))  # [B, L, V, H * Dv]
         return o_c, o_n.transpose(1, 2).reshape(B, V * L, -1)
 
-
-def _no_noisy_rows(layout, rows: int) -> bool:
-    """Whether the layout says, without reading the device, that no sequence has a noisy row."""
-    if isinstance(layout.num_noisy, int):
-        return layout.num_noisy == 0
-    return layout.num_noisy is None and isinstance(layout.num_clean, int) and layout.num_clean == rows
