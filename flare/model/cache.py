@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from flare.config import FULL_ATTENTION, ModelConfig
-from flare.ops.gated_delta.pending import PendingCommits
+from flare.ops.gated_delta.pending import PendingCommits, write_update
 from flare.ops.gated_delta.pending_stack import PendingStack
 from flare.ops.gated_delta.rows import RowsScan, updates_after
 from flare.ops.precision import accum_dtype, cast
@@ -171,15 +171,22 @@ class ModelCache:
             self.advance(n_accept_B, T)
             return
         live = (n_accept_B > 0).view(B, 1, 1, 1).to(recurrent[0][1].ssm.dtype)
-        stack, stacked = self._held_stack(), False
+        stack, done = self._held_stack(), False
         if stack is not None:
             if T > stack.room:
                 for _, layer in recurrent:
                     layer.settle()
             if T <= stack.room:  # every layer's update at once
                 stack.add(*updates_after([record.gdn[i][0] for i, _ in recurrent], last, live, T))
-                stacked = True
-        for i, layer in recurrent if not stacked else ():
+                done = True
+        elif all(layer.pending.k.shape[2] == 0 for _, layer in recurrent):
+            # Written at once (states too small to keep commits): every layer's update computed at once.
+            decay, weight, k, u = updates_after([record.gdn[i][0] for i, _ in recurrent], last, live, T)
+            k = k * weight
+            for j, (_, layer) in enumerate(recurrent):
+                layer.ssm = write_update(layer.ssm, B, decay[j], k[j], u[j])
+            done = True
+        for i, layer in recurrent if not done else ():
             # Kept as a low-rank update of the state, which the next rows pass reads as it is (or written).
             update = record.gdn[i][0].update_after(n_accept_B, last, rows=T, live=live)
             layer.ssm = layer.pending.commit(layer.ssm, *update)

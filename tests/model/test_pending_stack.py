@@ -9,7 +9,7 @@ import flare.ops.gated_delta.pending as pending
 from flare.model import CommitRecord
 from flare.model.cache import RecurrentState
 from flare.model.context import Rows
-from flare.ops.gated_delta.pending import PendingCommits
+from flare.ops.gated_delta.pending import PendingCommits, write_update
 from flare.ops.gated_delta.pending_stack import PendingStack
 
 
@@ -83,3 +83,26 @@ def test_a_stack_needs_states_of_one_shape_and_room():
     with pytest.raises(RuntimeError, match="settle"):
         stack.add(torch.ones(2, 2, 2, 1, 1), torch.ones(2, 2, 2, 3, 1), torch.zeros(2, 2, 2, 3, 4),
                   torch.zeros(2, 2, 2, 3, 4))
+
+
+def test_commits_written_at_once_equal_layer_by_layer_ones(flare_models, monkeypatch):
+    """States too small to keep commits are written at once, every layer's update computed together: the same
+    states, bit for bit, as each layer's own update written on its own (as ``PendingCommits.commit`` writes it)."""
+    monkeypatch.setattr(pending, "KEEP_MIN_STATE_BYTES", 1 << 62)
+    model = flare_models["qwen3_5"]
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        cache = model.new_cache(3)
+        assert cache.stack is None and all(layer.pending.room == 0 for layer in _recurrent(cache))
+        model.hidden_states(torch.randint(0, 90, (3, 6), generator=g), cache=cache)
+        for n in ([1, 3, 0], [3, 2, 3]):
+            rows = torch.cat([torch.randint(0, 90, (3, 3), generator=g), torch.full((3, 2), 95)], 1)
+            record = CommitRecord.empty()
+            model.hidden_states(rows, cache=cache, layout=Rows(3), record=record)
+            record.rows = 3
+            n_accept = torch.tensor(n)
+            want = [write_update(layer.ssm.clone(), 3, *record.gdn[i][0].update_after(n_accept, rows=3))
+                    for i, layer in enumerate(cache.layers) if isinstance(layer, RecurrentState)]
+            cache.commit(record, n_accept)
+            for layer, state in zip(_recurrent(cache), want):
+                assert torch.equal(layer.ssm, state)
