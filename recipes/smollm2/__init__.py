@@ -22,8 +22,8 @@ half-written output, only temporaries that the next run removes. Each stage's wa
   speed     (``speed.py``) tokens/s per mode at batch 1 and 8, per dtype: ``OUT/speed.json``.
   report    (``report.py``) ``OUT/report.md`` and ``OUT/conversion.png``.
 
-``--quick`` runs every stage at a few problems and two training steps (into ``OUT/survey-quick*`` and
-``OUT/quick/``), for CI and for trying the recipe out.
+``--quick`` runs every stage at a few problems and two training steps, speed at batch 1 only (into
+``OUT/survey-quick*`` and ``OUT/quick/``), for CI and for trying the recipe out.
 
 Reserved reasoning-gym generator seeds (``common.SEEDS``). For the tasks here, reasoning-gym draws problem ``i``
 of seed ``s`` from ``Random(s + i)``, so seed ``s`` with ``n`` problems uses item seeds ``[s, s + n)`` (seeds
