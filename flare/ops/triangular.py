@@ -14,7 +14,7 @@ on its own (a fork and join per matrix) and the whole takes several times as lon
 |---|---|---|---|---|
 | 7 x 1 (a verify round) | 38 | 97-113 | 14 | 70-73 |
 | 7 x 8 | 268-270 | 636-688 | 65-67 | 442-564 |
-| 35 x 8 (a prefill's drafting rows) | - | 1,801 (transposed) | 924 | 1,801 |
+| 35 x 8 (a prefill's drafting rows) | 3,198-3,217 | 2,328-2,343 | 924-1,141 | 1,272-1,801 |
 | 64-row chunks x 8, 256 columns (prefill) | 12,246-12,896 | 6,588-6,645 | 6,246-6,904 | 8,835-10,415 |
 """
 
