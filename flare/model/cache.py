@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from flare.config import FULL_ATTENTION, ModelConfig
-from flare.ops.gated_delta.pending import PendingCommits, write_update
+from flare.ops.gated_delta.pending import PendingCommits
 from flare.ops.gated_delta.pending_stack import PendingStack
 from flare.ops.gated_delta.rows import RowsScan, updates_after
 from flare.ops.precision import accum_dtype, cast
@@ -171,25 +171,18 @@ class ModelCache:
             self.advance(n_accept_B, T)
             return
         live = (n_accept_B > 0).view(B, 1, 1, 1).to(recurrent[0][1].ssm.dtype)
-        stack, done = self._held_stack(), False
-        if stack is not None:
-            if T > stack.room:
-                for _, layer in recurrent:
-                    layer.settle()
-            if T <= stack.room:  # every layer's update at once
-                stack.add(*updates_after([record.gdn[i][0] for i, _ in recurrent], last, live, T))
-                done = True
-        elif all(layer.pending.k.shape[2] == 0 for _, layer in recurrent):
-            # Written at once (states too small to keep commits): every layer's update computed at once.
-            decay, weight, k, u = updates_after([record.gdn[i][0] for i, _ in recurrent], last, live, T)
-            k = k * weight
+        # Every layer's update at once (the layers' states share one shape), then added to the stack of kept
+        # commits, or each written or kept by its layer (no stack, or no room left in it after a settle).
+        decay, k, u = updates_after([record.gdn[i][0] for i, _ in recurrent], last, live, T)
+        stack = self._held_stack()
+        if stack is not None and T > stack.room:
+            for _, layer in recurrent:
+                layer.settle()
+        if stack is not None and T <= stack.room:
+            stack.add(decay, k, u)
+        else:
             for j, (_, layer) in enumerate(recurrent):
-                layer.ssm = write_update(layer.ssm, B, decay[j], k[j], u[j])
-            done = True
-        for i, layer in recurrent if not done else ():
-            # Kept as a low-rank update of the state, which the next rows pass reads as it is (or written).
-            update = record.gdn[i][0].update_after(n_accept_B, last, rows=T, live=live)
-            layer.ssm = layer.pending.commit(layer.ssm, *update)
+                layer.ssm = layer.pending.commit(layer.ssm, decay[j], k[j], u[j])
         # The K-1 conv inputs that end after the accepted rows, one index for every layer.
         inputs = record.gdn[recurrent[0][0]][1]
         rows = row_index(n_accept_B[:, None] + torch.arange(recurrent[0][1].conv.shape[1], device=inputs.device),

@@ -81,7 +81,7 @@ def test_a_stack_needs_states_of_one_shape_and_room():
     stack = PendingStack.empty([a, a], rows=2)
     assert stack.holds(stack.views) and not stack.holds([stack.views[0], PendingCommits.empty(a, rows=2)])
     with pytest.raises(RuntimeError, match="settle"):
-        stack.add(torch.ones(2, 2, 2, 1, 1), torch.ones(2, 2, 2, 3, 1), torch.zeros(2, 2, 2, 3, 4),
+        stack.add(torch.ones(2, 2, 2, 1, 1), torch.zeros(2, 2, 2, 3, 4),
                   torch.zeros(2, 2, 2, 3, 4))
 
 

@@ -49,16 +49,16 @@ class PendingStack:
     def room(self) -> int:
         return self.views[0].room
 
-    def add(self, decay: torch.Tensor, weight: torch.Tensor, k: torch.Tensor, u: torch.Tensor) -> None:
-        """Commit ``S <- decay * S + (weight * k)^T u`` in every layer: ``decay`` [L, B, H, 1, 1], ``weight``
-        [L, B, H, T, 1], ``k`` [L, B, H, T, Dk], ``u`` [L, B, H, T, Dv] (``PendingCommits.add`` for all at once)."""
+    def add(self, decay: torch.Tensor, k: torch.Tensor, u: torch.Tensor) -> None:
+        """Commit ``S <- decay * S + k^T u`` in every layer: ``decay`` [L, B, H, 1, 1], ``k`` [L, B, H, T, Dk],
+        ``u`` [L, B, H, T, Dv] (``PendingCommits.add`` for all at once)."""
         T, used = k.shape[3], self.views[0].used
         if T > self.room:
             raise RuntimeError(f"{T} rows do not fit the {self.room} left: settle the states first")
         self.scale.mul_(decay)
         if used:
             self.k[:, :, :, :used].mul_(decay)
-        self.k[:, :, :, used:used + T] = k * weight
+        self.k[:, :, :, used:used + T] = k
         self.u[:, :, :, used:used + T] = u
         if not precision.DENORMALS_FLUSHED[0]:  # (as PendingCommits.add)
             kept = self.k[:, :, :, :used + T]

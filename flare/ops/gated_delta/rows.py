@@ -56,15 +56,13 @@ class RowsScan(NamedTuple):
         ``last`` ((n - 1).clamp(min=0)) and ``live`` (n > 0, in the state's dtype), as [B, 1, 1, 1], when the
         caller already has them (once per commit, for every layer).
         Sequences with n = 0 get decay e^0 = 1 and zero rows: their state stays exactly as it was."""
-        B, H, T = self.cum.shape
-        rows = T if rows is None else rows
+        B, _, T = self.cum.shape
         if last is None:
             last = (n_B - 1).clamp(min=0).view(B, 1, 1, 1)
         if live is None:
             live = (n_B > 0).view(B, 1, 1, 1).to(self.cum.dtype)
-        weight = self.decay[..., :rows].gather(2, last.expand(B, H, 1, rows)) * live  # e^{G_{n-1} - G_j} on the path
-        g_end = self.cum[..., None].gather(2, last.expand(B, H, 1, 1)) * live  # [B, H, 1, 1]
-        return g_end.exp(), self.k[:, :, :rows] * weight.transpose(-1, -2), self.u[:, :, :rows]
+        decay, k, u = updates_after([self], last, live, T if rows is None else rows)
+        return decay[0], k[0], u[0]
 
     @no_autocast
     def state_after(self, n_B: torch.Tensor) -> torch.Tensor:
@@ -76,19 +74,18 @@ class RowsScan(NamedTuple):
 
 @no_autocast
 def updates_after(scans: list[RowsScan], last: torch.Tensor, live: torch.Tensor, rows: int
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``RowsScan.update_after`` of passes of one shape (a model's recurrent layers), at once, stacked along a new
-    first dimension L: (decay [L, B, H, 1, 1], weight [L, B, H, rows, 1], k [L, B, H, rows, Dk], u [L, B, H, rows,
-    Dv]), the update's keys being ``weight * k`` (``PendingStack.add`` multiplies them into place). ``last`` and
-    ``live`` [B, 1, 1, 1] as ``update_after`` takes them."""
+    first dimension L: (decay [L, B, H, 1, 1], k [L, B, H, rows, Dk], u [L, B, H, rows, Dv]). ``last`` and ``live``
+    [B, 1, 1, 1] as ``update_after`` takes them."""
     L, (B, H, _) = len(scans), scans[0].cum.shape
     at = last.view(1, B, 1, 1, 1).expand(L, B, H, 1, rows)
     # (the small decays stacked whole and sliced once: a slice per layer costs more than the rows it saves)
     weight = torch.stack([s.decay for s in scans])[..., :rows].gather(3, at) * live  # [L, B, H, 1, rows]
     g_end = torch.stack([s.cum for s in scans]).unsqueeze(-1).gather(3, at[..., :1]) * live
-    k = torch.stack([s.k[:, :, :rows] for s in scans])
+    k = torch.stack([s.k[:, :, :rows] for s in scans]) * weight.transpose(-1, -2)
     u = torch.stack([s.u[:, :, :rows] for s in scans])
-    return g_end.exp(), weight.transpose(-1, -2), k, u
+    return g_end.exp(), k, u
 
 
 def _after(T: int, device: torch.device) -> torch.Tensor:
