@@ -4,20 +4,25 @@
 #   modes         bench_modes.py on the real-sized random model (Qwen3.5-0.8B-shaped) in bf16 at batch 1 and 8:
 #                 cost per forward of every mode vs causal, and causal ms/step vs transformers on the same weights
 #   memory_floor  memory_floor.py: causal decode ms/step vs (weight + state bytes) / copy bandwidth, batch 1 and 8
+#   static        bench_static_step.py --backend none: a causal step and a verify forward with static shapes,
+#                 eagerly and (on CUDA) replayed from a CUDA graph, batch 1 and 8
 #   train         bench_train_memory.py: one FLARE training step of a random Qwen3.5-2B-shaped model (24 layers, bf16
 #                 compute, fp32 masters) at L = 4,096: step time, tokens/s and peak memory
 #   env           python, torch, device, and the seconds each section took
 # Each section records its exit status and, when it failed, the tail of its log; the script exits non-zero when
-# any section failed. It installs nothing: it runs .venv/bin/python when present, else python.
+# any section failed. It installs nothing: it runs .venv/bin/python when present, else python3 (else python).
 #
-#   benchmarks/gpu_check.sh [--device cuda|cpu] [--out FILE] [--size tiny|small|real] [--new-tokens N]
+#   benchmarks/gpu_check.sh [--device cuda|cpu] [--out FILE] [--logs DIR] [--size tiny|small|real] [--new-tokens N]
+#
+# --logs DIR keeps each section's whole log there (DIR/NAME.log), beside the tails the JSON holds for failures.
 #
 # --device cpu runs the same sections at a small size (tiny, 4 new tokens, one round): the smoke test
 # (tests/test_benchmarks_smoke.py) runs it that way.
 set -u
 cd "$(dirname "$0")/.."
 
-PY=python
+PY=python3
+command -v python3 >/dev/null || PY=python
 [ -x .venv/bin/python ] && PY=.venv/bin/python
 # flare from this checkout even where it is not installed (the scripts run from benchmarks/).
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -25,10 +30,12 @@ DEVICE=cuda
 OUT=gpu_check.json
 SIZE=""
 NEW=""
+LOGS=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --device) DEVICE=$2; shift 2 ;;
     --out) OUT=$2; shift 2 ;;
+    --logs) LOGS=$2; shift 2 ;;
     --size) SIZE=$2; shift 2 ;;
     --new-tokens) NEW=$2; shift 2 ;;
     -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1 {print}' "$0"; exit 0 ;;
@@ -38,12 +45,12 @@ done
 
 if [ "$DEVICE" = cpu ]; then
   SIZE=${SIZE:-tiny}; NEW=${NEW:-4}; REPEATS=1; DTYPE=auto; THREADS=1; STEPS=4
-  T_TESTS=120; T_MODES=240; T_FLOOR=120; T_TRAIN=120
+  T_TESTS=120; T_MODES=240; T_FLOOR=120; T_STATIC=120; T_TRAIN=120
   TRAIN_SHAPE="--hidden 64 --intermediate 128 --vocab 512 --layers 2 --length 96"
 else
   SIZE=${SIZE:-real}; NEW=${NEW:-32}; REPEATS=3; DTYPE=bfloat16; THREADS=4; STEPS=32
   # Together under 8 minutes, start-up included.
-  T_TESTS=90; T_MODES=210; T_FLOOR=75; T_TRAIN=90
+  T_TESTS=150; T_MODES=200; T_FLOOR=70; T_STATIC=90; T_TRAIN=110
   TRAIN_SHAPE="--layers 24 --length 4096"
 fi
 
@@ -83,9 +90,16 @@ section modes "$T_MODES" "$PY" benchmarks/bench_modes.py --size "$SIZE" --batch 
 section memory_floor "$T_FLOOR" "$PY" benchmarks/memory_floor.py --size "$SIZE" --batch 1,8 --device "$DEVICE" \
   --dtype "$DTYPE" --steps "$STEPS" --repeats "$REPEATS" --threads "$THREADS" --json "$WORK/memory_floor.json"
 
+section static "$T_STATIC" "$PY" benchmarks/bench_static_step.py --size "$SIZE" --batch 1,8 --device "$DEVICE" \
+  --dtype "$DTYPE" --backend none --threads "$THREADS" --json "$WORK/static.json"
+
 # shellcheck disable=SC2086
 section train "$T_TRAIN" "$PY" benchmarks/bench_train_memory.py --device "$DEVICE" --arms after $TRAIN_SHAPE \
   --threads "$THREADS" --json "$WORK/train.json"
+
+if [ -n "$LOGS" ]; then
+  mkdir -p "$LOGS" && cp "$WORK"/*.log "$LOGS"/
+fi
 
 "$PY" - "$WORK" "$OUT" "$DEVICE" "$SIZE" "$DTYPE" <<'EOF'
 import json
@@ -151,9 +165,8 @@ def env():
     return info
 
 
-SECTIONS = ("tests", "modes", "memory_floor", "train")
-report = {"env": env(), "tests": tests(), "modes": bench("modes"), "memory_floor": bench("memory_floor"),
-          "train": bench("train")}
+SECTIONS = ("tests", "modes", "memory_floor", "static", "train")
+report = {"env": env(), "tests": tests(), **{name: bench(name) for name in SECTIONS[1:]}}
 if report["modes"]["result"]:
     report["env"]["describe"] = report["modes"]["result"]["describe"]  # the device and dtype the benchmark ran in
 report["env"]["seconds"] = {k: report[k]["seconds"] for k in SECTIONS}

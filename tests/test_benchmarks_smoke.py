@@ -20,14 +20,15 @@ MODES = {"causal", "ar_trust", "diffusion_trust", "low_confidence", "llada"}
                     reason="gpu_check.sh needs bash and coreutils' timeout")
 def test_gpu_check_runs_on_the_cpu_and_writes_every_section(tmp_path):
     out = tmp_path / "gpu_check.json"
-    # Where the checkout has no .venv the script runs `python`: make that this interpreter.
+    # Where the checkout has no .venv the script runs `python3`: make that this interpreter.
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    res = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--device", "cpu", "--out", str(out)],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    res = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--device", "cpu", "--out", str(out),
+                          "--logs", str(tmp_path / "logs")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     report = json.loads(out.read_text())
-    assert {"env", "tests", "modes", "memory_floor", "train"} <= set(report) and report["ok"]
-    assert set(report["env"]["seconds"]) == {"tests", "modes", "memory_floor", "train"}
+    assert {"env", "tests", "modes", "memory_floor", "static", "train"} <= set(report) and report["ok"]
+    assert set(report["env"]["seconds"]) == {"tests", "modes", "memory_floor", "static", "train"}
+    assert {p.name for p in (tmp_path / "logs").iterdir()} == {f"{s}.log" for s in report["env"]["seconds"]}
 
     tests = report["tests"]
     assert tests["files"] and tests["cases"], "no CUDA-only test was found or selected"
@@ -43,6 +44,10 @@ def test_gpu_check_runs_on_the_cpu_and_writes_every_section(tmp_path):
     floor = report["memory_floor"]["result"]
     assert floor["bandwidth_GBps"] > 0 and [r["batch"] for r in floor["batches"]] == [1, 8]
     assert all(r["floor_ms"] > 0 and r["measured_ms"] > 0 and r["weight_bytes"] > 0 for r in floor["batches"])
+
+    static = report["static"]["result"]["results"]
+    assert [(r["batch"], r["rows"]) for r in static] == [(1, 1), (1, 7), (8, 1), (8, 7)]
+    assert all(r["eager_ms"] > 0 and "graph_ms" not in r for r in static)  # CUDA graphs: CUDA only
 
     train = report["train"]["result"]
     assert train["length"] == 96 and train["after"]["peak"] > 0 and train["after"]["tokens_per_s"] > 0
@@ -105,8 +110,18 @@ def test_bench_static_step_traces_each_forward_as_one_graph(tmp_path):
     rows = [line.split() for line in res.stdout.splitlines() if line.strip().startswith(("1 ", "3 "))]
     assert [(r[0], r[1], r[3]) for r in rows] == [("1", "causal", "1"), ("1", "verify", "7"), ("3", "causal", "1"),
                                                  ("3", "verify", "7")]
-    assert all(r[-1].split("/")[0] == r[-1].split("/")[1] for r in rows)
+    assert all(r[-1].split("/")[0] == r[-1].split("/")[2] for r in rows)  # compiled picks == eager picks
     assert "SUMMARY: compiled / eager:" in res.stdout
+    # Without a compiled arm (and, on the CPU, no CUDA-graph arm): the eager forwards alone, in the JSON too.
+    out = tmp_path / "static.json"
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_static_step.py"), "--size", "tiny",
+                          "--batch", "2", "--backend", "none", "--iters", "2", "--repeats", "1", "--prompt", "4",
+                          "--device", "cpu", "--json", str(out)], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=180)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    results = json.loads(out.read_text())["results"]
+    assert [(r["forward"], r["rows"]) for r in results] == [("causal step", 1), ("verify N+M", 7)]
+    assert all(r["eager_ms"] > 0 and "compiled_ms" not in r and "graph_ms" not in r for r in results)
 
 
 def test_bench_modes_warms_compiled_decoding_up_before_timing(tmp_path):

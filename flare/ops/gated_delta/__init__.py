@@ -53,7 +53,8 @@ def gated_delta(
     Picks ``gated_delta_step`` when ``T == 1``, ``gated_delta_naive`` when ``T <= 16`` and ``gated_delta_chunk``
     otherwise (in chunks of ``chunk_size_for(T)``), except that with ``prefer=None`` the chunk choice runs on
     flash-linear-attention's fused kernel (name ``"fla"``) where :func:`flare.ops.gated_delta.fla.selected` says it
-    applies (CUDA, the package installed, 16-bit values, ``FLARE_GDN_BACKEND`` not ``torch``). ``prefer`` forces a
+    applies (CUDA, the package installed, 16-bit values, ``FLARE_GDN_BACKEND`` not ``torch``, a backward that runs
+    where one will follow). ``prefer`` forces a
     torch form (one of ``FORMS``; ``"step"`` needs T == 1, anything else raises ``ValueError``). Shapes as in the
     module docstring. ``check=False`` skips the shape checks, for callers that built the tensors themselves (a
     model layer in a decode loop). ``in_place``: the step form writes the new state over ``initial_state`` (a
@@ -79,7 +80,8 @@ def gated_delta(
         o = o[:, None]
     elif name == "naive":
         o, state = gated_delta_naive(q, k, v, g, beta, initial_state, scale)
-    elif prefer is None and fla.selected(q, v):
+    elif prefer is None and fla.selected(q, v, torch.is_grad_enabled() and any(
+            x is not None and x.requires_grad for x in (q, k, v, g, beta, initial_state))):
         o, state = fla.gated_delta_fla(q, k, v, g, beta, initial_state, scale)
         name = "fla"
     else:

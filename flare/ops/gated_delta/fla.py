@@ -17,6 +17,10 @@ What it does not serve, and why:
   (T <= 16): fla has nothing that beats them or returns what they keep.
 * fp32 values: fla's kernels take 16-bit operands (older releases refuse fp32 outright); a fp32 model keeps the
   fp32 torch path.
+* differentiable inputs where fla's backward does not run: some releases refuse it on some GPU / Triton pairs
+  (fla 0.6.0 under Triton 3.6 on an H200 raises in ``chunk_bwd_dqkwg``, a known miscompile of those Triton
+  versions on Hopper). :func:`backward_works` probes it once per device with a small forward and backward; where it
+  fails, a training forward takes the torch chunk form (one warning) and inference keeps fla.
 
 Conventions mapped (checked against fla's ``chunk_gated_delta_rule``):
 
@@ -48,7 +52,7 @@ import torch
 from flare.ops.gated_delta.naive import expand_heads, validate_inputs
 from flare.ops.precision import no_autocast
 
-__all__ = ["ENV", "available", "backend_setting", "gated_delta_fla", "installed", "selected"]
+__all__ = ["ENV", "available", "backend_setting", "backward_works", "gated_delta_fla", "installed", "selected"]
 
 ENV = "FLARE_GDN_BACKEND"
 SETTINGS = ("auto", "torch")
@@ -75,16 +79,41 @@ def backend_setting() -> str:
     return value
 
 
-def selected(q: torch.Tensor, v: torch.Tensor) -> bool:
+def selected(q: torch.Tensor, v: torch.Tensor, needs_grad: bool = False) -> bool:
     """Whether :func:`flare.ops.gated_delta.gated_delta` runs its chunk choice on fla for these inputs: CUDA with
-    fla installed, 16-bit values, head dims the kernel takes, and ``FLARE_GDN_BACKEND`` not ``torch``."""
+    fla installed, 16-bit values, head dims the kernel takes, ``FLARE_GDN_BACKEND`` not ``torch``, and, for
+    inputs a backward will go through (``needs_grad``), a backward that runs on this device."""
     return (
         v.dtype in KERNEL_DTYPES
         and q.shape[-1] <= MAX_HEAD_DIM
         and v.shape[-1] <= MAX_HEAD_DIM
         and available(v.device)
         and backend_setting() != "torch"
+        and (not needs_grad or backward_works(str(v.device)))
     )
+
+
+@functools.lru_cache(maxsize=None)
+def backward_works(device: str) -> bool:
+    """Whether fla's kernel can be differentiated on ``device``: one small forward and backward, probed once per
+    device. A failure warns once and answers False (the caller's differentiable forwards take the torch path)."""
+    gen = torch.Generator().manual_seed(0)
+    shape = (1, 64, 1, 64)  # one head of 64 positions: one chunk of the kernel
+    try:
+        with torch.enable_grad():
+            q, k = (torch.nn.functional.normalize(torch.randn(shape, generator=gen), dim=-1).to(device)
+                    for _ in range(2))
+            v = torch.randn(shape, generator=gen).to(device, torch.bfloat16).requires_grad_(True)
+            g = torch.full(shape[:3], -0.1, device=device)
+            beta = torch.full(shape[:3], 0.5, device=device)
+            o, state = gated_delta_fla(q, k, v, g, beta)
+            (o.float().sum() + state.sum()).backward()
+        return True
+    except Exception as e:  # whatever the release raises (RuntimeError, a Triton compile error, ...)
+        warnings.warn(f"flash-linear-attention's backward failed on {device} ({type(e).__name__}: {e}); "
+                      f"differentiable gated delta forwards run on the torch chunk form there, inference keeps fla",
+                      RuntimeWarning, stacklevel=2)
+        return False
 
 
 @functools.lru_cache(maxsize=1)
