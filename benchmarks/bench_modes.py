@@ -326,7 +326,7 @@ def run(a: argparse.Namespace, ap: argparse.ArgumentParser, stack: ExitStack) ->
                                     cpu=statistics.median(cpu[mode]),
                                     tokens=res.new_tokens, tpf=res.tokens_per_forward, forwards=res.forwards,
                                     drafted=res.drafted, accepted=res.accepted, valid=valid, ids=res.token_ids,
-                                    options=res.options,
+                                    options=res.options, forward=res.kernel_paths.get("compile", "eager"),
                                     prefill_ms=statistics.median(prefill[mode]) * 1e3 if prefill[mode] else None,
                                     round_ms=statistics.median(rounds[mode]) * 1e3 if rounds[mode] else None)
 
@@ -478,7 +478,7 @@ def run(a: argparse.Namespace, ap: argparse.ArgumentParser, stack: ExitStack) ->
     print(f"SUMMARY: {goal}: " + "; ".join(parts) + (f"; batch {a.batch} others: {others}" if others else "")
           + note)
     if a.json:
-        keep = ("time", "cpu", "tokens", "tpf", "forwards", "drafted", "accepted", "valid", "exact", "ratio",
+        keep = ("forward", "time", "cpu", "tokens", "tpf", "forwards", "drafted", "accepted", "valid", "exact", "ratio",
                 "ratio_cpu", "prefill_ms", "round_ms", "fwd_ms", "fwd_cost", "fwd_ms_with_prefill",
                 "fwd_cost_with_prefill")
         record = dict(

@@ -6,6 +6,8 @@
 #   memory_floor  memory_floor.py: causal decode ms/step vs (weight + state bytes) / copy bandwidth, batch 1 and 8
 #   static        bench_static_step.py --backend none: a causal step and a verify forward with static shapes,
 #                 eagerly and (on CUDA) replayed from a CUDA graph, batch 1 and 8
+#   graphs        bench_modes.py, causal and AR-Trust, with FLARE_CUDA_GRAPHS=1 (emulate on the CPU): decoding with
+#                 its causal steps replayed from CUDA graphs (flare.engine.graphed)
 #   train         bench_train_memory.py: one FLARE training step of a random Qwen3.5-2B-shaped model (24 layers, bf16
 #                 compute, fp32 masters) at L = 4,096: step time, tokens/s and peak memory
 #   env           python, torch, device, and the seconds each section took
@@ -45,12 +47,14 @@ done
 
 if [ "$DEVICE" = cpu ]; then
   SIZE=${SIZE:-tiny}; NEW=${NEW:-4}; REPEATS=1; DTYPE=auto; THREADS=1; STEPS=4
-  T_TESTS=120; T_MODES=240; T_FLOOR=120; T_STATIC=120; T_TRAIN=120
+  T_TESTS=120; T_MODES=240; T_FLOOR=120; T_STATIC=120; T_GRAPHS=120; T_TRAIN=120
+  GRAPHS=emulate
   TRAIN_SHAPE="--hidden 64 --intermediate 128 --vocab 512 --layers 2 --length 96"
 else
   SIZE=${SIZE:-real}; NEW=${NEW:-32}; REPEATS=3; DTYPE=bfloat16; THREADS=4; STEPS=32
   # Together under 9 minutes, start-up included (381 s on an H200 without the static section).
-  T_TESTS=150; T_MODES=200; T_FLOOR=70; T_STATIC=90; T_TRAIN=110
+  T_TESTS=150; T_MODES=200; T_FLOOR=70; T_STATIC=90; T_GRAPHS=100; T_TRAIN=110
+  GRAPHS=1
   TRAIN_SHAPE="--layers 24 --length 4096"
 fi
 
@@ -92,6 +96,10 @@ section memory_floor "$T_FLOOR" "$PY" benchmarks/memory_floor.py --size "$SIZE" 
 
 section static "$T_STATIC" "$PY" benchmarks/bench_static_step.py --size "$SIZE" --batch 1,8 --device "$DEVICE" \
   --dtype "$DTYPE" --backend none --threads "$THREADS" --json "$WORK/static.json"
+
+section graphs "$T_GRAPHS" env FLARE_CUDA_GRAPHS="$GRAPHS" "$PY" benchmarks/bench_modes.py --size "$SIZE" --batch 8 \
+  --device "$DEVICE" --dtype "$DTYPE" --new-tokens "$NEW" --repeats "$REPEATS" --threads "$THREADS" --no-profile \
+  --modes causal,ar_trust --no-transformers --json "$WORK/graphs.json"
 
 # shellcheck disable=SC2086
 section train "$T_TRAIN" "$PY" benchmarks/bench_train_memory.py --device "$DEVICE" --arms after $TRAIN_SHAPE \
@@ -165,7 +173,7 @@ def env():
     return info
 
 
-SECTIONS = ("tests", "modes", "memory_floor", "static", "train")
+SECTIONS = ("tests", "modes", "memory_floor", "static", "graphs", "train")
 report = {"env": env(), "tests": tests(), **{name: bench(name) for name in SECTIONS[1:]}}
 if report["modes"]["result"]:
     report["env"]["describe"] = report["modes"]["result"]["describe"]  # the device and dtype the benchmark ran in

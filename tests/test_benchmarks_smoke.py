@@ -23,11 +23,12 @@ def test_gpu_check_runs_on_the_cpu_and_writes_every_section(tmp_path):
     # Where the checkout has no .venv the script runs `python3`: make that this interpreter.
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     res = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--device", "cpu", "--out", str(out),
-                          "--logs", str(tmp_path / "logs")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+                          "--logs", str(tmp_path / "logs")], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     report = json.loads(out.read_text())
-    assert {"env", "tests", "modes", "memory_floor", "static", "train"} <= set(report) and report["ok"]
-    assert set(report["env"]["seconds"]) == {"tests", "modes", "memory_floor", "static", "train"}
+    assert {"env", "tests", "modes", "memory_floor", "static", "graphs", "train"} <= set(report) and report["ok"]
+    assert set(report["env"]["seconds"]) == {"tests", "modes", "memory_floor", "static", "graphs", "train"}
     assert {p.name for p in (tmp_path / "logs").iterdir()} == {f"{s}.log" for s in report["env"]["seconds"]}
 
     tests = report["tests"]
@@ -48,6 +49,13 @@ def test_gpu_check_runs_on_the_cpu_and_writes_every_section(tmp_path):
     static = report["static"]["result"]["results"]
     assert [(r["batch"], r["rows"]) for r in static] == [(1, 1), (1, 7), (8, 1), (8, 7)]
     assert all(r["eager_ms"] > 0 and "graph_ms" not in r for r in static)  # CUDA graphs: CUDA only
+
+    graphs = report["graphs"]["result"]  # emulated on the CPU: the same bookkeeping, the eager tokens
+    assert {(m["mode"], m["batch"]) for m in graphs["modes"]} == {(m, b) for m in ("causal", "ar_trust")
+                                                                for b in (1, 8)}
+    assert all(m["valid"] for m in graphs["modes"])
+    assert {m["forward"] for m in graphs["modes"]} == {"FLARE_CUDA_GRAPHS=emulate"}  # causal steps graphed
+    assert {m["forward"] for m in modes["modes"]} == {"eager"}
 
     train = report["train"]["result"]
     assert train["length"] == 96 and train["after"]["peak"] > 0 and train["after"]["tokens_per_s"] > 0

@@ -41,6 +41,7 @@ import warnings
 
 import torch
 
+from flare.engine.graphed import GraphedForward, graphs_setting
 from flare.model import FlareModel
 
 COMPILE_ENV = "FLARE_COMPILE"
@@ -125,8 +126,12 @@ def warm_until_compiled(model: FlareModel, run, most: int = WARMUPS) -> None:
 
 
 def decoding_forward(model: FlareModel):
-    """What a cached runner calls for a forward: the compiled one where ``FLARE_COMPILE`` asks, else
+    """What a cached runner calls for a forward: its causal steps replayed from CUDA graphs where
+    ``FLARE_CUDA_GRAPHS`` asks (``flare.engine.graphed``), else the compiled one where ``FLARE_COMPILE`` asks, else
     ``model.hidden_states``."""
+    model.compiled_with = ""  # until this runner's first compiled (or graphed) forward
+    graphs = graphs_setting(model.device)
+    if graphs is not None:
+        return GraphedForward(model, graphs)
     backend = compile_backend()
-    model.compiled_with = ""  # until this runner's first compiled forward
     return model.hidden_states if backend is None else CompiledForward(model, backend)

@@ -138,6 +138,9 @@ class ForwardContext:
     record: CommitRecord | None = None  # rows mode: keep what the clean rows would commit
     row_meta: RowMeta | None = None  # rows mode: which rows are real, which state each reads
     tree: RowTree | None = None  # rows mode with seeded groups
+    # causal mode: the recurrent states are written into the cache's own tensors (never replaced by new ones),
+    # so that a CUDA graph replaying the forward finds them where it captured them (flare.engine.graphed)
+    in_place: bool = False
 
     @classmethod
     def build(

@@ -92,9 +92,10 @@ class GatedDeltaNet(nn.Module):
         # Caches in which nothing is committed yet (a host-side bound of 0) hold zero states: the prefill's
         # recurrence starts from none, which it neither reads nor decays.
         return self._causal(x_BTE, cache.layers[self.layer_idx] if cache else None, ctx.valid, ctx.n_new,
-                            empty=cache is not None and cache.bound == 0)
+                            empty=cache is not None and cache.bound == 0, in_place=ctx.in_place)
 
-    def _causal(self, x, state: RecurrentState | None, valid, n_new, empty: bool = False) -> torch.Tensor:
+    def _causal(self, x, state: RecurrentState | None, valid, n_new, empty: bool = False,
+                in_place: bool = False) -> torch.Tensor:
         if state is not None:
             state.settle()  # a causal pass reads and writes the state whole
         qkv, z, b, a = self.in_proj(x).split(self.split, dim=-1)
@@ -104,7 +105,11 @@ class GatedDeltaNet(nn.Module):
         initial = None if state is None or empty else state.ssm
         o, final, self.last_path = gated_delta(q, k, v, g, beta, initial_state=initial, check=False,
                                                  in_place=initial is not None)
-        if state is not None:
+        if state is not None and in_place:  # into the cache's own tensors (ForwardContext.in_place)
+            state.conv.copy_(conv_state)
+            if final is not state.ssm:
+                state.ssm.copy_(final)
+        elif state is not None:
             state.conv, state.ssm = conv_state, final
         return self._out(o, z, x.dtype)
 

@@ -1,0 +1,187 @@
+"""Decoding's causal steps replayed from CUDA graphs (``FLARE_CUDA_GRAPHS``): the same tokens as eager decoding, the
+cache's tensors never replaced by a graphed forward, and an eager fallback with one warning where a forward cannot
+be graphed. On the CPU the graph is emulated (``FLARE_CUDA_GRAPHS=emulate``: a replay runs the captured function
+again over the same buffers); the ``cuda`` test captures real graphs and runs where a GPU is (gpu_check.sh)."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+from flare.decoding import SamplingParams
+from flare.engine import Engine, EngineConfig, decode
+import flare.engine.graphed as graphed
+from flare.engine.graphed import GRAPHS_ENV, GraphedForward, emulated_capture, graphs_setting
+from flare.engine.stepper import Stepper
+from flare.model.gated_deltanet import GatedDeltaNet
+
+PROMPTS = [[3, 4, 5, 6, 7], [8, 9, 10], [11, 12, 13, 14, 15, 16, 17]]
+
+
+@pytest.mark.parametrize("value,device,want", [(None, "cpu", None), ("0", "cuda", None), ("1", "cpu", None),
+                                               ("1", "cuda", "cuda"), (" On ", "cuda", "cuda"),
+                                               ("emulate", "cpu", "emulate")])
+def test_the_setting(monkeypatch, value, device, want):
+    if value is None:
+        monkeypatch.delenv(GRAPHS_ENV, raising=False)
+    else:
+        monkeypatch.setenv(GRAPHS_ENV, value)
+    assert graphs_setting(device) == want
+
+
+def test_an_unknown_setting_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv(GRAPHS_ENV, "always")
+    with pytest.raises(ValueError, match="FLARE_CUDA_GRAPHS='always'"):
+        graphs_setting("cpu")
+
+
+def _decode(model, mode, prompts, monkeypatch, setting, new=12):
+    if setting is None:
+        monkeypatch.delenv(GRAPHS_ENV, raising=False)
+    else:
+        monkeypatch.setenv(GRAPHS_ENV, setting)
+    model.pacing.clear()
+    result = decode(model, prompts, SamplingParams(max_new_tokens=new, temperature=0.0, ignore_eos=True), mode)
+    return result.token_ids, result.kernel_paths
+
+
+READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
+
+
+def reads_counted(fn, counts: list[int]):
+    """``fn`` with the host reads it makes counted into ``counts`` (a read inside a CUDA graph's capture fails it)."""
+
+    def run():
+        originals = {name: getattr(torch.Tensor, name) for name in READS}
+        n = [0]
+
+        def counter(original):
+            def counted(self, *args, **kwargs):
+                n[0] += 1
+                return original(self, *args, **kwargs)
+            return counted
+
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, counter(original))
+        try:
+            return fn()
+        finally:
+            for name, original in originals.items():
+                setattr(torch.Tensor, name, original)
+            counts.append(n[0])
+
+    return run
+
+
+@pytest.mark.parametrize("fam", ["qwen3_5", "llama"])
+@pytest.mark.parametrize("n", [1, 3])
+def test_graphed_causal_decoding_gives_the_eager_tokens(flare_models, monkeypatch, fam, n):
+    """Every step after the prefill replayed (fp32: the same picks), one graph for all of them, and the graphed
+    forward reads nothing back to the host (which a capture cannot)."""
+    model = flare_models[fam]
+    want, eager = _decode(model, "causal", PROMPTS[:n], monkeypatch, None)
+    reads: list[int] = []
+    monkeypatch.setattr(graphed, "emulated_capture",
+                        lambda fn, pool: emulated_capture(reads_counted(fn, reads), pool))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no fallback
+        got, paths = _decode(model, "causal", PROMPTS[:n], monkeypatch, "emulate")
+    assert got == want
+    assert paths.get("compile") == "FLARE_CUDA_GRAPHS=emulate" and "compile" not in eager
+    assert len(reads) == 12 and set(reads) == {0}  # one capture, then a replay for each of the eleven steps
+
+
+def test_a_busy_engine_with_graphed_steps_gives_the_eager_tokens(flare_models, monkeypatch):
+    """More requests than slots in mixed modes: admissions, resets, steps over fewer slots than the cache holds
+    (narrowed caches: a graph per slot count) and AR-Trust's rows forwards (eager) between graphed causal steps."""
+    model = flare_models["qwen3_5"]
+    modes = ["causal", "ar_trust", "causal", "diffusion_trust", "causal"]
+
+    def run(setting):
+        if setting is None:
+            monkeypatch.delenv(GRAPHS_ENV, raising=False)
+        else:
+            monkeypatch.setenv(GRAPHS_ENV, setting)
+        model.pacing.clear()
+        engine = Engine(model, EngineConfig(max_num_seqs=3))
+        seqs = [engine.add_request([3 + i, 9, 4 + 2 * i][: 1 + i % 3], SamplingParams(
+            max_new_tokens=5 + 3 * i, temperature=0.0, ignore_eos=True), mode) for i, mode in enumerate(modes)]
+        while engine.has_work:
+            engine.step()
+        return [list(seq.output_ids) for seq in seqs], engine
+
+    want, _ = run(None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        got, engine = run("emulate")
+    assert got == want
+    forward = engine.stepper.runner.hidden_states
+    assert isinstance(forward, GraphedForward) and forward.captures >= 2 and not forward.failed
+
+
+def test_a_forward_that_replaces_a_state_warns_once_and_decodes_eagerly(flare_models, monkeypatch):
+    """A causal forward that hands a layer a new state tensor cannot be replayed (the graph would read the old
+    one): found at capture, it turns graphs off for the runner with one warning, and the tokens stay eager's."""
+    model = flare_models["qwen3_5"]
+    want, _ = _decode(model, "causal", PROMPTS, monkeypatch, None)
+    causal = GatedDeltaNet._causal
+
+    def replacing(self, *args, in_place=False, **kwargs):
+        return causal(self, *args, **kwargs)  # in_place dropped: the states are replaced
+
+    monkeypatch.setattr(GatedDeltaNet, "_causal", replacing)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got, paths = _decode(model, "causal", PROMPTS, monkeypatch, "emulate")
+    assert got == want and "compile" not in paths
+    msgs = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(msgs) == 1 and "replaced a cache tensor" in msgs[0]
+
+
+def test_prefills_stay_eager_and_padded_appends_have_graphs_of_their_own(flare_models, monkeypatch):
+    """Forwards into an empty cache or of more than MAX_ROWS rows never reach a graph; the graphed ones read the
+    whole capacity (per-sequence positions and masks), and a right-padded append (its padding as graph input)
+    commits what eager does."""
+    model = flare_models["qwen3_5"]
+    monkeypatch.setenv(GRAPHS_ENV, "emulate")
+    stepper = Stepper(model, 2, 64)
+    runner = stepper.runner
+    seen = []
+    replay = GraphedForward._replay
+
+    def spy(self, ids, ctx):
+        seen.append((ids.shape, ctx.attn_mask.shape[-1], ctx.cache.capacity, ctx.in_place))
+        return replay(self, ids, ctx)
+
+    monkeypatch.setattr(GraphedForward, "_replay", spy)
+    eager = Stepper(model, 2, 64).runner
+    eager.hidden_states = model.hidden_states
+    with torch.no_grad():
+        for r in (runner, eager):
+            r.prefill([[3, 4, 5], [6, 7]])
+            r.prefill([list(range(3, 3 + 20)), []])  # more than MAX_ROWS rows: eager
+        assert not seen
+        outs = [[r.append(torch.tensor([[8, 9], [10, 0]]), num_new=torch.tensor([2, 1])),
+                 r.append(torch.tensor([[8], [9]])), r.append(torch.tensor([[10, 11], [12, 13]])),
+                 r.append(torch.tensor([[8, 9], [10, 0]]), num_new=torch.tensor([2, 1]))] for r in (runner, eager)]
+    assert [s[0] for s in seen] == [(2, 2), (2, 1), (2, 2), (2, 2)]
+    assert all(cols == cap and in_place for _, cols, cap, in_place in seen)
+    for got, want in zip(*outs):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert runner.cache.lengths.tolist() == eager.cache.lengths.tolist() == [30, 7]
+    assert runner.hidden_states.captures == 3  # padded, plain 1-row and plain 2-row appends; the 4th replays
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_graphed_causal_decoding_on_cuda(flare_models, monkeypatch):
+    """Real CUDA graphs: the eager tokens, batch 1 and 3, one capture per batch shape."""
+    model = copy.deepcopy(flare_models["qwen3_5"]).to("cuda")  # the session's own model stays on the CPU
+    for n in (1, 3):
+        want, _ = _decode(model, "causal", PROMPTS[:n], monkeypatch, None, new=20)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            got, paths = _decode(model, "causal", PROMPTS[:n], monkeypatch, "1", new=20)
+        assert got == want and paths.get("compile") == "FLARE_CUDA_GRAPHS=1"
