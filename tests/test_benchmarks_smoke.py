@@ -54,7 +54,8 @@ def test_gpu_check_runs_on_the_cpu_and_writes_every_section(tmp_path):
     assert {(m["mode"], m["batch"]) for m in graphs["modes"]} == {(m, b) for m in ("causal", "ar_trust")
                                                                 for b in (1, 8)}
     assert all(m["valid"] for m in graphs["modes"])
-    assert {m["forward"] for m in graphs["modes"]} == {"FLARE_CUDA_GRAPHS=emulate"}  # causal steps graphed
+    # causal steps graphed (AR-Trust on a random model may draft every round: rows forwards, not graphed yet)
+    assert {m["forward"] for m in graphs["modes"] if m["mode"] == "causal"} == {"FLARE_CUDA_GRAPHS=emulate"}
     assert {m["forward"] for m in modes["modes"]} == {"eager"}
 
     train = report["train"]["result"]

@@ -101,9 +101,9 @@ def backward_works(device: str) -> bool:
     shape = (1, 64, 1, 64)  # one head of 64 positions: one chunk of the kernel
     try:
         with torch.enable_grad():
-            q, k = (torch.nn.functional.normalize(torch.randn(shape, generator=gen), dim=-1).to(device)
+            q, k = (torch.nn.functional.normalize(torch.randn(shape, generator=gen), dim=-1).to(device)  # host: seeded
                     for _ in range(2))
-            v = torch.randn(shape, generator=gen).to(device, torch.bfloat16).requires_grad_(True)
+            v = torch.randn(shape, generator=gen).to(device, torch.bfloat16).requires_grad_(True)  # host: seeded
             g = torch.full(shape[:3], -0.1, device=device)
             beta = torch.full(shape[:3], 0.5, device=device)
             o, state = gated_delta_fla(q, k, v, g, beta)
