@@ -188,7 +188,7 @@ class ModelCache:
         rows = row_index(n_accept_B[:, None] + torch.arange(recurrent[0][1].conv.shape[1], device=inputs.device),
                          inputs.shape[1])
         for i, layer in recurrent:
-            layer.conv = cast(take_flat(record.gdn[i][1], rows), layer.conv.dtype)
+            layer.conv = _written(layer.conv, take_flat(record.gdn[i][1], rows))
         self.advance(n_accept_B, T)
 
     def pending_room(self) -> int:
@@ -277,6 +277,15 @@ class ModelCache:
         given a layer an update of its own: then every layer goes its own way)."""
         recurrent = [layer.pending for layer in self.layers if isinstance(layer, RecurrentState)]
         return self.stack if self.stack is not None and self.stack.holds(recurrent) else None
+
+
+def _written(x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``value`` written into ``x`` (kept where it is: a CUDA graph of a causal step reads the cache's tensors by
+    address, ``flare.engine.graphed``), or ``value`` as ``x``'s dtype where ``x`` is an inference tensor outside
+    inference mode."""
+    if x.is_inference() and not torch.is_inference_mode_enabled():
+        return cast(value, x.dtype)
+    return x.copy_(value)
 
 
 def _emptied(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -185,3 +185,23 @@ def test_graphed_causal_decoding_on_cuda(flare_models, monkeypatch):
             warnings.simplefilter("error", RuntimeWarning)
             got, paths = _decode(model, "causal", PROMPTS[:n], monkeypatch, "1", new=20)
         assert got == want and paths.get("compile") == "FLARE_CUDA_GRAPHS=1"
+
+
+def test_rounds_and_their_commits_leave_the_cache_tensors_where_they_are(flare_models, monkeypatch):
+    """What keeps a causal step's graph valid after AR-Trust rounds: a rows forward, its commit (kept as an
+    update, or written), a settle and the graphed step itself write into the cache's own tensors, so the next
+    causal step finds the addresses it was captured with."""
+    model = flare_models["qwen3_5"]
+    monkeypatch.setenv(GRAPHS_ENV, "emulate")
+    runner = Stepper(model, 3, 64).runner
+    with torch.no_grad():
+        runner.prefill([[3, 4, 5], [6, 7], [8]])
+        where = graphed._where(graphed.cache_tensors(runner.cache))
+        for accept in ([2, 0, 4], [1, 1, 1], [4, 3, 0]):
+            runner.rows(torch.full((3, 7), 9), 4, record=True)
+            runner.commit_recorded(torch.tensor(accept))
+            assert graphed._where(graphed.cache_tensors(runner.cache)) == where
+        for _ in range(2):
+            runner.append(torch.tensor([[10], [11], [12]]))
+    assert graphed._where(graphed.cache_tensors(runner.cache)) == where
+    assert runner.hidden_states.captures == 1 and not runner.hidden_states.failed
