@@ -7,7 +7,7 @@
 #   static        bench_static_step.py --backend none: a causal step and a verify forward with static shapes,
 #                 eagerly and (on CUDA) replayed from a CUDA graph, batch 1 and 8
 #   graphs        bench_modes.py, causal and AR-Trust, with FLARE_CUDA_GRAPHS=1 (emulate on the CPU): decoding with
-#                 its causal steps replayed from CUDA graphs (flare.engine.graphed)
+#                 its forwards replayed from CUDA graphs (flare.engine.graphed)
 #   train         bench_train_memory.py: one FLARE training step of a random Qwen3.5-2B-shaped model (24 layers, bf16
 #                 compute, fp32 masters) at L = 4,096: step time, tokens/s and peak memory
 #   env           python, torch, device, and the seconds each section took

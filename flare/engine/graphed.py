@@ -1,26 +1,31 @@
-"""Decoding's causal steps replayed from CUDA graphs: opt-in with ``FLARE_CUDA_GRAPHS=1`` on a CUDA device.
+"""Decoding's forwards replayed from CUDA graphs: opt-in with ``FLARE_CUDA_GRAPHS=1`` on a CUDA device.
 
 Why: an eager decode step of a 0.75B Qwen3.5 shape on an H200 is the host launching about a thousand small kernels,
-25 ms against a 0.37 ms memory floor; the same static forward replayed from a CUDA graph took 3.7 ms
-(``benchmarks/bench_static_step.py``, ``benchmarks/README.md`` "On a GPU").
+25 ms against a 0.37 ms memory floor; the same static forward replayed from a CUDA graph took 3.7 ms, a verify
+forward 4.7 (``benchmarks/bench_static_step.py``, ``benchmarks/README.md`` "On a GPU").
 
-What is graphed: causal forwards of at most ``MAX_ROWS`` rows a sequence into a cache that holds something
-(decode steps, committed blocks, right-padded or not). Prefills and rows forwards (AR-Trust's verify, the block
-decoders' denoising) run eagerly as before.
+What is graphed: forwards of at most ``MAX_ROWS`` rows a sequence into a cache that holds something: causal ones
+(decode steps, committed blocks, right-padded or not) and rows forwards whose noisy rows form one group (AR-Trust's
+verify rounds with ``redraft=last``, recorded for their commit; the block decoders' denoising). Prefills and row
+trees (``redraft=every``) run eagerly as before.
 
 How the shapes are made static: during the forward the cache's host-side bound is set to its capacity less the
 new rows, so the context's positions and masks are per sequence over every KV slot and attention reads the whole
 capacity (the mask hides the slots past each length); the context is built eagerly each step (positions, rotary
-tables, the mask, the padding: a few small ops) and copied into the graph's own buffers, with the token ids; the
-recurrent states are written in place (``ForwardContext.in_place``). A graph is kept per batch, rows, capacity and the
-addresses of the cache tensors it reads: a cache that grew or was rebuilt gets graphs of its own. Capturing runs
-the forward (a warm-up, then the capture), so the recurrent states it updates are saved before and put back after;
-the real step is the first replay.
+tables, the mask, the padding, which rows are real and which state each reads: a few small ops) and copied into
+the graph's own buffers, with the token ids; a causal forward writes the recurrent states in place
+(``ForwardContext.in_place``), a commit writes the conv windows in place, and a rows forward reads the kept
+updates of the states whole (``pending.reading_all``: their count changes between replays). A recorded rows
+forward's record holds the graph's outputs, which the commit reads before the next replay. A graph is kept per
+kind, batch, rows, capacity and the addresses of the cache tensors it reads: a cache that grew or was rebuilt gets
+graphs of its own. Capturing runs the forward (a warm-up, then the capture), so what it writes is saved before
+and put back after; the real step is the first replay.
 
 ``FLARE_CUDA_GRAPHS=emulate`` runs the same bookkeeping on any device with replay = the captured function run again
-over the same buffers: what the CPU tests check (token identity with eager decoding, and that every forward leaves
-the cache's tensors where it found them, without which a real replay would read stale memory). A capture that
-fails, or a forward that replaces a cache tensor, warns once and leaves the runner eager for good.
+over the same buffers, which must run the ops, shapes and numbers the capture ran: what the CPU tests check (token
+identity with eager decoding; no forward that replaces a cache tensor, reads a value back to the host or depends on
+one). A capture that fails, or a forward that replaces a cache tensor, warns once and leaves the runner eager for
+good.
 """
 
 from __future__ import annotations
@@ -31,9 +36,13 @@ import warnings
 from collections.abc import Callable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
-from flare.model import FlareModel
+from flare.model import CommitRecord, FlareModel
 from flare.model.cache import AttentionState, ModelCache
+from flare.model.context import RowMeta, Rows
+from flare.ops.gated_delta.pending import reading_all
 
 GRAPHS_ENV = "FLARE_CUDA_GRAPHS"
 SETTINGS = ("cuda", "emulate")
@@ -69,22 +78,54 @@ def cuda_capture(fn: Callable[[], torch.Tensor], pool) -> tuple[Callable[[], Non
     return graph.replay, out
 
 
+class _OpLog(TorchDispatchMode):
+    """The ops a function runs, the shapes they take and the numbers passed to them: what a CUDA graph fixes at
+    capture."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[tuple] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        fixed = tuple(tuple(x.shape) if isinstance(x, torch.Tensor) else x for x in tree_leaves((args, kwargs))
+                      if isinstance(x, (torch.Tensor, int, float, bool)))
+        self.ops.append((str(func), fixed))
+        return func(*args, **(kwargs or {}))
+
+
+def _logged(fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, list[tuple]]:
+    with _OpLog() as log:
+        out = fn()
+    return out, log.ops
+
+
 def emulated_capture(fn: Callable[[], torch.Tensor], pool) -> tuple[Callable[[], None], torch.Tensor]:
     """The CPU stand-in: a replay runs ``fn`` again and writes its result into the first run's output, as a graph
-    writes into the output it captured."""
-    out = fn()
+    writes into the output it captured; and it must run the ops the capture ran, on the same shapes (a graph
+    replays those whatever the host's values are now: a forward whose ops depend on one cannot be graphed)."""
+    out, captured = _logged(fn)
 
     def replay() -> None:
-        out.copy_(fn())
+        new, ops = _logged(fn)
+        if ops != captured:
+            at = next((i for i, (a, b) in enumerate(zip(ops, captured)) if a != b), min(len(ops), len(captured)))
+            raise RuntimeError(f"a replay ran other ops than its capture, from op {at}: "
+                               f"{ops[at] if at < len(ops) else 'none'} against "
+                               f"{captured[at] if at < len(captured) else 'none'}")
+        out.copy_(new)
 
     return replay, out
 
 
 def cache_tensors(cache: ModelCache) -> list[torch.Tensor]:
-    """The tensors of a cache that a causal forward reads and writes."""
+    """The tensors of a cache that a forward reads or writes: keys and values, conv windows, states and their
+    kept updates."""
     out = []
     for layer in cache.layers:
-        out += [layer.k, layer.v] if isinstance(layer, AttentionState) else [layer.conv, layer.ssm]
+        if isinstance(layer, AttentionState):
+            out += [layer.k, layer.v]
+        else:
+            out += [layer.conv, layer.ssm, layer.pending.scale, layer.pending.k, layer.pending.u]
     return out
 
 
@@ -93,23 +134,45 @@ def _where(tensors: list[torch.Tensor]) -> tuple:
 
 
 class _Graph:
-    """One captured forward: its input buffers (token ids, the context's tensors) and its output."""
+    """One captured forward: its input buffers (token ids, the context's tensors), the context that reads them
+    and its output."""
 
-    def __init__(self, ids: torch.Tensor, leaves: list[torch.Tensor]) -> None:
+    def __init__(self, ids: torch.Tensor, leaves: dict[str, torch.Tensor]) -> None:
         self.ids, self.leaves = ids, leaves
         self.replay: Callable[[], None] | None = None
         self.out: torch.Tensor | None = None
-        self.ctx = None  # the context the capture ran with, reading the buffers above
+        self.ctx = None
 
 
-def _leaves(ctx) -> list[torch.Tensor]:
-    """The context tensors a causal forward reads, in a fixed order (with right padding: its mask and counts)."""
-    padded = [] if ctx.valid is None else [ctx.valid, ctx.n_new]
-    return [ctx.rope.cos, ctx.rope.sin, ctx.attn_mask, ctx.write_pos, *padded]
+def _leaves(ctx) -> dict[str, torch.Tensor]:
+    """The context tensors a forward reads: positions, rotary tables, mask; a causal forward's right padding; a
+    rows forward's real rows and the state each row reads."""
+    out = {"cos": ctx.rope.cos, "sin": ctx.rope.sin, "mask": ctx.attn_mask, "pos": ctx.write_pos}
+    if ctx.valid is not None:
+        out.update(valid=ctx.valid, n_new=ctx.n_new)
+    if ctx.row_meta is not None:
+        out["rows"] = ctx.row_meta.valid
+        if ctx.row_meta.reads is not None:
+            out["reads"] = ctx.row_meta.reads
+    return out
+
+
+def _static(ctx, bufs: dict[str, torch.Tensor]):
+    """``ctx`` reading the graph's buffers (and, for a recorded rows forward, filling a record of its own)."""
+    static = dataclasses.replace(ctx, rope=dataclasses.replace(ctx.rope, cos=bufs["cos"], sin=bufs["sin"]),
+                                 attn_mask=bufs["mask"], write_pos=bufs["pos"])
+    if "valid" in bufs:
+        static.valid, static.n_new = bufs["valid"], bufs["n_new"]
+    if ctx.row_meta is not None:
+        static.row_meta = RowMeta(bufs["rows"], bufs.get("reads"))
+    if ctx.record is not None:
+        static.record = CommitRecord(ctx.record.rows, {})
+    return static
 
 
 class GraphedForward:
-    """``model.hidden_states`` for a decoding runner, its causal steps replayed from CUDA graphs."""
+    """``model.hidden_states`` for a decoding runner, its causal steps and chain rows forwards replayed from CUDA
+    graphs."""
 
     def __init__(self, model: FlareModel, setting: str) -> None:
         self.model = model
@@ -122,14 +185,14 @@ class GraphedForward:
     def __call__(self, input_ids: torch.Tensor, *, cache=None, valid=None, layout=None, record=None):
         model = self.model
         T = input_ids.shape[1]
-        if (self.failed or cache is None or cache.bound == 0 or layout is not None or record is not None
-                or T > MAX_ROWS):
+        rows = isinstance(layout, Rows) and layout.seeds is None  # a chain: no row tree (not graphed yet)
+        if self.failed or cache is None or cache.bound == 0 or T > MAX_ROWS or not (layout is None or rows):
             return model.hidden_states(input_ids, cache=cache, valid=valid, layout=layout, record=record)
         cache.reserve(T)  # before the static bound, so that a growth happens here, eagerly
         bound, exact = cache.bound, cache.bound_exact
         cache.bound, cache.bound_exact = cache.capacity - T, False
         try:
-            ctx = model.context(input_ids, cache=cache, valid=valid)
+            ctx = model.context(input_ids, cache=cache, valid=valid, layout=layout, record=record)
             ctx.in_place = True
             out = self._replay(input_ids, ctx)
         finally:
@@ -139,30 +202,30 @@ class GraphedForward:
 
     def _replay(self, input_ids: torch.Tensor, ctx) -> torch.Tensor:
         leaves = _leaves(ctx)
-        key = (tuple(input_ids.shape), ctx.cache.capacity, _where(cache_tensors(ctx.cache)),
-               tuple(tuple(t.shape) for t in leaves))
+        key = (ctx.mode, ctx.record is not None, tuple(input_ids.shape), ctx.cache.capacity,
+               _where(cache_tensors(ctx.cache)), tuple((name, tuple(t.shape)) for name, t in leaves.items()))
         graph = self.graphs.get(key) or self._capture(key, input_ids, ctx)
         if graph is None:
             return self.model.hidden_states(input_ids, cache=ctx.cache, context=ctx, advance=False)
         graph.ids.copy_(input_ids)
-        for mine, new in zip(graph.leaves, leaves):
-            mine.copy_(new)
+        for name, new in leaves.items():
+            graph.leaves[name].copy_(new)
         # This step's cache (a narrowed one is a new object over the same tensors, which the key checked): a
         # graph reads those tensors by address; the emulation runs the forward again, over this object.
         graph.ctx.cache = ctx.cache
         graph.replay()
+        if ctx.record is not None:
+            # What the commit reads: the graph's outputs, with this step's kept updates (host-side counts).
+            layers = ctx.cache.layers
+            ctx.record.gdn = {i: (scan._replace(pending=layers[i].pending), full)
+                              for i, (scan, full) in graph.ctx.record.gdn.items()}
         self.model.compiled_with = f"{GRAPHS_ENV}={'emulate' if self.pool is None else '1'}"
         return graph.out.clone()  # the next replay writes over the graph's own
 
     def _capture(self, key, input_ids: torch.Tensor, ctx) -> _Graph | None:
         model, cache = self.model, ctx.cache
-        graph = _Graph(input_ids.clone(), [t.clone() for t in _leaves(ctx)])
-        cos, sin, mask, pos, *padded = graph.leaves
-        static = dataclasses.replace(ctx, rope=dataclasses.replace(ctx.rope, cos=cos, sin=sin), attn_mask=mask,
-                                     write_pos=pos)  # the same context, reading the graph's buffers
-        if padded:
-            static.valid, static.n_new = padded
-        graph.ctx = static
+        graph = _Graph(input_ids.clone(), {name: t.clone() for name, t in _leaves(ctx).items()})
+        graph.ctx = static = _static(ctx, graph.leaves)
         # The warm-up and the capture run the forward: what it updates is put back after, and so are the
         # layers' tensors themselves should it have replaced one (then it cannot be graphed).
         tensors = cache_tensors(cache)
@@ -170,11 +233,13 @@ class GraphedForward:
         held = [dict(vars(layer)) for layer in cache.layers]
 
         def forward() -> torch.Tensor:
-            return type(model).hidden_states(model, graph.ids, cache=static.cache, context=static, advance=False)
+            with reading_all():  # kept updates read whole: their count changes between replays
+                return type(model).hidden_states(model, graph.ids, cache=static.cache, context=static,
+                                                 advance=False)
 
         try:
             graph.replay, graph.out = self.capture(forward, self.pool)
-            replaced = _where(cache_tensors(cache)) != key[2]
+            replaced = _where(cache_tensors(cache)) != key[4]
         except Exception as e:  # nothing of the step was kept: it runs eagerly
             self._fail(f"capture failed: {type(e).__name__}: {e}")
             return None
@@ -184,7 +249,7 @@ class GraphedForward:
             for t, old in zip(tensors, saved):
                 t.copy_(old)
         if replaced:
-            self._fail("a causal forward replaced a cache tensor (a replay would read the old one)")
+            self._fail(f"a {ctx.mode} forward replaced a cache tensor (a replay would read the old one)")
             return None
         if len(self.graphs) >= MAX_GRAPHS:
             self.graphs.pop(next(iter(self.graphs)))
@@ -195,6 +260,6 @@ class GraphedForward:
 
     def _fail(self, why: str) -> None:
         if not self.failed:
-            warnings.warn(f"CUDA graphs of decoding's causal steps are off from now on: {why}", RuntimeWarning,
+            warnings.warn(f"CUDA graphs of decoding's forwards are off from now on: {why}", RuntimeWarning,
                           stacklevel=3)
         self.failed = True

@@ -17,6 +17,9 @@ import flare.engine.graphed as graphed
 from flare.engine.graphed import GRAPHS_ENV, GraphedForward, emulated_capture, graphs_setting
 from flare.engine.stepper import Stepper
 from flare.model.gated_deltanet import GatedDeltaNet
+from flare.ops.gated_delta import pending
+
+from tests.conftest import MASK
 
 PROMPTS = [[3, 4, 5, 6, 7], [8, 9, 10], [11, 12, 13, 14, 15, 16, 17]]
 
@@ -92,6 +95,42 @@ def test_graphed_causal_decoding_gives_the_eager_tokens(flare_models, monkeypatc
     assert got == want
     assert paths.get("compile") == "FLARE_CUDA_GRAPHS=emulate" and "compile" not in eager
     assert len(reads) == 12 and set(reads) == {0}  # one capture, then a replay for each of the eleven steps
+
+
+@pytest.mark.parametrize("fam,mode,n,kept", [("qwen3_5", "ar_trust:redraft=last:pause=0", 1, False),
+                                             ("qwen3_5", "ar_trust:redraft=last:pause=0", 3, True),
+                                             ("qwen3_5", "ar_trust:redraft=last", 3, True),
+                                             ("qwen3_5", "diffusion_trust", 3, False),
+                                             ("llama", "ar_trust:redraft=last:pause=0", 3, False)])
+def test_graphed_rows_forwards_give_the_eager_tokens(flare_models, monkeypatch, fam, mode, n, kept):
+    """AR-Trust's verify rounds (drafting every round, or paced against causal steps) and Diffusion-Trust's
+    denoising through graphs: eager's tokens, the commits read from the graph's record (kept as updates or
+    written), no host read inside."""
+    monkeypatch.setattr(pending, "KEEP_MIN_STATE_BYTES", 0 if kept else 1 << 62)
+    model = flare_models[fam]
+    want, _ = _decode(model, mode, PROMPTS[:n], monkeypatch, None, new=16)
+    reads: list[int] = []
+    monkeypatch.setattr(graphed, "emulated_capture",
+                        lambda fn, pool: emulated_capture(reads_counted(fn, reads), pool))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        got, paths = _decode(model, mode, PROMPTS[:n], monkeypatch, "emulate", new=16)
+    assert got == want and paths.get("compile") == "FLARE_CUDA_GRAPHS=emulate"
+    assert len(reads) > 1 and set(reads) == {0}
+
+
+def test_row_trees_stay_eager(flare_models, monkeypatch):
+    """A group per acceptance point (``redraft=every``: a row tree) is not graphed yet: its rounds run eagerly,
+    with the same tokens."""
+    model = flare_models["qwen3_5"]
+    mode = "ar_trust:redraft=every:pause=0"
+    want, _ = _decode(model, mode, PROMPTS[:1], monkeypatch, None)
+    seen = []
+    replay = GraphedForward._replay
+    monkeypatch.setattr(GraphedForward, "_replay", lambda self, ids, ctx: seen.append(ctx.tree) or replay(
+        self, ids, ctx))
+    got, _ = _decode(model, mode, PROMPTS[:1], monkeypatch, "emulate")
+    assert got == want and all(tree is None for tree in seen)
 
 
 def test_a_busy_engine_with_graphed_steps_gives_the_eager_tokens(flare_models, monkeypatch):
@@ -187,21 +226,35 @@ def test_graphed_causal_decoding_on_cuda(flare_models, monkeypatch):
         assert got == want and paths.get("compile") == "FLARE_CUDA_GRAPHS=1"
 
 
-def test_rounds_and_their_commits_leave_the_cache_tensors_where_they_are(flare_models, monkeypatch):
+@pytest.mark.parametrize("kept", [True, False], ids=["kept", "written"])
+def test_rounds_and_their_commits_leave_the_cache_tensors_where_they_are(flare_models, monkeypatch, kept):
     """What keeps a causal step's graph valid after AR-Trust rounds: a rows forward, its commit (kept as an
     update, or written), a settle and the graphed step itself write into the cache's own tensors, so the next
-    causal step finds the addresses it was captured with."""
+    causal step finds the addresses it was captured with; and the graphed rounds, which read the kept updates
+    whole (their count changes between replays), compute what eager ones do, past the updates' room too."""
     model = flare_models["qwen3_5"]
+    monkeypatch.setattr(pending, "KEEP_MIN_STATE_BYTES", 0 if kept else 1 << 62)  # the tiny states: kept or not
     monkeypatch.setenv(GRAPHS_ENV, "emulate")
     runner = Stepper(model, 3, 64).runner
+    eager = Stepper(model, 3, 64).runner
+    eager.hidden_states = model.hidden_states
+    outs = []
     with torch.no_grad():
-        runner.prefill([[3, 4, 5], [6, 7], [8]])
+        for r in (runner, eager):
+            r.prefill([[3, 4, 5], [6, 7], [8]])
         where = graphed._where(graphed.cache_tensors(runner.cache))
-        for accept in ([2, 0, 4], [1, 1, 1], [4, 3, 0]):
-            runner.rows(torch.full((3, 7), 9), 4, record=True)
-            runner.commit_recorded(torch.tensor(accept))
+        for accept in ([2, 0, 4], [1, 1, 1], [4, 3, 0], [3, 4, 4], [1, 2, 3]):  # past the kept updates' room
+            tokens = torch.randint(3, 90, (3, 7), generator=torch.Generator().manual_seed(sum(accept)))
+            tokens[:, 4:] = MASK
+            for r in (runner, eager):
+                outs.append(r.rows(tokens, 4, record=True))
+                r.commit_recorded(torch.tensor(accept))
             assert graphed._where(graphed.cache_tensors(runner.cache)) == where
         for _ in range(2):
-            runner.append(torch.tensor([[10], [11], [12]]))
+            outs += [r.append(torch.tensor([[10], [11], [12]])) for r in (runner, eager)]
     assert graphed._where(graphed.cache_tensors(runner.cache)) == where
-    assert runner.hidden_states.captures == 1 and not runner.hidden_states.failed
+    assert runner.hidden_states.captures == 2 and not runner.hidden_states.failed  # a round's and a step's
+    for got, want in zip(outs[::2], outs[1::2]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for mine, theirs in zip(graphed.cache_tensors(runner.cache), graphed.cache_tensors(eager.cache)):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from flare.ops.gated_delta import gated_delta_naive
-from flare.ops.gated_delta.pending import PendingCommits
+from flare.ops.gated_delta.pending import READ_ALL, PendingCommits, reading_all
 from flare.ops.gated_delta.rows import gated_delta_rows
 
 
@@ -201,3 +201,27 @@ def test_a_compiled_read_of_kept_commits_equals_the_eager_one():
             state = pending.settle(state)
             torch.testing.assert_close(read(x, state), pending.read(x, state), rtol=0, atol=0)
     assert len(graphs) == 1  # 3, 6, 0 and 3 rows kept: one graph
+
+
+def test_a_read_of_every_row_equals_the_read_of_the_kept_ones():
+    """``reading_all`` (a CUDA graph's capture and replays) reads the whole update: the same values as a read of
+    the kept rows, over counts that grow, after a settle (zero keys) and with nothing kept (exactly)."""
+    B, H, dk, dv = 2, 2, 4, 4
+    state = _inputs(B, 1, 2, H, dk, dv, seed=9)[-1]
+    pending = PendingCommits.empty(state, rows=8)
+    x = torch.randn(B, H, 3, dk, generator=torch.Generator().manual_seed(10), dtype=state.dtype)
+
+    def whole():
+        with reading_all():
+            assert READ_ALL[0]
+            return pending.read(x, state)
+
+    torch.testing.assert_close(whole(), pending.read(x, state), rtol=0, atol=0)
+    for r, n in enumerate([torch.tensor([2, 3]), torch.tensor([0, 3]), torch.tensor([3, 1])]):
+        q, k, v, g, beta, _ = _inputs(B, 3, 2, H, dk, dv, seed=30 + r)
+        pending.add(*gated_delta_rows(q, k, v, g, beta, state, dk**-0.5, pending=pending).update_after(n, rows=3))
+        torch.testing.assert_close(whole(), pending.read(x, state), rtol=1e-6, atol=1e-6)
+        if r == 1:
+            state = pending.settle(state)
+            torch.testing.assert_close(whole(), pending.read(x, state), rtol=0, atol=0)
+    assert not READ_ALL[0]  # restored on leaving

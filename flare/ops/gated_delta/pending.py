@@ -18,6 +18,8 @@ state is written once their room (``PENDING_ROWS``) is used up, or before a caus
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from flare.ops import precision
@@ -32,6 +34,9 @@ KEEP_MIN_STATE_BYTES = 256 << 10
 # On a CPU a write scales the states and adds the update piece by piece, this many bytes of state at a time
 # (about a core's L2 cache): both passes over a piece run before the next, so the second reads it from cache.
 STATE_CHUNK_BYTES = 1 << 20
+# While set (``reading_all``), ``read`` takes every row of the update, kept or not (zero keys past ``used``: the
+# same sum): what a CUDA graph of a rows forward captures, since ``used`` changes between its replays.
+READ_ALL = [False]
 # Kept keys and decays below this are set to zero: far below anything they could change (fp32 resolves 2^-24
 # of a value), and still far above the denormal floats (below 2^-126) their next products would make.
 TINY = 2.0 ** -80
@@ -85,7 +90,7 @@ class PendingCommits:
     def read(self, x: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
         """x^T S for rows ``x`` [B, H, R, Dk] against the committed state S: [B, H, R, Dv]."""
         out = bmm4(x, state)
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or READ_ALL[0]:
             # Every row, kept or not (zero keys past ``used``: the same sum): a graph that depends on ``used``
             # would be compiled again for each count.
             k, u = self.k, self.u
@@ -173,3 +178,13 @@ def write_update(state: torch.Tensor, span: int, scale: torch.Tensor, k: torch.T
     for i in range(0, B * H, step):
         s[i:i + step].mul_(sc[i:i + step]).baddbmm_(kt[i:i + step], uf[i:i + step])
     return state
+
+
+@contextlib.contextmanager
+def reading_all():
+    """``PendingCommits.read`` over every row while inside (``READ_ALL``)."""
+    before, READ_ALL[0] = READ_ALL[0], True
+    try:
+        yield
+    finally:
+        READ_ALL[0] = before
