@@ -5,14 +5,15 @@ Why: an eager decode step of a 0.75B Qwen3.5 shape on an H200 is the host launch
 forward 4.7 (``benchmarks/bench_static_step.py``, ``benchmarks/README.md`` "On a GPU").
 
 What is graphed: forwards of at most ``MAX_ROWS`` rows a sequence into a cache that holds something: causal ones
-(decode steps, committed blocks, right-padded or not) and rows forwards whose noisy rows form one group (AR-Trust's
-verify rounds with ``redraft=last``, recorded for their commit; the block decoders' denoising). Prefills and row
-trees (``redraft=every``) run eagerly as before.
+(decode steps, committed blocks, right-padded or not) and rows forwards (AR-Trust's verify rounds, recorded for
+their commit, with one MASK group or a group per acceptance point; the block decoders' denoising). Prefills run
+eagerly as before.
 
 How the shapes are made static: during the forward the cache's host-side bound is set to its capacity less the
 new rows, so the context's positions and masks are per sequence over every KV slot and attention reads the whole
 capacity (the mask hides the slots past each length); the context is built eagerly each step (positions, rotary
-tables, the mask, the padding, which rows are real and which state each reads: a few small ops) and copied into
+tables, the mask, the padding, which rows are real and which state each reads, a row tree's paths and conv
+windows: a few small ops) and copied into
 the graph's own buffers, with the token ids; a causal forward writes the recurrent states in place
 (``ForwardContext.in_place``), a commit writes the conv windows in place, and a rows forward reads the kept
 updates of the states whole (``pending.reading_all``: their count changes between replays). A recorded rows
@@ -42,6 +43,7 @@ from torch.utils._pytree import tree_leaves
 from flare.model import CommitRecord, FlareModel
 from flare.model.cache import AttentionState, ModelCache
 from flare.model.context import RowMeta, Rows
+from flare.model.row_tree import RowTree
 from flare.ops.gated_delta.pending import reading_all
 
 GRAPHS_ENV = "FLARE_CUDA_GRAPHS"
@@ -154,6 +156,9 @@ def _leaves(ctx) -> dict[str, torch.Tensor]:
         out["rows"] = ctx.row_meta.valid
         if ctx.row_meta.reads is not None:
             out["reads"] = ctx.row_meta.reads
+    if ctx.tree is not None:  # what the recurrent layers read of a row tree: paths, reads, conv windows
+        out.update(tree_path=ctx.tree.path, tree_reads=ctx.tree.reads)
+        out.update({f"tree_windows_{key[1]}": t for key, t in ctx.tree._memo.items() if key[0] == "windows"})
     return out
 
 
@@ -165,6 +170,11 @@ def _static(ctx, bufs: dict[str, torch.Tensor]):
         static.valid, static.n_new = bufs["valid"], bufs["n_new"]
     if ctx.row_meta is not None:
         static.row_meta = RowMeta(bufs["rows"], bufs.get("reads"))
+    if ctx.tree is not None:
+        t = ctx.tree
+        windows = {("windows", int(name.rsplit("_", 1)[1])): buf for name, buf in bufs.items()
+                   if name.startswith("tree_windows_")}
+        static.tree = RowTree(t.parent, bufs["tree_reads"], bufs["tree_path"], t.depth, t.real, _memo=windows)
     if ctx.record is not None:
         static.record = CommitRecord(ctx.record.rows, {})
     return static
@@ -185,8 +195,8 @@ class GraphedForward:
     def __call__(self, input_ids: torch.Tensor, *, cache=None, valid=None, layout=None, record=None):
         model = self.model
         T = input_ids.shape[1]
-        rows = isinstance(layout, Rows) and layout.seeds is None  # a chain: no row tree (not graphed yet)
-        if self.failed or cache is None or cache.bound == 0 or T > MAX_ROWS or not (layout is None or rows):
+        if (self.failed or cache is None or cache.bound == 0 or T > MAX_ROWS
+                or not (layout is None or isinstance(layout, Rows))):
             return model.hidden_states(input_ids, cache=cache, valid=valid, layout=layout, record=record)
         cache.reserve(T)  # before the static bound, so that a growth happens here, eagerly
         bound, exact = cache.bound, cache.bound_exact

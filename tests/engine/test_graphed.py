@@ -100,6 +100,7 @@ def test_graphed_causal_decoding_gives_the_eager_tokens(flare_models, monkeypatc
 @pytest.mark.parametrize("fam,mode,n,kept", [("qwen3_5", "ar_trust:redraft=last:pause=0", 1, False),
                                              ("qwen3_5", "ar_trust:redraft=last:pause=0", 3, True),
                                              ("qwen3_5", "ar_trust:redraft=last", 3, True),
+                                             ("qwen3_5", "ar_trust", 3, True),
                                              ("qwen3_5", "diffusion_trust", 3, False),
                                              ("llama", "ar_trust:redraft=last:pause=0", 3, False)])
 def test_graphed_rows_forwards_give_the_eager_tokens(flare_models, monkeypatch, fam, mode, n, kept):
@@ -119,18 +120,22 @@ def test_graphed_rows_forwards_give_the_eager_tokens(flare_models, monkeypatch, 
     assert len(reads) > 1 and set(reads) == {0}
 
 
-def test_row_trees_stay_eager(flare_models, monkeypatch):
-    """A group per acceptance point (``redraft=every``: a row tree) is not graphed yet: its rounds run eagerly,
-    with the same tokens."""
+@pytest.mark.parametrize("n", [1, 3])
+def test_row_trees_are_graphed_too(flare_models, monkeypatch, n):
+    """A group per acceptance point (``redraft=every``: a row tree, its paths and conv windows as graph inputs):
+    the eager tokens."""
     model = flare_models["qwen3_5"]
     mode = "ar_trust:redraft=every:pause=0"
-    want, _ = _decode(model, mode, PROMPTS[:1], monkeypatch, None)
+    want, _ = _decode(model, mode, PROMPTS[:n], monkeypatch, None, new=16)
     seen = []
     replay = GraphedForward._replay
     monkeypatch.setattr(GraphedForward, "_replay", lambda self, ids, ctx: seen.append(ctx.tree) or replay(
         self, ids, ctx))
-    got, _ = _decode(model, mode, PROMPTS[:1], monkeypatch, "emulate")
-    assert got == want and all(tree is None for tree in seen)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        got, paths = _decode(model, mode, PROMPTS[:n], monkeypatch, "emulate", new=16)
+    assert got == want and paths.get("compile") == "FLARE_CUDA_GRAPHS=emulate"
+    assert any(tree is not None for tree in seen)
 
 
 def test_a_busy_engine_with_graphed_steps_gives_the_eager_tokens(flare_models, monkeypatch):
