@@ -220,14 +220,16 @@ def test_prefills_stay_eager_and_padded_appends_have_graphs_of_their_own(flare_m
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
-def test_graphed_causal_decoding_on_cuda(flare_models, monkeypatch):
-    """Real CUDA graphs: the eager tokens, batch 1 and 3, one capture per batch shape."""
+@pytest.mark.parametrize("mode", ["causal", "ar_trust:redraft=last:pause=0", "ar_trust:redraft=every:pause=0",
+                                  "diffusion_trust"])
+def test_graphed_decoding_on_cuda(flare_models, monkeypatch, mode):
+    """Real CUDA graphs, every kind of forward: the eager tokens at batch 1 and 3, no fallback."""
     model = copy.deepcopy(flare_models["qwen3_5"]).to("cuda")  # the session's own model stays on the CPU
     for n in (1, 3):
-        want, _ = _decode(model, "causal", PROMPTS[:n], monkeypatch, None, new=20)
+        want, _ = _decode(model, mode, PROMPTS[:n], monkeypatch, None, new=20)
         with warnings.catch_warnings():
             warnings.simplefilter("error", RuntimeWarning)
-            got, paths = _decode(model, "causal", PROMPTS[:n], monkeypatch, "1", new=20)
+            got, paths = _decode(model, mode, PROMPTS[:n], monkeypatch, "1", new=20)
         assert got == want and paths.get("compile") == "FLARE_CUDA_GRAPHS=1"
 
 
