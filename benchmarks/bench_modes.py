@@ -61,7 +61,7 @@ import flare
 from flare.decoding import OPTIONS, ArTrustOptions, CausalOptions, SamplingParams, parse_modes
 from flare.device import describe
 from flare.engine import decode
-from flare.engine.compiled import WARMUPS, compile_backend, graphs_compiled, warm_until_compiled
+from flare.engine.compiled import WARMUPS, graphs_compiled, warm_until_compiled, warms_up
 from flare.testing.ties import divergences
 
 GOAL_SPEED, GOAL_TPF = 2.5, 3.0
@@ -294,7 +294,7 @@ def run(a: argparse.Namespace, ap: argparse.ArgumentParser, stack: ExitStack) ->
     results = {}
     # Warm-ups are short (4-token prompts, 2 new tokens): they only need each mode's code path to have run once.
     warm = SamplingParams(temperature=0, max_new_tokens=min(a.new_tokens, 2), ignore_eos=True)
-    compiling = compile_backend() is not None
+    compiling = warms_up(model) is not None
     for B in sorted({1, a.batch}):
         prompts = prompts_all[:B]
         for mode in modes:
@@ -332,7 +332,8 @@ def run(a: argparse.Namespace, ap: argparse.ArgumentParser, stack: ExitStack) ->
 
     sections["modes"] = time.perf_counter() - t_modes - sections.get("compile warm-up", 0.0)
     if compiling:
-        print(f"compiled ({compile_backend()}): {graphs_compiled()} graphs, {sections['compile warm-up']:.0f} s of "
+        graphs = model.compiles if warms_up(model) == "CUDA graphs" else graphs_compiled()
+        print(f"compiled ({warms_up(model)}): {graphs} graphs, {sections['compile warm-up']:.0f} s of "
               f"warm-ups (per mode and batch: a short decode, then whole ones until one compiled nothing, at most "
               f"{WARMUPS})\n")
     hdr = (f"{'mode':<28}{'batch':>6}{'tok/s':>10}{'x causal':>10}{'cpu x':>8}{'TPF':>7}{'forwards':>10}"

@@ -113,10 +113,16 @@ def graphs_compiled() -> int:
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
+def warms_up(model: FlareModel) -> str | None:
+    """What decoding compiles or captures on first use, which timing and serving warm up first: ``"CUDA graphs"``
+    (``FLARE_CUDA_GRAPHS``), the ``FLARE_COMPILE`` backend, or None (eager)."""
+    return "CUDA graphs" if graphs_setting(model.device) is not None else compile_backend()
+
+
 def warm_until_compiled(model: FlareModel, run, most: int = WARMUPS) -> None:
-    """Where decoding is compiled, call ``run()`` (a whole decode) until a call compiles no graph, at most ``most``
-    times, so that no timed or served round waits for the compiler; eagerly, nothing."""
-    if compile_backend() is None:
+    """Where decoding is compiled or graphed, call ``run()`` (a whole decode) until a call compiles or captures no
+    graph, at most ``most`` times, so that no timed or served round waits for it; eagerly, nothing."""
+    if warms_up(model) is None:
         return
     for _ in range(most):
         compiles = model.compiles

@@ -104,7 +104,9 @@ def _logged(fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, list[tuple]]:
 def emulated_capture(fn: Callable[[], torch.Tensor], pool) -> tuple[Callable[[], None], torch.Tensor]:
     """The CPU stand-in: a replay runs ``fn`` again and writes its result into the first run's output, as a graph
     writes into the output it captured; and it must run the ops the capture ran, on the same shapes (a graph
-    replays those whatever the host's values are now: a forward whose ops depend on one cannot be graphed)."""
+    replays those whatever the host's values are now: a forward whose ops depend on one cannot be graphed). A
+    warm-up first, as before a real capture (what is built once and kept, e.g. a constant, is built there)."""
+    fn()
     out, captured = _logged(fn)
 
     def replay() -> None:

@@ -76,11 +76,11 @@ def warm_up(llm: LLM) -> dict[str, str]:
     import time
 
     from flare.decoding import SamplingParams
-    from flare.engine.compiled import compile_backend, warm_until_compiled
+    from flare.engine.compiled import warm_until_compiled, warms_up
 
     engine, model = llm.engine, llm.model
     engine.generate([[0]], SamplingParams(temperature=0, max_new_tokens=2, ignore_eos=True), "causal")
-    if compile_backend() is not None:
+    if warms_up(model) is not None:
         start, before = time.perf_counter(), model.compiles
         params = SamplingParams(temperature=0, max_new_tokens=COMPILE_WARMUP_TOKENS, ignore_eos=True)
         for mode in dict.fromkeys([engine.config.default_mode, "causal"]):
@@ -88,7 +88,7 @@ def warm_up(llm: LLM) -> dict[str, str]:
                 prompts = [[1 + (i + j) % 7 for j in range(5 + i % 4)] for i in range(n)]
                 warm_until_compiled(model, lambda: engine.generate(prompts, params, mode))
         engine.stepper.forget_pacing()
-        log.info("compiled decoding (%s): %d forwards compiled a graph in %.0f s of warm-up", compile_backend(),
+        log.info("compiled decoding (%s): %d forwards compiled a graph in %.0f s of warm-up", warms_up(model),
                  model.compiles - before, time.perf_counter() - start)
     if llm.tokenizer is not None:
         llm.chat_ids([{"role": "user", "content": "1+1="}])
