@@ -134,7 +134,8 @@ def cache_tensors(cache: ModelCache) -> list[torch.Tensor]:
 
 
 def _where(tensors: list[torch.Tensor]) -> tuple:
-    return tuple((t.data_ptr(), tuple(t.shape), t.stride()) for t in tensors)
+    """Their addresses (their shapes follow from the batch and the capacity, which a graph's key holds too)."""
+    return tuple(t.data_ptr() for t in tensors)
 
 
 class _Graph:
