@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# One GPU check, under 9 minutes on one GPU, that writes ONE JSON file with every result:
+# One GPU check, within a time budget (default 9 minutes on CUDA), that writes ONE JSON file with every result:
 #   tests         the CUDA-only tests (test files that skip without CUDA, selected with -k "cuda or flex or gpu")
-#   modes         bench_modes.py on the real-sized random model (Qwen3.5-0.8B-shaped) in bf16 at batch 1 and 8:
-#                 cost per forward of every mode vs causal, and causal ms/step vs transformers on the same weights
-#   memory_floor  memory_floor.py: causal decode ms/step vs (weight + state bytes) / copy bandwidth, batch 1 and 8
-#   static        bench_static_step.py --backend none: a causal step and a verify forward with static shapes,
-#                 eagerly and (on CUDA) replayed from a CUDA graph, batch 1 and 8
 #   graphs        bench_modes.py, causal and AR-Trust, with FLARE_CUDA_GRAPHS=1 (emulate on the CPU): decoding with
 #                 its forwards replayed from CUDA graphs (flare.engine.graphed)
+#   modes         bench_modes.py on the real-sized random model (Qwen3.5-0.8B-shaped) in bf16 at batch 1 and 8:
+#                 cost per forward of every mode vs causal, and causal ms/step vs transformers on the same weights
+#   static        bench_static_step.py --backend none: a causal step and a verify forward with static shapes,
+#                 eagerly and (on CUDA) replayed from a CUDA graph, batch 1 and 8
+#   memory_floor  memory_floor.py: causal decode ms/step vs (weight + state bytes) / copy bandwidth, batch 1 and 8
 #   train         bench_train_memory.py: one FLARE training step of a random Qwen3.5-2B-shaped model (24 layers, bf16
 #                 compute, fp32 masters) at L = 4,096: step time, tokens/s and peak memory
 #   env           python, torch, device, and the seconds each section took
@@ -15,8 +15,12 @@
 # any section failed. It installs nothing: it runs .venv/bin/python when present, else python3 (else python).
 #
 #   benchmarks/gpu_check.sh [--device cuda|cpu] [--out FILE] [--logs DIR] [--size tiny|small|real] [--new-tokens N]
+#       [--budget SECONDS]
 #
 # --logs DIR keeps each section's whole log there (DIR/NAME.log), beside the tails the JSON holds for failures.
+# --budget: the seconds all sections may take together (default 540 on CUDA, 900 on the CPU): each section's limit
+# is cut to what is left, and a section with nothing left is recorded as not run (exit 124), so the JSON is always
+# written inside the budget. Sections run in the order above, the newest measurements first.
 #
 # --device cpu runs the same sections at a small size (tiny, 4 new tokens, one round): the smoke test
 # (tests/test_benchmarks_smoke.py) runs it that way.
@@ -33,6 +37,7 @@ OUT=gpu_check.json
 SIZE=""
 NEW=""
 LOGS=""
+BUDGET=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --device) DEVICE=$2; shift 2 ;;
@@ -40,6 +45,7 @@ while [ $# -gt 0 ]; do
     --logs) LOGS=$2; shift 2 ;;
     --size) SIZE=$2; shift 2 ;;
     --new-tokens) NEW=$2; shift 2 ;;
+    --budget) BUDGET=$2; shift 2 ;;
     -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1 {print}' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -48,23 +54,35 @@ done
 if [ "$DEVICE" = cpu ]; then
   SIZE=${SIZE:-tiny}; NEW=${NEW:-4}; REPEATS=1; DTYPE=auto; THREADS=1; STEPS=4
   T_TESTS=120; T_MODES=240; T_FLOOR=120; T_STATIC=120; T_GRAPHS=120; T_TRAIN=120
-  GRAPHS=emulate
+  GRAPHS=emulate; BUDGET=${BUDGET:-900}
   TRAIN_SHAPE="--hidden 64 --intermediate 128 --vocab 512 --layers 2 --length 96"
 else
   SIZE=${SIZE:-real}; NEW=${NEW:-32}; REPEATS=3; DTYPE=bfloat16; THREADS=4; STEPS=32
-  # Together under 9 minutes, start-up included (381 s on an H200 without the static section).
-  T_TESTS=150; T_MODES=200; T_FLOOR=70; T_STATIC=90; T_GRAPHS=100; T_TRAIN=110
-  GRAPHS=1
+  # 381 s on an H200 for tests, modes, memory_floor and train (the first run); the budget keeps the whole inside
+  # one device command of 10 minutes, start-up included.
+  T_TESTS=200; T_MODES=160; T_FLOOR=60; T_STATIC=60; T_GRAPHS=150; T_TRAIN=90
+  GRAPHS=1; BUDGET=${BUDGET:-540}
   TRAIN_SHAPE="--layers 24 --length 4096"
 fi
 
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 
-# section NAME TIMEOUT CMD...: run CMD under a time limit, keep its log, exit status and seconds.
+DEADLINE=$((SECONDS + BUDGET))
+
+# section NAME TIMEOUT CMD...: run CMD under a time limit (cut to what is left of the budget), keep its log, exit
+# status and seconds.
 section() {
   local name=$1 limit=$2
   shift 2
+  local left=$((DEADLINE - SECONDS))
+  [ "$left" -lt "$limit" ] && limit=$left
+  if [ "$limit" -lt 5 ]; then
+    echo "not run: the budget of $BUDGET s was spent" >"$WORK/$name.log"
+    echo "124 0" >"$WORK/$name.status"
+    echo "== $name: not run (budget spent)" >&2
+    return
+  fi
   echo "== $name: $*" >&2
   local start=$SECONDS
   timeout "$limit" "$@" >"$WORK/$name.log" 2>&1
@@ -87,19 +105,19 @@ else
   echo "no test file skips without CUDA" >"$WORK/tests.log"
 fi
 
+section graphs "$T_GRAPHS" env FLARE_CUDA_GRAPHS="$GRAPHS" "$PY" benchmarks/bench_modes.py --size "$SIZE" --batch 8 \
+  --device "$DEVICE" --dtype "$DTYPE" --new-tokens "$NEW" --repeats "$REPEATS" --threads "$THREADS" --no-profile \
+  --modes causal,ar_trust --no-transformers --json "$WORK/graphs.json"
+
 section modes "$T_MODES" "$PY" benchmarks/bench_modes.py --size "$SIZE" --batch 8 --device "$DEVICE" \
   --dtype "$DTYPE" --new-tokens "$NEW" --repeats "$REPEATS" --threads "$THREADS" --no-profile \
   --json "$WORK/modes.json"
 
-section memory_floor "$T_FLOOR" "$PY" benchmarks/memory_floor.py --size "$SIZE" --batch 1,8 --device "$DEVICE" \
-  --dtype "$DTYPE" --steps "$STEPS" --repeats "$REPEATS" --threads "$THREADS" --json "$WORK/memory_floor.json"
-
 section static "$T_STATIC" "$PY" benchmarks/bench_static_step.py --size "$SIZE" --batch 1,8 --device "$DEVICE" \
   --dtype "$DTYPE" --backend none --threads "$THREADS" --json "$WORK/static.json"
 
-section graphs "$T_GRAPHS" env FLARE_CUDA_GRAPHS="$GRAPHS" "$PY" benchmarks/bench_modes.py --size "$SIZE" --batch 8 \
-  --device "$DEVICE" --dtype "$DTYPE" --new-tokens "$NEW" --repeats "$REPEATS" --threads "$THREADS" --no-profile \
-  --modes causal,ar_trust --no-transformers --json "$WORK/graphs.json"
+section memory_floor "$T_FLOOR" "$PY" benchmarks/memory_floor.py --size "$SIZE" --batch 1,8 --device "$DEVICE" \
+  --dtype "$DTYPE" --steps "$STEPS" --repeats "$REPEATS" --threads "$THREADS" --json "$WORK/memory_floor.json"
 
 # shellcheck disable=SC2086
 section train "$T_TRAIN" "$PY" benchmarks/bench_train_memory.py --device "$DEVICE" --arms after $TRAIN_SHAPE \
@@ -173,7 +191,7 @@ def env():
     return info
 
 
-SECTIONS = ("tests", "modes", "memory_floor", "static", "graphs", "train")
+SECTIONS = ("tests", "graphs", "modes", "static", "memory_floor", "train")
 report = {"env": env(), "tests": tests(), **{name: bench(name) for name in SECTIONS[1:]}}
 if report["modes"]["result"]:
     report["env"]["describe"] = report["modes"]["result"]["describe"]  # the device and dtype the benchmark ran in

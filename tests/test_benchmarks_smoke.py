@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,22 @@ def test_gpu_check_runs_on_the_cpu_and_writes_every_section(tmp_path):
 
     train = report["train"]["result"]
     assert train["length"] == 96 and train["after"]["peak"] > 0 and train["after"]["tokens_per_s"] > 0
+
+
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
+                    reason="gpu_check.sh needs bash and coreutils' timeout")
+def test_gpu_check_keeps_to_its_budget(tmp_path):
+    """With too little time for every section, the ones past the budget are recorded as not run and the JSON is
+    written anyway (a device command killed at its limit would bring nothing back)."""
+    out = tmp_path / "gpu_check.json"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    start = time.perf_counter()
+    res = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--device", "cpu", "--out", str(out),
+                          "--budget", "12"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1 and time.perf_counter() - start < 60, res.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert not report["ok"] and report["train"]["rc"] == 124 and report["train"]["seconds"] == 0
+    assert "budget" in report["train"]["log_tail"]
 
 
 def test_bench_block_mask_runs_at_a_tiny_size(tmp_path):
