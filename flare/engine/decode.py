@@ -2,13 +2,33 @@
 
 from __future__ import annotations
 
+import weakref
+
 from flare.decoding.options import ModeOptions, as_options
 from flare.decoding.params import SamplingParams
 from flare.decoding.request import check_request
+from flare.engine.graphed import graphs_setting
 from flare.engine.result import DecodeResult
 from flare.engine.runner import CachedRunner, ReferenceRunner
 from flare.engine.stepper import Admission, Stepper
 from flare.model import FlareModel
+
+
+# Where decoding is graphed: the runners ``decode`` keeps per model, batch and capacity (a power of two), so that
+# the graphs captured over their caches serve the next calls of that shape (each new cache would need its own).
+_KEPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def kept_runner(model: FlareModel, slots: int, capacity: int) -> CachedRunner:
+    """A restarted runner of ``slots`` slots and at least ``capacity`` KV slots, kept for the next calls."""
+    capacity = 1 << (capacity - 1).bit_length()
+    runners = _KEPT.setdefault(model, {})
+    runner = runners.get((slots, capacity))
+    if runner is None:
+        runner = runners[slots, capacity] = CachedRunner(model, slots, capacity)
+    else:
+        runner.restart()
+    return runner
 
 
 def decode(
@@ -25,8 +45,9 @@ def decode(
     is tested against."""
     options = check_request(model.config, prompts, as_options(mode))
     B = len(prompts)
-    stepper = Stepper(model, B, max(len(p) for p in prompts) + params.max_new_tokens + 64,
-                      ReferenceRunner if reference else CachedRunner)
+    capacity = max(len(p) for p in prompts) + params.max_new_tokens + 64
+    runner = None if reference or graphs_setting(model.device) is None else kept_runner(model, B, capacity)
+    stepper = Stepper(model, B, capacity, ReferenceRunner if reference else CachedRunner, runner=runner)
     # One random stream for the whole batch, as a seeded batch call is expected to behave.
     gen = params.generator(model.device)
     stepper.admit([Admission(s, options, p, params, gen) for s, p in enumerate(prompts)])

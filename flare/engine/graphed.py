@@ -19,8 +19,12 @@ the graph's own buffers, with the token ids; a causal forward writes the recurre
 updates of the states whole (``pending.reading_all``: their count changes between replays). A recorded rows
 forward's record holds the graph's outputs, which the commit reads before the next replay. A graph is kept per
 kind, batch, rows, capacity and the addresses of the cache tensors it reads: a cache that grew or was rebuilt gets
-graphs of its own. Capturing runs the forward (a warm-up, then the capture), so what it writes is saved before
-and put back after; the real step is the first replay.
+graphs of its own; past ``MAX_GRAPHS`` the least recently used goes. Capturing runs the forward (a warm-up, then
+the capture), so the recurrent states it writes are saved before and put back after; the real step is the first
+replay. Prefills stay eager but write the states in place too, so the graphs over them stay valid. The graphs
+share one memory pool, which is safe because a graph's outputs are consumed (cloned, or committed) before any
+other graph replays. ``decode`` keeps its runner per batch and capacity where decoding is graphed, so that its
+graphs serve the next call of that shape.
 
 ``FLARE_CUDA_GRAPHS=emulate`` runs the same bookkeeping on any device with replay = the captured function run again
 over the same buffers, which must run the ops, shapes and numbers the capture ran: what the CPU tests check (token
@@ -49,7 +53,8 @@ from flare.ops.gated_delta.pending import reading_all
 GRAPHS_ENV = "FLARE_CUDA_GRAPHS"
 SETTINGS = ("cuda", "emulate")
 MAX_ROWS = 16  # causal forwards of more rows a sequence (prefills) run eagerly
-MAX_GRAPHS = 64  # kept at once (each holds its activations in a shared pool); the oldest goes first
+MAX_GRAPHS = 64  # kept at once (each holds its activations in a shared pool); the least recently used goes first
+NO_KV = 1 << 62  # ModelCache.capacity without attention layers: nothing to read whole, no static shape to give
 
 
 def graphs_setting(device: torch.device | str) -> str | None:
@@ -69,14 +74,19 @@ def graphs_setting(device: torch.device | str) -> str | None:
 
 def cuda_capture(fn: Callable[[], torch.Tensor], pool) -> tuple[Callable[[], None], torch.Tensor]:
     """``fn`` captured in a CUDA graph after one warm-up on a side stream: (replay, the graph's output tensor)."""
+    stream = torch.cuda.current_stream()
     side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
+    side.wait_stream(stream)
     with torch.cuda.stream(side):
         fn()
-    torch.cuda.current_stream().wait_stream(side)
+    stream.wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
-        out = fn()
+    try:
+        with torch.cuda.graph(graph, pool=pool):
+            out = fn()
+    except Exception:
+        torch.cuda.set_stream(stream)  # a capture that fails to end can leave its own stream current
+        raise
     return graph.replay, out
 
 
@@ -198,8 +208,13 @@ class GraphedForward:
     def __call__(self, input_ids: torch.Tensor, *, cache=None, valid=None, layout=None, record=None):
         model = self.model
         T = input_ids.shape[1]
-        if (self.failed or cache is None or cache.bound == 0 or T > MAX_ROWS
+        if (self.failed or cache is None or cache.bound == 0 or T > MAX_ROWS or cache.capacity >= NO_KV
                 or not (layout is None or isinstance(layout, Rows))):
+            if cache is not None and layout is None:
+                # A prefill writes the states in place too, so the graphs captured over them stay valid.
+                ctx = model.context(input_ids, cache=cache, valid=valid)
+                ctx.in_place = True
+                return model.hidden_states(input_ids, cache=cache, context=ctx)
             return model.hidden_states(input_ids, cache=cache, valid=valid, layout=layout, record=record)
         cache.reserve(T)  # before the static bound, so that a growth happens here, eagerly
         bound, exact = cache.bound, cache.bound_exact
@@ -217,7 +232,11 @@ class GraphedForward:
         leaves = _leaves(ctx)
         key = (ctx.mode, ctx.record is not None, tuple(input_ids.shape), ctx.cache.capacity,
                _where(cache_tensors(ctx.cache)), tuple((name, tuple(t.shape)) for name, t in leaves.items()))
-        graph = self.graphs.get(key) or self._capture(key, input_ids, ctx)
+        graph = self.graphs.pop(key, None)
+        if graph is not None:
+            self.graphs[key] = graph  # the most recently used last: the least recently used goes first
+        else:
+            graph = self._capture(key, input_ids, ctx)
         if graph is None:
             return self.model.hidden_states(input_ids, cache=ctx.cache, context=ctx, advance=False)
         graph.ids.copy_(input_ids)
@@ -239,11 +258,13 @@ class GraphedForward:
         model, cache = self.model, ctx.cache
         graph = _Graph(input_ids.clone(), {name: t.clone() for name, t in _leaves(ctx).items()})
         graph.ctx = static = _static(ctx, graph.leaves)
-        # The warm-up and the capture run the forward: what it updates is put back after, and so are the
-        # layers' tensors themselves should it have replaced one (then it cannot be graphed).
-        tensors = cache_tensors(cache)
-        saved = [t.clone() for t in tensors]
+        # The warm-up and the capture run the forward: the recurrent states it updates are put back after (its
+        # keys and values land past each length, where the real step writes them again; the kept updates are
+        # only read), and so are the layers' tensors themselves should it have replaced one (then it cannot be
+        # graphed).
+        states = [t for layer in cache.layers if not isinstance(layer, AttentionState) for t in (layer.conv, layer.ssm)]
         held = [dict(vars(layer)) for layer in cache.layers]
+        saved: list[torch.Tensor] = []
 
         def forward() -> torch.Tensor:
             with reading_all():  # kept updates read whole: their count changes between replays
@@ -251,6 +272,7 @@ class GraphedForward:
                                                  advance=False)
 
         try:
+            saved = [t.clone() for t in states]
             graph.replay, graph.out = self.capture(forward, self.pool)
             replaced = _where(cache_tensors(cache)) != key[4]
         except Exception as e:  # nothing of the step was kept: it runs eagerly
@@ -259,7 +281,7 @@ class GraphedForward:
         finally:
             for layer, attrs in zip(cache.layers, held):
                 vars(layer).update(attrs)
-            for t, old in zip(tensors, saved):
+            for t, old in zip(states, saved):
                 t.copy_(old)
         if replaced:
             self._fail(f"a {ctx.mode} forward replaced a cache tensor (a replay would read the old one)")

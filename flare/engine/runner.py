@@ -81,6 +81,12 @@ class CachedRunner:
         for s in slots:
             self.known[s] = 0
 
+    def restart(self) -> None:
+        """As new: every slot empty, no forward counted (its tensors, and the graphs over them, kept)."""
+        self.reset(list(range(self.cache.batch_size)))
+        self.cache.bound, self.cache.bound_exact = 0, True
+        self.record, self.forwards = None, 0
+
     def prefill(self, tokens: list[list[int]]) -> torch.Tensor:
         """Commit ``tokens[s]`` to slot s (an empty list leaves the slot untouched); return the logits after the
         last token of each slot [S, V] (undefined for empty rows)."""

@@ -57,11 +57,16 @@ class Admission:
 
 
 class Stepper:
-    def __init__(self, model: FlareModel, num_slots: int, capacity: int, runner_cls: type = CachedRunner) -> None:
+    def __init__(self, model: FlareModel, num_slots: int, capacity: int, runner_cls: type = CachedRunner,
+                 runner: CachedRunner | None = None) -> None:
+        """``runner``: one to run on instead of a new one (restarted, of ``num_slots`` slots: ``decode`` keeps one
+        per shape where decoding is graphed, so its graphs outlive a call)."""
         self.model = model
         if runner_cls is CachedRunner and pack_linears(model.device, model.dtype):
             prepack(model)  # bf16 on the CPU: weights reordered for oneDNN once, not at every call
-        self.runner = runner_cls(model, num_slots, capacity)
+        if runner is not None and runner.cache.batch_size != num_slots:
+            raise ValueError(f"the runner has {runner.cache.batch_size} slots, not {num_slots}")
+        self.runner = runner or runner_cls(model, num_slots, capacity)
         self.slots = SlotBatch(num_slots, model.device)
         self.owner: list[Lane | None] = [None] * num_slots
         self.lanes: dict[ModeOptions, Lane] = {}

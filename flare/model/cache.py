@@ -188,7 +188,7 @@ class ModelCache:
         rows = row_index(n_accept_B[:, None] + torch.arange(recurrent[0][1].conv.shape[1], device=inputs.device),
                          inputs.shape[1])
         for i, layer in recurrent:
-            layer.conv = _written(layer.conv, take_flat(record.gdn[i][1], rows))
+            layer.conv = written(layer.conv, take_flat(record.gdn[i][1], rows))
         self.advance(n_accept_B, T)
 
     def pending_room(self) -> int:
@@ -279,10 +279,10 @@ class ModelCache:
         return self.stack if self.stack is not None and self.stack.holds(recurrent) else None
 
 
-def _written(x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """``value`` written into ``x`` (kept where it is: a CUDA graph of a causal step reads the cache's tensors by
-    address, ``flare.engine.graphed``), or ``value`` as ``x``'s dtype where ``x`` is an inference tensor outside
-    inference mode."""
+def written(x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``value`` written into the cache's tensor ``x`` (kept where it is: a CUDA graph of a forward reads the cache's
+    tensors by address, ``flare.engine.graphed``), or ``value`` as ``x``'s dtype where ``x`` is an inference tensor
+    outside inference mode."""
     if x.is_inference() and not torch.is_inference_mode_enabled():
         return cast(value, x.dtype)
     return x.copy_(value)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flare.config import ModelConfig
-from flare.model.cache import RecurrentState
+from flare.model.cache import RecurrentState, written
 from flare.model.context import ForwardContext
 from flare.model.layers import GatedRMSNorm, derived, normalize_last
 from flare.ops.conv import causal_conv1d, conv_inputs, tree_conv1d
@@ -106,9 +106,9 @@ class GatedDeltaNet(nn.Module):
         o, final, self.last_path = gated_delta(q, k, v, g, beta, initial_state=initial, check=False,
                                                  in_place=initial is not None)
         if state is not None and in_place:  # into the cache's own tensors (ForwardContext.in_place)
-            state.conv.copy_(conv_state)
+            state.conv = written(state.conv, conv_state)
             if final is not state.ssm:
-                state.ssm.copy_(final)
+                state.ssm = written(state.ssm, final)
         elif state is not None:
             state.conv, state.ssm = conv_state, final
         return self._out(o, z, x.dtype)

@@ -14,6 +14,7 @@ import torch
 from flare.decoding import SamplingParams
 from flare.engine import Engine, EngineConfig, decode
 import flare.engine.graphed as graphed
+from flare.engine.decode import _KEPT as KEPT
 from flare.engine.graphed import GRAPHS_ENV, GraphedForward, emulated_capture, graphs_setting
 from flare.engine.stepper import Stepper
 from flare.model.gated_deltanet import GatedDeltaNet
@@ -22,6 +23,14 @@ from flare.ops.gated_delta import pending
 from tests.conftest import MASK
 
 PROMPTS = [[3, 4, 5, 6, 7], [8, 9, 10], [11, 12, 13, 14, 15, 16, 17]]
+
+
+@pytest.fixture(autouse=True)
+def _no_kept_runners():
+    """``decode`` keeps its runners (and their graphs) where decoding is graphed: every test starts without any."""
+    KEPT.clear()
+    yield
+    KEPT.clear()
 
 
 @pytest.mark.parametrize("value,device,want", [(None, "cpu", None), ("0", "cuda", None), ("1", "cpu", None),
@@ -265,3 +274,47 @@ def test_rounds_and_their_commits_leave_the_cache_tensors_where_they_are(flare_m
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     for mine, theirs in zip(graphed.cache_tensors(runner.cache), graphed.cache_tensors(eager.cache)):
         torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_keeps_its_graphs_for_the_next_call_of_that_shape(flare_models, monkeypatch):
+    """``decode`` runs on a kept runner where decoding is graphed (a new cache would need graphs of its own): a
+    second call of the same shape captures nothing, and gives the same tokens."""
+    model = flare_models["qwen3_5"]
+    first, _ = _decode(model, "ar_trust:redraft=last:pause=0", PROMPTS, monkeypatch, "emulate")
+    (runner,) = KEPT[model].values()
+    captures = runner.hidden_states.captures
+    again, _ = _decode(model, "ar_trust:redraft=last:pause=0", PROMPTS, monkeypatch, "emulate")
+    assert again == first and captures > 0 and runner.hidden_states.captures == captures
+    assert list(KEPT[model].values()) == [runner]
+
+
+def test_prefills_and_the_least_recently_used_graphs(flare_models, monkeypatch):
+    """A prefill over every slot (eager: more rows than a graph takes) writes the states in place, so the graphs
+    stay valid; past MAX_GRAPHS the least recently used graph goes, not the one in use."""
+    model = flare_models["qwen3_5"]
+    monkeypatch.setenv(GRAPHS_ENV, "emulate")
+    monkeypatch.setattr(graphed, "MAX_GRAPHS", 2)
+    runner = Stepper(model, 2, 64).runner
+    forward = runner.hidden_states
+    with torch.no_grad():
+        runner.prefill([[3, 4, 5], [6, 7]])
+        runner.append(torch.tensor([[8], [9]]))
+        runner.prefill([list(range(3, 23)), list(range(4, 24))])  # 20 rows into both slots
+        runner.append(torch.tensor([[8], [9]]))
+        assert forward.captures == 1
+        for rows in (2, 1, 3, 1):  # 1-row graph used again before the 3-row one is captured: the 2-row one goes
+            runner.append(torch.full((2, rows), 5))
+    assert forward.captures == 3 and [key[2][1] for key in forward.graphs] == [3, 1]
+
+
+def test_the_masks_a_graph_reads_are_never_dropped():
+    """A rows forward's chain mask is kept per length for good up to AFTER_KEPT_ROWS (a graph reads it by
+    address), however many other lengths come between; longer ones are made afresh."""
+    from flare.ops.gated_delta import rows
+
+    kept = rows._after(5, torch.device("cpu"))
+    for T in range(1, 3 * rows.AFTER_KEPT_ROWS):
+        rows._after(T, torch.device("cpu"))
+    assert rows._after(5, torch.device("cpu")) is kept
+    long = rows.AFTER_KEPT_ROWS + 1
+    assert rows._after(long, torch.device("cpu")) is not rows._after(long, torch.device("cpu"))

@@ -90,15 +90,17 @@ def updates_after(scans: list[RowsScan], last: torch.Tensor, live: torch.Tensor,
 
 def _after(T: int, device: torch.device) -> torch.Tensor:
     """j > i for T rows [T, T]: what a chain's row never reads (a constant of every chain pass of that length,
-    kept per length; made afresh where tensors are fake or traced)."""
-    return _after_made(T, device) if faking() else _after_kept(T, device)
+    kept per length up to ``AFTER_KEPT_ROWS`` and then for good: a CUDA graph of a rows forward reads it by
+    address, so it must never be dropped; made afresh for longer passes and where tensors are fake or traced)."""
+    return _after_made(T, device) if faking() or T > AFTER_KEPT_ROWS else _after_kept(T, device)
 
 
 def _after_made(T: int, device: torch.device) -> torch.Tensor:
     return ~torch.ones(T, T, dtype=torch.bool, device=device).tril()
 
 
-_after_kept = functools.lru_cache(maxsize=64)(_after_made)
+AFTER_KEPT_ROWS = 64
+_after_kept = functools.cache(_after_made)
 
 
 @no_autocast
