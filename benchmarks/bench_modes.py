@@ -62,6 +62,7 @@ from flare.decoding import OPTIONS, ArTrustOptions, CausalOptions, SamplingParam
 from flare.device import describe
 from flare.engine import decode
 from flare.engine.compiled import WARMUPS, graphs_compiled, warm_until_compiled, warms_up
+from flare.engine.graphed import GraphedForward
 from flare.testing.ties import divergences
 
 GOAL_SPEED, GOAL_TPF = 2.5, 3.0
@@ -99,20 +100,30 @@ def timed_decode(model, prompts, params, options):
     commits) = from one forward's start to the next's (the last one: to decode()'s end). On the CPU the median
     round is returned, which a burst of load from other processes during one round hardly moves; on CUDA, where
     the host may queue a forward before the previous one ran, their mean (the time after the prefill / the
-    forwards after it). None of the two when the forwards counted differ from ``DecodeResult.forwards``."""
-    inner, starts = model.hidden_states, []
+    forwards after it). None of the two when the forwards counted differ from ``DecodeResult.forwards``. Where
+    decoding is graphed, every forward goes through ``GraphedForward`` (replays never call
+    ``model.hidden_states``): the wrapper is on its call instead."""
+    starts = []
+    graphed = warms_up(model) == "CUDA graphs"
+    inner = GraphedForward.__call__ if graphed else model.hidden_states
 
     def hidden_states(*args, **kwargs):
         starts.append(time.perf_counter())
         return inner(*args, **kwargs)
 
-    model.hidden_states = hidden_states  # instance attribute: shadows the method for this call only
+    if graphed:
+        GraphedForward.__call__ = hidden_states  # put back below
+    else:
+        model.hidden_states = hidden_states  # instance attribute: shadows the method for this call only
     try:
         t0, c0 = time.perf_counter(), time.process_time()
         res = decode(model, prompts, params, options)
         t1, c1 = time.perf_counter(), time.process_time()
     finally:
-        del model.hidden_states
+        if graphed:
+            GraphedForward.__call__ = inner
+        else:
+            del model.hidden_states
     if len(starts) != res.forwards or len(starts) < 2:
         return t1 - t0, c1 - c0, res, None, None
     rounds = [b - a for a, b in zip(starts[1:], starts[2:] + [t1])]
