@@ -36,6 +36,7 @@ from _models import SIZE_HELP, SIZES, add_device_args, random_checkpoint, resolv
 import flare
 from flare import masks
 from flare.device import describe, pack_linears, prepare_process
+from flare.engine.graphed import cache_tensors, cuda_capture
 from flare.model.cache import CommitRecord, ModelCache
 from flare.model.context import ForwardContext, RowMeta, Rows
 from flare.model.layers import frozen_weights, rotary
@@ -103,34 +104,21 @@ def timed(fn, iters: int, device) -> float:
 
 
 def cuda_graph(fn, cache: ModelCache):
-    """``fn`` captured in a CUDA graph after warm-ups on a side stream: (replay, its static output), or (None, the
-    error) where capture fails. A replay reads the cache's tensors at the addresses the capture read: a forward
-    that hands a layer a new tensor (the causal step's conv window) has the layer keep the one read, so that
-    ``_restore`` writes where the replay reads."""
-    held: list[dict] = []
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
+    """``fn`` captured by decoding's own capture (``flare.engine.graphed.cuda_capture``): (replay, its static
+    output), or (None, the error) where capture fails. ``fn`` writes the states in place (as graphed decoding
+    does); the other arms replace them, so the replay keeps the tensors it captured alive."""
+    kept = cache_tensors(cache)
     try:
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
-        held = [dict(vars(layer)) for layer in cache.layers]
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = fn()
+        replay, out = cuda_capture(fn, None)
     except Exception as e:
         torch.cuda.synchronize()
         return None, f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
-    finally:
-        for layer, attrs in zip(cache.layers, held):
-            vars(layer).update(attrs)
 
-    def replay():
-        graph.replay()
+    def replayed() -> None:
+        replay()
 
-    replay.held = held  # the tensors the graph reads stay alive while it can be replayed
-    return replay, out
+    replayed.kept = kept  # alive while the graph can be replayed
+    return replayed, out
 
 
 def run_batch(model, args, batch: int) -> list[dict]:
@@ -163,6 +151,7 @@ def run_batch(model, args, batch: int) -> list[dict]:
             arms["compiled"] = lambda: graph(model, x, context())
         if model.device.type == "cuda" and not args.no_cuda_graph:
             ctx = context()  # built once: the lengths stay put, so every replay reads the same context
+            ctx.in_place = True
             replay, got = cuda_graph(lambda: picks(model, x, ctx), fw.cache)
             if replay is None:
                 r["graph_error"] = got

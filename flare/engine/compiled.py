@@ -41,12 +41,11 @@ import warnings
 
 import torch
 
-from flare.engine.graphed import GraphedForward, graphs_setting
+from flare.engine.graphed import MAX_ROWS, GraphedForward, graphs_setting
 from flare.model import FlareModel
 
 COMPILE_ENV = "FLARE_COMPILE"
 BACKENDS = ("inductor", "eager")
-MAX_ROWS = 16  # forwards of more rows a sequence (prefills) run eagerly
 RECOMPILE_LIMIT = 64
 WARMUPS = 6  # the most whole warm-up decodes of one kind (``warm_until_compiled``)
 

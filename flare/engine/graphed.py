@@ -9,22 +9,21 @@ What is graphed: forwards of at most ``MAX_ROWS`` rows a sequence into a cache t
 their commit, with one MASK group or a group per acceptance point; the block decoders' denoising). Prefills run
 eagerly as before.
 
-How the shapes are made static: during the forward the cache's host-side bound is set to its capacity less the
-new rows, so the context's positions and masks are per sequence over every KV slot and attention reads the whole
+How the shapes are made static: during the forward the cache's host-side bound is set to its capacity less the new
+rows, so the context's positions and masks are per sequence over every KV slot and attention reads the whole
 capacity (the mask hides the slots past each length); the context is built eagerly each step (positions, rotary
-tables, the mask, the padding, which rows are real and which state each reads, a row tree's paths and conv
-windows: a few small ops) and copied into
-the graph's own buffers, with the token ids; a causal forward writes the recurrent states in place
-(``ForwardContext.in_place``), a commit writes the conv windows in place, and a rows forward reads the kept
-updates of the states whole (``pending.reading_all``: their count changes between replays). A recorded rows
-forward's record holds the graph's outputs, which the commit reads before the next replay. A graph is kept per
-kind, batch, rows, capacity and the addresses of the cache tensors it reads: a cache that grew or was rebuilt gets
-graphs of its own; past ``MAX_GRAPHS`` the least recently used goes. Capturing runs the forward (a warm-up, then
-the capture), so the recurrent states it writes are saved before and put back after; the real step is the first
-replay. Prefills stay eager but write the states in place too, so the graphs over them stay valid. The graphs
-share one memory pool, which is safe because a graph's outputs are consumed (cloned, or committed) before any
-other graph replays. ``decode`` keeps its runner per batch and capacity where decoding is graphed, so that its
-graphs serve the next call of that shape.
+tables, the mask, the padding, which rows are real and which state each reads, a row tree's paths and conv windows:
+a few small ops) and copied into the graph's own buffers, with the token ids; a causal forward writes the recurrent
+states in place (``ForwardContext.in_place``), a commit writes the conv windows in place, and a rows forward reads
+the kept updates of the states whole (``pending.reading_all``: their count changes between replays). A recorded rows
+forward's record holds the graph's outputs, which the commit reads before the next replay. A graph is kept per kind,
+batch, rows, capacity and the addresses of the cache tensors it reads: a cache that grew or was rebuilt gets graphs
+of its own; past ``MAX_GRAPHS`` the least recently used goes. Capturing runs the forward (a warm-up, then the
+capture), so the recurrent states it writes are saved before and put back after; the real step is the first replay.
+Prefills stay eager but write the states in place too, so the graphs over them stay valid. The graphs share one
+memory pool, which is safe because a graph's outputs are consumed (cloned, or committed) before any other graph
+replays. ``decode`` keeps its runner per batch and capacity where decoding is graphed, so that its graphs serve the
+next call of that shape.
 
 ``FLARE_CUDA_GRAPHS=emulate`` runs the same bookkeeping on any device with replay = the captured function run again
 over the same buffers, which must run the ops, shapes and numbers the capture ran: what the CPU tests check (token
@@ -51,8 +50,7 @@ from flare.model.row_tree import RowTree
 from flare.ops.gated_delta.pending import reading_all
 
 GRAPHS_ENV = "FLARE_CUDA_GRAPHS"
-SETTINGS = ("cuda", "emulate")
-MAX_ROWS = 16  # causal forwards of more rows a sequence (prefills) run eagerly
+MAX_ROWS = 16  # forwards of more rows a sequence (prefills) run eagerly, graphed or compiled
 MAX_GRAPHS = 64  # kept at once (each holds its activations in a shared pool); the least recently used goes first
 NO_KV = 1 << 62  # ModelCache.capacity without attention layers: nothing to read whole, no static shape to give
 
@@ -194,7 +192,7 @@ def _static(ctx, bufs: dict[str, torch.Tensor]):
 
 
 class GraphedForward:
-    """``model.hidden_states`` for a decoding runner, its causal steps and chain rows forwards replayed from CUDA
+    """``model.hidden_states`` for a decoding runner, its short forwards into a non-empty cache replayed from CUDA
     graphs."""
 
     def __init__(self, model: FlareModel, setting: str) -> None:
