@@ -159,3 +159,18 @@ def test_bench_modes_warms_compiled_decoding_up_before_timing(tmp_path):
                           "--no-profile"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert "compiled (eager): " in res.stdout and "compile warm-up" in res.stdout
+
+
+def test_bench_attention_times_both_calls_and_a_decode_step_at_a_tiny_size(tmp_path):
+    """Per op every shape, dtype, batch and row count, a ratio and a difference; per step fold on and off."""
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_attention.py"), "--contexts", "32",
+                          "--dtypes", "float32", "--repeats", "1", "--threads", "1", "--size", "tiny",
+                          "--decode-contexts", "8", "--batch", "2", "--steps", "3"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    ops = [line.split() for line in res.stdout.splitlines() if line.startswith(("demo ", "SmolLM2", "Qwen3.5"))]
+    assert len(ops) == 3 * 2 * 2 and all(float(r[7].rstrip("x")) > 0 for r in ops)
+    assert all(float(r[8]) < 1e-5 for r in ops)  # fp32: the same values
+    steps = res.stdout.split("greedy tokens\n")[1].splitlines()
+    assert [r.split()[:2] for r in steps] == [["8", "1"], ["8", "2"]]
+    assert all(r.split()[-1] == "identical" for r in steps)  # fp32 on a tiny model: the same greedy tokens

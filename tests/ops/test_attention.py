@@ -1,12 +1,15 @@
 """Masked grouped-query attention: expanding the key/value heads (what CUDA runs, so that a fused kernel takes
-the mask) equals the grouped path, and on CUDA no masked call falls back to SDPA's math kernel."""
+the mask) and folding query heads into rows (what the CPU runs for decoding's few rows) equal the grouped path,
+and on CUDA no masked call falls back to SDPA's math kernel."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from flare.ops.attention import attention, masked_sdpa
+from flare.masks import ALL_VISIBLE
+from flare.ops.attention import FOLD_MAX_ROWS, FP32_FOLD_MIN_KEYS_DIMS, attention, fold_groups, folded_sdpa, masked_sdpa
 
 
 @pytest.mark.parametrize("heads, groups", [(4, 1), (4, 2), (6, 3), (2, 2)])
@@ -35,3 +38,42 @@ def test_masked_gqa_attention_runs_without_the_math_kernel_on_cuda():
     with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
         out = attention(q, k, v, mask, D**-0.5)  # raises if only the math kernel could run it
     torch.testing.assert_close(out.float().cpu(), ref, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads, groups, T", [(4, 2, 1), (6, 3, 1), (4, 1, 7), (8, 2, 16), (6, 2, 5)])
+@pytest.mark.parametrize("masked", [True, False])
+def test_query_heads_folded_into_rows_equal_grouped_attention(dtype, heads, groups, T, masked):
+    g = torch.Generator().manual_seed(T)
+    B, S, D = 3, 23, 16
+    q = torch.randn(B, heads, T, D, generator=g).to(dtype)
+    k, v = (torch.randn(B, groups, S, D, generator=g).to(dtype) for _ in range(2))
+    mask = None
+    if masked:
+        mask = torch.rand(B, 1, T, S, generator=g) < 0.6
+        mask[..., 0] = True
+    folded = folded_sdpa(q, k, v, mask, D**-0.5)
+    grouped = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=D**-0.5, enable_gqa=True)
+    tol = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 1e-2}[dtype]
+    torch.testing.assert_close(folded, grouped, rtol=tol, atol=tol)
+
+
+def test_attention_folds_only_a_few_grouped_rows_on_the_cpu():
+    def fold(H, G, T, dtype=torch.bfloat16, keys=4, dims=8):
+        return fold_groups(torch.zeros(1, H, T, dims, dtype=dtype), torch.zeros(1, G, keys, dims, dtype=dtype))
+
+    assert fold(8, 2, 1) and fold(8, 2, FOLD_MAX_ROWS) and fold(8, 2, 7, torch.float32)
+    assert not fold(8, 2, FOLD_MAX_ROWS + 1)  # a prefill
+    assert not fold(8, 8, 1)  # no groups to fold
+    assert not fold(8, 2, 1, torch.float32)  # fp32 single rows over few keys: the plain kernel is faster
+    assert fold(8, 2, 1, torch.float32, keys=FP32_FOLD_MIN_KEYS_DIMS // 256, dims=256)
+
+
+def test_attention_with_every_key_visible_equals_no_mask_when_folded():
+    g = torch.Generator().manual_seed(1)
+    B, S, H, G, D = 2, 11, 6, 2, 8
+    q = torch.randn(B, 1, H, D, generator=g, dtype=torch.bfloat16)
+    k, v = (torch.randn(B, S, G, D, generator=g, dtype=torch.bfloat16) for _ in range(2))
+    out = attention(q, k, v, ALL_VISIBLE, D**-0.5)
+    ref = F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v)), scale=D**-0.5, enable_gqa=True)
+    torch.testing.assert_close(out, ref.transpose(1, 2), rtol=1e-2, atol=1e-2)
