@@ -51,7 +51,7 @@ class StaticCache(ModelCache):
     def write_kv(self, layer_idx, k_BTHD, v_BTHD, write_pos):
         super().write_kv(layer_idx, k_BTHD, v_BTHD, write_pos)  # written at the tensor positions
         layer = self.layers[layer_idx]
-        return layer.k, layer.v  # read whole
+        return layer.k.transpose(1, 2), layer.v.transpose(1, 2)  # read whole, [B, capacity, Hkv, D]
 
     def advance(self, n_new_B, max_new, uniform=False) -> None:
         pass  # the benchmark's steps rewrite the same slot

@@ -78,7 +78,7 @@ def state_bytes(cache, mean_len: float) -> tuple[int, int]:
         if isinstance(layer, RecurrentState):
             recurrent += 2 * sum(t.numel() * t.element_size() for t in (layer.ssm, layer.conv))
         elif isinstance(layer, AttentionState):
-            B, _, H, D = layer.k.shape
+            B, H, _, D = layer.k.shape  # head-major [B, Hkv, capacity, D]
             kv += 2 * B * (mean_len + 1) * H * D * layer.k.element_size()
     return recurrent, int(kv)
 

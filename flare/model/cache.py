@@ -22,8 +22,11 @@ from flare.ops.take import row_index, take_flat
 
 @dataclass
 class AttentionState:
-    k: torch.Tensor  # [B, capacity, Hkv, D]
-    v: torch.Tensor  # [B, capacity, Hkv, D]
+    # Head-major: each key/value head's slots are one contiguous run, as attention reads them (on the CPU a
+    # token-major [B, capacity, Hkv, D] store made SDPA read strided rows: 8 sequences of Qwen3.5-0.8B's heads
+    # over 1,040 keys, one query row, 3.2 against 1.7 ms a layer; benchmarks/bench_attention.py).
+    k: torch.Tensor  # [B, Hkv, capacity, D]
+    v: torch.Tensor  # [B, Hkv, capacity, D]
 
 
 @dataclass
@@ -82,7 +85,7 @@ class ModelCache:
         layers: list[AttentionState | RecurrentState] = []
         for kind in config.layer_types:
             if kind == FULL_ATTENTION:
-                shape = (batch_size, capacity, config.num_key_value_heads, config.head_dim)
+                shape = (batch_size, config.num_key_value_heads, capacity, config.head_dim)
                 layers.append(AttentionState(torch.zeros(shape, device=device, dtype=dtype),
                                              torch.zeros(shape, device=device, dtype=dtype)))
             else:
@@ -110,7 +113,7 @@ class ModelCache:
     def capacity(self) -> int:
         for layer in self.layers:
             if isinstance(layer, AttentionState):
-                return layer.k.shape[1]
+                return layer.k.shape[2]
         return 1 << 62
 
     def reserve(self, new_tokens: int) -> None:
@@ -123,26 +126,27 @@ class ModelCache:
             cap *= 2
         for layer in self.layers:
             if isinstance(layer, AttentionState):
-                pad = cap - layer.k.shape[1]
-                layer.k = torch.cat([layer.k, layer.k.new_zeros(layer.k.shape[0], pad, *layer.k.shape[2:])], 1)
-                layer.v = torch.cat([layer.v, layer.v.new_zeros(layer.v.shape[0], pad, *layer.v.shape[2:])], 1)
+                B, G, old, D = layer.k.shape
+                layer.k = torch.cat([layer.k, layer.k.new_zeros(B, G, cap - old, D)], 2)
+                layer.v = torch.cat([layer.v, layer.v.new_zeros(B, G, cap - old, D)], 2)
 
     def write_kv(
         self, layer_idx: int, k_BTHD: torch.Tensor, v_BTHD: torch.Tensor, write_pos: torch.Tensor | range
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store new keys/values at their slots (``write_pos`` [B, T], or a range of slots shared by every
-        sequence); return all keys/values up to the bound [B, S, Hkv, D]."""
+        sequence); return all keys/values up to the bound [B, S, Hkv, D] (a view of the head-major store)."""
         layer = self.layers[layer_idx]
         assert isinstance(layer, AttentionState)
+        k, v = layer.k.transpose(1, 2), layer.v.transpose(1, 2)  # [B, capacity, Hkv, D] views
         if isinstance(write_pos, range):
-            layer.k[:, write_pos.start:write_pos.stop] = k_BTHD
-            layer.v[:, write_pos.start:write_pos.stop] = v_BTHD
+            k[:, write_pos.start:write_pos.stop] = k_BTHD
+            v[:, write_pos.start:write_pos.stop] = v_BTHD
         else:
             rows = torch.arange(k_BTHD.shape[0], device=k_BTHD.device)[:, None].expand_as(write_pos)
-            layer.k[rows, write_pos] = cast(k_BTHD, layer.k.dtype)
-            layer.v[rows, write_pos] = cast(v_BTHD, layer.v.dtype)
+            k[rows, write_pos] = cast(k_BTHD, k.dtype)
+            v[rows, write_pos] = cast(v_BTHD, v.dtype)
         span = self.bound + k_BTHD.shape[1]
-        return layer.k[:, :span], layer.v[:, :span]
+        return k[:, :span], v[:, :span]
 
     def advance(self, n_new_B: torch.Tensor | int, max_new: int, uniform: bool = False) -> None:
         """Add n_new[b] tokens to each sequence (an int: the same for all); ``uniform``: every sequence got

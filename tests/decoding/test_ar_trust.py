@@ -119,8 +119,8 @@ def _assert_row_caches_equal(cache, b: int, ref, n: int, tol: float) -> None:
     """Row b of ``cache`` holds what the one-row ``ref`` holds: the first n KV slots, conv and recurrent states."""
     for mine, theirs in zip(cache.layers, ref.layers):
         if hasattr(mine, "k"):
-            assert (mine.k[b, :n] - theirs.k[0, :n]).abs().max() <= tol
-            assert (mine.v[b, :n] - theirs.v[0, :n]).abs().max() <= tol
+            assert (mine.k[b, :, :n] - theirs.k[0, :, :n]).abs().max() <= tol
+            assert (mine.v[b, :, :n] - theirs.v[0, :, :n]).abs().max() <= tol
         else:
             assert (mine.conv[b] - theirs.conv[0]).abs().max() <= tol
             # (a commit is kept as an update of the stored state until a causal forward writes it)

@@ -51,7 +51,7 @@ def test_denoising_steps_leave_committed_caches_bit_identical(flare_models):
     for a, b in zip(runner.cache.layers, before.layers):
         if hasattr(a, "k"):  # committed KV slots; the slots past each length are scratch
             for row, n in enumerate(before.lengths.tolist()):
-                assert torch.equal(a.k[row, :n], b.k[row, :n]) and torch.equal(a.v[row, :n], b.v[row, :n])
+                assert torch.equal(a.k[row, :, :n], b.k[row, :, :n]) and torch.equal(a.v[row, :, :n], b.v[row, :, :n])
         else:
             assert torch.equal(a.conv, b.conv) and torch.equal(a.ssm, b.ssm)
 

@@ -148,7 +148,7 @@ def test_inference_rows_read_but_never_write(models64, family):
         assert torch.equal(cache.lengths, before.lengths)
         for a, b in zip(cache.layers, before.layers):
             if hasattr(a, "k"):  # committed slots only: the ones past the length are scratch
-                assert torch.equal(a.k[:, :11], b.k[:, :11]) and torch.equal(a.v[:, :11], b.v[:, :11])
+                assert torch.equal(a.k[:, :, :11], b.k[:, :, :11]) and torch.equal(a.v[:, :, :11], b.v[:, :, :11])
             else:
                 assert torch.equal(a.conv, b.conv) and torch.equal(a.ssm, b.ssm)
         # Clean rows are ordinary causal rows; the noisy block then sees them as committed context.
