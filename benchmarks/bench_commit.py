@@ -158,8 +158,8 @@ def _same_caches(a, b, tol: float = 1e-4) -> None:
         raise RuntimeError("the two arms committed different lengths")
     for x, y in zip(a.layers, b.layers):
         if isinstance(x, AttentionState):
-            pairs = [(x.k[i, :n], y.k[i, :n]) for i, n in enumerate(a.lengths.tolist())]
-            pairs += [(x.v[i, :n], y.v[i, :n]) for i, n in enumerate(a.lengths.tolist())]
+            pairs = [(x.k[i, :, :n], y.k[i, :, :n]) for i, n in enumerate(a.lengths.tolist())]
+            pairs += [(x.v[i, :, :n], y.v[i, :, :n]) for i, n in enumerate(a.lengths.tolist())]
         else:
             pairs = [(x.conv, y.conv), (x.pending.state(x.ssm), y.pending.state(y.ssm))]
         # Relative to the values' size: in bf16 a replay's GEMMs round differently from a verify forward's.

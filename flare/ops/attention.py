@@ -50,9 +50,9 @@ def attention(
 def fold_groups(q: torch.Tensor, k: torch.Tensor) -> bool:
     """Whether ``attention`` folds each key/value head's query heads into its query rows (``folded_sdpa``): on
     the CPU, for grouped heads and at most ``FOLD_MAX_ROWS`` query rows; in fp32 at one row only over at least
-    ``FP32_FOLD_MIN_KEYS_DIMS`` keys x head dims (fp32 keys are not reordered, and below that the fold's copies
-    cost more than it saves: 8 sequences of 4 heads on 2 of 32 dims, 64 keys, 21 -> 48 us; 8 heads on 2 of 256
-    dims, 512 keys, 944 -> 595 us)."""
+    ``FP32_FOLD_MIN_KEYS_DIMS`` keys x head dims (torch's kernel runs fp32 single rows well, and below that the
+    fold's copies cost more than it saves: 8 sequences of 4 heads on 2 of 32 dims, 64 keys, 21 -> 48 us; 8 heads
+    on 2 of 256 dims, 512 keys, 944 -> 595 us)."""
     T, S, D = q.shape[2], k.shape[2], k.shape[3]
     return (q.device.type == "cpu" and q.shape[1] > k.shape[1] and T <= FOLD_MAX_ROWS
             and not (T == 1 and q.dtype == torch.float32 and S * D < FP32_FOLD_MIN_KEYS_DIMS))
