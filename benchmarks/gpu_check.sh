@@ -3,6 +3,8 @@
 #   tests         the CUDA-only tests (test files that skip without CUDA, selected with -k "cuda or flex or gpu")
 #   graphs        bench_modes.py, causal and AR-Trust, with FLARE_CUDA_GRAPHS=1 (emulate on the CPU): decoding with
 #                 its forwards replayed from CUDA graphs (flare.engine.graphed)
+#   attention     bench_attention.py: decoding's masked attention with its key/value heads expanded (what CUDA runs)
+#                 against the query heads folded into rows (what the CPU runs), per call, at 512 and 4,096 keys
 #   modes         bench_modes.py on the real-sized random model (Qwen3.5-0.8B-shaped) in bf16 at batch 1 and 8:
 #                 cost per forward of every mode vs causal, and causal ms/step vs transformers on the same weights
 #   static        bench_static_step.py --backend none: a causal step and a verify forward with static shapes,
@@ -53,14 +55,16 @@ done
 
 if [ "$DEVICE" = cpu ]; then
   SIZE=${SIZE:-tiny}; NEW=${NEW:-4}; REPEATS=1; DTYPE=auto; THREADS=1; STEPS=4
-  T_TESTS=120; T_MODES=240; T_FLOOR=120; T_STATIC=120; T_GRAPHS=120; T_TRAIN=120
+  T_TESTS=120; T_MODES=240; T_FLOOR=120; T_STATIC=120; T_GRAPHS=120; T_TRAIN=120; T_ATTN=60
+  ATTN_ARGS="--contexts 32 --dtypes float32 --repeats 1"
   GRAPHS=emulate; BUDGET=${BUDGET:-900}
   TRAIN_SHAPE="--hidden 64 --intermediate 128 --vocab 512 --layers 2 --length 96"
 else
   SIZE=${SIZE:-real}; NEW=${NEW:-32}; REPEATS=3; DTYPE=bfloat16; THREADS=4; STEPS=32
   # 381 s on an H200 for tests, modes, memory_floor and train (the first run); the budget keeps the whole inside
   # one device command of 10 minutes, start-up included.
-  T_TESTS=200; T_MODES=160; T_FLOOR=60; T_STATIC=60; T_GRAPHS=150; T_TRAIN=90
+  T_TESTS=200; T_MODES=160; T_FLOOR=60; T_STATIC=60; T_GRAPHS=150; T_TRAIN=90; T_ATTN=30
+  ATTN_ARGS="--contexts 512,4096 --dtypes bfloat16 --repeats 5"
   GRAPHS=1; BUDGET=${BUDGET:-540}
   TRAIN_SHAPE="--layers 24 --length 4096"
 fi
@@ -108,6 +112,10 @@ fi
 section graphs "$T_GRAPHS" env FLARE_CUDA_GRAPHS="$GRAPHS" "$PY" benchmarks/bench_modes.py --size "$SIZE" --batch 8 \
   --device "$DEVICE" --dtype "$DTYPE" --new-tokens "$NEW" --repeats "$REPEATS" --threads "$THREADS" --no-profile \
   --modes causal,ar_trust --no-transformers --json "$WORK/graphs.json"
+
+# shellcheck disable=SC2086
+section attention "$T_ATTN" "$PY" benchmarks/bench_attention.py --device "$DEVICE" --threads "$THREADS" $ATTN_ARGS \
+  --json "$WORK/attention.json"
 
 section modes "$T_MODES" "$PY" benchmarks/bench_modes.py --size "$SIZE" --batch 8 --device "$DEVICE" \
   --dtype "$DTYPE" --new-tokens "$NEW" --repeats "$REPEATS" --threads "$THREADS" --no-profile \
@@ -191,7 +199,7 @@ def env():
     return info
 
 
-SECTIONS = ("tests", "graphs", "modes", "static", "memory_floor", "train")
+SECTIONS = ("tests", "graphs", "attention", "modes", "static", "memory_floor", "train")
 report = {"env": env(), "tests": tests(), **{name: bench(name) for name in SECTIONS[1:]}}
 if report["modes"]["result"]:
     report["env"]["describe"] = report["modes"]["result"]["describe"]  # the device and dtype the benchmark ran in

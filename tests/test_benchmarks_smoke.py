@@ -28,8 +28,9 @@ def test_gpu_check_runs_on_the_cpu_and_writes_every_section(tmp_path):
                          timeout=300)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     report = json.loads(out.read_text())
-    assert {"env", "tests", "modes", "memory_floor", "static", "graphs", "train"} <= set(report) and report["ok"]
-    assert set(report["env"]["seconds"]) == {"tests", "modes", "memory_floor", "static", "graphs", "train"}
+    sections = {"tests", "modes", "memory_floor", "static", "graphs", "attention", "train"}
+    assert sections | {"env"} <= set(report) and report["ok"]
+    assert set(report["env"]["seconds"]) == sections
     assert {p.name for p in (tmp_path / "logs").iterdir()} == {f"{s}.log" for s in report["env"]["seconds"]}
 
     tests = report["tests"]
@@ -59,6 +60,9 @@ def test_gpu_check_runs_on_the_cpu_and_writes_every_section(tmp_path):
     assert {m["forward"] for m in graphs["modes"] if m["mode"] == "causal"} == {"FLARE_CUDA_GRAPHS=emulate"}
     assert {m["forward"] for m in modes["modes"]} == {"eager"}
 
+    ops = report["attention"]["result"]["ops"]  # per call: 3 shapes x batch 1, 8 x 1, 7 rows at 32 keys in fp32
+    assert len(ops) == 12 and all(r["other"] == "grouped" and r["folded_us"] > 0 and r["max_diff"] < 1e-5 for r in ops)
+
     train = report["train"]["result"]
     assert train["length"] == 96 and train["after"]["peak"] > 0 and train["after"]["tokens_per_s"] > 0
 
@@ -75,7 +79,7 @@ def test_gpu_check_keeps_to_its_budget(tmp_path):
                           "--budget", "3"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 1 and time.perf_counter() - start < 30, res.stderr[-2000:]
     report = json.loads(out.read_text())
-    sections = ("tests", "graphs", "modes", "static", "memory_floor", "train")
+    sections = ("tests", "graphs", "attention", "modes", "static", "memory_floor", "train")
     assert not report["ok"] and all(report[s]["rc"] == 124 and report[s]["seconds"] == 0 for s in sections)
     assert all("budget" in report[s]["log_tail"] for s in sections)
 
