@@ -3,7 +3,8 @@
 What it measures, all in one run on one seeded checkpoint (built with flare.testing.checkpoints; ``--size real``
 is Qwen3.5-0.8B-shaped), both sides in the same ``--dtype`` on the same ``--device``:
 
-* ms per greedy decode step, batch 1 and batch ``--batch`` (``--steps`` new tokens after a 64-token prompt).
+* ms per greedy decode step, batch 1 and batch ``--batch`` (``--steps`` new tokens after a ``--prompt-len``-token
+  prompt, 64 by default: at longer contexts attention weighs more).
   Like-for-like measure: a manual loop on each side, one forward of the new token against the model's cache
   plus an argmax (``flare.ops.sampling.argmax`` on both sides: decoding's, where ``torch.argmax`` over a bf16
   row of 248,320 logits runs on one thread; flare: ``model.hidden_states(tok, cache=cache)`` + ``model.logits``
@@ -147,7 +148,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--size", choices=list(SIZES), default="tiny", help=SIZE_HELP)
-    ap.add_argument("--steps", type=int, default=128, help="new tokens per decode run (after a 64-token prompt)")
+    ap.add_argument("--steps", type=int, default=128, help="new tokens per decode run (after --prompt-len tokens)")
+    ap.add_argument("--prompt-len", type=int, default=PROMPT_LEN, help="prompt tokens before the decode steps")
     ap.add_argument("--batch", type=int, default=8, help="the larger decode batch (batch 1 is always measured)")
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads; 1 by default because at "
                     "these sizes every op is tiny and intra-op threads add only sync cost and noise")
@@ -170,8 +172,8 @@ def main() -> None:
     cfg = fm.config
     n_params = sum(p.numel() for p in hf.parameters())
     print(f"flare vs transformers {transformers.__version__} | torch {torch.__version__} | threads "
-          f"{torch.get_num_threads()} | {describe(device, dtype, fm)} | size {args.size}: {n_params / 1e6:.2f}M params, "
-          f"hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers "
+          f"{torch.get_num_threads()} | {describe(device, dtype, fm)} | size {args.size}: "
+          f"{n_params / 1e6:.2f}M params, hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers "
           f"({sum(t != 'full_attention' for t in cfg.layer_types)} GDN), vocab {cfg.vocab_size}")
     print("both run pure-PyTorch kernels (transformers: its torch fallbacks for the GDN conv and recurrence)")
     print("decode measure: manual greedy loop, one cached forward + argmax (decoding's, flare.ops.sampling) per "
@@ -180,7 +182,7 @@ def main() -> None:
 
     gen = torch.Generator().manual_seed(0)
     rows, checks, decode_ratios = [], [], []
-    ids_by_batch = {B: random_ids(gen, cfg.vocab_size, B, PROMPT_LEN, device) for B in sorted({1, args.batch})}
+    ids_by_batch = {B: random_ids(gen, cfg.vocab_size, B, args.prompt_len, device) for B in sorted({1, args.batch})}
     for r in causal_step_ms(fm, hf, ids_by_batch, args.steps, args.repeats):
         B = r["batch"]
         rows.append((f"decode ms/step  B={B}", r["flare_ms"], r["transformers_ms"], "ms", r["ratio"]))
@@ -190,14 +192,14 @@ def main() -> None:
     # End-to-end library APIs, batch --batch, prefill included, per new token.
     with torch.no_grad():
         B = args.batch
-        ids = random_ids(gen, cfg.vocab_size, B, PROMPT_LEN, device)
+        ids = random_ids(gen, cfg.vocab_size, B, args.prompt_len, device)
         params = SamplingParams(temperature=0, max_new_tokens=args.steps, ignore_eos=True)
         f_s, h_s, f_res, h_out = paired(
             wall(lambda: decode(fm, ids.tolist(), params)),
             wall(lambda: hf.generate(ids, max_new_tokens=args.steps, min_new_tokens=args.steps, do_sample=False,
                                      pad_token_id=0)), args.repeats)
         rows.append((f"e2e ms/token    B={B}", 1e3 * f_s / args.steps, 1e3 * h_s / args.steps, "ms", f_s / h_s))
-        checks.append((f"decode()/generate() B={B}", torch.tensor(f_res.token_ids), h_out[:, PROMPT_LEN:].cpu()))
+        checks.append((f"decode()/generate() B={B}", torch.tensor(f_res.token_ids), h_out[:, args.prompt_len:].cpu()))
 
         # Prefill throughput, batch 1.
         ids = random_ids(gen, cfg.vocab_size, 1, args.prefill_len, device)
