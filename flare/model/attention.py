@@ -8,7 +8,7 @@ from torch import nn
 from flare.config import ModelConfig
 from flare.model.context import ForwardContext, StreamMasks
 from flare.model.layers import RMSNorm, derived, norm_scale, scaled_norm
-from flare.ops.attention import attention
+from flare.ops.attention import SDPA, attention, attention_path
 from flare.ops.precision import accum_dtype
 
 
@@ -32,6 +32,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, config.norm_zero_centered)
         else:
             self.q_norm = self.k_norm = None
+        self.last_path = ""  # the kernel path of the last forward (flare.ops.attention.attention_path)
 
     def forward(self, x_BTE: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         B, T, _ = x_BTE.shape
@@ -56,8 +57,10 @@ class Attention(nn.Module):
             # slots stay untouched, and nothing is copied.
             k, v = ctx.cache.write_kv(self.layer_idx, k, v, ctx.write_pos)
         if isinstance(ctx.attn_mask, StreamMasks):
+            self.last_path = SDPA
             out = _per_stream(q, k, v, ctx.attn_mask, D**-0.5).reshape(B, T, self.num_heads * D)
         else:
+            self.last_path = attention_path(q, k, ctx.attn_mask)
             out = attention(q, k, v, ctx.attn_mask, D**-0.5).reshape(B, T, self.num_heads * D)
         if gate is not None:
             out = out * torch.sigmoid(gate)

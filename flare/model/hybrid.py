@@ -216,10 +216,12 @@ class FlareModel(nn.Module):
         return self.logits(self.hidden_states(input_ids, cache=cache, valid=valid, layout=layout))
 
     def kernel_paths(self) -> dict[str, str]:
-        """Which op form each Gated DeltaNet layer ran last, the attention backend, the linears' path
+        """Which op form each Gated DeltaNet layer ran last, the attention path the last forward took (``sdpa``,
+        ``sdpa_folded`` or ``flex``: ``flare.ops.attention.attention_path``), the linears' path
         (``flare.model.packed_linear``) and, where decoding's forwards ran compiled, the backend
         (``flare.engine.compiled``)."""
-        paths = {"attention": "sdpa", "linear": linear_path(self)}
+        attention = [layer.self_attn.last_path for layer in self.model.layers if layer.kind == FULL_ATTENTION]
+        paths = {"attention": next((p for p in attention if p), "sdpa"), "linear": linear_path(self)}
         if self.compiled_with:
             paths["compile"] = self.compiled_with
         for i, layer in enumerate(self.model.layers):

@@ -25,6 +25,9 @@ FOLD_MAX_ROWS = 16
 FP32_FOLD_MIN_KEYS_DIMS = 2**17
 
 
+FLEX, FOLDED, SDPA = "flex", "sdpa_folded", "sdpa"
+
+
 def attention(
     q_BTHD: torch.Tensor,
     k_BSGD: torch.Tensor,
@@ -35,16 +38,29 @@ def attention(
     """Grouped-query attention. ``mask``: a boolean [B, 1, T, S] tensor (True = visible), a flex-attention
     BlockMask, or None for plain causal with S == T. Returns [B, T, H, D]; H must be a multiple of G."""
     q, k, v = (x.transpose(1, 2) for x in (q_BTHD, k_BSGD, v_BSGD))
-    if isinstance(mask, str):  # masks.ALL_VISIBLE
-        out = folded_sdpa(q, k, v, None, scale) if fold_groups(q, k) else F.scaled_dot_product_attention(
-            q, k, v, scale=scale, enable_gqa=True)
-    elif mask is not None and not isinstance(mask, torch.Tensor):
+    path = _path(q, k, mask)
+    every_key = isinstance(mask, str)  # masks.ALL_VISIBLE
+    if path == FLEX:
         out = _flex()(q, k, v, block_mask=mask, scale=scale, enable_gqa=True)
-    elif mask is not None and fold_groups(q, k):
-        out = folded_sdpa(q, k, v, mask, scale)
+    elif path == FOLDED:
+        out = folded_sdpa(q, k, v, None if every_key else mask, scale)
+    elif every_key:
+        out = F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
     else:
         out = masked_sdpa(q, k, v, mask, scale, expand_kv=q.is_cuda and mask is not None)
     return out.transpose(1, 2)
+
+
+def attention_path(q_BTHD: torch.Tensor, k_BSGD: torch.Tensor, mask) -> str:
+    """The kernel path ``attention`` takes for these operands: ``flex`` (a BlockMask), ``sdpa_folded`` (query
+    heads folded into rows, ``fold_groups``) or ``sdpa``."""
+    return _path(q_BTHD.transpose(1, 2), k_BSGD.transpose(1, 2), mask)
+
+
+def _path(q: torch.Tensor, k: torch.Tensor, mask) -> str:
+    if mask is not None and not isinstance(mask, (str, torch.Tensor)):
+        return FLEX
+    return FOLDED if mask is not None and fold_groups(q, k) else SDPA
 
 
 def fold_groups(q: torch.Tensor, k: torch.Tensor) -> bool:

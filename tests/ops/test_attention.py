@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from flare.masks import ALL_VISIBLE
-from flare.ops.attention import FOLD_MAX_ROWS, FP32_FOLD_MIN_KEYS_DIMS, attention, fold_groups, folded_sdpa, masked_sdpa
+from flare.ops.attention import (FOLD_MAX_ROWS, FP32_FOLD_MIN_KEYS_DIMS, attention, attention_path, fold_groups,
+                                 folded_sdpa, masked_sdpa)
 
 
 @pytest.mark.parametrize("heads, groups", [(4, 1), (4, 2), (6, 3), (2, 2)])
@@ -77,3 +78,30 @@ def test_attention_with_every_key_visible_equals_no_mask_when_folded():
     out = attention(q, k, v, ALL_VISIBLE, D**-0.5)
     ref = F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v)), scale=D**-0.5, enable_gqa=True)
     torch.testing.assert_close(out, ref.transpose(1, 2), rtol=1e-2, atol=1e-2)
+
+
+def test_attention_path_names_the_call_attention_makes():
+    q = torch.zeros(2, 7, 4, 8, dtype=torch.bfloat16)  # [B, T, H, D]
+    k = torch.zeros(2, 9, 2, 8, dtype=torch.bfloat16)  # [B, S, G, D]
+    mask = torch.ones(2, 1, 7, 9, dtype=torch.bool)
+    assert attention_path(q, k, mask) == attention_path(q[:, :1], k, ALL_VISIBLE) == "sdpa_folded"
+    assert attention_path(q, k, None) == "sdpa"  # plain causal (a prefill from nothing)
+    assert attention_path(q.float()[:, :1], k.float(), ALL_VISIBLE) == "sdpa"  # fp32, one row, few keys
+    assert attention_path(q, k.repeat(1, 1, 2, 1), mask) == "sdpa"  # no groups
+
+
+@pytest.mark.parametrize("dtype, mode, path", [
+    (torch.bfloat16, "causal", "sdpa_folded"),
+    (torch.float32, "causal", "sdpa"),  # fp32 single rows over few keys: the plain call
+    (torch.float32, "ar_trust:pause=0", "sdpa_folded"),  # a verify round's rows
+])
+def test_a_decode_reports_the_attention_path_it_ran(tmp_path, dtype, mode, path):
+    import flare
+    from flare.decoding import SamplingParams
+    from flare.engine import decode
+    from flare.testing.checkpoints import save_tiny_checkpoint
+
+    model = flare.load_model(save_tiny_checkpoint(tmp_path, "qwen3_5", seed=1, tokenizer=False), dtype=dtype)
+    model.config.mask_token_id = model.config.vocab_size - 1
+    out = decode(model, [[3, 5, 7], [4, 6]], SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True), mode)
+    assert out.kernel_paths["attention"] == path
