@@ -44,3 +44,25 @@ def test_kept_commits_through_narrowed_rounds_resets_and_causal_steps(flare_mode
         torch.testing.assert_close(cached.lengths(), ref.lengths())
     # The room ran out (a settle of all slots before a narrowed commit) at least once; or there is none.
     assert any(full and n < 3 for full, n in settled) if kept else cached.cache.pending_room() == 0
+
+
+@pytest.mark.parametrize("family", ["qwen3_5", "llama"])
+def test_a_prefill_in_pieces_equals_the_reference(flare_models, family, monkeypatch):
+    """Ragged prompts (one empty) prefilled in pieces of 64 tokens a sequence (the CPU's bound lowered to 256
+    tokens a forward) give the reference's logits, and the caches then decode as the reference does."""
+    import flare.engine.runner as runner
+
+    monkeypatch.setattr(runner, "CPU_PREFILL_TOKENS", 256)
+    assert runner.prefill_piece(4, 150, torch.device("cpu")) == 64  # 256 // 4 tokens a sequence
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert runner.prefill_piece(4, 150, cuda) == runner.prefill_piece(1, 150, cpu) == 150
+    model = copy.deepcopy(flare_models[family]).to(torch.float64)
+    gen = torch.Generator().manual_seed(1)
+    cached, ref = CachedRunner(model, 4, 256), ReferenceRunner(model, 4)
+    prompts = [torch.randint(0, 90, (n,), generator=gen).tolist() if n else [] for n in (150, 70, 0, 129)]
+    a, b = cached.prefill(prompts), ref.prefill(prompts)
+    torch.testing.assert_close(a[[0, 1, 3]], b[[0, 1, 3]], rtol=1e-9, atol=1e-9)
+    for _ in range(3):
+        step = torch.randint(0, 90, (4, 1), generator=gen)
+        torch.testing.assert_close(cached.append(step), ref.append(step), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(cached.lengths(), ref.lengths())
