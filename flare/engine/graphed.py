@@ -44,7 +44,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from flare.model import CommitRecord, FlareModel
-from flare.model.cache import AttentionState, ModelCache
+from flare.model.cache import NO_KV, AttentionState, ModelCache
 from flare.model.context import RowMeta, Rows
 from flare.model.row_tree import RowTree
 from flare.ops.gated_delta.pending import reading_all
@@ -52,7 +52,6 @@ from flare.ops.gated_delta.pending import reading_all
 GRAPHS_ENV = "FLARE_CUDA_GRAPHS"
 MAX_ROWS = 16  # forwards of more rows a sequence (prefills) run eagerly, graphed or compiled
 MAX_GRAPHS = 64  # kept at once (each holds its activations in a shared pool); the least recently used goes first
-NO_KV = 1 << 62  # ModelCache.capacity without attention layers: nothing to read whole, no static shape to give
 
 
 def graphs_setting(device: torch.device | str) -> str | None:
@@ -206,7 +205,7 @@ class GraphedForward:
     def __call__(self, input_ids: torch.Tensor, *, cache=None, valid=None, layout=None, record=None):
         model = self.model
         T = input_ids.shape[1]
-        if (self.failed or cache is None or cache.bound == 0 or T > MAX_ROWS or cache.capacity >= NO_KV
+        if (self.failed or cache is None or cache.bound == 0 or T > MAX_ROWS or cache.capacity == NO_KV
                 or not (layout is None or isinstance(layout, Rows))):
             if cache is not None and layout is None:
                 # A prefill writes the states in place too, so the graphs captured over them stay valid.

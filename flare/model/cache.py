@@ -20,6 +20,10 @@ from flare.ops.precision import accum_dtype, cast
 from flare.ops.take import row_index, take_flat
 
 
+# The capacity of a cache without attention layers: no KV slots to bound it.
+NO_KV = 1 << 62
+
+
 @dataclass
 class AttentionState:
     # Head-major: each key/value head's slots are one contiguous run, as attention reads them (on the CPU a
@@ -114,7 +118,7 @@ class ModelCache:
         for layer in self.layers:
             if isinstance(layer, AttentionState):
                 return layer.k.shape[2]
-        return 1 << 62
+        return NO_KV
 
     def reserve(self, new_tokens: int) -> None:
         """Grow the KV slots (doubling) so that ``new_tokens`` more fit after the longest sequence."""
