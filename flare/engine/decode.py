@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import weakref
 
+import torch
+
 from flare.decoding.options import ModeOptions, as_options
 from flare.decoding.params import SamplingParams
 from flare.decoding.request import check_request
@@ -31,6 +33,7 @@ def kept_runner(model: FlareModel, slots: int, capacity: int) -> CachedRunner:
     return runner
 
 
+@torch.inference_mode()  # as the stepper's own methods (flare.engine.stepper): a kept runner restarts in it
 def decode(
     model: FlareModel,
     prompts: list[list[int]],

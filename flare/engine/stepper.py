@@ -57,6 +57,11 @@ class Admission:
 
 
 class Stepper:
+    # Decoding runs under ``torch.inference_mode``: tensors made there carry no version counter or autograd
+    # metadata, and each of a small model's few hundred ops a step costs less (the demo checkpoint, 2 threads:
+    # decode() 0.83x the time at batch 1 causally, 0.86x with AR-Trust, against ``no_grad``). What a stepper
+    # makes are inference tensors, changed in place only by its own methods, which all run in that mode.
+    @torch.inference_mode()
     def __init__(self, model: FlareModel, num_slots: int, capacity: int, runner_cls: type = CachedRunner,
                  runner: CachedRunner | None = None) -> None:
         """``runner``: one to run on instead of a new one (restarted, of ``num_slots`` slots: ``decode`` keeps one
@@ -82,7 +87,7 @@ class Stepper:
 
     # Steps and admissions keep weight-derived values (packed linears, the LM head's included) for their whole
     # length: the lanes read logits outside the runner's forward.
-    @torch.no_grad()
+    @torch.inference_mode()
     @frozen_weights()
     def admit(self, admissions: list[Admission]) -> None:
         """Bind new sequences to free slots and prefill them in one forward: a plain causal one, or (for a lane
@@ -150,6 +155,7 @@ class Stepper:
         for lane, group in groups:
             lane.prefilled_drafts([a.slot for a in group], hidden, num_clean)
 
+    @torch.inference_mode()
     def forget_pacing(self) -> None:
         """Forget what clock-paced lanes learned (e.g. on warm-up prompts): the lanes are made afresh on next use."""
         if any(lane is not None for lane in self.owner):
@@ -157,6 +163,7 @@ class Stepper:
         self.lanes.clear()
         self.pacing.clear()
 
+    @torch.inference_mode()
     def release(self, slot: int) -> None:
         """Free a slot (its sequence finished or was aborted); the next admission may take it."""
         lane = self.owner[slot]
@@ -166,7 +173,7 @@ class Stepper:
         self.slots.release(slot)
         self.owner[slot] = None
 
-    @torch.no_grad()
+    @torch.inference_mode()
     @frozen_weights()
     def step(self) -> bool:
         """One forward for every live slot; False when none is live (nothing ran)."""

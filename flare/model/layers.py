@@ -156,7 +156,8 @@ def rotary(
         table = _rotary_table(max(limit, 1), rotary_dim, head_dim, theta, dtype, device)
     elif table is None or table.shape[0] < limit:
         n = max(256, 1 << max(limit - 1, 0).bit_length())
-        table = _ROPE[key] = _rotary_table(n, rotary_dim, head_dim, theta, dtype, device)
+        with torch.inference_mode(False):  # kept for training too, whose autograd refuses inference tensors
+            table = _ROPE[key] = _rotary_table(n, rotary_dim, head_dim, theta, dtype, device)
     rows = table[positions.start:positions.stop][None] if isinstance(positions, range) else table[positions]
     cos, sin = rows.unbind(-3)
     return Rotary(cos, sin, rotary_dim)

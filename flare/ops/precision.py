@@ -102,7 +102,8 @@ def constant(value: float, dtype: torch.dtype, device: torch.device) -> torch.Te
     key = (value, dtype, device)
     t = _CONSTANTS.get(key)
     if t is None:
-        t = _CONSTANTS.setdefault(key, torch.tensor(value, dtype=dtype, device=device))
+        with torch.inference_mode(False):  # kept for training too, whose autograd refuses inference tensors
+            t = _CONSTANTS.setdefault(key, torch.tensor(value, dtype=dtype, device=device))
     return t
 
 

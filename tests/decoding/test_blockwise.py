@@ -103,13 +103,14 @@ def test_look_ahead_rows_are_the_training_noisy_block_after_the_committed_one(fl
     stepper.admit([Admission(0, DiffusionTrustOptions(block_size=3, lookahead=1), prompt,
                              SamplingParams(temperature=0, max_new_tokens=8))])
     lane = stepper.owner[0]
-    lane.block[0], lane.undecided[0] = torch.tensor(block), False
-    lane.step_of[0] = -1  # decided: the next forward commits it
-    plan = lane.plan([0])
+    with torch.inference_mode():  # a stepper's tensors change in place in that mode only (as its own methods do)
+        lane.block[0], lane.undecided[0] = torch.tensor(block), False
+        lane.step_of[0] = -1  # decided: the next forward commits it
+        plan = lane.plan([0])
     mask = model.config.mask_token_id
     assert plan.tokens[0].tolist() == block + [mask] * 3
     assert plan.num_clean.tolist() == [3] and plan.num_noisy.tolist() == [3] and not plan.commits_all
-    with torch.no_grad():
+    with torch.inference_mode():
         hidden = stepper.runner.rows(plan.tokens, plan.num_clean, plan.num_noisy)
         cache = model.new_cache(1)
         clean = model.hidden_states(torch.tensor([prompt + block]), cache=cache)[:, -3:]
@@ -191,11 +192,12 @@ def test_a_decided_prefix_step_reads_the_causal_distribution(flare_models):
                              SamplingParams(temperature=0, max_new_tokens=8))])
     lane = stepper.owner[0]
     seed, nxt = 40, 41
-    lane.block[0] = torch.tensor([seed, nxt, lane.mask_id])
-    lane.undecided[0] = torch.tensor([False, False, True])
-    plan = lane.plan([0])
+    with torch.inference_mode():  # a stepper's tensors change in place in that mode only (as its own methods do)
+        lane.block[0] = torch.tensor([seed, nxt, lane.mask_id])
+        lane.undecided[0] = torch.tensor([False, False, True])
+        plan = lane.plan([0])
     assert plan.num_clean.tolist() == [2] and plan.num_noisy.tolist() == [1]
-    with torch.no_grad():
+    with torch.inference_mode():
         logits = model.logits(stepper.runner.rows(plan.tokens, plan.num_clean, plan.num_noisy))
         causal = model(torch.tensor([prompt + [seed, nxt]]))[0, -1]
     torch.testing.assert_close(logits[0, 1], causal, rtol=0, atol=1e-5)  # [MASK]'s -inf included

@@ -212,7 +212,7 @@ def test_prefills_stay_eager_and_padded_appends_have_graphs_of_their_own(flare_m
     monkeypatch.setattr(GraphedForward, "_replay", spy)
     eager = Stepper(model, 2, 64).runner
     eager.hidden_states = model.hidden_states
-    with torch.no_grad():
+    with torch.inference_mode():  # a stepper's cache changes in place in that mode only (as decoding runs it)
         for r in (runner, eager):
             r.prefill([[3, 4, 5], [6, 7]])
             r.prefill([list(range(3, 3 + 20)), []])  # more than MAX_ROWS rows: eager
@@ -255,7 +255,7 @@ def test_rounds_and_their_commits_leave_the_cache_tensors_where_they_are(flare_m
     eager = Stepper(model, 3, 64).runner
     eager.hidden_states = model.hidden_states
     outs = []
-    with torch.no_grad():
+    with torch.inference_mode():  # a stepper's cache changes in place in that mode only (as decoding runs it)
         for r in (runner, eager):
             r.prefill([[3, 4, 5], [6, 7], [8]])
         where = graphed._where(graphed.cache_tensors(runner.cache))
@@ -296,7 +296,7 @@ def test_prefills_and_the_least_recently_used_graphs(flare_models, monkeypatch):
     monkeypatch.setattr(graphed, "MAX_GRAPHS", 2)
     runner = Stepper(model, 2, 64).runner
     forward = runner.hidden_states
-    with torch.no_grad():
+    with torch.inference_mode():  # a stepper's cache changes in place in that mode only (as decoding runs it)
         runner.prefill([[3, 4, 5], [6, 7]])
         runner.append(torch.tensor([[8], [9]]))
         runner.prefill([list(range(3, 23)), list(range(4, 24))])  # 20 rows into both slots

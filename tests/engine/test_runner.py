@@ -66,3 +66,26 @@ def test_a_prefill_in_pieces_equals_the_reference(flare_models, family, monkeypa
         step = torch.randint(0, 90, (4, 1), generator=gen)
         torch.testing.assert_close(cached.append(step), ref.append(step), rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(cached.lengths(), ref.lengths())
+
+
+def test_decoding_runs_in_inference_mode_and_leaves_training_tensors(flare_models):
+    """Every forward of a decode runs under ``torch.inference_mode`` (cheaper ops), and the tables that ops keep
+    across calls (RoPE, constants, chain masks) are normal tensors: a training step on the same model right after
+    decoding runs its backward (autograd refuses inference tensors)."""
+    from flare.decoding import SamplingParams
+    from flare.engine import decode
+    from flare.ops.gated_delta import rows
+
+    model = copy.deepcopy(flare_models["qwen3_5"])
+    modes = []
+    hook = model.model.layers[0].register_forward_pre_hook(lambda *_: modes.append(torch.is_inference_mode_enabled()))
+    params = SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True)
+    for mode in ("causal", "ar_trust:redraft=last:pause=0"):
+        decode(model, [[3, 4, 5, 6], [7, 8]], params, mode)
+    hook.remove()
+    assert len(modes) > 4 and all(modes)
+    assert not rows._after(4, torch.device("cpu")).is_inference()
+    logits = model(torch.tensor([[3, 4, 5, 6, 7, 8, 9]]))
+    logits.float().square().mean().backward()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+    assert model.model.embed_tokens.weight.grad is not None

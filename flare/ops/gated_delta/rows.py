@@ -99,8 +99,13 @@ def _after_made(T: int, device: torch.device) -> torch.Tensor:
     return ~torch.ones(T, T, dtype=torch.bool, device=device).tril()
 
 
+def _after_normal(T: int, device: torch.device) -> torch.Tensor:
+    with torch.inference_mode(False):  # kept beyond decoding's inference mode: a normal tensor
+        return _after_made(T, device)
+
+
 AFTER_KEPT_ROWS = 64
-_after_kept = functools.cache(_after_made)
+_after_kept = functools.cache(_after_normal)
 
 
 @no_autocast
