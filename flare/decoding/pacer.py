@@ -28,6 +28,13 @@ It picks the kind with the fewest seconds per committed token, the quotient of t
   cut at the mean answer length) gives 2.89-2.99 for ``EVERY`` but 2.35 for one group, so it was not adopted;
   the two kinds' seconds per token were within 4% there either way.
 
+Costs depend on how many slots a round's forward covers (on the demo model a causal step costs each of 16
+sequences far less than it costs one alone; a forward covers the slots up to its last live one), so they are
+kept per **size class** of the forwards (1, 2, 3-4, 5-8, 9-16, ... slots), each with its own choice and trials;
+acceptance, a property of the text, is shared. Without the classes a lane that had learned its costs at 16
+sequences (the demo's evaluation) then served one request at a time on them: AR-Trust 1.08-1.23x causal there
+instead of 1.32-1.34x with a fresh pacer.
+
 The kinds not running are tried in turn for a few rounds now and then: a trial that confirms the fastest kind
 doubles the rounds until the next one (up to ``LONGEST``), a switch between drafting and causal steps brings them
 back to ``GAP``, so a clear winner costs few trials and a close race is watched closely. The first round after a
@@ -44,6 +51,25 @@ from collections import deque
 
 CAUSAL = 0  # a kind is the number of drafts a round verifies and makes; 0: a causal step
 EVERY = -1  # the longest, with a MASK group after each acceptance point
+
+
+def size_class(sequences: int) -> int:
+    """The class of a round that serves this many sequences: 1, 2, 3-4, 5-8, 9-16, ... -> 0, 1, 2, 3, 4, ..."""
+    return (max(sequences, 1) - 1).bit_length()
+
+
+class _Race:
+    """The kinds' timed costs at one size class of batches, and which kind runs and is tried there."""
+
+    def __init__(self, kinds: tuple[int, ...], window: int, gap: int) -> None:
+        self.cost: dict[int, deque[float]] = {k: deque(maxlen=window) for k in kinds}  # seconds per sequence
+        self.best = kinds[0]
+        self.trial_left = 0
+        self.trying = self.best
+        self.turn = 0  # which of the other kinds the next trial tries, in turn
+        self.since = 0
+        self.gap = gap  # rounds between trials
+        self.trialled = False  # a trial ran since the last comparison
 
 
 class Pacer:
@@ -69,19 +95,36 @@ class Pacer:
         # Timed in trials: the longest, a short length, EVERY and causal steps; the other lengths' costs are
         # read off the line through the lengths timed so far.
         self.timed_first = tuple(k for k in self.kinds if k in (longest, short, EVERY, CAUSAL))
-        # Seconds per sequence of each kind's last timed rounds.
-        self.cost: dict[int, deque[float]] = {k: deque(maxlen=self.WINDOW) for k in self.kinds}
         self.tested = [0.0] * (longest + 1)  # [k]: rounds x sequences that verified draft k after k-1 passed
         self.passed = [0.0] * (longest + 1)  # [k]: ... and accepted it
-        self.best = self.kinds[0]
-        self.trial_left = 0
-        self.trying = self.best
-        self.turn = 0  # which of the other kinds the next trial tries, in turn
-        self.since = 0
-        self.gap = self.GAP  # rounds between trials
-        self.trialled = False  # a trial ran since the last comparison
+        # Per size class of the rounds' batches: costs, choice and trials, for the class of the last round served
+        # (the first rounds, before any count is known, are the first known class's).
+        self.races: dict[int, _Race] = {}
+        self.race, self.size = _Race(self.kinds, self.WINDOW, self.GAP), None
         self.open: tuple[int, float] | None = None  # the timed round in flight: its kind and start
         self.last: int | None = None
+
+    def _enter(self, size: int) -> None:
+        """Make size class ``size`` the current one."""
+        if self.size is None:
+            self.races[size] = self.race
+        elif size not in self.races:
+            self.races[size] = _Race(self.kinds, self.WINDOW, self.GAP)
+        self.race, self.size = self.races[size], size
+
+    @property
+    def cost(self) -> dict[int, deque[float]]:
+        """Seconds per sequence of each kind's last timed rounds, at the current size class."""
+        return self.race.cost
+
+    @property
+    def best(self) -> int:
+        """The kind that runs between trials at the current size class."""
+        return self.race.best
+
+    @property
+    def gap(self) -> int:
+        return self.race.gap
 
     # ------------------------------------------------------------------------------------------ estimates
     def observe(self, verdicts: list[tuple[int, int]]) -> None:
@@ -143,41 +186,45 @@ class Pacer:
         """Do not time the round in flight (an admission's prefill ran inside it, or it was not paced)."""
         self.open = None
 
-    def next(self, sequences: int | None) -> int:
-        """The kind of the next round; ``sequences``: how many the last round served (None: unknown)."""
+    def next(self, sequences: int | None, covered: int | None = None) -> int:
+        """The kind of the next round; ``sequences``: how many the last round served (None: unknown); ``covered``:
+        the slots its forward ran (default: ``sequences``), whose size class the next round is taken to share."""
         now = time.perf_counter()
-        if self.open is not None and sequences:
-            kind, start = self.open
-            self.cost[kind].append((now - start) / sequences)
+        if sequences:
+            self._enter(size_class(covered or sequences))
+            if self.open is not None:
+                kind, start = self.open
+                self.race.cost[kind].append((now - start) / sequences)
+        r = self.race
         wide = self.every_slots is None or not sequences or sequences <= self.every_slots
         kinds = self.kinds if wide else self.narrow
-        if self.trial_left and self.trying not in kinds:
-            self.trial_left = 0
-        if self.trial_left:
-            self.trial_left -= 1
-            kind = self.trying
+        if r.trial_left and r.trying not in kinds:
+            r.trial_left = 0
+        if r.trial_left:
+            r.trial_left -= 1
+            kind = r.trying
         else:
             rates = {k: self.rate(k) for k in kinds}
             known = [k for k in kinds if rates[k] is not None]
-            fastest = min(known, key=lambda k: rates[k]) if known else (self.best if self.best in kinds else kinds[0])
-            switch = fastest != self.best and (self.best not in kinds or rates[self.best] is not None)
-            if switch and (fastest == CAUSAL) != (self.best == CAUSAL):  # drafting stopped or started paying:
-                self.gap = self.GAP  # watch closely
-            elif self.trialled and not switch:  # a trial confirmed the faster kind: the next one later
-                self.gap = min(2 * self.gap, self.LONGEST)
+            fastest = min(known, key=lambda k: rates[k]) if known else (r.best if r.best in kinds else kinds[0])
+            switch = fastest != r.best and (r.best not in kinds or rates[r.best] is not None)
+            if switch and (fastest == CAUSAL) != (r.best == CAUSAL):  # drafting stopped or started paying:
+                r.gap = self.GAP  # watch closely
+            elif r.trialled and not switch:  # a trial confirmed the faster kind: the next one later
+                r.gap = min(2 * r.gap, self.LONGEST)
             if switch:
-                self.best = fastest
-            self.trialled = False
-            self.since += 1
-            others = [k for k in kinds if k != self.best and (k in self.timed_first or self.cost[k])]
-            untried = [k for k in others if not self.cost[k]]
-            if others and self.since > (self.FIRST if untried else self.gap):
-                self.trying = untried[0] if untried else others[self.turn % len(others)]
-                self.turn += not untried
-                self.since, self.trial_left, self.trialled = 0, self.TRIAL - 1, True
-                kind = self.trying
+                r.best = fastest
+            r.trialled = False
+            r.since += 1
+            others = [k for k in kinds if k != r.best and (k in self.timed_first or r.cost[k])]
+            untried = [k for k in others if not r.cost[k]]
+            if others and r.since > (self.FIRST if untried else r.gap):
+                r.trying = untried[0] if untried else others[r.turn % len(others)]
+                r.turn += not untried
+                r.since, r.trial_left, r.trialled = 0, self.TRIAL - 1, True
+                kind = r.trying
             else:
-                kind = self.best
+                kind = r.best
         self.open = (kind, now) if kind == self.last else None
         self.last = kind
         return kind

@@ -257,7 +257,8 @@ def test_a_greedy_batch_pauses_only_where_the_pacer_says(flare_models, monkeypat
     stint the pacer times as drafting would make drafting look cheaper than it is)."""
     model = flare_models["llama"]
     kinds = _spoiled_drafts(monkeypatch, model)
-    monkeypatch.setattr("flare.decoding.pacer.Pacer.next", lambda self, served: self.kinds[0])  # always drafting
+    # always drafting
+    monkeypatch.setattr("flare.decoding.pacer.Pacer.next", lambda self, served, covered=None: self.kinds[0])
     params = SamplingParams(temperature=0, max_new_tokens=20, ignore_eos=True)
     out = decode(model, [[3, 1, 4], [2, 7]], params, ArTrustOptions(gen_block=4, pause=2))
     ran = list(kinds)
@@ -359,7 +360,7 @@ def test_a_paused_greedy_sequence_drafts_along_in_a_drafting_round(flare_models,
         return out
 
     monkeypatch.setattr(ArTrustLane, "plan", first_paused)
-    monkeypatch.setattr("flare.decoding.pacer.Pacer.next", lambda self, served: self.kinds[0])
+    monkeypatch.setattr("flare.decoding.pacer.Pacer.next", lambda self, served, covered=None: self.kinds[0])
     prompts = [[3, 1, 4], [1, 5, 9, 2]]
     for temperature, expect in ((0.0, False), (0.8, True)):
         held.clear()

@@ -27,7 +27,7 @@ MODES = [
 @pytest.mark.parametrize("mode, options", MODES)
 def test_cached_equals_reference(flare_models, family, mode, options, monkeypatch):
     # Greedy AR-Trust rounds follow the clock (flare.decoding.pacer): both sides draft always, to count forwards.
-    monkeypatch.setattr("flare.decoding.pacer.Pacer.next", lambda self, served: self.kinds[0])
+    monkeypatch.setattr("flare.decoding.pacer.Pacer.next", lambda self, served, covered=None: self.kinds[0])
     model = flare_models[family]
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 90, (n,), generator=g).tolist() for n in [2, 11]]

@@ -87,8 +87,8 @@ def test_a_burst_of_load_does_not_decide_the_race(monkeypatch):
     (a shared CPU) move a kind's cost, the median of its last rounds, not at all: drafting keeps running."""
     best = []
     real_next = Pacer.next
-    monkeypatch.setattr(Pacer, "next", lambda self, served: real_next(self, served) if best.append(self.best) is None
-                        else None)
+    monkeypatch.setattr(Pacer, "next", lambda self, served, covered=None: real_next(self, served, covered)
+                        if best.append(self.best) is None else None)
     slow = {30, 31, 33}
     pacer, kinds = _drive(monkeypatch, lambda m, i: (20.0 if i in slow else 1.0) * (1.2 if m else 1.0),
                           lambda i: [0.9], 60, Pacer(1))
@@ -120,6 +120,21 @@ def test_the_length_with_the_fewest_seconds_per_token_wins(monkeypatch):
     assert kinds[40:].count(3) < 10
 
 
+def test_costs_are_learned_per_size_class_of_batches(monkeypatch):
+    """A round's cost per sequence depends on how many sequences it serves: drafting that loses at 16 sequences
+    (rows cost there) and wins alone runs alone from the first round, not once the costs seen at 16 have faded;
+    acceptance, the text's, is shared by every class."""
+    accept = lambda i: [0.7] * 4  # noqa: E731
+    pacer, _ = _drive(monkeypatch, lambda m, i: 3.0 if m else 1.0, accept, 200, Pacer(4), sequences=16)
+    assert pacer.best == CAUSAL
+    pacer, alone = _drive(monkeypatch, lambda m, i: 1.0 + 0.05 * m, accept, 60, pacer, sequences=1)
+    assert alone[0] == CAUSAL  # the batch's size is not known yet: the last class's choice
+    assert alone[1:1 + Pacer.FIRST] == [4] * Pacer.FIRST  # this class's first kind, the longest
+    assert pacer.best != CAUSAL and alone[20:].count(CAUSAL) <= Pacer.TRIAL  # drafting won here
+    assert sorted(pacer.races) == [0, 4] and pacer.races[4].best == CAUSAL
+    assert abs(pacer.acceptance(1) - 0.7) < 0.1  # seen at both sizes
+
+
 @pytest.mark.parametrize("sequences", [1, 8])
 def test_texts_that_draft_better_move_to_longer_rounds(monkeypatch, sequences):
     """The drafts far ahead start passing (new requests): what was seen of them fades while the short length
@@ -133,7 +148,7 @@ def test_texts_that_draft_better_move_to_longer_rounds(monkeypatch, sequences):
 def test_paced_rounds_keep_greedy_tokens_causal(flare_models, monkeypatch, redraft):
     """Whatever the pacer picks, greedy AR-Trust gives the causal tokens (here it alternates)."""
     flip = iter([True, False] * 100)
-    monkeypatch.setattr(Pacer, "next", lambda self, served: self.kinds[0] if next(flip) else CAUSAL)
+    monkeypatch.setattr(Pacer, "next", lambda self, served, covered=None: self.kinds[0] if next(flip) else CAUSAL)
     model = flare_models["qwen3_5"]
     prompts = [[3, 1, 4, 1, 5], [9, 2]]
     params = SamplingParams(temperature=0, max_new_tokens=20, ignore_eos=True)
@@ -144,7 +159,7 @@ def test_paced_rounds_keep_greedy_tokens_causal(flare_models, monkeypatch, redra
 
 def test_a_batch_with_sampled_sequences_is_not_paced(flare_models, monkeypatch):
     """Sampled draws must not depend on the clock: a round with any sampled sequence never asks the pacer."""
-    def refuse(self, served):
+    def refuse(self, served, covered=None):
         raise AssertionError("paced a sampled round")
 
     monkeypatch.setattr(Pacer, "next", refuse)
@@ -171,8 +186,8 @@ def test_a_switch_brings_trials_back_to_every(monkeypatch):
     pacer = Pacer(1)
     real_next = Pacer.next
 
-    def watched(self, served):
-        kind = real_next(self, served)
+    def watched(self, served, covered=None):
+        kind = real_next(self, served, covered)
         best.append((self.best, self.gap))
         return kind
 
@@ -193,7 +208,7 @@ def test_rounds_of_any_length_keep_greedy_tokens_causal(flare_models, monkeypatc
 
     M = gen_block - 1
     order = iter([M, 1, 1, M, CAUSAL, M // 2 or 1, M, M, 1, CAUSAL, CAUSAL, max(1, M - 1)] * 20)
-    monkeypatch.setattr(Pacer, "next", lambda self, served: next(order))
+    monkeypatch.setattr(Pacer, "next", lambda self, served, covered=None: next(order))
     synced = ArTrustLane.synced
     # A random model accepts few drafts: no per-sequence pauses here, every round is the pacer's.
     monkeypatch.setattr(ArTrustLane, "synced", lambda self, values: synced(self, values) or self.pause_left.__init__(

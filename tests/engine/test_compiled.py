@@ -120,9 +120,9 @@ def test_a_round_that_compiled_a_graph_is_not_timed(flare_models, monkeypatch):
     rounds, seen = [], [model.compiles]
     next_kind = Pacer.next
 
-    def next_(self, sequences):
+    def next_(self, sequences, covered=None):
         timed_before = sum(len(c) for c in self.cost.values())
-        kind = next_kind(self, sequences)
+        kind = next_kind(self, sequences, covered)
         compiled, seen[0] = model.compiles != seen[0], model.compiles
         rounds.append((compiled, sum(len(c) for c in self.cost.values()) > timed_before))
         return kind
