@@ -135,6 +135,17 @@ def test_costs_are_learned_per_size_class_of_batches(monkeypatch):
     assert abs(pacer.acceptance(1) - 0.7) < 0.1  # seen at both sizes
 
 
+def test_a_size_class_starts_with_a_group_per_acceptance_point_where_that_is_a_kind(monkeypatch):
+    """Before its trials, a class of one or two sequences runs EVERY (redraft=auto: no cold rounds, rows nearly
+    free at that size); a class of more starts with the longest length. The very first round, whose batch size
+    is not known yet, runs the longest."""
+    accept = lambda i: [0.7] * 4  # noqa: E731
+    for sequences, first in ((1, EVERY), (2, EVERY), (4, 4)):
+        _, kinds = _drive(monkeypatch, lambda m, i: 1.0, accept, 10, Pacer(4, every=True, every_slots=2),
+                          sequences=sequences)
+        assert kinds[0] == 4 and kinds[1:Pacer.FIRST] == [first] * (Pacer.FIRST - 1), sequences
+
+
 @pytest.mark.parametrize("sequences", [1, 8])
 def test_texts_that_draft_better_move_to_longer_rounds(monkeypatch, sequences):
     """The drafts far ahead start passing (new requests): what was seen of them fades while the short length
