@@ -54,7 +54,7 @@ EVERY = -1  # the longest, with a MASK group after each acceptance point
 
 
 def size_class(sequences: int) -> int:
-    """The class of a round that serves this many sequences: 1, 2, 3-4, 5-8, 9-16, ... -> 0, 1, 2, 3, 4, ..."""
+    """The size class of a forward over this many slots: 1, 2, 3-4, 5-8, 9-16, ... -> 0, 1, 2, 3, 4, ..."""
     return (max(sequences, 1) - 1).bit_length()
 
 
@@ -135,6 +135,7 @@ class Pacer:
 
     @property
     def gap(self) -> int:
+        """Rounds between trials at the current size class."""
         return self.race.gap
 
     # ------------------------------------------------------------------------------------------ estimates
