@@ -190,6 +190,17 @@ def test_lenient_candidates():
     assert survey.lenient_candidates("") == []
 
 
+def test_training_stamp_names_the_run_alike_by_relative_or_absolute_out(tmp_path, monkeypatch):
+    """The speed stage's own process gets the absolute --out: a stamp written under a relative one must match."""
+    from recipes.smollm2 import train
+
+    monkeypatch.chdir(tmp_path)
+    relative, absolute = common.Run(Path("runs/x")), common.Run(tmp_path / "runs" / "x")
+    assert train.stamp(relative) == train.stamp(absolute)
+    assert train.stamp(relative)["config"]["model"] == "converted"
+    assert train.stamp(relative) != train.stamp(common.Run(tmp_path / "runs" / "y", quick=True))
+
+
 @needs_gym
 def test_quick_recipe_runs_every_stage_and_resumes(tmp_path, tiny_gguf, monkeypatch, capsys):
     """--quick end to end on the tiny seed: a random model neither stops nor answers right, so here every answer

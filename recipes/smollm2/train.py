@@ -11,6 +11,7 @@ trend. bf16 autocast with fp32 master weights where the device multiplies bf16 n
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 from recipes.smollm2.common import Run, read_json, write_json
 
@@ -47,9 +48,19 @@ STAMP = "recipe.json"  # in the training folder: the settings and the transfer d
 
 
 def stamp(run: Run) -> dict:
+    """The settings and transfer data, with the run's paths relative to its folder: the same run named by a
+    relative or an absolute ``--out`` (the speed stage's own process gets an absolute one) has the same stamp."""
     from flare.train.config import to_dict
 
-    return {"config": to_dict(config(run)), "transfer": read_json(run.transfer.with_suffix(".json"))}
+    cfg = to_dict(config(run))
+    cfg["model"], cfg["out_dir"] = _within(run, cfg["model"]), _within(run, cfg["out_dir"])
+    for source in cfg["data"]["train"]:
+        source["path"] = _within(run, source["path"])
+    return {"config": cfg, "transfer": read_json(run.transfer.with_suffix(".json"))}
+
+
+def _within(run: Run, path: str) -> str:
+    return str(Path(path).resolve().relative_to(run.work.resolve()))
 
 
 def done(run: Run) -> bool:
