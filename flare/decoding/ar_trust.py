@@ -103,8 +103,6 @@ class ArTrustLane(Lane):
         self.m = self.M  # drafts verified and MASK rows of the round in flight
         self.v = self.have  # [S] the drafts each slot verifies in the round in flight
         self.round: list[int] = []  # the slots of the round in flight
-        self.served: int | None = None  # the sequences the last paced round served
-        self.covered: int | None = None  # ... and the slots its forward covered (up to its last live one)
         self.compiles_seen = model.compiles
 
     def admit(self, slots: list[int], prompts: list[list[int]]) -> list[list[int]]:
@@ -154,13 +152,13 @@ class ArTrustLane(Lane):
                     # A graph compiled in the round in flight (FLARE_COMPILE): its seconds are the compiler's.
                     self.compiles_seen = self.model.compiles
                     self.pacer.skip()
-                kind = self.pacer.next(self.served, self.covered)
+                kind = self.pacer.next(len(live), max(live) + 1)
                 if kind == CAUSAL:
                     self.paused = list(live)
                 else:  # the pacer's choice, not each sequence's pause: a pause is a causal step it never timed
                     self.paused = []
                     every, m = kind == EVERY, (self.M if kind == EVERY else kind)
-            self.round, self.served, self.covered = live, len(live), max(live) + 1
+            self.round = live
         mask = self.slots.mask(live)
         if len(self.paused) == len(live):  # every sequence steps causally: a plain causal forward
             return Plan(self.pending[:, None], mask.long(), torch.zeros_like(self.pending), commits_all=True,

@@ -84,8 +84,8 @@ class Pacer:
     def __init__(self, longest: int, lengths: tuple[int, ...] | None = None, every: bool = False,
                  every_slots: int | None = None) -> None:
         """``longest``: the most drafts a round holds; ``lengths``: the kinds with one MASK group (default
-        1 .. longest); ``every``: ``EVERY`` is a kind too, while the last round served at most ``every_slots``
-        sequences (None: at any batch). The first kind is the first one run."""
+        1 .. longest); ``every``: ``EVERY`` is a kind too, in rounds whose forward covers at most ``every_slots``
+        slots (None: at any batch). The first kind is the first one run."""
         self.longest = longest
         lengths = range(1, longest + 1) if lengths is None else lengths
         self.kinds = tuple(sorted(lengths, reverse=True)) + ((EVERY,) if every else ()) + (CAUSAL,)
@@ -97,11 +97,12 @@ class Pacer:
         self.timed_first = tuple(k for k in self.kinds if k in (longest, short, EVERY, CAUSAL))
         self.tested = [0.0] * (longest + 1)  # [k]: rounds x sequences that verified draft k after k-1 passed
         self.passed = [0.0] * (longest + 1)  # [k]: ... and accepted it
-        # Per size class of the rounds' batches: costs, choice and trials, for the class of the last round served
-        # (the first rounds, before any count is known, are the first known class's).
+        # Per size class of the rounds' batches: costs, choice and trials; ``race`` is the class of the round
+        # chosen last.
         self.races: dict[int, _Race] = {}
         self.race, self.size = _Race(self.kinds, self.WINDOW, self.GAP), None
-        self.open: tuple[int, float] | None = None  # the timed round in flight: its kind and start
+        # The timed round in flight: its kind, start, size class (its race) and sequences.
+        self.open: tuple[int, float, _Race, int] | None = None
         self.last: int | None = None
 
     def _enter(self, size: int) -> None:
@@ -198,18 +199,18 @@ class Pacer:
         """Do not time the round in flight (an admission's prefill ran inside it, or it was not paced)."""
         self.open = None
 
-    def next(self, sequences: int | None, covered: int | None = None) -> int:
-        """The kind of the next round; ``sequences``: how many the last round served (None: unknown); ``covered``:
-        the slots its forward ran (default: ``sequences``), whose size class the next round is taken to share."""
+    def next(self, sequences: int, covered: int | None = None) -> int:
+        """The kind of the next round, which serves ``sequences`` sequences over ``covered`` slots (its forward runs
+        up to its last live one; default: ``sequences``): it is chosen among that size class's kinds and costs.
+        The round in flight, if timed, ends here and counts in the class it ran in."""
         now = time.perf_counter()
-        if sequences:
-            self._enter(size_class(covered or sequences))
-            if self.open is not None:
-                kind, start = self.open
-                self.race.cost[kind].append((now - start) / sequences)
+        if self.open is not None:
+            kind, start, race, served = self.open
+            race.cost[kind].append((now - start) / served)
+        covered = covered or sequences
+        self._enter(size_class(covered))
         r = self.race
-        wide = self.every_slots is None or not sequences or sequences <= self.every_slots
-        kinds = self.kinds if wide else self.narrow
+        kinds = self.kinds if self.every_slots is None or covered <= self.every_slots else self.narrow
         if r.trial_left and r.trying not in kinds:
             r.trial_left = 0
         if r.trial_left:
@@ -237,6 +238,7 @@ class Pacer:
                 kind = r.trying
             else:
                 kind = r.best
-        self.open = (kind, now) if kind == self.last else None
+        # Timed unless it is the first of its kind in a row (a drafting stint after causal steps starts cold).
+        self.open = (kind, now, r, sequences) if kind == self.last else None
         self.last = kind
         return kind

@@ -19,12 +19,11 @@ def _drive(monkeypatch, seconds, accept, rounds: int, pacer: Pacer | None = None
     clock = [0.0]
     monkeypatch.setattr("flare.decoding.pacer.time.perf_counter", lambda: clock[0])
     pacer = pacer or Pacer(4)
-    kinds, served = [], None
+    kinds = []
     for i in range(rounds):
-        kind = pacer.next(served)
+        kind = pacer.next(sequences)
         kinds.append(kind)
         clock[0] += seconds(kind, i)
-        served = sequences
         if kind != CAUSAL:
             verdicts = []
             for _ in range(sequences):
@@ -71,11 +70,11 @@ def test_a_round_with_an_admission_is_not_timed(monkeypatch):
     clock = [0.0]
     monkeypatch.setattr("flare.decoding.pacer.time.perf_counter", lambda: clock[0])
     pacer = Pacer(1)
-    pacer.next(None)
-    pacer.next(1)  # the first round of a kind is not timed; this one is
+    pacer.next(4)
+    pacer.next(4)  # the first round of a kind is not timed; this one is
     clock[0] += 100.0  # a prefill inside the round
     pacer.skip()
-    pacer.next(1)
+    pacer.next(4)
     assert pacer.seconds(1) is None
     clock[0] += 2.0
     pacer.next(4)
@@ -87,7 +86,7 @@ def test_a_burst_of_load_does_not_decide_the_race(monkeypatch):
     (a shared CPU) move a kind's cost, the median of its last rounds, not at all: drafting keeps running."""
     best = []
     real_next = Pacer.next
-    monkeypatch.setattr(Pacer, "next", lambda self, served, covered=None: real_next(self, served, covered)
+    monkeypatch.setattr(Pacer, "next", lambda self, sequences, covered=None: real_next(self, sequences, covered)
                         if best.append(self.best) is None else None)
     slow = {30, 31, 33}
     pacer, kinds = _drive(monkeypatch, lambda m, i: (20.0 if i in slow else 1.0) * (1.2 if m else 1.0),
@@ -128,8 +127,7 @@ def test_costs_are_learned_per_size_class_of_batches(monkeypatch):
     pacer, _ = _drive(monkeypatch, lambda m, i: 3.0 if m else 1.0, accept, 200, Pacer(4), sequences=16)
     assert pacer.best == CAUSAL
     pacer, alone = _drive(monkeypatch, lambda m, i: 1.0 + 0.05 * m, accept, 60, pacer, sequences=1)
-    assert alone[0] == CAUSAL  # the batch's size is not known yet: the last class's choice
-    assert alone[1:1 + Pacer.FIRST] == [4] * Pacer.FIRST  # this class's first kind, the longest
+    assert alone[:Pacer.FIRST] == [4] * Pacer.FIRST  # this class's first kind, the longest, from its first round
     assert pacer.best != CAUSAL and alone[20:].count(CAUSAL) <= Pacer.TRIAL  # drafting won here
     assert sorted(pacer.races) == [0, 4] and pacer.races[4].best == CAUSAL
     assert abs(pacer.acceptance(1) - 0.7) < 0.1  # seen at both sizes
@@ -137,13 +135,12 @@ def test_costs_are_learned_per_size_class_of_batches(monkeypatch):
 
 def test_a_size_class_starts_with_a_group_per_acceptance_point_where_that_is_a_kind(monkeypatch):
     """Before its trials, a class of one or two sequences runs EVERY (redraft=auto: no cold rounds, rows nearly
-    free at that size); a class of more starts with the longest length. The very first round, whose batch size
-    is not known yet, runs the longest."""
+    free at that size); a class of more starts with the longest length, from the very first round."""
     accept = lambda i: [0.7] * 4  # noqa: E731
     for sequences, first in ((1, EVERY), (2, EVERY), (4, 4)):
         _, kinds = _drive(monkeypatch, lambda m, i: 1.0, accept, 10, Pacer(4, every=True, every_slots=2),
                           sequences=sequences)
-        assert kinds[0] == 4 and kinds[1:Pacer.FIRST] == [first] * (Pacer.FIRST - 1), sequences
+        assert kinds[:Pacer.FIRST] == [first] * Pacer.FIRST, sequences
 
 
 @pytest.mark.parametrize("sequences", [1, 8])
@@ -159,7 +156,7 @@ def test_texts_that_draft_better_move_to_longer_rounds(monkeypatch, sequences):
 def test_paced_rounds_keep_greedy_tokens_causal(flare_models, monkeypatch, redraft):
     """Whatever the pacer picks, greedy AR-Trust gives the causal tokens (here it alternates)."""
     flip = iter([True, False] * 100)
-    monkeypatch.setattr(Pacer, "next", lambda self, served, covered=None: self.kinds[0] if next(flip) else CAUSAL)
+    monkeypatch.setattr(Pacer, "next", lambda self, sequences, covered=None: self.kinds[0] if next(flip) else CAUSAL)
     model = flare_models["qwen3_5"]
     prompts = [[3, 1, 4, 1, 5], [9, 2]]
     params = SamplingParams(temperature=0, max_new_tokens=20, ignore_eos=True)
@@ -170,7 +167,7 @@ def test_paced_rounds_keep_greedy_tokens_causal(flare_models, monkeypatch, redra
 
 def test_a_batch_with_sampled_sequences_is_not_paced(flare_models, monkeypatch):
     """Sampled draws must not depend on the clock: a round with any sampled sequence never asks the pacer."""
-    def refuse(self, served, covered=None):
+    def refuse(self, sequences, covered=None):
         raise AssertionError("paced a sampled round")
 
     monkeypatch.setattr(Pacer, "next", refuse)
@@ -197,8 +194,8 @@ def test_a_switch_brings_trials_back_to_every(monkeypatch):
     pacer = Pacer(1)
     real_next = Pacer.next
 
-    def watched(self, served, covered=None):
-        kind = real_next(self, served, covered)
+    def watched(self, sequences, covered=None):
+        kind = real_next(self, sequences, covered)
         best.append((self.best, self.gap))
         return kind
 
@@ -219,7 +216,7 @@ def test_rounds_of_any_length_keep_greedy_tokens_causal(flare_models, monkeypatc
 
     M = gen_block - 1
     order = iter([M, 1, 1, M, CAUSAL, M // 2 or 1, M, M, 1, CAUSAL, CAUSAL, max(1, M - 1)] * 20)
-    monkeypatch.setattr(Pacer, "next", lambda self, served, covered=None: next(order))
+    monkeypatch.setattr(Pacer, "next", lambda self, sequences, covered=None: next(order))
     synced = ArTrustLane.synced
     # A random model accepts few drafts: no per-sequence pauses here, every round is the pacer's.
     monkeypatch.setattr(ArTrustLane, "synced", lambda self, values: synced(self, values) or self.pause_left.__init__(
