@@ -279,3 +279,11 @@ def test_the_rounds_a_lane_may_be_paced_into(flare_models, redraft):
     kinds = {"auto": (3, 2, 1, EVERY, CAUSAL), "last": (3, 2, 1, CAUSAL), "every": (EVERY, CAUSAL)}
     assert pacer.kinds == kinds[redraft]
     assert pacer.every_slots == (2 if redraft == "auto" else None)
+
+
+def test_a_group_per_acceptance_point_counts_the_slots_a_forward_covers():
+    """A batch's last two sequences in slots 0 and 7 run forwards over 8 slots: EVERY is not a kind there (nor
+    tried), however few sequences the round serves."""
+    pacer = Pacer(4, every=True, every_slots=2)
+    kinds = {pacer.next(2, covered=8) for _ in range(200)}
+    assert EVERY not in kinds and {pacer.next(2, covered=2) for _ in range(Pacer.FIRST)} == {EVERY}
