@@ -104,9 +104,13 @@ class ArTrustLane(Lane):
         self.v = self.have  # [S] the drafts each slot verifies in the round in flight
         self.round: list[int] = []  # the slots of the round in flight
         self.compiles_seen = model.compiles
+        self.whole: set[int] = set()  # the slots of the last admission committed whole (``admit``)
 
     def admit(self, slots: list[int], prompts: list[list[int]]) -> list[list[int]]:
-        """Commit all but the last prompt token: that one is the first pending token."""
+        """Commit all but the last prompt token: that one is the first pending token (the drafting prefill, or
+        a plain one and a cold first round). Where the pacer runs causal steps at this batch's size, drafts
+        made now would go unread: the prompts are then committed whole, as causal decoding's, and the first
+        token comes from the prefill's logits (``prefilled``)."""
         self.owned += slots
         idx = torch.tensor(slots, device=self.slots.device)
         self.pending[idx] = torch.tensor([p[-1] for p in prompts], device=self.slots.device)
@@ -114,7 +118,23 @@ class ArTrustLane(Lane):
         for slot in slots:
             self.pause_left[slot], self.misses[slot], self.next_pause[slot] = 0, 0, self.options.pause
         self.pacer.skip()
-        return [p[:-1] for p in prompts]
+        causal = (self.options.pause > 0 and self.slots.all_greedy(self.owned)
+                  and self.pacer.prefers_causal(max(self.owned) + 1))
+        self.whole = set(slots) if causal else set()
+        return [list(p) for p in prompts] if causal else [p[:-1] for p in prompts]
+
+    def drafting_prefill(self) -> bool:
+        return not self.whole
+
+    def prefilled(self, slots: list[int], logits: torch.Tensor) -> None:
+        """The sequences admitted whole (``admit``) take their first token from the prefill, as causal decoding's
+        do; the others' first pending token is their prompt's last."""
+        whole = [s for s in slots if s in self.whole]
+        if whole:
+            mask = self.slots.mask(whole)
+            tok = self.sample(whole, logits)
+            self.pending = torch.where(mask, tok, self.pending)
+            self.slots.emit(tok[:, None], mask.long())
 
     def prefilled_drafts(self, slots: list[int], hidden: torch.Tensor, prompt_len: torch.Tensor) -> None:
         """The prefill's rows are a cold round's: the prompt's last row stands for the pending token (its causal

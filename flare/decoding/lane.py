@@ -126,6 +126,11 @@ class Lane:
     def prefilled(self, slots: list[int], logits: torch.Tensor) -> None:
         """The admission prefill ran; ``logits`` [S, V] after each slot's last prefilled token."""
 
+    def drafting_prefill(self) -> bool:
+        """Whether the sequences just admitted want the drafting prefill (``draft_rows`` MASK rows after each
+        prompt, ``prefilled_drafts``) rather than the plain one."""
+        return self.draft_rows > 0
+
     def prefilled_drafts(self, slots: list[int], hidden: torch.Tensor, prompt_len: torch.Tensor) -> None:
         """The admission prefill committed each slot's WHOLE prompt and ran ``draft_rows`` MASK rows after it:
         ``hidden`` [n, R, E] (the first n slots, those the forward covered) holds the prompt's rows, then the MASK

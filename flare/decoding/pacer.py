@@ -124,6 +124,12 @@ class Pacer:
         allowed = EVERY in self.kinds and (self.every_slots is None or smallest <= self.every_slots)
         return EVERY if allowed else self.kinds[0]
 
+    def prefers_causal(self, covered: int) -> bool:
+        """Whether causal steps are what forwards over ``covered`` slots run now (their size class's choice
+        between trials; False for a class not seen yet)."""
+        race = self.races.get(size_class(covered))
+        return race is not None and race.best == CAUSAL
+
     @property
     def cost(self) -> dict[int, deque[float]]:
         """Seconds per sequence of each kind's last timed rounds, at the current size class."""

@@ -91,8 +91,9 @@ class Stepper:
     @frozen_weights()
     def admit(self, admissions: list[Admission]) -> None:
         """Bind new sequences to free slots and prefill them in one forward: a plain causal one, or (for a lane
-        that drafts, e.g. AR-Trust, and prompts within ``DRAFTING_PREFILL_WORK``) a rows forward that also runs
-        the lane's MASK rows after each prompt; two forwards when an admission holds both kinds."""
+        that drafts, e.g. AR-Trust, wants to now, ``Lane.drafting_prefill``, and prompts within
+        ``DRAFTING_PREFILL_WORK``) a rows forward that also runs the lane's MASK rows after each prompt; two
+        forwards when an admission holds both kinds."""
         if not admissions:
             return
         eos = self.model.config.eos_token_ids
@@ -111,7 +112,7 @@ class Stepper:
             for a, t in zip(group, lane.admit([a.slot for a in group], [a.prompt for a in group])):
                 tokens[a.slot] = list(t)
         # Drafting lanes' prompts that fit DRAFTING_PREFILL_WORK take the rows prefill instead of the plain one.
-        wanting = [(lane, group) for lane, group in groups.values() if lane.draft_rows]
+        wanting = [(lane, group) for lane, group in groups.values() if lane.drafting_prefill()]
         drafting: list[tuple[Lane, list[Admission]]] = []
         if wanting:
             longest = math.isqrt(DRAFTING_PREFILL_WORK // (max(a.slot for _, g in wanting for a in g) + 1))

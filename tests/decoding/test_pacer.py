@@ -287,3 +287,40 @@ def test_a_group_per_acceptance_point_counts_the_slots_a_forward_covers():
     pacer = Pacer(4, every=True, every_slots=2)
     kinds = {pacer.next(2, covered=8) for _ in range(200)}
     assert EVERY not in kinds and {pacer.next(2, covered=2) for _ in range(Pacer.FIRST)} == {EVERY}
+
+
+def test_which_classes_prefer_causal_steps(monkeypatch):
+    pacer, _ = _drive(monkeypatch, lambda m, i: 3.0 if m else 1.0, lambda i: [0.3] * 4, 120, sequences=16)
+    assert pacer.best == CAUSAL and pacer.prefers_causal(16) and pacer.prefers_causal(9)
+    assert not pacer.prefers_causal(1) and not pacer.prefers_causal(8)  # classes never run: not known to
+
+
+def test_an_admission_where_the_pacer_runs_causal_steps_is_prefilled_whole(flare_models, monkeypatch):
+    """Where the pacer runs causal steps at the batch's size, drafts made at the admission would go unread: the
+    prompts are prefilled whole, as causal decoding's, with no MASK rows and no rows forward, and the tokens and
+    forwards are causal decoding's. A class still drafting, or a sampled batch, keeps the drafting prefill."""
+    from flare.engine.runner import CachedRunner
+
+    model = flare_models["qwen3_5"]
+    ran = []
+    rows, prefill = CachedRunner.rows, CachedRunner.prefill
+    monkeypatch.setattr(CachedRunner, "rows", lambda self, *a, **k: ran.append("rows") or rows(self, *a, **k))
+    monkeypatch.setattr(CachedRunner, "prefill", lambda self, tokens: ran.append([len(t) for t in tokens])
+                        or prefill(self, tokens))
+    monkeypatch.setattr(Pacer, "next", lambda self, sequences, covered=None: CAUSAL)
+    monkeypatch.setattr(Pacer, "prefers_causal", lambda self, covered: True)
+    prompts = [[3, 1, 4, 1, 5], [9, 2]]
+    params = SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True)
+    causal = decode(model, prompts, params)
+    ran.clear()
+    out = decode(model, prompts, params, ArTrustOptions(gen_block=4))
+    assert out.token_ids == causal.token_ids and out.forwards == causal.forwards
+    assert ran == [[5, 2]]  # one plain prefill of the whole prompts, then causal steps
+    ran.clear()
+    sampled = SamplingParams(temperature=0.8, max_new_tokens=6, ignore_eos=True, seed=1)
+    decode(model, prompts, sampled, ArTrustOptions(gen_block=4))
+    assert ran[0] == "rows"  # not paced: the drafting prefill
+    ran.clear()
+    monkeypatch.setattr(Pacer, "prefers_causal", lambda self, covered: False)
+    out = decode(model, prompts, params, ArTrustOptions(gen_block=4))
+    assert out.token_ids == causal.token_ids and ran[0] == "rows"
