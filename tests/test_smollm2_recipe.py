@@ -199,6 +199,19 @@ def test_training_stamp_names_the_run_alike_by_relative_or_absolute_out(tmp_path
     assert train.stamp(relative) == train.stamp(absolute)
     assert train.stamp(relative)["config"]["model"] == "converted"
     assert train.stamp(relative) != train.stamp(common.Run(tmp_path / "runs" / "y", quick=True))
+    # A stamp written before stamps named paths so (the paths as given) reads as the same run.
+    old = {k: v for k, v in train.stamp(relative).items() if k != "paths"}
+    old["config"]["model"], old["config"]["out_dir"] = "runs/x/converted", str(tmp_path / "runs/x/flare")
+    old["config"]["data"]["train"][0]["path"] = "runs/x/transfer.jsonl"
+    relative.train.mkdir(parents=True)
+    common.write_json(relative.train / train.STAMP, old)
+    assert train.trained_as_now(relative) and train.trained_as_now(absolute)
+    common.write_json(relative.train / train.STAMP, train.stamp(absolute))  # as stamps are written now
+    assert train.trained_as_now(relative) and train.trained_as_now(absolute)
+    # A converted model linked in from elsewhere is still the run's own "converted".
+    (tmp_path / "elsewhere").mkdir()
+    (relative.work / "converted").symlink_to(tmp_path / "elsewhere")
+    assert train.stamp(absolute)["config"]["model"] == "converted" and train.trained_as_now(absolute)
 
 
 @needs_gym

@@ -10,8 +10,8 @@ trend. bf16 autocast with fp32 master weights where the device multiplies bf16 n
 
 from __future__ import annotations
 
+import os
 import shutil
-from pathlib import Path
 
 from recipes.smollm2.common import Run, read_json, write_json
 
@@ -47,26 +47,45 @@ def checkpoints(run: Run) -> list:
 STAMP = "recipe.json"  # in the training folder: the settings and the transfer data it was trained with
 
 
+PATHS = "relative to the run's folder"  # how a stamp names its paths (stamps without this key: as given)
+
+
 def stamp(run: Run) -> dict:
     """The settings and transfer data, with the run's paths relative to its folder: the same run named by a
     relative or an absolute ``--out`` (the speed stage's own process gets an absolute one) has the same stamp."""
     from flare.train.config import to_dict
 
-    cfg = to_dict(config(run))
-    cfg["model"], cfg["out_dir"] = _within(run, cfg["model"]), _within(run, cfg["out_dir"])
-    for source in cfg["data"]["train"]:
-        source["path"] = _within(run, source["path"])
-    return {"config": cfg, "transfer": read_json(run.transfer.with_suffix(".json"))}
+    return _relative(run, {"config": to_dict(config(run)), "transfer": read_json(run.transfer.with_suffix(".json"))})
 
 
-def _within(run: Run, path: str) -> str:
-    return str(Path(path).resolve().relative_to(run.work.resolve()))
+def _relative(run: Run, found):
+    """A stamp whose paths are as given (relative to the working directory, or absolute: what stamps held before
+    ``PATHS``) with them made relative to the run's folder, without following symlinks; anything else as it is."""
+    if not isinstance(found, dict) or "paths" in found:
+        return found
+
+    def within(path: str) -> str:
+        return os.path.relpath(os.path.abspath(path), os.path.abspath(run.work))
+
+    try:
+        cfg = found["config"]
+        cfg["model"], cfg["out_dir"] = within(cfg["model"]), within(cfg["out_dir"])
+        for source in cfg["data"]["train"]:
+            source["path"] = within(source["path"])
+    except (KeyError, TypeError):
+        return found
+    return {**found, "paths": PATHS}
+
+
+def trained_as_now(run: Run) -> bool:
+    """Whether the training folder's stamp is this run's settings and transfer data."""
+    return _relative(run, read_json(run.train / STAMP)) == stamp(run)
 
 
 def done(run: Run) -> bool:
     have = checkpoints(run)
     return (bool(have) and int(have[-1].name.split("-")[1]) >= steps(run)
-            and read_json(run.train / STAMP) == stamp(run))
+            and trained_as_now(run))
 
 
 def config(run: Run):
@@ -96,10 +115,9 @@ def make(run: Run) -> None:
         mask = convert(run.seed, tmp)
         tmp.replace(run.converted)
         print(f"  converted {run.seed} -> {run.converted} ([MASK] = token {mask})", flush=True)
-    now = stamp(run)
-    if checkpoints(run) and read_json(run.train / STAMP) != now:
+    if checkpoints(run) and not trained_as_now(run):
         raise SystemExit(f"{run.train} holds checkpoints trained on other transfer data or settings: remove it "
                          "(or pick another --out) to train again")
     run.train.mkdir(parents=True, exist_ok=True)
-    write_json(run.train / STAMP, now)
+    write_json(run.train / STAMP, stamp(run))
     Trainer(config(run)).run()

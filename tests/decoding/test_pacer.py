@@ -324,3 +324,32 @@ def test_an_admission_where_the_pacer_runs_causal_steps_is_prefilled_whole(flare
     monkeypatch.setattr(Pacer, "prefers_causal", lambda self, covered: False)
     out = decode(model, prompts, params, ArTrustOptions(gen_block=4))
     assert out.token_ids == causal.token_ids and ran[0] == "rows"
+
+
+def test_a_round_is_timed_in_the_class_it_ran_in(monkeypatch):
+    """A round of 16 sequences that ends when a one-sequence round is chosen counts in the class of 16."""
+    clock = [0.0]
+    monkeypatch.setattr("flare.decoding.pacer.time.perf_counter", lambda: clock[0])
+    pacer = Pacer(1)
+    pacer.next(16)
+    pacer.next(16)  # timed: the second of its kind in a row
+    clock[0] += 8.0
+    pacer.next(1)
+    assert list(pacer.races[4].cost[pacer.races[4].best]) == [0.5] and not any(pacer.races[0].cost.values())
+
+
+def test_sequences_admitted_whole_then_drafting_keep_causal_tokens(flare_models, monkeypatch):
+    """Admitted whole (the pacer ran causal steps there), then drafting rounds: the first is cold, after the token
+    the prefill gave, and every token stays causal decoding's, in a batch that also admits mid-way (Engine)."""
+    from flare.engine import Engine, EngineConfig
+
+    model = flare_models["qwen3_5"]
+    monkeypatch.setattr(Pacer, "prefers_causal", lambda self, covered: True)
+    monkeypatch.setattr(Pacer, "next", lambda self, sequences, covered=None: self.kinds[0])
+    prompts = [[3, 1, 4, 1, 5], [9, 2], [6, 5, 3]]
+    params = SamplingParams(temperature=0, max_new_tokens=10, ignore_eos=True)
+    causal = decode(model, prompts, params).token_ids
+    assert decode(model, prompts, params, ArTrustOptions(gen_block=4)).token_ids == causal
+    engine = Engine(model, EngineConfig(max_num_seqs=2))  # the third request is admitted when a slot frees
+    outs = engine.generate(prompts, params, ArTrustOptions(gen_block=4))
+    assert [o.output_ids for o in outs] == causal
