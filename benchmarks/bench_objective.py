@@ -464,7 +464,7 @@ def main() -> None:
     ts_ratio = None
     if not a.no_two_stream:
         t_eff, t_ref, ts_ratio, ts_all, ts_cpu = two_stream_ratio(a.two_stream_rounds, 3)
-        print(f"\ntwo-stream GDN op, forward, S=1 V=2 T=2048 bs=4 Hk=2 H=4 Dk=Dv=64 (bench_two_stream.py shapes):")
+        print("\ntwo-stream GDN op, forward, S=1 V=2 T=2048 bs=4 Hk=2 H=4 Dk=Dv=64 (bench_two_stream.py shapes):")
         print(f"  efficient {t_eff * 1e3:.1f} ms, loop reference {t_ref * 1e3:.1f} ms: {ts_ratio:.1f}x "
               f"(median of {len(ts_all)} rounds, {ts_all[0]:.1f}-{ts_all[-1]:.1f}x; CPU time {ts_cpu:.1f}x)  "
               f"goal >= {TWO_STREAM_GOAL:.0f}x  "
@@ -489,7 +489,7 @@ def main() -> None:
             print(f"  top ops {n}: " + ", ".join(f"{k} {s:.2f}s/{c}" for k, s, c in top[:4]))
         fwd = {name: forward_breakdown(objs[name], model, batch) for name in ["ar", *failed]}
         parts = ["attention layers", "GDN layers", "MLPs", "LM head", "rest", "total"]
-        print(f"  forward only, by module (forward hooks, perf_counter):")
+        print("  forward only, by module (forward hooks, perf_counter):")
         print(f"  {'module':<40}" + "".join(f"{n + ' ms':>10}" for n in fwd)
               + "".join(f"{n + '/ar':>11}" for n in failed))
         for part in parts:
@@ -546,7 +546,7 @@ def main() -> None:
     if ts_ratio is not None:
         parts.append(f"two-stream op {ts_ratio:.1f}x reference (goal >= {TWO_STREAM_GOAL:.0f}x: "
                      f"{'MET' if ts_ratio >= TWO_STREAM_GOAL else 'NOT MET'})")
-    print(f"\n[wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in sections.items())
+    print("\n[wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in sections.items())
           + f"; total {time.perf_counter() - t_start:.0f}s]")
     print("SUMMARY: " + "; ".join(parts))
 

@@ -143,7 +143,7 @@ def main() -> None:
               f"{r['kv_bytes'] / 1e6:>8.2f}{r['floor_ms']:>10.3f}{r['measured_ms']:>13.2f}{r['ratio']:>8.1f}x"
               f"{r['achieved_GBps']:>15.1f}")
     elapsed = time.perf_counter() - t_start
-    print(f"\nSUMMARY: causal decode at " + ", ".join(f"batch {r['batch']} {r['ratio']:.1f}x" for r in rows)
+    print("\nSUMMARY: causal decode at " + ", ".join(f"batch {r['batch']} {r['ratio']:.1f}x" for r in rows)
           + f" the memory floor ({bandwidth / 1e9:.1f} GB/s copy bandwidth) [{elapsed:.0f} s]")
     if a.json:
         with open(a.json, "w") as f:

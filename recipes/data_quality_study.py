@@ -29,7 +29,6 @@ from pathlib import Path
 
 import torch
 
-from flare.data import ChatTokenizer
 from flare.data.arithmetic import generate_rows
 from flare.data.jsonl import read_jsonl, write_jsonl
 from flare.decoding import SamplingParams, parse_modes

@@ -212,7 +212,7 @@ def report(cfg: TrainConfig, world: int = 1) -> str:
     lines = [f"dry run: {cfg.model}: {params / 1e6:,.1f}M parameters, {cfg.objective.kind} objective, "
              f"{cfg.batch_size} x {cfg.data.seq_len} tokens per micro-batch ({cfg.row_tokens:,} per forward row)",
              *(f"  {n}" for n in est.notes),
-             f"memory of one process at a step's peak:",
+             "memory of one process at a step's peak:",
              est.table()]
     if world > 1:
         sharded = (est.parameters + est.gradients + est.optimizer) // world

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from flare.data import ChatTokenizer, PackedDataset, parse_row, render
+from flare.data import PackedDataset, parse_row, render
 from flare.data.jsonl import read_jsonl
 from flare.engine import EngineConfig
 from flare.engine.llm import LLM
