@@ -131,10 +131,7 @@ class ArTrustLane(Lane):
         do; the others' first pending token is their prompt's last."""
         whole = [s for s in slots if s in self.whole]
         if whole:
-            mask = self.slots.mask(whole)
-            tok = self.sample(whole, logits)
-            self.pending = torch.where(mask, tok, self.pending)
-            self.slots.emit(tok[:, None], mask.long())
+            self.next_token(whole, self.sample(whole, logits))
 
     def prefilled_drafts(self, slots: list[int], hidden: torch.Tensor, prompt_len: torch.Tensor) -> None:
         """The prefill's rows are a cold round's: the prompt's last row stands for the pending token (its causal

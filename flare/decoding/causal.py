@@ -15,7 +15,7 @@ class CausalLane(Lane):
         self.pending = torch.zeros(slots.num_slots, dtype=torch.long, device=slots.device)
 
     def prefilled(self, slots: list[int], logits: torch.Tensor) -> None:
-        self._next(slots, self.sample(slots, logits))
+        self.next_token(slots, self.sample(slots, logits))
 
     def plan(self, live: list[int]) -> Plan:
         mask = self.slots.mask(live)
@@ -24,12 +24,5 @@ class CausalLane(Lane):
 
     def consume(self, live: list[int], logits: RowLogits) -> torch.Tensor:
         greedy = self.slots.all_greedy(live)
-        self._next(live, logits.picks(0, 1)[:, 0] if greedy else self.sample(live, logits.rows(0, 1)[:, 0]))
+        self.next_token(live, logits.picks(0, 1)[:, 0] if greedy else self.sample(live, logits.rows(0, 1)[:, 0]))
         return self.slots.mask(live).long()
-
-    def _next(self, slots: list[int], tok: torch.Tensor) -> None:
-        """Each slot's next token [S], drawn from the logits after its last committed one: emitted (and
-        committed to the cache by the next step's forward)."""
-        mask = self.slots.mask(slots)
-        self.pending = torch.where(mask, tok, self.pending)
-        self.slots.emit(tok[:, None], mask.long())

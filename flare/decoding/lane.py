@@ -168,6 +168,13 @@ class Lane:
 
         return s.per_generator(live, draw_rows, logits, s.temperature, s.top_k, s.top_p)
 
+    def next_token(self, slots: list[int], tok: torch.Tensor) -> None:
+        """Each of ``slots``' next token [S] (drawn from the logits after its last committed one): emitted, and
+        its ``pending`` token, which the next step's forward commits (lanes that keep one)."""
+        mask = self.slots.mask(slots)
+        self.pending = torch.where(mask, tok, self.pending)
+        self.slots.emit(tok[:, None], mask.long())
+
     def counts(self, mask: torch.Tensor, n: int | torch.Tensor) -> torch.Tensor:
         """n where ``mask`` else 0, as a [S] long tensor."""
         n = torch.as_tensor(n, device=mask.device)
