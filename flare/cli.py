@@ -250,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="longest prompt accepted (default: %(default)s)")
     srv.add_argument("--max-tokens", type=int, default=EngineConfig.max_new_tokens,
                      help="largest max_tokens accepted (default: %(default)s)")
+    srv.add_argument("--prefix-cache-mb", type=int, default=EngineConfig.prefix_cache_mb,
+                     help="MiB of prompt beginnings' states kept for later prompts; 0: off (default: %(default)s)")
     srv.add_argument("--device", default=None, help=DEVICE_HELP)
     srv.add_argument("--dtype", default=None, choices=DTYPES, help=DTYPE_HELP)
     srv.add_argument("--engine", default="process", choices=("process", "thread"),
@@ -324,7 +326,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_waiting=args.max_waiting,
                           max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_tokens,
-                          default_mode=args.mode)
+                          default_mode=args.mode, prefix_cache_mb=args.prefix_cache_mb)
     serve(args.model, host=args.host, port=args.port, config=config, device=args.device, dtype=args.dtype,
           engine=args.engine)
     return 0

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 from flare.decoding import ModeOptions, SamplingParams, as_options, check_request, parse_mode
+from flare.engine.prefix_cache import PrefixCache
 from flare.engine.scheduler import QueueFull, Scheduler, SchedulerConfig
 from flare.engine.sequence import Sequence, SequenceStatus
 from flare.engine.stepper import Admission, Stepper
@@ -31,11 +32,16 @@ class EngineConfig:
     max_prompt_tokens: int = 4096
     max_new_tokens: int = 4096
     default_mode: str = "causal"  # for requests that name none: a mode, with optional :key=value options
+    # MiB of prompt beginnings' states kept for later prompts that start with them (flare.engine.prefix_cache);
+    # 0: none kept
+    prefix_cache_mb: int = 256
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_prompt_tokens", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.prefix_cache_mb < 0:
+            raise ValueError(f"prefix_cache_mb must be >= 0, got {self.prefix_cache_mb}")
         self.default_options = parse_mode(self.default_mode)
 
 
@@ -62,6 +68,8 @@ class EngineStats:
     requests_aborted: int = 0
     active_forwards: int = 0  # sum over finished requests of the forwards each took part in
     finished_tokens: int = 0  # tokens of finished requests (tokens per forward = this / active_forwards)
+    prefix_hits: int = 0  # admissions that started from a kept prompt beginning (flare.engine.prefix_cache)
+    prefix_tokens: int = 0  # prompt tokens those did not prefill
 
 
 class Engine:
@@ -70,7 +78,8 @@ class Engine:
         self.config = config or EngineConfig()
         c = self.config
         self.scheduler = Scheduler(SchedulerConfig(c.max_num_seqs, c.max_waiting, c.max_prefill_tokens))
-        self.stepper = Stepper(model, c.max_num_seqs, capacity=256)
+        prefix = PrefixCache(c.prefix_cache_mb << 20, model.config.has_linear_attention) if c.prefix_cache_mb else None
+        self.stepper = Stepper(model, c.max_num_seqs, capacity=256, prefix=prefix)
         self.stats = EngineStats()
         self._ids = itertools.count()
 
@@ -127,6 +136,12 @@ class Engine:
     def free_slots(self) -> int:
         return len(self.scheduler.free_slots)
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every kept prompt beginning (``EngineConfig.prefix_cache_mb``): benchmarks time each run from
+        none, as a fresh server would."""
+        if self.stepper.prefix is not None:
+            self.stepper.prefix.reset()
+
     # ---------------------------------------------------------------------------------------------- stepping
     def step(self) -> list[RequestOutput]:
         """Admit what fits, run one forward for every running sequence, report what each committed."""
@@ -142,6 +157,8 @@ class Engine:
         outputs = self._collect(scheduled.running)
         self.stats.steps += 1
         self.stats.forwards += self.stepper.runner.forwards - forwards
+        if self.stepper.prefix is not None:
+            self.stats.prefix_hits, self.stats.prefix_tokens = self.stepper.prefix.hits, self.stepper.prefix.reused
         self.stats.step_seconds = time.perf_counter() - start
         return outputs
 

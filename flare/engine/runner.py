@@ -8,6 +8,8 @@ strategy on both and comparing is how the caches and commits are proven exact.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import dataclasses
 from collections.abc import Hashable
 
@@ -38,6 +40,8 @@ TREES_KEPT = 32
 # activations past the caches (0.75B Qwen3.5 shape, bf16, 2 threads: 8 x 1,024 tokens in one forward 150
 # tokens/s, in pieces of 256 261; 1 x 1,024 268, 2 x 1,024 266, 8 x 512 250).
 CPU_PREFILL_TOKENS = 2048
+# A prefill whose idle slots would pad this many rows runs the filled slots apart (``CachedRunner.prefill``).
+COMPACT_ROWS = 64
 
 
 def prefill_piece(sequences: int, longest: int, device: torch.device) -> int:
@@ -102,8 +106,14 @@ class CachedRunner:
     def prefill(self, tokens: list[list[int]]) -> torch.Tensor:
         """Commit ``tokens[s]`` to slot s (an empty list leaves the slot untouched); return the logits after the
         last token of each slot [S, V] (undefined for empty rows). Long prefills on the CPU run in pieces
-        (``prefill_piece``), each continuing the caches as a decode forward does; counted as one forward."""
+        (``prefill_piece``), each continuing the caches as a decode forward does; counted as one forward. Where
+        the slots left out would pad ``COMPACT_ROWS`` rows or more (a prompt admitted beside running sequences),
+        the filled slots run as a cache of their own (``ModelCache.take``)."""
         n = len(tokens)
+        filled = [s for s, t in enumerate(tokens) if t]
+        longest = max((len(t) for t in tokens), default=0)
+        if filled and self.runs_apart((n - len(filled)) * longest):
+            return self._prefill_apart(tokens, filled, longest)
         ids, valid = pad_prompts([t or [0] for t in tokens], self.model.device)
         valid &= torch.tensor([len(t) > 0 for t in tokens], device=valid.device)[:, None]
         last = (valid.sum(1) - 1).clamp(min=0)
@@ -120,6 +130,32 @@ class CachedRunner:
             final = at if final is None else torch.where(here[:, None], at, final)
         self.forwards += 1
         return self.model.logits(final)
+
+    def _prefill_apart(self, tokens: list[list[int]], filled: list[int], longest: int) -> torch.Tensor:
+        with self.apart(filled, longest):
+            logits = self.prefill([tokens[s] for s in filled])
+        idx = torch.tensor(filled, device=logits.device)
+        return logits.new_zeros(len(tokens), logits.shape[-1]).index_copy_(0, idx, logits)
+
+    def runs_apart(self, idle_rows: int) -> bool:
+        """Whether an admission whose idle slots would pad ``idle_rows`` rows runs its slots ``apart`` (eagerly
+        only: graphed and compiled forwards keep to their caches)."""
+        return idle_rows >= COMPACT_ROWS and self.hidden_states == self.model.hidden_states
+
+    @contextmanager
+    def apart(self, slots: list[int], rows: int):
+        """Forwards inside run on ``slots`` alone, as the slots 0 .. k-1 of a cache of their own (in that order,
+        ``ModelCache.take``) with room for ``rows`` more tokens; written back after."""
+        full, known = self.cache, self.known
+        full.reserve(rows)  # so that what is written apart fits back
+        self.cache, self.known = full.take(slots), [known[s] for s in slots]
+        try:
+            yield
+        finally:
+            sub, part, self.cache, self.known = self.cache, self.known, full, known
+        full.put(slots, sub)
+        for s, length in zip(slots, part):
+            self.known[s] = length
 
     def append(self, tokens: torch.Tensor, num_new: torch.Tensor | None = None) -> torch.Tensor:
         """Commit the first ``num_new[s]`` of tokens [S, R] to each slot (all of them when None) with a causal

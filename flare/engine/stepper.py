@@ -14,6 +14,7 @@ serving engine both run on this.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ from flare.decoding.modes import LANES
 from flare.decoding.options import ModeOptions
 from flare.decoding.params import SamplingParams
 from flare.decoding.slots import SlotBatch
+from flare.engine.prefix_cache import PrefixCache
 from flare.engine.runner import CachedRunner
 from flare.model import FlareModel, frozen_weights
 from flare.model.packed_linear import prepack
@@ -63,9 +65,10 @@ class Stepper:
     # makes are inference tensors, changed in place only by its own methods, which all run in that mode.
     @torch.inference_mode()
     def __init__(self, model: FlareModel, num_slots: int, capacity: int, runner_cls: type = CachedRunner,
-                 runner: CachedRunner | None = None) -> None:
+                 runner: CachedRunner | None = None, prefix: PrefixCache | None = None) -> None:
         """``runner``: one to run on instead of a new one (restarted, of ``num_slots`` slots: ``decode`` keeps one
-        per shape where decoding is graphed, so its graphs outlive a call)."""
+        per shape where decoding is graphed, so its graphs outlive a call); ``prefix``: where admissions keep
+        their prompts' states and start from kept beginnings (``flare.engine.prefix_cache``; None: they do not)."""
         self.model = model
         if runner_cls is CachedRunner and pack_linears(model.device, model.dtype):
             prepack(model)  # bf16 on the CPU: weights reordered for oneDNN once, not at every call
@@ -76,6 +79,7 @@ class Stepper:
         self.owner: list[Lane | None] = [None] * num_slots
         self.lanes: dict[ModeOptions, Lane] = {}
         self.emitted: list[Emitted] = [Emitted([]) for _ in range(num_slots)]
+        self.prefix = prefix if runner_cls is CachedRunner else None
         # What clock-paced lanes learn is the model's on the cached path; a reference run's costs are not its.
         self.pacing = model.pacing if runner_cls is CachedRunner else {}
 
@@ -119,8 +123,12 @@ class Stepper:
             drafting = [(lane, short) for lane, group in wanting
                         if (short := [a for a in group if len(a.prompt) + lane.draft_rows <= longest])]
         drafted = {a.slot for _, group in drafting for a in group}
-        for slot in drafted:
-            tokens[slot] = []
+        # What each slot commits: the prompt (a drafting prefill, or a lane's whole admission), or all but its
+        # last token; from a kept beginning of it where there is one.
+        commits = {a.slot: list(a.prompt) if a.slot in drafted else tokens[a.slot] for a in admissions}
+        start = self._reuse(admissions, commits)
+        for slot in range(self.slots.num_slots):
+            tokens[slot] = [] if slot in drafted else tokens[slot][start.get(slot, 0):]
         filled = [s for s, t in enumerate(tokens) if t]
         if filled:
             logits = pad_slots(self.runner.prefill(tokens[: max(filled) + 1]), self.slots.num_slots)
@@ -130,28 +138,66 @@ class Stepper:
         for lane, group in groups.values():
             lane.prefilled([a.slot for a in group if a.slot not in drafted], logits)
         if drafting:
-            self._prefill_drafts(drafting)
+            self._prefill_drafts(drafting, start)
         for a in admissions:
             self.slots.live[a.slot] = True
             self.emitted[a.slot] = Emitted([])
+            if self.prefix is not None:
+                self.prefix.keep(self.runner.cache, a.slot, commits[a.slot])
 
-    def _prefill_drafts(self, groups: list[tuple[Lane, list[Admission]]]) -> None:
-        """One rows forward over each prompt (clean rows, all committed) and its lane's MASK rows after it."""
+    def _reuse(self, admissions: list[Admission], commits: dict[int, list[int]]) -> dict[int, int]:
+        """Start each admitted slot from the longest kept beginning of what it commits (``self.prefix``), at
+        least one token short of it; with recurrent layers first prefill up to a longer beginning shared with a
+        kept prompt, and keep it (``PrefixCache.worth_splitting``). Returns each such slot's tokens committed."""
+        start: dict[int, int] = {}
+        if self.prefix is None:
+            return start
+        split: list[list[int]] = [[] for _ in range(self.slots.num_slots)]
+        for a in admissions:
+            commit = commits[a.slot]
+            entry, n, shared = self.prefix.match(commit, len(commit) - 1)
+            if entry is not None:
+                self.prefix.restore(self.runner.cache, a.slot, entry, n)
+                self.runner.known[a.slot] = start[a.slot] = n
+            if self.prefix.worth_splitting(n, shared):
+                split[a.slot] = commit[n:shared]
+        if any(split):
+            self.runner.prefill(split[: max(s for s, t in enumerate(split) if t) + 1])
+            for s, t in enumerate(split):
+                if t:
+                    start[s] = start.get(s, 0) + len(t)
+                    self.prefix.keep(self.runner.cache, s, commits[s][:start[s]])
+        return start
+
+    def _prefill_drafts(self, groups: list[tuple[Lane, list[Admission]]], start: dict[int, int]) -> None:
+        """One rows forward over each prompt (clean rows, all committed; after ``start[slot]`` of its tokens
+        already in the cache) and its lane's MASK rows after it."""
         n = max(a.slot for _, group in groups for a in group) + 1
         mask_id = self.model.config.mask_token_id
         clean, noisy = [0] * n, [0] * n
         rows: list[list[int]] = [[] for _ in range(n)]
         for lane, group in groups:
             for a in group:
-                rows[a.slot] = list(a.prompt) + [mask_id] * lane.draft_rows
-                clean[a.slot], noisy[a.slot] = len(a.prompt), lane.draft_rows
+                rest = a.prompt[start.get(a.slot, 0):]
+                rows[a.slot] = list(rest) + [mask_id] * lane.draft_rows
+                clean[a.slot], noisy[a.slot] = len(rest), lane.draft_rows
         R = max(len(r) for r in rows)
         dev = self.model.device
-        ids = torch.tensor([r + [0] * (R - len(r)) for r in rows], device=dev)
-        num_clean, num_noisy = torch.tensor(clean, device=dev), torch.tensor(noisy, device=dev)
-        hidden = self.runner.rows(ids, num_clean, num_noisy, record=True)
-        self.runner.commit_recorded(num_clean)
         slots = [a.slot for _, group in groups for a in group]
+        # Beside running sequences the admitted slots run apart (``CachedRunner.apart``): the others' rows
+        # would be padding.
+        apart = len(slots) < n and self.runner.runs_apart((n - len(slots)) * R)
+        order = sorted(slots) if apart else list(range(n))
+        ids = torch.tensor([rows[s] + [0] * (R - len(rows[s])) for s in order], device=dev)
+        num_clean = torch.tensor([clean[s] for s in order], device=dev)
+        num_noisy = torch.tensor([noisy[s] for s in order], device=dev)
+        with self.runner.apart(order, R) if apart else contextlib.nullcontext():
+            hidden = self.runner.rows(ids, num_clean, num_noisy, record=True)
+            self.runner.commit_recorded(num_clean)
+        if apart:
+            idx = torch.tensor(order, device=dev)
+            hidden = hidden.new_zeros(n, *hidden.shape[1:]).index_copy_(0, idx, hidden)
+            num_clean = torch.zeros(n, dtype=num_clean.dtype, device=dev).index_copy_(0, idx, num_clean)
         self.slots.active_forwards += self.slots.mask(slots).long()
         for lane, group in groups:
             lane.prefilled_drafts([a.slot for a in group], hidden, num_clean)

@@ -88,6 +88,7 @@ def evaluate(llm: LLM, task: Task, modes: list[ModeOptions], params: SamplingPar
         # a full batch with one more admitted as a slot frees (a prefill into a busy cache), then one alone.
         for group in (prompts[: llm.engine.config.max_num_seqs + 1], prompts[:1]):
             warm_until_compiled(llm.model, lambda: llm.generate(group, params, options))
+        llm.engine.reset_prefix_cache()  # each mode's prompts start from no kept beginning (not the warm-up's)
         start = time.perf_counter()
         done = llm.generate(prompts, params, options, progress=options.label() if progress else None)
         seconds = time.perf_counter() - start

@@ -265,6 +265,34 @@ class ModelCache:
             stack.clear(idx)
         self.bound_exact = False
 
+    def take(self, rows: list[int]) -> "ModelCache":
+        """Sequences ``rows`` (without kept commits: just reset or restored) as a cache of their own, copied,
+        with the KV capacity of this one; ``put`` writes it back. A prefill of a few slots then computes no row
+        for the others."""
+        idx = torch.tensor(rows, device=self.lengths.device)
+        layers: list[AttentionState | RecurrentState] = [
+            AttentionState(layer.k[idx], layer.v[idx]) if isinstance(layer, AttentionState)
+            else RecurrentState(layer.conv[idx], layer.ssm[idx], PendingCommits.empty(layer.ssm[idx], rows=0))
+            for layer in self.layers]
+        sub = ModelCache(self.lengths[idx], layers, self.bound)
+        sub.bound_exact = False
+        return sub
+
+    def put(self, rows: list[int], sub: "ModelCache") -> None:
+        """Write back a ``take`` of ``rows`` after forwards over it (its KV up to its bound, which the capacity
+        must still hold: ``reserve`` here first)."""
+        idx = torch.tensor(rows, device=self.lengths.device)
+        span = sub.bound
+        for mine, theirs in zip(self.layers, sub.layers):
+            if isinstance(mine, AttentionState):
+                mine.k[idx, :, :span] = theirs.k[:, :, :span]
+                mine.v[idx, :, :span] = theirs.v[:, :, :span]
+            else:
+                mine.conv[idx] = theirs.conv
+                mine.ssm[idx] = theirs.pending.settle(theirs.ssm)
+        self.lengths = self.lengths.index_copy(0, idx, sub.lengths)
+        self.bound, self.bound_exact = max(self.bound, sub.bound), False
+
     def clone(self) -> "ModelCache":
         stack = self._held_stack()
         stack = stack.clone() if stack is not None else None

@@ -43,7 +43,8 @@ def counts(engine) -> dict:
     stats = engine.stats
     return {"waiting": engine.num_waiting, "running": engine.num_running,
             "tpf": stats.finished_tokens / stats.active_forwards if stats.active_forwards else 0.0,
-            "acceptance": stats.accepted / stats.drafted if stats.drafted else 0.0}
+            "acceptance": stats.accepted / stats.drafted if stats.drafted else 0.0,
+            "prefix_tokens": stats.prefix_tokens}
 
 
 def snapshot(engine) -> dict:
@@ -72,6 +73,8 @@ class Metrics:
         self.tpf = Gauge("flare_tokens_per_forward", "Finished requests' tokens per forward they took part in",
                          registry=r)
         self.acceptance = Gauge("flare_draft_acceptance_rate", "AR-Trust accepted drafts / drafted", registry=r)
+        self.prefix_tokens = Gauge("flare_prefix_cache_tokens", "Prompt tokens started from a kept prompt "
+                                   "beginning instead of prefilled (flare.engine.prefix_cache)", registry=r)
         self.kernels = Info("flare_kernel_path", "The kernel each layer kind ran last", registry=r)
 
     def record(self, tally: Tally) -> None:
@@ -93,5 +96,6 @@ class Metrics:
         self.running.set(s["running"])
         self.tpf.set(s["tpf"])
         self.acceptance.set(s["acceptance"])
+        self.prefix_tokens.set(s["prefix_tokens"])
         self.kernels.info(s["kernels"])
         return generate_latest(self.registry)

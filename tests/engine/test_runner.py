@@ -11,14 +11,18 @@ from flare.engine.runner import CachedRunner, ReferenceRunner
 import flare.ops.gated_delta.pending as pending
 
 
-@pytest.mark.parametrize("kept", [True, False])
-def test_kept_commits_through_narrowed_rounds_resets_and_causal_steps(flare_models, kept, monkeypatch):
+@pytest.mark.parametrize("kept,apart", [(True, False), (False, False), (True, True), (False, True)])
+def test_kept_commits_through_narrowed_rounds_resets_and_causal_steps(flare_models, kept, apart, monkeypatch):
     """Rounds of rows over the first n of 3 slots, each committing a random prefix of 4 clean rows: the kept
     commits outgrow their room (a settle before narrowing), narrowed rounds alone fill it again before a causal
     step on fewer slots writes them, a slot is handed to a new prompt; every forward's rows equal the
     reference's (float64: to round-off). Also with every commit written at once (states below
-    ``KEEP_MIN_STATE_BYTES``, as the tiny model's are unless the bound is lowered)."""
+    ``KEEP_MIN_STATE_BYTES``, as the tiny model's are unless the bound is lowered), and with prefills whose
+    idle slots run apart (``COMPACT_ROWS``: the first one, of ragged prompts, stays whole)."""
+    import flare.engine.runner as runner
+
     monkeypatch.setattr(pending, "KEEP_MIN_STATE_BYTES", 0 if kept else 1 << 62)
+    monkeypatch.setattr(runner, "COMPACT_ROWS", 1 if apart else 1 << 30)
     model = copy.deepcopy(flare_models["qwen3_5"]).to(torch.float64)
     gen = torch.Generator().manual_seed(0)
     cached, ref = CachedRunner(model, 3, 16), ReferenceRunner(model, 3)

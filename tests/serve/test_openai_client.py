@@ -116,7 +116,7 @@ def test_models_health_and_metrics(server, client):
     assert status == 200
     for name in ("flare_requests_total", "flare_generated_tokens_total", "flare_tokens_per_forward",
                  "flare_draft_acceptance_rate", "flare_queue_depth", "flare_step_seconds_bucket",
-                 "flare_kernel_path_info"):
+                 "flare_kernel_path_info", "flare_prefix_cache_tokens"):
         assert name in text, name
     assert 'flare_requests_total{mode="ar_trust"' in text
     # Latency histograms per mode, as vLLM has them: each request adds a first output, and a causal one of 12

@@ -1,0 +1,133 @@
+"""Prompt beginnings kept after their prefill, so that a later prompt that starts with one skips that part.
+
+Chat prompts share their beginnings: a system prompt, a task's instructions, the turns before a conversation's
+last one. After an admission's prefill the engine keeps what its slot committed (the attention layers' keys and
+values, the Gated DeltaNet layers' conv and recurrent states) under the tokens committed; a later prompt that
+starts with them has them copied into its slot and prefills only the rest.
+
+Which beginnings an entry serves: keys and values are per position, so for a model of attention layers only
+every prefix of a kept prompt is usable (the longest one a new prompt shares with it); a recurrent state exists
+only at the length it was kept at, so with Gated DeltaNet layers an entry serves prompts that start with all of
+it. There a prompt that shares ``SPLIT`` or more tokens more with a kept prompt than any kept state covers has
+its prefill stop at the shared length once, so that the state there is kept too (one more forward, once per new
+shared beginning); the prompts after it that share it start from there.
+
+Nothing shorter than ``MIN_TOKENS`` is kept or copied, and at least one prompt token is always prefilled (its
+logits give the first token). Entries are dropped least recently used first beyond ``budget`` bytes. A prefill
+that continues a copied beginning computes the same values as a whole one up to rounding (its rows run in other
+GEMM shapes), as a long prompt's prefill in pieces does. ``reset`` empties it: benchmarks time each mode from
+an empty one.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from flare.model.cache import AttentionState, ModelCache, RecurrentState
+
+MIN_TOKENS = 16  # the shortest beginning kept or copied: below it a copy saves little of a prefill's forward
+SPLIT = 16  # with recurrent layers: a prefill stops to keep a state where it shares this many more tokens
+
+
+@dataclass
+class Entry:
+    tokens: tuple[int, ...]
+    layers: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (k, v) [Hkv, L, D] or (conv, ssm) of one slot
+    bytes: int
+
+
+def _common(a: tuple[int, ...], b: list[int]) -> int:
+    """The length of the longest common prefix of ``a`` and ``b`` (slices compared in C, halving the span)."""
+    lo, hi = 0, min(len(a), len(b))
+    if tuple(b[:hi]) == a[:hi]:
+        return hi
+    while lo + 1 < hi:  # a[:lo] == b[:lo] and a[:hi] != b[:hi]
+        mid = (lo + hi) // 2
+        if tuple(b[lo:mid]) == a[lo:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+class PrefixCache:
+    def __init__(self, budget: int, recurrent: bool) -> None:
+        """``budget``: bytes of kept states; ``recurrent``: the model has recurrent layers (entries then serve
+        only prompts that start with the whole of them)."""
+        if budget < 0:
+            raise ValueError(f"the prefix cache's budget must be >= 0 bytes, got {budget}")
+        self.budget = budget
+        self.recurrent = recurrent
+        self.entries: OrderedDict[tuple[int, ...], Entry] = OrderedDict()
+        self.bytes = 0
+        self.hits = 0  # admissions that started from a kept beginning
+        self.reused = 0  # prompt tokens they did not prefill
+
+    def reset(self) -> None:
+        self.entries.clear()
+        self.bytes = 0
+
+    def match(self, prompt: list[int], limit: int) -> tuple[Entry | None, int, int]:
+        """The entry to start ``prompt`` from, how many of its tokens (at most ``limit``; 0: none worth it), and
+        the longest beginning ``prompt`` shares with any entry (also within ``limit``)."""
+        best, usable, shared = None, 0, 0
+        for entry in self.entries.values():
+            common = min(_common(entry.tokens, prompt), limit)
+            shared = max(shared, common)
+            n = common if not self.recurrent else (len(entry.tokens) if common == len(entry.tokens) else 0)
+            if n > usable:
+                best, usable = entry, n
+        if usable < MIN_TOKENS:
+            return None, 0, shared
+        return best, usable, shared
+
+    def worth_splitting(self, usable: int, shared: int) -> bool:
+        """Whether a prefill should stop at ``shared`` tokens to keep the state there (recurrent models)."""
+        return self.recurrent and shared >= MIN_TOKENS and shared - usable >= SPLIT
+
+    def keep(self, cache: ModelCache, slot: int, tokens: list[int]) -> None:
+        """Keep what ``slot`` committed for ``tokens`` (its whole committed length)."""
+        key = tuple(tokens)
+        if len(key) < MIN_TOKENS or self.budget == 0:
+            return
+        if key in self.entries:
+            self.entries.move_to_end(key)
+            return
+        if self.recurrent:
+            cache.settle()  # the kept commits written, so that the state is the slot's whole
+        L = len(key)
+        layers = []
+        for layer in cache.layers:
+            if isinstance(layer, AttentionState):
+                layers.append((layer.k[slot, :, :L].clone(), layer.v[slot, :, :L].clone()))
+            else:
+                layers.append((layer.conv[slot].clone(), layer.ssm[slot].clone()))
+        size = sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in layers)
+        if size > self.budget:
+            return
+        while self.bytes + size > self.budget:
+            self.bytes -= self.entries.popitem(last=False)[1].bytes
+        self.entries[key] = Entry(key, layers, size)
+        self.bytes += size
+
+    def restore(self, cache: ModelCache, slot: int, entry: Entry, n: int) -> None:
+        """Copy the first ``n`` tokens' state of ``entry`` into ``slot`` (emptied before: ``ModelCache.reset``)
+        and set its length to ``n``."""
+        self.entries.move_to_end(entry.tokens)
+        cache.reserve(max(n - cache.bound, 0))
+        for layer, (a, b) in zip(cache.layers, entry.layers):
+            if isinstance(layer, AttentionState):
+                layer.k[slot, :, :n] = a[:, :n]
+                layer.v[slot, :, :n] = b[:, :n]
+            else:
+                assert isinstance(layer, RecurrentState)
+                layer.conv[slot] = a
+                layer.ssm[slot] = b
+        idx = torch.tensor([slot], device=cache.lengths.device)
+        cache.lengths = cache.lengths.index_fill(0, idx, n)
+        cache.bound, cache.bound_exact = max(cache.bound, n), False
+        self.hits += 1
+        self.reused += n
