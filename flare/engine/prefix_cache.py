@@ -13,7 +13,9 @@ its prefill stop at the shared length once, so that the state there is kept too 
 shared beginning); the prompts after it that share it start from there.
 
 Nothing shorter than ``MIN_TOKENS`` is kept or copied, and at least one prompt token is always prefilled (its
-logits give the first token). Entries are dropped least recently used first beyond ``budget`` bytes. A prefill
+logits give the first token); so only entries that begin with a prompt's first ``MIN_TOKENS`` tokens can serve
+it, and a lookup reads only those. Entries are dropped least recently used first beyond ``budget`` bytes or
+``MAX_ENTRIES`` entries. A prefill
 that continues a copied beginning computes the same values as a whole one up to rounding (its rows run in other
 GEMM shapes), as a long prompt's prefill in pieces does. ``reset`` empties it: benchmarks time each mode from
 an empty one.
@@ -30,6 +32,7 @@ from flare.model.cache import AttentionState, ModelCache, RecurrentState
 
 MIN_TOKENS = 16  # the shortest beginning kept or copied: below it a copy saves little of a prefill's forward
 SPLIT = 16  # with recurrent layers: a prefill stops to keep a state where it shares this many more tokens
+MAX_ENTRIES = 1024
 
 
 @dataclass
@@ -62,19 +65,30 @@ class PrefixCache:
         self.budget = budget
         self.recurrent = recurrent
         self.entries: OrderedDict[tuple[int, ...], Entry] = OrderedDict()
+        self.by_start: dict[tuple[int, ...], set[tuple[int, ...]]] = {}  # first MIN_TOKENS tokens -> entries' keys
         self.bytes = 0
         self.hits = 0  # admissions that started from a kept beginning
         self.reused = 0  # prompt tokens they did not prefill
 
     def reset(self) -> None:
         self.entries.clear()
+        self.by_start.clear()
         self.bytes = 0
+
+    def _drop_oldest(self) -> None:
+        key, entry = self.entries.popitem(last=False)
+        self.bytes -= entry.bytes
+        bucket = self.by_start[key[:MIN_TOKENS]]
+        bucket.discard(key)
+        if not bucket:
+            del self.by_start[key[:MIN_TOKENS]]
 
     def match(self, prompt: list[int], limit: int) -> tuple[Entry | None, int, int]:
         """The entry to start ``prompt`` from, how many of its tokens (at most ``limit``; 0: none worth it), and
         the longest beginning ``prompt`` shares with any entry (also within ``limit``)."""
         best, usable, shared = None, 0, 0
-        for entry in self.entries.values():
+        for key in self.by_start.get(tuple(prompt[:MIN_TOKENS]), ()):
+            entry = self.entries[key]
             common = min(_common(entry.tokens, prompt), limit)
             shared = max(shared, common)
             n = common if not self.recurrent else (len(entry.tokens) if common == len(entry.tokens) else 0)
@@ -108,9 +122,10 @@ class PrefixCache:
         size = sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in layers)
         if size > self.budget:
             return
-        while self.bytes + size > self.budget:
-            self.bytes -= self.entries.popitem(last=False)[1].bytes
+        while self.entries and (self.bytes + size > self.budget or len(self.entries) >= MAX_ENTRIES):
+            self._drop_oldest()
         self.entries[key] = Entry(key, layers, size)
+        self.by_start.setdefault(key[:MIN_TOKENS], set()).add(key)
         self.bytes += size
 
     def restore(self, cache: ModelCache, slot: int, entry: Entry, n: int) -> None:

@@ -149,6 +149,23 @@ def test_the_budget_keeps_the_most_recently_used_beginnings(flare_models):
     assert Engine(model, EngineConfig(prefix_cache_mb=0)).stepper.prefix is None
 
 
+def test_the_entry_count_is_bounded_and_lookups_read_only_entries_with_the_same_start(flare_models, monkeypatch):
+    import flare.engine.prefix_cache as prefix_cache
+
+    monkeypatch.setattr(prefix_cache, "MAX_ENTRIES", 2)
+    runner = CachedRunner(flare_models["llama"], 1, 64)
+    prefix = PrefixCache(1 << 24, recurrent=False)
+    shared = list(range(MIN_TOKENS))
+    for tail in ([1, 2], [3, 4], [5, 6]):
+        prefix.keep(runner.cache, 0, shared + tail)
+    assert list(prefix.entries) == [tuple(shared + [3, 4]), tuple(shared + [5, 6])]
+    assert prefix.by_start == {tuple(shared): set(prefix.entries)}
+    assert prefix.match(shared + [5, 7, 8], 18)[1:] == (MIN_TOKENS + 1, MIN_TOKENS + 1)
+    assert prefix.match([99] + shared + [5, 6], 18) == (None, 0, 0)  # another start: not read at all
+    prefix.reset()
+    assert not prefix.entries and not prefix.by_start
+
+
 def test_evaluation_times_each_mode_from_an_empty_prefix_cache(tiny_dirs):
     """``flare.eval.evaluate`` forgets the kept beginnings before each mode's timed run: otherwise a mode would
     find its prompts kept by the warm-up (or by the mode before it) and skip their prefills."""
