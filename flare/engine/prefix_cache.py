@@ -1,9 +1,10 @@
 """Prompt beginnings kept after their prefill, so that a later prompt that starts with one skips that part.
 
 Chat prompts share their beginnings: a system prompt, a task's instructions, the turns before a conversation's
-last one. After an admission's prefill the engine keeps what its slot committed (the attention layers' keys and
-values, the Gated DeltaNet layers' conv and recurrent states) under the tokens committed; a later prompt that
-starts with them has them copied into its slot and prefills only the rest.
+last one. After an admission's prefill, and when a request ends (its prompt and output: a conversation's next
+turn repeats them), the engine keeps what its slot committed (the attention layers' keys and values, the Gated
+DeltaNet layers' conv and recurrent states) under the tokens committed; a later prompt that starts with them has
+them copied into its slot and prefills only the rest.
 
 Which beginnings an entry serves: keys and values are per position, so for a model of attention layers only
 every prefix of a kept prompt is usable (the longest one a new prompt shares with it); a recurrent state exists
@@ -14,8 +15,9 @@ shared beginning); the prompts after it that share it start from there.
 
 Nothing shorter than ``MIN_TOKENS`` is kept or copied, and at least one prompt token is always prefilled (its
 logits give the first token); so only entries that begin with a prompt's first ``MIN_TOKENS`` tokens can serve
-it, and a lookup reads only those. Entries are dropped least recently used first beyond ``budget`` bytes or
-``MAX_ENTRIES`` entries. A prefill
+it, and a lookup reads only those, the ``LOOKUP`` most recently used of them (a prompt compared with each kept
+one in Python would cost an admission more the longer a server runs). Entries are dropped least recently used
+first beyond ``budget`` bytes or ``MAX_ENTRIES`` entries. A prefill
 that continues a copied beginning computes the same values as a whole one up to rounding (its rows run in other
 GEMM shapes), as a long prompt's prefill in pieces does. ``reset`` empties it: benchmarks time each mode from
 an empty one.
@@ -24,6 +26,7 @@ an empty one.
 from __future__ import annotations
 
 from collections import OrderedDict
+from itertools import islice
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +36,7 @@ from flare.model.cache import AttentionState, ModelCache, RecurrentState
 MIN_TOKENS = 16  # the shortest beginning kept or copied: below it a copy saves little of a prefill's forward
 SPLIT = 16  # with recurrent layers: a prefill stops to keep a state where it shares this many more tokens
 MAX_ENTRIES = 1024
+LOOKUP = 64  # the most recently used entries with a prompt's start that a lookup compares it with
 
 
 @dataclass
@@ -65,7 +69,8 @@ class PrefixCache:
         self.budget = budget
         self.recurrent = recurrent
         self.entries: OrderedDict[tuple[int, ...], Entry] = OrderedDict()
-        self.by_start: dict[tuple[int, ...], set[tuple[int, ...]]] = {}  # first MIN_TOKENS tokens -> entries' keys
+        # first MIN_TOKENS tokens -> the keys of the entries that start with them, least recently used first
+        self.by_start: dict[tuple[int, ...], OrderedDict[tuple[int, ...], None]] = {}
         self.bytes = 0
         self.hits = 0  # admissions that started from a kept beginning
         self.reused = 0  # prompt tokens they did not prefill
@@ -79,15 +84,19 @@ class PrefixCache:
         key, entry = self.entries.popitem(last=False)
         self.bytes -= entry.bytes
         bucket = self.by_start[key[:MIN_TOKENS]]
-        bucket.discard(key)
+        del bucket[key]
         if not bucket:
             del self.by_start[key[:MIN_TOKENS]]
+
+    def _touch(self, key: tuple[int, ...]) -> None:
+        self.entries.move_to_end(key)
+        self.by_start[key[:MIN_TOKENS]].move_to_end(key)
 
     def match(self, prompt: list[int], limit: int) -> tuple[Entry | None, int, int]:
         """The entry to start ``prompt`` from, how many of its tokens (at most ``limit``; 0: none worth it), and
         the longest beginning ``prompt`` shares with any entry (also within ``limit``)."""
         best, usable, shared = None, 0, 0
-        for key in self.by_start.get(tuple(prompt[:MIN_TOKENS]), ()):
+        for key in islice(reversed(self.by_start.get(tuple(prompt[:MIN_TOKENS]), {})), LOOKUP):
             entry = self.entries[key]
             common = min(_common(entry.tokens, prompt), limit)
             shared = max(shared, common)
@@ -108,7 +117,7 @@ class PrefixCache:
         if len(key) < MIN_TOKENS or self.budget == 0:
             return
         if key in self.entries:
-            self.entries.move_to_end(key)
+            self._touch(key)
             return
         if self.recurrent:
             cache.settle()  # the kept commits written, so that the state is the slot's whole
@@ -125,13 +134,13 @@ class PrefixCache:
         while self.entries and (self.bytes + size > self.budget or len(self.entries) >= MAX_ENTRIES):
             self._drop_oldest()
         self.entries[key] = Entry(key, layers, size)
-        self.by_start.setdefault(key[:MIN_TOKENS], set()).add(key)
+        self.by_start.setdefault(key[:MIN_TOKENS], OrderedDict())[key] = None
         self.bytes += size
 
     def restore(self, cache: ModelCache, slot: int, entry: Entry, n: int) -> None:
         """Copy the first ``n`` tokens' state of ``entry`` into ``slot`` (emptied before: ``ModelCache.reset``)
         and set its length to ``n``."""
-        self.entries.move_to_end(entry.tokens)
+        self._touch(entry.tokens)
         cache.reserve(max(n - cache.bound, 0))
         for layer, (a, b) in zip(cache.layers, entry.layers):
             if isinstance(layer, AttentionState):

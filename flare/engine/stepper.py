@@ -80,6 +80,7 @@ class Stepper:
         self.lanes: dict[ModeOptions, Lane] = {}
         self.emitted: list[Emitted] = [Emitted([]) for _ in range(num_slots)]
         self.prefix = prefix if runner_cls is CachedRunner else None
+        self.prompts: list[list[int]] = [[] for _ in range(num_slots)]
         # What clock-paced lanes learn is the model's on the cached path; a reference run's costs are not its.
         self.pacing = model.pacing if runner_cls is CachedRunner else {}
 
@@ -142,6 +143,7 @@ class Stepper:
         for a in admissions:
             self.slots.live[a.slot] = True
             self.emitted[a.slot] = Emitted([])
+            self.prompts[a.slot] = a.prompt
             if self.prefix is not None:
                 self.prefix.keep(self.runner.cache, a.slot, commits[a.slot])
 
@@ -212,10 +214,16 @@ class Stepper:
 
     @torch.inference_mode()
     def release(self, slot: int) -> None:
-        """Free a slot (its sequence finished or was aborted); the next admission may take it."""
+        """Free a slot (its sequence finished or was aborted); the next admission may take it. What it committed,
+        its prompt and the output before its last token, is kept for a later prompt that goes on from there (a
+        conversation's next turn)."""
         lane = self.owner[slot]
         if lane is None:
             return
+        committed = self.runner.known[slot]  # (exact after the step's read)
+        tokens = (self.prompts[slot] + self.emitted[slot].tokens)[:committed or 0]
+        if self.prefix is not None and committed and len(tokens) == committed:
+            self.prefix.keep(self.runner.cache, slot, tokens)
         lane.release(slot)
         self.slots.release(slot)
         self.owner[slot] = None

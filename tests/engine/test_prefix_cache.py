@@ -159,9 +159,13 @@ def test_the_entry_count_is_bounded_and_lookups_read_only_entries_with_the_same_
     for tail in ([1, 2], [3, 4], [5, 6]):
         prefix.keep(runner.cache, 0, shared + tail)
     assert list(prefix.entries) == [tuple(shared + [3, 4]), tuple(shared + [5, 6])]
-    assert prefix.by_start == {tuple(shared): set(prefix.entries)}
+    assert {k: list(v) for k, v in prefix.by_start.items()} == {tuple(shared): list(prefix.entries)}
     assert prefix.match(shared + [5, 7, 8], 18)[1:] == (MIN_TOKENS + 1, MIN_TOKENS + 1)
     assert prefix.match([99] + shared + [5, 6], 18) == (None, 0, 0)  # another start: not read at all
+    monkeypatch.setattr(prefix_cache, "LOOKUP", 1)  # only the most recently used entry with that start is read
+    assert prefix.match(shared + [3, 4, 8], 18)[1:] == (MIN_TOKENS, MIN_TOKENS)  # from [.., 5, 6]
+    prefix.restore(runner.cache, 0, prefix.entries[tuple(shared + [3, 4])], MIN_TOKENS + 2)
+    assert prefix.match(shared + [3, 4, 8], 18)[1:] == (MIN_TOKENS + 2, MIN_TOKENS + 2)
     prefix.reset()
     assert not prefix.entries and not prefix.by_start
 
@@ -190,3 +194,34 @@ def test_evaluation_times_each_mode_from_an_empty_prefix_cache(tiny_dirs):
     assert seen[0][1] > 0  # the warm-up kept its prompts ...
     assert seen[-1][0] == 0 and len(seen) >= 2  # ... and the timed run started from none
     assert llm.engine.stats.prefix_hits > 0  # whose later prompts started from its earlier ones
+
+
+@pytest.mark.parametrize("family", ["qwen3_5", "llama"])
+@pytest.mark.parametrize("mode,options", [
+    ("causal", {}), ("ar_trust", {}), ("ar_trust", {"redraft": "every"}), ("diffusion_trust", {}),
+    ("diffusion_trust", {"lookahead": 1}), ("low_confidence", {}), ("llada", {"block_size": 8, "steps": 4})])
+def test_a_conversations_next_turn_starts_where_the_last_one_ended(flare_models, family, mode, options):
+    """A finished request's prompt and output (what its slot committed) are kept at its release: the next turn,
+    which repeats them, starts from there in every mode, and decodes as from a whole prefill."""
+    model = copy.deepcopy(flare_models[family]).to(torch.float64)
+    rng = random.Random(7)
+    first, extra = [rng.randrange(90) for _ in range(20)], [rng.randrange(90) for _ in range(3)]
+    outputs = {}
+    for mb in (0, 64):
+        engine = Engine(model, EngineConfig(max_num_seqs=2, prefix_cache_mb=mb))
+        params = SamplingParams(temperature=0, max_new_tokens=10)
+        seq = engine.add_request(first, params, make_options(mode, options))
+        while engine.has_work:
+            engine.step()
+        turn = first + seq.output_ids + extra
+        if mb:
+            before = engine.stats.prefix_tokens
+        nxt = engine.add_request(turn, params, make_options(mode, options))
+        while engine.has_work:
+            engine.step()
+        outputs[mb] = (seq.output_ids, nxt.output_ids)
+        if mb:  # at least the prompt and all but the last output token of the first turn; a block decoder commits
+            # whole blocks, past the output's end here: with recurrent layers its state serves from the prompt only
+            whole = mode in ("causal", "ar_trust") or not model.config.has_linear_attention
+            assert engine.stats.prefix_tokens - before >= len(first) + (len(seq.output_ids) - 1 if whole else 0)
+    assert outputs[0] == outputs[64]
