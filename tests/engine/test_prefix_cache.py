@@ -225,3 +225,19 @@ def test_a_conversations_next_turn_starts_where_the_last_one_ended(flare_models,
             whole = mode in ("causal", "ar_trust") or not model.config.has_linear_attention
             assert engine.stats.prefix_tokens - before >= len(first) + (len(seq.output_ids) - 1 if whole else 0)
     assert outputs[0] == outputs[64]
+
+
+@pytest.mark.parametrize("family", ["qwen3_5", "llama"])
+@pytest.mark.parametrize("mode,options", [("causal", {}), ("ar_trust", {}), ("diffusion_trust", {})])
+def test_kept_beginnings_with_admissions_apart(flare_models, family, mode, options, monkeypatch):
+    """Restored beginnings continued by prefills that run their slots apart (``CachedRunner.apart``, forced for
+    every admission beside a running sequence): the tokens of whole prefills over every slot."""
+    import flare.engine.runner as runner
+
+    model = copy.deepcopy(flare_models[family]).to(torch.float64)
+    prompts = _prompts(random.Random(4))
+    monkeypatch.setattr(runner, "COMPACT_ROWS", 1 << 30)
+    fresh, _ = _run(model, prompts, mode, options, mb=0)
+    monkeypatch.setattr(runner, "COMPACT_ROWS", 1)
+    kept, stats = _run(model, prompts, mode, options, mb=64)
+    assert kept == fresh and stats.prefix_hits >= 2
