@@ -6,7 +6,9 @@ a run counts only if every completion has exactly that length. Throughput = comp
 waves / their wall time. Tokens per forward comes from the server's ``flare`` counters when it reports them.
 ``until_eos`` measures answers as a user gets them instead: each ends at its EOS (``max_tokens`` caps it), so
 the text after an answer, which a drafting mode predicts badly and nobody reads, is not timed; compare tokens/s
-of servers that give the same answers (the same greedy model).
+of servers that give the same answers (the same greedy model). Each run starts from no kept prompt beginnings
+(``flare.engine.prefix_cache``; a server's ``POST /reset_prefix_cache``, where it has one): the modes and
+concurrencies measured one after another send the same questions, which a later run would otherwise find kept.
 """
 
 from __future__ import annotations
@@ -59,6 +61,9 @@ class Target(Protocol):
              ) -> list[tuple[int, int | None]]:
         """Run the questions concurrently; per request (completion tokens, forwards or None)."""
 
+    def reset(self) -> None:
+        """Forget kept prompt beginnings, where the target can."""
+
 
 class EngineTarget:
     """The in-process engine: a wave is C requests admitted together and stepped to the end."""
@@ -70,6 +75,9 @@ class EngineTarget:
         prompts = [self.llm.chat_ids([{"role": "user", "content": q}]) for q in questions]
         params = SamplingParams(temperature=0, max_new_tokens=max_tokens, ignore_eos=ignore_eos)
         return [(len(c.token_ids), c.forwards) for c in self.llm.generate(prompts, params, mode)]
+
+    def reset(self) -> None:
+        self.llm.engine.reset_prefix_cache()
 
 
 class HttpTarget:
@@ -100,6 +108,17 @@ class HttpTarget:
         except urllib.error.HTTPError as e:
             raise RuntimeError(f"HTTP {e.code}: {e.read()[:300]!r}") from None
 
+    def reset(self) -> None:
+        """``POST /reset_prefix_cache`` at the server's root (``flare serve``; vLLM's in its dev mode); a server
+        without it answers 404 or 405, which leaves its cache as it is."""
+        root = self.base_url[:-3] if self.base_url.endswith("/v1") else self.base_url
+        req = urllib.request.Request(f"{root}/reset_prefix_cache", data=b"", method="POST")
+        try:
+            urllib.request.urlopen(req, timeout=30).close()
+        except urllib.error.HTTPError as e:
+            if e.code not in (404, 405):
+                raise
+
     def _one(self, question: str, mode: ModeOptions | None, max_tokens: int, ignore_eos: bool
              ) -> tuple[int, int | None]:
         reply = self.chat(question, mode, max_tokens, ignore_eos)
@@ -122,6 +141,7 @@ def run_waves(target: Target, questions: list[str], mode: ModeOptions | None, co
     def batch(i: int) -> list[str]:
         return [questions[(i * concurrency + j) % len(questions)] for j in range(concurrency)]
 
+    getattr(target, "reset", lambda: None)()
     for w in range(warmup):
         target.wave(batch(w), mode, max_tokens, not until_eos)
     tokens, forwards, lengths, seconds = 0, 0, [], 0.0

@@ -92,6 +92,12 @@ def create_app(llm: Prompter, engine=None) -> FastAPI:
     async def prometheus():
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
+    @app.post("/reset_prefix_cache")
+    async def reset_prefix_cache():
+        """Forget the kept prompt beginnings (vLLM's endpoint of that name): benchmarks start each run from none."""
+        aengine.reset_prefix_cache()
+        return {"reset": True}
+
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         prompt = _guard(lambda: llm.prompt_ids(body.prompt))

@@ -109,6 +109,11 @@ class AsyncEngine:
         self.inbox.put(("abort", request_id))
         self.wake.set()
 
+    def reset_prefix_cache(self) -> None:
+        """Forget the kept prompt beginnings (between the steps, before the requests submitted after this)."""
+        self.inbox.put(("reset_prefix_cache",))
+        self.wake.set()
+
     # ------------------------------------------------------------------------------------ engine thread
     def _deliver(self, request_id: str, item) -> None:
         entry = self.queues.get(request_id)
@@ -137,6 +142,9 @@ class AsyncEngine:
             if cmd[0] == "abort":
                 self.queues.pop(cmd[1], None)
                 self.engine.abort(cmd[1])
+                continue
+            if cmd[0] == "reset_prefix_cache":
+                self.engine.reset_prefix_cache()
                 continue
             _, args, loop, accepted, outputs, final_only = cmd
             if self.stopping:

@@ -122,6 +122,11 @@ class EngineProcess:
         if self.live.pop(request_id, None) is not None and self.dead is None:
             self._send(("abort", request_id))
 
+    def reset_prefix_cache(self) -> None:
+        """Forget the kept prompt beginnings (the child reads commands in order: before later requests)."""
+        if self.dead is None:
+            self._send(("reset_prefix_cache",))
+
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the engine; requests still in flight are aborted and told so."""
         self.stopping = True
@@ -297,6 +302,8 @@ class _Stepping:
             elif msg[0] == "abort":
                 if self.in_flight.pop(msg[1], None) is not None:
                     self.aborted |= engine.abort(msg[1])
+            elif msg[0] == "reset_prefix_cache":
+                engine.reset_prefix_cache()
             elif msg[0] == "stop":
                 for rid in list(self.in_flight):
                     engine.abort(rid)

@@ -6,6 +6,7 @@ import copy
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -211,3 +212,34 @@ def test_a_compiled_evaluation_times_no_compile(flare_models, tiny_dirs, monkeyp
     monkeypatch.setattr(LLM, "generate", timed)
     evaluate(llm, task, parse_modes("causal"), params, progress=False)
     assert compiled[-1] == (3, 0) and sum(n for _, n in compiled) > 0  # the warm-up compiled, the timed run not
+
+
+def test_each_wave_run_starts_from_no_kept_prompt_beginnings(llm):
+    """Runs one after another send the same questions: each (in process, and over HTTP through ``POST
+    /reset_prefix_cache``) starts from an empty prefix cache, so that no mode finds the prompts of the one before."""
+    from tests.serve.conftest import LiveServer
+
+    questions = ["Please add these two numbers for me: 1 and 1", "Please add these two numbers for me: 2 and 2"]
+    prefix = llm.engine.stepper.prefix
+    target, seen = EngineTarget(llm), []
+    wave = target.wave
+
+    def counted(*args, **kwargs):
+        seen.append(len(prefix.entries))
+        return wave(*args, **kwargs)
+
+    target.wave = counted
+    for mode in ("causal", "ar_trust"):
+        run_waves(target, questions, parse_mode(mode), 2, max_tokens=3, waves=1)
+    assert len(seen) == 4 and seen[0] == seen[2] == 0 and seen[1] > 0 and seen[3] > 0  # (warm-up, measured) x 2
+    live = LiveServer(llm)
+    try:
+        HttpTarget(live.base_url).chat(questions[0], None, 2)
+        assert prefix.entries
+        HttpTarget(live.base_url).reset()
+        deadline = time.time() + 10
+        while prefix.entries and time.time() < deadline:  # the engine thread takes it between its steps
+            time.sleep(0.05)
+        assert not prefix.entries
+    finally:
+        live.stop()

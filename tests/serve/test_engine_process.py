@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import signal
 import time
 import urllib.request
@@ -153,3 +154,29 @@ def test_a_stop_string_ends_the_request_in_the_engine_process(server, flare_mode
     while b"flare_running_requests 0.0" not in server.get("/metrics")[1]:
         assert time.time() < deadline, "the engine still holds the stopped request"
         time.sleep(0.05)
+
+
+def test_kept_prompt_beginnings_are_reused_and_reset_across_the_pipe(server):
+    """A prompt that extends an earlier one starts from its kept state (``flare_prefix_cache_tokens`` grows); after
+    ``POST /reset_prefix_cache`` (vLLM's endpoint) the next one finds nothing kept."""
+    def gauge(after: float | None = None) -> float:
+        deadline = time.time() + 5
+        while True:  # the gauges follow the engine's last report
+            text = server.get("/metrics")[1].decode()
+            value = float(re.search(r"^flare_prefix_cache_tokens ([0-9.e+]+)$", text, re.M).group(1))
+            if after is None or value > after or time.time() > deadline:
+                return value
+            time.sleep(0.05)
+
+    first = list(range(3, 43))
+    body = {"max_tokens": 2, "temperature": 0, "ignore_eos": True}
+    assert server.post("/v1/completions", {**body, "prompt": first})[0] == 200
+    start = gauge()
+    assert server.post("/v1/completions", {**body, "prompt": first + [50, 51]})[0] == 200
+    grown = gauge(after=start)
+    assert grown >= start + len(first)
+    status, reply = server.post("/reset_prefix_cache", {})
+    assert status == 200 and reply == {"reset": True}
+    assert server.post("/v1/completions", {**body, "prompt": first + [60, 61]})[0] == 200
+    time.sleep(0.3)
+    assert gauge() == grown
