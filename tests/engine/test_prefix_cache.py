@@ -241,3 +241,19 @@ def test_kept_beginnings_with_admissions_apart(flare_models, family, mode, optio
     monkeypatch.setattr(runner, "COMPACT_ROWS", 1)
     kept, stats = _run(model, prompts, mode, options, mb=64)
     assert kept == fresh and stats.prefix_hits >= 2
+
+
+@pytest.mark.parametrize("graphs,device", [
+    ("emulate", "cpu"),
+    pytest.param("1", "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))])
+@pytest.mark.parametrize("mode", ["causal", "ar_trust"])
+def test_kept_beginnings_under_graphed_decoding_cuda(flare_models, graphs, device, mode, monkeypatch):
+    """Restored beginnings under decoding replayed from graphs (``FLARE_CUDA_GRAPHS``; emulated on the CPU,
+    real on CUDA, where ``benchmarks/gpu_check.sh`` runs this): the tokens of eager decoding without them."""
+    model = copy.deepcopy(flare_models["qwen3_5"]).to(device=device, dtype=torch.float64)
+    prompts = _prompts(random.Random(5))
+    want, _ = _run(model, prompts, mode, {}, mb=0)
+    monkeypatch.setenv("FLARE_CUDA_GRAPHS", graphs)
+    got, stats = _run(model, prompts, mode, {}, mb=64)
+    assert got == want and stats.prefix_hits >= 2
+    assert model.compiled_with.startswith("FLARE_CUDA_GRAPHS")  # the steps did run from graphs
