@@ -148,7 +148,7 @@ class CachedRunner:
         ``ModelCache.take``) with room for ``rows`` more tokens; written back after."""
         full, known = self.cache, self.known
         full.reserve(rows)  # so that what is written apart fits back
-        self.cache, self.known = full.take(slots), [known[s] for s in slots]
+        self.cache, self.known = full.take(slots, full.bound + rows), [known[s] for s in slots]
         try:
             yield
         finally:
@@ -300,3 +300,6 @@ class ReferenceRunner:
 
     def synced(self, lengths: list[int]) -> None:
         pass
+
+    def runs_apart(self, idle_rows: int) -> bool:
+        return False  # (one sequence a forward already)

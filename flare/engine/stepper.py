@@ -81,6 +81,9 @@ class Stepper:
         self.emitted: list[Emitted] = [Emitted([]) for _ in range(num_slots)]
         self.prefix = prefix if runner_cls is CachedRunner else None
         self.prompts: list[list[int]] = [[] for _ in range(num_slots)]
+        # False while an admission or a step is under way, and after one that raised: the slots' states may then
+        # be half-written, and a release keeps nothing of them.
+        self.intact = True
         # What clock-paced lanes learn is the model's on the cached path; a reference run's costs are not its.
         self.pacing = model.pacing if runner_cls is CachedRunner else {}
 
@@ -101,6 +104,7 @@ class Stepper:
         forwards when an admission holds both kinds."""
         if not admissions:
             return
+        self.intact = False
         eos = self.model.config.eos_token_ids
         groups: dict[int, tuple[Lane, list[Admission]]] = {}
         for a in admissions:
@@ -110,6 +114,7 @@ class Stepper:
             stops = sorted(set(a.params.stop_token_ids) | (set() if a.params.ignore_eos else set(eos)))
             self.slots.admit(a.slot, a.params, stops, a.generator, lane.room)
             self.owner[a.slot] = lane
+            self.prompts[a.slot], self.emitted[a.slot] = a.prompt, Emitted([])
             groups.setdefault(id(lane), (lane, []))[1].append(a)
         self.runner.reset([a.slot for a in admissions])
         tokens: list[list[int]] = [[] for _ in range(self.slots.num_slots)]
@@ -142,10 +147,9 @@ class Stepper:
             self._prefill_drafts(drafting, start)
         for a in admissions:
             self.slots.live[a.slot] = True
-            self.emitted[a.slot] = Emitted([])
-            self.prompts[a.slot] = a.prompt
             if self.prefix is not None:
                 self.prefix.keep(self.runner.cache, a.slot, commits[a.slot])
+        self.intact = True
 
     def _reuse(self, admissions: list[Admission], commits: dict[int, list[int]]) -> dict[int, int]:
         """Start each admitted slot from the longest kept beginning of what it commits (``self.prefix``), at
@@ -220,10 +224,11 @@ class Stepper:
         lane = self.owner[slot]
         if lane is None:
             return
-        committed = self.runner.known[slot]  # (exact after the step's read)
-        tokens = (self.prompts[slot] + self.emitted[slot].tokens)[:committed or 0]
-        if self.prefix is not None and committed and len(tokens) == committed:
-            self.prefix.keep(self.runner.cache, slot, tokens)
+        if self.prefix is not None and self.intact:
+            committed = self.runner.known[slot]  # (exact after the step's read)
+            tokens = (self.prompts[slot] + self.emitted[slot].tokens)[:committed or 0]
+            if committed and len(tokens) == committed:
+                self.prefix.keep(self.runner.cache, slot, tokens)
         lane.release(slot)
         self.slots.release(slot)
         self.owner[slot] = None
@@ -239,6 +244,7 @@ class Stepper:
                 plans.append((lane, live, lane.plan(live)))
         if not plans:
             return False
+        self.intact = False
         S = self.slots.num_slots
         R = max(p.tokens.shape[1] for _, _, p in plans)
         first = plans[0][2]
@@ -282,6 +288,7 @@ class Stepper:
         if not commits_all:
             self.runner.commit_recorded(n_commit[:n])
         self.sync()
+        self.intact = True
         return True
 
     def sync(self) -> None:

@@ -109,8 +109,9 @@ class HttpTarget:
             raise RuntimeError(f"HTTP {e.code}: {e.read()[:300]!r}") from None
 
     def reset(self) -> None:
-        """``POST /reset_prefix_cache`` at the server's root (``flare serve``; vLLM's in its dev mode); a server
-        without it answers 404 or 405, which leaves its cache as it is."""
+        """``POST /reset_prefix_cache`` at the server's root (``flare serve``; vLLM's with
+        ``VLLM_SERVER_DEV_MODE=1``); a server without it answers 404 or 405 and keeps its cache across runs, which
+        favours it in a comparison of servers."""
         root = self.base_url[:-3] if self.base_url.endswith("/v1") else self.base_url
         req = urllib.request.Request(f"{root}/reset_prefix_cache", data=b"", method="POST")
         try:

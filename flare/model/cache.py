@@ -265,13 +265,14 @@ class ModelCache:
             stack.clear(idx)
         self.bound_exact = False
 
-    def take(self, rows: list[int]) -> "ModelCache":
+    def take(self, rows: list[int], span: int) -> "ModelCache":
         """Sequences ``rows`` (without kept commits: just reset or restored) as a cache of their own, copied,
-        with the KV capacity of this one; ``put`` writes it back. A prefill of a few slots then computes no row
-        for the others."""
+        with ``span`` KV slots (at most this cache's capacity: what forwards over it may write, the bound and the
+        rows they add); ``put`` writes it back. A prefill of a few slots then computes no row for the others."""
         idx = torch.tensor(rows, device=self.lengths.device)
+        span = min(span, self.capacity)
         layers: list[AttentionState | RecurrentState] = [
-            AttentionState(layer.k[idx], layer.v[idx]) if isinstance(layer, AttentionState)
+            AttentionState(layer.k[idx, :, :span], layer.v[idx, :, :span]) if isinstance(layer, AttentionState)
             else RecurrentState(layer.conv[idx], layer.ssm[idx], PendingCommits.empty(layer.ssm[idx], rows=0))
             for layer in self.layers]
         sub = ModelCache(self.lengths[idx], layers, self.bound)

@@ -95,6 +95,8 @@ def create_app(llm: Prompter, engine=None) -> FastAPI:
     @app.post("/reset_prefix_cache")
     async def reset_prefix_cache():
         """Forget the kept prompt beginnings (vLLM's endpoint of that name): benchmarks start each run from none."""
+        if not aengine.alive:
+            return _error(503, "the engine is not running", "server_error")
         aengine.reset_prefix_cache()
         return {"reset": True}
 

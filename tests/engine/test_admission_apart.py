@@ -47,3 +47,16 @@ def test_admissions_apart_decode_as_admissions_over_every_slot(flare_models, fam
     apart, calls = _run(model, requests, 1, monkeypatch)
     assert not none and whole == apart
     assert len(calls) >= 4 and any(len(c) == 1 and c[0] > 0 for c in calls)  # alone, in a slot past the first
+
+
+def test_the_cache_free_reference_drafts_beside_a_long_prompt(flare_models):
+    """A drafting prefill of a slot beside a lower one whose prompt is too long to draft (``DRAFTING_PREFILL_WORK``):
+    the reference runner (no caches, nothing to run apart) gives the cached runner's tokens."""
+    from flare.engine import decode
+
+    model = copy.deepcopy(flare_models["qwen3_5"]).to(torch.float64)
+    rng = random.Random(4)
+    prompts = [[rng.randrange(90) for _ in range(300)], [rng.randrange(90) for _ in range(10)]]
+    params = SamplingParams(temperature=0, max_new_tokens=6)
+    want = decode(model, prompts, params, "ar_trust").token_ids
+    assert decode(model, prompts, params, "ar_trust", reference=True).token_ids == want

@@ -257,3 +257,30 @@ def test_kept_beginnings_under_graphed_decoding_cuda(flare_models, graphs, devic
     got, stats = _run(model, prompts, mode, {}, mb=64)
     assert got == want and stats.prefix_hits >= 2
     assert model.compiled_with.startswith("FLARE_CUDA_GRAPHS")  # the steps did run from graphs
+
+
+def test_a_failed_admission_keeps_nothing(flare_models, monkeypatch):
+    """A prefill that raises (out of memory, say) leaves its slot half-written; the serving loops then abort what
+    is in flight, and that release keeps nothing under anyone's tokens."""
+    model = copy.deepcopy(flare_models["llama"]).to(torch.float64)
+    engine = Engine(model, EngineConfig(max_num_seqs=1, prefix_cache_mb=16))
+    rng = random.Random(8)
+    params = SamplingParams(temperature=0, max_new_tokens=3)
+    for _ in range(2):  # (longer than the one that fails: cut to its length, theirs would be a new key)
+        engine.add_request([rng.randrange(90) for _ in range(40)], params, "causal")
+        while engine.has_work:
+            engine.step()
+    kept = dict(engine.stepper.prefix.entries)
+    runner = engine.stepper.runner
+    prefill = runner.prefill
+
+    def failing(tokens):
+        prefill(tokens)  # (the slot's state is written, then the forward after it fails)
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(runner, "prefill", failing)
+    seq = engine.add_request([rng.randrange(90) for _ in range(30)], params, "causal")
+    with pytest.raises(RuntimeError, match="out of memory"):
+        engine.step()
+    assert engine.abort(seq.request_id)
+    assert engine.stepper.prefix.entries == kept
