@@ -17,21 +17,19 @@ Nothing shorter than ``MIN_TOKENS`` is kept or copied, and at least one prompt t
 logits give the first token); so only entries that begin with a prompt's first ``MIN_TOKENS`` tokens can serve
 it, and a lookup reads only those, the ``LOOKUP`` most recently used of them (a prompt compared with each kept
 one in Python would cost an admission more the longer a server runs). Entries are dropped least recently used
-first beyond ``budget`` bytes or ``MAX_ENTRIES`` entries. A prefill
-that continues a copied beginning computes the same values as a whole one up to rounding (its rows run in other
-GEMM shapes), as a long prompt's prefill in pieces does. ``reset`` empties it: benchmarks time each mode from
-an empty one.
+first beyond ``budget`` bytes or ``MAX_ENTRIES`` entries. A prefill that continues a copied beginning computes
+the same values as a whole one up to rounding (its rows run in other GEMM shapes), as a long prompt's prefill in
+pieces does. ``reset`` empties it: benchmarks time each mode from an empty one. An entry is the slot's state as a
+cache of one sequence (``ModelCache.take``), copied back with ``ModelCache.put``.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from itertools import islice
 from dataclasses import dataclass
+from itertools import islice
 
-import torch
-
-from flare.model.cache import AttentionState, ModelCache, RecurrentState
+from flare.model.cache import AttentionState, ModelCache
 
 MIN_TOKENS = 16  # the shortest beginning kept or copied: below it a copy saves little of a prefill's forward
 SPLIT = 16  # with recurrent layers: a prefill stops to keep a state where it shares this many more tokens
@@ -42,7 +40,7 @@ LOOKUP = 64  # the most recently used entries with a prompt's start that a looku
 @dataclass
 class Entry:
     tokens: tuple[int, ...]
-    layers: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (k, v) [Hkv, L, D] or (conv, ssm) of one slot
+    state: ModelCache  # of one sequence, its first len(tokens) KV slots
     bytes: int
 
 
@@ -121,19 +119,14 @@ class PrefixCache:
             return
         if self.recurrent:
             cache.settle()  # the kept commits written, so that the state is the slot's whole
-        L = len(key)
-        layers = []
-        for layer in cache.layers:
-            if isinstance(layer, AttentionState):
-                layers.append((layer.k[slot, :, :L].clone(), layer.v[slot, :, :L].clone()))
-            else:
-                layers.append((layer.conv[slot].clone(), layer.ssm[slot].clone()))
-        size = sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in layers)
+        state = cache.take([slot], len(key))
+        size = sum(a.numel() * a.element_size() for layer in state.layers
+                   for a in ((layer.k, layer.v) if isinstance(layer, AttentionState) else (layer.conv, layer.ssm)))
         if size > self.budget:
             return
         while self.entries and (self.bytes + size > self.budget or len(self.entries) >= MAX_ENTRIES):
             self._drop_oldest()
-        self.entries[key] = Entry(key, layers, size)
+        self.entries[key] = Entry(key, state, size)
         self.by_start.setdefault(key[:MIN_TOKENS], OrderedDict())[key] = None
         self.bytes += size
 
@@ -142,16 +135,6 @@ class PrefixCache:
         and set its length to ``n``."""
         self._touch(entry.tokens)
         cache.reserve(max(n - cache.bound, 0))
-        for layer, (a, b) in zip(cache.layers, entry.layers):
-            if isinstance(layer, AttentionState):
-                layer.k[slot, :, :n] = a[:, :n]
-                layer.v[slot, :, :n] = b[:, :n]
-            else:
-                assert isinstance(layer, RecurrentState)
-                layer.conv[slot] = a
-                layer.ssm[slot] = b
-        idx = torch.tensor([slot], device=cache.lengths.device)
-        cache.lengths = cache.lengths.index_fill(0, idx, n)
-        cache.bound, cache.bound_exact = max(cache.bound, n), False
+        cache.put([slot], entry.state, length=n)
         self.hits += 1
         self.reused += n

@@ -266,24 +266,29 @@ class ModelCache:
         self.bound_exact = False
 
     def take(self, rows: list[int], span: int) -> "ModelCache":
-        """Sequences ``rows`` (without kept commits: just reset or restored) as a cache of their own, copied,
-        with ``span`` KV slots (at most this cache's capacity: what forwards over it may write, the bound and the
-        rows they add); ``put`` writes it back. A prefill of a few slots then computes no row for the others."""
+        """Sequences ``rows`` (without kept commits: just reset or restored, or ``settle`` first) as a cache of
+        their own, copied, with ``span`` KV slots (at most this cache's capacity: what forwards over it may write,
+        the bound and the rows they add); ``put`` writes it back. A prefill of a few slots then computes no row
+        for the others; the prefix cache keeps a slot's state as one (``flare.engine.prefix_cache``)."""
         idx = torch.tensor(rows, device=self.lengths.device)
         span = min(span, self.capacity)
-        layers: list[AttentionState | RecurrentState] = [
-            AttentionState(layer.k[idx, :, :span], layer.v[idx, :, :span]) if isinstance(layer, AttentionState)
-            else RecurrentState(layer.conv[idx], layer.ssm[idx], PendingCommits.empty(layer.ssm[idx], rows=0))
-            for layer in self.layers]
+        layers: list[AttentionState | RecurrentState] = []
+        for layer in self.layers:
+            if isinstance(layer, AttentionState):
+                layers.append(AttentionState(layer.k[idx, :, :span], layer.v[idx, :, :span]))
+            else:
+                ssm = layer.ssm[idx]
+                layers.append(RecurrentState(layer.conv[idx], ssm, PendingCommits.empty(ssm, rows=0)))
         sub = ModelCache(self.lengths[idx], layers, self.bound)
         sub.bound_exact = False
         return sub
 
-    def put(self, rows: list[int], sub: "ModelCache") -> None:
-        """Write back a ``take`` of ``rows`` after forwards over it (its KV up to its bound, which the capacity
-        must still hold: ``reserve`` here first)."""
+    def put(self, rows: list[int], sub: "ModelCache", length: int | None = None) -> None:
+        """Write a ``take`` of ``rows`` back, after forwards over it: its KV up to its bound, which the capacity
+        must still hold (``reserve`` here first). ``length``: only each sequence's first ``length`` tokens, its
+        length then (the recurrent states must be those after exactly that many)."""
         idx = torch.tensor(rows, device=self.lengths.device)
-        span = sub.bound
+        span = sub.bound if length is None else length
         for mine, theirs in zip(self.layers, sub.layers):
             if isinstance(mine, AttentionState):
                 mine.k[idx, :, :span] = theirs.k[:, :, :span]
@@ -291,8 +296,9 @@ class ModelCache:
             else:
                 mine.conv[idx] = theirs.conv
                 mine.ssm[idx] = theirs.pending.settle(theirs.ssm)
-        self.lengths = self.lengths.index_copy(0, idx, sub.lengths)
-        self.bound, self.bound_exact = max(self.bound, sub.bound), False
+        lengths = sub.lengths if length is None else torch.full_like(sub.lengths, length)
+        self.lengths = self.lengths.index_copy(0, idx, lengths)
+        self.bound, self.bound_exact = max(self.bound, span), False
 
     def clone(self) -> "ModelCache":
         stack = self._held_stack()
