@@ -134,11 +134,25 @@ class CachedRunner:
     def _prefill_apart(self, tokens: list[list[int]], filled: list[int], longest: int) -> torch.Tensor:
         with self.apart(filled, longest):
             logits = self.prefill([tokens[s] for s in filled])
-        idx = torch.tensor(filled, device=logits.device)
-        return logits.new_zeros(len(tokens), logits.shape[-1]).index_copy_(0, idx, logits)
+        return _spread(logits, filled, len(tokens))
+
+    def prefill_rows(self, tokens: torch.Tensor, num_clean: torch.Tensor, num_noisy: torch.Tensor,
+                     filled: list[int]) -> torch.Tensor:
+        """A drafting prefill: a rows forward over tokens [n, R] whose clean rows are all committed; the slots
+        not in ``filled`` take no part (run ``apart`` where they would pad ``COMPACT_ROWS`` rows or more).
+        Returns each slot's rows' hidden states [n, R, E]."""
+        n, R = tokens.shape
+        if len(filled) < n and self.runs_apart((n - len(filled)) * R):
+            idx = torch.tensor(filled, device=tokens.device)
+            with self.apart(filled, R):
+                hidden = self.prefill_rows(tokens[idx], num_clean[idx], num_noisy[idx], list(range(len(filled))))
+            return _spread(hidden, filled, n)
+        hidden = self.rows(tokens, num_clean, num_noisy, record=True)
+        self.commit_recorded(num_clean)
+        return hidden
 
     def runs_apart(self, idle_rows: int) -> bool:
-        """Whether an admission whose idle slots would pad ``idle_rows`` rows runs its slots ``apart`` (eagerly
+        """Whether a prefill whose idle slots would pad ``idle_rows`` rows runs its slots ``apart`` (eagerly
         only: graphed and compiled forwards keep to their caches)."""
         return idle_rows >= COMPACT_ROWS and self.hidden_states == self.model.hidden_states
 
@@ -301,5 +315,14 @@ class ReferenceRunner:
     def synced(self, lengths: list[int]) -> None:
         pass
 
-    def runs_apart(self, idle_rows: int) -> bool:
-        return False  # (one sequence a forward already)
+    def prefill_rows(self, tokens: torch.Tensor, num_clean: torch.Tensor, num_noisy: torch.Tensor,
+                     filled: list[int]) -> torch.Tensor:
+        hidden = self.rows(tokens, num_clean, num_noisy, record=True)
+        self.commit_recorded(num_clean)
+        return hidden
+
+
+def _spread(x: torch.Tensor, slots: list[int], n: int) -> torch.Tensor:
+    """Rows [k, ...] of ``slots`` as rows of n slots (zeros elsewhere)."""
+    idx = torch.tensor(slots, device=x.device)
+    return x.new_zeros(n, *x.shape[1:]).index_copy_(0, idx, x)

@@ -14,7 +14,6 @@ serving engine both run on this.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 
@@ -190,20 +189,9 @@ class Stepper:
         R = max(len(r) for r in rows)
         dev = self.model.device
         slots = [a.slot for _, group in groups for a in group]
-        # Beside running sequences the admitted slots run apart (``CachedRunner.apart``): the others' rows
-        # would be padding.
-        apart = len(slots) < n and self.runner.runs_apart((n - len(slots)) * R)
-        order = sorted(slots) if apart else list(range(n))
-        ids = torch.tensor([rows[s] + [0] * (R - len(rows[s])) for s in order], device=dev)
-        num_clean = torch.tensor([clean[s] for s in order], device=dev)
-        num_noisy = torch.tensor([noisy[s] for s in order], device=dev)
-        with self.runner.apart(order, R) if apart else contextlib.nullcontext():
-            hidden = self.runner.rows(ids, num_clean, num_noisy, record=True)
-            self.runner.commit_recorded(num_clean)
-        if apart:
-            idx = torch.tensor(order, device=dev)
-            hidden = hidden.new_zeros(n, *hidden.shape[1:]).index_copy_(0, idx, hidden)
-            num_clean = torch.zeros(n, dtype=num_clean.dtype, device=dev).index_copy_(0, idx, num_clean)
+        ids = torch.tensor([r + [0] * (R - len(r)) for r in rows], device=dev)
+        num_clean, num_noisy = torch.tensor(clean, device=dev), torch.tensor(noisy, device=dev)
+        hidden = self.runner.prefill_rows(ids, num_clean, num_noisy, sorted(slots))
         self.slots.active_forwards += self.slots.mask(slots).long()
         for lane, group in groups:
             lane.prefilled_drafts([a.slot for a in group], hidden, num_clean)
