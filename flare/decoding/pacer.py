@@ -78,6 +78,7 @@ class Pacer:
     GAP = 16  # rounds of the faster kind between trials, at first and after a switch between drafting and causal
     LONGEST = 256  # the most rounds between trials, after trials that kept confirming the faster kind
     WINDOW = 7  # a kind's timed rounds its cost is the median of
+    WIDE = 3  # slots from which a size class starts with a short length (``_first``)
     KEEP_SEEN = 0.97  # of the acceptance counts per verify round
     PRIOR = 2.0  # sequences' worth of a draft position's prior
 
@@ -118,11 +119,17 @@ class Pacer:
     def _first(self, size: int) -> int:
         """The kind a size class starts with, before any of its trials: a group per acceptance point where it is
         a kind at that size (no cold rounds: the demo model alone drafts 2.9 tokens a round with it against 2.0
-        with one group, at about the same cost), else the longest length. Where its rows cost more than it gains,
-        the class's first trials move it off."""
+        with one group, at about the same cost), else the longest length up to ``WIDE`` - 1 slots and a short
+        one (half the longest) from ``WIDE`` slots, where every draft costs a row per sequence (converted SmolLM2,
+        bf16, 8 slots, an EPYC without AMX: rounds of 1 or 2 drafts 1.07-1.09x causal tokens/s, of 3 0.92x; a
+        class that started with the longest ran 0.83-0.95x over 16 prompts, 0.92-1.06x starting short). Where
+        its rows cost more than it gains, the class's first trials move it off."""
         smallest = 1 if size == 0 else 2 ** (size - 1) + 1
         allowed = EVERY in self.kinds and (self.every_slots is None or smallest <= self.every_slots)
-        return EVERY if allowed else self.kinds[0]
+        short = max(1, self.longest // 2)
+        if allowed:
+            return EVERY
+        return short if smallest >= self.WIDE and short in self.kinds else self.kinds[0]
 
     def prefers_causal(self, covered: int) -> bool:
         """Whether causal steps are what forwards over ``covered`` slots run now (their size class's choice

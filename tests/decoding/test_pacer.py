@@ -135,12 +135,17 @@ def test_costs_are_learned_per_size_class_of_batches(monkeypatch):
 
 def test_a_size_class_starts_with_a_group_per_acceptance_point_where_that_is_a_kind(monkeypatch):
     """Before its trials, a class of one or two sequences runs EVERY (redraft=auto: no cold rounds, rows nearly
-    free at that size); a class of more starts with the longest length, from the very first round."""
+    free at that size); a class of more starts with a short length (half the longest: every draft costs a row
+    per sequence), from the very first round. Without EVERY (redraft=last) one or two sequences start with the
+    longest."""
     accept = lambda i: [0.7] * 4  # noqa: E731
-    for sequences, first in ((1, EVERY), (2, EVERY), (4, 4)):
-        _, kinds = _drive(monkeypatch, lambda m, i: 1.0, accept, 10, Pacer(4, every=True, every_slots=2),
+    for sequences, first, every in ((1, EVERY, True), (2, EVERY, True), (4, 2, True), (16, 2, False),
+                                    (2, 4, False), (1, 4, False)):
+        _, kinds = _drive(monkeypatch, lambda m, i: 1.0, accept, 10, Pacer(4, every=every, every_slots=2),
                           sequences=sequences)
         assert kinds[:Pacer.FIRST] == [first] * Pacer.FIRST, sequences
+    _, kinds = _drive(monkeypatch, lambda m, i: 1.0, accept, 10, Pacer(1), sequences=8)
+    assert kinds[:Pacer.FIRST] == [1] * Pacer.FIRST  # one draft at most: the short length is the longest
 
 
 @pytest.mark.parametrize("sequences", [1, 8])
