@@ -11,7 +11,9 @@ every prefix of a kept prompt is usable (the longest one a new prompt shares wit
 only at the length it was kept at, so with Gated DeltaNet layers an entry serves prompts that start with all of
 it. There a prompt that shares ``SPLIT`` or more tokens more with a kept prompt than any kept state covers has
 its prefill stop at the shared length once, so that the state there is kept too (one more forward, once per new
-shared beginning); the prompts after it that share it start from there.
+shared beginning); the prompts after it that share it start from there. Prompts admitted together that share a
+beginning nothing kept covers (a burst of requests with one system prompt) have it prefilled once: the first of
+them stops there and keeps it, the others start from it (``shared_in``; one more forward for the admission).
 
 Nothing shorter than ``MIN_TOKENS`` is kept or copied, and at least one prompt token is always prefilled (its
 logits give the first token); so only entries that begin with a prompt's first ``MIN_TOKENS`` tokens can serve
@@ -108,6 +110,32 @@ class PrefixCache:
     def worth_splitting(self, usable: int, shared: int) -> bool:
         """Whether a prefill should stop at ``shared`` tokens to keep the state there (recurrent models)."""
         return self.recurrent and shared >= MIN_TOKENS and shared - usable >= SPLIT
+
+    def shared_in(self, commits: list[list[int]], usable: list[int]) -> tuple[dict[int, int], dict[int, int]]:
+        """Prompts admitted together that share a beginning no entry serves: the first of them (a leader) is
+        prefilled up to it alone and kept, and the others (its followers) start from it. ``commits``: what each
+        admission commits; ``usable``: the tokens each starts from anyway (``match``). A follower gains at least
+        ``MIN_TOKENS`` tokens; a leader stops at the beginning it shares with its first follower (with recurrent
+        layers later followers must start with all of it). Returns ({leader: tokens it stops at}, {follower:
+        leader}), as indices into ``commits``."""
+        cuts: dict[int, int] = {}
+        leads: dict[int, int] = {}
+        leaders: dict[tuple[int, ...], list[int]] = {}  # by their first MIN_TOKENS tokens
+        for i, commit in enumerate(commits):
+            group = leaders.setdefault(tuple(commit[:MIN_TOKENS]), [])
+            best, most = None, usable[i] + MIN_TOKENS - 1
+            for j in group:
+                common = min(_common(tuple(commits[j]), commit), len(commit) - 1, len(commits[j]) - 1)
+                cut = cuts.get(j, common)
+                n = (cut if common >= cut else 0) if self.recurrent else min(common, cut)
+                if n > max(most, usable[j]):
+                    best, most = j, n
+            if best is None:
+                group.append(i)
+            else:
+                cuts.setdefault(best, most)
+                leads[i] = best
+        return cuts, leads
 
     def keep(self, cache: ModelCache, slot: int, tokens: list[int]) -> None:
         """Keep what ``slot`` committed for ``tokens`` (its whole committed length)."""

@@ -152,19 +152,24 @@ class Stepper:
 
     def _reuse(self, admissions: list[Admission], commits: dict[int, list[int]]) -> dict[int, int]:
         """Start each admitted slot from the longest kept beginning of what it commits (``self.prefix``), at
-        least one token short of it; with recurrent layers first prefill up to a longer beginning shared with a
-        kept prompt, and keep it (``PrefixCache.worth_splitting``). Returns each such slot's tokens committed."""
+        least one token short of it. First prefill up to a beginning worth keeping, and keep it: one that
+        admissions of this call share and nothing kept covers (``PrefixCache.shared_in``: one slot prefills it,
+        the others start from it), or with recurrent layers a longer one shared with a kept prompt
+        (``PrefixCache.worth_splitting``). Returns each such slot's tokens committed."""
         start: dict[int, int] = {}
         if self.prefix is None:
             return start
+        matches = [self.prefix.match(commits[a.slot], len(commits[a.slot]) - 1) for a in admissions]
+        cuts, leads = self.prefix.shared_in([commits[a.slot] for a in admissions], [m[1] for m in matches])
         split: list[list[int]] = [[] for _ in range(self.slots.num_slots)]
-        for a in admissions:
+        for i, (a, (entry, n, shared)) in enumerate(zip(admissions, matches)):
+            if i in leads:
+                continue  # from its leader's beginning, kept below
             commit = commits[a.slot]
-            entry, n, shared = self.prefix.match(commit, len(commit) - 1)
-            if entry is not None:
-                self.prefix.restore(self.runner.cache, a.slot, entry, n)
-                self.runner.known[a.slot] = start[a.slot] = n
-            if self.prefix.worth_splitting(n, shared):
+            self._restore(a.slot, entry, n, start)
+            if i in cuts:
+                split[a.slot] = commit[n:cuts[i]]
+            elif self.prefix.worth_splitting(n, shared):
                 split[a.slot] = commit[n:shared]
         if any(split):
             self.runner.prefill(split[: max(s for s, t in enumerate(split) if t) + 1])
@@ -172,7 +177,15 @@ class Stepper:
                 if t:
                     start[s] = start.get(s, 0) + len(t)
                     self.prefix.keep(self.runner.cache, s, commits[s][:start[s]])
+        for i in leads:
+            commit = commits[admissions[i].slot]
+            self._restore(admissions[i].slot, *self.prefix.match(commit, len(commit) - 1)[:2], start)
         return start
+
+    def _restore(self, slot: int, entry, n: int, start: dict[int, int]) -> None:
+        if entry is not None:
+            self.prefix.restore(self.runner.cache, slot, entry, n)
+            self.runner.known[slot] = start[slot] = n
 
     def _prefill_drafts(self, groups: list[tuple[Lane, list[Admission]]], start: dict[int, int]) -> None:
         """One rows forward over each prompt (clean rows, all committed; after ``start[slot]`` of its tokens

@@ -243,6 +243,64 @@ def test_kept_beginnings_with_admissions_apart(flare_models, family, mode, optio
     assert kept == fresh and stats.prefix_hits >= 2
 
 
+def test_prompts_admitted_together_share_a_beginning_through_one_leader():
+    """``shared_in``: the first prompt with a beginning shared by later ones leads (stops there, at what it shares
+    with its first follower); followers gain at least MIN_TOKENS over what they start from anyway; with recurrent
+    layers a later follower must start with the whole of its leader's beginning, with attention only any part."""
+    rng = random.Random(11)
+    system = [rng.randrange(90) for _ in range(30)]
+    tail = lambda n: [rng.randrange(90) for _ in range(n)]  # noqa: E731
+    a, b = system + tail(6), system + tail(5)
+    c = system[:20] + tail(10)  # shares 20 with the leader, less than its 30
+    d = tail(40)  # shares nothing
+    e = system[:10] + tail(10)  # shares 10: too little to follow
+    for recurrent in (False, True):
+        prefix = PrefixCache(1 << 20, recurrent)
+        cuts, leads = prefix.shared_in([a, b, c, d, e], [0] * 5)
+        assert cuts == {0: 30}
+        assert leads == ({1: 0} if recurrent else {1: 0, 2: 0})
+    # A follower already covered past what it would gain (e.g. from a kept beginning) does not follow, and a
+    # leader covered up to the shared beginning leads nothing: the shared part is in its cache already.
+    prefix = PrefixCache(1 << 20, False)
+    assert prefix.shared_in([a, b], [0, 20]) == ({}, {})
+    assert prefix.shared_in([a, b], [30, 0]) == ({}, {})
+    assert prefix.shared_in([a, b, system + tail(3)], [0, 0, 0]) == ({0: 30}, {1: 0, 2: 0})
+    # A prompt keeps one token to prefill (its logits), and nothing under MIN_TOKENS is kept.
+    assert prefix.shared_in([system[:17], system[:17]], [0, 0]) == ({0: 16}, {1: 0})
+    assert prefix.shared_in([system[:16], system[:16]], [0, 0]) == ({}, {})
+
+
+@pytest.mark.parametrize("family", ["qwen3_5", "llama"])
+@pytest.mark.parametrize("mode,options", [("causal", {}), ("ar_trust", {}), ("ar_trust", {"redraft": "every"}),
+                                          ("diffusion_trust", {})])
+def test_a_burst_with_one_system_prompt_prefills_it_once(flare_models, family, mode, options, monkeypatch):
+    """Four prompts with one 24-token system prompt admitted in one call: the first prefills it alone and keeps
+    it, the other three start from it, and every token is as from whole prefills."""
+    model = copy.deepcopy(flare_models[family]).to(torch.float64)
+    rng = random.Random(12)
+    system = [rng.randrange(90) for _ in range(24)]
+    prompts = [system + [rng.randrange(90) for _ in range(rng.randrange(3, 9))] for _ in range(4)]
+    prefilled = []
+    prefill = CachedRunner.prefill
+    monkeypatch.setattr(CachedRunner, "prefill", lambda self, tokens: prefilled.append(sum(map(len, tokens)))
+                        or prefill(self, tokens))
+    outputs = {}
+    for mb in (0, 64):
+        engine = Engine(model, EngineConfig(max_num_seqs=4, prefix_cache_mb=mb))
+        params = SamplingParams(temperature=0, max_new_tokens=10)
+        seqs = [engine.add_request(p, params, make_options(mode, options)) for p in prompts]
+        prefilled.clear()
+        engine.step()  # the admission of all four
+        first = list(prefilled)
+        while engine.has_work:
+            engine.step()
+        outputs[mb] = [s.output_ids for s in seqs]
+        if mb:
+            assert engine.stats.prefix_hits == 3 and engine.stats.prefix_tokens == 3 * 24
+            assert first[0] == 24  # the leader's beginning, alone, first
+    assert outputs[0] == outputs[64]
+
+
 @pytest.mark.parametrize("graphs,device", [
     ("emulate", "cpu"),
     pytest.param("1", "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))])
