@@ -89,6 +89,9 @@ class ArTrustLane(Lane):
         # next pause's length; and the last verify's accepted drafts per slot (-1: none), read at the sync.
         self.pause_left, self.misses, self.next_pause = [0] * S, [0] * S, [options.pause] * S
         self.verdict = torch.full((S,), -1, dtype=torch.long, device=dev)
+        # Per slot (host): the kind of the round whose MASK rows made its drafts, now and as the round in flight
+        # verifies them (the pacer learns acceptance per kind of drafts).
+        self.made_by, self.verified_by = [self.M] * S, [self.M] * S
         self.paused: list[int] = []
         self.held: torch.Tensor | None = None  # [S] bool at the paused slots of a round that also drafts
         # All-greedy batches: rounds of m <= M drafts and MASK rows (fewer are cheaper where rows cost, as at a
@@ -212,7 +215,8 @@ class ArTrustLane(Lane):
         learns each draft position's acceptance."""
         verdicts = {i: divmod(values[i], self.M + 1) for i in self.owned if values[i] >= 0}  # (verified, accepted)
         if self.round:
-            self.pacer.observe([verdicts[i] for i in self.round if i in verdicts])
+            seen = [i for i in self.round if i in verdicts]
+            self.pacer.observe([verdicts[i] for i in seen], [self.verified_by[i] for i in seen])
         self.round = []
         for i, (_, accepted) in verdicts.items():
             if accepted > 0:
@@ -245,6 +249,9 @@ class ArTrustLane(Lane):
             self.have = torch.where(mask, 0, self.have)  # drafts made before these steps are stale
             return n_commit
         drafting = [i for i in live if i not in self.paused] if self.paused else live
+        self.verified_by = list(self.made_by)
+        for i in drafting:
+            self.made_by[i] = EVERY if self.every else self.m
         held = self.held
         dmask = mask if held is None else mask & ~held
         # With one MASK group (last) the LM head runs once, over every row: a second pass over its weight (the

@@ -12,14 +12,16 @@ It picks the kind with the fewest seconds per committed token, the quotient of t
 
 - **seconds per sequence** in a round of the kind: each round is timed from one plan to the next, and a kind's
   cost is the median of its last ``WINDOW`` timed rounds, so that a burst of load from elsewhere (a shared CPU:
-  rounds of the same kind 8-26 ms on the demo model) does not decide for long which kind wins. The longest, a
-  short length (half of it), ``EVERY`` and causal steps are timed in trials; the other lengths are read off the
-  straight line through the timed lengths' costs until they run themselves.
+  rounds of the same kind 8-26 ms on the demo model) does not decide for long which kind wins. Every kind is
+  timed in trials; a length not timed yet has its cost read off the straight line through the timed lengths'.
 - **tokens per sequence** in a round of m drafts, from the acceptance the lane observed at each draft position
   (draft k accepted, given drafts 1 .. k-1 were): a round commits 1 + sum_k prod_{j<=k} alpha_j tokens in
   expectation, and with one MASK group a round that rejects a draft leaves its sequence a cold round (one token,
-  fresh drafts), which the expected rate includes (``EVERY`` has none). Acceptance at every position comes
-  from every verify round, so a length is judged by far more rounds than its own. The rate is stationary, over
+  fresh drafts), which the expected rate includes (``EVERY`` has none). Acceptance is counted per kind of the
+  round whose MASK rows made the drafts, after a prior of every kind's counts (``KIND_PRIOR`` sequences' worth):
+  a shorter group's drafts are not a longer group's cut short (converted SmolLM2, batch 1, each kind pinned: draft
+  2 passed after draft 1 in 86% of rounds drafted by groups of two, 76% of three, 69% of four; pooled, the pacer
+  rated three drafts by four's and ran four, 3-4% slower). The rate is stationary, over
   endless answers. On the converted SmolLM2 at batch 1 (answers of about 11 tokens after the prefill's) it
   expected 2.3 tokens per round for four drafts with one group and 3.14 for ``EVERY``, measured 2.56 and 2.95:
   the first is the acceptance it learned (mostly from ``EVERY`` rounds; this formula on the acceptance measured
@@ -81,6 +83,7 @@ class Pacer:
     WIDE = 3  # slots from which a size class starts with a short length (``_first``)
     KEEP_SEEN = 0.97  # of the acceptance counts per verify round
     PRIOR = 2.0  # sequences' worth of a draft position's prior
+    KIND_PRIOR = 8.0  # sequences' worth of every kind's acceptance in a kind's own
 
     def __init__(self, longest: int, lengths: tuple[int, ...] | None = None, every: bool = False,
                  every_slots: int | None = None) -> None:
@@ -92,12 +95,11 @@ class Pacer:
         self.kinds = tuple(sorted(lengths, reverse=True)) + ((EVERY,) if every else ()) + (CAUSAL,)
         self.every_slots = every_slots
         self.narrow = tuple(k for k in self.kinds if k != EVERY)  # the kinds past ``every_slots``
-        short = max(1, longest // 2)
-        # Timed in trials: the longest, a short length, EVERY and causal steps; the other lengths' costs are
-        # read off the line through the lengths timed so far.
-        self.timed_first = tuple(k for k in self.kinds if k in (longest, short, EVERY, CAUSAL))
         self.tested = [0.0] * (longest + 1)  # [k]: rounds x sequences that verified draft k after k-1 passed
         self.passed = [0.0] * (longest + 1)  # [k]: ... and accepted it
+        # The same per kind of the round whose MASK rows made the drafts: a shorter group's drafts are not a
+        # longer group's cut short.
+        self.made = {k: ([0.0] * (longest + 1), [0.0] * (longest + 1)) for k in self.kinds if k != CAUSAL}
         # Per size class of the rounds' batches: costs, choice and trials; ``race`` is the class of the round
         # chosen last.
         self.races: dict[int, _Race] = {}
@@ -153,34 +155,42 @@ class Pacer:
         return self.race.gap
 
     # ------------------------------------------------------------------------------------------ estimates
-    def observe(self, verdicts: list[tuple[int, int]]) -> None:
-        """One verify round's (drafts verified, drafts accepted) per sequence that verified any. Every position's
+    def observe(self, verdicts: list[tuple[int, int]], makers: list[int] | None = None) -> None:
+        """One verify round's (drafts verified, drafts accepted) per sequence that verified any, and the kind of
+        the round whose MASK rows made each sequence's drafts (``makers``; None: not known). Every position's
         counts fade per round, seen or not: a position the running length does not reach drifts back to its
         prior, so a longer length is tried again once what was seen of it grows old."""
-        self.tested = [self.KEEP_SEEN * n for n in self.tested]
-        self.passed = [self.KEEP_SEEN * n for n in self.passed]
-        for verified, accepted in verdicts:
-            for k in range(1, min(verified, accepted + 1) + 1):
-                self.tested[k] += 1
-                self.passed[k] += accepted >= k
+        for tested, passed in [(self.tested, self.passed), *self.made.values()]:
+            tested[:] = [self.KEEP_SEEN * n for n in tested]
+            passed[:] = [self.KEEP_SEEN * n for n in passed]
+        for j, (verified, accepted) in enumerate(verdicts):
+            own = self.made.get(makers[j]) if makers is not None else None
+            for tested, passed in [(self.tested, self.passed)] + ([own] if own else []):
+                for k in range(1, min(verified, accepted + 1) + 1):
+                    tested[k] += 1
+                    passed[k] += accepted >= k
 
-    def acceptance(self, k: int) -> float:
+    def acceptance(self, k: int, kind: int | None = None) -> float:
         """Draft k's chance to pass once drafts 1 .. k-1 have: what was seen, after a prior worth ``PRIOR``
         sequences at draft k-1's chance (a draft further ahead taken as good as the one before it until seen;
-        one half for the first)."""
-        return self._chances(k)[-1]
+        one half for the first). With ``kind``: of the drafts that rounds of that kind made, after a prior worth
+        ``KIND_PRIOR`` sequences at the chance seen of every kind's."""
+        return self._chances(k, kind)[-1]
 
-    def _chances(self, n: int) -> list[float]:
+    def _chances(self, n: int, kind: int | None = None) -> list[float]:
         out, prior = [], 0.5
         for k in range(1, n + 1):
             prior = (self.passed[k] + self.PRIOR * prior) / (self.tested[k] + self.PRIOR)
             out.append(prior)
+        if kind in self.made:
+            tested, passed = self.made[kind]
+            out = [(passed[k] + self.KIND_PRIOR * c) / (tested[k] + self.KIND_PRIOR) for k, c in enumerate(out, 1)]
         return out
 
     def tokens(self, kind: int) -> float:
         """Expected tokens a sequence commits per round, over a run of rounds of ``kind``."""
         run, extra = 1.0, 0.0  # the chance all drafts so far passed; the expected accepted drafts
-        for chance in self._chances(self.longest if kind == EVERY else kind):
+        for chance in self._chances(self.longest if kind == EVERY else kind, kind):
             run *= chance
             extra += run
         if kind in (CAUSAL, EVERY):
@@ -242,7 +252,7 @@ class Pacer:
                 r.best = fastest
             r.trialled = False
             r.since += 1
-            others = [k for k in kinds if k != r.best and (k in self.timed_first or r.cost[k])]
+            others = [k for k in kinds if k != r.best]
             untried = [k for k in others if not r.cost[k]]
             if others and r.since > (self.FIRST if untried else r.gap):
                 r.trying = untried[0] if untried else others[r.turn % len(others)]
