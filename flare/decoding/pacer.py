@@ -10,10 +10,13 @@ longest with a MASK group per acceptance point (``EVERY``: no cold rounds, many 
 
 It picks the kind with the fewest seconds per committed token, the quotient of two estimates:
 
-- **seconds per sequence** in a round of the kind: each round is timed from one plan to the next, and a kind's
-  cost is the median of its last ``WINDOW`` timed rounds, so that a burst of load from elsewhere (a shared CPU:
-  rounds of the same kind 8-26 ms on the demo model) does not decide for long which kind wins. Every kind is
-  timed in trials; a length not timed yet has its cost read off the straight line through the timed lengths'.
+- **seconds per covered slot** in a round of the kind: each round is timed from one plan to the next, over the
+  slots its forward covers (up to its last live one: a forward's cost follows them, not how many of them are
+  live, and every kind's round over the same slots serves the same sequences), and a kind's cost is the median of
+  its last ``WINDOW`` timed rounds, so that a burst of load from elsewhere (a shared CPU: rounds of the same kind
+  8-26 ms on the demo model) does not decide for long which kind wins. Every kind is timed in trials; a length
+  not timed yet has its cost read off the straight line through the timed lengths'. (Per live sequence, the
+  costs of one kind at 8 slots spread 8-63 ms on SmolLM2, as answers ended in lower slots.)
 - **tokens per sequence** in a round of m drafts, from the acceptance the lane observed at each draft position
   (draft k accepted, given drafts 1 .. k-1 were): a round commits 1 + sum_k prod_{j<=k} alpha_j tokens in
   expectation, and with one MASK group a round that rejects a draft leaves its sequence a cold round (one token,
@@ -64,7 +67,7 @@ class _Race:
     """The kinds' timed costs at one size class of batches, and which kind runs and is tried there."""
 
     def __init__(self, kinds: tuple[int, ...], window: int, gap: int, first: int | None = None) -> None:
-        self.cost: dict[int, deque[float]] = {k: deque(maxlen=window) for k in kinds}  # seconds per sequence
+        self.cost: dict[int, deque[float]] = {k: deque(maxlen=window) for k in kinds}  # s per covered slot
         self.best = kinds[0] if first is None else first
         self.trial_left = 0
         self.trying = self.best
@@ -104,7 +107,7 @@ class Pacer:
         # chosen last.
         self.races: dict[int, _Race] = {}
         self.race, self.size = _Race(self.kinds, self.WINDOW, self.GAP), None
-        # The timed round in flight: its kind, start, size class (its race) and sequences.
+        # The timed round in flight: its kind, start, size class (its race) and the slots its forward covers.
         self.open: tuple[int, float, _Race, int] | None = None
         self.last: int | None = None
 
@@ -141,7 +144,7 @@ class Pacer:
 
     @property
     def cost(self) -> dict[int, deque[float]]:
-        """Seconds per sequence of each kind's last timed rounds, at the current size class."""
+        """Seconds per covered slot of each kind's last timed rounds, at the current size class."""
         return self.race.cost
 
     @property
@@ -200,7 +203,7 @@ class Pacer:
         return (2.0 + extra - run) / (2.0 - run)
 
     def seconds(self, kind: int) -> float | None:
-        """Seconds per sequence in a round of ``kind``: timed, or for an untimed length (one MASK group), on the
+        """Seconds per covered slot in a round of ``kind``: timed, or for an untimed length (one MASK group), on the
         line through the timed lengths (None while nothing to read it from)."""
         if self.cost[kind]:
             return statistics.median(self.cost[kind])
@@ -228,8 +231,8 @@ class Pacer:
         The round in flight, if timed, ends here and counts in the class it ran in."""
         now = time.perf_counter()
         if self.open is not None:
-            kind, start, race, served = self.open
-            race.cost[kind].append((now - start) / served)
+            kind, start, race, width = self.open
+            race.cost[kind].append((now - start) / width)
         covered = covered or sequences
         self._enter(size_class(covered))
         r = self.race
@@ -262,6 +265,6 @@ class Pacer:
             else:
                 kind = r.best
         # Timed unless it is the first of its kind in a row (a drafting stint after causal steps starts cold).
-        self.open = (kind, now, r, sequences) if kind == self.last else None
+        self.open = (kind, now, r, covered) if kind == self.last else None
         self.last = kind
         return kind

@@ -407,6 +407,19 @@ def test_a_round_is_timed_in_the_class_it_ran_in(monkeypatch):
     assert list(pacer.races[4].cost[pacer.races[4].best]) == [0.5] and not any(pacer.races[0].cost.values())
 
 
+def test_a_round_costs_per_slot_its_forward_covers(monkeypatch):
+    """Two sequences left in slots 0 and 7: the forward covers 8 slots, and its seconds count per covered slot
+    (what a forward's cost follows), so that every kind's rounds compare alike however many answers ended."""
+    clock = [0.0]
+    monkeypatch.setattr("flare.decoding.pacer.time.perf_counter", lambda: clock[0])
+    pacer = Pacer(1)
+    pacer.next(2, covered=8)
+    pacer.next(2, covered=8)  # timed
+    clock[0] += 4.0
+    pacer.next(8)
+    assert list(pacer.races[3].cost[pacer.races[3].best]) == [0.5]
+
+
 def test_sequences_admitted_whole_then_drafting_keep_causal_tokens(flare_models, monkeypatch):
     """Admitted whole (the pacer ran causal steps there), then drafting rounds: the first is cold, after the token
     the prefill gave, and every token stays causal decoding's, in a batch that also admits mid-way (Engine)."""
