@@ -121,11 +121,12 @@ class PrefixCache:
         cuts: dict[int, int] = {}
         leads: dict[int, int] = {}
         leaders: dict[tuple[int, ...], list[int]] = {}  # by their first MIN_TOKENS tokens
+        keys = [tuple(c) for c in commits]
         for i, commit in enumerate(commits):
-            group = leaders.setdefault(tuple(commit[:MIN_TOKENS]), [])
+            group = leaders.setdefault(keys[i][:MIN_TOKENS], [])
             best, most = None, usable[i] + MIN_TOKENS - 1
-            for j in group:
-                common = min(_common(tuple(commits[j]), commit), len(commit) - 1, len(commits[j]) - 1)
+            for j in group[-LOOKUP:]:  # as a lookup: the latest LOOKUP leaders with this start
+                common = min(_common(keys[j], commit), len(commit) - 1, len(commits[j]) - 1)
                 cut = cuts.get(j, common)
                 n = (cut if common >= cut else 0) if self.recurrent else min(common, cut)
                 if n > max(most, usable[j]):

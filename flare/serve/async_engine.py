@@ -174,11 +174,12 @@ class AsyncEngine:
                     self._deliver(rid, EngineFailed(f"engine step failed: {type(e).__name__}: {e}"))
                 self.queues.clear()
                 continue
-            self._publish(outputs)
-            if self.on_step is not None:
+            if self.on_step is not None:  # before the outputs reach clients: a client that has its answer and
+                # reads /metrics finds the step counted (as the engine process's pipe orders them)
                 tally = Tally()
                 tally.add(outputs, self.engine.stats.step_seconds)
                 self.on_step(tally)
+            self._publish(outputs)
 
     def _settle(self, fut: asyncio.Future, result, error) -> None:
         """(event loop) Resolve a submission; one whose caller has gone is aborted at once."""
