@@ -126,7 +126,7 @@ class PrefixCache:
             group = leaders.setdefault(keys[i][:MIN_TOKENS], [])
             best, most = None, usable[i] + MIN_TOKENS - 1
             for j in group[-LOOKUP:]:  # as a lookup: the latest LOOKUP leaders with this start
-                common = min(_common(keys[j], commit), len(commit) - 1, len(commits[j]) - 1)
+                common = min(_common(keys[j], commit), len(commit) - 1, len(keys[j]) - 1)
                 cut = cuts.get(j, common)
                 n = (cut if common >= cut else 0) if self.recurrent else min(common, cut)
                 if n > max(most, usable[j]):

@@ -142,7 +142,7 @@ def run_waves(target: Target, questions: list[str], mode: ModeOptions | None, co
     def batch(i: int) -> list[str]:
         return [questions[(i * concurrency + j) % len(questions)] for j in range(concurrency)]
 
-    getattr(target, "reset", lambda: None)()
+    target.reset()
     for w in range(warmup):
         target.wave(batch(w), mode, max_tokens, not until_eos)
     tokens, forwards, lengths, seconds = 0, 0, [], 0.0
