@@ -46,8 +46,14 @@ def derived(owner: nn.Module, name: str, fn, *params: torch.Tensor, key: tuple =
     1 + w, a decay rate). Where tensors are fake or traced (``faking``) it is computed, never kept."""
     if not _FROZEN[0] or faking() or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
         return fn(*params)
-    stamp = (*((p.data_ptr(), p._version) for p in params), *key)
-    cache = owner.__dict__.setdefault("_derived", {})
+    # Asked ~200 times a decode forward (each norm and linear): one parameter's stamp is built without a generator.
+    if len(params) == 1:
+        stamp = (params[0].data_ptr(), params[0]._version, key)
+    else:
+        stamp = (tuple((p.data_ptr(), p._version) for p in params), key)
+    cache = owner.__dict__.get("_derived")
+    if cache is None:
+        cache = owner.__dict__["_derived"] = {}
     hit = cache.get(name)
     if hit is not None and hit[0] == stamp:
         return hit[1]

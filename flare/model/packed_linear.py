@@ -42,13 +42,23 @@ class PackedLinear(nn.Linear):
         return state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w, b = self.weight, self.bias
-        if (not weights_frozen() or faking() or x.dtype != w.dtype or not packs(w)
-                or (b is not None and b.dtype != w.dtype)
-                or (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))):
+        # A decode step calls each linear once with a few rows: the checks read the parameters dict directly and
+        # ask the cheap questions first (nn.Module's attribute lookup and the device checks of ``packs``, asked
+        # only when the packed copy is made, were ~12 us of a 21 us call on SmolLM2's 576 x 576 bf16 weight).
+        params = self._parameters
+        w, b = params["weight"], params["bias"]
+        if (not weights_frozen() or x.dtype != w.dtype or (b is not None and b.dtype != w.dtype)
+                or (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)) or faking()):
             return F.linear(x, w, b)
-        packed = derived(self, "packed", lambda w_: torch.ops.mkldnn._reorder_linear_weight(w_.detach(), None), w)
+        packed = derived(self, "packed", _pack, w)
+        if packed is None:
+            return F.linear(x, w, b)
         return torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
+
+
+def _pack(w: torch.Tensor) -> torch.Tensor | None:
+    """The oneDNN-packed copy of ``w``, or None where it does not pack (``flare.device.packs``)."""
+    return torch.ops.mkldnn._reorder_linear_weight(w.detach(), None) if packs(w) else None
 
 
 def prepack(model: nn.Module) -> int:
