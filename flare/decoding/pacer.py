@@ -138,9 +138,15 @@ class Pacer:
 
     def prefers_causal(self, covered: int) -> bool:
         """Whether causal steps are what forwards over ``covered`` slots run now (their size class's choice
-        between trials; False for a class not seen yet)."""
-        race = self.races.get(size_class(covered))
-        return race is not None and race.best == CAUSAL
+        between trials; False for a class not seen yet, which starts drafting)."""
+        return self.current(covered) == CAUSAL
+
+    def current(self, covered: int) -> int:
+        """The kind forwards over ``covered`` slots run now: their size class's choice between trials, or the
+        kind an unseen class starts with (``_first``)."""
+        size = size_class(covered)
+        race = self.races.get(size)
+        return race.best if race is not None else self._first(size)
 
     @property
     def cost(self) -> dict[int, deque[float]]:

@@ -435,3 +435,45 @@ def test_sequences_admitted_whole_then_drafting_keep_causal_tokens(flare_models,
     engine = Engine(model, EngineConfig(max_num_seqs=2))  # the third request is admitted when a slot frees
     outs = engine.generate(prompts, params, ArTrustOptions(gen_block=4))
     assert [o.output_ids for o in outs] == causal
+
+
+def test_the_kind_a_class_runs_now(monkeypatch):
+    """``current``: a class not seen yet starts with its first kind (a group per acceptance point where that is a
+    kind at its width, else the longest length, or half of it from ``WIDE`` slots); a class seen runs its choice."""
+    pacer = Pacer(4, every=True, every_slots=2)
+    assert pacer.current(1) == EVERY and pacer.current(2) == EVERY
+    assert pacer.current(3) == 2 and pacer.current(16) == 2
+    assert Pacer(4).current(2) == 4
+    pacer, _ = _drive(monkeypatch, lambda m, i: 3.0 if m else 1.0, lambda i: [0.3] * 4, 120, sequences=16)
+    assert pacer.current(16) == CAUSAL == pacer.best and pacer.prefers_causal(16) and not pacer.prefers_causal(1)
+
+
+@pytest.mark.parametrize("family", ["qwen3_5", "llama"])
+def test_the_drafting_prefill_runs_the_mask_group_the_pacer_runs(flare_models, monkeypatch, family):
+    """Where the pacer runs rounds of two drafts, an admission's drafting prefill runs a MASK group of two after
+    each prompt (not M = 3), the first round verifies the two drafts it made as drafts of a group of two, and the
+    tokens are causal decoding's. With a group per acceptance point (redraft=every), or sampled, the group is M."""
+    from flare.engine.runner import CachedRunner
+
+    model = flare_models[family]
+    noisy, makers = [], []
+    prefill_rows, observe = CachedRunner.prefill_rows, Pacer.observe
+    monkeypatch.setattr(CachedRunner, "prefill_rows", lambda self, tokens, clean, n, filled: noisy.append(
+        [int(x) for x in n]) or prefill_rows(self, tokens, clean, n, filled))
+    monkeypatch.setattr(Pacer, "observe", lambda self, verdicts, made=None: makers.append(made) or observe(
+        self, verdicts, made))
+    monkeypatch.setattr(Pacer, "current", lambda self, covered: 2)
+    monkeypatch.setattr(Pacer, "next", lambda self, sequences, covered=None: 2)
+    prompts = [[3, 1, 4, 1, 5], [9, 2, 6]]
+    params = SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True)
+    causal = decode(model, prompts, params).token_ids
+    out = decode(model, prompts, params, ArTrustOptions(gen_block=4, redraft="last"))
+    assert out.token_ids == causal
+    assert noisy == [[2, 2]] and makers[0] == [2, 2]
+    noisy.clear()
+    assert decode(model, prompts, params, ArTrustOptions(gen_block=4, redraft="every")).token_ids == causal
+    assert noisy == [[3, 3]]
+    noisy.clear()
+    sampled = SamplingParams(temperature=0.8, max_new_tokens=6, ignore_eos=True, seed=1)
+    decode(model, prompts, sampled, ArTrustOptions(gen_block=4, redraft="last"))
+    assert noisy == [[3, 3]]
