@@ -59,6 +59,7 @@ from _models import SIZE_HELP, SIZES, add_device_args, random_checkpoint, resolv
 
 import flare
 from flare.decoding import OPTIONS, ArTrustOptions, CausalOptions, SamplingParams, parse_modes
+from flare.decoding.ar_trust import AUTO_EVERY_SLOTS
 from flare.device import describe
 from flare.engine import decode
 from flare.engine.compiled import WARMUPS, graphs_compiled, warm_until_compiled, warms_up
@@ -160,6 +161,16 @@ def split_decode_time(model, prompts, params, mode) -> dict[str, float]:
     acc["other in forward"] = acc.get("forward", 0.0) - layers  # context, masks, cache reads, norms, embedding
     acc["outside forward"] = acc["total"] - acc.get("forward", 0.0) - acc.get("LM head", 0.0)
     return acc
+
+
+def round_rows(options: ArTrustOptions, batch: int) -> str:
+    """How many rows per sequence an AR-Trust round of ``options`` runs at ``batch``: one MASK group (2N - 1) or a
+    group per acceptance point (N + N (N - 1), at most ``AUTO_EVERY_SLOTS`` sequences with redraft=auto); with the
+    pacer (pause > 0) each round's kind, from a causal step's 1 row up to that."""
+    N = options.gen_block
+    every = options.redraft == "every" or (options.redraft == "auto" and batch <= AUTO_EVERY_SLOTS)
+    most = f"{N + N * (N - 1)} rows, a MASK group per acceptance point" if every else f"{2 * N - 1} rows"
+    return f"paced: 1 to {most}" if options.pause else most
 
 
 def gemm_rows_cost(in_dim: int, out_dim: int, batch: int, rows: int, reps: int = 30, device="cpu",
@@ -457,7 +468,7 @@ def run(a: argparse.Namespace, ap: argparse.ArgumentParser, stack: ExitStack) ->
         sp, cp = split["ar_trust"], split["causal"]
         extras = sorted(keys[:-1], key=lambda k: -(sp.get(k, 0.0) - cp.get(k, 0.0)))[:2]
         r = results[B, "ar_trust"]
-        print(f"diagnosis: an AR-Trust round ({2 * N - 1} rows) costs {r['fwd_cost']:.1f}x a causal step (1 row) at "
+        print(f"diagnosis: an AR-Trust round ({round_rows(r['options'], B)}) costs {r['fwd_cost']:.1f}x a causal step (1 row) at "
               f"batch {B} on this CPU, so even TPF {N} gives at most {ceilings[B]:.2f}x causal. Largest extras: "
               + ", ".join(f"{k} +{(sp.get(k, 0) - cp.get(k, 0)) * 1e3:.0f} ms "
                           f"({sp.get(k, 0) / max(cp.get(k, 0), 1e-9):.1f}x)" for k in extras) + ".")
