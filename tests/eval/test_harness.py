@@ -45,6 +45,7 @@ def _alone(llm, questions, params, mode):
 def test_evaluate_modes(llm, tmp_path, monkeypatch):
     # Greedy AR-Trust rounds follow the clock (flare.decoding.pacer): one kind always, to compare forward counts.
     monkeypatch.setattr("flare.decoding.pacer.Pacer.next", lambda self, served, covered=None: self.kinds[0])
+    monkeypatch.setattr("flare.decoding.pacer.Pacer.current", lambda self, covered: self.kinds[0])  # the prefill's
     questions = ["1+2", "30+4", "5+66", "7+8", "9+10", "11+12"]
     task, params = _task(llm, questions)
     report = evaluate(llm, task, parse_modes("ar_trust,causal,diffusion_trust"), params, progress=False)
