@@ -1,5 +1,5 @@
 """Decoding's short forwards under ``torch.compile``: opt-in with ``FLARE_COMPILE=inductor`` (or ``eager``: dynamo
-alone, no code generated, what the tests run).
+alone, no code generated, what the tests run), or ``FLARE_COMPILE=static`` (a graph per static shape, below).
 
 A decode step and a verify round run the same few shapes over and over (slots x rows, a cache that grows by one
 committed length at a time), so dynamo's automatic dynamic shapes settle on a bounded set of graphs (10 for both
@@ -32,10 +32,30 @@ model took 4-25 s, of SmolLM2 about 2 min), and on a 0.75B Qwen3.5 shape it lose
 --threads 2 --modes ar_trust:redraft=last:pause=0`` compiled 15 graphs in 21 minutes of warm-up (before the
 reductions above), then took 91.7 / 142.4 ms a causal step at batch 1 / 8 and 101.1 / 192.7 a round, against 86.3 /
 112.9 and 100.6 / 179.2 eagerly (packed oneDNN linears; another run, the same session). So it is off by default.
+Those inductor runs had no frozen weights: ``torch.compile``'s ``options={"freezing": True}`` leaves freezing off
+(the weights stay graph inputs; a bf16 linear runs ``aten::mm``, ~1.8x the packed call at one row), so the call
+that compiles now runs under a config patch (``frozen``).
+
+``FLARE_COMPILE=static``: static shapes, what ``bench_static_step.py`` measured and dynamic graphs lost. The
+bookkeeping of ``flare.engine.graphed`` (each short forward into a cache shaped by its whole capacity under a length
+mask, its context copied into the graph's buffers; a graph per kind, batch, rows and capacity) with each graph
+compiled by inductor for its shapes, weights frozen (``static_capture``). Steps cover a power of two of slots
+(``CachedRunner.covers``), prefills run eagerly, and an engine's cache starts at ``GRAPHED_CAPACITY`` KV slots, so
+a server compiles its graphs in its warm-up. Measured on an AVX-512-BF16 EPYC without AMX (``bench_modes.py``,
+eager against static in one session): the demo checkpoint (fp32, one thread, ``--task arithmetic``, 5 repeats)
+causal 561 / 2,925 -> 1,072 / 5,496 tokens/s at batch 1 / 8, AR-Trust 691 / 2,457 -> 1,227 / 5,224 (its ratio to
+causal 1.23x / 0.84x -> 1.14x / 0.95x: a round's eager bookkeeping weighs more), 12 graphs in 179 s of warm-up;
+SmolLM2 (bf16, two threads, 32 random prompt tokens, 32 new; a barely trained conversion, so AR-Trust drafts are
+rejected and this prices its rounds) causal 43.1 / 238.7 -> 47.3 / 271.1, AR-Trust 40.6 / 198.1 -> 47.7 / 245.3,
+10 graphs in 236 s, peak memory 1.4 -> 3.5 GB (each graph holds its frozen, packed weights); its attention reads
+the longest sequence's keys (``span_attention``: reading the whole capacity, 1,024 slots in a server, made 8
+sequences' steps slower than eager: ``flare serve`` 140.5 against 216.1 tokens/s at 8 requests, now 271.8).
+The demo figures predate ``span_attention``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 
@@ -45,7 +65,9 @@ from flare.engine.graphed import MAX_ROWS, GraphedForward, graphs_setting
 from flare.model import FlareModel
 
 COMPILE_ENV = "FLARE_COMPILE"
-BACKENDS = ("inductor", "eager")
+BACKENDS = ("inductor", "eager", "static")
+STATIC_BACKEND = "inductor"  # what FLARE_COMPILE=static compiles with (its tests trace with dynamo's eager backend)
+STATIC_GRAPHS = 256  # dynamo's limit of static graphs in a process (past it a capture runs eagerly)
 RECOMPILE_LIMIT = 64
 WARMUPS = 6  # the most whole warm-up decodes of one kind (``warm_until_compiled``)
 
@@ -58,7 +80,7 @@ def compile_backend() -> str | None:
     if value in ("1", "on", "true", "yes"):
         return "inductor"
     if value not in BACKENDS:
-        raise ValueError(f"{COMPILE_ENV}={value!r}: use 0, 1, inductor or eager")
+        raise ValueError(f"{COMPILE_ENV}={value!r}: use 0, 1, inductor, static or eager")
     return value
 
 
@@ -67,13 +89,12 @@ class CompiledForward:
 
     def __init__(self, model: FlareModel, backend: str) -> None:
         self.model, self.backend = model, backend
-        # Inductor with freezing: the weights are constants of the graph, and its linears are packed by inductor
-        # (a packed linear traces as F.linear, flare.model.packed_linear).
-        options = {"freezing": True} if backend == "inductor" else None
+        # Inductor with freezing (``frozen``): the weights are constants of the graph, and its linears are packed
+        # by inductor (a packed linear traces as F.linear, flare.model.packed_linear).
         # Decoding's forwards differ in kind (causal steps, chains and trees of rows, with and without a commit
         # record) and in size: more graphs than dynamo's default limit of 8 a function, past which it runs eagerly.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-        self.graph = torch.compile(self._stack, backend=backend, dynamic=None, options=options)
+        self.graph = torch.compile(self._stack, backend=backend, dynamic=None)
         self.failed = False
 
     def _stack(self, input_ids: torch.Tensor, ctx) -> torch.Tensor:
@@ -95,7 +116,8 @@ class CompiledForward:
             cache.bound_exact = exact
         graphs = graphs_compiled()
         try:
-            out = self.graph(input_ids, ctx)
+            with frozen(self.backend):
+                out = self.graph(input_ids, ctx)
         except Exception as e:  # a compile error happens before the graph runs: nothing was written yet
             self.failed = True
             warnings.warn(f"torch.compile ({self.backend}) of the decoding forward failed, decoding eagerly from "
@@ -118,6 +140,12 @@ def warms_up(model: FlareModel) -> str | None:
     return "CUDA graphs" if graphs_setting(model.device) is not None else compile_backend()
 
 
+def keeps_graphs(model: FlareModel) -> bool:
+    """Whether decoding's forwards run from graphs kept per cache (``FLARE_CUDA_GRAPHS``, or ``FLARE_COMPILE=static``):
+    then a runner is worth keeping between calls of one shape (``flare.engine.decode``)."""
+    return graphs_setting(model.device) is not None or compile_backend() == "static"
+
+
 def warm_until_compiled(model: FlareModel, run, most: int = WARMUPS) -> None:
     """Where decoding is compiled or graphed, call ``run()`` (a whole decode) until a call compiles or captures no
     graph, at most ``most`` times, so that no timed or served round waits for it; eagerly, nothing."""
@@ -130,6 +158,34 @@ def warm_until_compiled(model: FlareModel, run, most: int = WARMUPS) -> None:
             return
 
 
+def frozen(backend: str):
+    """Inductor with freezing (weights folded into the graph as constants, its linears packed for oneDNN): a config
+    patch around the call that compiles, as ``torch.compile``'s ``options`` leave freezing off (measured: a bf16
+    linear then runs ``aten::mm`` on the weight as an input, ~1.8x the packed call at one row)."""
+    return torch._inductor.config.patch(freezing=True) if backend == "inductor" else contextlib.nullcontext()
+
+
+def static_capture(fn, pool):
+    """``fn`` (a forward over ``GraphedForward``'s buffers: static shapes) compiled for its shapes, with the weights
+    frozen into the graph: (replay, the output a replay writes)."""
+    # Every graph is a closure of the same code: dynamo's limit of graphs a code object holds is theirs together.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, STATIC_GRAPHS)
+    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit,
+                                                           STATIC_GRAPHS)
+    graph = torch.compile(fn, backend=STATIC_BACKEND, dynamic=False, fullgraph=True)
+    with frozen(STATIC_BACKEND):
+        out = graph()
+
+    def replay() -> None:
+        # The graph's key (``GraphedForward``) has matched this forward's kind, shapes, capacity and cache tensors,
+        # and every host value its ops depend on is fixed by those (what the emulated replays check): dynamo then
+        # evaluates only the guards that tell its graphs apart (a SmolLM2 step's lookup 0.84 -> 0.21 ms).
+        with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+            out.copy_(graph())
+
+    return replay, out
+
+
 def decoding_forward(model: FlareModel):
     """What a cached runner calls for a forward: its causal steps replayed from CUDA graphs where
     ``FLARE_CUDA_GRAPHS`` asks (``flare.engine.graphed``), else the compiled one where ``FLARE_COMPILE`` asks, else
@@ -139,4 +195,6 @@ def decoding_forward(model: FlareModel):
     if graphs is not None:
         return GraphedForward(model, graphs)
     backend = compile_backend()
+    if backend == "static":
+        return GraphedForward(model, "static", static_capture, f"{COMPILE_ENV}=static", spans=True)
     return model.hidden_states if backend is None else CompiledForward(model, backend)

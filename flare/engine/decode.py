@@ -9,7 +9,7 @@ import torch
 from flare.decoding.options import ModeOptions, as_options
 from flare.decoding.params import SamplingParams
 from flare.decoding.request import check_request
-from flare.engine.graphed import graphs_setting
+from flare.engine.compiled import keeps_graphs
 from flare.engine.result import DecodeResult
 from flare.engine.runner import CachedRunner, ReferenceRunner
 from flare.engine.stepper import Admission, Stepper
@@ -49,7 +49,7 @@ def decode(
     options = check_request(model.config, prompts, as_options(mode))
     B = len(prompts)
     capacity = max(len(p) for p in prompts) + params.max_new_tokens + 64
-    runner = None if reference or graphs_setting(model.device) is None else kept_runner(model, B, capacity)
+    runner = None if reference or not keeps_graphs(model) else kept_runner(model, B, capacity)
     stepper = Stepper(model, B, capacity, ReferenceRunner if reference else CachedRunner, runner=runner)
     # One random stream for the whole batch, as a seeded batch call is expected to behave.
     gen = params.generator(model.device)

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 from flare.decoding import ModeOptions, SamplingParams, as_options, check_request, parse_mode
+from flare.engine.compiled import keeps_graphs
 from flare.engine.prefix_cache import PrefixCache
 from flare.engine.scheduler import QueueFull, Scheduler, SchedulerConfig
 from flare.engine.sequence import Sequence, SequenceStatus
@@ -43,6 +44,9 @@ class EngineConfig:
         if self.prefix_cache_mb < 0:
             raise ValueError(f"prefix_cache_mb must be >= 0, got {self.prefix_cache_mb}")
         self.default_options = parse_mode(self.default_mode)
+
+
+GRAPHED_CAPACITY = 1024  # KV slots of a graphed engine's cache from the start (``Engine``)
 
 
 @dataclass
@@ -79,7 +83,10 @@ class Engine:
         c = self.config
         self.scheduler = Scheduler(SchedulerConfig(c.max_num_seqs, c.max_waiting, c.max_prefill_tokens))
         prefix = PrefixCache(c.prefix_cache_mb << 20, model.config.has_linear_attention) if c.prefix_cache_mb else None
-        self.stepper = Stepper(model, c.max_num_seqs, capacity=256, prefix=prefix)
+        # Where forwards replay graphs kept per cache capacity, the cache starts at one that holds a chat request
+        # and its answer, so the warm-up's graphs are the ones served (a doubling compiles them all again).
+        capacity = GRAPHED_CAPACITY if keeps_graphs(model) else 256
+        self.stepper = Stepper(model, c.max_num_seqs, capacity=capacity, prefix=prefix)
         self.stats = EngineStats()
         self._ids = itertools.count()
 

@@ -28,8 +28,10 @@ next call of that shape.
 ``FLARE_CUDA_GRAPHS=emulate`` runs the same bookkeeping on any device with replay = the captured function run again
 over the same buffers, which must run the ops, shapes and numbers the capture ran: what the CPU tests check (token
 identity with eager decoding; no forward that replaces a cache tensor, reads a value back to the host or depends on
-one). A capture that fails, or a forward that replaces a cache tensor, warns once and leaves the runner eager for
-good.
+one). ``FLARE_COMPILE=static`` (``flare.engine.compiled``) runs it with each graph compiled by inductor for its
+static shapes. Steps cover a power of two of slots (``CachedRunner.covers``: a graph per batch size), appends with
+and without right padding share a graph, and a runner's prefills run eagerly (``eagerly``). A capture that fails,
+or a forward that replaces a cache tensor, warns once and leaves the runner eager for good.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import dataclasses
 import os
 import warnings
 from collections.abc import Callable
+from contextlib import contextmanager
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -160,6 +163,8 @@ def _leaves(ctx) -> dict[str, torch.Tensor]:
     """The context tensors a forward reads: positions, rotary tables, mask; a causal forward's right padding; a
     rows forward's real rows and the state each row reads."""
     out = {"cos": ctx.rope.cos, "sin": ctx.rope.sin, "mask": ctx.attn_mask, "pos": ctx.write_pos}
+    if ctx.span is not None:
+        out["span"] = ctx.span
     if ctx.valid is not None:
         out.update(valid=ctx.valid, n_new=ctx.n_new)
     if ctx.row_meta is not None:
@@ -176,6 +181,8 @@ def _static(ctx, bufs: dict[str, torch.Tensor]):
     """``ctx`` reading the graph's buffers (and, for a recorded rows forward, filling a record of its own)."""
     static = dataclasses.replace(ctx, rope=dataclasses.replace(ctx.rope, cos=bufs["cos"], sin=bufs["sin"]),
                                  attn_mask=bufs["mask"], write_pos=bufs["pos"])
+    if "span" in bufs:
+        static.span = bufs["span"]
     if "valid" in bufs:
         static.valid, static.n_new = bufs["valid"], bufs["n_new"]
     if ctx.row_meta is not None:
@@ -190,22 +197,39 @@ def _static(ctx, bufs: dict[str, torch.Tensor]):
     return static
 
 
+@contextmanager
+def eagerly(forward):
+    """Forwards inside run eagerly where ``forward`` would replay graphs (a runner's prefills: a prompt's rest after a
+    kept beginning can be a few tokens, and a graph for each prompt length would compile while clients wait)."""
+    graphed = isinstance(forward, GraphedForward)
+    if graphed:
+        forward.eager = True
+    try:
+        yield
+    finally:
+        if graphed:
+            forward.eager = False
+
+
 class GraphedForward:
     """``model.hidden_states`` for a decoding runner, its short forwards into a non-empty cache replayed from CUDA
     graphs."""
 
-    def __init__(self, model: FlareModel, setting: str) -> None:
-        self.model = model
-        self.capture = cuda_capture if setting == "cuda" else emulated_capture
+    def __init__(self, model: FlareModel, setting: str, capture: Callable | None = None,
+                 label: str | None = None, spans: bool = False) -> None:
+        self.model, self.spans = model, spans  # spans: attention reads the longest sequence's keys, not capacity
+        self.label = label or f"{GRAPHS_ENV}={'emulate' if setting == 'emulate' else '1'}"
+        self.capture = capture or (cuda_capture if setting == "cuda" else emulated_capture)
         self.pool = torch.cuda.graph_pool_handle() if setting == "cuda" else None
         self.graphs: dict[tuple, _Graph] = {}
         self.captures = 0
         self.failed = False
+        self.eager = False  # set while a runner prefills (``CachedRunner.prefilling``): no graph for a prompt's shape
 
     def __call__(self, input_ids: torch.Tensor, *, cache=None, valid=None, layout=None, record=None):
         model = self.model
         T = input_ids.shape[1]
-        if (self.failed or cache is None or cache.bound == 0 or T > MAX_ROWS or cache.capacity == NO_KV
+        if (self.failed or self.eager or cache is None or cache.bound == 0 or T > MAX_ROWS or cache.capacity == NO_KV
                 or not (layout is None or isinstance(layout, Rows))):
             if cache is not None and layout is None:
                 # A prefill writes the states in place too, so the graphs captured over them stay valid.
@@ -213,12 +237,18 @@ class GraphedForward:
                 ctx.in_place = True
                 return model.hidden_states(input_ids, cache=cache, context=ctx)
             return model.hidden_states(input_ids, cache=cache, valid=valid, layout=layout, record=record)
+        if layout is None and valid is None:
+            # Appends with and without right padding run one kind of graph (a server's steps have both, as slots
+            # fill and empty): every row valid is no padding.
+            valid = torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)
         cache.reserve(T)  # before the static bound, so that a growth happens here, eagerly
         bound, exact = cache.bound, cache.bound_exact
         cache.bound, cache.bound_exact = cache.capacity - T, False
         try:
             ctx = model.context(input_ids, cache=cache, valid=valid, layout=layout, record=record)
             ctx.in_place = True
+            if self.spans:
+                ctx.span = torch.tensor([bound + T])
             out = self._replay(input_ids, ctx)
         finally:
             cache.bound, cache.bound_exact = bound, exact
@@ -248,7 +278,7 @@ class GraphedForward:
             layers = ctx.cache.layers
             ctx.record.gdn = {i: (scan._replace(pending=layers[i].pending), full)
                               for i, (scan, full) in graph.ctx.record.gdn.items()}
-        self.model.compiled_with = f"{GRAPHS_ENV}={'emulate' if self.pool is None else '1'}"
+        self.model.compiled_with = self.label
         return graph.out.clone()  # the next replay writes over the graph's own
 
     def _capture(self, key, input_ids: torch.Tensor, ctx) -> _Graph | None:
@@ -292,6 +322,6 @@ class GraphedForward:
 
     def _fail(self, why: str) -> None:
         if not self.failed:
-            warnings.warn(f"CUDA graphs of decoding's forwards are off from now on: {why}", RuntimeWarning,
+            warnings.warn(f"{self.label}: decoding's forwards run eagerly from now on: {why}", RuntimeWarning,
                           stacklevel=3)
         self.failed = True

@@ -16,6 +16,7 @@ from collections.abc import Hashable
 import torch
 
 from flare.engine.compiled import decoding_forward
+from flare.engine.graphed import GraphedForward, eagerly
 from flare.model import CommitRecord, FlareModel
 from flare.model.context import Rows
 from flare.model.row_tree import RowTree
@@ -66,6 +67,14 @@ class CachedRunner:
         self.known: list[int | None] = [0] * slots
         self.trees: dict[Hashable, RowTree] = {}  # row trees by layout key (``rows``)
 
+    def covers(self, n: int) -> int:
+        """Slots a step's forward covers for its first ``n`` busy ones: where forwards replay graphs (kept per batch
+        size), ``n`` rounded up to a power of two, so that a server's slots need a graph for each of log2(slots) + 1
+        sizes rather than each count; else ``n``."""
+        if not isinstance(self.hidden_states, GraphedForward):
+            return n
+        return min(1 << (n - 1).bit_length(), self.cache.batch_size)
+
     def _run(self, n: int, rows: int, forward, whole: bool = False):
         """``forward(cache)`` on the first n slots' cache, with weight-derived values kept between calls.
         ``whole``: a causal forward, which reads and writes the recurrent states whole: their kept commits are
@@ -114,6 +123,10 @@ class CachedRunner:
         longest = max((len(t) for t in tokens), default=0)
         if filled and self.runs_apart((n - len(filled)) * longest):
             return self._prefill_apart(tokens, filled, longest)
+        with eagerly(self.hidden_states):
+            return self._prefill(tokens, n)
+
+    def _prefill(self, tokens: list[list[int]], n: int) -> torch.Tensor:
         ids, valid = pad_prompts([t or [0] for t in tokens], self.model.device)
         valid &= torch.tensor([len(t) > 0 for t in tokens], device=valid.device)[:, None]
         last = (valid.sum(1) - 1).clamp(min=0)
@@ -147,8 +160,9 @@ class CachedRunner:
             with self.apart(filled, R):
                 hidden = self.prefill_rows(tokens[idx], num_clean[idx], num_noisy[idx], list(range(len(filled))))
             return _spread(hidden, filled, n)
-        hidden = self.rows(tokens, num_clean, num_noisy, record=True)
-        self.commit_recorded(num_clean)
+        with eagerly(self.hidden_states):
+            hidden = self.rows(tokens, num_clean, num_noisy, record=True)
+            self.commit_recorded(num_clean)
         return hidden
 
     def runs_apart(self, idle_rows: int) -> bool:
@@ -251,6 +265,9 @@ class ReferenceRunner:
     def reset(self, slots: list[int]) -> None:
         for s in slots:
             self.seqs[s] = []
+
+    def covers(self, n: int) -> int:
+        return n
 
     def prefill(self, tokens: list[list[int]]) -> torch.Tensor:
         self.forwards += 1

@@ -268,8 +268,9 @@ class Stepper:
         # step's read notices; it takes no part in the count, and what it emits past the end is cut on the host.
         self.slots.active_forwards += (self.slots.mask(live_all) & ~self.slots.finished).long()
 
-        # Slots are handed out lowest first: the forward covers slots up to the last live one only.
-        n = max(live_all) + 1
+        # Slots are handed out lowest first: the forward covers slots up to the last live one only (up to a batch
+        # size the runner keeps graphs of, where it does).
+        n = self.runner.covers(max(live_all) + 1)
         commits_all = all(p.commits_all for _, _, p in plans)
         if commits_all:
             # Every slot the forward covers is live and commits all R rows: no per-row counts (the cache then

@@ -8,7 +8,7 @@ from torch import nn
 from flare.config import ModelConfig
 from flare.model.context import ForwardContext, StreamMasks
 from flare.model.layers import RMSNorm, derived, norm_scale, scaled_norm
-from flare.ops.attention import SDPA, attention, attention_path
+from flare.ops.attention import SDPA, attention, attention_path, span_attention
 from flare.ops.precision import accum_dtype
 
 
@@ -61,7 +61,10 @@ class Attention(nn.Module):
             out = _per_stream(q, k, v, ctx.attn_mask, D**-0.5).reshape(B, T, self.num_heads * D)
         else:
             self.last_path = attention_path(q, k, ctx.attn_mask)
-            out = attention(q, k, v, ctx.attn_mask, D**-0.5).reshape(B, T, self.num_heads * D)
+            if ctx.span is not None:
+                out = span_attention(q, k, v, ctx.attn_mask, ctx.span, D**-0.5).reshape(B, T, self.num_heads * D)
+            else:
+                out = attention(q, k, v, ctx.attn_mask, D**-0.5).reshape(B, T, self.num_heads * D)
         if gate is not None:
             out = out * torch.sigmoid(gate)
         return self.o_proj(out)

@@ -325,8 +325,8 @@ class ModelCache:
 def written(x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """``value`` written into the cache's tensor ``x`` (kept where it is: a CUDA graph of a forward reads the cache's
     tensors by address, ``flare.engine.graphed``), or ``value`` as ``x``'s dtype where ``x`` is an inference tensor
-    outside inference mode."""
-    if x.is_inference() and not torch.is_inference_mode_enabled():
+    outside inference mode (a compiled forward writes in place: ``flare.engine.compiled``)."""
+    if not torch.compiler.is_compiling() and x.is_inference() and not torch.is_inference_mode_enabled():
         return cast(value, x.dtype)
     return x.copy_(value)
 

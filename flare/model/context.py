@@ -141,6 +141,9 @@ class ForwardContext:
     # causal mode: the recurrent states are written into the cache's own tensors (never replaced by new ones),
     # so that a CUDA graph replaying the forward finds them where it captured them (flare.engine.graphed)
     in_place: bool = False
+    # causal and rows modes, compiled for the cache's whole capacity: the key slots attention reads (a one-element
+    # CPU tensor; ``flare.ops.attention.span_attention``)
+    span: torch.Tensor | None = None
 
     @classmethod
     def build(

@@ -106,3 +106,20 @@ def _flex():
     from torch.nn.attention.flex_attention import flex_attention
 
     return torch.compile(flex_attention, dynamic=False)
+
+
+@torch.library.custom_op("flare::span_attention", mutates_args=())
+def span_attention(q_BTHD: torch.Tensor, k_BSGD: torch.Tensor, v_BSGD: torch.Tensor, mask: torch.Tensor,
+                   span: torch.Tensor, scale: float) -> torch.Tensor:
+    """``attention`` over the first ``span`` (a one-element CPU tensor) of the S key slots and mask columns: in a
+    forward compiled for a cache's whole capacity (``FLARE_COMPILE=static``), where the slots past the longest
+    sequence's are masked for every row, an op the compiler keeps opaque, so the graph's shapes stay static while
+    the work follows the lengths (SmolLM2, 8 sequences, 1,024 slots: the whole capacity read every step made a
+    static step slower than eager)."""
+    n = int(span)
+    return attention(q_BTHD, k_BSGD[:, :n], v_BSGD[:, :n], mask[..., :n], scale).contiguous()
+
+
+@span_attention.register_fake
+def _(q_BTHD, k_BSGD, v_BSGD, mask, span, scale):
+    return torch.empty_like(q_BTHD, memory_format=torch.contiguous_format)

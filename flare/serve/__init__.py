@@ -70,7 +70,8 @@ COMPILE_WARMUP_TOKENS = 24
 def warm_up(llm: LLM) -> dict[str, str]:
     """One tiny request through the engine (and the chat template compiled), so the first client does not pay
     for it; the kernel paths used. Where decoding is compiled, whole requests of the default mode and of causal
-    decoding, one alone and a full batch with one more, until a batch compiles no graph: the graphs a server's
+    decoding, in batches of each power of two up to the slots (graphed steps cover such a count of slots,
+    ``CachedRunner.covers``) and a full batch with one more, until a batch compiles no graph: the graphs a server's
     first minutes would otherwise compile while clients wait (what the pacer learned on these made-up prompts is
     forgotten)."""
     import time
@@ -84,7 +85,9 @@ def warm_up(llm: LLM) -> dict[str, str]:
         start, before = time.perf_counter(), model.compiles
         params = SamplingParams(temperature=0, max_new_tokens=COMPILE_WARMUP_TOKENS, ignore_eos=True)
         for mode in dict.fromkeys([engine.config.default_mode, "causal"]):
-            for n in (1, engine.config.max_num_seqs + 1):  # alone; a full batch, and one admitted after it
+            slots = engine.config.max_num_seqs
+            # Alone, each power of two, and a full batch with one admitted after it.
+            for n in [1 << k for k in range(slots.bit_length()) if 1 << k < slots] + [slots + 1]:
                 prompts = [[1 + (i + j) % 7 for j in range(5 + i % 4)] for i in range(n)]
                 warm_until_compiled(model, lambda: engine.generate(prompts, params, mode))
         engine.stepper.forget_pacing()

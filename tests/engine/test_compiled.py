@@ -13,7 +13,8 @@ import flare.engine.compiled as compiled
 from flare.decoding import SamplingParams
 from flare.decoding.pacer import Pacer
 from flare.engine import decode
-from flare.engine.compiled import COMPILE_ENV, CompiledForward, compile_backend
+from flare.engine.compiled import COMPILE_ENV, CompiledForward, compile_backend, frozen
+from flare.engine.decode import _KEPT as KEPT
 
 from tests.conftest import MASK
 
@@ -25,7 +26,7 @@ PROMPTS = [[3, 4, 5, 6, 7], [8, 9, 10], [11, 12, 13, 14, 15, 16, 17]]
 
 
 @pytest.mark.parametrize("value,backend", [(None, None), ("0", None), ("1", "inductor"), ("inductor", "inductor"),
-                                           ("eager", "eager"), (" Eager ", "eager")])
+                                           ("eager", "eager"), (" Eager ", "eager"), ("static", "static")])
 def test_flare_compile_names_the_backend(monkeypatch, value, backend):
     if value is None:
         monkeypatch.delenv(COMPILE_ENV, raising=False)
@@ -133,7 +134,8 @@ def test_a_round_that_compiled_a_graph_is_not_timed(flare_models, monkeypatch):
     assert not any(c and t for c, t in rounds)
 
 
-def test_a_compiled_server_warms_its_graphs_up_before_serving(flare_models, monkeypatch):
+@pytest.mark.parametrize("setting", ["eager", "static"])
+def test_a_compiled_server_warms_its_graphs_up_before_serving(flare_models, monkeypatch, setting):
     """``flare serve`` with FLARE_COMPILE compiles what its first requests would (the default mode and causal
     decoding, alone and a full batch) before it takes any; eagerly it compiles nothing."""
     from flare.engine import EngineConfig
@@ -147,7 +149,9 @@ def test_a_compiled_server_warms_its_graphs_up_before_serving(flare_models, monk
     before = model.compiles
     warm_up(llm)
     assert model.compiles == before
-    monkeypatch.setenv(COMPILE_ENV, "eager")
+    if setting == "static":
+        _static(monkeypatch)
+    monkeypatch.setenv(COMPILE_ENV, setting)
     llm = LLM(model, None, EngineConfig(max_num_seqs=2, default_mode="ar_trust"))
     warm_up(llm)
     assert model.compiles > before and not model.pacing and not llm.engine.stepper.lanes  # paced afresh
@@ -156,3 +160,85 @@ def test_a_compiled_server_warms_its_graphs_up_before_serving(flare_models, monk
     llm.engine.generate([PROMPTS[0]], params, "causal")
     llm.engine.generate(PROMPTS[:2], params, "causal")
     assert model.compiles == warmed
+
+
+def _static(monkeypatch, backend="eager"):
+    """``FLARE_COMPILE=static`` tracing with ``backend`` (dynamo's eager one: the graphs, guards and replays of the
+    static path without generating code), from no kept runner and no graph."""
+    torch._dynamo.reset()
+    KEPT.clear()
+    monkeypatch.setattr(compiled, "STATIC_BACKEND", backend)
+    return "static"
+
+
+@pytest.mark.parametrize("fam,mode,n", CASES)
+def test_static_compiled_decoding_gives_the_eager_tokens_and_replays_without_compiling(flare_models, fam, mode, n,
+                                                                                     monkeypatch):
+    """FLARE_COMPILE=static: every short forward into a cache runs one graph per kind, batch, rows and capacity (the
+    graphed path's bookkeeping, ``flare.engine.graphed``). The tokens are eager's, and a second decode of the same
+    shape compiles nothing: no guard that changes step to step (a cache length, a count) reached a graph."""
+    model = flare_models[fam]
+    mode += ":pause=0" if mode.startswith("ar_trust") else ""
+    want, _ = _tokens(model, mode, PROMPTS[:n], monkeypatch, None)
+    setting = _static(monkeypatch)
+    got, paths = _tokens(model, mode, PROMPTS[:n], monkeypatch, setting)
+    assert got == want and paths.get("compile") == "FLARE_COMPILE=static"
+    graphs, compiles = compiled.graphs_compiled(), model.compiles
+    assert graphs >= 1 and compiles >= 1
+    again, _ = _tokens(model, mode, PROMPTS[:n], monkeypatch, setting)
+    assert again == want
+    if not mode.startswith("ar_trust"):  # AR-Trust's pacer may pick another kind of round the second time
+        assert (compiled.graphs_compiled(), model.compiles) == (graphs, compiles)
+    KEPT.clear()
+
+
+def test_static_compiled_rounds_of_one_kind_replay_one_graph(flare_models, monkeypatch):
+    """The verify rounds of one pinned kind, decoded twice: the second decode compiles nothing (the rounds' row
+    trees, masks and commit records reach the graph as its buffers, not as guarded host values)."""
+    model = flare_models["qwen3_5"]
+    mode = "ar_trust:redraft=last:pause=0:gen_block=3"
+    want, _ = _tokens(model, mode, PROMPTS[:1], monkeypatch, None)
+    setting = _static(monkeypatch)
+    _tokens(model, mode, PROMPTS[:1], monkeypatch, setting)
+    graphs = compiled.graphs_compiled()
+    got, _ = _tokens(model, mode, PROMPTS[:1], monkeypatch, setting)
+    assert got == want and compiled.graphs_compiled() == graphs
+    KEPT.clear()
+
+
+def test_a_failed_static_compile_warns_once_and_decodes_eagerly(flare_models, monkeypatch):
+    model = flare_models["qwen3_5"]
+    want, _ = _tokens(model, "ar_trust", PROMPTS, monkeypatch, None)
+    _static(monkeypatch, backend="no-such-backend")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got, paths = _tokens(model, "ar_trust", PROMPTS, monkeypatch, "static")
+    assert got == want and "compile" not in paths
+    msgs = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(msgs) == 1 and "FLARE_COMPILE=static" in msgs[0] and "capture failed" in msgs[0]
+    KEPT.clear()
+
+
+def test_inductor_is_patched_to_freeze_the_weights():
+    """``torch.compile(options={"freezing": True})`` leaves freezing off (the weights stay graph inputs and a bf16
+    linear runs aten::mm): the compiling call runs under a config patch instead."""
+    import torch._inductor.config as inductor_config
+
+    assert not inductor_config.freezing
+    with frozen("inductor"):
+        assert inductor_config.freezing
+    with frozen("eager"):
+        assert not inductor_config.freezing
+    assert not inductor_config.freezing
+
+
+@pytest.mark.slow
+def test_static_inductor_decoding_gives_the_eager_tokens(flare_models, monkeypatch):
+    """The real thing once: inductor's code for a causal decode of the hybrid (one sequence, two capacities' graphs
+    at most), the same greedy tokens as eager."""
+    model = flare_models["qwen3_5"]
+    want, _ = _tokens(model, "causal", PROMPTS[:1], monkeypatch, None)
+    setting = _static(monkeypatch, backend="inductor")
+    got, paths = _tokens(model, "causal", PROMPTS[:1], monkeypatch, setting)
+    assert got == want and paths.get("compile") == "FLARE_COMPILE=static"
+    KEPT.clear()

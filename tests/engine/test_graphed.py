@@ -175,6 +175,71 @@ def test_a_busy_engine_with_graphed_steps_gives_the_eager_tokens(flare_models, m
     assert isinstance(forward, GraphedForward) and forward.captures >= 2 and not forward.failed
 
 
+@pytest.mark.parametrize("mode", ["causal", "ar_trust:pause=0"])
+def test_graphed_steps_cover_a_power_of_two_of_slots(flare_models, monkeypatch, mode):
+    """Three requests in eight slots, the third in slot 2: graphed forwards cover 4 slots (the idle one computed
+    and ignored), a graph for each of log2(slots) + 1 batch sizes at most rather than one per count of busy slots;
+    the tokens are eager's, which covers 3."""
+    model = flare_models["qwen3_5"]
+    sizes = []
+    replay = GraphedForward._replay
+    monkeypatch.setattr(GraphedForward, "_replay", lambda self, ids, ctx: sizes.append(ids.shape[0]) or replay(
+        self, ids, ctx))
+
+    def run(setting):
+        if setting is None:
+            monkeypatch.delenv(GRAPHS_ENV, raising=False)
+        else:
+            monkeypatch.setenv(GRAPHS_ENV, setting)
+        model.pacing.clear()
+        engine = Engine(model, EngineConfig(max_num_seqs=8))
+        seqs = [engine.add_request(PROMPTS[i], SamplingParams(max_new_tokens=4 + 3 * i, temperature=0.0,
+                                                              ignore_eos=True), mode) for i in range(3)]
+        while engine.has_work:
+            engine.step()
+        return [list(seq.output_ids) for seq in seqs]
+
+    want = run(None)
+    assert not sizes
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        got = run("emulate")
+    assert got == want
+    assert 4 in sizes and set(sizes) <= {1, 2, 4, 8}
+
+
+@pytest.mark.parametrize("mode", ["causal", "ar_trust:pause=0"])
+def test_prefills_after_a_kept_beginning_run_eagerly(flare_models, monkeypatch, mode):
+    """A prompt that starts with a kept conversation prefills only its few last tokens: eagerly (a graph for each
+    such length would compile while clients wait); the steps after it replay graphs, with the eager tokens."""
+    model = flare_models["qwen3_5"]
+    rows = []
+    replay = GraphedForward._replay
+    monkeypatch.setattr(GraphedForward, "_replay", lambda self, ids, ctx: rows.append(ids.shape[1]) or replay(
+        self, ids, ctx))
+    base = list(range(3, 27))
+
+    def run(setting):
+        if setting is None:
+            monkeypatch.delenv(GRAPHS_ENV, raising=False)
+        else:
+            monkeypatch.setenv(GRAPHS_ENV, setting)
+        model.pacing.clear()
+        engine = Engine(model, EngineConfig(max_num_seqs=2))
+        params = SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True)
+        first = list(engine.generate([base], params, mode)[0].output_ids)
+        # The conversation's next turn: the kept prompt and answer, and three tokens more.
+        second = list(engine.generate([base + first + [31, 32, 33]], params, mode)[0].output_ids)
+        assert engine.stats.prefix_hits >= 1
+        return first, second
+
+    want = run(None)
+    got = run("emulate")
+    assert got == want and rows
+    if mode == "causal":
+        assert set(rows) == {1}  # decode steps only: the 3-token rest of the second prompt ran eagerly
+
+
 def test_a_forward_that_replaces_a_state_warns_once_and_decodes_eagerly(flare_models, monkeypatch):
     """A causal forward that hands a layer a new state tensor cannot be replayed (the graph would read the old
     one): found at capture, it turns graphs off for the runner with one warning, and the tokens stay eager's."""
@@ -194,10 +259,10 @@ def test_a_forward_that_replaces_a_state_warns_once_and_decodes_eagerly(flare_mo
     assert len(msgs) == 1 and "replaced a cache tensor" in msgs[0]
 
 
-def test_prefills_stay_eager_and_padded_appends_have_graphs_of_their_own(flare_models, monkeypatch):
+def test_prefills_stay_eager_and_padded_appends_share_the_plain_ones_graphs(flare_models, monkeypatch):
     """Forwards into an empty cache or of more than MAX_ROWS rows never reach a graph; the graphed ones read the
     whole capacity (per-sequence positions and masks), and a right-padded append (its padding as graph input)
-    commits what eager does."""
+    commits what eager does, from the graph of a plain append of its shape (whose padding is none)."""
     model = flare_models["qwen3_5"]
     monkeypatch.setenv(GRAPHS_ENV, "emulate")
     stepper = Stepper(model, 2, 64)
@@ -225,7 +290,7 @@ def test_prefills_stay_eager_and_padded_appends_have_graphs_of_their_own(flare_m
     for got, want in zip(*outs):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert runner.cache.lengths.tolist() == eager.cache.lengths.tolist() == [30, 7]
-    assert runner.hidden_states.captures == 3  # padded, plain 1-row and plain 2-row appends; the 4th replays
+    assert runner.hidden_states.captures == 2  # 2-row appends (padded or not) and 1-row ones
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")

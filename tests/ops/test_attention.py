@@ -105,3 +105,21 @@ def test_a_decode_reports_the_attention_path_it_ran(tmp_path, dtype, mode, path)
     model.config.mask_token_id = model.config.vocab_size - 1
     out = decode(model, [[3, 5, 7], [4, 6]], SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True), mode)
     assert out.kernel_paths["attention"] == path
+
+
+@pytest.mark.parametrize("span", [1, 5, 24, 32])
+def test_span_attention_equals_attention_over_the_whole_masked_capacity(span):
+    """The key slots past ``span`` are masked for every row (as past the longest sequence in a compiled step): what
+    they hold must not matter, and reading only the first ``span`` gives what reading all of them gives."""
+    g = torch.Generator().manual_seed(span)
+    B, T, H, G, D, S = 3, 4, 6, 2, 8, 32
+    q, k, v = (torch.randn(B, n, h, D, generator=g) for n, h in ((T, H), (S, G), (S, G)))
+    mask = torch.rand(B, 1, T, S, generator=g) < 0.7
+    mask[..., 0] = True  # every row sees a key
+    mask[..., span:] = False
+    want = attention(q, k, v, mask, D**-0.5)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, span:], v2[:, span:] = 1e4, float("nan")  # unread: changes nothing
+    got = torch.ops.flare.span_attention(q, k2, v2, mask, torch.tensor([span]), D**-0.5)
+    torch.testing.assert_close(got, want)
+    assert got.is_contiguous()
