@@ -248,7 +248,7 @@ class GraphedForward:
             ctx = model.context(input_ids, cache=cache, valid=valid, layout=layout, record=record)
             ctx.in_place = True
             if self.spans:
-                ctx.span = torch.tensor([bound + T])
+                ctx.span = torch.tensor([bound + T])  # host: span_attention reads it on the host
             out = self._replay(input_ids, ctx)
         finally:
             cache.bound, cache.bound_exact = bound, exact
