@@ -50,12 +50,26 @@ def test_an_unknown_setting_is_a_clear_error(monkeypatch):
         graphs_setting("cpu")
 
 
-def _decode(model, mode, prompts, monkeypatch, setting, new=12):
+def _setting(model, monkeypatch, setting):
+    """FLARE_CUDA_GRAPHS as ``setting`` (None: unset), with what the model's pacers learned forgotten."""
     if setting is None:
         monkeypatch.delenv(GRAPHS_ENV, raising=False)
     else:
         monkeypatch.setenv(GRAPHS_ENV, setting)
     model.pacing.clear()
+
+
+def _spied(monkeypatch, what) -> list:
+    """``what(ids, ctx)`` of each replayed forward, in order."""
+    seen = []
+    replay = GraphedForward._replay
+    monkeypatch.setattr(GraphedForward, "_replay", lambda self, ids, ctx: seen.append(what(ids, ctx)) or replay(
+        self, ids, ctx))
+    return seen
+
+
+def _decode(model, mode, prompts, monkeypatch, setting, new=12):
+    _setting(model, monkeypatch, setting)
     result = decode(model, prompts, SamplingParams(max_new_tokens=new, temperature=0.0, ignore_eos=True), mode)
     return result.token_ids, result.kernel_paths
 
@@ -136,10 +150,7 @@ def test_row_trees_are_graphed_too(flare_models, monkeypatch, n):
     model = flare_models["qwen3_5"]
     mode = "ar_trust:redraft=every:pause=0"
     want, _ = _decode(model, mode, PROMPTS[:n], monkeypatch, None, new=16)
-    seen = []
-    replay = GraphedForward._replay
-    monkeypatch.setattr(GraphedForward, "_replay", lambda self, ids, ctx: seen.append(ctx.tree) or replay(
-        self, ids, ctx))
+    seen = _spied(monkeypatch, lambda ids, ctx: ctx.tree)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         got, paths = _decode(model, mode, PROMPTS[:n], monkeypatch, "emulate", new=16)
@@ -154,11 +165,7 @@ def test_a_busy_engine_with_graphed_steps_gives_the_eager_tokens(flare_models, m
     modes = ["causal", "ar_trust", "causal", "diffusion_trust", "causal"]
 
     def run(setting):
-        if setting is None:
-            monkeypatch.delenv(GRAPHS_ENV, raising=False)
-        else:
-            monkeypatch.setenv(GRAPHS_ENV, setting)
-        model.pacing.clear()
+        _setting(model, monkeypatch, setting)
         engine = Engine(model, EngineConfig(max_num_seqs=3))
         seqs = [engine.add_request([3 + i, 9, 4 + 2 * i][: 1 + i % 3], SamplingParams(
             max_new_tokens=5 + 3 * i, temperature=0.0, ignore_eos=True), mode) for i, mode in enumerate(modes)]
@@ -181,17 +188,10 @@ def test_graphed_steps_cover_a_power_of_two_of_slots(flare_models, monkeypatch, 
     and ignored), a graph for each of log2(slots) + 1 batch sizes at most rather than one per count of busy slots;
     the tokens are eager's, which covers 3."""
     model = flare_models["qwen3_5"]
-    sizes = []
-    replay = GraphedForward._replay
-    monkeypatch.setattr(GraphedForward, "_replay", lambda self, ids, ctx: sizes.append(ids.shape[0]) or replay(
-        self, ids, ctx))
+    sizes = _spied(monkeypatch, lambda ids, ctx: ids.shape[0])
 
     def run(setting):
-        if setting is None:
-            monkeypatch.delenv(GRAPHS_ENV, raising=False)
-        else:
-            monkeypatch.setenv(GRAPHS_ENV, setting)
-        model.pacing.clear()
+        _setting(model, monkeypatch, setting)
         engine = Engine(model, EngineConfig(max_num_seqs=8))
         seqs = [engine.add_request(PROMPTS[i], SamplingParams(max_new_tokens=4 + 3 * i, temperature=0.0,
                                                               ignore_eos=True), mode) for i in range(3)]
@@ -213,18 +213,11 @@ def test_prefills_after_a_kept_beginning_run_eagerly(flare_models, monkeypatch, 
     """A prompt that starts with a kept conversation prefills only its few last tokens: eagerly (a graph for each
     such length would compile while clients wait); the steps after it replay graphs, with the eager tokens."""
     model = flare_models["qwen3_5"]
-    rows = []
-    replay = GraphedForward._replay
-    monkeypatch.setattr(GraphedForward, "_replay", lambda self, ids, ctx: rows.append(ids.shape[1]) or replay(
-        self, ids, ctx))
+    rows = _spied(monkeypatch, lambda ids, ctx: ids.shape[1])
     base = list(range(3, 27))
 
     def run(setting):
-        if setting is None:
-            monkeypatch.delenv(GRAPHS_ENV, raising=False)
-        else:
-            monkeypatch.setenv(GRAPHS_ENV, setting)
-        model.pacing.clear()
+        _setting(model, monkeypatch, setting)
         engine = Engine(model, EngineConfig(max_num_seqs=2))
         params = SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True)
         first = list(engine.generate([base], params, mode)[0].output_ids)
