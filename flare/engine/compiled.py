@@ -41,16 +41,18 @@ bookkeeping of ``flare.engine.graphed`` (each short forward into a cache shaped 
 mask, its context copied into the graph's buffers; a graph per kind, batch, rows and capacity) with each graph
 compiled by inductor for its shapes, weights frozen (``static_capture``). Steps cover a power of two of slots
 (``CachedRunner.covers``), prefills run eagerly, and an engine's cache starts at ``GRAPHED_CAPACITY`` KV slots, so
-a server compiles its graphs in its warm-up. Measured on an AVX-512-BF16 EPYC without AMX (``bench_modes.py``,
-eager against static in one session): the demo checkpoint (fp32, one thread, ``--task arithmetic``, 5 repeats)
-causal 561 / 2,925 -> 1,072 / 5,496 tokens/s at batch 1 / 8, AR-Trust 691 / 2,457 -> 1,227 / 5,224 (its ratio to
-causal 1.23x / 0.84x -> 1.14x / 0.95x: a round's eager bookkeeping weighs more), 12 graphs in 179 s of warm-up;
-SmolLM2 (bf16, two threads, 32 random prompt tokens, 32 new; a barely trained conversion, so AR-Trust drafts are
-rejected and this prices its rounds) causal 43.1 / 238.7 -> 47.3 / 271.1, AR-Trust 40.6 / 198.1 -> 47.7 / 245.3,
-10 graphs in 236 s, peak memory 1.4 -> 3.5 GB (each graph holds its frozen, packed weights); its attention reads
-the longest sequence's keys (``span_attention``: reading the whole capacity, 1,024 slots in a server, made 8
-sequences' steps slower than eager: ``flare serve`` 140.5 against 216.1 tokens/s at 8 requests, now 271.8).
-The demo figures predate ``span_attention``.
+a server compiles its graphs in its warm-up; where a graph's capacity is large (``SPAN_MIN_WORK``), attention
+reads the longest sequence's keys only (``flare.ops.attention.span_attention``: the whole capacity, 1,024 slots
+in a server, made 8 requests' steps slower than eager, ``flare serve`` 140.5 against 216.1 tokens/s, spanned
+271.8). Measured on an AVX-512-BF16 EPYC without AMX (``bench_modes.py``, eager then static in one session): the
+demo checkpoint (fp32, one thread, ``--task arithmetic``, 5 repeats) causal 559 / 2,771 -> 1,031 / 5,138 tokens/s
+at batch 1 / 8, AR-Trust 670 / 2,434 -> 1,195 / 3,754 (its ratio to causal 1.20x / 0.88x -> 1.16x / 0.73x: a
+round's eager bookkeeping weighs more), 10 graphs in 83 s of warm-up; SmolLM2 (bf16, two threads, 32 random
+prompt tokens, 32 new; a barely trained conversion, so AR-Trust drafts are rejected and this prices its rounds)
+causal 40.6 / 245.6 -> 50.9 / 252.8, AR-Trust 38.7 / 184.8 -> 49.4 / 245.6, 10 graphs in 254 s, peak memory 1.4
+-> 3.5 GB (each graph holds its frozen, packed weights). Measured and not kept: linears as an opaque custom op
+on the shared packed weights instead of freezing (a graph compiles in 8 s instead of 28 and holds no weights, but
+a SmolLM2 decode took 1.0 s against 0.65: a Python custom op's call costs).
 """
 
 from __future__ import annotations

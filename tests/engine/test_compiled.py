@@ -206,6 +206,27 @@ def test_static_compiled_rounds_of_one_kind_replay_one_graph(flare_models, monke
     KEPT.clear()
 
 
+@pytest.mark.parametrize("mode", ["causal", "ar_trust:redraft=every:pause=0", "diffusion_trust"])
+@pytest.mark.parametrize("spans", [True, False])
+def test_static_attention_over_the_longest_sequence_gives_the_eager_tokens(flare_models, monkeypatch, mode, spans):
+    """Where a graph's capacity is large (``SPAN_MIN_WORK``; the tiny model's never is unless the bar is lowered),
+    attention reads the keys up to the longest sequence only (``span_attention``), else the whole capacity: the
+    eager tokens either way."""
+    import flare.engine.graphed as graphed
+
+    model = flare_models["qwen3_5"]
+    want, _ = _tokens(model, mode, PROMPTS, monkeypatch, None)
+    monkeypatch.setattr(graphed, "SPAN_MIN_WORK", 0 if spans else 2**62)
+    seen = []
+    replay = graphed.GraphedForward._replay
+    monkeypatch.setattr(graphed.GraphedForward, "_replay", lambda self, ids, ctx: seen.append(ctx.span) or replay(
+        self, ids, ctx))
+    got, _ = _tokens(model, mode, PROMPTS, monkeypatch, _static(monkeypatch))
+    assert got == want and seen
+    assert all((span is not None) == spans for span in seen)
+    KEPT.clear()
+
+
 def test_a_failed_static_compile_warns_once_and_decodes_eagerly(flare_models, monkeypatch):
     model = flare_models["qwen3_5"]
     want, _ = _tokens(model, "ar_trust", PROMPTS, monkeypatch, None)
