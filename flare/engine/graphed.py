@@ -225,7 +225,7 @@ class GraphedForward:
         self.graphs: dict[tuple, _Graph] = {}
         self.captures = 0
         self.failed = False
-        self.eager = False  # set while a runner prefills (``CachedRunner.prefilling``): no graph for a prompt's shape
+        self.eager = False  # set while a runner prefills (``eagerly``): no graph for a prompt's shape
 
     def __call__(self, input_ids: torch.Tensor, *, cache=None, valid=None, layout=None, record=None):
         model = self.model

@@ -61,10 +61,8 @@ class Attention(nn.Module):
             out = _per_stream(q, k, v, ctx.attn_mask, D**-0.5).reshape(B, T, self.num_heads * D)
         else:
             self.last_path = attention_path(q, k, ctx.attn_mask)
-            if ctx.span is not None:
-                out = span_attention(q, k, v, ctx.attn_mask, ctx.span, D**-0.5).reshape(B, T, self.num_heads * D)
-            else:
-                out = attention(q, k, v, ctx.attn_mask, D**-0.5).reshape(B, T, self.num_heads * D)
+            out = (attention(q, k, v, ctx.attn_mask, D**-0.5) if ctx.span is None
+                   else span_attention(q, k, v, ctx.attn_mask, ctx.span, D**-0.5)).reshape(B, T, self.num_heads * D)
         if gate is not None:
             out = out * torch.sigmoid(gate)
         return self.o_proj(out)
