@@ -177,5 +177,4 @@ class Lane:
 
     def counts(self, mask: torch.Tensor, n: int | torch.Tensor) -> torch.Tensor:
         """n where ``mask`` else 0, as a [S] long tensor."""
-        n = torch.as_tensor(n, device=mask.device)
-        return torch.where(mask, n, torch.zeros_like(n)).long().expand(mask.shape[0])
+        return torch.where(mask, n, 0).long()

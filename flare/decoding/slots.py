@@ -17,6 +17,8 @@ import torch
 
 from flare.decoding.params import SamplingParams
 
+MASKS_KEPT = 256  # slot lists whose ``mask`` is kept (past it they are made again)
+
 
 class SlotBatch:
     def __init__(self, num_slots: int, device: torch.device | str) -> None:
@@ -37,6 +39,7 @@ class SlotBatch:
         self.stop_lists: list[list[int]] = [[] for _ in range(S)]
         self.generators: list[torch.Generator | None] = [None] * S
         self.live: list[bool] = [False] * S  # host mirror: admitted and not finished (refreshed once per step)
+        self._masks: dict[tuple[int, ...], torch.Tensor] = {}  # ``mask``'s tensors by slot list (never written)
 
     # ------------------------------------------------------------------------------------------ admission
     def admit(self, slot: int, params: SamplingParams, stops: list[int], generator: torch.Generator | None,
@@ -68,10 +71,17 @@ class SlotBatch:
         self.live[slot] = False
 
     def mask(self, slots: list[int]) -> torch.Tensor:
-        """[S] bool, True at ``slots``."""
-        m = torch.zeros(self.num_slots, dtype=torch.bool)  # host: indexed by a host list, then one copy
-        m[slots] = True
-        return m.to(self.device)
+        """[S] bool, True at ``slots``: one tensor per slot list, made once (a step asks for the same few several
+        times; callers only read it)."""
+        key = tuple(slots)
+        m = self._masks.get(key)
+        if m is None:
+            if len(self._masks) >= MASKS_KEPT:
+                self._masks.clear()
+            m = torch.zeros(self.num_slots, dtype=torch.bool)  # host: indexed by a host list, then one copy
+            m[slots] = True
+            m = self._masks[key] = m.to(self.device)
+        return m
 
     def all_greedy(self, slots: list[int]) -> bool:
         return all(self.params[s].greedy for s in slots)

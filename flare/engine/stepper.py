@@ -248,22 +248,7 @@ class Stepper:
         self.intact = False
         S = self.slots.num_slots
         R = max(p.tokens.shape[1] for _, _, p in plans)
-        first = plans[0][2]
-        tokens = torch.zeros(S, R, dtype=torch.long, device=first.tokens.device)
-        clean, noisy = torch.zeros_like(first.num_clean), torch.zeros_like(first.num_noisy)
-        grouped = any(p.seeds is not None for _, _, p in plans)
-        seeds = torch.zeros(S, R, dtype=torch.long, device=tokens.device) if grouped else None
-        live_all: list[int] = []
-        for _, live, p in plans:
-            m = self.slots.mask(live)
-            tokens = torch.where(m[:, None], F.pad(p.tokens, (0, R - p.tokens.shape[1])), tokens)
-            clean, noisy = torch.where(m, p.num_clean, clean), torch.where(m, p.num_noisy, noisy)
-            if grouped:
-                # A lane without groups seeds its one noisy group after all of its clean rows.
-                own = p.num_clean[:, None].expand(S, R) if p.seeds is None else F.pad(
-                    p.seeds, (0, R - p.seeds.shape[1]))
-                seeds = torch.where(m[:, None], own, seeds)
-            live_all += live
+        tokens, clean, noisy, seeds, live_all = self._merged(plans, R)
         # A slot that finished at its prefill (a stop token, or a one-token request) is still stepped until this
         # step's read notices; it takes no part in the count, and what it emits past the end is cut on the host.
         self.slots.active_forwards += (self.slots.mask(live_all) & ~self.slots.finished).long()
@@ -292,6 +277,31 @@ class Stepper:
         self.sync()
         self.intact = True
         return True
+
+    def _merged(self, plans: list, R: int):
+        """The step's rows [S, R], clean and noisy counts, seeds (or None) and live slots, from every lane's plan
+        (a plan's counts are zero outside its live slots; its tokens there are zeroed)."""
+        if len(plans) == 1:  # one lane: its plan as it is
+            _, live, p = plans[0]
+            return torch.where(self.slots.mask(live)[:, None], p.tokens, 0), p.num_clean, p.num_noisy, p.seeds, live
+        S = self.slots.num_slots
+        first = plans[0][2]
+        tokens = torch.zeros(S, R, dtype=torch.long, device=first.tokens.device)
+        clean, noisy = torch.zeros_like(first.num_clean), torch.zeros_like(first.num_noisy)
+        grouped = any(p.seeds is not None for _, _, p in plans)
+        seeds = torch.zeros(S, R, dtype=torch.long, device=tokens.device) if grouped else None
+        live_all: list[int] = []
+        for _, live, p in plans:
+            m = self.slots.mask(live)
+            tokens = torch.where(m[:, None], F.pad(p.tokens, (0, R - p.tokens.shape[1])), tokens)
+            clean, noisy = torch.where(m, p.num_clean, clean), torch.where(m, p.num_noisy, noisy)
+            if grouped:
+                # A lane without groups seeds its one noisy group after all of its clean rows.
+                own = p.num_clean[:, None].expand(S, R) if p.seeds is None else F.pad(
+                    p.seeds, (0, R - p.seeds.shape[1]))
+                seeds = torch.where(m[:, None], own, seeds)
+            live_all += live
+        return tokens, clean, noisy, seeds, live_all
 
     def sync(self) -> None:
         """The one host read per step: which slots finished, the cache's true length bounds, what each lane
