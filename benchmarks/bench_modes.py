@@ -62,7 +62,7 @@ from flare.decoding import OPTIONS, ArTrustOptions, CausalOptions, SamplingParam
 from flare.decoding.ar_trust import AUTO_EVERY_SLOTS
 from flare.device import describe
 from flare.engine import decode
-from flare.engine.compiled import WARMUPS, graphs_compiled, warm_until_compiled, warms_up
+from flare.engine.compiled import WARMUPS, graphs_compiled, warm_forms, warm_until_compiled, warms_up
 from flare.engine.graphed import GraphedForward
 from flare.testing.ties import divergences
 
@@ -323,8 +323,10 @@ def run(a: argparse.Namespace, ap: argparse.ArgumentParser, stack: ExitStack) ->
             t0 = time.perf_counter()
             timed_decode(model, [p[:4] for p in prompts], warm, spec[mode])
             # Compiled (FLARE_COMPILE): whole decodes until one compiles no graph, so that no timed round waits
-            # for the compiler (AR-Trust's pacer meets new kinds of rounds, and sizes turn dynamic, over several).
-            warm_until_compiled(model, lambda: timed_decode(model, prompts, params, spec[mode]))
+            # for the compiler (AR-Trust's pacer meets new kinds of rounds, and sizes turn dynamic, over several;
+            # with graphs per shape each kind its pacer may try is warmed pinned, ``warm_forms``).
+            for form in warm_forms(model, spec[mode], B):
+                warm_until_compiled(model, lambda: timed_decode(model, prompts, params, form))
             if compiling:
                 sections["compile warm-up"] = sections.get("compile warm-up", 0.0) + time.perf_counter() - t0
         times: dict[str, list[float]] = {m: [] for m in modes}

@@ -58,11 +58,14 @@ a SmolLM2 decode took 1.0 s against 0.65: a Python custom op's call costs).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import warnings
 
 import torch
 
+from flare.decoding.ar_trust import AUTO_EVERY_SLOTS
+from flare.decoding.options import ArTrustOptions, CausalOptions, ModeOptions
 from flare.engine.graphed import MAX_ROWS, GraphedForward, graphs_setting
 from flare.model import FlareModel
 
@@ -158,6 +161,43 @@ def warm_until_compiled(model: FlareModel, run, most: int = WARMUPS) -> None:
         run()
         if model.compiles == compiles:
             return
+
+
+def warm_forms(model: FlareModel, options: ModeOptions, covered: int) -> list[ModeOptions]:
+    """The modes to warm up, one after another, so that ``options``' rounds over ``covered`` slots find their graphs
+    where graphs are kept per forward shape (``keeps_graphs``): the mode itself, and for a paced AR-Trust (``pause``
+    > 0) every kind of round its pacer may run, each pinned: m drafts with one MASK group (the round of
+    ``gen_block=m+1:redraft=last:pause=0``, the same rows), a group per acceptance point (where the pacer has it at
+    that width) and causal steps. A pacer tries its kinds now and then (``flare.decoding.pacer``): a warm-up of the
+    mode's own requests leaves some untried, and the first trial of one would compile while requests wait."""
+    if not isinstance(options, ArTrustOptions) or options.pause == 0 or not keeps_graphs(model):
+        return [options]
+    known = options.resolve(model.config.trained_block)
+    forms: list[ModeOptions] = []
+    if known.redraft != "every":
+        forms += [dataclasses.replace(known, gen_block=m + 1, redraft="last", pause=0)
+                  for m in range(1, known.gen_block)]
+    if known.redraft == "every" or (known.redraft == "auto" and covered <= AUTO_EVERY_SLOTS):
+        forms.append(dataclasses.replace(known, redraft="every", pause=0))
+    return forms + [CausalOptions(), options]
+
+
+def warm_batches(slots: int) -> list[int]:
+    """The batches an engine's warm-up runs: alone, each power of two below its ``slots`` (graphed steps cover such
+    a count of slots, ``CachedRunner.covers``), and a full batch with one more admitted as a slot frees (a prefill
+    into a busy cache)."""
+    return [1 << k for k in range(slots.bit_length()) if 1 << k < slots] + [slots + 1]
+
+
+def warm_mode(model: FlareModel, options: ModeOptions, slots: int, run) -> None:
+    """Warm an engine of ``slots`` slots up for ``options`` where decoding is compiled or graphed: ``run(n, form)``
+    (a batch of n requests in mode ``form``) for each of ``warm_batches`` and ``warm_forms``, each until it
+    compiles nothing (``warm_until_compiled``)."""
+    if warms_up(model) is None:
+        return
+    for n in warm_batches(slots):
+        for form in warm_forms(model, options, min(n, slots)):
+            warm_until_compiled(model, lambda: run(n, form))
 
 
 def frozen(backend: str):

@@ -69,27 +69,28 @@ COMPILE_WARMUP_TOKENS = 24
 
 def warm_up(llm: LLM) -> dict[str, str]:
     """One tiny request through the engine (and the chat template compiled), so the first client does not pay
-    for it; the kernel paths used. Where decoding is compiled, whole requests of the default mode and of causal
-    decoding, in batches of each power of two up to the slots (graphed steps cover such a count of slots,
-    ``CachedRunner.covers``) and a full batch with one more, until a batch compiles no graph: the graphs a server's
-    first minutes would otherwise compile while clients wait (what the pacer learned on these made-up prompts is
-    forgotten)."""
+    for it; the kernel paths used. Where decoding is compiled, whole requests of the default mode (for a paced
+    AR-Trust, each kind of round its pacer may run, pinned) and of causal decoding, in batches of each power of two
+    up to the slots and a full batch with one more, until a batch compiles no graph (``flare.engine.compiled.
+    warm_mode``): the graphs a server's first minutes would otherwise compile while clients wait (what the pacer
+    learned on these made-up prompts is forgotten)."""
     import time
 
-    from flare.decoding import SamplingParams
-    from flare.engine.compiled import warm_until_compiled, warms_up
+    from flare.decoding import SamplingParams, as_options
+    from flare.engine.compiled import warm_mode, warms_up
 
     engine, model = llm.engine, llm.model
     engine.generate([[0]], SamplingParams(temperature=0, max_new_tokens=2, ignore_eos=True), "causal")
     if warms_up(model) is not None:
         start, before = time.perf_counter(), model.compiles
         params = SamplingParams(temperature=0, max_new_tokens=COMPILE_WARMUP_TOKENS, ignore_eos=True)
+
+        def run(n, form):
+            prompts = [[1 + (i + j) % 7 for j in range(5 + i % 4)] for i in range(n)]
+            engine.generate(prompts, params, form)
+
         for mode in dict.fromkeys([engine.config.default_mode, "causal"]):
-            slots = engine.config.max_num_seqs
-            # Alone, each power of two, and a full batch with one admitted after it.
-            for n in [1 << k for k in range(slots.bit_length()) if 1 << k < slots] + [slots + 1]:
-                prompts = [[1 + (i + j) % 7 for j in range(5 + i % 4)] for i in range(n)]
-                warm_until_compiled(model, lambda: engine.generate(prompts, params, mode))
+            warm_mode(model, as_options(mode), engine.config.max_num_seqs, run)
         engine.stepper.forget_pacing()
         log.info("compiled decoding (%s): %d forwards compiled a graph in %.0f s of warm-up", warms_up(model),
                  model.compiles - before, time.perf_counter() - start)

@@ -263,3 +263,43 @@ def test_static_inductor_decoding_gives_the_eager_tokens(flare_models, monkeypat
     got, paths = _tokens(model, "causal", PROMPTS[:1], monkeypatch, setting)
     assert got == want and paths.get("compile") == "FLARE_COMPILE=static"
     KEPT.clear()
+
+
+@pytest.mark.parametrize("redraft", ["auto", "last"])
+def test_static_warm_forms_leave_no_kind_of_paced_round_to_compile(flare_models, monkeypatch, redraft):
+    """``warm_forms``: a paced AR-Trust's kinds of round, each pinned (m drafts and one MASK group, a group per
+    acceptance point, causal steps). Once they ran, a paced decode whose pacer takes every kind in turn compiles
+    nothing (each pinned form's forward is its kind's) and gives the causal tokens."""
+    import itertools
+
+    from flare.decoding import as_options
+    from flare.decoding.pacer import CAUSAL, EVERY
+
+    model = flare_models["qwen3_5"]
+    want, _ = _tokens(model, "causal", PROMPTS[:1], monkeypatch, None)
+    setting = _static(monkeypatch)
+    monkeypatch.setenv(COMPILE_ENV, setting)
+    options = as_options(f"ar_trust:redraft={redraft}")
+    M = options.resolve(model.config.trained_block).gen_block - 1
+    forms = compiled.warm_forms(model, options, 1)
+    pinned = [f"ar_trust:gen_block={m + 1}:redraft=last:pause=0" for m in range(1, M + 1)]
+    every = [f"ar_trust:gen_block={M + 1}:redraft=every:pause=0"] if redraft == "auto" else []
+    assert [f.label() for f in forms] == pinned + every + ["causal", options.label()]
+    assert compiled.warm_forms(model, options, 4)[-3:][0].label() == pinned[-1]  # no group per point past 2 slots
+    for form in forms[:-1]:
+        _tokens(model, form, PROMPTS[:1], monkeypatch, setting)
+    graphs = compiled.graphs_compiled()
+    kinds = tuple(range(1, M + 1)) + ((EVERY,) if redraft == "auto" else ()) + (CAUSAL,)
+    turns = itertools.cycle(kinds * 2)  # each kind twice in a row: a round after a round of its own kind too
+    ran = []
+
+    def in_turn(self, sequences, covered=None):
+        ran.append(next(turns))
+        return ran[-1]
+
+    monkeypatch.setattr(Pacer, "next", in_turn)
+    got, _ = _tokens(model, options, PROMPTS[:1], monkeypatch, setting)
+    assert got == want and set(ran) == set(kinds)
+    assert compiled.graphs_compiled() == graphs
+    assert compiled.warm_forms(model, as_options("ar_trust:pause=0"), 1) == [as_options("ar_trust:pause=0")]
+    KEPT.clear()
