@@ -62,7 +62,8 @@ from flare.decoding import OPTIONS, ArTrustOptions, CausalOptions, SamplingParam
 from flare.decoding.ar_trust import AUTO_EVERY_SLOTS
 from flare.device import describe
 from flare.engine import decode
-from flare.engine.compiled import WARMUPS, graphs_compiled, warm_forms, warm_until_compiled, warms_up
+from flare.engine.compiled import (WARMUPS, graphs_compiled, warm_batches, warm_forms, warm_until_compiled,
+                                   warms_up)
 from flare.engine.graphed import GraphedForward
 from flare.testing.ties import divergences
 
@@ -323,10 +324,14 @@ def run(a: argparse.Namespace, ap: argparse.ArgumentParser, stack: ExitStack) ->
             t0 = time.perf_counter()
             timed_decode(model, [p[:4] for p in prompts], warm, spec[mode])
             # Compiled (FLARE_COMPILE): whole decodes until one compiles no graph, so that no timed round waits
-            # for the compiler (AR-Trust's pacer meets new kinds of rounds, and sizes turn dynamic, over several;
-            # with graphs per shape each kind its pacer may try is warmed pinned, ``warm_forms``).
-            for form in warm_forms(model, spec[mode], B):
-                warm_until_compiled(model, lambda: timed_decode(model, prompts, params, form))
+            # for the compiler (AR-Trust's pacer meets new kinds of rounds, and sizes turn dynamic, over several).
+            # With graphs per shape: each kind its pacer may try, pinned (``warm_forms``), over each power of two
+            # of the batch's slots (AR-Trust's sequences end in different rounds: a batch's last ones cover fewer
+            # slots), the slots past n ending at their first token.
+            for n in warm_batches(B)[:-1] + [B]:
+                each = [params if i < n else dataclasses.replace(params, max_new_tokens=1) for i in range(B)]
+                for form in warm_forms(model, spec[mode], n):
+                    warm_until_compiled(model, lambda: timed_decode(model, prompts, each, form))
             if compiling:
                 sections["compile warm-up"] = sections.get("compile warm-up", 0.0) + time.perf_counter() - t0
         times: dict[str, list[float]] = {m: [] for m in modes}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import weakref
+from collections.abc import Sequence
 
 import torch
 
@@ -37,23 +38,29 @@ def kept_runner(model: FlareModel, slots: int, capacity: int) -> CachedRunner:
 def decode(
     model: FlareModel,
     prompts: list[list[int]],
-    params: SamplingParams,
+    params: SamplingParams | Sequence[SamplingParams],
     mode: str | ModeOptions = "causal",
     *,
     reference: bool = False,
 ) -> DecodeResult:
     """Decode ``prompts`` (token ids) with ``mode``: options such as ``ArTrustOptions(gen_block=4)``, or their
-    text ``"ar_trust:gen_block=4"``; unset options come from the checkpoint. ``reference=True`` runs the same
-    strategy without caches, recomputing every forward from the full sequence: the ground truth the cached path
-    is tested against."""
+    text ``"ar_trust:gen_block=4"``; unset options come from the checkpoint. ``params``: one for every prompt
+    (a seeded one draws the whole batch from one random stream), or one per prompt (each seeded one its own
+    stream). ``reference=True`` runs the same strategy without caches, recomputing every forward from the full
+    sequence: the ground truth the cached path is tested against."""
     options = check_request(model.config, prompts, as_options(mode))
     B = len(prompts)
-    capacity = max(len(p) for p in prompts) + params.max_new_tokens + 64
+    if isinstance(params, SamplingParams):
+        gen = params.generator(model.device)
+        each = [(params, gen)] * B
+    else:
+        if len(params) != B:
+            raise ValueError(f"{len(params)} sampling params for {B} prompts: give one, or one per prompt")
+        each = [(p, p.generator(model.device)) for p in params]
+    capacity = max(len(p) for p in prompts) + max(p.max_new_tokens for p, _ in each) + 64
     runner = None if reference or not keeps_graphs(model) else kept_runner(model, B, capacity)
     stepper = Stepper(model, B, capacity, ReferenceRunner if reference else CachedRunner, runner=runner)
-    # One random stream for the whole batch, as a seeded batch call is expected to behave.
-    gen = params.generator(model.device)
-    stepper.admit([Admission(s, options, p, params, gen) for s, p in enumerate(prompts)])
+    stepper.admit([Admission(s, options, p, *each[s]) for s, p in enumerate(prompts)])
     while stepper.step():
         pass
     tokens, reasons = zip(*(stepper.output(s) for s in range(B)))

@@ -90,3 +90,19 @@ def test_unknown_mode(tiny_models):
 def test_bad_sampling_params(kwargs):
     with pytest.raises(ValueError):
         SamplingParams(**kwargs)
+
+
+def test_params_per_prompt_are_each_prompts_own(tiny_models):
+    """``decode`` with one sampling params per prompt: each prompt decodes as it would alone with its own (a
+    length, a seeded stream of its own); a list of the wrong length is an error that names both counts."""
+    model, _ = tiny_models["qwen3_5"]
+    prompts = _prompts(model.config.vocab_size, [5, 9, 3], seed=11)
+    each = [SamplingParams(temperature=0, max_new_tokens=9, ignore_eos=True),
+            SamplingParams(temperature=0.9, top_k=20, max_new_tokens=4, seed=3, ignore_eos=True),
+            SamplingParams(temperature=0, max_new_tokens=1, ignore_eos=True)]
+    out = decode(model, prompts, each)
+    assert [len(t) for t in out.token_ids] == [9, 4, 1]
+    for prompt, params, tokens in zip(prompts, each, out.token_ids):
+        assert decode(model, [prompt], params).token_ids[0] == tokens
+    with pytest.raises(ValueError, match="2 sampling params for 3 prompts"):
+        decode(model, prompts, each[:2])
