@@ -169,7 +169,6 @@ class ArTrustLane(Lane):
             every = greedy and len(live) <= AUTO_EVERY_SLOTS
         m = self.M
         if self.options.pause:
-            self.verdict.fill_(-1)
             if not greedy:
                 self.pacer.skip()  # sampled rounds are not paced, and not timed
             else:
@@ -186,6 +185,7 @@ class ArTrustLane(Lane):
             self.round = live
         mask = self.slots.mask(live)
         if len(self.paused) == len(live):  # every sequence steps causally: a plain causal forward
+            self.round = []  # no verdict to read (the pacer times the step all the same)
             return Plan(self.pending[:, None], mask.long(), torch.zeros_like(self.pending), commits_all=True,
                         same_clean=1)
         # The round drafts: a paused greedy sequence drafts along, since its rows are in the forward either way
