@@ -256,12 +256,19 @@ def test_inductor_is_patched_to_freeze_the_weights():
 @pytest.mark.slow
 def test_static_inductor_decoding_gives_the_eager_tokens(flare_models, monkeypatch):
     """The real thing once: inductor's code for a causal decode of the hybrid (one sequence, two capacities' graphs
-    at most), the same greedy tokens as eager."""
+    at most) and for AR-Trust rounds of one kind, the same greedy tokens as eager; the weights freezing packs are
+    packed once, for every graph (``shared_packing``)."""
     model = flare_models["qwen3_5"]
     want, _ = _tokens(model, "causal", PROMPTS[:1], monkeypatch, None)
     setting = _static(monkeypatch, backend="inductor")
     got, paths = _tokens(model, "causal", PROMPTS[:1], monkeypatch, setting)
     assert got == want and paths.get("compile") == "FLARE_COMPILE=static"
+    packs = dict(compiled._PACKS[model])
+    graphs = compiled.graphs_compiled()
+    assert packs and all(w.data_ptr() in {p.data_ptr() for p in model.parameters()} for w, _ in packs.values())
+    got, _ = _tokens(model, "ar_trust:gen_block=3:redraft=last:pause=0", PROMPTS[:1], monkeypatch, setting)
+    assert got == want and compiled.graphs_compiled() > graphs
+    assert compiled._PACKS[model].keys() == packs.keys()  # the rounds' graph packed nothing of its own
     KEPT.clear()
 
 
