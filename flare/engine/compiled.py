@@ -52,7 +52,11 @@ prompt tokens, 32 new; a barely trained conversion, so AR-Trust drafts are rejec
 causal 40.6 / 245.6 -> 50.9 / 252.8, AR-Trust 38.7 / 184.8 -> 49.4 / 245.6, 10 graphs in 254 s, peak memory 1.4
 -> 3.5 GB (each graph holds its frozen, packed weights). Measured and not kept: linears as an opaque custom op
 on the shared packed weights instead of freezing (a graph compiles in 8 s instead of 28 and holds no weights, but
-a SmolLM2 decode took 1.0 s against 0.65: a Python custom op's call costs).
+a SmolLM2 decode took 1.0 s against 0.65: a Python custom op's call costs). Since, a model's graphs share the
+packed weights freezing makes (``shared_packing``: SmolLM2, 3 graphs, peak memory 1.79 -> 1.37 GB), and warm-ups
+(``flare serve``, ``flare.eval``, ``bench_modes.py``) run each kind of round a paced AR-Trust may choose, pinned
+(``warm_forms``), over each power of two of slots: a pacer tries its kinds now and then, and a batch's last
+sequences cover fewer slots, so a timed demo decode at batch 8 had met a kind not compiled yet (11.1 s).
 """
 
 from __future__ import annotations
