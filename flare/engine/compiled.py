@@ -195,14 +195,14 @@ def warm_batches(slots: int) -> list[int]:
     return [1 << k for k in range(slots.bit_length()) if 1 << k < slots] + [slots + 1]
 
 
-def warm_mode(model: FlareModel, options: ModeOptions, slots: int, run) -> None:
-    """Warm an engine of ``slots`` slots up for ``options`` where decoding is compiled or graphed: ``run(n, form)``
-    (a batch of n requests in mode ``form``) for each of ``warm_batches`` and ``warm_forms``, each until it
-    compiles nothing (``warm_until_compiled``)."""
+def warm_modes(model: FlareModel, modes: list[ModeOptions], slots: int, run) -> None:
+    """Warm an engine of ``slots`` slots up for ``modes`` where decoding is compiled or graphed: ``run(n, form)``
+    (a batch of n requests in mode ``form``) for each of ``warm_batches`` and each of the modes' ``warm_forms``
+    (a form two modes share once), each until it compiles nothing (``warm_until_compiled``)."""
     if warms_up(model) is None:
         return
     for n in warm_batches(slots):
-        for form in warm_forms(model, options, min(n, slots)):
+        for form in dict.fromkeys(f for mode in modes for f in warm_forms(model, mode, min(n, slots))):
             warm_until_compiled(model, lambda: run(n, form))
 
 
@@ -243,7 +243,7 @@ def shared_packing(packs: dict):
     return unittest.mock.patch.object(ConstantFolder, "_deduce_value", shared)
 
 
-def static_capture(fn, pool, packs: dict | None = None):
+def static_capture(fn, pool, packs: dict):
     """``fn`` (a forward over ``GraphedForward``'s buffers: static shapes) compiled for its shapes, with the weights
     frozen into the graph (their packed copies shared through ``packs``, ``shared_packing``): (replay, the output a
     replay writes)."""
@@ -252,7 +252,7 @@ def static_capture(fn, pool, packs: dict | None = None):
     torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit,
                                                            STATIC_GRAPHS)
     graph = torch.compile(fn, backend=STATIC_BACKEND, dynamic=False, fullgraph=True)
-    with frozen(STATIC_BACKEND), shared_packing({} if packs is None else packs):
+    with frozen(STATIC_BACKEND), shared_packing(packs):
         out = graph()
 
     def replay() -> None:

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from flare.decoding import ModeOptions, SamplingParams
-from flare.engine.compiled import warm_mode
+from flare.engine.compiled import warm_modes
 from flare.engine.llm import LLM
 from flare.eval.tasks import Task
 
@@ -86,9 +86,9 @@ def evaluate(llm: LLM, task: Task, modes: list[ModeOptions], params: SamplingPar
         llm.generate(first, dataclasses.replace(params, max_new_tokens=2), options)
         # Compiled (FLARE_COMPILE): whole requests until they compile nothing, so the timed run waits for no graph:
         # alone, each power of two of slots, a full batch with one more admitted as a slot frees, and for a paced
-        # AR-Trust each kind of round its pacer may try (``warm_mode``).
-        warm_mode(llm.model, options, llm.engine.config.max_num_seqs,
-                  lambda n, form: llm.generate([prompts[i % len(prompts)] for i in range(n)], params, form))
+        # AR-Trust each kind of round its pacer may try (``warm_modes``).
+        warm_modes(llm.model, [options], llm.engine.config.max_num_seqs,
+                   lambda n, form: llm.generate([prompts[i % len(prompts)] for i in range(n)], params, form))
         llm.engine.reset_prefix_cache()  # each mode's prompts start from no kept beginning (not the warm-up's)
         start = time.perf_counter()
         done = llm.generate(prompts, params, options, progress=options.label() if progress else None)

@@ -72,12 +72,12 @@ def warm_up(llm: LLM) -> dict[str, str]:
     for it; the kernel paths used. Where decoding is compiled, whole requests of the default mode (for a paced
     AR-Trust, each kind of round its pacer may run, pinned) and of causal decoding, in batches of each power of two
     up to the slots and a full batch with one more, until a batch compiles no graph (``flare.engine.compiled.
-    warm_mode``): the graphs a server's first minutes would otherwise compile while clients wait (what the pacer
+    warm_modes``): the graphs a server's first minutes would otherwise compile while clients wait (what the pacer
     learned on these made-up prompts is forgotten)."""
     import time
 
     from flare.decoding import SamplingParams, as_options
-    from flare.engine.compiled import warm_mode, warms_up
+    from flare.engine.compiled import warm_modes, warms_up
 
     engine, model = llm.engine, llm.model
     engine.generate([[0]], SamplingParams(temperature=0, max_new_tokens=2, ignore_eos=True), "causal")
@@ -89,8 +89,8 @@ def warm_up(llm: LLM) -> dict[str, str]:
             prompts = [[1 + (i + j) % 7 for j in range(5 + i % 4)] for i in range(n)]
             engine.generate(prompts, params, form)
 
-        for mode in dict.fromkeys([engine.config.default_mode, "causal"]):
-            warm_mode(model, as_options(mode), engine.config.max_num_seqs, run)
+        warm_modes(model, [as_options(engine.config.default_mode), as_options("causal")], engine.config.max_num_seqs,
+                   run)
         engine.stepper.forget_pacing()
         log.info("compiled decoding (%s): %d forwards compiled a graph in %.0f s of warm-up", warms_up(model),
                  model.compiles - before, time.perf_counter() - start)
