@@ -66,6 +66,8 @@ class ArTrustLane(Lane):
     def __init__(self, model, slots, options, pacing: dict | None = None) -> None:
         super().__init__(model, slots, options, pacing)
         self.mask_id = model.config.mask_token_id
+        vocab = model.lm_head.weight.shape[0]
+        self.short = options.draft_vocab if 0 < options.draft_vocab < vocab else 0  # 0: the whole vocabulary
         S, dev = slots.num_slots, slots.device
         self.N = options.gen_block
         self.M = self.N - 1
@@ -264,12 +266,14 @@ class ArTrustLane(Lane):
         # acceptance point too, while the rows are few (``ONE_PASS_ROWS``; AMX, bf16, 49,152 x 576: 25 rows
         # 1.5 ms, 5 + 4 rows in two passes 2.5 ms); beyond, only the clean rows and, once the acceptance is
         # known, the kept group are computed.
-        m = self.m  # this round's drafts and MASK rows (M, or fewer in a paced round of a greedy batch)
+        # With a draft vocabulary (``draft_vocab``) the MASK rows' head is a pass of its own, over the shortlist.
+        m, short = self.m, self.short  # this round's drafts and MASK rows (M, or fewer in a paced greedy round)
         if self.every:
-            whole_pass = row_logits.covered * (N + N * M) <= ONE_PASS_ROWS
+            whole_pass = not short and row_logits.covered * (N + N * M) <= ONE_PASS_ROWS
             head = (0, N + N * M) if whole_pass else (0, N)
         else:
-            whole_pass, head = True, (0, 1 + 2 * m)
+            whole_pass = not short
+            head = (0, 1 + 2 * m) if whole_pass else (0, 1 + m)
         v = self.v  # the drafts verified (0: a cold round)
         cold = v == 0
         policy = self.options.draft_policy
@@ -308,9 +312,11 @@ class ArTrustLane(Lane):
         else:
             at = (1 + v)[:, None] + torch.arange(m, device=s.device)
         if greedy:
-            d_new, q_new = (picks.gather(1, at) if whole_pass else row_logits.picks_at(at)), None
+            d_new, q_new = (picks.gather(1, at) if whole_pass else row_logits.draft_picks_at(at, short) if short
+                            else row_logits.picks_at(at)), None
         else:
-            draft_logits = take_rows(whole, at) if whole_pass else row_logits.at(at)
+            draft_logits = (take_rows(whole, at) if whole_pass else row_logits.draft_at(at, short) if short
+                            else row_logits.at(at))
             if policy == "exact_truncated":
                 q_new = self._laws(drafting, draft_logits)
                 d_new = s.per_generator(drafting, lambda q_, g: draw(q_, g), q_new)

@@ -15,6 +15,7 @@ import torch
 
 from flare.decoding.slots import SlotBatch
 from flare.model import FlareModel
+from flare.model.draft_vocab import draft_law_logits, draft_picks
 from flare.ops.sampling import argmax, sample
 from flare.ops.take import take_rows
 
@@ -60,6 +61,15 @@ class RowLogits:
     def picks_at(self, index: torch.Tensor) -> torch.Tensor:
         """The argmax of ``at(index)`` [S, K]."""
         return pad_slots(argmax(self._gathered(index)), self.slots)
+
+    def draft_picks_at(self, index: torch.Tensor, vocab: int) -> torch.Tensor:
+        """``picks_at`` among the draft vocabulary of ``vocab`` (``flare.model.draft_vocab``) [S, K]."""
+        return pad_slots(draft_picks(self.model, take_rows(self.hidden, index[:self.covered]), vocab), self.slots)
+
+    def draft_at(self, index: torch.Tensor, vocab: int) -> torch.Tensor:
+        """``at`` over the draft vocabulary of ``vocab``, -inf at every other token [S, K, V]."""
+        return pad_slots(draft_law_logits(self.model, take_rows(self.hidden, index[:self.covered]), vocab),
+                         self.slots)
 
 
 def after_prompt(hidden: torch.Tensor, prompt_len: torch.Tensor, k: int) -> torch.Tensor:

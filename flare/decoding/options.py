@@ -84,9 +84,15 @@ class ArTrustOptions(ModeOptions):
                          "batch is paced on the clock instead (drafting rounds or causal steps, whichever commits "
                          "faster); 0 = always draft, unpaced")
 
+    draft_vocab: int = _opt(0, "ar_trust: the MASK rows draft among the first K token ids only (and the end "
+                               "tokens): their LM head costs K / V of the whole vocabulary's; the verify rows read "
+                               "the whole vocabulary, so decoding stays exact; 0 = the whole vocabulary")
+
     def __post_init__(self) -> None:
         if self.pause < 0:
             raise ValueError(f"pause must be >= 0, got {self.pause}")
+        if self.draft_vocab < 0:
+            raise ValueError(f"draft_vocab must be >= 0, got {self.draft_vocab}")
         if self.gen_block is not None and self.gen_block < 2:
             raise ValueError(f"gen_block (N) must be >= 2, got {self.gen_block}")
         if self.draft_policy not in DRAFT_POLICIES:

@@ -50,13 +50,13 @@ class PackedLinear(nn.Linear):
         if (not weights_frozen() or x.dtype != w.dtype or (b is not None and b.dtype != w.dtype)
                 or (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)) or faking()):
             return F.linear(x, w, b)
-        packed = derived(self, "packed", _pack, w)
+        packed = derived(self, "packed", pack, w)
         if packed is None:
             return F.linear(x, w, b)
         return torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
 
 
-def _pack(w: torch.Tensor) -> torch.Tensor | None:
+def pack(w: torch.Tensor) -> torch.Tensor | None:
     """The oneDNN-packed copy of ``w``, or None where it does not pack (``flare.device.packs``)."""
     return torch.ops.mkldnn._reorder_linear_weight(w.detach(), None) if packs(w) else None
 

@@ -33,6 +33,57 @@ def test_greedy_ar_trust_equals_greedy_causal(flare_models, family, gen_block, r
     assert trust.drafted > 0 and trust.mode == "ar_trust"
 
 
+@pytest.mark.parametrize("family", ["qwen3_5", "llama"])
+@pytest.mark.parametrize("redraft", ["last", "every"])
+@pytest.mark.parametrize("pause", [0, 4])
+def test_a_draft_vocabulary_leaves_greedy_tokens_causal(flare_models, monkeypatch, family, redraft, pause):
+    """The MASK rows draft among the first ids only (a proposal the verify rows judge over the whole vocabulary):
+    the tokens stay the causal ones, every draft is in the shortlist, and the whole-vocabulary head never drafts."""
+    from flare.decoding.lane import RowLogits
+
+    model = flare_models[family]
+    prompts = _prompts([1, 4, 13, 30], seed=5)
+    params = SamplingParams(temperature=0, max_new_tokens=18)
+    drafts = []
+    inner = RowLogits.draft_picks_at
+    monkeypatch.setattr(RowLogits, "draft_picks_at", lambda self, at, k: drafts.append(inner(self, at, k)) or
+                        drafts[-1])
+    monkeypatch.setattr(RowLogits, "picks_at", lambda *a: pytest.fail("drafted over the whole vocabulary"))
+    causal = decode(model, prompts, params)
+    trust = decode(model, prompts, params, ArTrustOptions(gen_block=4, redraft=redraft, pause=pause, draft_vocab=40))
+    assert trust.token_ids == causal.token_ids and trust.drafted > 0
+    picked = torch.cat([d.flatten() for d in drafts])
+    eos = model.config.eos_token_ids
+    assert ((picked < 40) | torch.isin(picked, torch.tensor(eos))).all()
+    assert (picked != model.config.mask_token_id).all()
+
+
+def test_draft_vocabulary_ids_and_logits(flare_models):
+    """The shortlist is ids below k with the end tokens and without [MASK]; its logits are the full head's at
+    those ids (packed or not), and spread over the vocabulary they are -inf elsewhere."""
+    from flare.model.draft_vocab import draft_ids, draft_law_logits, draft_logits
+    from flare.model.layers import frozen_weights
+
+    model = flare_models["qwen3_5"]
+    cfg, V = model.config, model.lm_head.weight.shape[0]
+    ids = draft_ids(cfg, V, 10)
+    assert ids.tolist() == sorted(set(range(10)) | set(cfg.eos_token_ids) - {cfg.mask_token_id})
+    hidden = torch.randn(2, 3, cfg.hidden_size)
+    with torch.inference_mode():
+        full = model.logits(hidden.clone())
+        for frozen in (False, True):
+            if frozen:
+                with frozen_weights():
+                    short, got = draft_logits(model, hidden, 10)
+            else:
+                short, got = draft_logits(model, hidden, 10)
+            assert got.tolist() == ids.tolist()
+            torch.testing.assert_close(short, full[..., ids])
+        spread = draft_law_logits(model, hidden, 10)
+        torch.testing.assert_close(spread[..., ids], full[..., ids])
+        assert spread.isinf().sum() == 2 * 3 * (V - len(ids))
+
+
 def test_redrafting_from_every_acceptance_point_leaves_no_cold_round(flare_models):
     """A random model rejects almost every draft: with redraft=last every round after a rejection is cold (no
     drafts to verify); with every, each round verifies N-1 drafts (the prefill drafted the first)."""
@@ -135,14 +186,17 @@ def tiny_vocab_model(tmp_path_factory):
     return model
 
 
-@pytest.mark.parametrize("policy, redraft", [("exact_truncated", "last"), ("argmax_full_verify", "last"),
-                                             ("exact_truncated", "every")])
-def test_sampling_law_is_the_causal_law(tiny_vocab_model, policy, redraft):
-    """Chi-square of the first three sampled tokens against the exact causal law, at a fixed seed."""
+@pytest.mark.parametrize("policy, redraft, draft_vocab", [
+    ("exact_truncated", "last", 0), ("argmax_full_verify", "last", 0), ("exact_truncated", "every", 0),
+    ("exact_truncated", "last", 4)])
+def test_sampling_law_is_the_causal_law(tiny_vocab_model, policy, redraft, draft_vocab):
+    """Chi-square of the first three sampled tokens against the exact causal law, at a fixed seed; with a draft
+    vocabulary of ids 0-3 the drafts never propose 4-6, which the causal law still draws."""
     model = tiny_vocab_model
     prompt, n = [1, 5, 2], 12_000
     params = SamplingParams(temperature=1.0, top_k=5, max_new_tokens=3, ignore_eos=True, seed=11)
-    out = decode(model, [prompt] * n, params, ArTrustOptions(gen_block=4, draft_policy=policy, redraft=redraft))
+    out = decode(model, [prompt] * n, params, ArTrustOptions(gen_block=4, draft_policy=policy, redraft=redraft,
+                                                             draft_vocab=draft_vocab))
     assert out.accepted > 0.05 * out.drafted  # drafts pass often enough that acceptance is really exercised
     counts = torch.zeros(8, 8, 8)
     for t in out.token_ids:
@@ -185,6 +239,8 @@ def test_bad_options(flare_models, tiny_models):
         decode(model, [[1]], SamplingParams(), ArTrustOptions(draft_policy="greedy"))
     with pytest.raises(ValueError, match="redraft"):
         ArTrustOptions(redraft="sometimes")
+    with pytest.raises(ValueError, match="draft_vocab"):
+        ArTrustOptions(draft_vocab=-1)
     with pytest.raises(ValueError, match="mask token"):
         decode(tiny_models["qwen3_5"][0], [[1]], SamplingParams(), "ar_trust")
 
