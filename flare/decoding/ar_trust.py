@@ -43,15 +43,18 @@ import torch.nn.functional as F
 
 from flare.decoding.lane import Lane, Plan, RowLogits, after_prompt
 from flare.decoding.pacer import CAUSAL, EVERY, Pacer
+from flare.device import cpu_path
 from flare.ops.sampling import argmax, draw, filtered_probs, speculative_verify
 from flare.ops.take import take_rows
 
 
 # The longest pause, in multiples of ``options.pause``.
 PAUSE_GROWTH = 16
-# With a group per acceptance point the LM head reads every row in one pass up to this many rows (covered slots
-# x rows per slot), else the clean rows and then the kept group.
-ONE_PASS_ROWS = 64
+# With a group per acceptance point the LM head reads every row in one pass up to this many rows (slots x rows),
+# but always in two where rows cost in a large head (a CPU without AMX, ``SMALL_HEAD`` weights or more: an EPYC
+# with AVX-512-BF16, SmolLM2's 49,153 x 576 in bf16, 25 rows 6.4 ms, 5 + 4 rows in two passes 3.7 ms; a round
+# 43.5 -> 42.3 ms at batch 1, 75.6 -> 66.6 ms at batch 2; tokens/s on the speed prompts: within noise, +0-2%).
+ONE_PASS_ROWS, SMALL_HEAD = 64, 1 << 22
 # redraft=auto: a group per acceptance point is a kind only while at most this many greedy sequences draft; without
 # the pacer (pause=0) it is then the kind (demo checkpoint, 64 arithmetic prompts, tokens/s against last: batch 1
 # 1.13x, 2 1.02x, 4 0.90-0.93x; the converted SmolLM2 in bf16, batch 1: 0.85x, which is why the pacer chooses
@@ -68,6 +71,8 @@ class ArTrustLane(Lane):
         self.mask_id = model.config.mask_token_id
         vocab = model.lm_head.weight.shape[0]
         self.short = options.draft_vocab if 0 < options.draft_vocab < vocab else 0  # 0: the whole vocabulary
+        cheap_rows = slots.device.type != "cpu" or cpu_path() == "amx" or model.lm_head.weight.numel() < SMALL_HEAD
+        self.one_pass_rows = ONE_PASS_ROWS if cheap_rows else 0
         S, dev = slots.num_slots, slots.device
         self.N = options.gen_block
         self.M = self.N - 1
@@ -261,15 +266,13 @@ class ArTrustLane(Lane):
             self.made_by[i] = EVERY if self.every else self.m
         held = self.held
         dmask = mask if held is None else mask & ~held
-        # With one MASK group (last) the LM head runs once, over every row: a second pass over its weight (the
-        # largest matrix of a real model) for the drafts would cost more than the extra rows. With a group per
-        # acceptance point too, while the rows are few (``ONE_PASS_ROWS``; AMX, bf16, 49,152 x 576: 25 rows
-        # 1.5 ms, 5 + 4 rows in two passes 2.5 ms); beyond, only the clean rows and, once the acceptance is
-        # known, the kept group are computed.
-        # With a draft vocabulary (``draft_vocab``) the MASK rows' head is a pass of its own, over the shortlist.
+        # One MASK group (last): the LM head runs once, over every row (a second pass over the largest matrix of a
+        # real model would cost more than the extra rows). A group per acceptance point: the same while the rows
+        # are few and cheap (``ONE_PASS_ROWS``; AMX, bf16, 49,152 x 576: 25 rows 1.5 ms, 5 + 4 rows in two passes
+        # 2.5 ms), else the clean rows, then the kept group. A draft vocabulary: the drafts' head is a pass of its own.
         m, short = self.m, self.short  # this round's drafts and MASK rows (M, or fewer in a paced greedy round)
         if self.every:
-            whole_pass = not short and row_logits.covered * (N + N * M) <= ONE_PASS_ROWS
+            whole_pass = not short and row_logits.covered * (N + N * M) <= self.one_pass_rows
             head = (0, N + N * M) if whole_pass else (0, N)
         else:
             whole_pass = not short

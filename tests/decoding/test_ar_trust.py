@@ -267,6 +267,25 @@ def test_lm_head_passes_per_round(flare_models, redraft, batch, heads_per_round,
     assert len(calls) == heads_per_round * res.forwards  # the prefill plays the first round
 
 
+@pytest.mark.parametrize("path, passes", [("amx", 1), ("avx512_bf16", 2), ("avx2", 2)])
+def test_a_large_head_takes_two_passes_where_rows_cost(flare_models, monkeypatch, path, passes):
+    """A group per acceptance point reads a large LM head in one pass only where rows are nearly free (AMX);
+    elsewhere the clean rows, then the kept group."""
+    import flare.decoding.ar_trust as ar_trust
+
+    monkeypatch.setattr(ar_trust, "cpu_path", lambda: path)
+    monkeypatch.setattr(ar_trust, "SMALL_HEAD", 1)
+    model = flare_models["qwen3_5"]
+    calls = []
+    hook = model.lm_head.register_forward_pre_hook(lambda m, args: calls.append(1))
+    try:
+        params = SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True)
+        res = decode(model, _prompts([3, 9]), params, ArTrustOptions(gen_block=4, redraft="every", pause=0))
+    finally:
+        hook.remove()
+    assert len(calls) == passes * res.forwards
+
+
 def _spoiled_drafts(monkeypatch, model) -> list[str]:
     """Drafts that are always rejected (replaced by [MASK], which is never predicted); returns the forwards run,
     "rows" (a drafting round or a drafting prefill) or "append" (a causal step or a plain prefill), in order."""
