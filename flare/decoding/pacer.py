@@ -15,7 +15,8 @@ It picks the kind with the fewest seconds per committed token, the quotient of t
   live, and every kind's round over the same slots serves the same sequences), and a kind's cost is the median of
   its last ``WINDOW`` timed rounds, so that a burst of load from elsewhere (a shared CPU: rounds of the same kind
   8-26 ms on the demo model) does not decide for long which kind wins. Every kind is timed in trials; a length
-  not timed yet has its cost read off the straight line through the timed lengths'. (Per live sequence, the
+  not timed yet has its cost read off the straight line through the timed lengths'. Only the running kind is
+  timed often, so the other kinds' costs are scaled by how its cost moved since they were timed (``level``). (Per live sequence, the
   costs of one kind at 8 slots spread 8-63 ms on SmolLM2, as answers ended in lower slots.)
 - **tokens per sequence** in a round of m drafts, from the acceptance the lane observed at each draft position
   (draft k accepted, given drafts 1 .. k-1 were): a round commits 1 + sum_k prod_{j<=k} alpha_j tokens in
@@ -68,6 +69,10 @@ class _Race:
 
     def __init__(self, kinds: tuple[int, ...], window: int, gap: int, first: int | None = None) -> None:
         self.cost: dict[int, deque[float]] = {k: deque(maxlen=window) for k in kinds}  # s per covered slot
+        # The machine's speed when each cost was timed (None: unknown, or timed as the running kind), and what
+        # each kind that ran costs at speed 1 (``Pacer.level``).
+        self.levels: dict[int, deque[float | None]] = {k: deque(maxlen=window) for k in kinds}
+        self.nominal: dict[int, float] = {}
         self.best = kinds[0] if first is None else first
         self.trial_left = 0
         self.trying = self.best
@@ -208,14 +213,45 @@ class Pacer:
         # round of one token after it: over many rounds, (1 + extra + (1 - run)) tokens per (2 - run) rounds.
         return (2.0 + extra - run) / (2.0 - run)
 
+    def level(self, race: _Race | None = None) -> float | None:
+        """How slow the machine is now, in the units of the size class's first timed kind: the running kind's last
+        costs over what it costs at level 1 (None before it is known). A shared CPU's speed drifts by more than the
+        kinds differ (converted SmolLM2, batch 1, every kind 20% slower within a minute), while only the running
+        kind is timed often: each other kind's costs, timed in its trials, are scaled by how the level moved since."""
+        r = race or self.race
+        costs = r.cost[r.best]
+        return statistics.median(costs) / r.nominal[r.best] if costs and r.best in r.nominal else None
+
+    def _timed(self, kind: int) -> float | None:
+        """The median of ``kind``'s timed costs, each scaled to the machine's level now."""
+        costs, levels, now = list(self.cost[kind]), list(self.race.levels[kind]), self.level()
+        if not costs:
+            return None
+        if now is not None and kind != self.best:
+            skip = len(costs) - len(levels)  # costs set from outside have no level: taken as they are
+            costs = [c * now / lv if i >= skip and (lv := levels[i - skip]) else c for i, c in enumerate(costs)]
+        return statistics.median(costs)
+
+    def _switch(self, race: _Race, kind: int) -> None:
+        """Make ``kind`` the running kind: its costs, scaled to the level now, become its window; the kind it
+        replaces keeps its costs at the level they were timed at."""
+        old, now, scaled = race.best, self.level(race), self._timed(kind)
+        if now is not None and scaled is not None:
+            race.nominal[kind] = scaled / now
+            race.cost[kind] = deque([scaled] * len(race.cost[kind]), maxlen=race.cost[kind].maxlen)
+            race.levels[old] = deque([now] * len(race.cost[old]), maxlen=race.levels[old].maxlen)
+        race.levels[kind].clear()
+        race.best = kind
+
     def seconds(self, kind: int) -> float | None:
-        """Seconds per covered slot in a round of ``kind``: timed, or for an untimed length (one MASK group), on the
-        line through the timed lengths (None while nothing to read it from)."""
+        """Seconds per covered slot in a round of ``kind``: timed (at the machine's level now, ``level``), or for
+        an untimed length (one MASK group), on the line through the timed lengths (None while nothing to read it
+        from)."""
         if self.cost[kind]:
-            return statistics.median(self.cost[kind])
+            return self._timed(kind)
         if kind <= 0:
             return None
-        timed = [(k, statistics.median(self.cost[k])) for k in self.kinds if k > 0 and self.cost[k]]
+        timed = [(k, self._timed(k)) for k in self.kinds if k > 0 and self.cost[k]]
         if len(timed) < 2:
             return None
         (k0, c0), (k1, c1) = timed[-1], timed[0]  # the shortest and the longest timed
@@ -239,6 +275,10 @@ class Pacer:
         if self.open is not None:
             kind, start, race, width = self.open
             race.cost[kind].append((now - start) / width)
+            if kind == race.best:
+                race.nominal.setdefault(kind, race.cost[kind][0])  # the class's first timed kind: level 1
+            else:
+                race.levels[kind].append(self.level(race))
         covered = covered or sequences
         self._enter(size_class(covered))
         r = self.race
@@ -258,7 +298,7 @@ class Pacer:
             elif r.trialled and not switch:  # a trial confirmed the faster kind: the next one later
                 r.gap = min(2 * r.gap, self.LONGEST)
             if switch:
-                r.best = fastest
+                self._switch(r, fastest)
             r.trialled = False
             r.since += 1
             others = [k for k in kinds if k != r.best]

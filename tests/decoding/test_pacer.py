@@ -477,3 +477,16 @@ def test_the_drafting_prefill_runs_the_mask_group_the_pacer_runs(flare_models, m
     sampled = SamplingParams(temperature=0.8, max_new_tokens=6, ignore_eos=True, seed=1)
     decode(model, prompts, sampled, ArTrustOptions(gen_block=4, redraft="last"))
     assert noisy == [[3, 3]]
+
+
+def test_a_machine_that_slows_down_keeps_the_fastest_kind(monkeypatch):
+    """Every kind's rounds take twice as long from round 300 (a shared CPU's drift): the running kind's costs show
+    it at once, the others' only at their next trials. Scaled by how the running kind's cost moved, the costs
+    timed before still rank the kinds as they were, so the pacer keeps two drafts (the fastest at either speed,
+    as in ``test_the_length_with_the_fewest_seconds_per_token_wins``), leaving it only for its trials, instead of
+    chasing the kinds whose costs were timed on the faster machine (unscaled: 264 of 300 rounds of two drafts)."""
+    accept = lambda i: [0.9, 0.8, 0.3, 0.2]  # noqa: E731
+    pacer, kinds = _drive(monkeypatch, lambda m, i: (2.0 if i >= 300 else 1.0) * (1.0 + 0.1 * m), accept, 600)
+    others = "".join("x" if k != 2 else "." for k in kinds[303:]).split(".")
+    assert pacer.best == 2 and kinds[303:].count(2) > 0.95 * 297 and max(map(len, others)) <= Pacer.TRIAL
+    assert abs(pacer.level() - 2.0) < 0.05
