@@ -26,12 +26,12 @@ from flare.ops.sampling import argmax
 
 def draft_ids(config, vocab: int, k: int, device=None) -> torch.Tensor:
     """The shortlist's token ids, ascending: ids below ``k`` and the end tokens, without [MASK]."""
-    keep = torch.zeros(vocab, dtype=torch.bool)
+    keep = torch.zeros(vocab, dtype=torch.bool, device=device)
     keep[:k] = True
     keep[[i for i in config.eos_token_ids if 0 <= i < vocab]] = True
     if config.mask_token_id is not None:
         keep[config.mask_token_id] = False
-    return keep.nonzero()[:, 0].to(device)
+    return keep.nonzero()[:, 0]
 
 
 def _head(weight: torch.Tensor, config, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
