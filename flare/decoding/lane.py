@@ -43,8 +43,12 @@ class RowLogits:
             self._rows[key] = self.model.logits(self.hidden[:, start:stop])
         return self._rows[key]
 
+    def _rows_at(self, index: torch.Tensor) -> torch.Tensor:
+        """The covered slots' hidden rows ``index[s, k]`` [n, K, E]."""
+        return take_rows(self.hidden, index[:self.covered])
+
     def _gathered(self, index: torch.Tensor) -> torch.Tensor:
-        return self.model.logits(take_rows(self.hidden, index[:self.hidden.shape[0]]))
+        return self.model.logits(self._rows_at(index))
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
         """[S, stop - start, V]."""
@@ -64,12 +68,11 @@ class RowLogits:
 
     def draft_picks_at(self, index: torch.Tensor, vocab: int) -> torch.Tensor:
         """``picks_at`` among the draft vocabulary of ``vocab`` (``flare.model.draft_vocab``) [S, K]."""
-        return pad_slots(draft_picks(self.model, take_rows(self.hidden, index[:self.covered]), vocab), self.slots)
+        return pad_slots(draft_picks(self.model, self._rows_at(index), vocab), self.slots)
 
     def draft_at(self, index: torch.Tensor, vocab: int) -> torch.Tensor:
         """``at`` over the draft vocabulary of ``vocab``, -inf at every other token [S, K, V]."""
-        return pad_slots(draft_law_logits(self.model, take_rows(self.hidden, index[:self.covered]), vocab),
-                         self.slots)
+        return pad_slots(draft_law_logits(self.model, self._rows_at(index), vocab), self.slots)
 
 
 def after_prompt(hidden: torch.Tensor, prompt_len: torch.Tensor, k: int) -> torch.Tensor:

@@ -16,8 +16,8 @@ It picks the kind with the fewest seconds per committed token, the quotient of t
   its last ``WINDOW`` timed rounds, so that a burst of load from elsewhere (a shared CPU: rounds of the same kind
   8-26 ms on the demo model) does not decide for long which kind wins. Every kind is timed in trials; a length
   not timed yet has its cost read off the straight line through the timed lengths'. Only the running kind is
-  timed often, so the other kinds' costs are scaled by how its cost moved since they were timed (``level``). (Per live sequence, the
-  costs of one kind at 8 slots spread 8-63 ms on SmolLM2, as answers ended in lower slots.)
+  timed often, so the other kinds' costs are scaled by how its cost moved since they were timed (``level``).
+  (Per live sequence, the costs of one kind at 8 slots spread 8-63 ms on SmolLM2, as answers ended in lower slots.)
 - **tokens per sequence** in a round of m drafts, from the acceptance the lane observed at each draft position
   (draft k accepted, given drafts 1 .. k-1 were): a round commits 1 + sum_k prod_{j<=k} alpha_j tokens in
   expectation, and with one MASK group a round that rejects a draft leaves its sequence a cold round (one token,

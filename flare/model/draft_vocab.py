@@ -18,10 +18,9 @@ in SmolLM2's tokenizer; in Qwen3.5's, English prose, Python and those answers ar
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from flare.model.layers import derived, weights_frozen
-from flare.model.packed_linear import pack
+from flare.model.packed_linear import pack, packed_linear
 from flare.ops.precision import faking
 from flare.ops.sampling import argmax
 
@@ -47,9 +46,8 @@ def draft_logits(model, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor, tor
     Inside ``frozen_weights()`` the head's rows are gathered (and packed for oneDNN) once."""
     weight = model.lm_head.weight
     ids, rows, packed = derived(model.lm_head, "draft_head", lambda w: _head(w, model.config, k), weight, key=(k,))
-    if packed is None or hidden.dtype != rows.dtype:
-        return F.linear(hidden, rows.to(hidden.dtype)), ids
-    return torch.ops.mkldnn._linear_pointwise(hidden, packed, None, "none", [], ""), ids
+    same = hidden.dtype == rows.dtype
+    return packed_linear(hidden, rows if same else rows.to(hidden.dtype), None, packed if same else None), ids
 
 
 def draft_picks(model, hidden: torch.Tensor, k: int) -> torch.Tensor:

@@ -50,10 +50,15 @@ class PackedLinear(nn.Linear):
         if (not weights_frozen() or x.dtype != w.dtype or (b is not None and b.dtype != w.dtype)
                 or (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)) or faking()):
             return F.linear(x, w, b)
-        packed = derived(self, "packed", pack, w)
-        if packed is None:
-            return F.linear(x, w, b)
-        return torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
+        return packed_linear(x, w, b, derived(self, "packed", pack, w))
+
+
+def packed_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
+                  packed: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, w, b)``, through ``packed`` (``pack(w)``, same dtype as ``x``) where there is one."""
+    if packed is None:
+        return F.linear(x, w, b)
+    return torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
 
 
 def pack(w: torch.Tensor) -> torch.Tensor | None:
