@@ -43,9 +43,12 @@ instead of 1.32-1.34x with a fresh pacer.
 
 The kinds not running are tried in turn for a few rounds now and then: a trial that confirms the fastest kind
 doubles the rounds until the next one (up to ``LONGEST``), a switch between drafting and causal steps brings them
-back to ``GAP``, so a clear winner costs few trials and a close race is watched closely. The first round after a
-switch is not timed: a drafting stint after causal steps starts with a cold round whose cost is paid once per
-switch, not per round. Sampled sequences are not paced: their random draws would then depend on the clock (they
+back to ``GAP``, so a clear winner costs few trials and a close race is watched closely. A kind estimated at more
+than ``HOPELESS`` times the running kind's seconds per token is not tried until ``LONGEST`` rounds have passed since
+its last trial; a length not timed yet is estimated off the timed lengths' line, so it needs no trial to be ranked
+(the demo model alone: one draft, about 1.4x three drafts' seconds per token, gets no trial in its first 256 rounds,
+causal steps, about 1.6x, their first only). The first round after a switch is not timed: a drafting stint after
+causal steps starts with a cold round whose cost is paid once per switch, not per round. Sampled sequences are not paced: their random draws would then depend on the clock (they
 keep the per-sequence pause, ``ArTrustOptions.pause``, which depends on their own verdicts only).
 """
 
@@ -80,6 +83,8 @@ class _Race:
         self.since = 0
         self.gap = gap  # rounds between trials
         self.trialled = False  # a trial ran since the last comparison
+        self.rounds = 0  # rounds chosen at this class
+        self.tried: dict[int, int] = {}  # the round each kind's last trial started at
 
 
 class Pacer:
@@ -92,6 +97,7 @@ class Pacer:
     KEEP_SEEN = 0.97  # of the acceptance counts per verify round
     PRIOR = 2.0  # sequences' worth of a draft position's prior
     KIND_PRIOR = 8.0  # sequences' worth of every kind's acceptance in a kind's own
+    HOPELESS = 1.25  # a kind estimated this many times the running kind's seconds per token gets no trials
 
     def __init__(self, longest: int, lengths: tuple[int, ...] | None = None, every: bool = False,
                  every_slots: int | None = None) -> None:
@@ -263,6 +269,17 @@ class Pacer:
         return None if seconds is None else seconds / self.tokens(kind)
 
     # --------------------------------------------------------------------------------------------- choice
+    def _hopeful(self, race: _Race, others: list[int], rates: dict[int, float | None]) -> list[int]:
+        """The kinds worth a trial: those not estimated yet, those whose estimated seconds per token are within
+        ``HOPELESS`` of the running kind's (a length not timed yet is estimated off the line through the timed
+        ones, ``seconds``, so once two lengths are timed the rest need no trial of their own to be ranked), and
+        those not tried for ``LONGEST`` rounds (an estimate timed once, under load, is not trusted for good)."""
+        best = rates.get(race.best)
+        if best is None:
+            return others
+        return [k for k in others if rates[k] is None or rates[k] <= self.HOPELESS * best
+                or race.rounds - race.tried.get(k, 0) > self.LONGEST]
+
     def skip(self) -> None:
         """Do not time the round in flight (an admission's prefill ran inside it, or it was not paced)."""
         self.open = None
@@ -282,6 +299,7 @@ class Pacer:
         covered = covered or sequences
         self._enter(size_class(covered))
         r = self.race
+        r.rounds += 1
         kinds = self.kinds if self.every_slots is None or covered <= self.every_slots else self.narrow
         if r.trial_left and r.trying not in kinds:
             r.trial_left = 0
@@ -301,12 +319,13 @@ class Pacer:
                 self._switch(r, fastest)
             r.trialled = False
             r.since += 1
-            others = [k for k in kinds if k != r.best]
-            untried = [k for k in others if not r.cost[k]]
+            others = self._hopeful(r, [k for k in kinds if k != r.best], rates)
+            untried = [k for k in others if rates[k] is None]
             if others and r.since > (self.FIRST if untried else r.gap):
                 r.trying = untried[0] if untried else others[r.turn % len(others)]
                 r.turn += not untried
                 r.since, r.trial_left, r.trialled = 0, self.TRIAL - 1, True
+                r.tried[r.trying] = r.rounds
                 kind = r.trying
             else:
                 kind = r.best

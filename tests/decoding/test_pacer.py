@@ -146,15 +146,16 @@ def test_a_round_with_an_admission_is_not_timed(monkeypatch):
 
 
 def test_a_burst_of_load_does_not_decide_the_race(monkeypatch):
-    """Drafting at 1.2 s per round beats causal steps at 1.0 s; a few rounds slowed 20-fold by load from elsewhere
-    (a shared CPU) move a kind's cost, the median of its last rounds, not at all: drafting keeps running."""
+    """Drafting at 1.2 s per round beats causal steps at 1.0 s (0.9 s per token, a close race: causal steps keep
+    their trials); a few rounds slowed 20-fold by load from elsewhere (a shared CPU) move a kind's cost, the
+    median of its last rounds, not at all: drafting keeps running."""
     best = []
     real_next = Pacer.next
     monkeypatch.setattr(Pacer, "next", lambda self, sequences, covered=None: real_next(self, sequences, covered)
                         if best.append(self.best) is None else None)
     slow = {30, 31, 33}
     pacer, kinds = _drive(monkeypatch, lambda m, i: (20.0 if i in slow else 1.0) * (1.2 if m else 1.0),
-                          lambda i: [0.9], 60, Pacer(1))
+                          lambda i: [0.5], 60, Pacer(1))
     assert set(best) == {1} and abs(pacer.seconds(1) - 1.2 / 4) < 1e-9
     assert kinds[30:].count(CAUSAL) == Pacer.TRIAL  # one trial, as without the burst
 
@@ -181,6 +182,19 @@ def test_the_length_with_the_fewest_seconds_per_token_wins(monkeypatch):
     pacer, kinds = _drive(monkeypatch, lambda m, i: 1.0 + 0.1 * m, lambda i: [0.9, 0.8, 0.3, 0.2], 300)
     assert pacer.best == 2 and kinds[-100:].count(2) > 90
     assert kinds[40:].count(3) < 10
+
+
+def test_kinds_far_slower_per_token_are_not_tried_until_their_estimates_are_old(monkeypatch):
+    """Rows cost little (1 + 0.1 m s a round) and drafts pass (0.9 each); a causal step costs 0.9 s. Once four
+    and three drafts are timed, one draft is read off their line at about 1.4x four's seconds per token and gets
+    no trial; causal steps, timed once (about 2x), get no more: the first ``LONGEST`` rounds try only the close
+    kinds. Past ``LONGEST`` rounds without a trial a kind is tried again (its estimate may be stale)."""
+    pacer, kinds = _drive(monkeypatch, lambda m, i: 1.0 + 0.1 * m if m else 0.9, lambda i: [0.9] * 4, 1200)
+    head = kinds[:Pacer.LONGEST]
+    assert head.count(1) == 0 and head.count(CAUSAL) == Pacer.TRIAL and head.count(3) >= Pacer.TRIAL
+    assert pacer.rate(1) > Pacer.HOPELESS * pacer.rate(4) and pacer.rate(2) < Pacer.HOPELESS * pacer.rate(4)
+    assert kinds.count(1) >= Pacer.TRIAL and kinds.count(CAUSAL) >= 2 * Pacer.TRIAL  # old estimates, tried again
+    assert pacer.best == 4 and kinds.count(4) > 0.9 * len(kinds)
 
 
 def test_costs_are_learned_per_size_class_of_batches(monkeypatch):
