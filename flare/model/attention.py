@@ -8,7 +8,7 @@ from torch import nn
 from flare.config import ModelConfig
 from flare.model.context import ForwardContext, StreamMasks
 from flare.model.layers import RMSNorm, derived, norm_scale, scaled_norm
-from flare.ops.attention import SDPA, attention, attention_path, span_attention
+from flare.ops.attention import FOLDED, SDPA, attention, attention_path, span_attention
 from flare.ops.precision import accum_dtype
 
 
@@ -60,9 +60,12 @@ class Attention(nn.Module):
             self.last_path = SDPA
             out = _per_stream(q, k, v, ctx.attn_mask, D**-0.5).reshape(B, T, self.num_heads * D)
         else:
-            self.last_path = attention_path(q, k, ctx.attn_mask)
-            out = (attention(q, k, v, ctx.attn_mask, D**-0.5) if ctx.span is None
-                   else span_attention(q, k, v, ctx.attn_mask, ctx.span, D**-0.5)).reshape(B, T, self.num_heads * D)
+            mask = ctx.attn_mask
+            self.last_path = attention_path(q, k, mask)
+            if self.last_path == FOLDED and isinstance(mask, torch.Tensor) and not torch.compiler.is_compiling():
+                mask = ctx.folded_mask(self.num_heads // self.num_kv_heads, q.dtype)  # once for every layer
+            out = (attention(q, k, v, mask, D**-0.5) if ctx.span is None
+                   else span_attention(q, k, v, mask, ctx.span, D**-0.5)).reshape(B, T, self.num_heads * D)
         if gate is not None:
             out = out * torch.sigmoid(gate)
         return self.o_proj(out)

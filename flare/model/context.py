@@ -11,7 +11,7 @@ Four layouts, one per way the model is run:
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -22,6 +22,7 @@ from flare.model.layers import Rotary, rotary
 from flare.model.noisy_blocks import NoisyBlocks
 from flare.model.row_tree import RowTree
 from flare.model.segments import Segments
+from flare.ops.attention import fold_mask
 
 
 def use_flex(device: torch.device | str) -> bool:
@@ -144,6 +145,16 @@ class ForwardContext:
     # causal and rows modes, compiled for the cache's whole capacity: the key slots attention reads (a one-element
     # CPU tensor; ``flare.ops.attention.span_attention``)
     span: torch.Tensor | None = None
+    # ``attn_mask`` folded for attention's query heads (``folded_mask``), per (heads a key/value head, dtype)
+    folded: dict = field(default_factory=dict, init=False, repr=False)
+
+    def folded_mask(self, r: int, dtype: torch.dtype) -> torch.Tensor:
+        """``attn_mask`` (boolean) as attention folds it for r query heads a key/value head (``fold_mask``), made
+        once per forward for all its attention layers."""
+        key = (r, dtype)
+        if key not in self.folded:
+            self.folded[key] = fold_mask(self.attn_mask, r, dtype)
+        return self.folded[key]
 
     @classmethod
     def build(

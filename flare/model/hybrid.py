@@ -128,6 +128,8 @@ class FlareModel(nn.Module):
         lengths are left for ``advance_cache`` (what a compiled forward does after its graph).
         """
         ctx = context or self.context(input_ids, cache=cache, valid=valid, layout=layout, record=record)
+        if ctx.folded:  # a context run again (a replayed graph's, its mask rewritten in place) folds it afresh
+            ctx.folded.clear()
         x = self.model.embed_tokens(input_ids)
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.model.layers:

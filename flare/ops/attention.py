@@ -77,16 +77,27 @@ def fold_groups(q: torch.Tensor, k: torch.Tensor) -> bool:
 def folded_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                 scale: float) -> torch.Tensor:
     """SDPA over [B, H, T, D] queries and [B, G, S, D] keys/values, the r = H / G query heads of each key/value
-    head run as r x T rows of one head (mask [B, 1, T, S] repeated over them; None: every key visible). Every
-    query row is computed as in the grouped call; returns [B, H, T, D]."""
+    head run as r x T rows of one head (a boolean mask [B, 1, T, S] repeated over them, or one ``fold_mask``
+    made already; None: every key visible). Every query row is computed as in the grouped call; returns
+    [B, H, T, D]."""
     B, H, T, D = q.shape
     G = k.shape[1]
     r = H // G
     rows = q.reshape(B, G, r * T, D)
-    if mask is not None:
-        mask = mask[:, :, None].expand(B, 1, r, T, mask.shape[-1]).reshape(B, 1, r * T, -1)
+    if mask is not None and mask.dtype == torch.bool:
+        mask = fold_mask(mask, r, q.dtype)
     out = F.scaled_dot_product_attention(rows, k, v, attn_mask=mask, scale=scale)
     return out.view(B, H, T, D)
+
+
+def fold_mask(mask: torch.Tensor, r: int, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask [B, 1, T, S] as ``folded_sdpa`` hands it to SDPA for r query heads a key/value head: repeated
+    over them, [B, 1, r * T, S], and additive in the queries' dtype (0 visible, -inf hidden: SDPA's own reading
+    of a boolean mask). A forward's attention layers share one (``ForwardContext.folded_mask``): made per layer,
+    it was a copy and a conversion of the mask in each (five small ops, 30 layers on SmolLM2)."""
+    B, _, T, S = mask.shape
+    rows = mask[:, :, None].expand(B, 1, r, T, S).reshape(B, 1, r * T, S)
+    return torch.full(rows.shape, float("-inf"), dtype=dtype, device=mask.device).masked_fill_(rows, 0.0)
 
 
 def masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,

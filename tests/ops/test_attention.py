@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from flare.masks import ALL_VISIBLE
 from flare.ops.attention import (FOLD_MAX_ROWS, FP32_FOLD_MIN_KEYS_DIMS, attention, attention_path, fold_groups,
-                                 folded_sdpa, masked_sdpa)
+                                 fold_mask, folded_sdpa, masked_sdpa)
 
 
 @pytest.mark.parametrize("heads, groups", [(4, 1), (4, 2), (6, 3), (2, 2)])
@@ -57,6 +57,42 @@ def test_query_heads_folded_into_rows_equal_grouped_attention(dtype, heads, grou
     grouped = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=D**-0.5, enable_gqa=True)
     tol = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 1e-2}[dtype]
     torch.testing.assert_close(folded, grouped, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_mask_folded_once_gives_what_each_call_folding_it_gives(dtype):
+    """``fold_mask`` (one additive mask for a forward's attention layers) is SDPA's own reading of the boolean
+    mask: the outputs are bitwise those of folding it in the call."""
+    g = torch.Generator().manual_seed(3)
+    B, H, G, T, S, D = 2, 6, 2, 7, 19, 16
+    q = torch.randn(B, H, T, D, generator=g).to(dtype)
+    k, v = (torch.randn(B, G, S, D, generator=g).to(dtype) for _ in range(2))
+    mask = torch.rand(B, 1, T, S, generator=g) < 0.6
+    mask[..., 0] = True
+    folded = fold_mask(mask, H // G, dtype)
+    assert folded.shape == (B, 1, 3 * T, S) and folded.dtype == dtype
+    assert torch.equal(folded_sdpa(q, k, v, folded, D**-0.5), folded_sdpa(q, k, v, mask, D**-0.5))
+    assert torch.equal(folded_sdpa(q, k, v, mask, D**-0.5), F.scaled_dot_product_attention(
+        q.reshape(B, G, 3 * T, D), k, v, attn_mask=mask[:, :, None].expand(B, 1, 3, T, S).reshape(B, 1, 3 * T, S),
+        scale=D**-0.5).view(B, H, T, D))
+
+
+def test_a_forward_folds_its_mask_once_for_every_attention_layer(tmp_path, monkeypatch):
+    import flare
+    import flare.model.context as context
+    from flare.decoding import SamplingParams
+    from flare.engine import decode
+    from flare.testing.checkpoints import save_tiny_checkpoint
+
+    model = flare.load_model(save_tiny_checkpoint(tmp_path, "llama", seed=1, tokenizer=False), dtype=torch.bfloat16)
+    model.config.mask_token_id = model.config.vocab_size - 1
+    params = SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True)
+    want = decode(model, [[3, 5, 7], [4, 6]], params, "ar_trust:pause=0").token_ids
+    calls = []
+    monkeypatch.setattr(context, "fold_mask", lambda *a: calls.append(a) or fold_mask(*a))
+    out = decode(model, [[3, 5, 7], [4, 6]], params, "ar_trust:pause=0")
+    assert out.token_ids == want and model.config.num_hidden_layers == 4  # four attention layers, one fold each forward
+    assert 0 < len(calls) <= out.forwards
 
 
 def test_attention_folds_only_a_few_grouped_rows_on_the_cpu():
