@@ -11,7 +11,7 @@ Four layouts, one per way the model is run:
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -145,8 +145,11 @@ class ForwardContext:
     # causal and rows modes, compiled for the cache's whole capacity: the key slots attention reads (a one-element
     # CPU tensor; ``flare.ops.attention.span_attention``)
     span: torch.Tensor | None = None
-    # ``attn_mask`` folded for attention's query heads (``folded_mask``), per (heads a key/value head, dtype)
-    folded: dict = field(default_factory=dict, init=False, repr=False)
+    def __post_init__(self) -> None:
+        # ``attn_mask`` folded for attention's query heads (``folded_mask``), per (heads a key/value head, dtype):
+        # an attribute, not a field, so that every copy (``dataclasses.replace``, as DDP copies a dataclass input
+        # to its device) starts without the original's.
+        self.folded: dict = {}
 
     def folded_mask(self, r: int, dtype: torch.dtype) -> torch.Tensor:
         """``attn_mask`` (boolean) as attention folds it for r query heads a key/value head (``fold_mask``), made

@@ -95,6 +95,22 @@ def test_a_forward_folds_its_mask_once_for_every_attention_layer(tmp_path, monke
     assert 0 < len(calls) <= out.forwards
 
 
+def test_a_copied_context_folds_its_own_mask():
+    """Every field given again (DDP copies a dataclass input so) or one replaced (a graph's buffers): the copy starts
+    with no folded mask of the original's."""
+    import dataclasses
+
+    from flare.model.context import ForwardContext
+
+    mask = torch.ones(1, 1, 2, 5, dtype=torch.bool).tril(3)
+    ctx = ForwardContext("rows", None, mask)
+    ctx.folded_mask(2, torch.float32)
+    every = dataclasses.replace(ctx, **{f.name: getattr(ctx, f.name) for f in dataclasses.fields(ctx)})
+    other = dataclasses.replace(ctx, attn_mask=~mask)
+    assert ctx.folded and not every.folded and not other.folded
+    assert torch.equal(other.folded_mask(2, torch.float32), fold_mask(~mask, 2, torch.float32))
+
+
 def test_attention_folds_only_a_few_grouped_rows_on_the_cpu():
     def fold(H, G, T, dtype=torch.bfloat16, keys=4, dims=8):
         return fold_groups(torch.zeros(1, H, T, dims, dtype=dtype), torch.zeros(1, G, keys, dims, dtype=dtype))
