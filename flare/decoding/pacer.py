@@ -133,17 +133,18 @@ class Pacer:
         self.race, self.size = self.races[size], size
 
     def _first(self, size: int) -> int:
-        """The kind a size class starts with, before any of its trials: the longest length with one MASK group up
-        to ``WIDE`` - 1 slots and a short one (half the longest) from ``WIDE`` slots, where every draft costs a row
-        per sequence (converted SmolLM2, bf16, 8 slots, an EPYC without AMX: rounds of 1 or 2 drafts 1.07-1.09x
-        causal tokens/s, of 3 0.92x; a class that started with the longest ran 0.83-0.95x over 16 prompts,
-        0.92-1.06x starting short); a group per acceptance point only where it is the one drafting kind
-        (``redraft=every``). That kind is the first one tried (``next``): its rows cost little where rows are
-        nearly free (AMX, CUDA), but alone on an EPYC without AMX it lost to one group (the demo model: the same
-        2.91 tokens per forward, 1.09x the time; converted SmolLM2: 2.95 against 2.56 tokens a round at 1.45x the
-        cost). Where a kind's rows cost more than it gains, the class's first trials move it off."""
+        """The kind a size class starts with, before any of its trials: a group per acceptance point where it is
+        a kind at that size (no cold rounds: the demo model alone drafts 2.9 tokens a round with it against 2.0
+        with one group, at about the same cost), else the longest length up to ``WIDE`` - 1 slots and a short
+        one (half the longest) from ``WIDE`` slots, where every draft costs a row per sequence (converted SmolLM2,
+        bf16, 8 slots, an EPYC without AMX: rounds of 1 or 2 drafts 1.07-1.09x causal tokens/s, of 3 0.92x; a
+        class that started with the longest ran 0.83-0.95x over 16 prompts, 0.92-1.06x starting short). Where
+        its rows cost more than it gains, the class's first trials move it off."""
         smallest = 1 if size == 0 else 2 ** (size - 1) + 1
+        allowed = EVERY in self.kinds and (self.every_slots is None or smallest <= self.every_slots)
         short = max(1, self.longest // 2)
+        if allowed:
+            return EVERY
         return short if smallest >= self.WIDE and short in self.kinds else self.kinds[0]
 
     def prefers_causal(self, covered: int) -> bool:
@@ -319,7 +320,7 @@ class Pacer:
             r.trialled = False
             r.since += 1
             others = self._hopeful(r, [k for k in kinds if k != r.best], rates)
-            untried = sorted((k for k in others if rates[k] is None), key=lambda k: k != EVERY)  # EVERY first
+            untried = [k for k in others if rates[k] is None]
             if others and r.since > (self.FIRST if untried else r.gap):
                 r.trying = untried[0] if untried else others[r.turn % len(others)]
                 r.turn += not untried

@@ -211,23 +211,19 @@ def test_costs_are_learned_per_size_class_of_batches(monkeypatch):
     assert abs(pacer.acceptance(1) - 0.7) < 0.1  # seen at both sizes
 
 
-def test_a_size_class_starts_with_one_group_and_tries_a_group_per_acceptance_point_first(monkeypatch):
-    """Before its trials, a class of one or two sequences runs the longest length with one MASK group; a class of
-    more starts with a short length (half the longest: every draft costs a row per sequence), from the very first
-    round. Where a group per acceptance point is a kind (redraft=auto, at most ``every_slots``), it is the first
-    kind tried; where it is the only drafting kind (redraft=every), the first run."""
+def test_a_size_class_starts_with_a_group_per_acceptance_point_where_that_is_a_kind(monkeypatch):
+    """Before its trials, a class of one or two sequences runs EVERY (redraft=auto: no cold rounds, rows nearly
+    free at that size); a class of more starts with a short length (half the longest: every draft costs a row
+    per sequence), from the very first round. Without EVERY (redraft=last) one or two sequences start with the
+    longest."""
     accept = lambda i: [0.7] * 4  # noqa: E731
-    for sequences, first, every in ((1, 4, True), (2, 4, True), (4, 2, True), (16, 2, False),
+    for sequences, first, every in ((1, EVERY, True), (2, EVERY, True), (4, 2, True), (16, 2, False),
                                     (2, 4, False), (1, 4, False)):
-        _, kinds = _drive(monkeypatch, lambda m, i: 1.0, accept, 12, Pacer(4, every=every, every_slots=2),
+        _, kinds = _drive(monkeypatch, lambda m, i: 1.0, accept, 10, Pacer(4, every=every, every_slots=2),
                           sequences=sequences)
         assert kinds[:Pacer.FIRST] == [first] * Pacer.FIRST, sequences
-        if every and sequences <= 2:
-            assert kinds[Pacer.FIRST:Pacer.FIRST + Pacer.TRIAL] == [EVERY] * Pacer.TRIAL  # the first trial
     _, kinds = _drive(monkeypatch, lambda m, i: 1.0, accept, 10, Pacer(1), sequences=8)
     assert kinds[:Pacer.FIRST] == [1] * Pacer.FIRST  # one draft at most: the short length is the longest
-    _, kinds = _drive(monkeypatch, lambda m, i: 1.0, accept, 10, Pacer(4, lengths=(), every=True), sequences=1)
-    assert kinds[:Pacer.FIRST] == [EVERY] * Pacer.FIRST
 
 
 @pytest.mark.parametrize("sequences", [1, 8])
@@ -373,7 +369,7 @@ def test_a_group_per_acceptance_point_counts_the_slots_a_forward_covers():
     tried), however few sequences the round serves."""
     pacer = Pacer(4, every=True, every_slots=2)
     kinds = {pacer.next(2, covered=8) for _ in range(200)}
-    assert EVERY not in kinds and EVERY in {pacer.next(2, covered=2) for _ in range(2 * Pacer.FIRST)}
+    assert EVERY not in kinds and {pacer.next(2, covered=2) for _ in range(Pacer.FIRST)} == {EVERY}
 
 
 def test_which_classes_prefer_causal_steps(monkeypatch):
@@ -456,11 +452,10 @@ def test_sequences_admitted_whole_then_drafting_keep_causal_tokens(flare_models,
 
 
 def test_the_kind_a_class_runs_now(monkeypatch):
-    """``current``: a class not seen yet starts with its first kind (the longest length, or half of it from
-    ``WIDE`` slots; a group per acceptance point where that is the only drafting kind); a class seen runs its
-    choice."""
+    """``current``: a class not seen yet starts with its first kind (a group per acceptance point where that is a
+    kind at its width, else the longest length, or half of it from ``WIDE`` slots); a class seen runs its choice."""
     pacer = Pacer(4, every=True, every_slots=2)
-    assert pacer.current(1) == 4 and pacer.current(2) == 4 and Pacer(4, lengths=(), every=True).current(1) == EVERY
+    assert pacer.current(1) == EVERY and pacer.current(2) == EVERY
     assert pacer.current(3) == 2 and pacer.current(16) == 2
     assert Pacer(4).current(2) == 4
     pacer, _ = _drive(monkeypatch, lambda m, i: 3.0 if m else 1.0, lambda i: [0.3] * 4, 120, sequences=16)
