@@ -48,8 +48,9 @@ than ``HOPELESS`` times the running kind's seconds per token is not tried until 
 its last trial; a length not timed yet is estimated off the timed lengths' line, so it needs no trial to be ranked
 (the demo model alone: one draft, about 1.4x three drafts' seconds per token, gets no trial in its first 256 rounds,
 causal steps, about 1.6x, their first only). The first round after a switch is not timed: a drafting stint after
-causal steps starts with a cold round whose cost is paid once per switch, not per round. Sampled sequences are not paced: their random draws would then depend on the clock (they
-keep the per-sequence pause, ``ArTrustOptions.pause``, which depends on their own verdicts only).
+causal steps starts with a cold round whose cost is paid once per switch, not per round. Sampled sequences are not
+paced: their random draws would then depend on the clock (they keep the per-sequence pause,
+``ArTrustOptions.pause``, which depends on their own verdicts only).
 """
 
 from __future__ import annotations

@@ -145,6 +145,7 @@ class ForwardContext:
     # causal and rows modes, compiled for the cache's whole capacity: the key slots attention reads (a one-element
     # CPU tensor; ``flare.ops.attention.span_attention``)
     span: torch.Tensor | None = None
+
     def __post_init__(self) -> None:
         # ``attn_mask`` folded for attention's query heads (``folded_mask``), per (heads a key/value head, dtype):
         # an attribute, not a field, so that every copy (``dataclasses.replace``, as DDP copies a dataclass input
