@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 # torch is named in the same pip command as everything that depends on it, so pip never swaps in another build.
 TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+# Test workers (pytest-xdist): one per core, at most 4 (each holds torch and the session's tiny models); 0: serial.
+TEST_WORKERS ?= auto
 
 .PHONY: test demo install clean
 
@@ -19,7 +21,7 @@ $(STAMP): pyproject.toml | $(PY)
 install: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --maxprocesses 4 $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(VENV)/bin/flare demo

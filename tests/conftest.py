@@ -16,6 +16,20 @@ from flare.testing.checkpoints import FAMILIES, hf_model, save_tiny_checkpoint
 # default itself set the variable back.
 os.environ["FLARE_DTYPE"] = "stored"
 
+# Run in parallel (``make test``: ``pytest -n``), each worker has its share of the cores: the subprocesses a test
+# starts (the recipes, the benchmarks, ``flare serve``) get that many intra-op threads instead of every core's,
+# which two workers' subprocesses would fight over (OpenMP threads spin while they wait for a busy core: the
+# SmolLM2 quick recipe took 2.7x its time beside another worker with two threads). An explicit setting is kept.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+
+
+def pytest_collection_modifyitems(config, items):
+    """The slow end-to-end tests first (the order is otherwise kept): run in parallel, the longest then starts at
+    once and the many short ones fill the other workers beside it, instead of one worker finishing it alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
 
 @pytest.fixture(autouse=True)
 def _seed():
