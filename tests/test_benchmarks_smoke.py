@@ -19,6 +19,7 @@ MODES = {"causal", "ar_trust", "diffusion_trust", "low_confidence", "llada"}
 
 @pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
                     reason="gpu_check.sh needs bash and coreutils' timeout")
+@pytest.mark.slow  # ~45 s: every section of the script, each a process of its own
 def test_gpu_check_runs_on_the_cpu_and_writes_every_section(tmp_path):
     out = tmp_path / "gpu_check.json"
     # Where the checkout has no .venv the script runs `python3`: make that this interpreter.
