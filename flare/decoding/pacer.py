@@ -134,13 +134,13 @@ class Pacer:
         self.race, self.size = self.races[size], size
 
     def _first(self, size: int) -> int:
-        """The kind a size class starts with, before any of its trials: a group per acceptance point where it is
-        a kind at that size (no cold rounds: the demo model alone drafts 2.9 tokens a round with it against 2.0
-        with one group, at about the same cost), else the longest length up to ``WIDE`` - 1 slots and a short
-        one (half the longest) from ``WIDE`` slots, where every draft costs a row per sequence (converted SmolLM2,
-        bf16, 8 slots, an EPYC without AMX: rounds of 1 or 2 drafts 1.07-1.09x causal tokens/s, of 3 0.92x; a
-        class that started with the longest ran 0.83-0.95x over 16 prompts, 0.92-1.06x starting short). Where
-        its rows cost more than it gains, the class's first trials move it off."""
+        """The kind a size class starts with, before any of its trials: a group per acceptance point where it is a kind
+        at that size (no cold rounds; the demo model alone, 16 prompts pinned: 2.86 tokens a round against one group's
+        2.59 at 1.13x its cost, within 3% a token), else the longest length up to ``WIDE`` - 1 slots and a short one
+        (half the longest) from ``WIDE`` slots, where every draft costs a row per sequence (converted SmolLM2, bf16, 8
+        slots, an EPYC without AMX: rounds of 1 or 2 drafts 1.07-1.09x causal tokens/s, of 3 0.92x; a class that started
+        with the longest ran 0.83-0.95x over 16 prompts, 0.92-1.06x starting short). Where its rows cost more than it
+        gains, the class's first trials move it off."""
         smallest = 1 if size == 0 else 2 ** (size - 1) + 1
         allowed = EVERY in self.kinds and (self.every_slots is None or smallest <= self.every_slots)
         short = max(1, self.longest // 2)
