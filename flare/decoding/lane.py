@@ -171,12 +171,13 @@ class Lane:
         if self.slots.all_greedy(live):
             return argmax(logits)
         s = self.slots
+        filters = s.filters(live)
 
         def draw_rows(lg, t, k, p, g):
             shape = lg.shape[:-1]
             rep = lg[..., 0].numel() // lg.shape[0]
             flat = sample(lg.reshape(-1, lg.shape[-1]), t.repeat_interleave(rep), k.repeat_interleave(rep),
-                          p.repeat_interleave(rep), g)
+                          p.repeat_interleave(rep), g, filters)
             return flat.view(shape)
 
         return s.per_generator(live, draw_rows, logits, s.temperature, s.top_k, s.top_p)

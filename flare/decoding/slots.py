@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from flare.decoding.params import SamplingParams
+from flare.ops.sampling import Filters
 
 MASKS_KEPT = 256  # slot lists whose ``mask`` is kept (past it they are made again)
 
@@ -88,6 +89,13 @@ class SlotBatch:
 
     def any_filtered(self, slots: list[int]) -> bool:
         return any(self.params[s].filtered for s in slots)
+
+    def filters(self, slots: list[int]) -> Filters:
+        """What the sampled ones of ``slots`` filter by, for ``flare.ops.sampling.filtered_probs`` (which then
+        sorts no vocabulary): their largest top-k, and whether one without top-k has a top-p."""
+        sampled = [self.params[s] for s in slots if not self.params[s].greedy]
+        return Filters(max((p.top_k for p in sampled), default=0),
+                       any(p.top_k == 0 and p.top_p < 1.0 for p in sampled))
 
     # ------------------------------------------------------------------------------------------ emission
     def emit(self, tokens: torch.Tensor, n_emit: torch.Tensor) -> None:

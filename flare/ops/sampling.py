@@ -6,6 +6,9 @@ parameters and nothing syncs with the host.
 
 from __future__ import annotations
 
+import sys
+from typing import NamedTuple
+
 import torch
 
 
@@ -34,30 +37,113 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     return best
 
 
+class Filters(NamedTuple):
+    """What a batch's rows filter by, known on the host (``SlotBatch.filters``), so that no filter costs where no
+    row asks for it: the largest ``top_k`` of the rows (0: none filters by top-k), and whether a row without
+    top-k filters by ``top_p``."""
+
+    k_max: int
+    nucleus: bool
+
+
+
 def filtered_probs(
-    logits_BV: torch.Tensor, temperature_B: torch.Tensor, top_k_B: torch.Tensor, top_p_B: torch.Tensor
+    logits_BV: torch.Tensor, temperature_B: torch.Tensor, top_k_B: torch.Tensor, top_p_B: torch.Tensor,
+    filters: Filters | None = None,
 ) -> torch.Tensor:
     """The distribution a sampler draws from: softmax(logits / T) restricted to top-k and top-p, renormalised.
 
-    ``top_k`` 0 and ``top_p`` 1.0 disable each filter. Rows with temperature 0 get a one-hot on the argmax.
-    """
+    ``top_k`` 0 and ``top_p`` 1.0 disable each filter. Rows with temperature 0 get a one-hot on the argmax. Both
+    filters keep a prefix of the tokens by descending probability: the first ``top_k``, and those before which
+    the mass is below ``top_p`` (so the top token always stays). ``filters``: what the rows ask for, known on the
+    host; None: not known, and the vocabulary is sorted (``sorted_filter``, the reference). On the CPU with
+    ``filters``, a row with top-k filters among its ``k_max`` most likely tokens (``topk``) and a row with top-p
+    alone finds its nucleus's smallest probability by a radix select over the float bits (``nucleus_floor``); on
+    2 threads of an EPYC, rows of 49,152 probabilities, 1 / 9 / 72 rows: sorted 3.8 / 19.8 / 167 ms, the nucleus
+    selected 0.8 / 6.4 / 49, the top 20 of each 0.34 / 1.5 / 12.8, no filter 0.14 / 0.49 / 4.4. The two paths
+    agree but where probabilities tie at the nucleus's edge (the select keeps every tied token, a sort some of
+    them) or the mass reaches ``top_p`` within float rounding (the sums run in another order)."""
     logits = logits_BV.float()
     cold = temperature_B <= 0
     t = torch.where(cold, torch.ones_like(temperature_B), temperature_B).float()
     probs = torch.softmax(logits / t[:, None], dim=-1)
+    if filters is None or ((filters.k_max or filters.nucleus) and probs.device.type != "cpu"):
+        # (On a GPU the sort is cheap, and its float sums keep their order: the radix select's scatter_add would not.)
+        probs = sorted_filter(probs, top_k_B, top_p_B)
+    elif filters.k_max or filters.nucleus:
+        probs = _selected(probs, top_k_B, top_p_B, filters)
+    onehot = torch.zeros_like(probs).scatter(-1, argmax(logits)[..., None], 1.0)
+    return torch.where(cold[:, None], onehot, probs)
+
+
+def sorted_filter(probs: torch.Tensor, top_k_B: torch.Tensor, top_p_B: torch.Tensor) -> torch.Tensor:
+    """Top-k and top-p over probabilities [B, V] through one sort of the vocabulary, renormalised."""
     sorted_p, order = probs.sort(dim=-1, descending=True)
     rank = torch.arange(probs.shape[-1], device=probs.device)
     k = torch.where(top_k_B > 0, top_k_B, torch.full_like(top_k_B, probs.shape[-1]))
     keep = rank[None, :] < k[:, None]
-    # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it is below top_p.
+    # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it is below top_p
+    # (top_p 1 keeps every token, also those after a mass that rounds to 1).
     before = sorted_p.cumsum(-1) - sorted_p
-    keep &= before < top_p_B[:, None].float()
+    keep &= (before < top_p_B[:, None].float()) | (top_p_B >= 1)[:, None]
     keep[:, 0] = True
     sorted_p = torch.where(keep, sorted_p, torch.zeros_like(sorted_p))
     probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    probs = probs / probs.sum(-1, keepdim=True)
-    onehot = torch.zeros_like(probs).scatter(-1, argmax(logits)[..., None], 1.0)
-    return torch.where(cold[:, None], onehot, probs)
+    return probs / probs.sum(-1, keepdim=True)
+
+
+def _selected(probs: torch.Tensor, top_k_B: torch.Tensor, top_p_B: torch.Tensor, filters: Filters) -> torch.Tensor:
+    """``sorted_filter`` without the sort (``filtered_probs``)."""
+    B, V = probs.shape
+    keep = torch.ones(B, V, dtype=torch.bool, device=probs.device)
+    if filters.nucleus:  # rows without top-k
+        floor = nucleus_floor(probs, top_p_B)
+        keep = (probs.view(torch.int32) >= floor) | (top_p_B >= 1)[:, None]
+    if filters.k_max:  # rows with top-k: the same prefixes, among their k_max most likely tokens
+        K = min(filters.k_max, V)
+        values, index = probs.topk(K, dim=-1)
+        before = values.cumsum(-1) - values
+        ok = (torch.arange(K, device=probs.device) < top_k_B[:, None]) & (
+            (before < top_p_B[:, None].float()) | (top_p_B >= 1)[:, None])
+        ok[:, 0] = True
+        ranked = torch.zeros(B, V, dtype=torch.bool, device=probs.device).scatter(-1, index, ok)
+        keep = torch.where((top_k_B > 0)[:, None], ranked, keep)
+    probs = torch.where(keep, probs, probs.new_zeros(()))
+    return probs / probs.sum(-1, keepdim=True)
+
+
+def nucleus_floor(probs: torch.Tensor, top_p_B: torch.Tensor) -> torch.Tensor:
+    """The smallest probability each row's nucleus keeps, as its float bits [B, 1] (int32): the probability at
+    which the mass of the tokens from the most likely down first reaches ``top_p``; 0 where the row's whole mass
+    stays below it (rounding), so that every token stays. Probabilities are non-negative floats, whose bits
+    order as integers as the floats do: a radix select over their four bytes, high to low, each pass a
+    histogram of the mass per byte value among the tokens whose higher bytes match the bytes found so far."""
+    B, V = probs.shape
+    order = (3, 2, 1, 0) if sys.byteorder == "little" else (0, 1, 2, 3)
+    by = probs.contiguous().view(torch.uint8).view(B, V, 4)
+    want = top_p_B[:, None].float().clamp(min=torch.finfo(torch.float32).tiny)  # at least the top token
+    above = probs.new_zeros(B, 1)  # the mass of the tokens above the bytes found so far
+    floor = torch.zeros(B, 1, dtype=torch.int32, device=probs.device)
+    match = found = None
+    zero = probs.new_zeros(())
+    for shift, byte_at in zip((24, 16, 8, 0), order):
+        byte = by[..., byte_at]
+        mass = probs if match is None else torch.where(match, probs, zero)
+        hist = probs.new_zeros(B, 256).scatter_add_(1, byte.long(), mass)
+        desc = hist.flip(-1).cumsum(-1)  # the mass at this byte value or above, from 255 down
+        reach = (above + desc) >= want
+        if found is None:
+            found = reach[:, -1:]
+        else:  # the same tokens' mass summed in another order may fall an ulp short: then the lowest value
+            reach[:, -1] = True
+        j = reach.int().argmax(-1, keepdim=True)  # the first value from the top that reaches it
+        b = 255 - j
+        above = above + desc.gather(1, j) - hist.gather(1, b)
+        floor = floor | (b.int() << shift)
+        if shift:
+            hit = byte == b.to(torch.uint8)
+            match = hit if match is None else match & hit
+    return torch.where(found, floor, torch.zeros_like(floor))
 
 
 def draw(probs_BV: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -72,9 +158,11 @@ def sample(
     top_k_B: torch.Tensor,
     top_p_B: torch.Tensor,
     generator: torch.Generator | None = None,
+    filters: Filters | None = None,
 ) -> torch.Tensor:
-    """Token ids [B]: greedy where temperature is 0, else a draw from the filtered distribution."""
-    drawn = draw(filtered_probs(logits_BV, temperature_B, top_k_B, top_p_B), generator)
+    """Token ids [B]: greedy where temperature is 0, else a draw from the filtered distribution (``filters`` as
+    ``filtered_probs`` takes them)."""
+    drawn = draw(filtered_probs(logits_BV, temperature_B, top_k_B, top_p_B, filters), generator)
     return torch.where(temperature_B <= 0, argmax(logits_BV), drawn)
 
 

@@ -186,15 +186,18 @@ def tiny_vocab_model(tmp_path_factory):
     return model
 
 
-@pytest.mark.parametrize("policy, redraft, draft_vocab", [
-    ("exact_truncated", "last", 0), ("argmax_full_verify", "last", 0), ("exact_truncated", "every", 0),
-    ("exact_truncated", "last", 4)])
-def test_sampling_law_is_the_causal_law(tiny_vocab_model, policy, redraft, draft_vocab):
+@pytest.mark.parametrize("policy, redraft, draft_vocab, top_p", [
+    ("exact_truncated", "last", 0, 1.0), ("argmax_full_verify", "last", 0, 1.0), ("exact_truncated", "every", 0, 1.0),
+    ("exact_truncated", "last", 4, 1.0), ("exact_truncated", "last", 0, 0.8)])
+def test_sampling_law_is_the_causal_law(tiny_vocab_model, policy, redraft, draft_vocab, top_p):
     """Chi-square of the first three sampled tokens against the exact causal law, at a fixed seed; with a draft
-    vocabulary of ids 0-3 the drafts never propose 4-6, which the causal law still draws."""
+    vocabulary of ids 0-3 the drafts never propose 4-6, which the causal law still draws. The law is filtered
+    through one sort of the vocabulary; decoding filters without one (top-k, or with top_p a nucleus found by a
+    radix select: ``flare.ops.sampling``)."""
     model = tiny_vocab_model
     prompt, n = [1, 5, 2], 12_000
-    params = SamplingParams(temperature=1.0, top_k=5, max_new_tokens=3, ignore_eos=True, seed=11)
+    params = SamplingParams(temperature=1.0, top_k=5 if top_p == 1.0 else 0, top_p=top_p, max_new_tokens=3,
+                            ignore_eos=True, seed=11)
     out = decode(model, [prompt] * n, params, ArTrustOptions(gen_block=4, draft_policy=policy, redraft=redraft,
                                                              draft_vocab=draft_vocab))
     assert out.accepted > 0.05 * out.drafted  # drafts pass often enough that acceptance is really exercised

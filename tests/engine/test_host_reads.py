@@ -49,8 +49,8 @@ def test_one_host_read_per_engine_step(flare_models, count_reads, temperature):
     rng = random.Random(0)
     for i in range(10):  # more requests than slots: admissions and releases happen between steps
         mode, options = MIXED[i % len(MIXED)]
-        params = SamplingParams(temperature=temperature, top_k=20 if i % 2 else 0, max_new_tokens=rng.randrange(1, 12),
-                                seed=i)
+        params = SamplingParams(temperature=temperature, top_k=20 if i % 2 else 0, top_p=0.9 if i % 3 == 0 else 1.0,
+                                max_new_tokens=rng.randrange(1, 12), seed=i)
         engine.add_request([rng.randrange(90) for _ in range(rng.randrange(1, 9))], params,
                            make_options(mode, options))
     steps = 0

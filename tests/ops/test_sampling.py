@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flare.ops.sampling import argmax, draw, filtered_probs, sample
+from flare.decoding.slots import SlotBatch
+from flare.decoding.params import SamplingParams
+from flare.ops.sampling import Filters, argmax, draw, filtered_probs, nucleus_floor, sample
 
 
 def _rows(n, t=1.0, k=0, p=1.0):
@@ -53,3 +55,87 @@ def test_argmax_equals_torch_argmax_ties_included(dtype, shape):
         assert torch.equal(argmax(x), x.argmax(-1))
         strided = x.transpose(0, -1).contiguous().transpose(0, -1)
         assert torch.equal(argmax(strided), x.argmax(-1))
+
+
+def _settings(n, V, g):
+    """Per-row temperature, top-k and top-p over every combination the filters treat apart, and their Filters."""
+    temps = torch.tensor([0.0, 0.5, 1.0, 2.0])[torch.randint(0, 4, (n,), generator=g)]
+    ks = torch.tensor([0, 0, 1, 3, V, V + 5])[torch.randint(0, 6, (n,), generator=g)]
+    ps = torch.tensor([1e-6, 0.3, 0.9, 0.999, 1.0, 1.0])[torch.randint(0, 6, (n,), generator=g)]
+    sampled = temps > 0
+    filters = Filters(int(torch.where(sampled, ks, 0).max()), bool((sampled & (ks == 0) & (ps < 1)).any()))
+    return temps, ks, ps, filters
+
+
+def _is_prefix(probs, kept):
+    """Every kept token at least as likely as every dropped one, per row."""
+    low = torch.where(kept, probs, torch.inf).amin(-1)
+    high = torch.where(kept, -torch.inf, probs).amax(-1)
+    return bool((low >= high).all())
+
+
+@pytest.mark.parametrize("V", [1, 2, 7, 257, 1000, 49_153])
+@pytest.mark.parametrize("scale", [0.3, 3.0, 12.0])
+def test_filters_without_a_sort_keep_what_the_sort_keeps(V, scale):
+    """The selecting path (top-k among the k_max likeliest, the nucleus by a radix select) against one sort of the
+    vocabulary: the same tokens where the distribution is peaked; where it is flat (thousands of tokens in the
+    nucleus) the sums that decide the edge run in another order, so the two may differ at the edge only."""
+    g = torch.Generator().manual_seed(V + int(10 * scale))
+    n = 24
+    logits = torch.randn(n, V, generator=g) * scale
+    temps, ks, ps, filters = _settings(n, V, g)
+    want = filtered_probs(logits, temps, ks, ps)
+    got = filtered_probs(logits, temps, ks, ps, filters)
+    assert torch.allclose(got.sum(-1), torch.ones(n)) and bool((got[torch.arange(n), logits.argmax(-1)] > 0).all())
+    base = torch.softmax(logits / torch.where(temps > 0, temps, 1.0)[:, None], -1)
+    assert _is_prefix(base, got > 0)
+    if scale >= 3.0:
+        assert torch.equal(got > 0, want > 0)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    else:
+        assert (got - want).abs().sum(-1).max() < 1e-3
+
+
+def test_the_nucleus_edge_with_tied_probabilities():
+    """bf16 logits tie often: a nucleus keeps every token tied with its smallest one, and its mass without that
+    value stays below top_p while with it it reaches top_p."""
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(16, 3000, generator=g) * 2).to(torch.bfloat16).float()
+    top_p = torch.rand(16, generator=g) * 0.9 + 0.05
+    got = filtered_probs(logits, torch.ones(16), torch.zeros(16, dtype=torch.long), top_p, Filters(0, True))
+    probs = torch.softmax(logits, -1)
+    kept = got > 0
+    assert _is_prefix(probs, kept)
+    edge = torch.where(kept, probs, torch.inf).amin(-1, keepdim=True)
+    assert bool(((probs == edge) <= kept).all())  # ties of the edge all kept
+    above = torch.where(probs > edge, probs, 0.0).sum(-1)
+    assert bool((above < top_p + 1e-6).all()) and bool((torch.where(kept, probs, 0.0).sum(-1) >= top_p - 1e-6).all())
+
+
+def test_nucleus_floor_reads_the_bits_of_the_edge_probability():
+    probs = torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05], [0.05, 0.1, 0.15, 0.2, 0.5]])
+    floor = nucleus_floor(probs, torch.tensor([0.8, 0.5]))
+    assert floor.view(torch.float32).flatten().tolist() == [probs[0, 2].item(), 0.5]
+    # a whole mass below top_p (rounding): every token stays
+    assert nucleus_floor(probs * 0.9, torch.tensor([0.95, 0.95])).flatten().tolist() == [0, 0]
+
+
+def test_a_row_filters_the_same_alone_and_in_a_batch():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(12, 4099, generator=g) * 4
+    temps, ks, ps, filters = _settings(12, 4099, g)
+    together = filtered_probs(logits, temps, ks, ps, filters)
+    for i in range(12):
+        alone = filtered_probs(logits[i:i + 1], temps[i:i + 1], ks[i:i + 1], ps[i:i + 1], filters)
+        assert torch.equal(alone[0], together[i])
+
+
+def test_a_slot_batch_says_what_its_sampled_slots_filter_by():
+    slots = SlotBatch(4, "cpu")
+    for i, params in enumerate([SamplingParams(temperature=0.0, top_k=50), SamplingParams(temperature=1.0, top_k=7),
+                                SamplingParams(temperature=1.0, top_p=0.9), SamplingParams(temperature=1.0)]):
+        slots.admit(i, params, [], None, 8)
+    assert slots.filters([0]) == Filters(0, False)  # greedy: a one-hot, whatever it asked
+    assert slots.filters([0, 1]) == Filters(7, False)
+    assert slots.filters([1, 2, 3]) == Filters(7, True)
+    assert slots.filters([3]) == Filters(0, False)
