@@ -147,9 +147,16 @@ def nucleus_floor(probs: torch.Tensor, top_p_B: torch.Tensor) -> torch.Tensor:
 
 
 def draw(probs_BV: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One token per row from ``probs`` (rows sum to 1). Exponential race: argmax p / E with E ~ Exp(1)."""
-    noise = torch.empty_like(probs_BV).exponential_(1.0, generator=generator)
-    return argmax(probs_BV / noise)
+    """One token per row from ``probs`` [..., V] (rows sum to 1): the first token whose cumulative mass passes one
+    uniform draw times the row's mass, so never a token of probability 0. One random number a row: the
+    exponential race it replaced (argmax p / E, E ~ Exp(1)) drew one per token, 0.9 ms for 8 rows of 49,152 on
+    2 threads of an EPYC, more than the rest of a sampled SmolLM2 step's sampling."""
+    cdf = probs_BV.float().cumsum(-1)
+    total = cdf[..., -1:]
+    u = torch.rand(total.shape, generator=generator, device=probs_BV.device)
+    at = torch.searchsorted(cdf, u * total, right=True)
+    # (u * total may round up to the total: then the last token with mass, where the cumulative mass reaches it)
+    return torch.minimum(at, (cdf < total).sum(-1, keepdim=True))[..., 0]
 
 
 def sample(

@@ -139,3 +139,15 @@ def test_a_slot_batch_says_what_its_sampled_slots_filter_by():
     assert slots.filters([0, 1]) == Filters(7, False)
     assert slots.filters([1, 2, 3]) == Filters(7, True)
     assert slots.filters([3]) == Filters(0, False)
+
+
+@pytest.mark.parametrize("u", [0.0, 0.5, 1.0 - 2**-24, 1.0])
+def test_a_draw_never_picks_a_token_without_mass(monkeypatch, u):
+    """Inverse of the cumulative mass at one uniform number a row: at its ends (u = 0, and u * mass rounding up to
+    the whole mass) the draw still lands on a token with mass; one-hot rows give their token; any leading shape."""
+    probs = torch.tensor([[0.0, 0.5, 0.5, 0.0], [0.0, 0.0, 1.0, 0.0], [0.25, 0.0, 0.0, 0.75]])
+    monkeypatch.setattr(torch, "rand", lambda shape, generator=None, device=None: torch.full(shape, u))
+    got = draw(probs)
+    assert bool((probs[torch.arange(3), got] > 0).all())
+    assert got[1] == 2
+    assert torch.equal(draw(probs[None].expand(2, 3, 4).contiguous()), got.expand(2, 3))
