@@ -31,8 +31,9 @@ def test_cached_equals_reference(flare_models, family, mode, options, monkeypatc
     model = flare_models[family]
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 90, (n,), generator=g).tolist() for n in [2, 11]]
-    for params in (SamplingParams(temperature=0, max_new_tokens=10),
-                   SamplingParams(temperature=0.8, top_p=0.9, max_new_tokens=10, seed=5)):
+    # (ignore_eos: a seeded draw may end a random model's answer early, which would not test the full length)
+    for params in (SamplingParams(temperature=0, max_new_tokens=10, ignore_eos=True),
+                   SamplingParams(temperature=0.8, top_p=0.9, max_new_tokens=10, seed=5, ignore_eos=True)):
         cached = decode(model, prompts, params, make_options(mode, options))
         ref = decode(model, prompts, params, make_options(mode, options), reference=True)
         assert cached.token_ids == ref.token_ids
