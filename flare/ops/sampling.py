@@ -46,7 +46,6 @@ class Filters(NamedTuple):
     nucleus: bool
 
 
-
 def filtered_probs(
     logits_BV: torch.Tensor, temperature_B: torch.Tensor, top_k_B: torch.Tensor, top_p_B: torch.Tensor,
     filters: Filters | None = None,
