@@ -240,12 +240,9 @@ class ArTrustLane(Lane):
                 self.next_pause[i] = min(2 * self.next_pause[i], PAUSE_GROWTH * self.options.pause)
 
     def _laws(self, live: list[int], logits: torch.Tensor) -> torch.Tensor:
-        """The sampling law of every row [S, N, V]; the filters only where a row asks for one (or a greedy slot
-        beside sampled ones needs its one-hot)."""
+        """The sampling law of every row [S, N, V] (filters and one-hots only where a slot asks for them)."""
         s = self.slots
         S, N, V = logits.shape
-        if not s.any_filtered(live) and not any(s.params[i].greedy for i in live):
-            return torch.softmax(logits.float() / s.temperature[:, None, None].float(), dim=-1)
         flat = filtered_probs(logits.reshape(S * N, V), s.temperature.repeat_interleave(N),
                               s.top_k.repeat_interleave(N), s.top_p.repeat_interleave(N), s.filters(live))
         return flat.view(S, N, V)

@@ -31,11 +31,6 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
-    @property
-    def filtered(self) -> bool:
-        """Whether top-k or top-p truncates the law (else it is a plain tempered softmax)."""
-        return self.top_k > 0 or self.top_p < 1.0
-
     def generator(self, device: torch.device | str = "cpu") -> torch.Generator | None:
         return None if self.seed is None else torch.Generator(device=device).manual_seed(self.seed)
 

@@ -87,15 +87,12 @@ class SlotBatch:
     def all_greedy(self, slots: list[int]) -> bool:
         return all(self.params[s].greedy for s in slots)
 
-    def any_filtered(self, slots: list[int]) -> bool:
-        return any(self.params[s].filtered for s in slots)
-
     def filters(self, slots: list[int]) -> Filters:
-        """What the sampled ones of ``slots`` filter by, for ``flare.ops.sampling.filtered_probs`` (which then
-        sorts no vocabulary): their largest top-k, and whether one without top-k has a top-p."""
+        """What ``slots`` filter by, for ``flare.ops.sampling.filtered_probs`` (which then sorts no vocabulary): the
+        sampled ones' largest top-k, whether one without top-k has a top-p, and whether one is greedy."""
         sampled = [self.params[s] for s in slots if not self.params[s].greedy]
         return Filters(max((p.top_k for p in sampled), default=0),
-                       any(p.top_k == 0 and p.top_p < 1.0 for p in sampled))
+                       any(p.top_k == 0 and p.top_p < 1.0 for p in sampled), len(sampled) < len(slots))
 
     # ------------------------------------------------------------------------------------------ emission
     def emit(self, tokens: torch.Tensor, n_emit: torch.Tensor) -> None:

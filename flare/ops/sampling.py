@@ -39,11 +39,12 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
 
 class Filters(NamedTuple):
     """What a batch's rows filter by, known on the host (``SlotBatch.filters``), so that no filter costs where no
-    row asks for it: the largest ``top_k`` of the rows (0: none filters by top-k), and whether a row without
-    top-k filters by ``top_p``."""
+    row asks for it: the largest ``top_k`` of the rows (0: none filters by top-k), whether a row without top-k
+    filters by ``top_p``, and whether a row is greedy (temperature 0: its one-hot)."""
 
     k_max: int
     nucleus: bool
+    greedy: bool = True
 
 
 def filtered_probs(
@@ -71,6 +72,8 @@ def filtered_probs(
         probs = sorted_filter(probs, top_k_B, top_p_B)
     elif filters.k_max or filters.nucleus:
         probs = _selected(probs, top_k_B, top_p_B, filters)
+    if filters is not None and not filters.greedy:
+        return probs
     onehot = torch.zeros_like(probs).scatter(-1, argmax(logits)[..., None], 1.0)
     return torch.where(cold[:, None], onehot, probs)
 
@@ -166,10 +169,9 @@ def sample(
     generator: torch.Generator | None = None,
     filters: Filters | None = None,
 ) -> torch.Tensor:
-    """Token ids [B]: greedy where temperature is 0, else a draw from the filtered distribution (``filters`` as
-    ``filtered_probs`` takes them)."""
-    drawn = draw(filtered_probs(logits_BV, temperature_B, top_k_B, top_p_B, filters), generator)
-    return torch.where(temperature_B <= 0, argmax(logits_BV), drawn)
+    """Token ids [B]: a draw from the filtered distribution (``filters`` as ``filtered_probs`` takes them), which
+    where temperature is 0 is the one-hot of the argmax, so that row's draw is its argmax."""
+    return draw(filtered_probs(logits_BV, temperature_B, top_k_B, top_p_B, filters), generator)
 
 
 def speculative_verify(

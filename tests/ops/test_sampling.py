@@ -135,10 +135,10 @@ def test_a_slot_batch_says_what_its_sampled_slots_filter_by():
     for i, params in enumerate([SamplingParams(temperature=0.0, top_k=50), SamplingParams(temperature=1.0, top_k=7),
                                 SamplingParams(temperature=1.0, top_p=0.9), SamplingParams(temperature=1.0)]):
         slots.admit(i, params, [], None, 8)
-    assert slots.filters([0]) == Filters(0, False)  # greedy: a one-hot, whatever it asked
-    assert slots.filters([0, 1]) == Filters(7, False)
-    assert slots.filters([1, 2, 3]) == Filters(7, True)
-    assert slots.filters([3]) == Filters(0, False)
+    assert slots.filters([0]) == Filters(0, False, True)  # greedy: a one-hot, whatever it asked
+    assert slots.filters([0, 1]) == Filters(7, False, True)
+    assert slots.filters([1, 2, 3]) == Filters(7, True, False)
+    assert slots.filters([3]) == Filters(0, False, False)
 
 
 @pytest.mark.parametrize("u", [0.0, 0.5, 1.0 - 2**-24, 1.0])
