@@ -15,25 +15,24 @@ With ``redraft="every"`` (our extension, method §3) the round holds a MASK grou
 for every k, each seeded at that clean boundary (``flare.model.row_tree``): whatever is accepted, the next
 round's drafts are conditioned on exactly the committed context, so no round is cold. Those rows pay where rows
 are cheap (a GPU) or the batch is small; with ``redraft="auto"`` (the default) the pacer (below) weighs them
-against one group for greedy batches of up to ``AUTO_EVERY_SLOTS`` sequences, and sampled rounds take one group
-(unpaced, ``pause=0``: a group per acceptance point for greedy batches of up to ``AUTO_EVERY_SLOTS`` sequences).
+against one group for batches of up to ``AUTO_EVERY_SLOTS`` sequences, and rounds it does not pace take one group
+(``pause=0``: a group per acceptance point for greedy batches of up to ``AUTO_EVERY_SLOTS`` sequences).
 
-Where drafting fails (two verify rounds in a row accept nothing) a sequence of a batch with sampled sequences
+Where drafting fails (two verify rounds in a row accept nothing) a sequence of a batch that is not paced (below)
 pauses it: for ``pause`` steps it decodes causally, one row and no MASK rows, then drafts again; each pause that
 ends in more failure is twice as long (up to 16x). The decision uses only the sequence's own verdicts, read in
 the stepper's one sync, so a request is decoded the same alone or in any batch; a step whose sequences are all
 paused is a plain causal forward. In a round that drafts anyway a paused greedy sequence drafts along (its rows
 cost nothing more, and its tokens are the causal ones either way); a sampled one stays held. Every token still
-follows the AR law (a paused step is a causal step). An all-greedy batch does not pause: the pacer (below)
-chooses its causal steps, and a pause inside a stint it times as drafting would make drafting look cheaper
-(demo model, one sequence: 12% of the rounds it counted as drafting were such pauses, and its forwards rose
-from 795 to about 910 against drafting always).
+follows the AR law (a paused step is a causal step). A paced batch does not pause: a pause inside a stint the
+pacer times as drafting would make drafting look cheaper (demo model, one sequence: 12% of its drafting rounds).
 
-An all-greedy batch is paced (``flare.decoding.pacer``): each round verifies and makes m drafts, 1 <= m <= N-1
-(m MASK rows), or N-1 drafts with a group per acceptance point (``redraft`` auto or every), or is a causal step,
-whichever the lane's acceptance and the clock say commits fastest. A slot holds the drafts its last round made
-(``have``); a round verifies as many of them as it has rows for, and its MASK group starts right after the
-drafts it verified.
+A batch is paced (``flare.decoding.pacer``) unless a sampled sequence in it is seeded (its draws, hence its tokens,
+would depend on the clock): each round verifies and makes m drafts, 1 <= m <= N-1 (m MASK rows), or N-1 drafts
+with a group per acceptance point (``redraft`` auto or every), or is a causal step, whichever the lane's
+acceptance and the clock say commits fastest; greedy and sampled batches each have a pacer. A slot holds the
+drafts its last round made (``have``); a round verifies as many of them as it has rows for (speculative sampling
+is exact on any prefix of drafts drawn from their own laws), and its MASK group starts right after them.
 """
 
 from __future__ import annotations
@@ -55,8 +54,8 @@ PAUSE_GROWTH = 16
 # with AVX-512-BF16, SmolLM2's 49,153 x 576 in bf16, 25 rows 6.4 ms, 5 + 4 rows in two passes 3.7 ms; a round
 # 43.5 -> 42.3 ms at batch 1, 75.6 -> 66.6 ms at batch 2; tokens/s on the speed prompts: within noise, +0-2%).
 ONE_PASS_ROWS, SMALL_HEAD = 64, 1 << 22
-# redraft=auto: a group per acceptance point is a kind only while at most this many greedy sequences draft; without
-# the pacer (pause=0) it is then the kind (demo checkpoint, 64 arithmetic prompts, tokens/s against last: batch 1
+# redraft=auto: a group per acceptance point is a kind only while at most this many sequences draft; without the
+# pacer (pause=0) it is then the kind of greedy batches (demo checkpoint, 64 arithmetic prompts, tokens/s against last: batch 1
 # 1.13x, 2 1.02x, 4 0.90-0.93x; the converted SmolLM2 in bf16, batch 1: 0.85x, which is why the pacer chooses
 # where it runs). At 8 sequences its rounds cost 2.9x a causal step on the demo model: even its rare trials
 # there left the paced default behind one MASK group always (benchmarks/README.md).
@@ -101,15 +100,15 @@ class ArTrustLane(Lane):
         self.made_by, self.verified_by = [self.M] * S, [self.M] * S
         self.paused: list[int] = []
         self.held: torch.Tensor | None = None  # [S] bool at the paused slots of a round that also drafts
-        # All-greedy batches: rounds of m <= M drafts and MASK rows (fewer are cheaper where rows cost, as at a
-        # larger batch of a real model), M drafts with a group per acceptance point (redraft auto or every), or
-        # causal steps, whichever commits faster (flare.decoding.pacer). The pacer outlives the lane
-        # (``self.pacing``: the model's, with caches): the next batch in this mode, in another engine or
-        # ``decode`` call, starts from what it learned.
+        # Paced batches: rounds of m <= M drafts and MASK rows, M drafts with a group per acceptance point, or causal
+        # steps, whichever commits faster (flare.decoding.pacer); greedy and sampled batches have pacers of their
+        # own (sampled drafts pass less often, and their rounds build laws over the vocabulary). Pacers outlive the
+        # lane (``self.pacing``: the model's, with caches): the next batch in this mode starts from what they learned.
         redraft = options.redraft
-        self.pacer = self.pacing.setdefault(options, Pacer(
+        self.pacers = {greedy: self.pacing.setdefault((options, greedy), Pacer(
             self.M, lengths=() if redraft == "every" else None, every=redraft != "last",
-            every_slots=AUTO_EVERY_SLOTS if redraft == "auto" else None))
+            every_slots=AUTO_EVERY_SLOTS if redraft == "auto" else None)) for greedy in (True, False)}
+        self.pacer = self.pacers[True]  # the pacer of the round in flight
         self.m = self.M  # drafts verified and MASK rows of the round in flight
         self.v = self.have  # [S] the drafts each slot verifies in the round in flight
         self.round: list[int] = []  # the slots of the round in flight
@@ -128,7 +127,7 @@ class ArTrustLane(Lane):
         for slot in slots:
             self.pause_left[slot], self.misses[slot], self.next_pause[slot] = 0, 0, self.options.pause
         self.pacer.skip()
-        paced, covered = self.options.pause > 0 and self.slots.all_greedy(self.owned), max(self.owned) + 1
+        paced, covered = self._paced(self.owned), max(self.owned) + 1
         causal = paced and self.pacer.prefers_causal(covered)
         kind = self.pacer.current(covered) if paced and not causal else self.M
         self.whole = set(slots) if causal else set()
@@ -164,6 +163,16 @@ class ArTrustLane(Lane):
         self.paused, self.held = [], None
         self.consume(slots, RowLogits(self.model, rows, self.slots.num_slots))
 
+    def _paced(self, slots: list[int]) -> bool:
+        """Whether the pacer chooses the rounds of a batch of ``slots``: where pauses are on and no sampled sequence
+        draws from a seeded stream of its own (its draws, and so its tokens, would then depend on the clock)."""
+        return self.options.pause > 0 and not self.slots.seeded(slots)
+
+    def _use(self, pacer: Pacer) -> None:
+        if pacer is not self.pacer:  # the other pacer's round in flight is not timed
+            self.pacer.skip()
+            self.pacer = pacer
+
     def plan(self, live: list[int]) -> Plan:
         self.paused = [i for i in live if self.pause_left[i] > 0]
         for i in self.paused:
@@ -175,9 +184,10 @@ class ArTrustLane(Lane):
             # the pacer, while the batch is small (every slot of the forward pays for its width, paused ones too).
             every = greedy and len(live) <= AUTO_EVERY_SLOTS
         m = self.M
+        self._use(self.pacers[greedy])
         if self.options.pause:
-            if not greedy:
-                self.pacer.skip()  # sampled rounds are not paced, and not timed
+            if not self._paced(live):
+                self.pacer.skip()  # a seeded sampled sequence's rounds are not paced, and not timed
             else:
                 if self.model.compiles != self.compiles_seen:
                     # A graph compiled in the round in flight (FLARE_COMPILE): its seconds are the compiler's.
@@ -199,10 +209,7 @@ class ArTrustLane(Lane):
         # (held out it would only lose its drafts); a sampled one stays held, so its draws follow its own verdicts.
         self.paused = [i for i in self.paused if not self.slots.params[i].greedy]
         self.every, self.m = every, m
-        v = self.have.clamp(max=m)  # the drafts this round verifies
-        if not greedy:  # sampled rounds are full (m = M): drafts left by a shorter round are dropped (a cold round)
-            v = torch.where(self.have < self.M, 0, v)
-        self.v = v
+        self.v = v = self.have.clamp(max=m)  # the drafts this round verifies
         verified = torch.arange(m, device=v.device) < v[:, None]
         middle = torch.where(verified, self.drafts[:, :m], self.masks_row[:, :m])
         groups = self.every_rows if every else self.masks_row[:, :m]
@@ -241,8 +248,7 @@ class ArTrustLane(Lane):
 
     def _laws(self, live: list[int], logits: torch.Tensor) -> torch.Tensor:
         """The sampling law of every row [S, N, V] (filters and one-hots only where a slot asks for them)."""
-        s = self.slots
-        S, N, V = logits.shape
+        s, (S, N, V) = self.slots, logits.shape
         flat = filtered_probs(logits.reshape(S * N, V), s.temperature.repeat_interleave(N),
                               s.top_k.repeat_interleave(N), s.top_p.repeat_interleave(N), s.filters(live))
         return flat.view(S, N, V)
@@ -288,18 +294,15 @@ class ArTrustLane(Lane):
             nxt = target.gather(1, accepted[:, None])[:, 0]
         else:
             whole = row_logits.rows(*head)
-            logits = whole[:, :N]  # the target law of each draft and bonus
-            S, V = logits.shape[0], logits.shape[-1]
+            S, V = whole.shape[0], whole.shape[-1]
             if self.q is None:
                 self.q = torch.zeros(S, M, V, device=s.device)
-            p = self._laws(drafting, logits)
+            p = self._laws(drafting, whole[:, :1 + m])  # the target law of each draft and the bonus
             exact = policy != "argmax_truncated"
+            # The first v drafts, exactly (a cold row: v = 0, a draw from its pending row's law).
             accepted, nxt = s.per_generator(
-                drafting, lambda p_, q_, d_, g: speculative_verify(p_, q_, d_, g, exact=exact), p, self.q,
-                self.drafts)
-            accepted = torch.where(cold, torch.zeros_like(accepted), accepted)
-            first = s.per_generator(drafting, lambda p0, g: draw(p0, g), p[:, 0])
-            nxt = torch.where(cold, first, nxt)
+                drafting, lambda p_, q_, d_, v_, g: speculative_verify(p_, q_, d_, g, exact=exact, verified_B=v_),
+                p, self.q[:, :m], self.drafts[:, :m], v)
         if held is not None:  # (sampled sequences only: ``plan``) their one token, drawn as a causal step draws it
             accepted = torch.where(held, torch.zeros_like(accepted), accepted)
             nxt = torch.where(held, self.sample(self.paused, row_logits.rows(*head)[:, 0]), nxt)
@@ -341,6 +344,7 @@ class ArTrustLane(Lane):
         kept = torch.where(dmask[:, None], d_new, self.drafts[:, :m])
         self.drafts = kept if m == M else torch.cat([kept, self.drafts[:, m:]], dim=1)
         if q_new is not None:
-            self.q = torch.where(dmask[:, None, None], q_new, self.q)
+            laws = torch.where(dmask[:, None, None], q_new, self.q[:, :m])
+            self.q = laws if m == M else torch.cat([laws, self.q[:, m:]], dim=1)
         self.pending = torch.where(mask, nxt, self.pending)
         return n_commit

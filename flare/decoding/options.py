@@ -75,14 +75,14 @@ class ArTrustOptions(ModeOptions):
                                                 "(approximate, faster)")
     redraft: str = _opt("auto", "ar_trust: where the next round's drafts come from: last (one MASK group after "
                                 "all drafts; a rejection leaves the next round cold, 1 token), every (a MASK "
-                                "group after each acceptance point, N groups: no cold rounds) or auto (greedy "
-                                "batches of up to 2: whichever commits faster on the clock, with pause > 0; "
-                                "else last)")
-    pause: int = _opt(4, "ar_trust: after two verify rounds in a row that accept no draft, a sequence of a batch "
-                         "with sampled sequences decodes causally (one row, no drafts) for this many steps before "
-                         "drafting again, twice as many each time drafting keeps failing (up to 16x); an all-greedy "
-                         "batch is paced on the clock instead (drafting rounds or causal steps, whichever commits "
-                         "faster); 0 = always draft, unpaced")
+                                "group after each acceptance point, N groups: no cold rounds) or auto (batches of "
+                                "up to 2: whichever commits faster on the clock where the batch is paced, see "
+                                "pause; unpaced: every for greedy ones, else last)")
+    pause: int = _opt(4, "ar_trust: > 0: a batch is paced on the clock (drafting rounds of 1 .. gen_block-1 "
+                         "drafts or causal steps, whichever commits faster), unless a sampled sequence in it is "
+                         "seeded; there, after two verify rounds in a row that accept no draft, a sequence decodes "
+                         "causally (one row, no drafts) for this many steps before drafting again, twice as many "
+                         "each time drafting keeps failing (up to 16x); 0 = always draft, unpaced")
 
     draft_vocab: int = _opt(0, "ar_trust: the MASK rows draft among the first K token ids only (and the end "
                                "tokens): their LM head costs K / V of the whole vocabulary's; the verify rows read "

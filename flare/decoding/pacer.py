@@ -3,8 +3,9 @@
 A drafting round costs more than a causal step (m draft rows and m MASK rows per sequence) and pays only when
 enough drafts are accepted; how much more it costs depends on the model, the batch and the machine (on a CPU
 from 1.2x to 2.2x, benchmarks/README.md), and how many of its drafts are accepted depends on the text. For a
-lane whose sequences are all greedy, whose tokens are the causal ones whatever kind of round produced them, the
-pacer picks each round's kind: a number of drafts m (and MASK rows) from the lane's longest down to 1, the
+lane whose sequences are all greedy, whose tokens are the causal ones whatever kind of round produced them (and
+one whose sampled sequences draw from no seeded stream: their tokens follow the causal law whatever kind of round
+produced them, below), the pacer picks each round's kind: a number of drafts m (and MASK rows) from the lane's longest down to 1, the
 longest with a MASK group per acceptance point (``EVERY``: no cold rounds, many more rows), or a causal step
 (``CAUSAL``, 0).
 
@@ -48,9 +49,11 @@ than ``HOPELESS`` times the running kind's seconds per token is not tried until 
 its last trial; a length not timed yet is estimated off the timed lengths' line, so it needs no trial to be ranked
 (the demo model alone: one draft, about 1.4x three drafts' seconds per token, gets no trial in its first 256 rounds,
 causal steps, about 1.6x, their first only). The first round after a switch is not timed: a drafting stint after
-causal steps starts with a cold round whose cost is paid once per switch, not per round. Sampled sequences are not
-paced: their random draws would then depend on the clock (they keep the per-sequence pause,
-``ArTrustOptions.pause``, which depends on their own verdicts only).
+causal steps starts with a cold round whose cost is paid once per switch, not per round. A batch with a seeded
+sampled sequence is not paced: that request's random draws would then depend on the clock (it keeps the
+per-sequence pause, ``ArTrustOptions.pause``, which depends on its own verdicts only). Unseeded sampled sequences
+draw from the process's stream, which promises no reproducible tokens: their batches are paced, by a pacer of
+their own (their drafts pass less often than greedy ones, and their rounds build laws over the vocabulary).
 """
 
 from __future__ import annotations

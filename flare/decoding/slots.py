@@ -87,6 +87,10 @@ class SlotBatch:
     def all_greedy(self, slots: list[int]) -> bool:
         return all(self.params[s].greedy for s in slots)
 
+    def seeded(self, slots: list[int]) -> bool:
+        """Whether a sampled sequence among ``slots`` draws from a random stream of its own (a seeded request)."""
+        return any(not self.params[s].greedy and self.generators[s] is not None for s in slots)
+
     def filters(self, slots: list[int]) -> Filters:
         """What ``slots`` filter by, for ``flare.ops.sampling.filtered_probs`` (which then sorts no vocabulary): the
         sampled ones' largest top-k, whether one without top-k has a top-p, and whether one is greedy."""

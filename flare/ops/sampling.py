@@ -180,35 +180,41 @@ def speculative_verify(
     drafts_BM: torch.Tensor,
     generator: torch.Generator | None = None,
     exact: bool = True,
+    verified_B: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Speculative sampling over M = N-1 drafts with target rows p (N rows: one per draft, then the bonus row).
+    """Speculative sampling over the first ``verified_B`` of M drafts (default: all M) with target rows p (M + 1
+    rows: row i is the law after i drafts, so row M is the bonus row).
 
     Exact (``exact=True``): draft i is accepted with probability min(1, p_i(d_i) / q_i(d_i)); at the first
     rejection the next token is drawn from normalize(max(0, p_i - q_i)) and the rest is discarded; if every
-    draft passes, the bonus token is drawn from p_N. The output then follows p exactly, whatever q was, as long
-    as each d_i was drawn from q_i. With ``exact=False`` a draft passes whenever it lies in p's support (the
-    approximate "truncated verification"), and a rejection draws from p_i.
+    verified draft passes, the next token is drawn from the row after them (p_v: the bonus row when v = M, the
+    first row when a row verifies none). The output then follows p exactly, whatever q was, as long as each d_i was
+    drawn from q_i; any prefix of such drafts is verified exactly the same way. With ``exact=False`` a draft passes
+    whenever it lies in p's support (the approximate "truncated verification"), and a rejection draws from p_i.
+    Every row takes M uniform numbers and one draw, however many drafts it verifies.
 
-    Returns (accepted drafts per row [B] in 0..M, next token [B]).
+    Returns (accepted drafts per row [B] in 0..verified, next token [B]).
     """
     B, M = drafts_BM.shape
+    dev = p_BNV.device
     p_d = p_BNV[:, :M].gather(-1, drafts_BM[..., None])[..., 0]
     if exact:
         q_d = q_BMV.gather(-1, drafts_BM[..., None])[..., 0]
-        u = torch.rand(B, M, generator=generator, device=p_BNV.device)
+        u = torch.rand(B, M, generator=generator, device=dev)
         passed = u * q_d < p_d  # u < p/q without dividing by q
     else:
         passed = p_d > 0
+    top = torch.full((B,), M, device=dev) if verified_B is None else verified_B
+    passed = passed & (torch.arange(M, device=dev) < top[:, None])
     accepted = passed.long().cumprod(-1).sum(-1)  # [B]
-    at = accepted.clamp(max=M - 1) if M > 0 else accepted
-    rows = torch.arange(B, device=p_BNV.device)
+    rows = torch.arange(B, device=dev)
+    law = p_BNV[rows, accepted]  # every verified draft passed: the row after them
     if M > 0:
+        at = accepted.clamp(max=M - 1)
         p_at = p_BNV[rows, at]
         residual = (p_at - q_BMV[rows, at]).clamp(min=0) if exact else p_at
         mass = residual.sum(-1, keepdim=True)
         # p == q at that row leaves no residual mass; then p itself is the right law (it never rejects there).
         residual = torch.where(mass > 0, residual / mass.clamp(min=1e-30), p_at)
-        law = torch.where((accepted == M)[:, None], p_BNV[:, M], residual)
-    else:
-        law = p_BNV[:, 0]
+        law = torch.where((accepted < top)[:, None], residual, law)
     return accepted, draw(law, generator)

@@ -214,6 +214,42 @@ def test_sampling_law_is_the_causal_law(tiny_vocab_model, policy, redraft, draft
     assert counts[~cells].sum() <= 0.02 * n
 
 
+@pytest.mark.parametrize("redraft, first, turns", [
+    ("last", 3, (3, 1, 2)), ("last", 3, (1, 3, 0)), ("auto", 3, (2, -1, 1)), ("last", 0, (2, 3))])
+def test_paced_sampling_law_is_the_causal_law(tiny_vocab_model, monkeypatch, redraft, first, turns):
+    """Unseeded sampled sequences are paced: whatever the pacer picks per round (``turns`` in a cycle: m drafts, a
+    group per acceptance point -1, causal steps 0; ``first`` 0: the prompts are prefilled whole, as for causal
+    steps), a round verifies the prefix of the drafts it holds that it has rows for (3 of 3 then 1, 1 of 1 with 3
+    MASK rows, 2 under a group per acceptance point), and the tokens still follow the causal law (chi-square as
+    above; so many prompts take the plain prefill, so a first round is cold)."""
+    import itertools
+
+    from flare.decoding.pacer import Pacer
+
+    model = tiny_vocab_model
+    model.pacing.clear()
+    cycle = itertools.cycle(turns)
+    ran = []
+    monkeypatch.setattr(Pacer, "current", lambda self, covered: first)
+    monkeypatch.setattr(Pacer, "next", lambda self, sequences, covered=None: ran.append(next(cycle)) or ran[-1])
+    prompt, n = [1, 5, 2], 12_000
+    params = SamplingParams(temperature=1.0, top_k=5, max_new_tokens=3, ignore_eos=True)
+    torch.manual_seed(11)
+    out = decode(model, [prompt] * n, params, ArTrustOptions(gen_block=4, redraft=redraft))
+    model.pacing.clear()
+    assert set(ran) == set(turns)
+    assert out.accepted > 0.05 * out.drafted
+    counts = torch.zeros(8, 8, 8)
+    for t in out.token_ids:
+        counts[t[0], t[1], t[2]] += 1
+    expected = _causal_law(model, prompt, params) * n
+    cells = expected > 5
+    chi2 = ((counts[cells] - expected[cells]) ** 2 / expected[cells]).sum().item()
+    dof = int(cells.sum()) - 1
+    assert chi2 < dof + 4 * (2 * dof) ** 0.5, (chi2, dof)
+    assert counts[~cells].sum() <= 0.02 * n
+
+
 def _causal_law(model, prompt, params):
     from flare.ops.sampling import filtered_probs
 

@@ -1,6 +1,8 @@
-"""The pacer: all-greedy AR-Trust batches run whichever of drafting rounds and causal steps commits faster."""
+"""The pacer: AR-Trust batches without a seeded sampled sequence run whichever kind of round commits faster."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 
@@ -248,16 +250,39 @@ def test_paced_rounds_keep_greedy_tokens_causal(flare_models, monkeypatch, redra
     assert out.forwards > 10  # both kinds ran
 
 
-def test_a_batch_with_sampled_sequences_is_not_paced(flare_models, monkeypatch):
-    """Sampled draws must not depend on the clock: a round with any sampled sequence never asks the pacer."""
+@pytest.mark.parametrize("seeds", [(1, 1), (1, None), (None, 2)])
+def test_a_batch_with_a_seeded_sampled_sequence_is_not_paced(flare_models, monkeypatch, seeds):
+    """A seeded request's draws must not depend on the clock: a round with a sampled sequence that draws from its
+    own stream never asks the pacer (whatever else is in the batch)."""
     def refuse(self, sequences, covered=None):
-        raise AssertionError("paced a sampled round")
+        raise AssertionError("paced a round with a seeded sampled sequence")
 
     monkeypatch.setattr(Pacer, "next", refuse)
     model = flare_models["qwen3_5"]
-    params = SamplingParams(temperature=0.8, max_new_tokens=12, ignore_eos=True, seed=1)
-    out = decode(model, [[3, 1, 4], [1, 5]], params, ArTrustOptions(gen_block=4))
-    assert len(out.token_ids[0]) == 12
+    # (the seeded one decodes longest: once it ends, a batch without it may be paced)
+    params = [SamplingParams(temperature=0.8, max_new_tokens=4 if seed is None else 12, ignore_eos=True, seed=seed)
+              for seed in seeds]
+    params.append(SamplingParams(temperature=0, max_new_tokens=4, ignore_eos=True))
+    out = decode(model, [[3, 1, 4], [1, 5], [2, 7]], params, ArTrustOptions(gen_block=4))
+    assert [len(t) for t in out.token_ids] == [p.max_new_tokens for p in params]
+
+
+def test_unseeded_sampled_batches_are_paced_by_a_pacer_of_their_own(flare_models, monkeypatch):
+    """Unseeded sampled sequences draw from the process's stream, which promises no reproducible tokens: the clock
+    may choose their rounds, with a pacer apart from greedy batches' (sampled drafts pass less often)."""
+    asked = []
+    next_kind = Pacer.next
+    monkeypatch.setattr(Pacer, "next", lambda self, *a: asked.append(self) or next_kind(self, *a))
+    model = copy.deepcopy(flare_models["qwen3_5"])
+    mode = ArTrustOptions(gen_block=4)
+    sampled = SamplingParams(temperature=0.8, max_new_tokens=12, ignore_eos=True)
+    greedy = SamplingParams(temperature=0, max_new_tokens=4, ignore_eos=True)  # ends first
+    out = decode(model, [[3, 1, 4], [1, 5]], [sampled, greedy], mode)
+    assert [len(t) for t in out.token_ids] == [12, 4]
+    pacers = {greedy: pacer for (_, greedy), pacer in model.pacing.items()}
+    assert asked and set(asked) == {pacers[False]} and pacers[True] is not pacers[False]
+    decode(model, [[3, 1, 4]], greedy, mode)
+    assert set(asked) == {pacers[False], pacers[True]}
 
 
 def test_trials_that_confirm_the_faster_kind_grow_rarer(monkeypatch):
@@ -325,11 +350,11 @@ def test_what_the_pacer_learned_stays_with_the_model(flare_models):
     params = SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True)
     mode = ArTrustOptions(gen_block=4, redraft="last")
     decode(model, [[3, 1, 4]], params, mode)
-    (options, pacer), = model.pacing.items()
+    ((options, _), pacer), = [(key, pacer) for key, pacer in model.pacing.items() if key[1]]  # the greedy one
     seen = pacer.tested[1]
     assert options.gen_block == 4 and seen > 0
     decode(model, [[1, 5, 9]], params, mode)
-    assert model.pacing[options] is pacer and pacer.tested[1] != seen
+    assert model.pacing[options, True] is pacer and pacer.tested[1] != seen
 
 
 def test_a_group_per_acceptance_point_is_a_kind_where_rows_are_cheap(monkeypatch):
@@ -358,7 +383,8 @@ def test_the_rounds_a_lane_may_be_paced_into(flare_models, redraft):
     model = flare_models["llama"]
     decode(model, [[3, 1, 4]], SamplingParams(temperature=0, max_new_tokens=4, ignore_eos=True),
            ArTrustOptions(gen_block=4, redraft=redraft))
-    (pacer,) = model.pacing.values()
+    assert {greedy for _, greedy in model.pacing} == {True, False}
+    pacer = next(pacer for (_, greedy), pacer in model.pacing.items() if greedy)
     kinds = {"auto": (3, 2, 1, EVERY, CAUSAL), "last": (3, 2, 1, CAUSAL), "every": (EVERY, CAUSAL)}
     assert pacer.kinds == kinds[redraft]
     assert pacer.every_slots == (2 if redraft == "auto" else None)

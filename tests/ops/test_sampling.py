@@ -7,7 +7,7 @@ import torch
 
 from flare.decoding.slots import SlotBatch
 from flare.decoding.params import SamplingParams
-from flare.ops.sampling import Filters, argmax, draw, filtered_probs, nucleus_floor, sample
+from flare.ops.sampling import Filters, argmax, draw, filtered_probs, nucleus_floor, sample, speculative_verify
 
 
 def _rows(n, t=1.0, k=0, p=1.0):
@@ -151,3 +151,26 @@ def test_a_draw_never_picks_a_token_without_mass(monkeypatch, u):
     assert bool((probs[torch.arange(3), got] > 0).all())
     assert got[1] == 2
     assert torch.equal(draw(probs[None].expand(2, 3, 4).contiguous()), got.expand(2, 3))
+
+
+def test_speculative_verify_judges_each_rows_prefix_of_drafts():
+    """A row verifies its first ``verified`` drafts only: drafts past them never pass, and when all of those pass
+    the next token comes from the row after them (row 0 for a row that verifies none); every row takes the same
+    random numbers whatever it verifies."""
+    V, M = 6, 3
+    p = torch.zeros(4, M + 1, V)
+    p[:, torch.arange(M + 1), torch.arange(M + 1)] = 1.0  # row i is sure of token i
+    drafts = torch.arange(M).expand(4, M)  # every draft is its row's sure token: each passes when verified
+    q = p[:, :M].clone()
+    verified = torch.tensor([0, 1, 2, 3])
+    accepted, nxt = speculative_verify(p, q, drafts, torch.Generator().manual_seed(0), verified_B=verified)
+    assert accepted.tolist() == [0, 1, 2, 3] and nxt.tolist() == [0, 1, 2, 3]
+    # A rejection within the prefix draws from the residual at that draft; the stream advances the same.
+    bad = drafts.clone()
+    bad[:, 0] = 5
+    q_bad = torch.nn.functional.one_hot(bad, V).float()
+    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    accepted, nxt = speculative_verify(p, q_bad, bad, g1, verified_B=verified)
+    assert accepted.tolist() == [0, 0, 0, 0] and nxt.tolist() == [0, 0, 0, 0]
+    speculative_verify(p, q_bad, bad, g2)
+    assert torch.rand(1, generator=g1) == torch.rand(1, generator=g2)
