@@ -126,6 +126,7 @@ class ArTrustLane(Lane):
         self.have[idx] = 0
         for slot in slots:
             self.pause_left[slot], self.misses[slot], self.next_pause[slot] = 0, 0, self.options.pause
+        self._use(self.pacers[self.slots.all_greedy(self.owned)])
         self.pacer.skip()
         paced, covered = self._paced(self.owned), max(self.owned) + 1
         causal = paced and self.pacer.prefers_causal(covered)
@@ -164,8 +165,7 @@ class ArTrustLane(Lane):
         self.consume(slots, RowLogits(self.model, rows, self.slots.num_slots))
 
     def _paced(self, slots: list[int]) -> bool:
-        """Whether the pacer chooses the rounds of a batch of ``slots``: where pauses are on and no sampled sequence
-        draws from a seeded stream of its own (its draws, and so its tokens, would then depend on the clock)."""
+        """Whether the pacer chooses the rounds of ``slots``: pauses on, and no seeded sampled sequence among them."""
         return self.options.pause > 0 and not self.slots.seeded(slots)
 
     def _use(self, pacer: Pacer) -> None:

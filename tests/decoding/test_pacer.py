@@ -270,9 +270,10 @@ def test_a_batch_with_a_seeded_sampled_sequence_is_not_paced(flare_models, monke
 def test_unseeded_sampled_batches_are_paced_by_a_pacer_of_their_own(flare_models, monkeypatch):
     """Unseeded sampled sequences draw from the process's stream, which promises no reproducible tokens: the clock
     may choose their rounds, with a pacer apart from greedy batches' (sampled drafts pass less often)."""
-    asked = []
-    next_kind = Pacer.next
+    asked, admitted = [], []
+    next_kind, current = Pacer.next, Pacer.current
     monkeypatch.setattr(Pacer, "next", lambda self, *a: asked.append(self) or next_kind(self, *a))
+    monkeypatch.setattr(Pacer, "current", lambda self, *a: admitted.append(self) or current(self, *a))
     model = copy.deepcopy(flare_models["qwen3_5"])
     mode = ArTrustOptions(gen_block=4)
     sampled = SamplingParams(temperature=0.8, max_new_tokens=12, ignore_eos=True)
@@ -281,6 +282,7 @@ def test_unseeded_sampled_batches_are_paced_by_a_pacer_of_their_own(flare_models
     assert [len(t) for t in out.token_ids] == [12, 4]
     pacers = {greedy: pacer for (_, greedy), pacer in model.pacing.items()}
     assert asked and set(asked) == {pacers[False]} and pacers[True] is not pacers[False]
+    assert admitted and set(admitted) == {pacers[False]}  # the admission's MASK group: the sampled pacer's length
     decode(model, [[3, 1, 4]], greedy, mode)
     assert set(asked) == {pacers[False], pacers[True]}
 
