@@ -166,6 +166,20 @@ def test_bench_modes_warms_compiled_decoding_up_before_timing(tmp_path):
     assert "compiled (eager): " in res.stdout and "compile warm-up" in res.stdout
 
 
+def test_bench_modes_samples_unseeded_when_asked(tmp_path):
+    """--temperature / --top-p: every mode samples (unseeded, so AR-Trust is paced), its tokens not compared."""
+    out = tmp_path / "modes.json"
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_modes.py"), "--size", "tiny", "--modes",
+                          "causal,ar_trust", "--batch", "2", "--new-tokens", "6", "--repeats", "1", "--no-transformers",
+                          "--no-profile", "--temperature", "0.8", "--top-p", "0.9", "--json", str(out)],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "temperature 0.8, top-p 0.9, unseeded" in res.stdout and "sampled (not compared" in res.stdout
+    record = json.loads(out.read_text())
+    assert (record["temperature"], record["top_p"]) == (0.8, 0.9)
+    assert all(m["valid"] and m["exact"] is None for m in record["modes"] if m["mode"] == "ar_trust")
+
+
 def test_bench_attention_times_both_calls_and_a_decode_step_at_a_tiny_size(tmp_path):
     """Per op every shape, dtype, batch and row count, a ratio and a difference; per step fold on and off."""
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_attention.py"), "--contexts", "32",
