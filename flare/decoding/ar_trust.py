@@ -55,9 +55,9 @@ PAUSE_GROWTH = 16
 # 43.5 -> 42.3 ms at batch 1, 75.6 -> 66.6 ms at batch 2; tokens/s on the speed prompts: within noise, +0-2%).
 ONE_PASS_ROWS, SMALL_HEAD = 64, 1 << 22
 # redraft=auto: a group per acceptance point is a kind only while at most this many sequences draft; without the
-# pacer (pause=0) it is then the kind of greedy batches (demo checkpoint, 64 arithmetic prompts, tokens/s against last: batch 1
-# 1.13x, 2 1.02x, 4 0.90-0.93x; the converted SmolLM2 in bf16, batch 1: 0.85x, which is why the pacer chooses
-# where it runs). At 8 sequences its rounds cost 2.9x a causal step on the demo model: even its rare trials
+# pacer (pause=0) it is then the kind of greedy batches (demo checkpoint, 64 arithmetic prompts, tokens/s against
+# last: batch 1 1.13x, 2 1.02x, 4 0.90-0.93x; the converted SmolLM2 in bf16, batch 1: 0.85x, which is why the pacer
+# chooses where it runs). At 8 sequences its rounds cost 2.9x a causal step on the demo model: even its rare trials
 # there left the paced default behind one MASK group always (benchmarks/README.md).
 AUTO_EVERY_SLOTS = 2
 
@@ -169,9 +169,9 @@ class ArTrustLane(Lane):
         return self.options.pause > 0 and not self.slots.seeded(slots)
 
     def _use(self, pacer: Pacer) -> None:
-        if pacer is not self.pacer:  # the other pacer's round in flight is not timed
+        if pacer is not self.pacer:  # the other pacer's round in flight is not timed, nor this one's first (cold)
             self.pacer.skip()
-            self.pacer = pacer
+            self.pacer, pacer.last = pacer, None
 
     def plan(self, live: list[int]) -> Plan:
         self.paused = [i for i in live if self.pause_left[i] > 0]
@@ -273,7 +273,7 @@ class ArTrustLane(Lane):
         # real model would cost more than the extra rows). A group per acceptance point: the same while the rows
         # are few and cheap (``ONE_PASS_ROWS``; AMX, bf16, 49,152 x 576: 25 rows 1.5 ms, 5 + 4 rows in two passes
         # 2.5 ms), else the clean rows, then the kept group. A draft vocabulary: the drafts' head is a pass of its own.
-        m, short = self.m, self.short  # this round's drafts and MASK rows (M, or fewer in a paced greedy round)
+        m, short = self.m, self.short  # this round's drafts and MASK rows (M, or fewer in a paced round)
         if self.every:
             whole_pass = not short and row_logits.covered * (N + N * M) <= self.one_pass_rows
             head = (0, N + N * M) if whole_pass else (0, N)

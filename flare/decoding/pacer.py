@@ -5,9 +5,9 @@ enough drafts are accepted; how much more it costs depends on the model, the bat
 from 1.2x to 2.2x, benchmarks/README.md), and how many of its drafts are accepted depends on the text. For a
 lane whose sequences are all greedy, whose tokens are the causal ones whatever kind of round produced them (and
 one whose sampled sequences draw from no seeded stream: their tokens follow the causal law whatever kind of round
-produced them, below), the pacer picks each round's kind: a number of drafts m (and MASK rows) from the lane's longest down to 1, the
-longest with a MASK group per acceptance point (``EVERY``: no cold rounds, many more rows), or a causal step
-(``CAUSAL``, 0).
+produced them, below), the pacer picks each round's kind: a number of drafts m (and MASK rows) from the lane's
+longest down to 1, the longest with a MASK group per acceptance point (``EVERY``: no cold rounds, many more
+rows), or a causal step (``CAUSAL``, 0).
 
 It picks the kind with the fewest seconds per committed token, the quotient of two estimates:
 

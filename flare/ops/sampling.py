@@ -191,7 +191,7 @@ def speculative_verify(
     first row when a row verifies none). The output then follows p exactly, whatever q was, as long as each d_i was
     drawn from q_i; any prefix of such drafts is verified exactly the same way. With ``exact=False`` a draft passes
     whenever it lies in p's support (the approximate "truncated verification"), and a rejection draws from p_i.
-    Every row takes M uniform numbers and one draw, however many drafts it verifies.
+    Every row takes the same random numbers however many drafts it verifies (M uniform ones if exact, and a draw).
 
     Returns (accepted drafts per row [B] in 0..verified, next token [B]).
     """

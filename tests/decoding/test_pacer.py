@@ -343,6 +343,25 @@ def test_rounds_of_any_length_keep_greedy_tokens_causal(flare_models, monkeypatc
     assert {1 + 2 * m for m in range(1, M + 1)} <= set(widths)  # rounds of every length ran
 
 
+def test_a_pacer_taken_up_again_does_not_time_its_first_round(flare_models, monkeypatch):
+    """When a batch turns from sampled to greedy (its sampled sequence ended), the greedy pacer's first round is
+    cold (the other pacer's rounds left no drafts it chose): it is not timed, as after any switch of kind."""
+    calls = []
+    next_kind = Pacer.next
+    monkeypatch.setattr(Pacer, "next", lambda self, *a: calls.append((self, self.last)) or next_kind(self, *a))
+    model = copy.deepcopy(flare_models["qwen3_5"])
+    mode = ArTrustOptions(gen_block=4)
+    greedy = SamplingParams(temperature=0, max_new_tokens=16, ignore_eos=True)
+    decode(model, [[3, 1, 4]], greedy, mode)  # the greedy pacer has run a kind
+    sampled = SamplingParams(temperature=0.8, max_new_tokens=4, ignore_eos=True)
+    calls.clear()
+    decode(model, [[3, 1, 4], [1, 5]], [greedy, sampled], mode)
+    pacers = {greedy: pacer for (_, greedy), pacer in model.pacing.items()}
+    kinds = [pacer is pacers[True] for pacer, _ in calls]
+    assert kinds[0] is False and True in kinds  # sampled first, greedy once the sampled sequence ended
+    assert calls[kinds.index(True)][1] is None
+
+
 def test_what_the_pacer_learned_stays_with_the_model(flare_models):
     """A later batch in the same mode (another ``decode`` call or engine) starts from the pacers' estimates."""
     import copy
