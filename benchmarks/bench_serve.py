@@ -87,6 +87,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=0, help="OMP threads of the server process (0: default)")
     ap.add_argument("--engine", default="process", choices=("process", "thread"),
                     help="flare serve --engine: the engine in a process of its own or in the server's thread")
+    ap.add_argument("--temperature", type=float, default=0.0, help="of the waves' requests (0: greedy; else unseeded "
+                    "sampling, as a client's default request); accuracy stays greedy")
+    ap.add_argument("--top-p", type=float, default=1.0, help="of the waves' sampled requests")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
 
@@ -106,14 +109,15 @@ def main() -> int:
     else:
         base_url = args.base_url.rstrip("/")
     try:
-        http = HttpTarget(base_url)
+        http = HttpTarget(base_url)  # greedy: the accuracy column
+        waves = HttpTarget(base_url, temperature=args.temperature, top_p=args.top_p)
         task = load_task(args.task, limit=max(args.accuracy_limit, max(concurrency) * 4))
         questions = [item.question for item in task.items]
         runs, acc = [], {}
         for mode in modes:
             for c in concurrency:
                 t0 = time.perf_counter()
-                runs.append(run_waves(http, questions, mode, c, args.max_tokens, args.waves))
+                runs.append(run_waves(waves, questions, mode, c, args.max_tokens, args.waves))
                 print(f"  {runs[-1].mode} C={c}: {runs[-1].tokens_per_s:.1f} tok/s "
                       f"({time.perf_counter() - t0:.1f} s)", flush=True)
             if args.accuracy_limit:

@@ -175,9 +175,9 @@ def _bench(args: argparse.Namespace) -> int:
     modes = parse_targets(args.modes)
     if args.model is not None:
         args.max_num_seqs = max(args.max_num_seqs, *concurrency)
-        target = EngineTarget(_eval_llm(args))
+        target = EngineTarget(_eval_llm(args), args.temperature, args.top_p)
     else:
-        target = HttpTarget(args.base_url, args.served_model)
+        target = HttpTarget(args.base_url, args.served_model, temperature=args.temperature, top_p=args.top_p)
     questions = [item.question for item in load_task(args.task, limit=max(concurrency) * 4).items]
     runs = [run_waves(target, questions, mode, c, args.max_tokens, args.waves, until_eos=args.until_eos)
             for mode in modes for c in concurrency]
@@ -295,6 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--until-eos", action="store_true", help="answers end at EOS (--max-tokens caps them): "
                        "tokens/s of answers as users get them, the text after them untimed")
     bench.add_argument("--waves", type=int, default=3, help="measured waves after the warm-up (default: 3)")
+    bench.add_argument("--temperature", type=float, default=0.0, help="of every request (default 0: greedy; else "
+                       "unseeded sampling, as a client's default request)")
+    bench.add_argument("--top-p", type=float, default=1.0, help="of every sampled request (default: 1)")
     bench.add_argument("--task", default="arithmetic", help="where the prompts come from (default: arithmetic)")
     bench.add_argument("--max-num-seqs", type=int, default=EngineConfig.max_num_seqs,
                        help="engine slots with --model (default: %(default)s)")

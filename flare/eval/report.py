@@ -40,7 +40,9 @@ def throughput_table(runs: list[WaveRun]) -> str:
                     f"{_fmt(r.tokens_per_s / c if c else None)}{'x' if c else ''} | "
                     f"{_fmt(r.tokens_per_s / lc if lc else None)}{'x' if lc else ''} | "
                     f"{_fmt(r.tokens_per_forward)} | {_validity(r)} |")
-    return "\n".join(rows)
+    sampled = sorted({(r.temperature, r.top_p) for r in runs if r.temperature > 0})
+    return "\n".join(rows) + "".join(f"\n\nsampled requests (unseeded): temperature {t:g}, top-p {p:g}"
+                                    for t, p in sampled)
 
 
 def _validity(r: WaveRun) -> str:

@@ -9,6 +9,8 @@ the text after an answer, which a drafting mode predicts badly and nobody reads,
 of servers that give the same answers (the same greedy model). Each run starts from no kept prompt beginnings
 (``flare.engine.prefix_cache``; a server's ``POST /reset_prefix_cache``, where it has one): the modes and
 concurrencies measured one after another send the same questions, which a later run would otherwise find kept.
+Requests are greedy unless a target is given a ``temperature`` (and ``top_p``): then they sample, unseeded, as
+an OpenAI client's requests do by default (AR-Trust's pacer then chooses their rounds as for greedy ones).
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ class WaveRun:
     valid: bool  # every completion had exactly max_tokens tokens (until_eos: always)
     problem: str | None = None
     until_eos: bool = False
+    temperature: float = 0.0
+    top_p: float = 1.0
 
     @property
     def tokens_per_s(self) -> float:
@@ -57,6 +61,9 @@ class WaveRun:
 
 
 class Target(Protocol):
+    temperature: float  # of every request (0: greedy)
+    top_p: float
+
     def wave(self, questions: list[str], mode: ModeOptions | None, max_tokens: int, ignore_eos: bool = True
              ) -> list[tuple[int, int | None]]:
         """Run the questions concurrently; per request (completion tokens, forwards or None)."""
@@ -68,12 +75,13 @@ class Target(Protocol):
 class EngineTarget:
     """The in-process engine: a wave is C requests admitted together and stepped to the end."""
 
-    def __init__(self, llm: LLM) -> None:
-        self.llm = llm
+    def __init__(self, llm: LLM, temperature: float = 0.0, top_p: float = 1.0) -> None:
+        self.llm, self.temperature, self.top_p = llm, temperature, top_p
 
     def wave(self, questions, mode, max_tokens, ignore_eos=True):
         prompts = [self.llm.chat_ids([{"role": "user", "content": q}]) for q in questions]
-        params = SamplingParams(temperature=0, max_new_tokens=max_tokens, ignore_eos=ignore_eos)
+        params = SamplingParams(temperature=self.temperature, top_p=self.top_p, max_new_tokens=max_tokens,
+                                ignore_eos=ignore_eos)
         return [(len(c.token_ids), c.forwards) for c in self.llm.generate(prompts, params, mode)]
 
     def reset(self) -> None:
@@ -84,9 +92,10 @@ class HttpTarget:
     """Any OpenAI-compatible server (chat completions). ``mode`` None sends no ``flare`` field (another
     server, or this one's default mode)."""
 
-    def __init__(self, base_url: str, model: str | None = None, timeout: float = 600.0) -> None:
+    def __init__(self, base_url: str, model: str | None = None, timeout: float = 600.0, temperature: float = 0.0,
+                 top_p: float = 1.0) -> None:
         self.base_url = base_url.rstrip("/")
-        self.timeout = timeout
+        self.timeout, self.temperature, self.top_p = timeout, temperature, top_p
         self.model = model or self._served_model()
 
     def _served_model(self) -> str:
@@ -95,9 +104,10 @@ class HttpTarget:
 
     def chat(self, question: str, mode: ModeOptions | None, max_tokens: int, ignore_eos: bool = True
              ) -> dict[str, Any]:
-        """One greedy chat completion; the server's JSON reply."""
+        """One chat completion (greedy unless the target samples); the server's JSON reply."""
         body: dict[str, Any] = {"model": self.model, "messages": [{"role": "user", "content": question}],
-                                "max_tokens": max_tokens, "temperature": 0, "ignore_eos": ignore_eos}
+                                "max_tokens": max_tokens, "temperature": self.temperature, "top_p": self.top_p,
+                                "ignore_eos": ignore_eos}
         if mode is not None:
             body["flare"] = mode.to_json()
         req = urllib.request.Request(f"{self.base_url}/chat/completions", data=json.dumps(body).encode(),
@@ -162,4 +172,5 @@ def run_waves(target: Target, questions: list[str], mode: ModeOptions | None, co
     problem = f"{len(bad)} completions were not {max_tokens} tokens long (e.g. {bad[0]})" if bad else None
     label = "server default" if mode is None else mode.label()
     return WaveRun(label, concurrency, max_tokens, waves, tokens, seconds,
-                   tokens / forwards if known and forwards else None, not bad, problem, until_eos)
+                   tokens / forwards if known and forwards else None, not bad, problem, until_eos,
+                   target.temperature, target.top_p)

@@ -144,6 +144,39 @@ def test_waves_in_process_and_over_http(llm, tmp_path):
     assert throughput_plot(runs, tmp_path / "t.png").exists()
 
 
+def test_sampled_waves_send_their_temperature_and_say_so(llm, monkeypatch):
+    """A target with a temperature samples every request (unseeded, as a client's default request does), in the
+    engine and over HTTP; the run records it and the table says so. Greedy stays the default."""
+    from tests.serve.conftest import LiveServer
+
+    seen = []
+    generate = LLM.generate
+    monkeypatch.setattr(LLM, "generate", lambda self, prompts, params, mode: seen.append(params) or generate(
+        self, prompts, params, mode))
+    questions = ["1+1", "2+2"]
+    engine = run_waves(EngineTarget(llm, temperature=0.8, top_p=0.9), questions, parse_mode("ar_trust"), 2,
+                       max_tokens=4, waves=1)
+    assert engine.valid and (engine.temperature, engine.top_p) == (0.8, 0.9)
+    assert {(p.temperature, p.top_p, p.seed) for p in seen} == {(0.8, 0.9, None)}
+    seen.clear()
+    from flare.engine.engine import Engine
+
+    add = Engine.add_request
+    monkeypatch.setattr(Engine, "add_request", lambda self, ids, params, *a, **k: seen.append(params) or add(
+        self, ids, params, *a, **k))
+    live = LiveServer(llm)
+    try:
+        http = run_waves(HttpTarget(live.base_url, temperature=0.7), questions, parse_mode("causal"), 2, max_tokens=4,
+                         waves=1)
+        greedy = run_waves(HttpTarget(live.base_url), questions, parse_mode("causal"), 2, max_tokens=4, waves=1)
+    finally:
+        live.stop()
+    assert http.valid and http.temperature == 0.7 and greedy.temperature == 0
+    assert {(p.temperature, p.seed) for p in seen if p.max_new_tokens == 4} == {(0.7, None), (0.0, None)}
+    assert "sampled requests (unseeded): temperature 0.8, top-p 0.9" in throughput_table([engine, greedy])
+    assert "sampled" not in throughput_table([greedy])
+
+
 def test_flare_eval_cli_on_a_gsm8k_file(tiny_dirs, tmp_path):
     path = tmp_path / "gsm.jsonl"
     path.write_text(json.dumps({"question": "1+1?", "answer": "#### 2"}) + "\nnot json\n"
@@ -157,6 +190,16 @@ def test_flare_eval_cli_on_a_gsm8k_file(tiny_dirs, tmp_path):
     assert report["questions"] == 2 and report["skipped_rows"] == [[2, "not JSON (Expecting value)"]]
     assert report["results"][0]["mode"] == "causal"
     assert (tmp_path / "out" / "accuracy_vs_tpf.png").exists()
+
+
+def test_flare_bench_cli_samples_when_given_a_temperature(tiny_dirs, tmp_path):
+    from flare.cli import main
+
+    out = tmp_path / "bench"
+    code = main(["bench", "--model", str(tiny_dirs["qwen3_5"]), "--modes", "causal", "--concurrency", "1",
+                 "--max-tokens", "3", "--waves", "1", "--temperature", "0.8", "--top-p", "0.9", "--out", str(out)])
+    (run,) = json.loads((out / "bench.json").read_text())
+    assert code == 0 and run["valid"] and (run["temperature"], run["top_p"]) == (0.8, 0.9)
 
 
 def test_waves_until_eos_time_the_answers_as_users_get_them(llm):
