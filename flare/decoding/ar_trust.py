@@ -40,7 +40,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from flare.decoding.lane import Lane, Plan, RowLogits, after_prompt
+from flare.decoding.lane import Lane, Plan, RowLogits, after_prompt, pad_slots
 from flare.decoding.pacer import CAUSAL, EVERY, Pacer
 from flare.device import cpu_path
 from flare.ops.sampling import argmax, draw, filtered_probs, speculative_verify
@@ -247,11 +247,11 @@ class ArTrustLane(Lane):
                 self.next_pause[i] = min(2 * self.next_pause[i], PAUSE_GROWTH * self.options.pause)
 
     def _laws(self, live: list[int], logits: torch.Tensor) -> torch.Tensor:
-        """The sampling law of every row [S, N, V] (filters and one-hots only where a slot asks for them)."""
-        s, (S, N, V) = self.slots, logits.shape
-        flat = filtered_probs(logits.reshape(S * N, V), s.temperature.repeat_interleave(N),
-                              s.top_k.repeat_interleave(N), s.top_p.repeat_interleave(N), s.filters(live))
-        return flat.view(S, N, V)
+        """The sampling law of every row [n, N, V] of the first n slots (filters, one-hots where slots ask)."""
+        s, (n, N, V) = self.slots, logits.shape
+        flat = filtered_probs(logits.reshape(n * N, V), s.temperature[:n].repeat_interleave(N),
+                              s.top_k[:n].repeat_interleave(N), s.top_p[:n].repeat_interleave(N), s.filters(live))
+        return flat.view(n, N, V)
 
     def consume(self, live: list[int], row_logits: RowLogits) -> torch.Tensor:
         s, N, M = self.slots, self.N, self.M
@@ -293,16 +293,16 @@ class ArTrustLane(Lane):
             accepted = ((self.drafts[:, :m] == target[:, :m]) & verified).long().cumprod(-1).sum(-1)
             nxt = target.gather(1, accepted[:, None])[:, 0]
         else:
-            whole = row_logits.rows(*head)
-            S, V = whole.shape[0], whole.shape[-1]
+            whole = row_logits.covered_rows(*head)  # laws only for the slots the forward covered, not idle ones
+            n, V = whole.shape[0], whole.shape[-1]
             if self.q is None:
-                self.q = torch.zeros(S, M, V, device=s.device)
+                self.q = torch.zeros(s.num_slots, M, V, device=s.device)
             p = self._laws(drafting, whole[:, :1 + m])  # the target law of each draft and the bonus
             exact = policy != "argmax_truncated"
             # The first v drafts, exactly (a cold row: v = 0, a draw from its pending row's law).
             accepted, nxt = s.per_generator(
                 drafting, lambda p_, q_, d_, v_, g: speculative_verify(p_, q_, d_, g, exact=exact, verified_B=v_),
-                p, self.q[:, :m], self.drafts[:, :m], v)
+                p, self.q[:n, :m], self.drafts[:n, :m], v[:n])
         if held is not None:  # (sampled sequences only: ``plan``) their one token, drawn as a causal step draws it
             accepted = torch.where(held, torch.zeros_like(accepted), accepted)
             nxt = torch.where(held, self.sample(self.paused, row_logits.rows(*head)[:, 0]), nxt)
@@ -318,14 +318,14 @@ class ArTrustLane(Lane):
             d_new, q_new = (picks.gather(1, at) if whole_pass else row_logits.draft_picks_at(at, short) if short
                             else row_logits.picks_at(at)), None
         else:
-            draft_logits = (take_rows(whole, at) if whole_pass else row_logits.draft_at(at, short) if short
-                            else row_logits.at(at))
+            draft_logits = (take_rows(whole, at[:n]) if whole_pass else row_logits.draft_at(at, short)[:n] if short
+                            else row_logits.at(at)[:n])
             if policy == "exact_truncated":
                 q_new = self._laws(drafting, draft_logits)
                 d_new = s.per_generator(drafting, lambda q_, g: draw(q_, g), q_new)
             else:
-                d_new = argmax(draft_logits)
-                q_new = F.one_hot(d_new, V).float()
+                d_new = pad_slots(argmax(draft_logits), s.num_slots)
+                q_new = F.one_hot(d_new[:n], V).float()
 
         emitted = torch.cat([self.drafts[:, :m], nxt[:, None]], dim=1).scatter(1, accepted[:, None], nxt[:, None])
         s.emit(emitted, n_commit)
@@ -344,7 +344,6 @@ class ArTrustLane(Lane):
         kept = torch.where(dmask[:, None], d_new, self.drafts[:, :m])
         self.drafts = kept if m == M else torch.cat([kept, self.drafts[:, m:]], dim=1)
         if q_new is not None:
-            laws = torch.where(dmask[:, None, None], q_new, self.q[:, :m])
-            self.q = laws if m == M else torch.cat([laws, self.q[:, m:]], dim=1)
+            self.q[:n, :m] = torch.where(dmask[:n, None, None], q_new, self.q[:n, :m])
         self.pending = torch.where(mask, nxt, self.pending)
         return n_commit

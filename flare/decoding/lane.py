@@ -54,6 +54,10 @@ class RowLogits:
         """[S, stop - start, V]."""
         return pad_slots(self._logits(start, stop), self.slots)
 
+    def covered_rows(self, start: int, stop: int) -> torch.Tensor:
+        """``rows`` of the covered slots only [covered, stop - start, V] (no padding)."""
+        return self._logits(start, stop)
+
     def picks(self, start: int, stop: int) -> torch.Tensor:
         """The argmax of ``rows(start, stop)`` [S, stop - start] (padding slots pick 0)."""
         return pad_slots(argmax(self._logits(start, stop)), self.slots)

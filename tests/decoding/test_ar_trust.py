@@ -480,3 +480,26 @@ def test_a_paused_greedy_sequence_drafts_along_in_a_drafting_round(flare_models,
         assert held and set(held) == {expect}
         if not temperature:
             assert out.token_ids == decode(model, prompts, params).token_ids
+
+
+@pytest.mark.parametrize("policy", ["exact_truncated", "argmax_full_verify"])
+def test_sampled_laws_cover_only_the_slots_a_forward_covers(flare_models, monkeypatch, policy):
+    """One sampled request in an engine of 8 slots: each round builds laws for its own rows, not for the idle
+    slots' padding (they had cost 8x the laws it needed); a seeded request decodes the same as with one slot."""
+    import flare.decoding.ar_trust as ar_trust
+    from flare.engine import Engine, EngineConfig
+
+    rows = []
+    laws = ar_trust.filtered_probs
+    monkeypatch.setattr(ar_trust, "filtered_probs", lambda logits, *a: rows.append(logits.shape[0]) or laws(
+        logits, *a))
+    model = flare_models["qwen3_5"]
+    mode = ArTrustOptions(gen_block=4, draft_policy=policy)
+    params = SamplingParams(temperature=0.9, top_p=0.9, max_new_tokens=16, ignore_eos=True, seed=5)
+    outs = []
+    for slots in (8, 1):
+        engine = Engine(model, EngineConfig(max_num_seqs=slots))
+        outs.append(engine.generate([[3, 1, 4, 1]], params, mode)[0].output_ids)
+        assert rows and max(rows) <= 2 * 4  # one slot's clean and MASK rows (a group per acceptance point: 2 x 4)
+        rows.clear()
+    assert outs[0] == outs[1] and len(outs[0]) == 16
