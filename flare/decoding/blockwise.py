@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from flare.decoding.lane import Lane, Plan, RowLogits, after_prompt
+from flare.decoding.lane import Lane, Plan, RowLogits, after_prompt, pad_slots
 from flare.decoding.options import BlockOptions
 
 DECIDED = -1  # a slot's step counter once its block is decided: the next forward commits it
@@ -80,12 +80,17 @@ class BlockLane(Lane):
         (and the seed), the MASK rows the block's look-ahead step. Its slots count that step on the host (no
         read here): a block it decided whole costs one forward that finds nothing undecided."""
         T = self.T
-        rows = RowLogits(self.model, after_prompt(hidden, prompt_len, T), self.slots.num_slots).rows(0, T)
-        self.last = torch.where(self.slots.mask(slots)[:, None], rows[:, 0].to(self.last.dtype), self.last)
+        rows = RowLogits(self.model, after_prompt(hidden, prompt_len, T), self.slots.num_slots).covered_rows(0, T)
+        self._keep_last(slots, rows[:, 0])
         self._new_block(slots)
         self._denoise(slots, rows[:, 1:], seedless=self.seeded, record=False)
         for i in slots:
             self.step_of[i] = 1
+
+    def _keep_last(self, slots: list[int], logits: torch.Tensor) -> None:
+        """``last`` of ``slots`` from the logits [n, V] of the first n slots (those a forward covered)."""
+        n = logits.shape[0]
+        self.last[:n] = torch.where(self.slots.mask(slots)[:n, None], logits.to(self.last.dtype), self.last[:n])
 
     def _new_block(self, slots: list[int]) -> None:
         mask = self.slots.mask(slots)[:, None]
@@ -130,11 +135,13 @@ class BlockLane(Lane):
 
     def _denoise(self, slots: list[int], rows: torch.Tensor, seedless: bool = False, record: bool = True) -> None:
         """One denoising step of these slots' blocks from the logits of the rows before each block position
-        [S, T - 1, V] (position 0 is predicted by ``last``). ``seedless``: a look-ahead step of a seeded block,
-        whose rows did not see the seed: it commits only positions above the threshold, none forced."""
-        pred = torch.cat([self.last[:, None], rows.to(self.last.dtype)], dim=1)  # position j <- row j - 1
-        cand = self.sample(slots, pred)
-        conf = torch.softmax(pred.float(), -1).gather(-1, cand[..., None])[..., 0]
+        [n, T - 1, V] of the first n slots, those the forward covered: no softmax over an engine's idle slots
+        (position 0 is predicted by ``last``). ``seedless``: a look-ahead step of a seeded block, whose rows did
+        not see the seed: it commits only positions above the threshold, none forced."""
+        S, n = self.slots.num_slots, rows.shape[0]
+        pred = torch.cat([self.last[:n, None], rows.to(self.last.dtype)], dim=1)  # position j <- row j - 1
+        cand = pad_slots(self.sample(slots, pred), S)
+        conf = pad_slots(torch.softmax(pred.float(), -1).gather(-1, cand[:n, :, None])[..., 0], S)
         undecided = self.undecided & self.slots.mask(slots)[:, None]
         if seedless:
             commit = undecided & (conf > self.options.threshold)
@@ -154,7 +161,7 @@ class BlockLane(Lane):
         # A denoising step reads every row before its last; a commit its last row (and with a look-ahead the
         # next block's rows before its last).
         lo, hi = (0 if denoising else T - 1), (2 * T - 1 if ahead else T)
-        logits = row_logits.rows(lo, hi)
+        logits = row_logits.covered_rows(lo, hi)  # [n, hi - lo, V]: the covered slots
         if denoising:
             self._denoise(denoising, logits[:, : T - 1])
         if not committing:
@@ -162,7 +169,7 @@ class BlockLane(Lane):
         cm = s.mask(committing)
         n_commit = self.counts(cm, T)
         s.emit(self.block, n_commit)
-        self.last = torch.where(cm[:, None], logits[:, T - 1 - lo].to(self.last.dtype), self.last)
+        self._keep_last(committing, logits[:, T - 1 - lo])
         self._new_block(committing)
         if ahead:
             started = [i for i in committing if self.step_of[i] != DECIDED]

@@ -220,3 +220,27 @@ def test_a_mode_running_more_mask_rows_than_the_training_block_warns(flare_model
         # Every mode's defaults come from the recorded block, so none of them runs untrained rows.
         for mode in ("diffusion_trust", "ar_trust", "low_confidence", "llada"):
             decode(model, [[3, 4]], params, mode)
+
+
+@pytest.mark.parametrize("mode, temperature", [("diffusion_trust:lookahead=1", 0.0), ("diffusion_trust", 0.9),
+                                               ("low_confidence", 0.0)])
+def test_denoising_reads_only_the_slots_a_forward_covers(flare_models, monkeypatch, mode, temperature):
+    """One request in an engine of 8 slots: each denoising step's distributions cover its own slot, not the idle
+    slots' padding, and it decodes the same tokens as with one slot (seeded where it samples)."""
+    from flare.decoding import parse_mode
+    from flare.decoding.blockwise import BlockLane
+    from flare.engine import Engine, EngineConfig
+
+    rows = []
+    denoise = BlockLane._denoise
+    monkeypatch.setattr(BlockLane, "_denoise", lambda self, slots, logits, *a, **k: rows.append(
+        logits.shape[0]) or denoise(self, slots, logits, *a, **k))
+    model = flare_models["qwen3_5"]
+    params = SamplingParams(temperature=temperature, max_new_tokens=12, ignore_eos=True, seed=2)
+    outs = []
+    for slots in (8, 1):
+        engine = Engine(model, EngineConfig(max_num_seqs=slots))
+        outs.append(engine.generate([[3, 1, 4, 1]], params, parse_mode(mode))[0].output_ids)
+        assert rows and set(rows) == {1}
+        rows.clear()
+    assert outs[0] == outs[1] and len(outs[0]) == 12
