@@ -248,10 +248,8 @@ class ArTrustLane(Lane):
 
     def _laws(self, live: list[int], logits: torch.Tensor) -> torch.Tensor:
         """The sampling law of every row [n, N, V] of the first n slots (filters, one-hots where slots ask)."""
-        s, (n, N, V) = self.slots, logits.shape
-        flat = filtered_probs(logits.reshape(n * N, V), s.temperature[:n].repeat_interleave(N),
-                              s.top_k[:n].repeat_interleave(N), s.top_p[:n].repeat_interleave(N), s.filters(live))
-        return flat.view(n, N, V)
+        s, n = self.slots, logits.shape[0]
+        return filtered_probs(logits, s.temperature[:n], s.top_k[:n], s.top_p[:n], s.filters(live))
 
     def consume(self, live: list[int], row_logits: RowLogits) -> torch.Tensor:
         s, N, M = self.slots, self.N, self.M

@@ -140,7 +140,7 @@ class BlockLane(Lane):
         not see the seed: it commits only positions above the threshold, none forced."""
         S, n = self.slots.num_slots, rows.shape[0]
         pred = torch.cat([self.last[:n, None], rows.to(self.last.dtype)], dim=1)  # position j <- row j - 1
-        cand = pad_slots(self.sample(slots, pred), S)
+        cand = self.sample(slots, pred)
         conf = pad_slots(torch.softmax(pred.float(), -1).gather(-1, cand[:n, :, None])[..., 0], S)
         undecided = self.undecided & self.slots.mask(slots)[:, None]
         if seedless:

@@ -170,21 +170,15 @@ class Lane:
 
     # --------------------------------------------------------------------------------------------- helpers
     def sample(self, live: list[int], logits: torch.Tensor) -> torch.Tensor:
-        """One token per slot [S] from logits [S, V] (or [S, T] tokens from [S, T, V]) with each slot's own
-        settings; zeros outside ``live``. Greedy batches never build a distribution."""
+        """One token per slot [S] from the logits [n, V] of the first n slots, n past every live one (or [S, T]
+        tokens from [n, T, V]), with each slot's own settings; zeros outside ``live``. Greedy batches never build a
+        distribution."""
         if self.slots.all_greedy(live):
-            return argmax(logits)
+            return pad_slots(argmax(logits), self.slots.num_slots)
         s = self.slots
         filters = s.filters(live)
-
-        def draw_rows(lg, t, k, p, g):
-            shape = lg.shape[:-1]
-            rep = lg[..., 0].numel() // lg.shape[0]
-            flat = sample(lg.reshape(-1, lg.shape[-1]), t.repeat_interleave(rep), k.repeat_interleave(rep),
-                          p.repeat_interleave(rep), g, filters)
-            return flat.view(shape)
-
-        return s.per_generator(live, draw_rows, logits, s.temperature, s.top_k, s.top_p)
+        return s.per_generator(live, lambda lg, t, k, p, g: sample(lg, t, k, p, g, filters), logits, s.temperature,
+                               s.top_k, s.top_p)
 
     def next_token(self, slots: list[int], tok: torch.Tensor) -> None:
         """Each of ``slots``' next token [S] (drawn from the logits after its last committed one): emitted, and

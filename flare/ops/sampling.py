@@ -52,6 +52,7 @@ def filtered_probs(
     filters: Filters | None = None,
 ) -> torch.Tensor:
     """The distribution a sampler draws from: softmax(logits / T) restricted to top-k and top-p, renormalised.
+    ``logits`` [B, V], or [B, ..., V] where each of the B settings holds for all of its row's positions.
 
     ``top_k`` 0 and ``top_p`` 1.0 disable each filter. Rows with temperature 0 get a one-hot on the argmax. Both
     filters keep a prefix of the tokens by descending probability: the first ``top_k``, and those before which
@@ -63,7 +64,11 @@ def filtered_probs(
     selected 0.8 / 6.4 / 49, the top 20 of each 0.34 / 1.5 / 12.8, no filter 0.14 / 0.49 / 4.4. The two paths
     agree but where probabilities tie at the nucleus's edge (the select keeps every tied token, a sort some of
     them) or the mass reaches ``top_p`` within float rounding (the sums run in another order)."""
-    logits = logits_BV.float()
+    shape = logits_BV.shape
+    rep = logits_BV[..., 0].numel() // shape[0]
+    if rep > 1:
+        temperature_B, top_k_B, top_p_B = (x.repeat_interleave(rep) for x in (temperature_B, top_k_B, top_p_B))
+    logits = logits_BV.reshape(-1, shape[-1]).float()
     cold = temperature_B <= 0
     t = torch.where(cold, torch.ones_like(temperature_B), temperature_B).float()
     probs = torch.softmax(logits / t[:, None], dim=-1)
@@ -72,10 +77,10 @@ def filtered_probs(
         probs = sorted_filter(probs, top_k_B, top_p_B)
     elif filters.k_max or filters.nucleus:
         probs = _selected(probs, top_k_B, top_p_B, filters)
-    if filters is not None and not filters.greedy:
-        return probs
-    onehot = torch.zeros_like(probs).scatter(-1, argmax(logits)[..., None], 1.0)
-    return torch.where(cold[:, None], onehot, probs)
+    if filters is None or filters.greedy:
+        onehot = torch.zeros_like(probs).scatter(-1, argmax(logits)[..., None], 1.0)
+        probs = torch.where(cold[:, None], onehot, probs)
+    return probs.view(shape)
 
 
 def sorted_filter(probs: torch.Tensor, top_k_B: torch.Tensor, top_p_B: torch.Tensor) -> torch.Tensor:
@@ -169,8 +174,9 @@ def sample(
     generator: torch.Generator | None = None,
     filters: Filters | None = None,
 ) -> torch.Tensor:
-    """Token ids [B]: a draw from the filtered distribution (``filters`` as ``filtered_probs`` takes them), which
-    where temperature is 0 is the one-hot of the argmax, so that row's draw is its argmax."""
+    """Token ids [B] (or [B, ...] from logits [B, ..., V]): a draw from the filtered distribution (``filters`` as
+    ``filtered_probs`` takes them), which where temperature is 0 is the one-hot of the argmax, so that row's draw
+    is its argmax."""
     return draw(filtered_probs(logits_BV, temperature_B, top_k_B, top_p_B, filters), generator)
 
 
