@@ -400,12 +400,11 @@ def run(a: argparse.Namespace, ap: argparse.ArgumentParser, stack: ExitStack) ->
         if (B, "ar_trust") in results:
             r = results[B, "ar_trust"]
             rate = r["accepted"] / r["drafted"] if r["drafted"] else 0.0
-            same = r["exact"] = r["ids"] == results[B, "causal"]["ids"]
-            verdict = "identical to greedy causal decoding (exact, as required at temperature 0)"
-            if a.temperature > 0:
-                same, r["exact"] = True, None
-                verdict = "sampled (not compared: they follow the causal law, tested in tests/decoding)"
-            if not same:
+            # Sampled tokens are not compared (their law is tested in tests/decoding): exact is None.
+            same = r["exact"] = None if a.temperature > 0 else r["ids"] == results[B, "causal"]["ids"]
+            verdict = ("sampled (not compared: they follow the causal law, tested in tests/decoding)" if same is None
+                       else "identical to greedy causal decoding (exact, as required at temperature 0)")
+            if same is False:
                 # The first differing position of each sequence that differs, None where it is no near-tie.
                 ties = [cut if tie else None for cut, tie in
                         divergences(model, prompts_all[:B], results[B, "causal"]["ids"], r["ids"])]
