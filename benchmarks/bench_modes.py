@@ -25,7 +25,8 @@ What it measures, all in one run on one model and one set of prompts:
 * cost per forward of each mode relative to a causal forward, and from it AR-Trust's speed ceiling at full
   acceptance (gen block N / that cost): a ceiling below the goal means no training can meet it at this model size
   on this machine. Then a short profile (forward hooks + torch.profiler) of one AR-Trust decode vs causal says
-  where a round's time goes (CPU only).
+  where a round's time goes (CPU only), and a split of each step into its phases (plan, context, forward,
+  consume, commit, host read: ``_step_phases.py``), which compiled decoding gets too (hooks would break its graphs).
 * causal ms per decode step of flare vs transformers (``Qwen3_5ForCausalLM``, its pure-PyTorch GDN fallback) on
   the same weights, dtype and device, at batch 1 and ``--batch``: bench_decode.py's ``causal_step_ms``
   (``--new-tokens`` steps after a ``--prompt-len`` prompt, prefill excluded); ``--no-transformers`` skips it.
@@ -164,6 +165,24 @@ def split_decode_time(model, prompts, params, mode) -> dict[str, float]:
     acc["other in forward"] = acc.get("forward", 0.0) - layers  # context, masks, cache reads, norms, embedding
     acc["outside forward"] = acc["total"] - acc.get("forward", 0.0) - acc.get("LM head", 0.0)
     return acc
+
+
+def print_step_phases(model, prompts, params, batch: int) -> None:
+    """Per step, ms in each phase of one decode (``_step_phases``), AR-Trust's rounds against causal steps: where a
+    round's extra time goes, compiled or not (the forward's split by module needs eager forwards)."""
+    from _step_phases import PHASES, step_phases
+
+    split = {}
+    for mode in ("causal", "ar_trust"):
+        with step_phases() as acc:
+            decode(model, prompts, params, mode)
+        split[mode] = acc
+    c, t = split["causal"], split["ar_trust"]
+    print(f"\nper step of one decode at batch {batch} (ms; causal: {c['steps']} steps, ar_trust: {t['steps']}):")
+    print(f"  {'phase':<12}{'causal':>9}{'ar_trust':>10}{'extra':>9}")
+    for k in (*PHASES, "step"):
+        pc, pt = c[k] / max(c["steps"], 1) * 1e3, t[k] / max(t["steps"], 1) * 1e3
+        print(f"  {k:<12}{pc:>9.3f}{pt:>10.3f}{pt - pc:>+9.3f}")
 
 
 def round_rows(options: ArTrustOptions, batch: int) -> str:
@@ -466,7 +485,8 @@ def run(a: argparse.Namespace, ap: argparse.ArgumentParser, stack: ExitStack) ->
     if unmet and not a.no_profile and device.type == "cpu" and skip_real:
         print("  (profile skipped at --size real: --profile runs it)")
     elif unmet and not a.no_profile and device.type == "cpu" and compiling:
-        print("  (profile skipped when compiled: its forward hooks would break the graphs)")
+        print("  (forward hooks skipped when compiled: they would break the graphs)")
+        print_step_phases(model, prompts_all[:max(unmet)], params, max(unmet))
     elif unmet and not a.no_profile and device.type == "cpu":
         B = max(unmet)
         prompts = prompts_all[:B]
@@ -490,6 +510,7 @@ def run(a: argparse.Namespace, ap: argparse.ArgumentParser, stack: ExitStack) ->
                           f"({sp.get(k, 0) / max(cp.get(k, 0), 1e-9):.1f}x)" for k in extras) + ".")
         print("  (On a GPU a few-row forward costs about as much as a one-row one, so there the ceiling is set by TPF "
               "and per-round overheads; this is a statement about this CPU and model size.)")
+        print_step_phases(model, prompts, params, B)
     t_versus = time.perf_counter()
     versus = {"skipped": "--no-transformers"} if a.no_transformers else transformers_comparison(
         model, ckpt, device, dtype, a, batches)

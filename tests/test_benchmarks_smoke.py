@@ -180,6 +180,35 @@ def test_bench_modes_samples_unseeded_when_asked(tmp_path):
     assert all(m["valid"] and m["exact"] is None for m in record["modes"] if m["mode"] == "ar_trust")
 
 
+def test_step_phases_split_each_step_and_leave_nothing_patched(flare_models):
+    """The phases of a step add up to it; causal steps commit nothing, AR-Trust's rounds do; prefills (admissions)
+    are left out; the wrapped methods are the originals again afterwards."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from _step_phases import PHASES, step_phases
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    from flare.decoding import SamplingParams
+    from flare.engine import decode
+    from flare.engine.runner import CachedRunner
+    from flare.engine.stepper import Stepper
+
+    model = flare_models["qwen3_5"]
+    before = (Stepper.step, Stepper.sync, CachedRunner.rows, CachedRunner.commit_recorded, type(model).context)
+    params = SamplingParams(temperature=0, max_new_tokens=8, ignore_eos=True)
+    split = {}
+    for mode in ("causal", "ar_trust:pause=0"):
+        with step_phases() as acc:
+            res = decode(model, [[5, 6, 7, 8], [9, 10, 11]], params, mode)
+        split[mode] = acc
+        assert acc["steps"] == res.forwards - 1  # one admission's prefill for both prompts, then steps
+        assert all(acc[p] >= 0 for p in PHASES if p != "other")
+        assert sum(acc[p] for p in PHASES) == pytest.approx(acc["step"])
+        assert acc["forward"] > 0 and acc["consume"] > 0 and acc["host read"] > 0
+    assert split["causal"]["commit"] == 0 and split["ar_trust:pause=0"]["commit"] > 0
+    assert (Stepper.step, Stepper.sync, CachedRunner.rows, CachedRunner.commit_recorded, type(model).context) == before
+
+
 def test_bench_attention_times_both_calls_and_a_decode_step_at_a_tiny_size(tmp_path):
     """Per op every shape, dtype, batch and row count, a ratio and a difference; per step fold on and off."""
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_attention.py"), "--contexts", "32",
