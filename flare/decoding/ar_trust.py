@@ -326,11 +326,14 @@ class ArTrustLane(Lane):
                 q_new = F.one_hot(d_new[:n], V).float()
 
         emitted = torch.cat([self.drafts[:, :m], nxt[:, None]], dim=1).scatter(1, accepted[:, None], nxt[:, None])
-        s.emit(emitted, n_commit)
+        end = s.emit(emitted, n_commit, ends=bool(self.options.pause))
         s.drafted += self.counts(dmask, v)
         s.accepted += self.counts(dmask, accepted)
         if self.options.pause:  # per verifying slot: accepted + (M + 1) x verified, one number for the sync
-            self.verdict = torch.where(dmask & ~cold, accepted + (M + 1) * v, -1)
+            # Drafts past the token that ended the output (a stop token, the length limit) count as rejected:
+            # they commit nothing, and the pacer would otherwise rate long rounds by them at every answer's end.
+            useful = torch.minimum(accepted, end + 1)
+            self.verdict = torch.where(dmask & ~cold, useful + (M + 1) * v, -1)
 
         # The MASK rows' drafts are valid for the next round after a cold round or a full acceptance of the
         # verified drafts (they assumed exactly the context that was committed); a rejection sends the row to a

@@ -99,17 +99,24 @@ class SlotBatch:
                        any(p.top_k == 0 and p.top_p < 1.0 for p in sampled), len(sampled) < len(slots))
 
     # ------------------------------------------------------------------------------------------ emission
-    def emit(self, tokens: torch.Tensor, n_emit: torch.Tensor) -> None:
+    def emit(self, tokens: torch.Tensor, n_emit: torch.Tensor, ends: bool = False) -> torch.Tensor | None:
         """Append the first n_emit[s] of tokens [S, K] to each slot's output (n_emit is 0 for slots not
-        emitting); a stop token among them or reaching max_new finishes the slot."""
+        emitting); a stop token among them or reaching max_new finishes the slot. ``ends``: also return where
+        each slot's output ends among them [S]: the index of the token that finished it (a stop token, or the
+        one that reached max_new), K where none did; the tokens after it are cut from the output."""
         K = tokens.shape[1]
         steps = torch.arange(K, device=tokens.device)
         at = (self.out_len[:, None] + steps).clamp(max=self.out.shape[1] - 1)
         keep = steps < n_emit[:, None]
         self.out.scatter_(1, at, torch.where(keep, tokens, self.out.gather(1, at)))
-        hit = ((tokens[:, :, None] == self.stops[:, None, :]).any(-1) & keep).any(1)
+        stop = (tokens[:, :, None] == self.stops[:, None, :]).any(-1) & keep
+        end = None
+        if ends:
+            last = keep & (self.out_len[:, None] + steps + 1 >= self.max_new[:, None])
+            end = torch.where(stop | last, steps, K).amin(1)
         self.out_len += n_emit
-        self.finished |= hit | (self.out_len >= self.max_new)
+        self.finished |= stop.any(1) | (self.out_len >= self.max_new)
+        return end
 
     def tokens(self, slot: int, out_row: list[int] | None = None, length: int | None = None
                ) -> tuple[list[int], str | None]:

@@ -122,6 +122,27 @@ def test_verdicts_name_the_kind_whose_group_made_the_drafts(flare_models, monkey
     assert checked >= 3
 
 
+@pytest.mark.parametrize("max_new, useful", [(10, 1), (11, 2), (13, 3)])
+def test_drafts_past_the_end_of_an_output_count_as_rejected(flare_models, monkeypatch, max_new, useful):
+    """A round whose accepted drafts run past the token that ends the output tells the pacer only the drafts up
+    to that token passed: the rest commit nothing (here the length limit ends it; a stop token does the same,
+    ``SlotBatch.emit``, tests/decoding/test_slots.py)."""
+    import torch
+
+    model = copy.deepcopy(flare_models["qwen3_5"])
+    with torch.no_grad():
+        model.lm_head.weight.zero_()  # every row's logits tie: its argmax is token 0, so every draft passes
+    seen, observe = [], Pacer.observe
+    monkeypatch.setattr(Pacer, "next", lambda self, sequences, covered=None: 3)  # one group of 3 drafts always
+    monkeypatch.setattr(Pacer, "observe", lambda self, verdicts, makers=None: seen.extend(verdicts)
+                        or observe(self, verdicts, makers))
+    # One token from the drafting prefill, then 4 a round: the third round needs max_new - 9 of its 4.
+    params = SamplingParams(temperature=0, max_new_tokens=max_new, ignore_eos=True)
+    res = decode(model, [[3, 1, 4, 1, 5]], params, ArTrustOptions(gen_block=4, redraft="last", pause=1))
+    assert res.token_ids[0] == [0] * max_new
+    assert seen == [(3, 3), (3, 3), (3, useful)], seen
+
+
 def test_untimed_lengths_are_read_off_the_timed_ones(monkeypatch):
     clock = [0.0]
     monkeypatch.setattr("flare.decoding.pacer.time.perf_counter", lambda: clock[0])
