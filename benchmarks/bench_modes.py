@@ -167,9 +167,10 @@ def split_decode_time(model, prompts, params, mode) -> dict[str, float]:
     return acc
 
 
-def print_step_phases(model, prompts, params, batch: int) -> None:
+def print_step_phases(model, prompts, params, batch: int) -> dict:
     """Per step, ms in each phase of one decode (``_step_phases``), AR-Trust's rounds against causal steps: where a
-    round's extra time goes, compiled or not (the forward's split by module needs eager forwards)."""
+    round's extra time goes, compiled or not (the forward's split by module needs eager forwards). Returns them per
+    mode (with the steps each ran), as ``--json`` records them."""
     from _step_phases import PHASES, step_phases
 
     split = {}
@@ -180,9 +181,12 @@ def print_step_phases(model, prompts, params, batch: int) -> None:
     c, t = split["causal"], split["ar_trust"]
     print(f"\nper step of one decode at batch {batch} (ms; causal: {c['steps']} steps, ar_trust: {t['steps']}):")
     print(f"  {'phase':<12}{'causal':>9}{'ar_trust':>10}{'extra':>9}")
+    per_step = {m: {k: acc[k] / max(acc["steps"], 1) * 1e3 for k in (*PHASES, "step")} | {"steps": acc["steps"]}
+                for m, acc in split.items()}
     for k in (*PHASES, "step"):
-        pc, pt = c[k] / max(c["steps"], 1) * 1e3, t[k] / max(t["steps"], 1) * 1e3
+        pc, pt = per_step["causal"][k], per_step["ar_trust"][k]
         print(f"  {k:<12}{pc:>9.3f}{pt:>10.3f}{pt - pc:>+9.3f}")
+    return per_step
 
 
 def round_rows(options: ArTrustOptions, batch: int) -> str:
@@ -481,12 +485,14 @@ def run(a: argparse.Namespace, ap: argparse.ArgumentParser, stack: ExitStack) ->
               f"for this model's MLP weight ({mlp.shape[0]} x {mlp.shape[1]}), and {large:.1f}x for a "
               f"4096 x 4096 weight (about 1x where reading the weight dominates, as on a GPU at decode sizes)")
     unmet = [B for B in sorted({1, a.batch}) if (B, "ar_trust") in results and ceilings[B] < GOAL_SPEED]
+    profile = None  # what the profile below measured, for --json
     skip_real = not a.model and a.size == "real" and not a.profile
     if unmet and not a.no_profile and device.type == "cpu" and skip_real:
         print("  (profile skipped at --size real: --profile runs it)")
     elif unmet and not a.no_profile and device.type == "cpu" and compiling:
         print("  (forward hooks skipped when compiled: they would break the graphs)")
-        print_step_phases(model, prompts_all[:max(unmet)], params, max(unmet))
+        profile = dict(batch=max(unmet), step_phases_ms=print_step_phases(model, prompts_all[:max(unmet)], params,
+                                                                          max(unmet)))
     elif unmet and not a.no_profile and device.type == "cpu":
         B = max(unmet)
         prompts = prompts_all[:B]
@@ -510,7 +516,8 @@ def run(a: argparse.Namespace, ap: argparse.ArgumentParser, stack: ExitStack) ->
                           f"({sp.get(k, 0) / max(cp.get(k, 0), 1e-9):.1f}x)" for k in extras) + ".")
         print("  (On a GPU a few-row forward costs about as much as a one-row one, so there the ceiling is set by TPF "
               "and per-round overheads; this is a statement about this CPU and model size.)")
-        print_step_phases(model, prompts, params, B)
+        profile = dict(batch=B, forward_split_ms={m: {k: v * 1e3 for k, v in split[m].items()} for m in split},
+                       step_phases_ms=print_step_phases(model, prompts, params, B))
     t_versus = time.perf_counter()
     versus = {"skipped": "--no-transformers"} if a.no_transformers else transformers_comparison(
         model, ckpt, device, dtype, a, batches)
@@ -553,7 +560,8 @@ def run(a: argparse.Namespace, ap: argparse.ArgumentParser, stack: ExitStack) ->
             ar_trust_ceiling={str(B): c for B, c in ceilings.items()},
             modes=[dict(mode=m, batch=B, tok_s=results[B, m]["tokens"] / results[B, m]["time"],
                         **{k: results[B, m][k] for k in keep if k in results[B, m]}) for B in batches for m in modes],
-            transformers=versus, load_average=[load_start, load_end], elapsed_s=elapsed, sections_s=sections)
+            profile=profile, transformers=versus, load_average=[load_start, load_end], elapsed_s=elapsed,
+            sections_s=sections)
         with open(a.json, "w") as f:
             json.dump(record, f, indent=1)
         print(f"wrote {a.json}")

@@ -209,6 +209,27 @@ def test_step_phases_split_each_step_and_leave_nothing_patched(flare_models):
     assert (Stepper.step, Stepper.sync, CachedRunner.rows, CachedRunner.commit_recorded, type(model).context) == before
 
 
+def test_bench_modes_records_its_profile_in_the_json(tmp_path):
+    """Where AR-Trust's ceiling is below the goal the profile runs, and --json keeps what it printed: the forward's
+    split by module and each step's phases, per mode, at the batch it profiled."""
+    out = tmp_path / "modes.json"
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_modes.py"), "--size", "tiny", "--modes",
+                          "causal,ar_trust", "--batch", "2", "--new-tokens", "6", "--repeats", "1", "--no-transformers",
+                          "--json", str(out)], cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    record = json.loads(out.read_text())
+    unmet = [int(b) for b, c in record["ar_trust_ceiling"].items() if c < 2.5]
+    profile = record["profile"]
+    assert (profile is not None) == bool(unmet)
+    if profile is not None:
+        assert profile["batch"] == max(unmet) and "per step of one decode" in res.stdout
+        for mode in ("causal", "ar_trust"):
+            phases = profile["step_phases_ms"][mode]
+            assert phases["steps"] > 0 and phases["forward"] > 0 and phases["step"] >= phases["forward"]
+            assert profile["forward_split_ms"][mode]["total"] > 0
+        assert profile["step_phases_ms"]["causal"]["commit"] == 0
+
+
 def test_bench_attention_times_both_calls_and_a_decode_step_at_a_tiny_size(tmp_path):
     """Per op every shape, dtype, batch and row count, a ratio and a difference; per step fold on and off."""
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_attention.py"), "--contexts", "32",
