@@ -487,15 +487,14 @@ def run(a: argparse.Namespace, ap: argparse.ArgumentParser, stack: ExitStack) ->
     unmet = [B for B in sorted({1, a.batch}) if (B, "ar_trust") in results and ceilings[B] < GOAL_SPEED]
     profile = None  # what the profile below measured, for --json
     skip_real = not a.model and a.size == "real" and not a.profile
+    B = max(unmet, default=1)  # the batch a profile runs at
+    prompts = prompts_all[:B]
     if unmet and not a.no_profile and device.type == "cpu" and skip_real:
         print("  (profile skipped at --size real: --profile runs it)")
     elif unmet and not a.no_profile and device.type == "cpu" and compiling:
         print("  (forward hooks skipped when compiled: they would break the graphs)")
-        profile = dict(batch=max(unmet), step_phases_ms=print_step_phases(model, prompts_all[:max(unmet)], params,
-                                                                          max(unmet)))
+        profile = dict(batch=B, step_phases_ms=print_step_phases(model, prompts, params, B))
     elif unmet and not a.no_profile and device.type == "cpu":
-        B = max(unmet)
-        prompts = prompts_all[:B]
         print(f"\nprofile of one decode at batch {B} (forward hooks; wall ms; AR-Trust vs causal):")
         split = {m: split_decode_time(model, prompts, params, m) for m in ("causal", "ar_trust")}
         keys = ["attention layers", "GDN layers", "MLPs", "other in forward", "LM head", "outside forward", "total"]
