@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One GPU check, within a time budget (default 9 minutes on CUDA), that writes ONE JSON file with every result:
 #   tests         the CUDA-only tests (test files that skip without CUDA, selected with -k "cuda or flex or gpu")
-#   graphs        bench_modes.py, causal and AR-Trust, with FLARE_CUDA_GRAPHS=1 (emulate on the CPU): decoding with
-#                 its forwards replayed from CUDA graphs (flare.engine.graphed)
+#   graphs        bench_modes.py, causal and AR-Trust (paced, and pinned to a group per acceptance point without and
+#                 with tree's branch: what its 4 more rows cost a round where rows are nearly free), with
+#                 FLARE_CUDA_GRAPHS=1 (emulate on the CPU): decoding with its forwards replayed from CUDA graphs
+#                 (flare.engine.graphed)
 #   attention     bench_attention.py: decoding's masked attention with its key/value heads expanded (what CUDA runs)
 #                 against the query heads folded into rows (what the CPU runs), per call, at 512 and 4,096 keys
 #   modes         bench_modes.py on the real-sized random model (Qwen3.5-0.8B-shaped) in bf16 at batch 1 and 8:
@@ -111,7 +113,8 @@ fi
 
 section graphs "$T_GRAPHS" env FLARE_CUDA_GRAPHS="$GRAPHS" "$PY" benchmarks/bench_modes.py --size "$SIZE" --batch 8 \
   --device "$DEVICE" --dtype "$DTYPE" --new-tokens "$NEW" --repeats "$REPEATS" --threads "$THREADS" --no-profile \
-  --modes causal,ar_trust --no-transformers --json "$WORK/graphs.json"
+  --modes causal,ar_trust,ar_trust:redraft=every:pause=0,ar_trust:redraft=tree:pause=0 --no-transformers \
+  --json "$WORK/graphs.json"
 
 # shellcheck disable=SC2086
 section attention "$T_ATTN" "$PY" benchmarks/bench_attention.py --device "$DEVICE" --threads "$THREADS" $ATTN_ARGS \

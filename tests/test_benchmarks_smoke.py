@@ -54,7 +54,8 @@ def test_gpu_check_runs_on_the_cpu_and_writes_every_section(tmp_path):
     assert all(r["eager_ms"] > 0 and "graph_ms" not in r for r in static)  # CUDA graphs: CUDA only
 
     graphs = report["graphs"]["result"]  # emulated on the CPU: the same bookkeeping, the eager tokens
-    assert {(m["mode"], m["batch"]) for m in graphs["modes"]} == {(m, b) for m in ("causal", "ar_trust")
+    pinned = ("ar_trust:redraft=every:pause=0", "ar_trust:redraft=tree:pause=0")
+    assert {(m["mode"], m["batch"]) for m in graphs["modes"]} == {(m, b) for m in ("causal", "ar_trust") + pinned
                                                                 for b in (1, 8)}
     assert all(m["valid"] and m["fwd_cost"] > 0 for m in graphs["modes"])  # graphed forwards timed too
     # causal steps graphed (AR-Trust on a random model may draft every round: rows forwards, not graphed yet)

@@ -12,20 +12,14 @@ admission prefill plays it (``prefilled_drafts``): the whole prompt as clean row
 request's first token and its first drafts come with its prefill, and its first round already verifies.
 
 With ``redraft="every"`` (our extension, method §3) the round holds a MASK group after ``pending, d_1 .. d_k``
-for every k, each seeded at that clean boundary (``flare.model.row_tree``): whatever is accepted, the next
-round's drafts are conditioned on exactly the committed context, so no round is cold. Those rows pay where rows
-are cheap (a GPU) or the batch is small; with ``redraft="auto"`` (the default) the pacer (below) weighs them
-against one group for batches of up to ``AUTO_EVERY_SLOTS`` sequences, and rounds it does not pace take one group
-(``pause=0``: a group per acceptance point for greedy batches of up to ``AUTO_EVERY_SLOTS`` sequences).
+for every k (``flare.decoding.groups``), so no round is cold; ``tree`` adds a branch for the first draft's second
+choice. Those rows pay where rows are cheap (a GPU) or the batch is small; ``redraft="auto"`` (the default) lets
+the pacer weigh them against one group for up to ``AUTO_EVERY_SLOTS`` sequences (unpaced, ``pause=0``: every for
+such greedy batches, else one group).
 
-Where drafting fails (two verify rounds in a row accept nothing) a sequence of a batch that is not paced (below)
-pauses it: for ``pause`` steps it decodes causally, one row and no MASK rows, then drafts again; each pause that
-ends in more failure is twice as long (up to 16x). The decision uses only the sequence's own verdicts, read in
-the stepper's one sync, so a request is decoded the same alone or in any batch; a step whose sequences are all
-paused is a plain causal forward. In a round that drafts anyway a paused greedy sequence drafts along (its rows
-cost nothing more, and its tokens are the causal ones either way); a sampled one stays held. Every token still
-follows the AR law (a paused step is a causal step). A paced batch does not pause: a pause inside a stint the
-pacer times as drafting would make drafting look cheaper (demo model, one sequence: 12% of its drafting rounds).
+Where drafting fails a sequence of a batch that is not paced pauses (``flare.decoding.pauses``); a step whose
+sequences are all paused is a plain causal forward. In a round that drafts anyway a paused greedy sequence drafts
+along (its rows cost nothing more, and its tokens are the causal ones either way); a sampled one is held.
 
 A batch is paced (``flare.decoding.pacer``) unless a sampled sequence in it is seeded (its draws, hence its tokens,
 would depend on the clock): each round verifies and makes m drafts, 1 <= m <= N-1 (m MASK rows), or N-1 drafts
@@ -40,15 +34,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from flare.decoding.groups import Groups
 from flare.decoding.lane import Lane, Plan, RowLogits, after_prompt, pad_slots
 from flare.decoding.pacer import CAUSAL, EVERY, Pacer
+from flare.decoding.pauses import Pauses
 from flare.device import cpu_path
 from flare.ops.sampling import argmax, draw, filtered_probs, speculative_verify
 from flare.ops.take import take_rows
 
 
-# The longest pause, in multiples of ``options.pause``.
-PAUSE_GROWTH = 16
 # With a group per acceptance point the LM head reads every row in one pass up to this many rows (slots x rows),
 # but always in two where rows cost in a large head (a CPU without AMX, ``SMALL_HEAD`` weights or more: an EPYC
 # with AVX-512-BF16, SmolLM2's 49,153 x 576 in bf16, 25 rows 6.4 ms, 5 + 4 rows in two passes 3.7 ms; a round
@@ -60,6 +54,8 @@ ONE_PASS_ROWS, SMALL_HEAD = 64, 1 << 22
 # chooses where it runs). At 8 sequences its rounds cost 2.9x a causal step on the demo model: even its rare trials
 # there left the paced default behind one MASK group always (benchmarks/README.md).
 AUTO_EVERY_SLOTS = 2
+# The settings that draft from every acceptance point (tree: with the branch, ``flare.decoding.groups``).
+EVERY_FORMS = ("every", "tree")
 
 
 class ArTrustLane(Lane):
@@ -73,10 +69,8 @@ class ArTrustLane(Lane):
         cheap_rows = slots.device.type != "cpu" or cpu_path() == "amx" or model.lm_head.weight.numel() < SMALL_HEAD
         self.one_pass_rows = ONE_PASS_ROWS if cheap_rows else 0
         S, dev = slots.num_slots, slots.device
-        self.N = options.gen_block
-        self.M = self.N - 1
-        self.room = self.N
-        self.draft_rows = self.M
+        self.N = self.room = options.gen_block
+        self.M = self.draft_rows = self.N - 1
         self.pending = torch.zeros(S, dtype=torch.long, device=dev)
         # The drafts each slot holds for its next round (0: cold, after a rejection; its round is
         # [pending, MASK x m], 1 token and fresh drafts); a warm round verifies v of them: [pending, d_1..d_v,
@@ -85,28 +79,24 @@ class ArTrustLane(Lane):
         self.drafts = torch.zeros(S, self.M, dtype=torch.long, device=dev)
         self.q: torch.Tensor | None = None  # [S, M, V] proposal laws, built once a slot samples
         self.masks_row = torch.full((S, self.M), self.mask_id, dtype=torch.long, device=dev)
-        # Groups of M MASK rows: one after all drafts, or (every) one after each prefix pending, d_1 .. d_k;
-        # auto picks per round (``plan``).
-        self.every = options.redraft == "every"
-        self.every_rows = self.masks_row.repeat(1, self.N)
-        prefix = torch.arange(1, self.N + 1, device=dev).repeat_interleave(self.M)
-        self.every_seeds = torch.cat([torch.zeros(self.N, dtype=torch.long, device=dev), prefix]).expand(S, -1)
-        # Pauses (host side, per slot): causal steps left, verify rounds in a row that accepted nothing, the
-        # next pause's length; and the last verify's accepted drafts per slot (-1: none), read at the sync.
-        self.pause_left, self.misses, self.next_pause = [0] * S, [0] * S, [options.pause] * S
-        self.verdict = torch.full((S,), -1, dtype=torch.long, device=dev)
+        # Groups of M MASK rows: one after all drafts, or (every, tree) one after each prefix pending, d_1 .. d_k,
+        # with the branch in greedy tree rounds (flare.decoding.groups); auto picks per round (``plan``).
+        self.layouts = {branch: Groups(self.N, self.mask_id, S, dev, branch) for branch in (False, True)}
+        self.every, self.layout, self.hits = options.redraft in EVERY_FORMS, self.layouts[False], False
+        self.second, self.ends = torch.zeros(S, dtype=torch.long, device=dev), None  # branch tokens, commit ends
+        self.pauses = Pauses(S, options.pause)
+        self.verdict = torch.full((S,), -1, dtype=torch.long, device=dev)  # per slot, read at the sync (-1: none)
         # Per slot (host): the kind of the round whose MASK rows made its drafts, now and as the round in flight
         # verifies them (the pacer learns acceptance per kind of drafts).
         self.made_by, self.verified_by = [self.M] * S, [self.M] * S
         self.paused: list[int] = []
         self.held: torch.Tensor | None = None  # [S] bool at the paused slots of a round that also drafts
         # Paced batches: rounds of m <= M drafts and MASK rows, M drafts with a group per acceptance point, or causal
-        # steps, whichever commits faster (flare.decoding.pacer); greedy and sampled batches have pacers of their
-        # own (sampled drafts pass less often, and their rounds build laws over the vocabulary). Pacers outlive the
-        # lane (``self.pacing``: the model's, with caches): the next batch in this mode starts from what they learned.
+        # steps, whichever commits faster (flare.decoding.pacer), greedy and sampled batches apart (sampled drafts
+        # pass less often). Pacers outlive the lane (``self.pacing``: the model's, with caches).
         redraft = options.redraft
         self.pacers = {greedy: self.pacing.setdefault((options, greedy), Pacer(
-            self.M, lengths=() if redraft == "every" else None, every=redraft != "last",
+            self.M, lengths=() if redraft in EVERY_FORMS else None, every=redraft != "last",
             every_slots=AUTO_EVERY_SLOTS if redraft == "auto" else None)) for greedy in (True, False)}
         self.pacer = self.pacers[True]  # the pacer of the round in flight
         self.m = self.M  # drafts verified and MASK rows of the round in flight
@@ -124,8 +114,7 @@ class ArTrustLane(Lane):
         idx = torch.tensor(slots, device=self.slots.device)
         self.pending[idx] = torch.tensor([p[-1] for p in prompts], device=self.slots.device)
         self.have[idx] = 0
-        for slot in slots:
-            self.pause_left[slot], self.misses[slot], self.next_pause[slot] = 0, 0, self.options.pause
+        self.pauses.reset(slots)
         self._use(self.pacers[self.slots.all_greedy(self.owned)])
         self.pacer.skip()
         paced, covered = self._paced(self.owned), max(self.owned) + 1
@@ -135,7 +124,7 @@ class ArTrustLane(Lane):
         # The prefill's MASK group is as long as the rounds the pacer runs at this width: a shorter group drafts
         # better (draft 2 after draft 1, converted SmolLM2: 86% from groups of two, 69% of four) and its rows
         # are not made for nothing. A group per acceptance point plays its cold round as one group of M.
-        self.draft_rows = kind if 0 < kind < self.M and self.options.redraft != "every" else self.M
+        self.draft_rows = kind if 0 < kind < self.M and self.options.redraft not in EVERY_FORMS else self.M
         return [list(p) for p in prompts] if causal else [p[:-1] for p in prompts]
 
     def drafting_prefill(self) -> bool:
@@ -157,9 +146,11 @@ class ArTrustLane(Lane):
         # A cold round's layout: [pending, MASK x m] (last), [pending, placeholders x M, group 0] (every).
         # A cold round's drafts are the same in both layouts (one group seeded after the pending token): auto
         # plays it as one group.
-        self.every, self.m, self.v = self.options.redraft == "every", m, torch.zeros_like(self.have)
-        start = N if self.every else 1
-        rows = hidden.new_zeros(n, N + N * m if self.every else 1 + 2 * m, E)
+        self.every, self.m, self.v = self.options.redraft in EVERY_FORMS, m, torch.zeros_like(self.have)
+        # (the tree layout makes the first branch token; no branch row here, so no hit to take)
+        self.layout, self.hits = self.layouts[self._branches(slots)], False
+        start = self.layout.lead if self.every else 1
+        rows = hidden.new_zeros(n, self.layout.rows if self.every else 1 + 2 * m, E)
         rows[:, 0], rows[:, start:start + m] = picked[:, 0], picked[:, 1:]
         self.paused, self.held = [], None
         self.consume(slots, RowLogits(self.model, rows, self.slots.num_slots))
@@ -168,17 +159,22 @@ class ArTrustLane(Lane):
         """Whether the pacer chooses the rounds of ``slots``: pauses on, and no seeded sampled sequence among them."""
         return self.options.pause > 0 and not self.slots.seeded(slots)
 
+    def _branches(self, live: list[int]) -> bool:
+        """Whether rounds of ``live`` have the branch: tree, greedy batches (the branch row's token is a pick)."""
+        return self.options.redraft == "tree" and self.slots.all_greedy(live)
+
+    def commit_ends(self) -> torch.Tensor | None:
+        return self.ends
+
     def _use(self, pacer: Pacer) -> None:
         if pacer is not self.pacer:  # the other pacer's round in flight is not timed, nor this one's first (cold)
             self.pacer.skip()
             self.pacer, pacer.last = pacer, None
 
     def plan(self, live: list[int]) -> Plan:
-        self.paused = [i for i in live if self.pause_left[i] > 0]
-        for i in self.paused:
-            self.pause_left[i] -= 1
+        self.paused = self.pauses.take(live)
         greedy = self.slots.all_greedy(live)
-        every = self.options.redraft == "every"
+        every = self.options.redraft in EVERY_FORMS
         if self.options.redraft == "auto":
             # Greedy batches only, so that a seeded sampled request's draws never depend on its batch; without
             # the pacer, while the batch is small (every slot of the forward pays for its width, paused ones too).
@@ -212,19 +208,22 @@ class ArTrustLane(Lane):
         self.v = v = self.have.clamp(max=m)  # the drafts this round verifies
         verified = torch.arange(m, device=v.device) < v[:, None]
         middle = torch.where(verified, self.drafts[:, :m], self.masks_row[:, :m])
-        groups = self.every_rows if every else self.masks_row[:, :m]
-        rows = torch.cat([self.pending[:, None], middle, groups], dim=1)  # cold rows end in padding
+        self.layout, self.hits = self.layouts[every and self._branches(live)], True
+        if every:
+            rows = self.layout.tokens(self.pending, middle, self.second)
+        else:
+            rows = torch.cat([self.pending[:, None], middle, self.masks_row[:, :m]], dim=1)  # cold: padding after
         # A cold round's drafts (every) are placeholders: its verdict is "none accepted", read from group 0.
         clean = self.counts(mask, self.N if every else 1 + v)
-        noisy = self.counts(mask, groups.shape[1])
+        noisy = self.counts(mask, rows.shape[1] - (self.N if every else 1 + m))
         self.held = self.slots.mask(self.paused) if self.paused else None
         if self.held is not None:  # paused sequences: their pending token alone
             clean, noisy = torch.where(self.held, 1, clean), torch.where(self.held, 0, noisy)
         # With a group per acceptance point every round has the same layout (cold rounds included) for the same
         # live and paused slots, so its row tree is built once per such set.
-        key = (self.mode, self.N, tuple(live), tuple(self.paused)) if every else None
-        return Plan(rows, clean, noisy, commits_all=False, seeds=self.every_seeds if every else None,
-                    layout_key=key, clean_bound=self.N if every else 1 + m)
+        key = (self.mode, self.N, self.layout.branch, tuple(live), tuple(self.paused)) if every else None
+        return Plan(rows, clean, noisy, commits_all=False, seeds=self.layout.seeds if every else None,
+                    layout_key=key, clean_bound=self.layout.clean if every else 1 + m)
 
     def to_sync(self) -> torch.Tensor | None:
         return self.verdict if self.options.pause and self.round else None  # once per round this lane ran
@@ -238,13 +237,7 @@ class ArTrustLane(Lane):
             self.pacer.observe([verdicts[i] for i in seen], [self.verified_by[i] for i in seen])
         self.round = []
         for i, (_, accepted) in verdicts.items():
-            if accepted > 0:
-                self.misses[i], self.next_pause[i] = 0, self.options.pause
-                continue
-            self.misses[i] += 1
-            if self.misses[i] >= 2:
-                self.pause_left[i], self.misses[i] = self.next_pause[i], 0
-                self.next_pause[i] = min(2 * self.next_pause[i], PAUSE_GROWTH * self.options.pause)
+            self.pauses.verdict(i, accepted)
 
     def _laws(self, live: list[int], logits: torch.Tensor) -> torch.Tensor:
         """The sampling law of every row [n, N, V] of the first n slots (filters, one-hots where slots ask)."""
@@ -253,7 +246,7 @@ class ArTrustLane(Lane):
 
     def consume(self, live: list[int], row_logits: RowLogits) -> torch.Tensor:
         s, N, M = self.slots, self.N, self.M
-        mask = s.mask(live)
+        mask, self.ends = s.mask(live), None
         if len(self.paused) == len(live):
             nxt = self.sample(self.paused, row_logits.rows(0, 1)[:, 0])
             n_commit = self.counts(mask, 1)
@@ -271,25 +264,27 @@ class ArTrustLane(Lane):
         # real model would cost more than the extra rows). A group per acceptance point: the same while the rows
         # are few and cheap (``ONE_PASS_ROWS``; AMX, bf16, 49,152 x 576: 25 rows 1.5 ms, 5 + 4 rows in two passes
         # 2.5 ms), else the clean rows, then the kept group. A draft vocabulary: the drafts' head is a pass of its own.
-        m, short = self.m, self.short  # this round's drafts and MASK rows (M, or fewer in a paced round)
+        m, short, L = self.m, self.short, self.layout  # this round's drafts and MASK rows (M, or fewer if paced)
+        greedy = s.all_greedy(drafting)
+        branch, hit = self.every and L.branch and greedy, None
         if self.every:
-            whole_pass = not short and row_logits.covered * (N + N * M) <= self.one_pass_rows
-            head = (0, N + N * M) if whole_pass else (0, N)
+            whole_pass = not short and not branch and row_logits.covered * L.rows <= self.one_pass_rows
+            head = (0, L.rows) if whole_pass else (0, L.clean)
         else:
             whole_pass = not short
             head = (0, 1 + 2 * m) if whole_pass else (0, 1 + m)
-        v = self.v  # the drafts verified (0: a cold round)
-        cold = v == 0
+        v, cold = self.v, self.v == 0  # the drafts verified (0: a cold round)
         policy = self.options.draft_policy
         # Greedy decoding needs no laws: a draft passes iff it is the argmax (speculative sampling with one-hot
         # p and q), so no vocabulary-sized tensor is built per round, and none is padded to every slot.
-        greedy = s.all_greedy(drafting)
         if greedy:
             picks = row_logits.picks(*head)  # [S, N] or [S, 1 + 2m]
             target = picks[:, :1 + m]
             verified = torch.arange(m, device=s.device) < v[:, None]
             accepted = ((self.drafts[:, :m] == target[:, :m]) & verified).long().cumprod(-1).sum(-1)
             nxt = target.gather(1, accepted[:, None])[:, 0]
+            if branch and self.hits:  # the first draft rejected for the branch's token: the branch row is causal
+                hit = (accepted == 0) & (nxt == self.second) & dmask
         else:
             whole = row_logits.covered_rows(*head)  # laws only for the slots the forward covered, not idle ones
             n, V = whole.shape[0], whole.shape[-1]
@@ -304,15 +299,16 @@ class ArTrustLane(Lane):
         if held is not None:  # (sampled sequences only: ``plan``) their one token, drawn as a causal step draws it
             accepted = torch.where(held, torch.zeros_like(accepted), accepted)
             nxt = torch.where(held, self.sample(self.paused, row_logits.rows(*head)[:, 0]), nxt)
-        n_commit = self.counts(mask, accepted + 1)
+        n_commit = self.counts(mask, accepted + 1 + (0 if hit is None else hit.long()))
 
         # The MASK rows draft the tokens after next (shifted logits): the group after all clean rows, or (every)
         # the group seeded after the accepted prefix.
-        if self.every:
-            at = N + accepted[:, None] * M + torch.arange(M, device=s.device)
-        else:
-            at = (1 + v)[:, None] + torch.arange(m, device=s.device)
-        if greedy:
+        at = L.kept(accepted, hit) if self.every else (1 + v)[:, None] + torch.arange(m, device=s.device)
+        if branch:  # the drafts, and the next branch token: their first row's second choice
+            kept = row_logits.draft_at(at, short) if short else row_logits.at(at)
+            d_new, q_new = argmax(kept), None
+            self.second = torch.where(dmask, kept[:, 0].topk(2, dim=-1).indices[:, 1], self.second)
+        elif greedy:
             d_new, q_new = (picks.gather(1, at) if whole_pass else row_logits.draft_picks_at(at, short) if short
                             else row_logits.picks_at(at)), None
         else:
@@ -326,6 +322,10 @@ class ArTrustLane(Lane):
                 q_new = F.one_hot(d_new[:n], V).float()
 
         emitted = torch.cat([self.drafts[:, :m], nxt[:, None]], dim=1).scatter(1, accepted[:, None], nxt[:, None])
+        if hit is not None:  # the correction (the branch token), then the branch row's pick; the cache commits both
+            emitted[:, 1] = torch.where(hit, picks[:, N], emitted[:, 1])
+            self.ends = torch.where(hit, N, -1)
+            nxt = torch.where(hit, picks[:, N], nxt)
         end = s.emit(emitted, n_commit, ends=bool(self.options.pause))
         s.drafted += self.counts(dmask, v)
         s.accepted += self.counts(dmask, accepted)

@@ -161,6 +161,11 @@ class Lane:
         """Read the logits of the planned rows; return how many clean rows each slot commits [S]."""
         raise NotImplementedError
 
+    def commit_ends(self) -> torch.Tensor | None:
+        """After ``consume``: [S] the row that ends each slot's commit where it is not the last of its committed
+        clean rows (a branch row, ``flare.decoding.groups``; -1 elsewhere), or None: everywhere the last."""
+        return None
+
     def to_sync(self) -> torch.Tensor | None:
         """A [S] tensor the lane needs on the host before its next plan, read in the stepper's one sync."""
         return None

@@ -70,7 +70,7 @@ import weakref
 
 import torch
 
-from flare.decoding.ar_trust import AUTO_EVERY_SLOTS
+from flare.decoding.ar_trust import AUTO_EVERY_SLOTS, EVERY_FORMS
 from flare.decoding.options import ArTrustOptions, CausalOptions, ModeOptions
 from flare.engine.graphed import MAX_ROWS, GraphedForward, graphs_setting
 from flare.model import FlareModel
@@ -180,11 +180,12 @@ def warm_forms(model: FlareModel, options: ModeOptions, covered: int) -> list[Mo
         return [options]
     known = options.resolve(model.config.trained_block)
     forms: list[ModeOptions] = []
-    if known.redraft != "every":
+    if known.redraft not in EVERY_FORMS:
         forms += [dataclasses.replace(known, gen_block=m + 1, redraft="last", pause=0)
                   for m in range(1, known.gen_block)]
-    if known.redraft == "every" or (known.redraft == "auto" and covered <= AUTO_EVERY_SLOTS):
-        forms.append(dataclasses.replace(known, redraft="every", pause=0))
+    if known.redraft in EVERY_FORMS or (known.redraft == "auto" and covered <= AUTO_EVERY_SLOTS):
+        forms.append(dataclasses.replace(known, redraft="every" if known.redraft == "auto" else known.redraft,
+                                         pause=0))
     return forms + [CausalOptions(), options]
 
 

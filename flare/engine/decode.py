@@ -12,7 +12,8 @@ from flare.decoding.params import SamplingParams
 from flare.decoding.request import check_request
 from flare.engine.compiled import keeps_graphs
 from flare.engine.result import DecodeResult
-from flare.engine.runner import CachedRunner, ReferenceRunner
+from flare.engine.reference import ReferenceRunner
+from flare.engine.runner import CachedRunner
 from flare.engine.stepper import Admission, Stepper
 from flare.model import FlareModel
 

@@ -269,11 +269,14 @@ class Stepper:
                                       seeds=None if seeds is None else seeds[:n],
                                       layout_key=None if None in keys else keys, clean_rows=bound)
         logits = RowLogits(self.model, hidden, S)
-        n_commit = torch.zeros_like(clean)
+        n_commit, ends = torch.zeros_like(clean), None
         for lane, live, _ in plans:
             n_commit += lane.consume(live, logits)
+            own = lane.commit_ends()
+            if own is not None:  # (-1 outside the lane's slots)
+                ends = own if ends is None else torch.maximum(ends, own)
         if not commits_all:
-            self.runner.commit_recorded(n_commit[:n])
+            self.runner.commit_recorded(n_commit[:n], None if ends is None else ends[:n])
         self.sync()
         self.intact = True
         return True

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from flare.config import FULL_ATTENTION, ModelConfig
+from flare.model.writes import emptied, written
 from flare.ops.gated_delta.pending import PendingCommits
 from flare.ops.gated_delta.pending_stack import PendingStack
 from flare.ops.gated_delta.rows import RowsScan, updates_after
@@ -165,15 +166,19 @@ class ModelCache:
         self.bound = longest
         self.bound_exact = self.batch_size == 1 or shortest == longest
 
-    def commit(self, record: "CommitRecord", n_accept_B: torch.Tensor) -> None:
+    def commit(self, record: "CommitRecord", n_accept_B: torch.Tensor, ends_B: torch.Tensor | None = None) -> None:
         """Advance every sequence by its first ``n_accept[b]`` recorded clean rows, exactly as a causal pass
         over those tokens would: their keys/values (already in the slots after the length), the recurrent state
         after the last of them (kept as an update of the stored one until a causal forward or the update's room
         asks for it to be written), and the conv inputs that end there. The rejected rows' KV slots lie past the
-        new length, where nothing reads them."""
+        new length, where nothing reads them. ``ends`` [B] (None: -1 everywhere): where >= 0, the sequence
+        commits row 0 and then that row, a branch seeded after row 0 (``flare.decoding.groups``; n_accept 2)."""
         T = record.rows
         B = self.batch_size
-        last = (n_accept_B - 1).clamp(min=0).view(B, 1, 1, 1)  # shared by every layer
+        end = n_accept_B - 1 if ends_B is None else torch.where(ends_B >= 0, ends_B, n_accept_B - 1)
+        last = end.clamp(min=0).view(B, 1, 1, 1)  # shared by every layer
+        if ends_B is not None:
+            self._branch_kv(ends_B)
         recurrent = [(i, layer) for i, layer in enumerate(self.layers) if isinstance(layer, RecurrentState)]
         if not recurrent:
             self.advance(n_accept_B, T)
@@ -193,11 +198,26 @@ class ModelCache:
                 layer.ssm = layer.pending.commit(layer.ssm, decay[j], k[j], u[j])
         # The K-1 conv inputs that end after the accepted rows, one index for every layer.
         inputs = record.gdn[recurrent[0][0]][1]
-        rows = row_index(n_accept_B[:, None] + torch.arange(recurrent[0][1].conv.shape[1], device=inputs.device),
-                         inputs.shape[1])
+        K1 = recurrent[0][1].conv.shape[1]
+        window = n_accept_B[:, None] + torch.arange(K1, device=inputs.device)
+        if ends_B is not None and K1:  # a branch's window ends at its own row (the rows before it: row 0's)
+            window[:, -1] = K1 + end
+        rows = row_index(window, inputs.shape[1])
         for i, layer in recurrent:
             layer.conv = written(layer.conv, take_flat(record.gdn[i][1], rows))
         self.advance(n_accept_B, T)
+
+    def _branch_kv(self, ends_B: torch.Tensor) -> None:
+        """The keys/values of each branch row (``commit``'s ``ends``) into the slot after row 0's, where the
+        commit's second token sits (copied onto itself where there is no branch)."""
+        B = self.batch_size
+        src = (self.lengths + ends_B.clamp(min=1)).view(B, 1, 1, 1)
+        dst = (self.lengths + 1).view(B, 1, 1, 1)
+        for layer in self.layers:
+            if isinstance(layer, AttentionState):
+                for x in (layer.k, layer.v):
+                    at = (B, x.shape[1], 1, x.shape[3])
+                    x.scatter_(2, dst.expand(at), x.gather(2, src.expand(at)))
 
     def pending_room(self) -> int:
         """Rows a commit can add to the recurrent states before they must be written (``settle``)."""
@@ -257,8 +277,8 @@ class ModelCache:
                 # (18 x 8 MB on a 0.75B model at 8 slots: 25-600 ms a reset here, ~12 ms in place). The states
                 # are the cache's own tensors (never views of a forward's outputs); those made under inference
                 # mode, which only it may change in place, are replaced.
-                layer.conv = _emptied(layer.conv, idx)
-                layer.ssm = _emptied(layer.ssm, idx)
+                layer.conv = emptied(layer.conv, idx)
+                layer.ssm = emptied(layer.ssm, idx)
                 if stack is None:
                     layer.pending.clear(idx)
         if stack is not None:
@@ -320,19 +340,3 @@ class ModelCache:
         given a layer an update of its own: then every layer goes its own way)."""
         recurrent = [layer.pending for layer in self.layers if isinstance(layer, RecurrentState)]
         return self.stack if self.stack is not None and self.stack.holds(recurrent) else None
-
-
-def written(x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """``value`` written into the cache's tensor ``x`` (kept where it is: a CUDA graph of a forward reads the cache's
-    tensors by address, ``flare.engine.graphed``), or ``value`` as ``x``'s dtype where ``x`` is an inference tensor
-    outside inference mode (a compiled forward writes in place: ``flare.engine.compiled``)."""
-    if not torch.compiler.is_compiling() and x.is_inference() and not torch.is_inference_mode_enabled():
-        return cast(value, x.dtype)
-    return x.copy_(value)
-
-
-def _emptied(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """``x`` with ``rows`` (dim 0) zeroed: in place unless ``x`` is an inference tensor outside inference mode."""
-    if x.is_inference() and not torch.is_inference_mode_enabled():
-        return x.index_fill(0, rows, 0)
-    return x.index_fill_(0, rows, 0)

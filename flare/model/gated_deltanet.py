@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from flare.config import ModelConfig
-from flare.model.cache import RecurrentState, written
+from flare.model.cache import RecurrentState
+from flare.model.writes import written
 from flare.model.context import ForwardContext
 from flare.model.layers import GatedRMSNorm, derived, normalize_last
 from flare.ops.conv import causal_conv1d, conv_inputs, tree_conv1d

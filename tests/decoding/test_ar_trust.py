@@ -22,7 +22,7 @@ def _prompts(lengths, seed=0):
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("gen_block", [2, 4, 6])
-@pytest.mark.parametrize("redraft", ["last", "every"])
+@pytest.mark.parametrize("redraft", ["last", "every", "tree"])
 def test_greedy_ar_trust_equals_greedy_causal(flare_models, family, gen_block, redraft):
     model = flare_models[family]
     prompts = _prompts([1, 4, 13, 30], seed=gen_block)
@@ -34,7 +34,7 @@ def test_greedy_ar_trust_equals_greedy_causal(flare_models, family, gen_block, r
 
 
 @pytest.mark.parametrize("family", ["qwen3_5", "llama"])
-@pytest.mark.parametrize("redraft", ["last", "every"])
+@pytest.mark.parametrize("redraft", ["last", "every", "tree"])
 @pytest.mark.parametrize("pause", [0, 4])
 def test_a_draft_vocabulary_leaves_greedy_tokens_causal(flare_models, monkeypatch, family, redraft, pause):
     """The MASK rows draft among the first ids only (a proposal the verify rows judge over the whole vocabulary):
@@ -48,6 +48,10 @@ def test_a_draft_vocabulary_leaves_greedy_tokens_causal(flare_models, monkeypatc
     inner = RowLogits.draft_picks_at
     monkeypatch.setattr(RowLogits, "draft_picks_at", lambda self, at, k: drafts.append(inner(self, at, k)) or
                         drafts[-1])
+    laws = RowLogits.draft_at  # (tree: the drafts and the branch's second choice from the same logits)
+    monkeypatch.setattr(RowLogits, "draft_at", lambda self, at, k: drafts.append(laws(self, at, k).argmax(-1)) or
+                        laws(self, at, k))
+    monkeypatch.setattr(RowLogits, "at", lambda *a: pytest.fail("drafted over the whole vocabulary"))
     monkeypatch.setattr(RowLogits, "picks_at", lambda *a: pytest.fail("drafted over the whole vocabulary"))
     causal = decode(model, prompts, params)
     trust = decode(model, prompts, params, ArTrustOptions(gen_block=4, redraft=redraft, pause=pause, draft_vocab=40))
@@ -98,8 +102,34 @@ def test_redrafting_from_every_acceptance_point_leaves_no_cold_round(flare_model
             assert 0 < out.drafted < (N - 1) * rounds
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_branch_commits_two_tokens_where_it_is_the_correction(flare_models, monkeypatch, family):
+    """redraft=tree: rounds whose first draft fails for the branch's token commit it and the branch row's pick
+    (2 tokens, along the branch); greedy tokens stay causal, cached and in the cache-free reference; a sampled
+    batch drafts without the branch (its rounds are every's)."""
+    from flare.decoding.ar_trust import ArTrustLane
+
+    model = flare_models[family]
+    prompts = _prompts([2, 5, 11, 3, 8], seed=3)
+    params = SamplingParams(temperature=0, max_new_tokens=24, ignore_eos=True)
+    hits = []
+    ends = ArTrustLane.commit_ends
+    monkeypatch.setattr(ArTrustLane, "commit_ends", lambda self: hits.append(ends(self)) or hits[-1])
+    options = ArTrustOptions(gen_block=4, redraft="tree", pause=0)
+    causal = decode(model, prompts, params).token_ids
+    tree = decode(model, prompts, params, options)
+    taken = sum(int((h >= 0).sum()) for h in hits if h is not None)
+    assert tree.token_ids == causal and taken > 0
+    assert decode(model, prompts, params, options, reference=True).token_ids == causal
+    hits.clear()
+    sampled = SamplingParams(temperature=1.0, top_k=20, max_new_tokens=12, seed=3)
+    assert (decode(model, prompts, sampled, options).token_ids
+            == decode(model, prompts, sampled, ArTrustOptions(gen_block=4, redraft="every", pause=0)).token_ids)
+    assert all(h is None for h in hits)
+
+
 @pytest.mark.parametrize("policy", ["exact_truncated", "argmax_full_verify", "argmax_truncated"])
-@pytest.mark.parametrize("redraft", ["last", "every"])
+@pytest.mark.parametrize("redraft", ["last", "every", "tree"])
 def test_every_policy_is_greedy_at_temperature_zero_and_matches_its_reference(flare_models, policy, redraft):
     model = flare_models["qwen3_5"]
     prompts = _prompts([3, 9])
@@ -112,7 +142,7 @@ def test_every_policy_is_greedy_at_temperature_zero_and_matches_its_reference(fl
     assert cached.token_ids == decode(model, prompts, sampled, options, reference=True).token_ids
 
 
-@pytest.mark.parametrize("redraft", ["last", "every"])
+@pytest.mark.parametrize("redraft", ["last", "every", "tree"])
 def test_commits_kept_as_updates_decode_the_same(flare_models, redraft, monkeypatch):
     """With every commit kept as an update of the recurrent states (the tiny model's states are below the size
     that keeps them by default): greedy AR-Trust == greedy causal, sampled == the cache-free reference."""
@@ -162,6 +192,38 @@ def test_commit_of_any_prefix_equals_causal_prefill(flare_models, family, dtype)
                 torch.cat([prefix[b : b + 1], clean[b : b + 1, : n_accept[b]], nxt[b : b + 1]], 1), cache=ref)
             n = 7 + int(n_accept[b]) + 1
             assert whole.shape[1] == n and int(cache.lengths[b]) == n
+            assert (after[b, 0] - whole[0, -1]).abs().max() <= tol
+            _assert_row_caches_equal(cache, b, ref, n, tol)
+
+
+@pytest.mark.parametrize("family", ["qwen3_5", "llama"])
+def test_commit_along_the_branch_equals_causal_prefill(flare_models, family):
+    """A tree round (``flare.decoding.groups``) whose sequence commits ``pending`` and the branch row (``ends``):
+    its caches == a causal prefill of [pending, second], beside sequences committing a prefix of the chain in
+    the same commit; the next step continues exactly."""
+    from flare.decoding.groups import Groups
+
+    model, N, tol = copy.deepcopy(flare_models[family]).to(torch.float64), 4, 1e-10
+    g = torch.Generator().manual_seed(11)
+    prefix = torch.randint(0, 90, (3, 7), generator=g)
+    clean, second = torch.randint(0, 90, (3, N), generator=g), torch.randint(0, 90, (3,), generator=g)
+    groups = Groups(N, 95, 3, torch.device("cpu"), branch=True)
+    rows = groups.tokens(clean[:, 0], clean[:, 1:], second)
+    n_accept, ends = torch.tensor([2, 3, 2]), torch.tensor([N, -1, -1])  # sequence 0 takes the branch
+    with torch.no_grad():
+        cache = model.new_cache(3)
+        model.hidden_states(prefix, cache=cache)
+        record = CommitRecord.empty()
+        model.hidden_states(rows, cache=cache, layout=Rows(N, groups.rows - N, seeds=groups.seeds), record=record)
+        cache.commit(record, n_accept, ends)
+        nxt = torch.randint(0, 90, (3, 1), generator=g)
+        after = model.hidden_states(nxt, cache=cache)
+        for b in range(3):
+            ref = model.new_cache(1)
+            committed = clean[b, :n_accept[b]] if b else torch.stack([clean[0, 0], second[0]])
+            whole = model.hidden_states(torch.cat([prefix[b], committed, nxt[b]])[None], cache=ref)
+            n = 7 + int(n_accept[b]) + 1
+            assert int(cache.lengths[b]) == n
             assert (after[b, 0] - whole[0, -1]).abs().max() <= tol
             _assert_row_caches_equal(cache, b, ref, n, tol)
 
@@ -377,7 +439,7 @@ def test_a_greedy_batch_pauses_only_where_the_pacer_says(flare_models, monkeypat
     assert set(ran) == {"rows"} and len(ran) == 20  # the drafting prefill, then 19 rounds of one token
 
 
-@pytest.mark.parametrize("redraft", ["last", "every"])
+@pytest.mark.parametrize("redraft", ["last", "every", "tree"])
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
 def test_the_prefill_plays_the_first_round(flare_models, monkeypatch, redraft, temperature):
     """A prompt's prefill also runs the MASK rows after it, so the first round already verifies: the same
@@ -465,7 +527,7 @@ def test_a_paused_greedy_sequence_drafts_along_in_a_drafting_round(flare_models,
     held = []
 
     def first_paused(self, live):
-        self.pause_left[live[0]] = max(self.pause_left[live[0]], 1)  # the first sequence is always paused
+        self.pauses.left[live[0]] = max(self.pauses.left[live[0]], 1)  # the first sequence is always paused
         out = plan(self, live)
         held.append(self.held is not None)
         return out

@@ -54,7 +54,7 @@ def test_verify_rows_match_causal_steps_within_the_tolerance(bf16_model, N):
     assert (gap <= logit_tolerance(steps)).all(), (gap.max(), logit_tolerance(steps).min())
 
 
-@pytest.mark.parametrize("redraft", ["last", "every"])
+@pytest.mark.parametrize("redraft", ["last", "every", "tree"])
 def test_greedy_ar_trust_is_causal_up_to_the_first_near_tie(bf16_model, redraft):
     model = bf16_model
     g = torch.Generator().manual_seed(0)

@@ -258,7 +258,7 @@ def test_texts_that_draft_better_move_to_longer_rounds(monkeypatch, sequences):
     assert kinds[200:300].count(2) > 90 and pacer.best == 4 and kinds[400:].count(4) > 190
 
 
-@pytest.mark.parametrize("redraft", ["last", "every"])
+@pytest.mark.parametrize("redraft", ["last", "every", "tree"])
 def test_paced_rounds_keep_greedy_tokens_causal(flare_models, monkeypatch, redraft):
     """Whatever the pacer picks, greedy AR-Trust gives the causal tokens (here it alternates)."""
     flip = iter([True, False] * 100)
@@ -350,8 +350,8 @@ def test_rounds_of_any_length_keep_greedy_tokens_causal(flare_models, monkeypatc
     monkeypatch.setattr(Pacer, "next", lambda self, sequences, covered=None: next(order))
     synced = ArTrustLane.synced
     # A random model accepts few drafts: no per-sequence pauses here, every round is the pacer's.
-    monkeypatch.setattr(ArTrustLane, "synced", lambda self, values: synced(self, values) or self.pause_left.__init__(
-        [0] * len(self.pause_left)))
+    monkeypatch.setattr(ArTrustLane, "synced", lambda self, values: synced(self, values) or self.pauses.left.__init__(
+        [0] * len(self.pauses.left)))
     widths = []
     rows = CachedRunner.rows
     monkeypatch.setattr(CachedRunner, "rows", lambda self, t, *a, **k: widths.append(t.shape[1]) or rows(
@@ -420,14 +420,15 @@ def test_a_group_per_acceptance_point_is_left_out_past_its_batch_limit(monkeypat
         assert (EVERY in kinds) == runs and (pacer.best == EVERY) == runs
 
 
-@pytest.mark.parametrize("redraft", ["auto", "last", "every"])
+@pytest.mark.parametrize("redraft", ["auto", "last", "every", "tree"])
 def test_the_rounds_a_lane_may_be_paced_into(flare_models, redraft):
     model = flare_models["llama"]
     decode(model, [[3, 1, 4]], SamplingParams(temperature=0, max_new_tokens=4, ignore_eos=True),
            ArTrustOptions(gen_block=4, redraft=redraft))
     assert {greedy for _, greedy in model.pacing} == {True, False}
     pacer = next(pacer for (_, greedy), pacer in model.pacing.items() if greedy)
-    kinds = {"auto": (3, 2, 1, EVERY, CAUSAL), "last": (3, 2, 1, CAUSAL), "every": (EVERY, CAUSAL)}
+    kinds = {"auto": (3, 2, 1, EVERY, CAUSAL), "last": (3, 2, 1, CAUSAL), "every": (EVERY, CAUSAL),
+             "tree": (EVERY, CAUSAL)}
     assert pacer.kinds == kinds[redraft]
     assert pacer.every_slots == (2 if redraft == "auto" else None)
 

@@ -55,7 +55,7 @@ def test_ar_trust_on_a_trained_model_is_greedy_causal(trained, gen_block):
         assert trust.accepted > 0.3 * trust.drafted and trust.tokens_per_forward > 1.2
 
 
-@pytest.mark.parametrize("redraft", ["last", "every"])
+@pytest.mark.parametrize("redraft", ["last", "every", "tree"])
 def test_in_bf16_a_trained_model_still_decodes_causal_tokens(trained, redraft):
     """bf16 verify rows and causal steps differ in the last bits (tests/decoding/test_bf16.py); most of a trained
     model's greedy choices in its answers are far from ties, so AR-Trust's answers are causal's, token for token,

@@ -206,7 +206,8 @@ def test_static_compiled_rounds_of_one_kind_replay_one_graph(flare_models, monke
     KEPT.clear()
 
 
-@pytest.mark.parametrize("mode", ["causal", "ar_trust:redraft=every:pause=0", "diffusion_trust"])
+@pytest.mark.parametrize("mode", ["causal", "ar_trust:redraft=every:pause=0", "ar_trust:redraft=tree:pause=0",
+                                  "diffusion_trust"])
 @pytest.mark.parametrize("spans", [True, False])
 def test_static_attention_over_the_longest_sequence_gives_the_eager_tokens(flare_models, monkeypatch, mode, spans):
     """Where a graph's capacity is large (``SPAN_MIN_WORK``; the tiny model's never is unless the bar is lowered),

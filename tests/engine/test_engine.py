@@ -14,6 +14,7 @@ MIXED = [
     ("ar_trust", {}),
     ("ar_trust", {"gen_block": 3}),
     ("ar_trust", {"redraft": "every"}),
+    ("ar_trust", {"redraft": "tree"}),
     ("diffusion_trust", {}),
     ("diffusion_trust", {"lookahead": 1}),
     ("low_confidence", {}),

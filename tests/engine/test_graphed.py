@@ -144,11 +144,12 @@ def test_graphed_rows_forwards_give_the_eager_tokens(flare_models, monkeypatch, 
 
 
 @pytest.mark.parametrize("n", [1, 3])
-def test_row_trees_are_graphed_too(flare_models, monkeypatch, n):
-    """A group per acceptance point (``redraft=every``: a row tree, its paths and conv windows as graph inputs):
-    the eager tokens."""
+@pytest.mark.parametrize("redraft", ["every", "tree"])
+def test_row_trees_are_graphed_too(flare_models, monkeypatch, n, redraft):
+    """A group per acceptance point (``redraft=every``: a row tree, its paths and conv windows as graph inputs;
+    tree: with the branch, committed eagerly along it): the eager tokens."""
     model = flare_models["qwen3_5"]
-    mode = "ar_trust:redraft=every:pause=0"
+    mode = f"ar_trust:redraft={redraft}:pause=0"
     want, _ = _decode(model, mode, PROMPTS[:n], monkeypatch, None, new=16)
     seen = _spied(monkeypatch, lambda ids, ctx: ctx.tree)
     with warnings.catch_warnings():
@@ -288,7 +289,7 @@ def test_prefills_stay_eager_and_padded_appends_share_the_plain_ones_graphs(flar
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 @pytest.mark.parametrize("mode", ["causal", "ar_trust:redraft=last:pause=0", "ar_trust:redraft=every:pause=0",
-                                  "diffusion_trust"])
+                                  "ar_trust:redraft=tree:pause=0", "diffusion_trust"])
 def test_graphed_decoding_on_cuda(flare_models, monkeypatch, mode):
     """Real CUDA graphs, every kind of forward: the eager tokens at batch 1 and 3, no fallback."""
     model = copy.deepcopy(flare_models["qwen3_5"]).to("cuda")  # the session's own model stays on the CPU

@@ -17,7 +17,7 @@ from flare.engine import Engine, EngineConfig, decode
 
 READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
 MIXED = [("causal", {}), ("ar_trust", {}), ("ar_trust", {"gen_block": 3, "draft_policy": "argmax_full_verify"}),
-         ("ar_trust", {"redraft": "every"}),
+         ("ar_trust", {"redraft": "every"}), ("ar_trust", {"redraft": "tree"}),
          ("diffusion_trust", {}), ("diffusion_trust", {"lookahead": 1}), ("low_confidence", {"block_size": 2}),
          ("llada", {"block_size": 4})]
 

@@ -12,7 +12,8 @@ import flare.ops.gated_delta.pending as pending
 from flare.decoding import SamplingParams, make_options
 from flare.engine import Engine, EngineConfig
 from flare.engine.prefix_cache import MIN_TOKENS, PrefixCache, _common
-from flare.engine.runner import CachedRunner, ReferenceRunner
+from flare.engine.reference import ReferenceRunner
+from flare.engine.runner import CachedRunner
 
 
 def test_common_prefix_length_matches_a_plain_count():

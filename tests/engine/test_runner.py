@@ -7,7 +7,8 @@ import copy
 import pytest
 import torch
 
-from flare.engine.runner import CachedRunner, ReferenceRunner
+from flare.engine.reference import ReferenceRunner
+from flare.engine.runner import CachedRunner
 import flare.ops.gated_delta.pending as pending
 
 

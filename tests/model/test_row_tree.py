@@ -127,3 +127,36 @@ def test_the_context_makes_the_conv_windows_before_the_layers_run(models64):
         model.hidden_states(torch.randint(0, 90, (B, 5)), cache=cache)
         ctx = model.context(rows, cache=cache, layout=Rows(N, N * M, seeds=_seeds(B, N, M, list(range(1, N + 1)))))
     assert ("windows", model.config.linear_conv_kernel_dim) in ctx.tree._memo
+
+
+@pytest.mark.parametrize("family", ["qwen3_5", "llama"])
+@pytest.mark.parametrize("N", [2, 4])
+def test_the_branch_row_is_causal_and_its_group_is_the_rows_forward_after_it(models64, family, N):
+    """redraft=tree (``flare.decoding.groups``): the branch row after ``pending`` is the causal row of
+    [pending, second]; its group equals the rows forward [pending, second ; MASK group] (the training noisy block
+    seeded there); the clean chain and the groups after its prefixes stay as without the branch."""
+    from flare.decoding.groups import Groups
+
+    model, M, B = models64[family], N - 1, 2
+    g = torch.Generator().manual_seed(N + 7)
+    prefix = torch.randint(0, 90, (B, 9), generator=g)
+    clean = torch.randint(0, 90, (B, N), generator=g)
+    second = torch.randint(0, 90, (B,), generator=g)
+    tree, plain = (Groups(N, MASK, B, torch.device("cpu"), branch) for branch in (True, False))
+    with torch.no_grad():
+        cache = model.new_cache(B)
+        model.hidden_states(prefix, cache=cache)
+        rows = tree.tokens(clean[:, 0], clean[:, 1:], second)
+        out = model.hidden_states(rows, cache=cache.clone(), layout=Rows(N, tree.rows - N, seeds=tree.seeds))
+        base = model.hidden_states(plain.tokens(clean[:, 0], clean[:, 1:], second), cache=cache.clone(),
+                                   layout=Rows(N, plain.rows - N, seeds=plain.seeds))
+        assert (out[:, :N] - base[:, :N]).abs().max() <= 1e-10
+        assert (out[:, tree.lead:] - base[:, plain.lead:]).abs().max() <= 1e-10
+        path = torch.stack([clean[:, 0], second], 1)
+        causal = model.hidden_states(path, cache=cache.clone())
+        assert (out[:, N] - causal[:, 1]).abs().max() <= 1e-10
+        alone = model.hidden_states(torch.cat([path, torch.full((B, M), MASK)], 1), cache=cache.clone(),
+                                    layout=Rows(2))
+        assert (out[:, N + 1:N + 1 + M] - alone[:, 2:]).abs().max() <= 1e-10
+        assert torch.equal(tree.kept(torch.tensor([0, 1]), torch.tensor([True, False]))[:, 0],
+                           torch.tensor([N + 1, tree.lead + M]))
