@@ -21,12 +21,10 @@ Where drafting fails a sequence of a batch that is not paced pauses (``flare.dec
 sequences are all paused is a plain causal forward. In a round that drafts anyway a paused greedy sequence drafts
 along (its rows cost nothing more, and its tokens are the causal ones either way); a sampled one is held.
 
-A batch is paced (``flare.decoding.pacer``) unless a sampled sequence in it is seeded (its draws, hence its tokens,
-would depend on the clock): each round verifies and makes m drafts, 1 <= m <= N-1 (m MASK rows), or N-1 drafts
-with a group per acceptance point (``redraft`` auto or every), or is a causal step, whichever the lane's
-acceptance and the clock say commits fastest; greedy and sampled batches each have a pacer. A slot holds the
-drafts its last round made (``have``); a round verifies as many of them as it has rows for (speculative sampling
-is exact on any prefix of drafts drawn from their own laws), and its MASK group starts right after them.
+A batch is paced (``flare.decoding.pacer``) unless a sampled sequence in it is seeded (its tokens would depend on
+the clock): each round makes m drafts, 1 <= m <= N-1, or N-1 with a group per acceptance point, or is a causal
+step, whichever commits fastest. A slot holds the drafts its last round made (``have``); a round verifies as many
+as it has rows for (speculative sampling is exact on any prefix of drafts drawn from their own laws).
 """
 
 from __future__ import annotations
@@ -48,11 +46,9 @@ from flare.ops.take import take_rows
 # with AVX-512-BF16, SmolLM2's 49,153 x 576 in bf16, 25 rows 6.4 ms, 5 + 4 rows in two passes 3.7 ms; a round
 # 43.5 -> 42.3 ms at batch 1, 75.6 -> 66.6 ms at batch 2; tokens/s on the speed prompts: within noise, +0-2%).
 ONE_PASS_ROWS, SMALL_HEAD = 64, 1 << 22
-# redraft=auto: a group per acceptance point is a kind only while at most this many sequences draft; without the
-# pacer (pause=0) it is then the kind of greedy batches (demo checkpoint, 64 arithmetic prompts, tokens/s against
-# last: batch 1 1.13x, 2 1.02x, 4 0.90-0.93x; the converted SmolLM2 in bf16, batch 1: 0.85x, which is why the pacer
-# chooses where it runs). At 8 sequences its rounds cost 2.9x a causal step on the demo model: even its rare trials
-# there left the paced default behind one MASK group always (benchmarks/README.md).
+# redraft=auto: a group per acceptance point is a kind only while at most this many sequences draft, unpaced
+# (pause=0) that of greedy batches (demo, tokens/s against last: batch 1 1.13x, 2 1.02x, 4 0.90-0.93x; SmolLM2 bf16,
+# batch 1: 0.85x, so the pacer chooses; at 8 sequences its rounds cost 2.9x a causal step: benchmarks/README.md).
 AUTO_EVERY_SLOTS = 2
 # The settings that draft from every acceptance point (tree: with the branch, ``flare.decoding.groups``).
 EVERY_FORMS = ("every", "tree")
@@ -72,17 +68,16 @@ class ArTrustLane(Lane):
         self.N = self.room = options.gen_block
         self.M = self.draft_rows = self.N - 1
         self.pending = torch.zeros(S, dtype=torch.long, device=dev)
-        # The drafts each slot holds for its next round (0: cold, after a rejection; its round is
-        # [pending, MASK x m], 1 token and fresh drafts); a warm round verifies v of them: [pending, d_1..d_v,
-        # MASK x m], where m is the round's length (M, or fewer in a shorter paced round).
+        # The drafts each slot holds for its next round (0: cold, after a rejection: [pending, MASK x m], 1 token and
+        # fresh drafts); a warm round verifies v of them: [pending, d_1..d_v, MASK x m] (m: M, or fewer if paced).
         self.have = torch.zeros(S, dtype=torch.long, device=dev)
         self.drafts = torch.zeros(S, self.M, dtype=torch.long, device=dev)
         self.q: torch.Tensor | None = None  # [S, M, V] proposal laws, built once a slot samples
         self.masks_row = torch.full((S, self.M), self.mask_id, dtype=torch.long, device=dev)
-        # Groups of M MASK rows: one after all drafts, or (every, tree) one after each prefix pending, d_1 .. d_k,
-        # with the branch in greedy tree rounds (flare.decoding.groups); auto picks per round (``plan``).
+        # Groups of M MASK rows: one after all drafts, or one after each prefix pending, d_1 .. d_k (every, tree
+        # with a branch: flare.decoding.groups); auto picks per round (``plan``).
         self.layouts = {branch: Groups(self.N, self.mask_id, S, dev, branch) for branch in (False, True)}
-        self.every, self.layout, self.hits = options.redraft in EVERY_FORMS, self.layouts[False], False
+        self.every, self.layout = options.redraft in EVERY_FORMS, self.layouts[False]
         self.second, self.ends = torch.zeros(S, dtype=torch.long, device=dev), None  # branch tokens, commit ends
         self.pauses = Pauses(S, options.pause)
         self.verdict = torch.full((S,), -1, dtype=torch.long, device=dev)  # per slot, read at the sync (-1: none)
@@ -143,12 +138,10 @@ class ArTrustLane(Lane):
         n, _, E = hidden.shape
         N, m = self.N, self.draft_rows  # M, or the shorter length the pacer runs (``admit``)
         picked = after_prompt(hidden, prompt_len, 1 + m)
-        # A cold round's layout: [pending, MASK x m] (last), [pending, placeholders x M, group 0] (every).
-        # A cold round's drafts are the same in both layouts (one group seeded after the pending token): auto
-        # plays it as one group.
+        # A cold round's layout: [pending, MASK x m] (last), [pending, placeholders x M, group 0] (every); its
+        # drafts are the same in both (one group seeded after the pending token): auto plays it as one group.
         self.every, self.m, self.v = self.options.redraft in EVERY_FORMS, m, torch.zeros_like(self.have)
-        # (the tree layout makes the first branch token; no branch row here, so no hit to take)
-        self.layout, self.hits = self.layouts[self._branches(slots)], False
+        self.layout = self.layouts[self._branches(slots)]  # (a cold round: no branch taken)
         start = self.layout.lead if self.every else 1
         rows = hidden.new_zeros(n, self.layout.rows if self.every else 1 + 2 * m, E)
         rows[:, 0], rows[:, start:start + m] = picked[:, 0], picked[:, 1:]
@@ -160,8 +153,10 @@ class ArTrustLane(Lane):
         return self.options.pause > 0 and not self.slots.seeded(slots)
 
     def _branches(self, live: list[int]) -> bool:
-        """Whether rounds of ``live`` have the branch: tree, greedy batches (the branch row's token is a pick)."""
-        return self.options.redraft == "tree" and self.slots.all_greedy(live)
+        """tree's branch where drafts are argmax picks (a correction of drafts drawn from their law lands where the
+        target's law exceeds theirs, seldom on their second choice: none in 91 rejections of an 8-token model)."""
+        return self.options.redraft == "tree" and (self.options.draft_policy != "exact_truncated"
+                                                   or self.slots.all_greedy(live))
 
     def commit_ends(self) -> torch.Tensor | None:
         return self.ends
@@ -208,7 +203,7 @@ class ArTrustLane(Lane):
         self.v = v = self.have.clamp(max=m)  # the drafts this round verifies
         verified = torch.arange(m, device=v.device) < v[:, None]
         middle = torch.where(verified, self.drafts[:, :m], self.masks_row[:, :m])
-        self.layout, self.hits = self.layouts[every and self._branches(live)], True
+        self.layout = self.layouts[every and self._branches(live)]
         if every:
             rows = self.layout.tokens(self.pending, middle, self.second)
         else:
@@ -219,8 +214,7 @@ class ArTrustLane(Lane):
         self.held = self.slots.mask(self.paused) if self.paused else None
         if self.held is not None:  # paused sequences: their pending token alone
             clean, noisy = torch.where(self.held, 1, clean), torch.where(self.held, 0, noisy)
-        # With a group per acceptance point every round has the same layout (cold rounds included) for the same
-        # live and paused slots, so its row tree is built once per such set.
+        # A group per acceptance point: one layout (cold rounds too) per live and paused slots, one row tree.
         key = (self.mode, self.N, self.layout.branch, tuple(live), tuple(self.paused)) if every else None
         return Plan(rows, clean, noisy, commits_all=False, seeds=self.layout.seeds if every else None,
                     layout_key=key, clean_bound=self.layout.clean if every else 1 + m)
@@ -266,7 +260,7 @@ class ArTrustLane(Lane):
         # 2.5 ms), else the clean rows, then the kept group. A draft vocabulary: the drafts' head is a pass of its own.
         m, short, L = self.m, self.short, self.layout  # this round's drafts and MASK rows (M, or fewer if paced)
         greedy = s.all_greedy(drafting)
-        branch, hit = self.every and L.branch and greedy, None
+        branch, hit = self.every and L.branch, None
         if self.every:
             whole_pass = not short and not branch and row_logits.covered * L.rows <= self.one_pass_rows
             head = (0, L.rows) if whole_pass else (0, L.clean)
@@ -283,8 +277,7 @@ class ArTrustLane(Lane):
             verified = torch.arange(m, device=s.device) < v[:, None]
             accepted = ((self.drafts[:, :m] == target[:, :m]) & verified).long().cumprod(-1).sum(-1)
             nxt = target.gather(1, accepted[:, None])[:, 0]
-            if branch and self.hits:  # the first draft rejected for the branch's token: the branch row is causal
-                hit = (accepted == 0) & (nxt == self.second) & dmask
+            after = picks[:, N] if branch else None  # the branch row's token (its law's draw, sampled)
         else:
             whole = row_logits.covered_rows(*head)  # laws only for the slots the forward covered, not idle ones
             n, V = whole.shape[0], whole.shape[-1]
@@ -296,36 +289,43 @@ class ArTrustLane(Lane):
             accepted, nxt = s.per_generator(
                 drafting, lambda p_, q_, d_, v_, g: speculative_verify(p_, q_, d_, g, exact=exact, verified_B=v_),
                 p, self.q[:n, :m], self.drafts[:n, :m], v[:n])
+            after = s.per_generator(drafting, lambda p_, g: draw(p_, g), self._laws(drafting, whole[:, N:N + 1])
+                                    )[:, 0] if branch else None
         if held is not None:  # (sampled sequences only: ``plan``) their one token, drawn as a causal step draws it
             accepted = torch.where(held, torch.zeros_like(accepted), accepted)
             nxt = torch.where(held, self.sample(self.paused, row_logits.rows(*head)[:, 0]), nxt)
+        if branch:  # the first draft failed for the branch's token: its row is causal (not in cold rounds: stale)
+            hit = (accepted == 0) & (nxt == self.second) & dmask & ~cold
         n_commit = self.counts(mask, accepted + 1 + (0 if hit is None else hit.long()))
 
         # The MASK rows draft the tokens after next (shifted logits): the group after all clean rows, or (every)
         # the group seeded after the accepted prefix.
         at = L.kept(accepted, hit) if self.every else (1 + v)[:, None] + torch.arange(m, device=s.device)
-        if branch:  # the drafts, and the next branch token: their first row's second choice
-            kept = row_logits.draft_at(at, short) if short else row_logits.at(at)
-            d_new, q_new = argmax(kept), None
-            self.second = torch.where(dmask, kept[:, 0].topk(2, dim=-1).indices[:, 1], self.second)
-        elif greedy:
+        if greedy and not branch:
             d_new, q_new = (picks.gather(1, at) if whole_pass else row_logits.draft_picks_at(at, short) if short
                             else row_logits.picks_at(at)), None
         else:
+            n = row_logits.covered
             draft_logits = (take_rows(whole, at[:n]) if whole_pass else row_logits.draft_at(at, short)[:n] if short
                             else row_logits.at(at)[:n])
-            if policy == "exact_truncated":
+            if greedy:
+                d_new, q_new = pad_slots(argmax(draft_logits), s.num_slots), None
+            elif policy == "exact_truncated":
                 q_new = self._laws(drafting, draft_logits)
                 d_new = s.per_generator(drafting, lambda q_, g: draw(q_, g), q_new)
             else:
                 d_new = pad_slots(argmax(draft_logits), s.num_slots)
                 q_new = F.one_hot(d_new[:n], V).float()
+            if branch:  # the next branch token: the first draft row's likeliest token other than its draft
+                top = pad_slots(draft_logits[:, 0].topk(2, dim=-1).indices, s.num_slots)
+                second = torch.where(top[:, 0] == d_new[:, 0], top[:, 1], top[:, 0])
+                self.second = torch.where(dmask, second, self.second)
 
         emitted = torch.cat([self.drafts[:, :m], nxt[:, None]], dim=1).scatter(1, accepted[:, None], nxt[:, None])
-        if hit is not None:  # the correction (the branch token), then the branch row's pick; the cache commits both
-            emitted[:, 1] = torch.where(hit, picks[:, N], emitted[:, 1])
+        if hit is not None:  # the correction (the branch token), then the branch row's token; the cache commits both
+            emitted[:, 1] = torch.where(hit, after, emitted[:, 1])
             self.ends = torch.where(hit, N, -1)
-            nxt = torch.where(hit, picks[:, N], nxt)
+            nxt = torch.where(hit, after, nxt)
         end = s.emit(emitted, n_commit, ends=bool(self.options.pause))
         s.drafted += self.counts(dmask, v)
         s.accepted += self.counts(dmask, accepted)

@@ -3,7 +3,7 @@
 A round's rows: the clean chain ``[pending, d_1 .. d_M]``, then (tree only) a branch, then one MASK group of M
 rows after each prefix ``pending, d_1 .. d_k`` (k = 0 .. M), each seeded at that clean boundary
 (``flare.model.row_tree``). The branch (our extension, beyond the method) is a clean row holding ``second``, the
-draft's second choice for the token after ``pending``, seeded right after ``pending``, and a MASK group seeded
+first draft row's likeliest token other than its draft, seeded right after ``pending``, and a MASK group seeded
 after it. When the round rejects the first draft and the correction is that second choice, the branch row is
 exactly a causal row over the committed context: its logits give one more token, and its group the next round's
 drafts, conditioned on the correction. The cache then commits the path ``pending, second`` (row 0 and the

@@ -75,10 +75,10 @@ class ArTrustOptions(ModeOptions):
                                                 "(approximate, faster)")
     redraft: str = _opt("auto", "ar_trust: where the next round's drafts come from: last (one MASK group after "
                                 "all drafts; a rejection leaves the next round cold, 1 token), every (a MASK "
-                                "group after each acceptance point, N groups: no cold rounds), tree (every, and in "
-                                "greedy batches a branch: a row for the first draft's second choice with a group "
-                                "after it, so a rejection that lands on it commits 2 tokens and redrafts after "
-                                "them) or auto (batches of up to 2: whichever commits faster on the clock where "
+                                "group after each acceptance point, N groups: no cold rounds), tree (every, and "
+                                "where drafts are argmax picks a branch: a row for the first draft's second "
+                                "choice with a group after it, so a rejection that lands on it commits 2 tokens "
+                                "and redrafts after them) or auto (batches of up to 2: whichever commits faster on the clock where "
                                 "the batch is paced, see pause; unpaced: every for greedy ones, else last)")
     pause: int = _opt(4, "ar_trust: > 0: a batch is paced on the clock (drafting rounds of 1 .. gen_block-1 "
                          "drafts or causal steps, whichever commits faster), unless a sampled sequence in it is "

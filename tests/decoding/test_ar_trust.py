@@ -104,9 +104,9 @@ def test_redrafting_from_every_acceptance_point_leaves_no_cold_round(flare_model
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_branch_commits_two_tokens_where_it_is_the_correction(flare_models, monkeypatch, family):
-    """redraft=tree: rounds whose first draft fails for the branch's token commit it and the branch row's pick
-    (2 tokens, along the branch); greedy tokens stay causal, cached and in the cache-free reference; a sampled
-    batch drafts without the branch (its rounds are every's)."""
+    """redraft=tree: rounds whose first draft fails for the branch's token commit it and the branch row's token
+    (2 tokens, along the branch); greedy tokens stay causal, cached and in the cache-free reference; sampled ones
+    take it too (``test_sampled_rounds_take_the_branch_too``)."""
     from flare.decoding.ar_trust import ArTrustLane
 
     model = flare_models[family]
@@ -121,10 +121,27 @@ def test_the_branch_commits_two_tokens_where_it_is_the_correction(flare_models, 
     taken = sum(int((h >= 0).sum()) for h in hits if h is not None)
     assert tree.token_ids == causal and taken > 0
     assert decode(model, prompts, params, options, reference=True).token_ids == causal
+
+
+def test_sampled_rounds_take_the_branch_too(tiny_vocab_model, monkeypatch):
+    """Sampled with argmax drafts (8 token ids, so the branch is often the correction): rounds commit along the
+    branch, drawing the branch row's token from its law; the cache-free reference draws the same (the law itself:
+    ``test_sampling_law_is_the_causal_law``). Drafts drawn from their laws (exact_truncated) take no branch: their
+    rounds are every's, draw for draw."""
+    from flare.decoding.ar_trust import ArTrustLane
+
+    hits = []
+    ends = ArTrustLane.commit_ends
+    monkeypatch.setattr(ArTrustLane, "commit_ends", lambda self: hits.append(ends(self)) or hits[-1])
+    prompts = [[t % 7 for t in p] for p in _prompts([2, 5, 3], seed=4)]
+    options = ArTrustOptions(gen_block=4, redraft="tree", pause=0, draft_policy="argmax_full_verify")
+    sampled = SamplingParams(temperature=1.0, top_k=5, max_new_tokens=24, ignore_eos=True, seed=3)
+    out = decode(tiny_vocab_model, prompts, sampled, options)
+    assert sum(int((h >= 0).sum()) for h in hits if h is not None) > 0
+    assert out.token_ids == decode(tiny_vocab_model, prompts, sampled, options, reference=True).token_ids
     hits.clear()
-    sampled = SamplingParams(temperature=1.0, top_k=20, max_new_tokens=12, seed=3)
-    assert (decode(model, prompts, sampled, options).token_ids
-            == decode(model, prompts, sampled, ArTrustOptions(gen_block=4, redraft="every", pause=0)).token_ids)
+    drawn = [ArTrustOptions(gen_block=4, redraft=r, pause=0) for r in ("tree", "every")]
+    assert len({tuple(map(tuple, decode(tiny_vocab_model, prompts, sampled, o).token_ids)) for o in drawn}) == 1
     assert all(h is None for h in hits)
 
 
@@ -250,7 +267,8 @@ def tiny_vocab_model(tmp_path_factory):
 
 @pytest.mark.parametrize("policy, redraft, draft_vocab, top_p", [
     ("exact_truncated", "last", 0, 1.0), ("argmax_full_verify", "last", 0, 1.0), ("exact_truncated", "every", 0, 1.0),
-    ("exact_truncated", "last", 4, 1.0), ("exact_truncated", "last", 0, 0.8)])
+    ("argmax_full_verify", "tree", 0, 1.0), ("exact_truncated", "last", 4, 1.0),
+    ("exact_truncated", "last", 0, 0.8)])
 def test_sampling_law_is_the_causal_law(tiny_vocab_model, policy, redraft, draft_vocab, top_p):
     """Chi-square of the first three sampled tokens against the exact causal law, at a fixed seed; with a draft
     vocabulary of ids 0-3 the drafts never propose 4-6, which the causal law still draws. The law is filtered
