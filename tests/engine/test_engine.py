@@ -210,3 +210,34 @@ def test_forgetting_the_pacing_makes_lanes_afresh_and_waits_for_running_sequence
     assert not engine.stepper.lanes and not model.pacing
     engine.generate([[3, 4, 5]], params, "ar_trust")
     assert [lane.pacer is pacer for lane in engine.stepper.lanes.values()] == [False]
+
+
+def test_a_paced_tree_beside_another_lanes_rows_commits_its_causal_steps_whole(flare_models, monkeypatch):
+    """redraft=tree rounds (commits along the branch) and causal steps the pacer picks, beside a Diffusion-Trust
+    lane whose rows make steps recorded rows forwards: a causal step right after a round that took the branch
+    says nothing of branch commits (it commits its one row); greedy AR-Trust gives the causal tokens."""
+    from flare.decoding.ar_trust import ArTrustLane
+    from flare.decoding.pacer import CAUSAL, EVERY, Pacer
+
+    flip = iter([EVERY, EVERY, EVERY, CAUSAL] * 100)  # (a round after causal steps is cold: no branch there)
+    monkeypatch.setattr(Pacer, "next", lambda self, sequences, covered=None: next(flip))
+    seen = []  # per consume: whether every sequence of the lane stepped causally
+
+    def consume(self, live, logits, inner=ArTrustLane.consume):
+        seen.append(len(self.paused) == len(live))
+        return inner(self, live, logits)
+
+    monkeypatch.setattr(ArTrustLane, "consume", consume)
+    ends, taken = ArTrustLane.commit_ends, []
+    monkeypatch.setattr(ArTrustLane, "commit_ends", lambda self: taken.append((seen[-1], ends(self))) or ends(self))
+    model, rng = flare_models["llama"], random.Random(3)
+    params = SamplingParams(temperature=0, max_new_tokens=30, ignore_eos=True)
+    requests = [(_prompt(rng, 5), params, mode, options) for mode, options in
+                [("ar_trust", {"redraft": "tree"}), ("diffusion_trust", {}), ("ar_trust", {"redraft": "tree"})]]
+    busy = _run(Engine(model, EngineConfig(max_num_seqs=4)), requests)
+    hit = [e is not None and bool((e >= 0).any()) for _, e in taken]
+    assert any(hit[i] and taken[i + 1][0] for i in range(len(hit) - 1))  # a causal step right after a branch
+    assert all(e is None for causal, e in taken if causal)
+    for prompt, params, mode, options in requests:
+        want = decode(model, [prompt], params, None if mode == "ar_trust" else make_options(mode, options))
+        assert busy.pop(0)[1] == want.token_ids[0], mode  # greedy AR-Trust: the causal tokens
