@@ -53,9 +53,9 @@ from flare.model.row_tree import RowTree
 from flare.ops.gated_delta.pending import reading_all
 
 GRAPHS_ENV = "FLARE_CUDA_GRAPHS"
-# Forwards of more rows a sequence (prefills) run eagerly, graphed or compiled; a tree round at N = 4 has 20 rows
-# (4 clean, the branch's 1 + 3, 4 groups of 3: flare.decoding.groups).
-MAX_ROWS = 20
+# Forwards of more rows a sequence (prefills) run eagerly, graphed or compiled; a round with a group per acceptance
+# point has N + N(N-1) rows, with tree's branch N more (flare.decoding.groups): 16 / 20 at N = 4, 25 / 30 at N = 5.
+MAX_ROWS = 32
 SPAN_MIN_WORK = 2**19  # sequences x KV slots x query dims from which a static graph's attention is spanned
 MAX_GRAPHS = 64  # kept at once (each holds its activations in a shared pool); the least recently used goes first
 

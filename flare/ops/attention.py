@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 
-# Query rows per sequence up to which the CPU folds query heads into rows: decoding steps and rows forwards (at
-# most 20 rows a sequence, ``flare.engine.graphed.MAX_ROWS``); at 32 rows the two are even, and prefills stay.
+# Query rows per sequence up to which the CPU folds query heads into rows: decoding steps and rows forwards (up to
+# a tree round at N = 4, 20 rows: ``flare.decoding.groups``); at 32 rows the two are even, and prefills stay.
 FOLD_MAX_ROWS = 20
 # fp32 single query rows are folded from this many keys x head dims (``fold_groups``).
 FP32_FOLD_MIN_KEYS_DIMS = 2**17
