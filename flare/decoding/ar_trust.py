@@ -262,7 +262,7 @@ class ArTrustLane(Lane):
         greedy = s.all_greedy(drafting)
         branch, hit = self.every and L.branch, None
         if self.every:
-            whole_pass = not short and not branch and row_logits.covered * L.rows <= self.one_pass_rows
+            whole_pass = not short and row_logits.covered * L.rows <= self.one_pass_rows
             head = (0, L.rows) if whole_pass else (0, L.clean)
         else:
             whole_pass = not short
@@ -306,8 +306,8 @@ class ArTrustLane(Lane):
                             else row_logits.picks_at(at)), None
         else:
             n = row_logits.covered
-            draft_logits = (take_rows(whole, at[:n]) if whole_pass else row_logits.draft_at(at, short)[:n] if short
-                            else row_logits.at(at)[:n])
+            draft_logits = (take_rows(row_logits.covered_rows(*head), at[:n]) if whole_pass else
+                            row_logits.draft_at(at, short)[:n] if short else row_logits.at(at)[:n])
             if greedy:
                 d_new, q_new = pad_slots(argmax(draft_logits), s.num_slots), None
             elif policy == "exact_truncated":
