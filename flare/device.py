@@ -151,12 +151,23 @@ def packs(w: torch.Tensor) -> bool:
     return w.dtype == torch.bfloat16 and native_bf16(w.device)
 
 
+def column_major(w: torch.Tensor) -> bool:
+    """Whether a linear with weight ``w`` runs on a column-major copy of it when decoding: fp32 on the CPU, too
+    small to pack (``flare.model.packed_linear``)."""
+    return w.device.type == "cpu" and w.dtype == torch.float32 and w.numel() < FP32_MIN_NUMEL
+
+
 def describe(device: torch.device, dtype: torch.dtype, model: torch.nn.Module | None = None) -> str:
     """``cpu (amx) bfloat16, packed linears``: what benchmark headers, ``--json`` and ``/metrics`` print (the
     last part where decoding runs the linears on oneDNN-packed weights, ``pack_linears``; in fp32, with
-    ``model`` given, only when one of its linears is large enough, ``FP32_MIN_NUMEL``)."""
+    ``model`` given, only when one of its linears is large enough, ``FP32_MIN_NUMEL``, and ``column-major
+    linears`` when they are all smaller, ``column_major``)."""
     where = f"cpu ({cpu_path()})" if device.type == "cpu" else str(device)
-    packed = pack_linears(device, dtype) and (
-        model is None or any(isinstance(m, torch.nn.Linear) and packs(m.weight) for m in model.modules()))
-    packed = ", packed linears" if packed else ""
-    return f"{where} {str(dtype).removeprefix('torch.')}{packed}"
+    weights = [] if model is None else [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    path = ""
+    if pack_linears(device, dtype):
+        if model is None or any(packs(w) for w in weights):
+            path = ", packed linears"
+        elif any(column_major(w) for w in weights):
+            path = ", column-major linears"
+    return f"{where} {str(dtype).removeprefix('torch.')}{path}"

@@ -35,7 +35,8 @@ def test_describe_names_packed_fp32_linears_only_where_a_model_has_one_large_eno
     small = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, FP32_MIN_NUMEL // 16 - 1))
     large = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, FP32_MIN_NUMEL // 16))
     packed = ", packed linears" if pack_linears(cpu, torch.float32) else ""
-    assert describe(cpu, torch.float32, small) == f"cpu ({cpu_path()}) float32"
+    column = ", column-major linears" if pack_linears(cpu, torch.float32) else ""
+    assert describe(cpu, torch.float32, small) == f"cpu ({cpu_path()}) float32{column}"
     assert describe(cpu, torch.float32, large) == describe(cpu, torch.float32) == f"cpu ({cpu_path()}) float32{packed}"
 
 

@@ -9,11 +9,19 @@ decoder linears of SmolLM2-135M, AMX Xeon, 2 threads, 0.72x ``F.linear`` bf16 at
 kernel than MKL's, equal to ``F.linear`` to fp32 rounding (tested), and on an AVX2-only EPYC 0.60x its time at
 1 row and 0.55x at 9 (the same weights). A oneDNN call costs ~18 us of fixed overhead against ~3 us for
 ``F.linear``, so an fp32 weight is packed only from ``flare.device.FP32_MIN_NUMEL`` elements (the measured break-even).
+A smaller fp32 weight runs ``F.linear`` on a column-major copy (the contiguous [in, out] transpose, viewed as the
+weight): MKL then multiplies by a row-major right operand, which it reads faster than the transposed one a
+row-major weight gives it, most of all where the weight comes cold from memory, as in decoding, where a whole
+forward runs between two uses of it (``benchmarks/bench_linear_paths.py``, AVX-512-BF16 EPYC, one thread, the demo
+model's 16 decoder weights at 1 / 7 / 56 rows: 0.13 / 0.32 / 1.09 ms against 0.15 / 0.34 / 1.09 in a loop,
+0.40 / 0.52 / 1.38 against 0.43 / 0.84 / 1.63 with ``--idle-ms 3``; decodes of the demo checkpoint, old and new
+alternated 20-30 times, paired medians: causal 0.93-0.98x the time, AR-Trust 0.94-1.00x, the same tokens).
+Equal to ``F.linear`` to fp32 rounding (tested).
 
 The packed copy is a ``derived`` value (``flare.model.layers``): kept while the weight is unchanged (same
 storage, same version) inside ``frozen_weights()``, which the decoding runners enter; outside it, with
 gradients wanted, for another dtype or device, or under ``torch.compile`` (inductor packs frozen weights
-itself), the linear is plain ``F.linear``. The packed copy is extra memory: the size of the packed linears'
+itself), the linear is plain ``F.linear``. The copy is extra memory: the size of the packed and column-major linears'
 weights again (the tied LM head included).
 """
 
@@ -23,11 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flare.device import packs
+from flare.device import column_major, packs
 from flare.model.layers import derived, weights_frozen
 from flare.ops.precision import faking
 
 PLAIN = "aten"
+COLUMN_MAJOR = "aten-column-major-fp32"
 PACKABLE = (torch.bfloat16, torch.float32)
 
 
@@ -58,12 +67,17 @@ def packed_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
     """``F.linear(x, w, b)``, through ``packed`` (``pack(w)``, same dtype as ``x``) where there is one."""
     if packed is None:
         return F.linear(x, w, b)
+    if not packed.is_mkldnn:  # a column-major copy
+        return F.linear(x, packed, b)
     return torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
 
 
 def pack(w: torch.Tensor) -> torch.Tensor | None:
-    """The oneDNN-packed copy of ``w``, or None where it does not pack (``flare.device.packs``)."""
-    return torch.ops.mkldnn._reorder_linear_weight(w.detach(), None) if packs(w) else None
+    """The oneDNN-packed copy of ``w`` (``flare.device.packs``), a column-major copy of a small fp32 weight
+    (``flare.device.column_major``), or None."""
+    if packs(w):
+        return torch.ops.mkldnn._reorder_linear_weight(w.detach(), None)
+    return w.detach().t().contiguous().t() if column_major(w) else None
 
 
 def prepack(model: nn.Module) -> int:
@@ -83,7 +97,11 @@ def packed_path(dtype: torch.dtype) -> str:
 
 
 def linear_path(model: nn.Module) -> str:
-    """``onednn-packed-bf16`` / ``-fp32`` when ``model``'s linears run packed (``prepack``, on the CPU), else
+    """``onednn-packed-bf16`` / ``-fp32`` when ``model``'s linears run packed (``prepack``, on the CPU),
+    ``aten-column-major-fp32`` when its fp32 linears are all too small to pack and run on column-major copies, else
     ``aten``."""
-    p = next((m for m in model.modules() if isinstance(m, PackedLinear) and packs(m.weight)), None)
-    return PLAIN if p is None else packed_path(p.weight.dtype)
+    linears = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    p = next((m for m in linears if packs(m.weight)), None)
+    if p is not None:
+        return packed_path(p.weight.dtype)
+    return COLUMN_MAJOR if any(column_major(m.weight) for m in linears) else PLAIN

@@ -21,7 +21,7 @@ import flare.device as device_module
 from flare.device import FP32_MIN_NUMEL, pack_linears
 from flare.model import frozen_weights
 import flare.model.packed_linear as packed_linear_module
-from flare.model.packed_linear import PLAIN, PackedLinear, linear_path, packed_path, prepack
+from flare.model.packed_linear import COLUMN_MAJOR, PLAIN, PackedLinear, linear_path, packed_path, prepack
 from flare.testing.checkpoints import save_tiny_checkpoint
 
 CPU = torch.device("cpu")
@@ -74,22 +74,39 @@ def test_packed_equals_f_linear(shape, n_in, n_out, bias, dtype):
 
 
 @needs_onednn
-def test_fp32_weights_below_the_threshold_take_f_linear(monkeypatch):
+def test_fp32_weights_below_the_threshold_take_f_linear_on_a_column_major_copy(monkeypatch):
     monkeypatch.undo()  # the real threshold
     assert device_module.FP32_MIN_NUMEL == FP32_MIN_NUMEL > 0
-    calls = []
-    pointwise = torch.ops.mkldnn._linear_pointwise
+    calls, weights = [], []
+    pointwise, linear = torch.ops.mkldnn._linear_pointwise, F.linear
     monkeypatch.setattr(packed_linear_module.torch.ops.mkldnn, "_linear_pointwise",
                         lambda *a: calls.append(1) or pointwise(*a))
+    monkeypatch.setattr(packed_linear_module.F, "linear", lambda x, w, b=None: weights.append(w) or linear(x, w, b))
     small = packed_linear(FP32_MIN_NUMEL // 256 - 1, 256, False, dtype=torch.float32)
     large = packed_linear(FP32_MIN_NUMEL // 256, 256, False, dtype=torch.float32)
     with frozen_weights(), torch.no_grad():
         x = torch.randn(3, small[0].in_features)
-        assert torch.equal(small[1](x), small[0](x)) and not calls
-        assert linear_path(small[1]) == PLAIN
+        same(torch.float32, small[1](x), linear(x, small[0].weight))
+        assert not calls and weights[-1].stride() == (1, 256) and torch.equal(weights[-1], small[1].weight)
+        assert linear_path(small[1]) == COLUMN_MAJOR
         x = torch.randn(3, large[0].in_features)
-        same(torch.float32, large[1](x), large[0](x))
+        same(torch.float32, large[1](x), linear(x, large[0].weight))
         assert len(calls) == 1 and linear_path(large[1]) == packed_path(torch.float32)
+
+
+@pytest.mark.parametrize("shape", [(1,), (7,), (3, 7), (2, 1, 9), (8, 7, 1)])
+@pytest.mark.parametrize("n_in,n_out,bias", [(13, 7, True), (128, 512, False), (1, 3, True), (256, 128, True)])
+def test_column_major_copies_equal_f_linear(monkeypatch, shape, n_in, n_out, bias):
+    monkeypatch.undo()  # the real threshold: these fp32 weights are all below it
+    plain, linear = packed_linear(n_in, n_out, bias, dtype=torch.float32)
+    x = torch.randn(*shape, n_in)
+    with frozen_weights(), torch.inference_mode():
+        torch.testing.assert_close(linear(x), plain(x), rtol=1e-5, atol=1e-5)
+        wide = torch.randn(*shape, 2 * n_in)[..., ::2]  # a strided input
+        torch.testing.assert_close(linear(wide), plain(wide.contiguous()), rtol=1e-5, atol=1e-5)
+        assert linear._derived["packed"][1].t().is_contiguous()
+        linear.weight.mul_(-0.5)  # in place: the copy is made again
+        torch.testing.assert_close(linear(x), F.linear(x, linear.weight, linear.bias), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -128,7 +145,8 @@ def test_prepack_keeps_parameters_and_state_dict(monkeypatch):
     assert prepack(model) == 2 and prepack(model) == 2
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
-    assert linear_path(model) == PLAIN  # fp32 weights under the size threshold: the packed copy does not apply
+    # fp32 weights under the size threshold: no packed copy, a column-major one
+    assert linear_path(model) == (COLUMN_MAJOR if pack_linears(CPU, torch.float32) else PLAIN)
 
 
 def tiny_model(dtype: torch.dtype) -> nn.Module:
