@@ -31,7 +31,7 @@ class Groups:
         if branch:  # the branch row after pending (a group of one), its group after the branch row
             own += [arange[1:2], torch.full((M,), N + 1, dtype=torch.long, device=device)]
         self.seeds = torch.cat(own + [groups]).expand(slots, -1)
-        self.masks = torch.full((slots, (N + 1 if branch else N) * M), mask_id, dtype=torch.long, device=device)
+        self.masks = torch.full((slots, self.clean * M), mask_id, dtype=torch.long, device=device)
 
     def tokens(self, pending: torch.Tensor, middle: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
         """The round's rows [S, rows] from each slot's pending token [S], drafts (or placeholders) [S, M] and the

@@ -102,10 +102,11 @@ class ReferenceRunner:
         return out
 
     def commit_recorded(self, n_accept: torch.Tensor, ends: torch.Tensor | None = None) -> None:
-        for s, n in enumerate(n_accept.tolist()):
-            end = -1 if ends is None else int(ends[s])
+        counts = n_accept.tolist()
+        for s, (n, end) in enumerate(zip(counts, [-1] * len(counts) if ends is None else ends.tolist())):
             rows = range(n) if end < 0 else self.tree.path[s, end].nonzero()[:, 0].tolist()  # (its path)
-            self.seqs[s] += [int(self.pending[s, r]) for r in rows]
+            row = self.pending[s].tolist()
+            self.seqs[s] += [row[r] for r in rows]
 
     def lengths(self) -> torch.Tensor:
         return torch.tensor([len(s) for s in self.seqs])

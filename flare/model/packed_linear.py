@@ -15,7 +15,7 @@ row-major weight gives it, most of all where the weight comes cold from memory, 
 forward runs between two uses of it (``benchmarks/bench_linear_paths.py``, AVX-512-BF16 EPYC, one thread, the demo
 model's 16 decoder weights at 1 / 7 / 56 rows: 0.13 / 0.32 / 1.09 ms against 0.15 / 0.34 / 1.09 in a loop,
 0.40 / 0.52 / 1.38 against 0.43 / 0.84 / 1.63 with ``--idle-ms 3``; decodes of the demo checkpoint, old and new
-alternated 20-30 times, paired medians: causal 0.93-0.98x the time, AR-Trust 0.94-1.00x, the same tokens).
+alternated 12-30 times, paired medians: causal 0.93-0.98x the time, AR-Trust 0.94-1.00x, the same tokens).
 Equal to ``F.linear`` to fp32 rounding (tested).
 
 The packed copy is a ``derived`` value (``flare.model.layers``): kept while the weight is unchanged (same
